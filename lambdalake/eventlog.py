@@ -1,0 +1,205 @@
+"""The embedded event log: the bus of the embedded default.
+
+A topic is a folder of partitions; a partition is a folder of append-only segment files.
+Each record is framed `length u32 | crc32 u32 | arrival_ms i64 | value`, and an append
+returns only after its bytes are fsynced, so an acknowledged record survives kill -9. On
+open, a torn tail (a crash mid-append, never acknowledged) is cut off.
+
+Every record gets an arrival time that never decreases within its partition:
+`max(previous arrival, floor, now)`. `seal` raises the floor to now and returns the end
+offset, which lets a reader that has consumed up to that offset say "every later record
+arrives at or after this time", which is what the batch cut needs from idle partitions.
+Consumer groups keep independent committed positions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+import time
+import zlib
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+
+_HEADER = struct.Struct("<IIq")
+SEGMENT_BYTES = 64 * 1024 * 1024
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    partition: int
+    offset: int
+    arrival: int
+    value: bytes
+
+
+class _Segment:
+    def __init__(self, path: Path, base: int):
+        self.path, self.base = path, base
+        self.positions = array("q")
+        self.size = 0
+
+    def recover(self) -> int:
+        """Index the valid records, cut a torn tail; return the last arrival (or 0)."""
+        last_arrival = 0
+        with open(self.path, "rb") as src:
+            data = src.read()
+        position = 0
+        while position + _HEADER.size <= len(data):
+            length, crc, arrival = _HEADER.unpack_from(data, position)
+            end = position + _HEADER.size + length
+            if end > len(data):
+                break
+            value = data[position + _HEADER.size : end]
+            if zlib.crc32(value) != crc:
+                break
+            self.positions.append(position)
+            last_arrival, position = arrival, end
+        if position != len(data):
+            with open(self.path, "r+b") as out:
+                out.truncate(position)
+                os.fsync(out.fileno())
+        self.size = position
+        return last_arrival
+
+
+class Partition:
+    def __init__(self, folder: Path, index: int):
+        self.folder, self.index = folder, index
+        folder.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._segments = [_Segment(p, int(p.stem)) for p in sorted(folder.glob("*.log"))]
+        self._arrival = max([s.recover() for s in self._segments], default=0)
+        self._floor = 0
+        if not self._segments:
+            self._roll(0)
+        self._out = open(self._segments[-1].path, "ab")
+
+    @property
+    def end(self) -> int:
+        last = self._segments[-1]
+        return last.base + len(last.positions)
+
+    def _roll(self, base: int) -> None:
+        path = self.folder / f"{base:020d}.log"
+        path.touch()
+        self._segments.append(_Segment(path, base))
+
+    def append(self, values: list[bytes]) -> list[tuple[int, int]]:
+        """Append durably; return (offset, arrival) per value."""
+        with self._lock:
+            if self._segments[-1].size > SEGMENT_BYTES:
+                self._out.close()
+                self._roll(self.end)
+                self._out = open(self._segments[-1].path, "ab")
+            segment = self._segments[-1]
+            arrival = max(self._arrival, self._floor, now_ms())
+            frames, acks = [], []
+            for value in values:
+                segment.positions.append(segment.size)
+                acks.append((segment.base + len(segment.positions) - 1, arrival))
+                frames.append(_HEADER.pack(len(value), zlib.crc32(value), arrival) + value)
+                segment.size += _HEADER.size + len(value)
+            self._out.write(b"".join(frames))
+            self._out.flush()
+            os.fsync(self._out.fileno())
+            self._arrival = arrival
+            return acks
+
+    def seal(self) -> tuple[int, int]:
+        """(end offset, t): every record at or past the end offset arrives at t or later."""
+        with self._lock:
+            self._floor = max(self._arrival, self._floor, now_ms())
+            return self.end, self._floor
+
+    def read(self, offset: int, max_records: int) -> list[Record]:
+        with self._lock:
+            end = self.end
+            segments = [s for s in self._segments if s.base + len(s.positions) > offset]
+        records: list[Record] = []
+        for segment in segments:
+            if len(records) >= max_records or offset >= end:
+                break
+            first = max(offset, segment.base) - segment.base
+            last = min(len(segment.positions), first + max_records - len(records))
+            start = segment.positions[first]
+            stop = segment.positions[last] if last < len(segment.positions) else None
+            with open(segment.path, "rb") as src:
+                src.seek(start)
+                data = src.read() if stop is None else src.read(stop - start)
+            position = 0
+            for number in range(segment.base + first, segment.base + last):
+                length, _crc, arrival = _HEADER.unpack_from(data, position)
+                body = position + _HEADER.size
+                records.append(Record(self.index, number, arrival, data[body : body + length]))
+                position = body + length
+            offset = segment.base + last
+        return records
+
+    def close(self) -> None:
+        self._out.close()
+
+
+class Topic:
+    def __init__(self, folder: Path, partitions: int):
+        self.folder = folder
+        existing = sorted(folder.glob("p*"))
+        count = max(len(existing), partitions)
+        self.partitions = [Partition(folder / f"p{i:04d}", i) for i in range(count)]
+        self._positions = folder / "_positions"
+        self._positions.mkdir(exist_ok=True)
+
+    def partition_for(self, key: str) -> int:
+        return zlib.crc32(key.encode()) % len(self.partitions)
+
+    def committed(self, group: str) -> dict[int, int]:
+        path = self._positions / f"{group}.json"
+        stored = json.loads(path.read_text()) if path.exists() else {}
+        return {p.index: stored.get(str(p.index), 0) for p in self.partitions}
+
+    def commit(self, group: str, positions: dict[int, int]) -> None:
+        merged = self.committed(group) | positions
+        path = self._positions / f"{group}.json"
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as out:
+            json.dump({str(k): v for k, v in merged.items()}, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+
+    def close(self) -> None:
+        for partition in self.partitions:
+            partition.close()
+
+
+class EventLog:
+    """A folder of topics, opened by one process at a time."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self._lockfile = open(root / ".lock", "w")
+        try:
+            import fcntl
+
+            fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"event log {root} is open in another process") from None
+        self._topics: dict[str, Topic] = {}
+
+    def topic(self, name: str, partitions: int = 1) -> Topic:
+        if name not in self._topics:
+            self._topics[name] = Topic(self.root / name, partitions)
+        return self._topics[name]
+
+    def close(self) -> None:
+        for topic in self._topics.values():
+            topic.close()
+        self._lockfile.close()

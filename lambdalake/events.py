@@ -1,0 +1,168 @@
+"""Events: the envelope every event shares, per-type schemas, and validation.
+
+Pure: no I/O. `validate` turns one raw JSON object into an `Event` or a list of `Problem`s
+naming the field and the rule it broke.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    create_model,
+    field_validator,
+)
+
+FieldType = Literal["string", "int", "float", "bool"]
+MAX_EVENT_BYTES = 256 * 1024
+ENVELOPE = ("event_id", "type", "ts")
+
+_PYTHON_TYPES: dict[str, Any] = {
+    "string": StrictStr,
+    "int": StrictInt,
+    "float": float,
+    "bool": StrictBool,
+}
+ARROW_TYPES = {"string": "string", "int": "int64", "float": "float64", "bool": "bool"}
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    field: str
+    error: str
+    index: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "field": self.field, "error": self.error}
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    event_id: str
+    type: str
+    ts: int  # event time, epoch milliseconds UTC
+    fields: Mapping[str, Any]
+
+    def to_json(self) -> bytes:
+        body = {"event_id": self.event_id, "type": self.type, "ts": self.ts, **self.fields}
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def epoch_ms(value: Any) -> int:
+    """Epoch milliseconds from epoch ms (int) or an ISO 8601 string; naive means UTC."""
+    if isinstance(value, bool):
+        raise ValueError("must be epoch milliseconds or an ISO 8601 string")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"not an ISO 8601 timestamp: {value[:40]!r}") from None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return int(parsed.timestamp() * 1000)
+    raise ValueError("must be epoch milliseconds or an ISO 8601 string")
+
+
+def iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
+
+
+class _Envelope(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    event_id: StrictStr = Field(min_length=1, max_length=256)
+    type: StrictStr
+    ts: int
+
+    @field_validator("ts", mode="before")
+    @classmethod
+    def _ts(cls, value: Any) -> int:
+        ms = epoch_ms(value)
+        if ms < 0:
+            raise ValueError("must not be before 1970-01-01")
+        return ms
+
+
+@dataclass(frozen=True)
+class EventSchema:
+    """Declared fields of one event type: name -> type; a trailing `?` marks it optional."""
+
+    name: str
+    fields: Mapping[str, str]
+
+    def __post_init__(self) -> None:
+        for field, declared in self.fields.items():
+            if field in ENVELOPE:
+                raise ValueError(f"{self.name}.{field}: reserved for the envelope")
+            if declared.rstrip("?") not in _PYTHON_TYPES:
+                raise ValueError(f"{self.name}.{field}: unknown type {declared!r}")
+
+    def field_type(self, field: str) -> FieldType:
+        return self.fields[field].rstrip("?")  # type: ignore[return-value]
+
+    def model(self) -> type[BaseModel]:
+        specs: dict[str, Any] = {}
+        for field, declared in self.fields.items():
+            python_type = _PYTHON_TYPES[declared.rstrip("?")]
+            optional = declared.endswith("?")
+            specs[field] = (python_type | None, None) if optional else (python_type, ...)
+        return create_model(f"{self.name}_event", __base__=_Envelope, **specs)
+
+
+class Validator:
+    """Validates raw events against the declared schemas."""
+
+    def __init__(self, schemas: Mapping[str, EventSchema], max_future_ms: int):
+        self._models = {name: schema.model() for name, schema in schemas.items()}
+        self._max_future_ms = max_future_ms
+
+    def validate(self, raw: Any, now_ms: int, index: int | None = None) -> Event | list[Problem]:
+        if not isinstance(raw, dict):
+            return [Problem("$", "an event must be a JSON object", index)]
+        model = self._models.get(raw.get("type"))  # type: ignore[arg-type]
+        if model is None:
+            known = ", ".join(sorted(self._models))
+            rule = f"unknown event type {raw.get('type')!r}; known: {known}"
+            return [Problem("type", rule if "type" in raw else "field required", index)]
+        try:
+            parsed = model.model_validate(raw)
+        except ValidationError as exc:
+            return [_problem(error, index) for error in exc.errors()]
+        if parsed.ts > now_ms + self._max_future_ms:
+            rule = f"more than {self._max_future_ms // 1000} s in the future"
+            return [Problem("ts", rule, index)]
+        values = parsed.model_dump(exclude=set(ENVELOPE))
+        event = Event(parsed.event_id, parsed.type, parsed.ts, values)
+        if len(event.to_json()) > MAX_EVENT_BYTES:
+            return [Problem("$", f"event larger than {MAX_EVENT_BYTES} bytes", index)]
+        return event
+
+
+def _problem(error: Mapping[str, Any], index: int | None) -> Problem:
+    field = ".".join(str(part) for part in error["loc"]) or "$"
+    message = str(error["msg"])
+    if error["type"] == "extra_forbidden":
+        message = "not a declared field of this event type"
+    return Problem(field, message.removeprefix("Value error, "), index)
+
+
+def decode(value: bytes) -> Event:
+    """Decode a record written by `Event.to_json` (already validated)."""
+    body = json.loads(value)
+    event_id, kind, ts = body.pop("event_id"), body.pop("type"), body.pop("ts")
+    return Event(event_id, kind, ts, body)

@@ -1,0 +1,32 @@
+"""The example project: web analytics in the spirit of SuperWebAnalytics.com."""
+
+from lambdalake.events import EventSchema
+from lambdalake.monoids import ApproxDistinct, Count, Sum
+from lambdalake.project import Project
+from lambdalake.views import View
+
+PAGEVIEW = EventSchema(
+    "pageview",
+    {"url": "string", "user_id": "string", "referrer": "string?", "duration_ms": "int?"},
+)
+PURCHASE = EventSchema("purchase", {"user_id": "string", "sku": "string", "amount": "float"})
+
+project = Project.of(
+    schemas=[PAGEVIEW, PURCHASE],
+    views=[
+        View(
+            name="pageviews_by_url_hour",
+            event_type="pageview",
+            keys=("url",),
+            bucket="hour",
+            metrics={"pageviews": Count(), "visitors": ApproxDistinct("user_id")},
+        ),
+        View(
+            name="revenue_by_sku_day",
+            event_type="purchase",
+            keys=("sku",),
+            bucket="day",
+            metrics={"revenue": Sum("amount"), "orders": Count()},
+        ),
+    ],
+)

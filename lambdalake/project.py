@@ -1,0 +1,65 @@
+"""A project: the event schemas and the views over them, loaded by `module:attribute`."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from lambdalake.events import ARROW_TYPES, EventSchema
+from lambdalake.monoids import ApproxDistinct, Count, Max, Min, Sum
+from lambdalake.views import View
+
+
+@dataclass(frozen=True)
+class Project:
+    schemas: dict[str, EventSchema]
+    views: dict[str, View]
+
+    @classmethod
+    def of(cls, schemas: Iterable[EventSchema], views: Iterable[View]) -> Project:
+        project = cls({s.name: s for s in schemas}, {v.name: v for v in views})
+        for view in project.views.values():
+            project._check(view)
+        return project
+
+    def _check(self, view: View) -> None:
+        schema = self.schemas.get(view.event_type)
+        if schema is None:
+            raise ValueError(f"view {view.name}: no schema for event type {view.event_type!r}")
+        for name in view.fields_read():
+            if name not in schema.fields:
+                raise ValueError(f"view {view.name}: {view.event_type} has no field {name!r}")
+        for name, metric in view.metrics.items():
+            numeric = schema.field_type(metric.field) in ("int", "float") if metric.field else 1
+            if isinstance(metric, Sum | Min | Max) and not numeric:
+                raise ValueError(f"view {view.name}: metric {name} needs a numeric field")
+
+    def views_of(self, event_type: str) -> list[View]:
+        return [v for v in self.views.values() if v.event_type == event_type]
+
+
+def load_project(spec: str) -> Project:
+    module_name, _, attribute = spec.partition(":")
+    project = getattr(importlib.import_module(module_name), attribute or "project")
+    if not isinstance(project, Project):
+        raise TypeError(f"{spec} is not a lambdalake Project")
+    return project
+
+
+def table_schema(project: Project, view: View) -> pa.Schema:
+    """Columns of a view's table, shared by batch views and real-time cells."""
+    schema = project.schemas[view.event_type]
+    fields = [pa.field("bucket", pa.int64(), nullable=False)]
+    fields += [pa.field(k, ARROW_TYPES[schema.field_type(k)]) for k in view.keys]
+    for name, metric in view.metrics.items():
+        if isinstance(metric, ApproxDistinct):
+            arrow_type = pa.binary()
+        elif isinstance(metric, Count):
+            arrow_type = pa.int64()
+        else:
+            arrow_type = ARROW_TYPES[schema.field_type(metric.field)]
+        fields.append(pa.field(name, arrow_type))
+    return pa.schema(fields)

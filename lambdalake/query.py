@@ -1,0 +1,152 @@
+"""Merged queries over a view: parameters checked, SQL planned, accumulators finalized.
+
+Pure: the plan is SQL over a relation `merged` with a view's table columns (the batch view
+rows unioned with the real-time cells); the serving layer runs it in DuckDB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lambdalake.events import EventSchema, epoch_ms, iso
+from lambdalake.monoids import ApproxDistinct
+from lambdalake.views import BUCKET_MS, View
+
+Granularity = Literal["minute", "hour", "day", "total"]
+_ORDER = list(BUCKET_MS)
+
+
+class QueryError(ValueError):
+    def __init__(self, field: str, rule: str):
+        super().__init__(f"{field}: {rule}")
+        self.field, self.rule = field, rule
+
+
+@dataclass(frozen=True)
+class Query:
+    start: int | None = None  # epoch ms, inclusive
+    end: int | None = None  # epoch ms, exclusive
+    bucket: Granularity | None = None  # None: the view's own bucket
+    group_by: tuple[str, ...] | None = None  # None: every dimension
+    filters: dict[str, Any] = field(default_factory=dict)
+    order_by: str | None = None  # "metric" (descending) or "name:asc" / "name:desc"
+    limit: int | None = None
+
+
+def parse(
+    view: View,
+    schema: EventSchema,
+    *,
+    start: str | None = None,
+    end: str | None = None,
+    bucket: str | None = None,
+    group_by: str | None = None,
+    filters: dict[str, str] | None = None,
+    order_by: str | None = None,
+    limit: int | None = None,
+) -> Query:
+    """Check query parameters as they come over HTTP; errors name the parameter and rule."""
+    granularity = bucket or view.bucket
+    if granularity not in (*BUCKET_MS, "total"):
+        raise QueryError("bucket", "must be one of minute, hour, day, total")
+    if granularity != "total" and _ORDER.index(granularity) < _ORDER.index(view.bucket):
+        raise QueryError("bucket", f"finer than the view's {view.bucket} bucket")
+    bounds = [_instant(name, v, view) for name, v in (("from", start), ("to", end))]
+    if None not in bounds and bounds[0] >= bounds[1]:  # type: ignore[operator]
+        raise QueryError("to", "must be after from")
+    dims = tuple(d for d in (group_by or "").split(",") if d) if group_by is not None else None
+    for dim in dims or ():
+        if dim not in view.keys:
+            raise QueryError("group_by", f"{dim!r} is not a dimension of {view.name}")
+    typed = {name: _typed(name, value, schema, view) for name, value in (filters or {}).items()}
+    if order_by is not None:
+        name, _, direction = order_by.partition(":")
+        known = ("bucket", *view.keys, *view.metrics)
+        if name not in known or direction not in ("", "asc", "desc"):
+            raise QueryError("order_by", "must be a metric, dimension or bucket, optionally :asc")
+    if limit is not None and not 1 <= limit <= 100_000:
+        raise QueryError("limit", "must be between 1 and 100000")
+    return Query(bounds[0], bounds[1], granularity, dims, typed, order_by, limit)  # type: ignore[arg-type]
+
+
+def _instant(name: str, value: str | None, view: View) -> int | None:
+    if value is None:
+        return None
+    try:
+        ms = epoch_ms(int(value) if value.isdigit() else value)
+    except ValueError as exc:
+        raise QueryError(name, str(exc)) from None
+    if ms % view.bucket_ms:
+        raise QueryError(name, f"must fall on a {view.bucket} boundary of {view.name}")
+    return ms
+
+
+def _typed(name: str, value: str, schema: EventSchema, view: View) -> Any:
+    if name not in view.keys:
+        raise QueryError(name, f"not a dimension of {view.name}")
+    kind = schema.field_type(name)
+    try:
+        return {"int": int, "float": float, "bool": _bool, "string": str}[kind](value)
+    except ValueError:
+        raise QueryError(name, f"must be a {kind}") from None
+
+
+def _bool(value: str) -> bool:
+    if value not in ("true", "false"):
+        raise ValueError(value)
+    return value == "true"
+
+
+def plan(view: View, query: Query) -> tuple[str, list[Any]]:
+    """SQL over `merged` and its parameters."""
+    dims = list(view.keys if query.group_by is None else query.group_by)
+    total = query.bucket == "total"
+    width = None if total else BUCKET_MS[query.bucket or view.bucket]
+    bucket = "min(bucket)" if total else f"bucket - bucket % {width}"
+    select = [f"{bucket} AS bucket", *(f'"{d}"' for d in dims)]
+    select += [f'{m.sql_merge(_q(n))} AS {_q(n)}' for n, m in view.metrics.items()]
+    where, params = ["TRUE"], []
+    if query.start is not None:
+        where.append("bucket >= ?")
+        params.append(query.start)
+    if query.end is not None:
+        where.append("bucket < ?")
+        params.append(query.end)
+    for name, value in query.filters.items():
+        where.append(f"{_q(name)} = ?")
+        params.append(value)
+    group = [] if total else ["1"]
+    group += [str(i + 2) for i in range(len(dims))]
+    sql = f"SELECT {', '.join(select)} FROM merged WHERE {' AND '.join(where)}"
+    if group:
+        sql += f" GROUP BY {', '.join(group)}"
+    sql += f" ORDER BY {', '.join(str(i + 1) for i in range(len(dims) + 1))}"
+    return sql, params
+
+
+def finalize(view: View, query: Query, columns: list[str], rows: list[tuple]) -> list[dict]:
+    """Turn merged accumulators into answers; order and limit (sketches are only known here)."""
+    answers = []
+    for row in rows:
+        record = dict(zip(columns, row, strict=True))
+        if record["bucket"] is None:
+            continue  # `total` over no rows at all
+        if query.bucket == "total" and query.start is not None:
+            record["bucket"] = query.start
+        record["bucket"] = iso(record["bucket"])
+        for name, metric in view.metrics.items():
+            value = record[name]
+            if isinstance(metric, ApproxDistinct):
+                value = metric.result(metric.merge_all(value))
+            record[name] = value
+        answers.append(record)
+    if query.order_by:
+        name, _, direction = query.order_by.partition(":")
+        descending = direction == "desc" or (not direction and name in view.metrics)
+        answers.sort(key=lambda r: (r[name] is None, r[name]), reverse=descending)
+    return answers[: query.limit] if query.limit else answers
+
+
+def _q(name: str) -> str:
+    return f'"{name}"'

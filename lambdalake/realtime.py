@@ -1,0 +1,71 @@
+"""The serving side of real-time views: the latest value of every cell the speed layer
+published, as Arrow tables shaped like the batch views so the two union directly.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+import pyarrow as pa
+
+from lambdalake.monoids import ApproxDistinct
+from lambdalake.project import Project
+from lambdalake.views import View
+from lambdalake.viewstate import CellKey, CellUpdate
+
+
+class RealtimeCells:
+    def __init__(self, project: Project):
+        self.project = project
+        self.cut = 0
+        self.caught_up_at = 0  # when the speed layer last reported having read everything
+        self._cells: dict[str, dict[CellKey, tuple[Any, ...]]] = {n: {} for n in project.views}
+        self._lock = threading.Lock()
+
+    def upsert(self, updates: Iterable[CellUpdate]) -> None:
+        with self._lock:
+            for u in updates:
+                if u.slice >= self.cut:
+                    self._cells[u.view][(u.slice, u.bucket, u.key)] = u.values
+
+    def drop_below(self, cut: int) -> None:
+        with self._lock:
+            self.cut = max(self.cut, cut)
+            for cells in self._cells.values():
+                for cell in [c for c in cells if c[0] < self.cut]:
+                    del cells[cell]
+
+    def table(self, view: View, schema: pa.Schema) -> pa.Table:
+        """The view's cells at or past the cut, with the batch view's columns."""
+        with self._lock:
+            cells = [(c, v) for c, v in self._cells[view.name].items() if c[0] >= self.cut]
+        columns: dict[str, list[Any]] = {"bucket": [c[1] for c, _ in cells]}
+        for i, key in enumerate(view.keys):
+            columns[key] = [c[2][i] for c, _ in cells]
+        for i, metric in enumerate(view.metrics):
+            columns[metric] = [v[i] for _, v in cells]
+        return pa.Table.from_pydict(columns, schema=schema)
+
+
+def encode_update(update: CellUpdate, view: View) -> bytes:
+    """JSON for the wire (sketches in base64), for buses between processes."""
+    values = [
+        base64.b64encode(v).decode() if isinstance(m, ApproxDistinct) else v
+        for m, v in zip(view.metrics.values(), update.values, strict=True)
+    ]
+    body = [update.view, update.slice, update.bucket, list(update.key), values]
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def decode_update(data: bytes, project: Project) -> CellUpdate:
+    name, slice_start, bucket, key, values = json.loads(data)
+    metrics = project.views[name].metrics.values()
+    decoded = tuple(
+        base64.b64decode(v) if isinstance(m, ApproxDistinct) else v
+        for m, v in zip(metrics, values, strict=True)
+    )
+    return CellUpdate(name, slice_start, bucket, tuple(key), decoded)

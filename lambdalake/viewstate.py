@@ -1,0 +1,120 @@
+"""The speed layer's view state: pure, engine-free, shared by every speed driver.
+
+State is kept per arrival slice: cell = (slice, bucket, key) -> one working accumulator per
+metric. The serving layer answers `batch(cut) + cells with slice >= cut`, so when a batch
+version with cut C is published, slices below C are dropped here and there.
+
+Dedup: an `event_id` is counted once while it stays within the dedup window (by arrival),
+even when its first copy was below the cut, so a retry straddling the cut is not counted
+twice. Memory is bounded by the number of distinct ids within the window.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from lambdalake.events import Event
+from lambdalake.project import Project
+from lambdalake.views import View
+
+CellKey = tuple[int, int, tuple[Any, ...]]  # (slice, bucket, key)
+
+
+@dataclass(frozen=True, slots=True)
+class CellUpdate:
+    """The whole current value of one real-time cell (not a delta: applying it twice is safe)."""
+
+    view: str
+    slice: int
+    bucket: int
+    key: tuple[Any, ...]
+    values: tuple[Any, ...]  # frozen accumulators, in the view's metric order
+
+
+class ViewState:
+    def __init__(self, project: Project, slice_ms: int, dedup_window_ms: int):
+        self.project, self.slice_ms, self.dedup_window_ms = project, slice_ms, dedup_window_ms
+        self.cut = 0
+        self.cells: dict[str, dict[CellKey, list[Any]]] = {name: {} for name in project.views}
+        self._dirty: set[tuple[str, CellKey]] = set()
+        self._seen: OrderedDict[str, int] = OrderedDict()
+        self._newest = 0
+        self._by_type: dict[str, list[View]] = {}
+        for view in project.views.values():
+            self._by_type.setdefault(view.event_type, []).append(view)
+
+    def apply(self, event: Event, arrival: int) -> bool:
+        """Fold one event in; False when it is a duplicate or already covered by the batch."""
+        if self._duplicate(event.event_id, arrival) or arrival < self.cut:
+            return False
+        slice_start = arrival - arrival % self.slice_ms
+        for view in self._by_type.get(event.type, ()):
+            if view.accepts(event):
+                self._fold(view, (slice_start, view.bucket_of(event.ts), view.key_of(event)), event)
+        return True
+
+    def apply_all(self, records: Iterable[tuple[Event, int]]) -> int:
+        return sum(self.apply(event, arrival) for event, arrival in records)
+
+    def _fold(self, view: View, cell: CellKey, event: Event) -> None:
+        cells = self.cells[view.name]
+        accs = cells.get(cell)
+        if accs is None:
+            accs = cells[cell] = [m.thaw(m.zero()) for m in view.metrics.values()]
+        for i, metric in enumerate(view.metrics.values()):
+            accs[i] = metric.add(accs[i], event.fields.get(metric.field) if metric.field else None)
+        self._dirty.add((view.name, cell))
+
+    def _duplicate(self, event_id: str, arrival: int) -> bool:
+        if event_id in self._seen:
+            return True
+        self._seen[event_id] = arrival
+        self._newest = max(self._newest, arrival)
+        horizon = self._newest - self.dedup_window_ms
+        while self._seen and next(iter(self._seen.values())) < horizon:
+            self._seen.popitem(last=False)
+        return False
+
+    def drop_below(self, cut: int) -> None:
+        if cut <= self.cut:
+            return
+        self.cut = cut
+        for name, cells in self.cells.items():
+            for cell in [c for c in cells if c[0] < cut]:
+                del cells[cell]
+                self._dirty.discard((name, cell))
+
+    def drain(self) -> list[CellUpdate]:
+        """Updates for every cell changed since the last drain."""
+        updates = [self._update(name, cell) for name, cell in self._dirty]
+        self._dirty.clear()
+        return updates
+
+    def everything(self) -> list[CellUpdate]:
+        return [self._update(name, cell) for name, cells in self.cells.items() for cell in cells]
+
+    def _update(self, name: str, cell: CellKey) -> CellUpdate:
+        metrics = self.project.views[name].metrics.values()
+        frozen = tuple(m.freeze(a) for m, a in zip(metrics, self.cells[name][cell], strict=True))
+        return CellUpdate(name, cell[0], cell[1], cell[2], frozen)
+
+    @property
+    def tracked_ids(self) -> int:
+        return len(self._seen)
+
+    def snapshot(self) -> bytes:
+        cells = [(u.view, u.slice, u.bucket, u.key, u.values) for u in self.everything()]
+        return pickle.dumps((self.cut, self._newest, cells, list(self._seen.items())), protocol=5)
+
+    def restore(self, data: bytes) -> None:
+        self.cut, self._newest, cells, seen = pickle.loads(data)
+        self._seen = OrderedDict(seen)
+        for name, slice_start, bucket, key, values in cells:
+            metrics = self.project.views[name].metrics.values()
+            thawed = [m.thaw(v) for m, v in zip(metrics, values, strict=True)]
+            self.cells[name][(slice_start, bucket, key)] = thawed
+        self._dirty.clear()
