@@ -33,16 +33,17 @@ class RealtimeCells:
                     self._cells[u.view][(u.slice, u.bucket, u.key)] = u.values
 
     def drop_below(self, cut: int) -> None:
+        """Forget cells below `cut`; called once the serving layer serves a batch with it."""
         with self._lock:
             self.cut = max(self.cut, cut)
             for cells in self._cells.values():
                 for cell in [c for c in cells if c[0] < self.cut]:
                     del cells[cell]
 
-    def table(self, view: View, schema: pa.Schema) -> pa.Table:
-        """The view's cells at or past the cut, with the batch view's columns."""
+    def table(self, view: View, schema: pa.Schema, cut: int) -> pa.Table:
+        """The view's cells at or past `cut` (the serving batch version's), as table rows."""
         with self._lock:
-            cells = [(c, v) for c, v in self._cells[view.name].items() if c[0] >= self.cut]
+            cells = [(c, v) for c, v in self._cells[view.name].items() if c[0] >= cut]
         columns: dict[str, list[Any]] = {"bucket": [c[1] for c, _ in cells]}
         for i, key in enumerate(view.keys):
             columns[key] = [c[2][i] for c, _ in cells]
