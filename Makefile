@@ -1,0 +1,41 @@
+# Two commands do all the set-up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: run test lint bench-speed bench-batch clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.run-deps: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.test-deps: pyproject.toml scripts/kafka_fetch.sh scripts/spark_jars.sh | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev,kafka,spark]'
+	bash scripts/kafka_fetch.sh >/dev/null
+	bash scripts/spark_jars.sh >/dev/null
+	touch $@
+
+## run: the whole flow on the embedded default, with a synthetic producer
+run: $(VENV)/.run-deps
+	$(BIN)/lambdalake up --produce 50
+
+## test: lint, then every suite against the real services it starts itself
+test: $(VENV)/.test-deps
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(VENV)/.test-deps
+	$(BIN)/ruff check .
+
+bench-speed: $(VENV)/.test-deps
+	$(BIN)/python bench/speed.py
+
+bench-batch: $(VENV)/.test-deps
+	$(BIN)/python bench/batch.py
+
+clean:
+	rm -rf $(VENV) .lambdalake

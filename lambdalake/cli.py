@@ -1,0 +1,220 @@
+"""The `lambdalake` command: up, produce, batch, query, status.
+
+Errors are one line on stderr with a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lambdalake.settings import Settings
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+batch_app = typer.Typer(no_args_is_help=True, help="Run, inspect and roll back batch views.")
+app.add_typer(batch_app, name="batch")
+console = Console()
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed as one line."""
+
+
+def settings_with(**overrides: Any) -> Settings:
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+@app.command()
+def up(
+    bus: Annotated[str | None, typer.Option(help="embedded or kafka")] = None,
+    bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap HOST:PORT")] = None,
+    produce: Annotated[float, typer.Option(help="Also produce N synthetic events/s")] = 0,
+    batch_every: Annotated[int | None, typer.Option(help="Seconds between batch runs")] = None,
+    engine: Annotated[str, typer.Option(help="Batch engine: duckdb or spark")] = "duckdb",
+) -> None:
+    """Run the whole flow: gateway, archiver, speed layer, serving API, batch schedule."""
+    from lambdalake.stack import Stack
+
+    settings = settings_with(bus=bus, kafka_bootstrap=bootstrap,
+                             batch_interval_seconds=batch_every)
+    with Stack(settings, engine=engine, produce_rate=produce) as stack:
+        console.print(stack.banner())
+        stack.wait()
+
+
+@app.command("produce")
+def produce_command(
+    rate: Annotated[float, typer.Option(help="Events per second")] = 200,
+    count: Annotated[int | None, typer.Option(help="Stop after N events")] = None,
+    batch: Annotated[int, typer.Option(help="Events per request (max 500)")] = 100,
+    url: Annotated[str | None, typer.Option(help="Gateway URL")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed")] = None,
+) -> None:
+    """Send a synthetic web-analytics stream (late, out-of-order, retried events)."""
+    from lambdalake.eventlog import now_ms
+    from lambdalake.producer import produce
+    from lambdalake.synthetic import WebAnalyticsStream
+
+    if not 1 <= batch <= 500:
+        raise CliError("--batch must be between 1 and 500")
+    settings = Settings()
+    target = url or f"http://{settings.gateway_host}:{settings.gateway_port}/events"
+    stream = WebAnalyticsStream(seed).batches(batch, now_ms)
+    started = time.monotonic()
+
+    def show(stats: Any) -> None:
+        elapsed = time.monotonic() - started
+        console.print(f"sent {stats.sent} accepted {stats.accepted} "
+                      f"({stats.sent / max(elapsed, 1e-9):.0f}/s, {stats.retries} retries)",
+                      end="\r")
+
+    try:
+        stats = produce(target, stream, rate, count, on_progress=show)
+    except KeyboardInterrupt:
+        return
+    except RuntimeError as exc:
+        raise CliError(str(exc)) from None
+    console.print(f"\nsent {stats.sent}, accepted {stats.accepted}, rejected {stats.rejected}")
+
+
+@batch_app.command("run")
+def batch_run(
+    engine: Annotated[str, typer.Option(help="duckdb or spark")] = "duckdb",
+    master: Annotated[str | None, typer.Option(help="Spark master URL")] = None,
+    incremental: Annotated[bool, typer.Option(help="Merge the last version with new data")] = False,
+) -> None:
+    """Recompute every batch view up to the newest cut and publish it atomically."""
+    from lambdalake.stack import batch_once
+
+    manifest = batch_once(Settings(), engine, master=master, incremental=incremental,
+                          console=console)
+    console.print(f"published {manifest.version} (cut {_iso(manifest.cut)}, "
+                  f"{manifest.rows_read} events read)")
+
+
+@batch_app.command("history")
+def batch_history(limit: Annotated[int, typer.Option(help="Most recent N runs")] = 20) -> None:
+    """Past batch runs: version, cut, rows, duration, engine, outcome."""
+    from lambdalake import catalog
+    from lambdalake.stack import open_settings_store
+
+    table = Table("version", "cut", "engine", "rows read", "rows written", "seconds", "outcome")
+    for run in catalog.runs(open_settings_store(Settings()))[-limit:]:
+        table.add_row(run["version"], _iso(run.get("cut")), run.get("engine", ""),
+                      str(run.get("rows_read", "")), str(run.get("rows_written", "")),
+                      f"{run.get('seconds', 0):.2f}", run.get("outcome", ""))
+    console.print(table)
+
+
+@batch_app.command("rollback")
+def batch_rollback(version: str) -> None:
+    """Serve an older kept batch version again."""
+    from lambdalake import catalog
+    from lambdalake.stack import open_settings_store
+
+    try:
+        catalog.publish(open_settings_store(Settings()), version)
+    except LookupError as exc:
+        raise CliError(str(exc)) from None
+    console.print(f"serving {version}")
+
+
+@app.command()
+def query(
+    view: str,
+    start: Annotated[str | None, typer.Option("--from", help="ISO 8601, inclusive")] = None,
+    end: Annotated[str | None, typer.Option("--to", help="ISO 8601, exclusive")] = None,
+    bucket: Annotated[str | None, typer.Option(help="minute, hour, day or total")] = None,
+    group_by: Annotated[str | None, typer.Option(help="dim,dim")] = None,
+    where: Annotated[list[str] | None, typer.Option(help="dim=value, repeatable")] = None,
+    order_by: Annotated[str | None, typer.Option(help="metric[:asc]")] = None,
+    limit: Annotated[int | None, typer.Option()] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON answer")] = False,
+) -> None:
+    """Ask the serving API for a view, merged batch + real time."""
+    params: dict[str, Any] = {"from": start, "to": end, "bucket": bucket, "group_by": group_by,
+                              "order_by": order_by, "limit": limit}
+    for condition in where or []:
+        name, sep, value = condition.partition("=")
+        if not sep:
+            raise CliError(f"--where {condition!r}: expected dim=value")
+        params[name] = value
+    answer = _api(f"/views/{view}", {k: v for k, v in params.items() if v is not None})
+    if as_json:
+        console.print_json(data=answer)
+        return
+    rows = answer["rows"]
+    table = Table(*(rows[0].keys() if rows else ["bucket"]), title=view)
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    console.print(table)
+    console.print(_freshness(answer["freshness"]))
+
+
+@app.command()
+def status() -> None:
+    """Views and freshness from the serving API."""
+    table = Table("view", "bucket", "dimensions", "metrics", "batch version", "cut", "lag ms")
+    for view in _api("/views", {})["views"]:
+        fresh = view["freshness"]
+        table.add_row(view["name"], view["bucket"], ",".join(view["dimensions"]),
+                      ",".join(view["metrics"]), str(fresh["batch_version"]), str(fresh["cut"]),
+                      str(fresh["realtime_lag_ms"]))
+    console.print(table)
+
+
+def _api(path: str, params: dict[str, Any]) -> Any:
+    settings = Settings()
+    url = f"http://{settings.api_host}:{settings.api_port}{path}"
+    headers = {"X-API-Key": settings.api_keys[0]} if settings.api_keys else {}
+    try:
+        reply = httpx.get(url, params=params, headers=headers, timeout=30)
+    except httpx.TransportError:
+        raise CliError(f"serving API not reachable at {url}; is `lambdalake up` running?") from None
+    if reply.status_code != 200:
+        errors = reply.json().get("errors", [{"field": "?", "error": reply.text}])
+        raise CliError("; ".join(f"{e['field']}: {e['error']}" for e in errors))
+    return reply.json()
+
+
+def _iso(ms: int | None) -> str:
+    from lambdalake.events import iso
+
+    return "-" if ms is None else iso(ms)
+
+
+def _freshness(fresh: dict[str, Any]) -> str:
+    return (f"batch {fresh['batch_version']} (cut {fresh['cut']}), "
+            f"real-time lag {fresh['realtime_lag_ms']} ms")
+
+
+def main() -> None:
+    from pydantic import ValidationError
+
+    from lambdalake.logs import setup_logging
+
+    setup_logging()
+    try:
+        app()
+    except CliError as exc:
+        _fail(str(exc))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        _fail(f"setting {'.'.join(map(str, first['loc']))}: {first['msg']}")
+    except (OSError, RuntimeError, ValueError, LookupError) as exc:
+        _fail(f"{type(exc).__name__}: {exc}")
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

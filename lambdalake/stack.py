@@ -1,0 +1,112 @@
+"""The composition root: every part wired together in one process (`lambdalake up`).
+
+The only kernel module that imports the parts; it does so lazily, per command.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import Progress
+
+from lambdalake.catalog import Manifest
+from lambdalake.project import Project, load_project
+from lambdalake.realtime import RealtimeCells
+from lambdalake.settings import Settings
+from lambdalake.storage import ObjectStore, open_store
+from lambdalake.viewstate import CellUpdate
+
+log = logging.getLogger("lambdalake.stack")
+
+
+def open_settings_store(settings: Settings) -> ObjectStore:
+    return open_store(settings.store_url, settings.s3_endpoint_url)
+
+
+def batch_engine(name: str, master: str | None = None) -> Any:
+    if name == "duckdb":
+        from batch.duckdb_engine import DuckDBEngine
+
+        return DuckDBEngine()
+    raise ValueError(f"engine: unknown batch engine {name!r}; use duckdb")
+
+
+def batch_once(
+    settings: Settings,
+    engine_name: str,
+    *,
+    master: str | None = None,
+    incremental: bool = False,
+    console: Console | None = None,
+) -> Manifest:
+    from batch.run import run_batch
+
+    project = load_project(settings.project)
+    store = open_settings_store(settings)
+    engine = batch_engine(engine_name, master)
+    if console is None:
+        return run_batch(settings, project, store, engine)
+    with Progress(console=console, transient=True) as progress:
+        return run_batch(settings, project, store, engine, progress=progress)
+
+
+class Stack:
+    """Gateway, archiver, speed layer, serving API and batch schedule, in one process."""
+
+    def __init__(self, settings: Settings, engine: str = "duckdb", produce_rate: float = 0):
+        self.settings, self.engine, self.produce_rate = settings, engine, produce_rate
+        self.project: Project = load_project(settings.project)
+        self.store = open_settings_store(settings)
+        self.realtime = RealtimeCells(self.project)
+        self._stop = threading.Event()
+        self._closers: list[Any] = []
+
+    def publish_realtime(self, updates: list[CellUpdate], caught_up_at: int) -> None:
+        self.realtime.upsert(updates)
+        if caught_up_at:
+            self.realtime.caught_up_at = caught_up_at
+
+    def __enter__(self) -> Stack:
+        raise NotImplementedError
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for close in reversed(self._closers):
+            close()
+
+    def wait(self) -> None:
+        try:
+            while not self._stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+
+    def _batch_schedule(self) -> None:
+        from batch.run import BatchError
+
+        while not self._stop.wait(self.settings.batch_interval_seconds):
+            started = time.monotonic()
+            try:
+                manifest = batch_once(self.settings, self.engine)
+            except BatchError as exc:
+                log.info("batch run skipped", extra={"reason": str(exc)})
+                continue
+            log.info("batch published", extra={"version": manifest.version, "cut": manifest.cut,
+                                                "seconds": round(time.monotonic() - started, 3)})
+
+    def banner(self) -> str:
+        s = self.settings
+        return (
+            f"[bold]lambdalake is up[/bold] (bus {s.bus}, store {s.store_url})\n"
+            f"  ingest:  curl -X POST http://{s.gateway_host}:{s.gateway_port}/events "
+            "-d '{\"event_id\": \"e1\", \"type\": \"pageview\", \"ts\": \"2026-11-23T10:00:00Z\", "
+            "\"url\": \"/home\", \"user_id\": \"u1\"}'\n"
+            f"  query:   curl 'http://{s.api_host}:{s.api_port}/views/pageviews_by_url_hour"
+            "?bucket=total&order_by=pageviews&limit=5'\n"
+            f"  docs:    http://{s.api_host}:{s.api_port}/docs\n"
+            f"  batch:   every {s.batch_interval_seconds} s; or `.venv/bin/lambdalake batch run`"
+        )
