@@ -1,0 +1,160 @@
+"""End to end on the embedded default: `lambdalake up` as a real process, HTTP in and out.
+
+The answers are checked against an independent recompute from the events the test sent.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lambdalake.eventlog import now_ms
+from lambdalake.producer import ProduceStats, send_batch
+from lambdalake.synthetic import WebAnalyticsStream
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Flow:
+    def __init__(self, home: Path):
+        self.env = os.environ | {
+            "LAMBDALAKE_HOME": str(home),
+            "LAMBDALAKE_GATEWAY_PORT": str(free_port()),
+            "LAMBDALAKE_API_PORT": str(free_port()),
+            "LAMBDALAKE_SLICE_SECONDS": "1",
+            "LAMBDALAKE_BATCH_INTERVAL_SECONDS": "3600",
+        }
+        self.gateway = f"http://127.0.0.1:{self.env['LAMBDALAKE_GATEWAY_PORT']}/events"
+        self.api = f"http://127.0.0.1:{self.env['LAMBDALAKE_API_PORT']}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [BIN / "lambdalake", "up"], env=self.env, cwd=self.env["LAMBDALAKE_HOME"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.api}/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise TimeoutError("lambdalake up did not become ready")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([BIN / "lambdalake", *args], env=self.env, capture_output=True,
+                              text=True, timeout=120, cwd=self.env["LAMBDALAKE_HOME"])
+
+    def totals(self, view: str, dim: str) -> dict[str, int | float]:
+        reply = httpx.get(f"{self.api}/views/{view}", params={"bucket": "total"}, timeout=30)
+        reply.raise_for_status()
+        return reply.json()
+
+    def wait_for(self, expected: dict, view: str, dim: str, metric: str, seconds: float = 20):
+        answer: dict = {}
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            answer = {r[dim]: r[metric] for r in self.totals(view, dim)["rows"]}
+            if answer == expected:
+                return answer
+            time.sleep(0.1)
+        return answer
+
+
+@pytest.fixture
+def flow(tmp_path: Path):
+    flow = Flow(tmp_path)
+    yield flow
+    flow.stop()
+
+
+def recompute(events: list[dict]) -> tuple[Counter, Counter]:
+    unique = {e["event_id"]: e for e in events}.values()
+    pageviews = Counter(e["url"] for e in unique if e["type"] == "pageview")
+    orders = Counter(e["sku"] for e in unique if e["type"] == "purchase")
+    return pageviews, orders
+
+
+def send(flow: Flow, events: list[dict], stats: ProduceStats) -> None:
+    with httpx.Client(timeout=30) as client:
+        for start in range(0, len(events), 200):
+            send_batch(client, flow.gateway, events[start : start + 200], stats, attempts=60)
+
+
+def test_events_show_up_within_a_second_and_survive_a_batch_run(flow: Flow) -> None:
+    flow.start()
+    stream = WebAnalyticsStream(seed=7)
+    events = [stream.event(now_ms()) for _ in range(3_000)]
+    stats = ProduceStats()
+    send(flow, events, stats)
+    assert stats.accepted == len(events)
+    pageviews, orders = recompute(events)
+
+    started = time.monotonic()
+    assert flow.wait_for(dict(pageviews), "pageviews_by_url_hour", "url", "pageviews") == pageviews
+    assert time.monotonic() - started < 1.5
+
+    time.sleep(1.5)  # let the archiver pass a slice boundary
+    run = flow.cli("batch", "run")
+    assert run.returncode == 0, run.stderr
+    answer = flow.totals("pageviews_by_url_hour", "url")
+    assert answer["freshness"]["batch_version"] is not None
+    assert {r["url"]: r["pageviews"] for r in answer["rows"]} == pageviews
+    assert flow.wait_for(dict(orders), "revenue_by_sku_day", "sku", "orders") == orders
+
+
+def test_kill_9_mid_produce_loses_nothing_and_counts_once(flow: Flow) -> None:
+    flow.start()
+    stream = WebAnalyticsStream(seed=11)
+    events = [stream.event(now_ms()) for _ in range(6_000)]
+    stats = ProduceStats()
+    producer = threading.Thread(target=send, args=(flow, events, stats))
+    producer.start()
+    while stats.accepted < 1_500:
+        time.sleep(0.01)
+    flow.kill()  # mid-stream: requests in flight are retried with the same event ids
+    flow.start()
+    producer.join(120)
+    assert not producer.is_alive()
+    assert stats.acknowledged_ids and set(stats.acknowledged_ids) == {e["event_id"] for e in events}
+    pageviews, _ = recompute(events)
+    answer = flow.wait_for(dict(pageviews), "pageviews_by_url_hour", "url", "pageviews")
+    assert answer == pageviews
+
+
+def test_cli_errors_are_one_line(flow: Flow) -> None:
+    result = flow.cli("query", "pageviews_by_url_hour")
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    result = flow.cli("batch", "rollback", "v-nope")
+    assert result.returncode != 0 and result.stderr.startswith("error: ")
