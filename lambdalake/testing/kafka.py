@@ -1,0 +1,270 @@
+"""A real single-node Apache Kafka broker (KRaft, broker+controller) for tests and benchmarks.
+
+No Docker: the jars come from Maven Central via ``scripts/kafka_fetch.sh`` and the broker runs
+as a plain ``java`` subprocess on two free loopback ports, with its data in a temp dir.
+
+    with KafkaBroker() as kafka:
+        producer = KafkaProducer(bootstrap_servers=kafka.bootstrap)
+
+``python -m lambdalake.testing.kafka`` starts one and waits for Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+FETCH_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "kafka_fetch.sh"
+
+LOG4J2 = """\
+status = warn
+appender.out.type = Console
+appender.out.name = STDOUT
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.out.ref = STDOUT
+logger.state.name = state.change.logger
+logger.state.level = WARN
+"""
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _cluster_id() -> str:
+    """A random Kafka Uuid: 16 bytes, URL-safe base64 without padding, not starting with '-'."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
+
+
+def _broker_count(port: int, timeout: float = 2.0) -> int:
+    """Send a raw Metadata v4 request (all topics); return how many live brokers it lists."""
+    client = b"lambdalake"
+    header = struct.pack(">hhih", 3, 4, 7, len(client)) + client  # api_key, version, corr, id
+    body = struct.pack(">ib", -1, 0)  # topics=null (all), allow_auto_topic_creation=false
+    msg = header + body
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(struct.pack(">i", len(msg)) + msg)
+        data = b""
+        while len(data) < 16:  # size, correlation id, throttle_time_ms, brokers array length
+            chunk = s.recv(4096)
+            if not chunk:
+                raise ConnectionError("connection closed")
+            data += chunk
+    _size, corr, _throttle, brokers = struct.unpack(">iiii", data[:16])
+    if corr != 7:
+        raise ConnectionError(f"unexpected correlation id {corr}")
+    return brokers
+
+
+class KafkaBroker:
+    """A throwaway single-node Kafka broker; a context manager (``start()`` / ``stop()``)."""
+
+    def __init__(
+        self,
+        *,
+        version: str | None = None,
+        startup_timeout: float = 120.0,
+        heap: str = "512m",
+        partitions: int = 4,
+    ) -> None:
+        self.version = version
+        self.startup_timeout = startup_timeout
+        self.heap = heap
+        self.partitions = partitions
+        self.port = 0
+        self.controller_port = 0
+        self.workdir: Path | None = None
+        self.log_path: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log = None
+
+    @property
+    def bootstrap(self) -> str:
+        if not self.port:
+            raise RuntimeError("KafkaBroker is not started")
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def __enter__(self) -> KafkaBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def fetch(self) -> Path:
+        """Run scripts/kafka_fetch.sh (a no-op once cached); return the libs dir."""
+        env = dict(os.environ, **({"KAFKA_VERSION": self.version} if self.version else {}))
+        out = subprocess.run(
+            ["bash", str(FETCH_SCRIPT)], env=env, check=True, stdout=subprocess.PIPE, text=True
+        ).stdout
+        return Path(out.strip().splitlines()[-1])
+
+    def start(self) -> KafkaBroker:
+        if self._proc is not None:
+            raise RuntimeError("KafkaBroker already started")
+        java = shutil.which("java")
+        if java is None:
+            raise RuntimeError("java not found on PATH (Kafka needs Java 17+)")
+        classpath = str(self.fetch() / "*")
+        self.workdir = Path(tempfile.mkdtemp(prefix="lambdalake-kafka-"))
+        try:
+            self.port, self.controller_port = _free_ports(2)
+            props = self._write_config()
+            self.log_path = self.workdir / "kafka.log"
+            self._log = open(self.log_path, "ab")
+            jvm = [
+                java,
+                f"-Xmx{self.heap}",
+                "-Xms64m",
+                "-XX:+UseSerialGC",
+                "-Djava.awt.headless=true",
+                f"-Dlog4j2.configurationFile={self.workdir / 'log4j2.properties'}",
+                "-cp",
+                classpath,
+            ]
+            fmt = subprocess.run(
+                [*jvm, "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(props)],
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+            )
+            if fmt.returncode != 0:
+                raise RuntimeError("Kafka storage format failed\n" + self.log_tail())
+            self._proc = subprocess.Popen(
+                [*jvm, "kafka.Kafka", str(props)],
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _write_config(self) -> Path:
+        assert self.workdir is not None
+        p, c = self.port, self.controller_port
+        config = {
+            "process.roles": "broker,controller",
+            "node.id": 1,
+            "controller.quorum.voters": f"1@127.0.0.1:{c}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{p},CONTROLLER://127.0.0.1:{c}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{p}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "log.dirs": self.workdir / "data",
+            "num.partitions": self.partitions,
+            "auto.create.topics.enable": "false",
+            "offsets.topic.replication.factor": 1,
+            "offsets.topic.num.partitions": 4,
+            "transaction.state.log.replication.factor": 1,
+            "transaction.state.log.min.isr": 1,
+            "transaction.state.log.num.partitions": 4,
+            "share.coordinator.state.topic.replication.factor": 1,
+            "share.coordinator.state.topic.min.isr": 1,
+            "group.initial.rebalance.delay.ms": 0,
+            "num.network.threads": 2,
+            "num.io.threads": 2,
+            "num.recovery.threads.per.data.dir": 1,
+            "log.segment.bytes": 16 * 1024 * 1024,
+            "log.cleaner.dedupe.buffer.size": 16 * 1024 * 1024,
+        }
+        (self.workdir / "log4j2.properties").write_text(LOG4J2)
+        props = self.workdir / "server.properties"
+        props.write_text("".join(f"{k}={v}\n" for k, v in config.items()))
+        return props
+
+    def _wait_ready(self) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            if self._proc.poll() is not None:
+                raise RuntimeError(
+                    f"Kafka exited with code {self._proc.returncode}\n" + self.log_tail()
+                )
+            try:
+                if _broker_count(self.port) >= 1:
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"Kafka not ready on {self.bootstrap} after "
+                    f"{self.startup_timeout:.0f} s\n" + self.log_tail()
+                )
+            time.sleep(0.2)
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines of the broker's log (for error messages)."""
+        if self.log_path is None or not self.log_path.exists():
+            return "(no log)"
+        tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        return f"--- last {len(tail)} lines of the Kafka log ---\n" + "\n".join(tail)
+
+    def stop(self) -> None:
+        """SIGTERM the broker (SIGKILL after 10 s) and remove its temp dir. Idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+        self.port = self.controller_port = 0
+
+
+def main() -> None:
+    """Start a broker, print its bootstrap address (stdout), wait for Ctrl-C."""
+    t0 = time.monotonic()
+    with KafkaBroker() as broker:
+        print(broker.bootstrap, flush=True)
+        print(
+            f"Kafka ready in {time.monotonic() - t0:.1f} s (log: {broker.log_path}); "
+            "Ctrl-C to stop",
+            file=sys.stderr,
+        )
+        try:
+            while broker.running:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            return
+        print("Kafka exited\n" + broker.log_tail(), file=sys.stderr)
+    raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
