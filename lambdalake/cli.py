@@ -44,7 +44,7 @@ def up(
     settings = settings_with(bus=bus, kafka_bootstrap=bootstrap,
                              batch_interval_seconds=batch_every)
     with Stack(settings, engine=engine, produce_rate=produce) as stack:
-        console.print(stack.banner())
+        console.print(stack.banner(), soft_wrap=True)
         stack.wait()
 
 

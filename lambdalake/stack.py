@@ -6,6 +6,7 @@ The only kernel module that imports the parts; it does so lazily, per command.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from typing import Any
@@ -71,7 +72,39 @@ class Stack:
             self.realtime.caught_up_at = caught_up_at
 
     def __enter__(self) -> Stack:
-        raise NotImplementedError
+        from functions.runtime.local import LocalRuntime
+        from lambdalake.bus import events_topic
+        from serving.server import ServerThread, build_server
+        from speed.embedded import EmbeddedSpeed
+
+        s = self.settings
+        server = ServerThread(build_server(s, self.project, self.store, self.realtime)).start()
+        self._closers.append(server.stop)
+        speed = EmbeddedSpeed(s, self.project, events_topic(s), self.store, self.publish_realtime)
+        speed.start()
+        self._closers.append(speed.stop)
+        runtime = LocalRuntime(s)
+        runtime.start()
+        self._closers.append(runtime.stop)
+        self._thread(self._batch_schedule, "batch-schedule")
+        if self.produce_rate:
+            self._thread(self._produce, "producer")
+        return self
+
+    def _thread(self, target: Any, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._closers.append(lambda: thread.join(timeout=30))
+
+    def _produce(self) -> None:
+        from lambdalake.eventlog import now_ms
+        from lambdalake.producer import produce
+        from lambdalake.synthetic import WebAnalyticsStream
+
+        url = f"http://{self.settings.gateway_host}:{self.settings.gateway_port}/events"
+        batch = max(1, min(500, int(self.produce_rate // 5)))
+        produce(url, WebAnalyticsStream().batches(batch, now_ms), self.produce_rate, None,
+                stop=self._stop.is_set)
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
@@ -79,6 +112,8 @@ class Stack:
             close()
 
     def wait(self) -> None:
+        """Until Ctrl-C or SIGTERM (`docker stop`); then `__exit__` shuts down in order."""
+        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         try:
             while not self._stop.wait(0.5):
                 pass
