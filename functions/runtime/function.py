@@ -1,0 +1,101 @@
+"""One function as AWS Lambda runs it: handler, concurrency limit, environments, timeout.
+
+An invocation takes a concurrency slot (none free: `Throttled`) and a warm environment (none
+idle: a cold start), then runs the handler in a worker thread with a `LambdaContext`. Past
+its timeout it is reported as `FunctionTimeout` and its environment is discarded, so the
+next invocation starts cold; the worker thread cannot be killed and runs on, detached.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, wait
+from typing import Any
+
+from functions.runtime.context import LambdaContext
+from functions.runtime.metrics import FunctionMetrics
+from functions.runtime.template import FunctionSpec
+
+Handler = Callable[[Any, LambdaContext], Any]
+
+
+class Throttled(Exception):
+    """Every slot of the function's reserved concurrency is in use."""
+
+
+class FunctionError(Exception):
+    """The handler raised (its exception is the `__cause__`) or did not finish in time."""
+
+
+class FunctionTimeout(FunctionError):
+    pass
+
+
+class LocalFunction:
+    def __init__(self, spec: FunctionSpec, handler: Handler | None = None):
+        self.spec, self.name = spec, spec.name
+        self._handler = handler
+        limit = spec.reserved_concurrency
+        self._slots = None if limit is None else threading.BoundedSemaphore(limit)
+        self._lock = threading.Lock()
+        self._idle = 0  # warm environments waiting for an invocation
+        self.metrics = FunctionMetrics(spec.name, spec.memory_mb)
+
+    def handler(self) -> Handler:
+        if self._handler is None:
+            module, _, attribute = self.spec.handler.rpartition(".")
+            self._handler = getattr(importlib.import_module(module), attribute)
+        return self._handler
+
+    def invoke(self, event: Any) -> Any:
+        """Run the handler on `event`; its result, or `Throttled` / `FunctionError`."""
+        if self._slots is not None and not self._slots.acquire(blocking=False):
+            self.metrics.throttled()
+            raise Throttled(f"{self.name}: all {self.spec.reserved_concurrency} slots in use")
+        try:
+            return self._in_environment(event)
+        finally:
+            if self._slots is not None:
+                self._slots.release()
+
+    def _in_environment(self, event: Any) -> Any:
+        with self._lock:
+            cold, self._idle = self._idle == 0, max(self._idle - 1, 0)
+        started = time.perf_counter()
+        try:
+            result = self._run(event)
+        except FunctionError as error:
+            self._finish(started, cold, error)
+            raise
+        self._finish(started, cold, None)
+        return result
+
+    def _finish(self, started: float, cold: bool, error: FunctionError | None) -> None:
+        self.metrics.invoked(time.perf_counter() - started, cold, error is not None)
+        if not isinstance(error, FunctionTimeout):
+            with self._lock:
+                self._idle += 1
+
+    def _run(self, event: Any) -> Any:
+        spec = self.spec
+        context = LambdaContext.start(spec.name, spec.memory_mb, spec.timeout_seconds)
+        future: Future[Any] = Future()
+
+        def work() -> None:
+            try:
+                future.set_result(self.handler()(event, context))
+            except BaseException as exc:  # delivered to the invoker, whatever it is
+                future.set_exception(exc)
+
+        threading.Thread(target=work, name=f"{spec.name}-{context.aws_request_id[:8]}",
+                         daemon=True).start()
+        if not wait([future], timeout=spec.timeout_seconds).done:
+            raise FunctionTimeout(f"{spec.name}: request {context.aws_request_id} "
+                                  f"timed out after {spec.timeout_seconds} s")
+        try:
+            return future.result()
+        except BaseException as exc:
+            raise FunctionError(f"{spec.name}: {type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,153 @@
+"""The HTTP gateway: requests in as API Gateway HTTP API (payload format 2.0) events, out as HTTP.
+
+Routes are the functions' `HttpApi` events (`METHOD /path`). As API Gateway does: a body over
+the payload limit gets 413 before it is read whole, an unknown route 404, a throttled
+function 429, a failed one 500, a timed-out one 504.
+"""
+
+from __future__ import annotations
+
+import base64
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from functions.runtime.context import ACCOUNT
+from functions.runtime.function import FunctionError, FunctionTimeout, LocalFunction, Throttled
+
+PAYLOAD_LIMIT_BYTES = 5 * 1024 * 1024
+METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+class PayloadTooLarge(Exception):
+    pass
+
+
+class Gateway:
+    def __init__(self, functions: Iterable[LocalFunction], host: str, port: int,
+                 payload_limit: int = PAYLOAD_LIMIT_BYTES):
+        self.routes = {route.key: f for f in functions for route in f.spec.routes}
+        self.host, self.port, self.payload_limit = host, port, payload_limit
+        app = Starlette(routes=[Route("/{path:path}", self.handle, methods=METHODS)])
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=5)
+        self._server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 10) -> None:
+        """Listen (port 0: any free port) and serve from a background thread."""
+        listener = socket.create_server((self.host, self.port))
+        self.port = listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [listener]},
+                                        name="gateway", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"gateway did not start on {self.url}")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join()
+
+    async def handle(self, request: Request) -> Response:
+        route_key = f"{request.method} {request.url.path}"
+        function = self.routes.get(route_key)
+        if function is None:
+            return JSONResponse({"message": "Not Found"}, 404)
+        try:
+            body = await read_body(request, self.payload_limit)
+        except PayloadTooLarge:
+            return JSONResponse({"message": "Request Entity Too Large: body over "
+                                            f"{self.payload_limit} bytes"}, 413)
+        try:
+            result = await run_in_threadpool(function.invoke, api_event(request, body, route_key))
+        except Throttled:
+            return JSONResponse({"message": "Too Many Requests"}, 429)
+        except FunctionTimeout:
+            return JSONResponse({"message": "Gateway Timeout"}, 504)
+        except FunctionError:
+            return JSONResponse({"message": "Internal Server Error"}, 500)
+        return http_response(result)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def api_event(request: Request, body: bytes, route_key: str) -> dict[str, Any]:
+    """The API Gateway HTTP API (2.0) event of a request."""
+    headers: dict[str, str] = {}
+    for name, value in request.headers.items():  # lower-cased; repeats joined by commas
+        headers[name] = f"{headers[name]},{value}" if name in headers else value
+    try:
+        text, encoded = body.decode(), False
+    except UnicodeDecodeError:
+        text, encoded = base64.b64encode(body).decode(), True
+    now = time.time()
+    event: dict[str, Any] = {
+        "version": "2.0",
+        "routeKey": route_key,
+        "rawPath": request.url.path,
+        "rawQueryString": request.url.query,
+        "headers": headers,
+        "requestContext": {
+            "accountId": ACCOUNT,
+            "apiId": "local",
+            "domainName": headers.get("host", ""),
+            "http": {
+                "method": request.method,
+                "path": request.url.path,
+                "protocol": f"HTTP/{request.scope.get('http_version', '1.1')}",
+                "sourceIp": request.client.host if request.client else "",
+                "userAgent": headers.get("user-agent", ""),
+            },
+            "requestId": str(uuid.uuid4()),
+            "routeKey": route_key,
+            "stage": "$default",
+            "time": time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(now)),
+            "timeEpoch": int(now * 1000),
+        },
+        "isBase64Encoded": encoded,
+    }
+    if request.query_params:
+        event["queryStringParameters"] = {
+            k: ",".join(request.query_params.getlist(k)) for k in request.query_params
+        }
+    if body:
+        event["body"] = text
+    return event
+
+
+def http_response(result: Any) -> Response:
+    """The HTTP response of a handler's result: a response object, or a JSON body for 200."""
+    if not (isinstance(result, dict) and "statusCode" in result):
+        return JSONResponse(result)
+    body = result.get("body") or ""
+    content = base64.b64decode(body) if result.get("isBase64Encoded") else body.encode()
+    return Response(content, result["statusCode"], headers=result.get("headers"))

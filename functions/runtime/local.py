@@ -1,0 +1,69 @@
+"""The template's functions run here, on the embedded default: the gateway and the mappings.
+
+The runtime binds its settings for the handlers it runs (`functions.environment`), so both
+agree on the event log and the store; the template's `Environment` is for AWS only. Stream
+mappings run on the embedded log only: with the Kafka bus none is started here (an embedded
+mapping would seal and advance watermarks of partitions that are not the real bus).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from functions import environment
+from functions.archive import advance_watermark
+from functions.runtime.function import LocalFunction
+from functions.runtime.gateway import Gateway
+from functions.runtime.mapping import DrainHook, StreamMapping
+from functions.runtime.template import StreamSource, Template, load_template
+from lambdalake.bus import embedded_log
+from lambdalake.eventlog import Topic
+from lambdalake.settings import Settings
+
+ARCHIVE_HANDLER = "functions.archive.handler"
+
+
+class LocalRuntime:
+    def __init__(self, settings: Settings, template: Template | None = None):
+        self.settings = settings
+        self.template = template or load_template()
+        self.folder: Path = settings.home / "runtime"
+        self.functions = {n: LocalFunction(spec) for n, spec in self.template.functions.items()}
+        self.gateway = Gateway(self.functions.values(), settings.gateway_host,
+                               settings.gateway_port)
+        self.mappings = [
+            StreamMapping(function, source, self._topic(source), self.folder,
+                          _drain_hook(function))
+            for function in self.functions.values()
+            for source in function.spec.streams
+            if settings.bus == "embedded"  # a Kafka bus is polled by AWS, not from here
+        ]
+
+    def _topic(self, source: StreamSource) -> Topic:
+        log = embedded_log(str(self.settings.home.resolve()))
+        return log.topic(source.topic, self.settings.partitions)
+
+    def start(self) -> None:
+        environment.bind(self.settings)
+        self.gateway.start()
+        for mapping in self.mappings:
+            mapping.start()
+
+    def stop(self) -> None:
+        """Stop taking requests, finish the invocations under way, then stop the mappings."""
+        self.gateway.stop()
+        for mapping in self.mappings:
+            mapping.stop()
+        environment.bind(None)
+
+    def __enter__(self) -> LocalRuntime:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _drain_hook(function: LocalFunction) -> DrainHook | None:
+    """The archiver advances the watermark of idle partitions; other functions need not."""
+    return advance_watermark if function.spec.handler == ARCHIVE_HANDLER else None
