@@ -1,0 +1,152 @@
+"""The published batch views, held in memory as one immutable snapshot per version.
+
+`BatchViews` follows `catalog.current(store)`. When the published version changes it reads
+every view's Parquet files listed in the manifest, swaps the new snapshot in whole, then
+drops the real-time cells the new cut covers. Queries take the snapshot and the real-time
+cells at or past its cut together (`read`), so a swap can never leave a slice in neither.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from lambdalake import catalog
+from lambdalake.catalog import Manifest
+from lambdalake.eventlog import now_ms
+from lambdalake.events import epoch_ms
+from lambdalake.project import Project, table_schema
+from lambdalake.realtime import RealtimeCells
+from lambdalake.storage import ObjectStore
+
+log = logging.getLogger("lambdalake.serving")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One published batch version: its manifest (None before the first) and view tables."""
+
+    manifest: Manifest | None
+    tables: Mapping[str, pa.Table]
+
+    @property
+    def version(self) -> str | None:
+        return self.manifest.version if self.manifest else None
+
+    @property
+    def cut(self) -> int:
+        return self.manifest.cut if self.manifest else 0
+
+
+@dataclass(frozen=True)
+class Reading:
+    """A snapshot and, for the views asked for, the real-time cells at or past its cut."""
+
+    snapshot: Snapshot
+    realtime: Mapping[str, pa.Table]
+
+
+class BatchViews:
+    def __init__(
+        self,
+        project: Project,
+        store: ObjectStore,
+        realtime: RealtimeCells,
+        poll_seconds: float = 1.0,
+    ):
+        self.project, self.store, self.realtime = project, store, realtime
+        self.poll_seconds = poll_seconds
+        self.schemas = {name: table_schema(project, v) for name, v in project.views.items()}
+        empty = {name: schema.empty_table() for name, schema in self.schemas.items()}
+        self._snapshot = Snapshot(None, MappingProxyType(empty))
+        self._swap = threading.Lock()
+        self._refreshing = threading.Lock()
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        self.ready = False
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    def read(self, names: Iterable[str]) -> Reading:
+        views = self.project.views
+        with self._swap:
+            snapshot = self._snapshot
+            cells = {n: self.realtime.table(views[n], self.schemas[n], snapshot.cut) for n in names}
+        return Reading(snapshot, cells)
+
+    def refresh(self) -> bool:
+        """Serve the published version if it changed; True when a new snapshot was swapped in."""
+        with self._refreshing:
+            manifest = catalog.current(self.store)
+            swapped = manifest is not None and manifest.version != self._snapshot.version
+            if swapped:
+                self._swap_in(Snapshot(manifest, MappingProxyType(self._load(manifest))))
+            self.ready = True
+            return swapped
+
+    def _swap_in(self, snapshot: Snapshot) -> None:
+        if snapshot.cut < self._snapshot.cut:
+            log.warning("serving a batch version with an earlier cut: real-time slices between "
+                        "the two cuts are gone until the next batch run",
+                        extra={"version": snapshot.version, "cut": snapshot.cut})
+        with self._swap:
+            self._snapshot = snapshot
+            self.realtime.drop_below(snapshot.cut)
+        log.info("batch version served", extra={"version": snapshot.version, "cut": snapshot.cut})
+
+    def _load(self, manifest: Manifest) -> dict[str, pa.Table]:
+        filesystem, root = self.store.arrow()
+        tables = {}
+        for name, schema in self.schemas.items():
+            listed = manifest.views.get(name)
+            paths = [f"{root}/{key}" for key in listed.files] if listed else []
+            dataset = ds.dataset(paths, schema=schema, format="parquet", filesystem=filesystem)
+            tables[name] = dataset.to_table()
+        return tables
+
+    def version_age_seconds(self) -> float:
+        """Seconds since the served version was created; NaN before the first or if unknown."""
+        manifest = self._snapshot.manifest
+        try:
+            return (now_ms() - epoch_ms(manifest.created)) / 1000 if manifest else float("nan")
+        except ValueError:  # `created` is free text in the manifest
+            return float("nan")
+
+    def realtime_lag_ms(self) -> int | None:
+        """Since the speed layer last reported having read everything; None if it never did."""
+        caught_up_at = self.realtime.caught_up_at
+        return max(0, now_ms() - caught_up_at) if caught_up_at else None
+
+    def realtime_cells(self) -> int:
+        return sum(table.num_rows for table in self.read(self.project.views).realtime.values())
+
+    def start(self) -> None:
+        self._poller = threading.Thread(target=self._poll, name="serving-batch-views", daemon=True)
+        self._poller.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._poller:
+            self._poller.join()
+
+    def _poll(self) -> None:
+        failing = None  # the last failure, logged once until it changes
+        while True:
+            try:
+                self.refresh()
+                failing = None
+            except Exception as exc:  # a store hiccup or a bad file: keep serving the current one
+                if repr(exc) != failing:
+                    serving = self.snapshot.version
+                    log.exception("batch views refresh failed", extra={"serving": serving})
+                failing = repr(exc)
+            if self._stop.wait(self.poll_seconds):
+                return

@@ -1,0 +1,72 @@
+"""Running the serving API under uvicorn: in the foreground, or in a background thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import uvicorn
+
+from lambdalake.project import Project
+from lambdalake.realtime import RealtimeCells
+from lambdalake.settings import Settings
+from lambdalake.storage import ObjectStore
+from serving.app import create_app
+
+
+def build_server(
+    settings: Settings,
+    project: Project,
+    store: ObjectStore,
+    realtime: RealtimeCells,
+    *,
+    port: int | None = None,
+    poll_seconds: float = 1.0,
+) -> uvicorn.Server:
+    """A uvicorn server on settings.api_host and `port` (default settings.api_port; 0: any)."""
+    app = create_app(settings, project, store, realtime, poll_seconds=poll_seconds)
+    config = uvicorn.Config(
+        app,
+        host=settings.api_host,
+        port=settings.api_port if port is None else port,
+        log_config=None,
+        access_log=False,
+    )
+    return uvicorn.Server(config)
+
+
+def serve(
+    settings: Settings, project: Project, store: ObjectStore, realtime: RealtimeCells
+) -> None:
+    """Serve in the foreground until interrupted."""
+    build_server(settings, project, store, realtime).run()
+
+
+class ServerThread:
+    """A uvicorn server in a daemon thread: `start()` returns once it listens."""
+
+    def __init__(self, server: uvicorn.Server):
+        self.server = server
+        self._thread = threading.Thread(target=server.run, name="serving-api", daemon=True)
+
+    def start(self, timeout: float = 30.0) -> ServerThread:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the serving API did not start on {self.url}")
+            time.sleep(0.01)
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.server.servers[0].sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        host = self.server.config.host
+        return f"http://{host}:{self.port if self.server.started else self.server.config.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join()
