@@ -1,9 +1,10 @@
 """The embedded event log: the bus of the embedded default.
 
 A topic is a folder of partitions; a partition is a folder of append-only segment files.
-Each record is framed `length u32 | crc32 u32 | arrival_ms i64 | value`, and an append
-returns only after its bytes are fsynced, so an acknowledged record survives kill -9. On
-open, a torn tail (a crash mid-append, never acknowledged) is cut off.
+Each record is framed `length u32 | crc32 u32 | arrival_ms i64 | value`, the crc covering
+length, arrival and value, and an append returns only after its bytes are fsynced, so an
+acknowledged record survives kill -9. On open, a torn tail (a crash mid-append, never
+acknowledged; zero-filled blocks included) is cut off.
 
 Every record gets an arrival time that never decreases within its partition:
 `max(previous arrival, floor, now)`. `seal` raises the floor to now and returns the end
@@ -25,11 +26,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _HEADER = struct.Struct("<IIq")
+_CHECKED = struct.Struct("<Iq")  # the header fields the crc covers, with the value
 SEGMENT_BYTES = 64 * 1024 * 1024
 
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _crc(value: bytes, arrival: int) -> int:
+    # Covering the header too: a zero-filled tail (length 0, crc 0) is no valid empty record.
+    return zlib.crc32(value, zlib.crc32(_CHECKED.pack(len(value), arrival)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +65,7 @@ class _Segment:
             if end > len(data):
                 break
             value = data[position + _HEADER.size : end]
-            if zlib.crc32(value) != crc:
+            if _crc(value, arrival) != crc:
                 break
             self.positions.append(position)
             last_arrival, position = arrival, end
@@ -105,7 +112,7 @@ class Partition:
             for value in values:
                 segment.positions.append(segment.size)
                 acks.append((segment.base + len(segment.positions) - 1, arrival))
-                frames.append(_HEADER.pack(len(value), zlib.crc32(value), arrival) + value)
+                frames.append(_HEADER.pack(len(value), _crc(value, arrival), arrival) + value)
                 segment.size += _HEADER.size + len(value)
             self._out.write(b"".join(frames))
             self._out.flush()
@@ -128,7 +135,10 @@ class Partition:
             if len(records) >= max_records or offset >= end:
                 break
             first = max(offset, segment.base) - segment.base
-            last = min(len(segment.positions), first + max_records - len(records))
+            # Bounded by `end` as of the lock: positions of an append in progress (not yet
+            # written and fsynced) may already be indexed.
+            last = min(len(segment.positions), end - segment.base)
+            last = min(last, first + max_records - len(records))
             start = segment.positions[first]
             stop = segment.positions[last] if last < len(segment.positions) else None
             with open(segment.path, "rb") as src:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import (
@@ -27,6 +27,8 @@ from pydantic import (
 FieldType = Literal["string", "int", "float", "bool"]
 MAX_EVENT_BYTES = 256 * 1024
 ENVELOPE = ("event_id", "type", "ts")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
 
 _PYTHON_TYPES: dict[str, Any] = {
     "string": StrictStr,
@@ -74,16 +76,16 @@ def epoch_ms(value: Any) -> int:
             raise ValueError(f"not an ISO 8601 timestamp: {value[:40]!r}") from None
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=UTC)
-        return int(parsed.timestamp() * 1000)
+        return (parsed - _EPOCH) // _MS  # exact: float seconds * 1000 can be 1 ms off
     raise ValueError("must be epoch milliseconds or an ISO 8601 string")
 
 
 def iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
+    return (_EPOCH + ms * _MS).isoformat().replace("+00:00", "Z")
 
 
 class _Envelope(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     event_id: StrictStr = Field(min_length=1, max_length=256)
     type: StrictStr
@@ -96,6 +98,16 @@ class _Envelope(BaseModel):
         if ms < 0:
             raise ValueError("must not be before 1970-01-01")
         return ms
+
+    @field_validator("*")
+    @classmethod
+    def _utf8(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                raise ValueError("must be valid UTF-8 text (no lone surrogates)") from None
+        return value
 
 
 @dataclass(frozen=True)
@@ -134,7 +146,8 @@ class Validator:
     def validate(self, raw: Any, now_ms: int, index: int | None = None) -> Event | list[Problem]:
         if not isinstance(raw, dict):
             return [Problem("$", "an event must be a JSON object", index)]
-        model = self._models.get(raw.get("type"))  # type: ignore[arg-type]
+        kind = raw.get("type")
+        model = self._models.get(kind) if isinstance(kind, str) else None
         if model is None:
             known = ", ".join(sorted(self._models))
             rule = f"unknown event type {raw.get('type')!r}; known: {known}"

@@ -144,7 +144,9 @@ def finalize(view: View, query: Query, columns: list[str], rows: list[tuple]) ->
     if query.order_by:
         name, _, direction = query.order_by.partition(":")
         descending = direction == "desc" or (not direction and name in view.metrics)
-        answers.sort(key=lambda r: (r[name] is None, r[name]), reverse=descending)
+        present = [r for r in answers if r[name] is not None]
+        present.sort(key=lambda r: r[name], reverse=descending)
+        answers = present + [r for r in answers if r[name] is None]  # nulls last, either way
     return answers[: query.limit] if query.limit else answers
 
 

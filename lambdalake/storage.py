@@ -81,8 +81,12 @@ class FileStore(ObjectStore):
             raise NotFound(key) from None
 
     def list(self, prefix: str) -> list[str]:
-        base = self._path(prefix)
-        folder = base if base.is_dir() else base.parent
+        # A prefix of the key, as in S3 ("a/b" matches "a/b.json" and "a/bc/..." too), so the
+        # search starts at the folder holding the last, partial part of the prefix.
+        if not prefix or prefix.endswith("/"):
+            folder = self._path(prefix)
+        else:
+            folder = self._path(prefix).parent
         if not folder.exists():
             return []
         keys = (

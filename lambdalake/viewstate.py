@@ -6,7 +6,11 @@ version with cut C is published, slices below C are dropped here and there.
 
 Dedup: an `event_id` is counted once while it stays within the dedup window (by arrival),
 even when its first copy was below the cut, so a retry straddling the cut is not counted
-twice. Memory is bounded by the number of distinct ids within the window.
+twice. Memory is bounded by the number of distinct ids within the window. This relies on
+every copy of an event_id being on one partition (the bus keys records by event_id): then
+the copy read first is the one with the earliest arrival, the one the batch layer keeps.
+Copies on different partitions, read out of arrival order, can be counted by both layers
+until a batch cut passes both copies.
 """
 
 from __future__ import annotations

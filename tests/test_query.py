@@ -1,0 +1,343 @@
+"""Merged queries: parameters checked by `parse`, SQL by `plan` run in DuckDB, `finalize`.
+
+The table `merged` is built by hand: events split over several partial rows per cell (as
+batch views and real-time slices give them), so every answer is a merge of accumulators.
+Answers are checked against a plain-Python recompute from the same events.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from datetime import UTC, datetime
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from lambdalake.events import iso
+from lambdalake.example import PAGEVIEW, PURCHASE
+from lambdalake.example import project as example
+from lambdalake.monoids import ApproxDistinct, Count, Max, Min, Sum
+from lambdalake.project import Project, table_schema
+from lambdalake.query import Query, QueryError, finalize, parse, plan
+from lambdalake.views import View
+
+HOUR, DAY = 3_600_000, 86_400_000
+START = 1_714_521_600_000  # 2024-05-01T00:00:00Z
+
+PAGES = View(
+    name="pages_by_url_referrer_hour",
+    event_type="pageview",
+    keys=("url", "referrer"),
+    bucket="hour",
+    metrics={
+        "views": Count(),
+        "visitors": ApproxDistinct("user_id"),
+        "shortest": Min("duration_ms"),
+        "longest": Max("duration_ms"),
+        "total_ms": Sum("duration_ms"),
+    },
+)
+BY_DURATION = View(
+    name="pages_by_duration_day",
+    event_type="pageview",
+    keys=("duration_ms",),
+    bucket="day",
+    metrics={"views": Count()},
+)
+project = Project.of([PAGEVIEW, PURCHASE], [PAGES, BY_DURATION])
+SCHEMA = PAGEVIEW
+
+
+def make_events(seed: int = 7, count: int = 600) -> list[dict]:
+    rng = random.Random(seed)
+    return [
+        {
+            "ts": START + rng.randrange(3 * DAY),
+            "url": rng.choice(["/", "/docs", "/pricing"]),
+            "referrer": rng.choice([None, "a.example", "b.example"]),
+            "user_id": f"u{rng.randrange(60)}",
+            "duration_ms": rng.choice([None, None, rng.randrange(10_000)]),
+        }
+        for _ in range(count)
+    ]
+
+
+EVENTS = make_events()
+
+
+def partial_rows(view: View, events: list[dict], parts: int, seed: int = 3) -> pa.Table:
+    """Each event lands in one of `parts` partial cells; a cell is one row per part."""
+    rng = random.Random(seed)
+    cells: dict = {}
+    for event in events:
+        cell = (rng.randrange(parts), view.bucket_of(event["ts"]),
+                tuple(event[k] for k in view.keys))
+        accs = cells.setdefault(cell, [m.zero() for m in view.metrics.values()])
+        for i, metric in enumerate(view.metrics.values()):
+            value = event[metric.field] if metric.field else None
+            accs[i] = metric.merge(accs[i], metric.lift(value))
+    columns: dict[str, list] = {"bucket": [bucket for _, bucket, _ in cells]}
+    for i, key in enumerate(view.keys):
+        columns[key] = [key_values[i] for _, _, key_values in cells]
+    for i, name in enumerate(view.metrics):
+        columns[name] = [accs[i] for accs in cells.values()]
+    return pa.Table.from_pydict(columns, schema=table_schema(project, view))
+
+
+@pytest.fixture(scope="module")
+def db():
+    con = duckdb.connect()
+    table = partial_rows(PAGES, EVENTS, parts=3)
+    assert table.num_rows > len({(PAGES.bucket_of(e["ts"]), e["url"], e["referrer"])
+                                 for e in EVENTS})  # cells really are split over rows
+    con.register("merged", table)
+    yield con
+    con.close()
+
+
+def run(con, view: View, **params) -> list[dict]:
+    query = parse(view, SCHEMA, **params)
+    sql, args = plan(view, query)
+    cursor = con.execute(sql, args)
+    columns = [d[0] for d in cursor.description]
+    return finalize(view, query, columns, cursor.fetchall())
+
+
+def last(value):
+    """Sort key: None after every value."""
+    return (value is None, value)
+
+
+def expected(
+    events, *, start=None, end=None, bucket="hour", dims=("url", "referrer"), filters=None,
+    order_by=None, limit=None,
+) -> list[dict]:
+    """The answer recomputed from the raw events, in plain Python."""
+    groups: dict = defaultdict(list)
+    for e in events:
+        hour = e["ts"] - e["ts"] % HOUR
+        if (start is not None and hour < start) or (end is not None and hour >= end):
+            continue
+        if any(e[k] != v for k, v in (filters or {}).items()):
+            continue
+        if bucket == "total":
+            at = None
+        else:
+            width = {"hour": HOUR, "day": DAY}[bucket]
+            at = e["ts"] - e["ts"] % width
+        groups[(at, tuple(e[d] for d in dims))].append(e)
+    rows = []
+    for (at, key), members in groups.items():
+        durations = [m["duration_ms"] for m in members if m["duration_ms"] is not None]
+        first_hour = min(m["ts"] - m["ts"] % HOUR for m in members)
+        bucket_ms = at if at is not None else (start if start is not None else first_hour)
+        rows.append({
+            "bucket": iso(bucket_ms), **dict(zip(dims, key, strict=True)),
+            "views": len(members),
+            "visitors": len({m["user_id"] for m in members}),
+            "shortest": min(durations, default=None),
+            "longest": max(durations, default=None),
+            "total_ms": sum(durations),
+            "_sort": (bucket_ms, *(last(k) for k in key)),
+        })
+    rows.sort(key=lambda r: r.pop("_sort"))
+    if order_by:
+        name, _, direction = order_by.partition(":")
+        descending = direction == "desc" or (not direction and name in PAGES.metrics)
+        present = [r for r in rows if r[name] is not None]
+        present.sort(key=lambda r: r[name], reverse=descending)
+        rows = present + [r for r in rows if r[name] is None]
+    return rows[:limit] if limit else rows
+
+
+def at(text: str) -> int:
+    return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp() * 1000)
+
+
+# --- plan + finalize in DuckDB -----------------------------------------------------------
+
+
+def test_view_bucket_every_dimension(db):
+    rows = run(db, PAGES)
+    assert rows == expected(EVENTS)
+    assert sum(r["views"] for r in rows) == len(EVENTS)
+    assert any(r["shortest"] is None for r in rows)  # cells with no duration at all
+
+
+def test_rollup_hour_to_day_to_total(db):
+    hourly = run(db, PAGES, group_by="url")
+    daily = run(db, PAGES, bucket="day", group_by="url")
+    total = run(db, PAGES, bucket="total", group_by="url")
+    assert hourly == expected(EVENTS, dims=("url",))
+    assert daily == expected(EVENTS, bucket="day", dims=("url",))
+    assert total == expected(EVENTS, bucket="total", dims=("url",))
+    assert [r["bucket"] for r in daily][:3] == [iso(START)] * 3
+    for url_total in total:
+        url = url_total["url"]
+        assert sum(r["views"] for r in daily if r["url"] == url) == url_total["views"]
+        assert sum(r["views"] for r in hourly if r["url"] == url) == url_total["views"]
+        assert sum(r["total_ms"] for r in daily if r["url"] == url) == url_total["total_ms"]
+    assert len(daily) == 3 * 3
+
+
+def test_total_over_a_range_is_one_row_per_group_dated_from(db):
+    start, end = iso(START + 5 * HOUR), iso(START + DAY + 7 * HOUR)
+    rows = run(db, PAGES, start=start, end=end, bucket="total", group_by="referrer")
+    assert rows == expected(EVENTS, start=START + 5 * HOUR, end=START + DAY + 7 * HOUR,
+                            bucket="total", dims=("referrer",))
+    assert len(rows) == 3
+    assert {r["bucket"] for r in rows} == {iso(START + 5 * HOUR)}
+    assert [r["referrer"] for r in rows] == ["a.example", "b.example", None]
+
+
+def test_no_dimensions_at_all(db):
+    assert run(db, PAGES, bucket="total", group_by="") == expected(
+        EVENTS, bucket="total", dims=()
+    )
+    [everything] = run(db, PAGES, bucket="total", group_by="")
+    assert everything["views"] == len(EVENTS)
+    assert everything["visitors"] == len({e["user_id"] for e in EVENTS})
+    assert run(db, PAGES, bucket="day", group_by="") == expected(EVENTS, bucket="day", dims=())
+
+
+def test_from_inclusive_to_exclusive_on_the_bucket(db):
+    start, end = START + 13 * HOUR, START + 14 * HOUR
+    rows = run(db, PAGES, start=str(start), end=iso(end))  # epoch ms or ISO 8601
+    assert rows == expected(EVENTS, start=start, end=end)
+    assert {r["bucket"] for r in rows} == {iso(start)}
+
+
+def test_filters(db):
+    rows = run(db, PAGES, bucket="day", filters={"url": "/docs", "referrer": "a.example"})
+    assert rows == expected(EVENTS, bucket="day",
+                            filters={"url": "/docs", "referrer": "a.example"})
+    assert {(r["url"], r["referrer"]) for r in rows} == {("/docs", "a.example")}
+    assert run(db, PAGES, filters={"url": "/nowhere"}) == []
+
+
+def test_order_by_metric_descending_and_limit(db):
+    rows = run(db, PAGES, bucket="day", order_by="views", limit=4)
+    assert rows == expected(EVENTS, bucket="day", order_by="views", limit=4)
+    assert len(rows) == 4
+    views = [r["views"] for r in run(db, PAGES, bucket="day", order_by="views")]
+    assert views == sorted(views, reverse=True)
+    assert [r["views"] for r in rows] == views[:4]
+
+
+def test_order_by_ascending_and_by_dimension(db):
+    asc = run(db, PAGES, bucket="total", group_by="url", order_by="visitors:asc")
+    assert asc == expected(EVENTS, bucket="total", dims=("url",), order_by="visitors:asc")
+    assert [r["visitors"] for r in asc] == sorted(r["visitors"] for r in asc)
+    by_url = run(db, PAGES, bucket="total", group_by="url", order_by="url:desc", limit=2)
+    assert [r["url"] for r in by_url] == ["/pricing", "/docs"]
+
+
+@pytest.mark.parametrize("direction", ["", ":asc", ":desc"])
+def test_nulls_sort_last_in_either_direction(db, direction):
+    rows = run(db, PAGES, order_by=f"shortest{direction}")
+    assert rows == expected(EVENTS, order_by=f"shortest{direction}")
+    nulls = [r["shortest"] is None for r in rows]
+    assert any(nulls)
+    assert nulls == sorted(nulls)  # every None after every value
+    by_referrer = run(
+        db, PAGES, bucket="total", group_by="referrer", order_by=f"referrer{direction}"
+    )
+    assert by_referrer[-1]["referrer"] is None
+
+
+def test_sketch_lists_are_merged_across_partial_rows():
+    con = duckdb.connect()
+    users = [f"user-{i}" for i in range(250)]
+    events = [{"ts": START + (i // 250) * HOUR, "url": "/", "referrer": None, "user_id": user,
+               "duration_ms": None} for i, user in enumerate(users * 4)]
+    table = partial_rows(PAGES, events, parts=8, seed=11)
+    assert table.num_rows == 4 * 8  # every hour's 250 users spread over 8 partial rows
+    con.register("merged", table)
+    [total] = run(con, PAGES, bucket="total", group_by="")
+    assert total["visitors"] == 250
+    assert total["views"] == 1000
+    assert total["shortest"] is None and total["total_ms"] == 0
+    hours = run(con, PAGES, group_by="url")
+    assert [r["visitors"] for r in hours] == [250] * 4  # every user, every hour
+    con.close()
+
+
+def test_an_empty_range_answers_no_rows(db):
+    later = START + 30 * DAY
+    assert run(db, PAGES, start=iso(later), end=iso(later + DAY)) == []
+    assert run(db, PAGES, start=iso(later), end=iso(later + DAY), bucket="total") == []
+
+
+def test_the_example_views_plan_and_run():
+    con = duckdb.connect()
+    view = example.views["revenue_by_sku_day"]
+    table = pa.Table.from_pydict(
+        {"bucket": [START, START, START + DAY], "sku": ["a", "a", "b"],
+         "revenue": [10.5, 4.25, 1.0], "orders": [2, 1, 1]},
+        schema=table_schema(example, view),
+    )
+    con.register("merged", table)
+    query = parse(view, PURCHASE, bucket="total", order_by="revenue")
+    sql, args = plan(view, query)
+    cursor = con.execute(sql, args)
+    rows = finalize(view, query, [d[0] for d in cursor.description], cursor.fetchall())
+    assert rows == [
+        {"bucket": iso(START), "sku": "a", "revenue": 14.75, "orders": 3},
+        {"bucket": iso(START + DAY), "sku": "b", "revenue": 1.0, "orders": 1},
+    ]
+    con.close()
+
+
+# --- parse: each error names the parameter -----------------------------------------------
+
+HOURLY = example.views["pageviews_by_url_hour"]
+DAILY = example.views["revenue_by_sku_day"]
+
+ERRORS = [
+    ("bucket finer than the view's", HOURLY, {"bucket": "minute"}, "bucket", "finer"),
+    ("day view asked by hour", DAILY, {"bucket": "hour"}, "bucket", "finer"),
+    ("unknown bucket", HOURLY, {"bucket": "week"}, "bucket", "must be one of"),
+    ("from not aligned", HOURLY, {"start": "2024-05-01T12:30:00Z"}, "from", "boundary"),
+    ("to not aligned", DAILY, {"end": "2024-05-01T12:00:00Z"}, "to", "boundary"),
+    ("from garbage", HOURLY, {"start": "yesterday"}, "from", "ISO 8601"),
+    ("to equal to from", HOURLY,
+     {"start": "2024-05-01T12:00:00Z", "end": "2024-05-01T12:00:00Z"}, "to", "after from"),
+    ("to before from", HOURLY,
+     {"start": "2024-05-01T12:00:00Z", "end": "2024-05-01T11:00:00Z"}, "to", "after from"),
+    ("bad group_by dimension", HOURLY, {"group_by": "url,colour"}, "group_by", "'colour'"),
+    ("filter on a non-dimension", HOURLY, {"filters": {"user_id": "u1"}}, "user_id",
+     "not a dimension"),
+    ("filter of the wrong type", BY_DURATION, {"filters": {"duration_ms": "long"}},
+     "duration_ms", "must be a int"),
+    ("order_by unknown", HOURLY, {"order_by": "revenue"}, "order_by", "metric, dimension"),
+    ("order_by bad direction", HOURLY, {"order_by": "pageviews:up"}, "order_by", "metric"),
+    ("limit zero", HOURLY, {"limit": 0}, "limit", "between 1 and 100000"),
+    ("limit too large", HOURLY, {"limit": 100_001}, "limit", "between 1 and 100000"),
+]
+
+
+@pytest.mark.parametrize(("view", "params", "field", "rule"), [e[1:] for e in ERRORS],
+                         ids=[e[0] for e in ERRORS])
+def test_parse_errors_name_the_parameter(view, params, field, rule):
+    schema = example.schemas.get(view.event_type) or PAGEVIEW
+    with pytest.raises(QueryError) as caught:
+        parse(view, schema, **params)
+    assert caught.value.field == field
+    assert rule in caught.value.rule
+    assert str(caught.value) == f"{field}: {caught.value.rule}"
+    assert isinstance(caught.value, ValueError)
+
+
+def test_parse_accepts_and_types_parameters():
+    query = parse(
+        BY_DURATION, PAGEVIEW, start="2024-05-01T00:00:00Z", end=str(START + 2 * DAY),
+        bucket="total", group_by="duration_ms", filters={"duration_ms": "250"},
+        order_by="views:asc", limit=100_000,
+    )
+    assert query == Query(START, START + 2 * DAY, "total", ("duration_ms",),
+                          {"duration_ms": 250}, "views:asc", 100_000)
+    assert parse(HOURLY, PAGEVIEW) == Query(bucket="hour")
+    assert parse(HOURLY, PAGEVIEW, bucket="day", group_by="").group_by == ()
+    assert parse(DAILY, PURCHASE, start="2024-05-01").start == at("2024-05-01T00:00:00")

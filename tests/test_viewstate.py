@@ -1,0 +1,419 @@
+"""The speed/serving merge is exact: batch(cut) ⊕ real-time cells ≥ cut == a recompute.
+
+Pure, no services. A random stream of example-project events (late, out of order, retried
+with the same event id) arrives on 2-3 partitions with non-decreasing arrival times. The
+speed side is the kernel's ViewState fed each partition in order, the partitions interleaved
+at random, publishing into RealtimeCells; batch runs at random cuts are modelled by an
+independent plain-Python recompute of the events with arrival < cut, deduplicated by event
+id. Speed workers crash and restart from checkpoints. Whenever the speed layer has caught up
+with what it had read before, every view answer must equal a recompute over every event it
+covers, each event id counted once (invariants 1 and 2 of DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from datasketches import hll_sketch, tgt_hll_type
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lambdalake.events import Event
+from lambdalake.example import project
+from lambdalake.project import table_schema
+from lambdalake.realtime import RealtimeCells
+from lambdalake.viewstate import ViewState
+
+SLICE = 60_000
+HOUR = 3_600_000
+DAY = 24 * HOUR
+T0 = 1_714_564_800_000  # 2024-05-01T12:00:00Z, a slice boundary
+URLS = ["/", "/pricing", "/docs"]
+USERS = [f"u{i}" for i in range(6)]
+SKUS = ["sku-1", "sku-2"]
+
+Record = tuple[Event, int]  # (event, arrival)
+
+
+# --- the random world --------------------------------------------------------------------
+
+# Strategies are built once (building them per draw costs more than the test itself).
+lateness = st.one_of(st.integers(-SLICE, 10 * SLICE), st.integers(0, 2 * DAY))
+pageview_fields = st.fixed_dictionaries({
+    "url": st.sampled_from(URLS),
+    "user_id": st.sampled_from(USERS),
+    "referrer": st.none() | st.sampled_from(["https://a.example/", "direct"]),
+    "duration_ms": st.none() | st.integers(0, 60_000),
+})
+purchase_fields = st.fixed_dictionaries({
+    "user_id": st.sampled_from(USERS),
+    "sku": st.sampled_from(SKUS),
+    "amount": st.integers(1, 100_000).map(lambda cents: cents / 100),
+})
+contents = st.one_of(  # 3 pageviews to 1 purchase
+    *[st.tuples(st.just("pageview"), pageview_fields)] * 3,
+    st.tuples(st.just("purchase"), purchase_fields),
+)
+steps = st.sampled_from([0, 0, 1, 5_000, 20_000, 45_000, 2 * SLICE])
+draws = st.tuples(
+    st.sampled_from([True, False, False]),  # a producer retry of an earlier event?
+    st.integers(0, 10**6),  # which earlier event, or which partition for a new one
+    steps,  # arrival step on the partition
+    lateness,  # event time before arrival
+    contents,
+)
+
+
+def build_stream(count: int, starts: list[int], records: list) -> list[list[Record]]:
+    """Per partition, records in log order; a retry goes to its original's partition, as the
+    bus partitions by event id."""
+    partitions: list[list[Record]] = [[] for _ in range(count)]
+    clocks = [T0 + start for start in starts[:count]]
+    originals: list[tuple[Event, int]] = []
+    for number, (retry, pick, step, late, (kind, fields)) in enumerate(records):
+        if originals and retry:
+            event, p = originals[pick % len(originals)]
+            clocks[p] += step
+        else:
+            p = pick % count
+            clocks[p] += step
+            prefix = "pv" if kind == "pageview" else "buy"
+            event = Event(f"{prefix}-{number}", kind, max(0, clocks[p] - late), fields)
+            originals.append((event, p))
+        partitions[p].append((event, clocks[p]))
+    return partitions
+
+
+streams = st.builds(
+    build_stream,
+    st.integers(2, 3),
+    st.lists(st.integers(0, SLICE), min_size=3, max_size=3),
+    st.integers(1, 60).flatmap(lambda n: st.lists(draws, min_size=n, max_size=n)),
+)
+
+
+CONTROL = ["flush", "flush", "batch", "batch", "batch", "follow", "checkpoint", "checkpoint",
+           "crash"]
+# Rounds of reads (partition numbers) each followed by one control op.
+ops = st.lists(
+    st.tuples(
+        st.lists(st.integers(0, 2), max_size=10),
+        st.sampled_from(CONTROL),
+        st.integers(1, 4),
+    ),
+    min_size=2,
+    max_size=25,
+).map(lambda rounds: [op for steps, control, n in rounds
+                      for op in [*(("step", p) for p in steps), (control, n)]])
+
+
+# --- the independent model: batch views and the recompute --------------------------------
+
+
+def dedup(records: list[Record]) -> dict[str, Event]:
+    """Each event id once, the copy with the earliest arrival (as the batch layer keeps)."""
+    first: dict[str, Record] = {}
+    for event, arrival in records:
+        if event.event_id not in first or arrival < first[event.event_id][1]:
+            first[event.event_id] = (event, arrival)
+    return {event_id: event for event_id, (event, _) in first.items()}
+
+
+def recompute(events: dict[str, Event]) -> dict[str, dict]:
+    """Plain Python: per view, (bucket, key) -> count, sum of amount, set of users."""
+    answers: dict[str, dict] = {}
+    for name, view in project.views.items():
+        groups: dict = defaultdict(lambda: {"count": 0, "amount": 0.0, "users": set()})
+        for event in events.values():
+            if event.type != view.event_type:
+                continue
+            bucket = event.ts - event.ts % view.bucket_ms
+            group = groups[(bucket, tuple(event.fields[k] for k in view.keys))]
+            group["count"] += 1
+            group["amount"] += event.fields.get("amount") or 0.0
+            group["users"].add(event.fields["user_id"])
+        answers[name] = dict(groups)
+    return answers
+
+
+def sketch(users: set[str]) -> bytes:
+    hll = hll_sketch(12, tgt_hll_type.HLL_8)
+    for user in sorted(users):
+        hll.update(user)
+    return hll.serialize_compact()
+
+
+def batch_rows(records: list[Record], cut: int) -> dict[str, dict]:
+    """The batch layer at `cut`: accumulators per (bucket, key) over arrival < cut, deduped."""
+    groups = recompute(dedup([(e, a) for e, a in records if a < cut]))
+    rows: dict[str, dict] = {}
+    for name, view in project.views.items():
+        rows[name] = {}
+        for cell, group in groups[name].items():
+            values = {
+                "pageviews": group["count"],
+                "visitors": sketch(group["users"]),
+                "revenue": group["amount"],
+                "orders": group["count"],
+            }
+            rows[name][cell] = [values[metric] for metric in view.metrics]
+    return rows
+
+
+def serve(batch: dict[str, dict], realtime: RealtimeCells, cut: int) -> dict[str, dict]:
+    """The serving merge: batch rows ⊕ real-time rows at or past the cut, with the monoids."""
+    answers = {}
+    for name, view in project.views.items():
+        merged = {cell: list(accs) for cell, accs in batch.get(name, {}).items()}
+        table = realtime.table(view, table_schema(project, view), cut)
+        for row in table.to_pylist():
+            cell = (row["bucket"], tuple(row[k] for k in view.keys))
+            accs = merged.setdefault(cell, [m.zero() for m in view.metrics.values()])
+            for i, (metric_name, metric) in enumerate(view.metrics.items()):
+                accs[i] = metric.merge(accs[i], row[metric_name])
+        answers[name] = {
+            cell: {n: m.result(a) for (n, m), a in zip(view.metrics.items(), accs, strict=True)}
+            for cell, accs in merged.items()
+        }
+    return answers
+
+
+def assert_exact(answers: dict[str, dict], expected: dict[str, dict]) -> None:
+    pageviews, revenue = answers["pageviews_by_url_hour"], answers["revenue_by_sku_day"]
+    want_pv, want_rev = expected["pageviews_by_url_hour"], expected["revenue_by_sku_day"]
+    assert set(pageviews) == set(want_pv)
+    for cell, group in want_pv.items():
+        assert pageviews[cell]["pageviews"] == group["count"], cell
+        assert pageviews[cell]["visitors"] == len(group["users"]), cell
+    assert set(revenue) == set(want_rev)
+    for cell, group in want_rev.items():
+        assert revenue[cell]["orders"] == group["count"], cell
+        assert math.isclose(revenue[cell]["revenue"], group["amount"], rel_tol=1e-9), cell
+
+
+# --- the system under test, driven by the ops ---------------------------------------------
+
+
+@dataclass
+class World:
+    partitions: list[list[Record]]
+    dedup_window_ms: int = DAY
+    state: ViewState = field(init=False)
+    realtime: RealtimeCells = field(init=False)
+    positions: list[int] = field(init=False)
+    high_water: list[int] = field(init=False)
+    cut: int = 0
+    batch: dict = field(default_factory=dict)
+    checkpoint: tuple[bytes, list[int]] | None = None
+    checks: int = 0
+
+    def __post_init__(self) -> None:
+        self.state = ViewState(project, SLICE, self.dedup_window_ms)
+        self.realtime = RealtimeCells(project)
+        self.positions = [0] * len(self.partitions)
+        self.high_water = [0] * len(self.partitions)
+
+    @property
+    def records(self) -> list[Record]:
+        return [record for partition in self.partitions for record in partition]
+
+    def step(self, p: int) -> None:
+        p %= len(self.partitions)
+        if self.positions[p] < len(self.partitions[p]):
+            event, arrival = self.partitions[p][self.positions[p]]
+            self.state.apply(event, arrival)
+            self.positions[p] += 1
+            self.high_water[p] = max(self.high_water[p], self.positions[p])
+
+    def flush(self) -> None:
+        self.realtime.upsert(self.state.drain())
+        if self.positions == self.high_water:
+            self.check()
+
+    def run_batch(self, slices: int) -> None:
+        """A batch run at a slice boundary past the last cut, published to serving."""
+        top = max(a for _, a in self.records)
+        ceiling = top - top % SLICE + SLICE
+        cut = min(max(self.cut, T0) + slices * SLICE, ceiling)
+        if cut <= self.cut:
+            return
+        self.cut, self.batch = cut, batch_rows(self.records, cut)
+        self.realtime.drop_below(cut)
+
+    def follow(self) -> None:
+        """The speed layer learns of the published batch (some time after serving does)."""
+        self.state.drop_below(self.cut)
+
+    def save(self) -> None:
+        self.checkpoint = (self.state.snapshot(), list(self.positions))
+
+    def crash(self) -> None:
+        """Kill the speed worker; a new one restores the checkpoint (or starts from scratch)."""
+        self.state = ViewState(project, SLICE, self.dedup_window_ms)
+        if self.checkpoint:
+            snapshot, positions = self.checkpoint
+            self.state.restore(snapshot)
+            self.positions = list(positions)
+        else:
+            self.positions = [0] * len(self.partitions)
+        self.realtime.upsert(self.state.everything())
+
+    def covered(self) -> list[Record]:
+        """Every record the merged answer covers: the batch's and what the speed layer read."""
+        read = [r for p, part in enumerate(self.partitions) for r in part[: self.positions[p]]]
+        return [r for r in self.records if r[1] < self.cut] + read
+
+    def check(self) -> None:
+        self.checks += 1
+        answers = serve(self.batch, self.realtime, self.cut)
+        assert_exact(answers, recompute(dedup(self.covered())))
+
+    def run(self, script) -> None:
+        actions = {
+            "step": self.step, "flush": lambda _: self.flush(), "batch": self.run_batch,
+            "follow": lambda _: self.follow(), "checkpoint": lambda _: self.save(),
+            "crash": lambda _: self.crash(),
+        }
+        for op, arg in script:
+            actions[op](arg)
+        for p, partition in enumerate(self.partitions):  # catch up
+            while self.positions[p] < len(partition):
+                self.step(p)
+        self.flush()
+        assert self.positions == [len(p) for p in self.partitions]
+
+
+@settings(max_examples=200, deadline=None)
+@given(streams, ops)
+def test_merged_answers_equal_a_recompute_of_every_event(partitions, script):
+    world = World(partitions)
+    world.run(script)
+    # Caught up: every event ever ingested, each event id once, whatever the cuts.
+    final = serve(world.batch, world.realtime, world.cut)
+    assert_exact(final, recompute(dedup(world.records)))
+    # And once more after a last batch run that covers everything.
+    world.run_batch(10**6)
+    world.follow()
+    world.flush()
+    assert not world.realtime.table(
+        project.views["pageviews_by_url_hour"],
+        table_schema(project, project.views["pageviews_by_url_hour"]),
+        world.cut,
+    ).num_rows
+
+
+# --- targeted cases ----------------------------------------------------------------------
+
+
+def pageview(number: int, ts: int, user: str = "u1", url: str = "/") -> Event:
+    fields = {"url": url, "user_id": user, "referrer": None, "duration_ms": None}
+    return Event(f"pv-{number}", "pageview", ts, fields)
+
+
+def test_a_retry_straddling_the_cut_is_counted_once():
+    first, retry = (pageview(1, T0 - HOUR), T0 + 10_000), (pageview(1, T0 - HOUR), T0 + 70_000)
+    other = (pageview(2, T0 - HOUR, user="u2"), T0 + 80_000)
+    world = World([[first, retry, other]])
+    world.run([("step", 0), ("step", 0), ("step", 0), ("flush", 0)])
+    world.run_batch(1)  # cut at T0 + 60 s: the first copy is in the batch, the retry is not
+    assert world.cut == T0 + SLICE
+    world.follow()
+    world.flush()
+    answers = serve(world.batch, world.realtime, world.cut)["pageviews_by_url_hour"]
+    assert answers == {(T0 - HOUR, ("/",)): {"pageviews": 2, "visitors": 2}}
+
+
+def test_apply_reports_duplicates_and_events_below_the_cut():
+    state = ViewState(project, SLICE, DAY)
+    assert state.apply(pageview(1, T0), T0 + 5)
+    assert not state.apply(pageview(1, T0), T0 + 6)  # retry
+    state.drop_below(T0 + SLICE)
+    assert not state.apply(pageview(2, T0), T0 + 7)  # covered by the batch
+    assert not state.apply(pageview(2, T0), T0 + SLICE + 1)  # its retry: seen, not counted
+    assert state.apply(pageview(3, T0), T0 + SLICE + 2)
+    assert state.everything()[0].values[0] == 1
+    assert state.drain() and not state.drain()
+
+
+def test_snapshot_restore_round_trip_mid_stream():
+    events = [(pageview(i % 40, T0 - i * 60_000, user=f"u{i % 7}", url=URLS[i % 3]),
+               T0 + i * 15_000) for i in range(80)]
+    straight = ViewState(project, SLICE, DAY)
+    straight.apply_all(events)
+    straight.drop_below(T0 + 5 * SLICE)
+
+    first = ViewState(project, SLICE, DAY)
+    first.apply_all(events[:30])
+    first.drop_below(T0 + 2 * SLICE)
+    restarted = ViewState(project, SLICE, DAY)
+    restarted.restore(first.snapshot())
+    assert restarted.tracked_ids == first.tracked_ids
+    assert restarted.cut == first.cut
+    assert restarted.drain() == []  # restored cells are published with everything()
+    assert sorted(map(repr, restarted.everything())) == sorted(map(repr, first.everything()))
+    restarted.apply_all(events[30:])
+    restarted.drop_below(T0 + 5 * SLICE)
+
+    def answers(state: ViewState) -> dict:
+        realtime = RealtimeCells(project)
+        realtime.upsert(state.everything())
+        return serve({}, realtime, state.cut)
+
+    assert answers(restarted) == answers(straight)
+    assert answers(restarted)["pageviews_by_url_hour"]
+
+
+def test_dedup_memory_is_bounded_by_the_window():
+    window = 60_000
+    state = ViewState(project, SLICE, window)
+    arrivals: list[int] = []
+    for i in range(3_600):  # an hour of events, one a second
+        arrival = T0 + i * 1_000
+        state.apply(pageview(i, arrival), arrival)
+        arrivals.append(arrival)
+        recent = sum(1 for a in arrivals if a >= arrival - window)
+        assert state.tracked_ids <= recent
+    assert state.tracked_ids <= 61
+    # Within the window a retry is caught; after it, the id is forgotten.
+    assert not state.apply(pageview(3_599 - 30, T0), T0 + 3_600_000)
+    assert state.apply(pageview(5, T0), T0 + 3_600_000)
+
+
+def test_dedup_memory_is_bounded_with_interleaved_partitions():
+    """Partitions read in turns (up to `skew` apart in arrival) keep at most the ids of the
+    window plus the skew."""
+    window, skew = 60_000, 20_000
+    state = ViewState(project, SLICE, window)
+    seen: list[int] = []
+    for i in range(1_800):
+        # partition 0 is read in bursts of 20 records, then partition 1's same 20 seconds
+        burst, offset = divmod(i, 40)
+        partition, k = divmod(offset, 20)
+        arrival = T0 + (burst * 20 + k) * 1_000
+        state.apply(pageview(i, arrival, url=URLS[partition]), arrival)
+        seen.append(arrival)
+        newest = max(seen)
+        assert state.tracked_ids <= sum(1 for a in seen if a >= newest - window - skew)
+    assert state.tracked_ids <= 2 * (window + skew) // 1_000 + 2
+
+
+def test_merge_without_duplicates_is_exact_for_many_distinct_users():
+    """Invariant 1 at a larger scale: 3 partitions, 3,000 events, several cuts."""
+    partitions: list[list[Record]] = [[], [], []]
+    for i in range(3_000):
+        arrival = T0 + i * 700
+        event = pageview(i, arrival - (i * 7_919) % (3 * HOUR), user=f"u{i % 250}",
+                         url=URLS[i % 3])
+        partitions[i % 3].append((event, arrival))
+    world = World(partitions)
+    script = []
+    for i in range(3_000):
+        script.append(("step", (i * 2) % 3 if i % 5 else 1))
+        if i % 400 == 399:
+            script += [("flush", 0), ("batch", 3), ("follow", 0)]
+    world.run(script)
+    assert world.checks >= 1
+    final = serve(world.batch, world.realtime, world.cut)
+    assert_exact(final, recompute(dedup(world.records)))
