@@ -108,16 +108,22 @@ class Partition:
                 self._out = open(self._segments[-1].path, "ab")
             segment = self._segments[-1]
             arrival = max(self._arrival, self._floor, now_ms())
-            frames, acks = [], []
+            positions, frames, size = array("q"), [], segment.size
             for value in values:
-                segment.positions.append(segment.size)
-                acks.append((segment.base + len(segment.positions) - 1, arrival))
+                positions.append(size)
                 frames.append(_HEADER.pack(len(value), _crc(value, arrival), arrival) + value)
-                segment.size += _HEADER.size + len(value)
-            self._out.write(b"".join(frames))
-            self._out.flush()
-            os.fsync(self._out.fileno())
-            self._arrival = arrival
+                size += _HEADER.size + len(value)
+            try:
+                self._out.write(b"".join(frames))
+                self._out.flush()
+                os.fsync(self._out.fileno())
+            except OSError:
+                self._out.truncate(segment.size)  # nothing of a failed append stays
+                raise
+            first = segment.base + len(segment.positions)
+            segment.positions.extend(positions)
+            segment.size, self._arrival = size, arrival
+            acks = [(first + i, arrival) for i in range(len(values))]
             return acks
 
     def seal(self) -> tuple[int, int]:

@@ -9,7 +9,8 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-URLS = [f"/{section}/{n}" for section in ("home", "blog", "docs", "shop", "about") for n in range(40)]
+SECTIONS = ("home", "blog", "docs", "shop", "about")
+URLS = [f"/{section}/{n}" for section in SECTIONS for n in range(40)]
 SKUS = [f"sku-{n:03d}" for n in range(50)]
 REFERRERS = ["google.com", "news.ycombinator.com", "twitter.com", None, None]
 
