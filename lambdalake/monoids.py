@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from datasketches import hll_sketch, hll_union, tgt_hll_type
+from datasketches import hll_sketch
 
-LG_K = 12
-_FLAGS_BYTE, _OUT_OF_ORDER = 5, 0x10  # HLL preamble: "the HIP estimate is not valid"
+from lambdalake import sketches
+
+LG_K = sketches.LG_K
 
 
 @dataclass(frozen=True)
@@ -123,34 +124,19 @@ class ApproxDistinct(Monoid):
     lg_k: int = LG_K
 
     def zero(self) -> bytes:
-        return hll_sketch(self.lg_k, tgt_hll_type.HLL_8).serialize_compact()
+        return sketches.empty(self.lg_k)
 
     def lift(self, value: Any) -> bytes:
-        sketch = hll_sketch(self.lg_k, tgt_hll_type.HLL_8)
-        if value is not None:
-            sketch.update(value)
-        return sketch.serialize_compact()
+        return self.freeze(self.add(self.thaw(self.zero()), value))
 
     def merge(self, left: bytes, right: bytes) -> bytes:
         return self.merge_all((left, right))
 
-    def merge_all(self, sketches: Any) -> bytes:
-        union = hll_union(self.lg_k)
-        for sketch in sketches:
-            if sketch is not None:
-                union.update(hll_sketch.deserialize(sketch))
-        return union.get_result(tgt_hll_type.HLL_8).serialize_compact()
+    def merge_all(self, accumulators: Any) -> bytes:
+        return sketches.merge(accumulators, self.lg_k)
 
     def result(self, acc: bytes | None) -> int:
-        if acc is None:
-            return 0
-        # A sketch carries a HIP estimate that depends on the order its inputs were merged
-        # in (unions of the same sketches in two orders differ by up to ~1%). Flagged out of
-        # order, the estimate is a function of the registers alone: the same answer for every
-        # merge order, engine, partition and slice. Exact in list/set mode (< 384 values).
-        flagged = bytearray(acc)
-        flagged[_FLAGS_BYTE] |= _OUT_OF_ORDER
-        return round(hll_sketch.deserialize(bytes(flagged)).get_estimate())
+        return round(sketches.estimate(acc))
 
     def add(self, working: hll_sketch, value: Any) -> hll_sketch:
         if value is not None:
