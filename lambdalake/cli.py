@@ -115,14 +115,15 @@ def batch_history(limit: Annotated[int, typer.Option(help="Most recent N runs")]
 @batch_app.command("rollback")
 def batch_rollback(version: str) -> None:
     """Serve an older kept batch version again."""
-    from lambdalake import catalog
+    from batch.run import BatchError, rollback
     from lambdalake.stack import open_settings_store
 
     try:
-        catalog.publish(open_settings_store(Settings()), version)
-    except LookupError as exc:
+        manifest = rollback(open_settings_store(Settings()), version)
+    except (BatchError, LookupError) as exc:
         raise CliError(str(exc)) from None
-    console.print(f"serving {version}")
+    console.print(f"serving {manifest.version} (cut {_iso(manifest.cut)}); the real-time layer "
+                  "covers only events past the newest cut until the next batch run")
 
 
 @app.command()

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     dedup_window_hours: float = Field(24.0, gt=0)
     max_future_seconds: int = Field(300, ge=0, description="How far ahead of now `ts` may be.")
     versions_kept: int = Field(5, ge=1)
+    on_corrupt: Literal["fail", "skip"] = Field(
+        "fail", description="A corrupt master object: fail the batch run, or skip it."
+    )
     batch_interval_seconds: int = Field(60, ge=1)
     flush_interval_ms: int = Field(200, ge=10, description="Speed layer publish cadence.")
     archive_batch_size: int = Field(10_000, ge=1)

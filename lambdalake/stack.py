@@ -121,14 +121,12 @@ class Stack:
             pass
 
     def _batch_schedule(self) -> None:
-        from batch.run import BatchError
-
         while not self._stop.wait(self.settings.batch_interval_seconds):
             started = time.monotonic()
             try:
                 manifest = batch_once(self.settings, self.engine)
-            except BatchError as exc:
-                log.info("batch run skipped", extra={"reason": str(exc)})
+            except Exception as exc:  # the next tick tries again; the old version keeps serving
+                log.warning("no batch published", extra={"reason": str(exc)})
                 continue
             log.info("batch published", extra={"version": manifest.version, "cut": manifest.cut,
                                                 "seconds": round(time.monotonic() - started, 3)})

@@ -1,0 +1,55 @@
+"""The batch engine interface: what every engine (DuckDB, Spark) computes from the master dataset.
+
+An engine turns master Parquet objects into one view's table. The run (`batch.run`) chooses
+the cut, lists the objects, decides what a corrupt object means and publishes the result;
+the engine only reads and aggregates, so every engine gives the same answer.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import pyarrow as pa
+
+from lambdalake.project import Project
+from lambdalake.storage import ObjectStore
+from lambdalake.views import View
+
+ROWS_READ = b"lambdalake.rows_read"
+
+
+class CorruptObject(Exception):
+    """A master object that is not readable Parquet (truncated, garbled): its key and why."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"corrupt master object {key}: {reason}")
+        self.key, self.reason = key, reason
+
+
+class Engine(Protocol):
+    name: str
+
+    def compute(
+        self, project: Project, view: View, store: ObjectStore, keys: list[str], cut: int
+    ) -> pa.Table:
+        """The view's rows over the events in the master objects `keys` with arrival < cut.
+
+        Each `event_id` counts once: the copy with the smallest (arrival, partition, offset).
+        Then `view.where_sql()` filters, rows group by bucket (`ts - ts % view.bucket_ms`)
+        and `view.keys`, and each metric aggregates by its monoid kind. The columns are
+        exactly `lambdalake.project.table_schema(project, view)`, rows sorted by bucket and
+        keys, and the schema metadata carries the master rows read below the cut (duplicate
+        copies included) under `ROWS_READ` (see `with_rows_read`).
+
+        Raises `CorruptObject` for an object that is not readable Parquet; any other error
+        (a missing object, the store being down) propagates as it is.
+        """
+        ...
+
+
+def with_rows_read(table: pa.Table, rows: int) -> pa.Table:
+    return table.replace_schema_metadata({ROWS_READ: str(rows).encode()})
+
+
+def rows_read(table: pa.Table) -> int:
+    return int((table.schema.metadata or {})[ROWS_READ])

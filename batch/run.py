@@ -1,0 +1,281 @@
+"""The batch run: recompute every view up to a cut, write a new version, publish it atomically.
+
+A run picks the cut from the archive watermarks, computes each view with an engine, writes
+the view files, then the manifest, then the pointer (`catalog.publish`): a reader never sees
+a half-written version, and a run that fails leaves the previous version serving. Every run
+that starts is recorded in the history, failed ones with their error.
+
+A run that would change nothing is refused with a `BatchError` rather than published as a
+copy: no archive watermarks yet, or a cut that does not advance past the serving version's
+("nothing new since cut …"). Refusals publish nothing and are not recorded as runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from rich.progress import Progress
+
+from batch.engine import CorruptObject, Engine, rows_read
+from lambdalake import catalog, master
+from lambdalake.catalog import Manifest, ViewFiles
+from lambdalake.events import iso
+from lambdalake.project import Project
+from lambdalake.settings import Settings
+from lambdalake.storage import ObjectStore
+from lambdalake.views import View
+
+log = logging.getLogger("lambdalake.batch")
+
+ORPHAN_AGE = timedelta(hours=1)  # files of a run without a manifest: older ones are abandoned
+STEPS = 2  # per view: computed, written
+ProgressCallback = Callable[[str, int, int], None]  # (view, steps done, steps in all)
+Report = Callable[[str, int], None]
+
+
+class BatchError(RuntimeError):
+    """A batch run refused or failed; the message says why. The serving version is unchanged."""
+
+
+def run_batch(
+    settings: Settings,
+    project: Project,
+    store: ObjectStore,
+    engine: Engine,
+    *,
+    progress: Progress | ProgressCallback | None = None,
+) -> Manifest:
+    """Compute every view up to the newest cut, publish it, keep the newest versions.
+
+    `progress`: a rich `Progress` (one bar per view) or a callback (view, done, total).
+    Raises `BatchError` when there is nothing to do or the run fails.
+    """
+    cut = next_cut(settings, store)
+    report = _reporter(progress, list(project.views))
+    manifest = _Run(settings, project, store, engine, cut, report).execute()
+    try:
+        prune_versions(store, settings.versions_kept, project.views)
+    except Exception:  # the new version is published; pruning is retried by the next run
+        log.warning("pruning old batch versions failed", exc_info=True)
+    return manifest
+
+
+def next_cut(settings: Settings, store: ObjectStore) -> int:
+    """The cut every partition has been archived past, if it moves past the serving one."""
+    marks = master.watermarks(store)
+    missing = sorted(set(range(settings.partitions)) - set(marks))
+    if missing:
+        listed = ", ".join(map(str, missing))
+        raise BatchError(f"no archive watermark yet for partition(s) {listed}")
+    cut = master.choose_cut((m["watermark"] for m in marks.values()), settings.slice_ms)
+    current = catalog.current(store)
+    previous = current.cut if current else 0
+    if cut <= previous:
+        serving = f"serving {current.version}" if current else "nothing published yet"
+        raise BatchError(f"nothing new since cut {iso(previous)} ({serving})")
+    return cut
+
+
+def rollback(store: ObjectStore, version: str) -> Manifest:
+    """Serve a kept older (or newer) version again."""
+    try:
+        manifest = catalog.read_manifest(store, version)
+    except LookupError:
+        kept = ", ".join(catalog.versions(store)) or "none"
+        raise BatchError(f"no kept batch version {version!r}; kept: {kept}") from None
+    missing = [key for key in _files(manifest) if key not in store.list(key)]
+    if missing:
+        raise BatchError(f"batch version {version} is incomplete: {', '.join(missing)} missing")
+    catalog.publish(store, version)
+    log.info("batch version rolled back", extra={"version": version, "cut": manifest.cut})
+    return manifest
+
+
+def prune_versions(
+    store: ObjectStore, keep: int, views: Iterable[str], now: datetime | None = None
+) -> list[str]:
+    """Delete all but the newest `keep` versions (never the serving one); return them.
+
+    Also deletes the files of `views` that no manifest lists (a run that failed or was
+    killed) once they are older than `ORPHAN_AGE`, so a running job is left alone.
+    """
+    versions = catalog.versions(store)
+    current = catalog.current(store)
+    kept = set(versions[-keep:]) | ({current.version} if current else set())
+    doomed = [v for v in versions if v not in kept]
+    for version in doomed:
+        _delete_version(store, version)
+    orphans = _orphans(store, views, kept, now or datetime.now(UTC))
+    for key in orphans:
+        store.delete(key)
+    if doomed or orphans:
+        log.info("old batch versions deleted", extra={"versions": doomed, "orphans": orphans})
+    return doomed
+
+
+def _delete_version(store: ObjectStore, version: str) -> None:
+    manifest = catalog.read_manifest(store, version)
+    # The manifest goes first: an interrupted delete leaves orphans, never a broken version.
+    store.delete(f"{catalog.VERSIONS}/{version}.json")
+    for key in _files(manifest):
+        store.delete(key)
+
+
+def _orphans(store: ObjectStore, views: Iterable[str], kept: set[str], now: datetime) -> list[str]:
+    found = []
+    for view in views:
+        prefix = f"{catalog.PREFIX}/{view}/v="
+        for key in store.list(prefix):
+            version = key.removeprefix(prefix).split("/", 1)[0]
+            created = _version_time(version)
+            if version not in kept and created is not None and now - created > ORPHAN_AGE:
+                found.append(key)
+    return found
+
+
+def _version_time(version: str) -> datetime | None:
+    try:
+        return datetime.strptime(version, "v%Y%m%dT%H%M%S%fZ").replace(tzinfo=UTC)
+    except ValueError:  # not named by `catalog.new_version`: not ours to delete
+        return None
+
+
+def _files(manifest: Manifest) -> list[str]:
+    return [key for listed in manifest.views.values() for key in listed.files]
+
+
+def _reporter(progress: Progress | ProgressCallback | None, views: list[str]) -> Report:
+    if progress is None:
+        return lambda view, done: None
+    if isinstance(progress, Progress):
+        tasks = {view: progress.add_task(view, total=STEPS) for view in views}
+        return lambda view, done: progress.update(tasks[view], completed=done)
+    return lambda view, done: progress(view, done, STEPS)
+
+
+class _Run:
+    """One batch run: compute, write, publish, and its record in the history."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        project: Project,
+        store: ObjectStore,
+        engine: Engine,
+        cut: int,
+        report: Report,
+    ):
+        self.settings, self.project, self.store, self.engine = settings, project, store, engine
+        self.cut, self.report = cut, report
+        self.version = catalog.new_version()
+        self.skipped: set[str] = set()
+        self.rows_read = 0
+        self.views: dict[str, ViewFiles] = {}
+
+    def execute(self) -> Manifest:
+        started = time.monotonic()
+        log.info("batch run started", extra=self._fields())
+        try:
+            manifest = self._publish()
+        except Exception as exc:
+            self._record(started, "failed", str(exc))
+            raise BatchError(f"batch run {self.version} failed: {exc}") from exc
+        self._record(started, "ok")
+        return manifest
+
+    def _publish(self) -> Manifest:
+        for event_type, views in self._views_by_type().items():
+            tables = self._compute(event_type, views)
+            self.rows_read += rows_read(next(iter(tables.values())))
+            for view in views:
+                self._write(view, tables[view.name])
+        manifest = Manifest(
+            version=self.version,
+            cut=self.cut,
+            created=datetime.now(UTC).isoformat(timespec="milliseconds"),
+            engine=self.engine.name,
+            rows_read=self.rows_read,
+            views=self.views,
+        )
+        catalog.write_manifest(self.store, manifest)
+        catalog.publish(self.store, self.version)  # the pointer, written last: the publish
+        return manifest
+
+    def _views_by_type(self) -> dict[str, list[View]]:
+        grouped: dict[str, list[View]] = {}
+        for view in self.project.views.values():
+            grouped.setdefault(view.event_type, []).append(view)
+        return grouped
+
+    def _compute(self, event_type: str, views: list[View]) -> dict[str, pa.Table]:
+        """Every view of one event type, over the same readable objects."""
+        keys = master.data_keys(self.store, event_type)
+        while True:
+            readable = [k for k in keys if k not in self.skipped]
+            try:
+                return {view.name: self._compute_view(view, readable) for view in views}
+            except CorruptObject as exc:
+                self._skip(exc, readable)  # and compute them all again, without it
+
+    def _compute_view(self, view: View, keys: list[str]) -> pa.Table:
+        started = time.monotonic()
+        table = self.engine.compute(self.project, view, self.store, keys, self.cut)
+        seconds = round(time.monotonic() - started, 3)
+        log.info(
+            "view computed",
+            extra={
+                "view": view.name,
+                "rows": table.num_rows,
+                "objects": len(keys),
+                "seconds": seconds,
+            },
+        )
+        self.report(view.name, 1)
+        return table
+
+    def _skip(self, corrupt: CorruptObject, readable: list[str]) -> None:
+        if self.settings.on_corrupt != "skip" or corrupt.key not in readable:
+            raise BatchError(f"{corrupt} (on_corrupt=skip would leave it out)") from corrupt
+        log.warning(
+            "corrupt master object skipped: its events are left out of this version",
+            extra={"key": corrupt.key, "error": corrupt.reason, "version": self.version},
+        )
+        self.skipped.add(corrupt.key)
+
+    def _write(self, view: View, table: pa.Table) -> None:
+        key = catalog.data_key(view.name, self.version)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table.replace_schema_metadata(None), sink, compression="zstd")
+        self.store.put(key, sink.getvalue().to_pybytes())
+        self.views[view.name] = ViewFiles(files=[key], rows=table.num_rows)
+        self.report(view.name, 2)
+
+    def _record(self, started: float, outcome: str, error: str | None = None) -> None:
+        run = self._fields() | {
+            "outcome": outcome,
+            "seconds": round(time.monotonic() - started, 3),
+            "rows_read": self.rows_read,
+            "rows_written": sum(files.rows for files in self.views.values()),
+            "views": {name: files.rows for name, files in self.views.items()},
+            "skipped": sorted(self.skipped),
+            "error": error,
+        }
+        if error is None:
+            log.info("batch run published", extra=run)
+        else:
+            log.error("batch run failed", extra=run)
+        try:
+            catalog.record_run(self.store, run)
+        except Exception:  # the history is a record, not the outcome: never mask the outcome
+            log.warning(
+                "recording the batch run failed", exc_info=True, extra={"version": self.version}
+            )
+
+    def _fields(self) -> dict[str, Any]:
+        return {"version": self.version, "engine": self.engine.name, "cut": self.cut}
