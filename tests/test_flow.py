@@ -127,8 +127,14 @@ def test_events_show_up_within_a_second_and_survive_a_batch_run(flow: Flow) -> N
     time.sleep(1.5)  # let the archiver pass a slice boundary
     run = flow.cli("batch", "run")
     assert run.returncode == 0, run.stderr
+    version = run.stdout.split()[1]
+    deadline = time.monotonic() + 10
     answer = flow.totals("pageviews_by_url_hour", "url")
-    assert answer["freshness"]["batch_version"] is not None
+    while answer["freshness"]["batch_version"] != version and time.monotonic() < deadline:
+        time.sleep(0.1)  # the serving layer picks a new version up within its poll interval
+        answer = flow.totals("pageviews_by_url_hour", "url")
+    assert answer["freshness"]["batch_version"] == version
+    assert answer["freshness"]["cut"] is not None
     assert {r["url"]: r["pageviews"] for r in answer["rows"]} == pageviews
     assert flow.wait_for(dict(orders), "revenue_by_sku_day", "sku", "orders") == orders
 
