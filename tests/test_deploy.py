@@ -21,7 +21,8 @@ def compose_schema() -> dict:
 def test_compose_file_follows_the_compose_specification() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     jsonschema.validate(compose, compose_schema())
-    assert {"kafka", "minio", "spark-master", "spark-worker", "lambdalake"} <= set(compose["services"])
+    services = set(compose["services"])
+    assert {"kafka", "minio", "spark-master", "spark-worker", "lambdalake"} <= services
 
 
 def test_compose_schema_rejects_a_broken_file() -> None:
