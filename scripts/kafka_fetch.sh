@@ -24,39 +24,16 @@ if [[ -f "$MARKER" ]]; then
   exit 0
 fi
 
-command -v mvn >/dev/null || { echo "kafka_fetch: mvn not found on PATH" >&2; exit 1; }
 command -v java >/dev/null || { echo "kafka_fetch: java not found on PATH" >&2; exit 1; }
-
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-
-cat >"$work/pom.xml" <<EOF
-<project xmlns="http://maven.apache.org/POM/4.0.0">
-  <modelVersion>4.0.0</modelVersion>
-  <groupId>lambdalake</groupId>
-  <artifactId>kafka-fetch</artifactId>
-  <version>1</version>
-  <dependencies>
-    <dependency>
-      <groupId>org.apache.kafka</groupId>
-      <artifactId>kafka_2.13</artifactId>
-      <version>$KAFKA_VERSION</version>
-    </dependency>
-    <dependency>
-      <groupId>org.apache.logging.log4j</groupId>
-      <artifactId>log4j-slf4j-impl</artifactId>
-      <version>$LOG4J_VERSION</version>
-    </dependency>
-  </dependencies>
-</project>
-EOF
+source "$(dirname "${BASH_SOURCE[0]}")/maven.sh"
 
 echo "kafka_fetch: resolving kafka_2.13:$KAFKA_VERSION and its runtime dependencies..." >&2
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+maven_copy_dependencies "$work/libs" "org.apache.kafka:kafka_2.13:$KAFKA_VERSION" \
+  "org.apache.logging.log4j:log4j-slf4j-impl:$LOG4J_VERSION"
 rm -rf "$LIBS"
 mkdir -p "$HOME_DIR"
-# (sed drops the stray colour resets that Debian's mvn prints even in -B -q mode)
-mvn -B -q -f "$work/pom.xml" dependency:copy-dependencies \
-  -DincludeScope=runtime -DoutputDirectory="$work/libs" 2>&1 | sed 's/\x1b\[[0-9;]*m//g' >&2
 mv "$work/libs" "$LIBS"
 
 touch "$MARKER"

@@ -34,33 +34,14 @@ if [[ -f "$MARKER" ]]; then
   exit 0
 fi
 
-command -v mvn >/dev/null || { echo "spark_jars: mvn not found on PATH" >&2; exit 1; }
-
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-cat >"$work/pom.xml" <<EOF
-<project xmlns="http://maven.apache.org/POM/4.0.0">
-  <modelVersion>4.0.0</modelVersion>
-  <groupId>lambdalake</groupId>
-  <artifactId>spark-jars</artifactId>
-  <version>1</version>
-  <dependencies>
-    <dependency>
-      <groupId>org.apache.hadoop</groupId>
-      <artifactId>hadoop-aws</artifactId>
-      <version>$HADOOP_VERSION</version>
-    </dependency>
-  </dependencies>
-</project>
-EOF
+source "$(dirname "${BASH_SOURCE[0]}")/maven.sh"
 
 echo "spark_jars: resolving hadoop-aws:$HADOOP_VERSION and the AWS SDK it declares..." >&2
 # hadoop-aws brings the SDK bundle (software.amazon.awssdk:bundle), and since Hadoop 3.4.2
 # analyticsaccelerator-s3; its other dependencies are provided by pyspark's hadoop-client-*.
-# (sed drops the stray colour resets that Debian's mvn prints even in -B -q mode)
-mvn -B -q -f "$work/pom.xml" dependency:copy-dependencies -DincludeScope=runtime \
-  -DoutputDirectory="$work/jars" 2>&1 \
-  | sed 's/\x1b\[[0-9;]*m//g' >&2
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+maven_copy_dependencies "$work/jars" "org.apache.hadoop:hadoop-aws:$HADOOP_VERSION"
 
 # Drop anything pyspark already ships (same artifact, any version).
 for jar in "$work"/jars/*.jar; do
