@@ -1,6 +1,7 @@
 """The event bus seen by producers: publish validated events, durable when the call returns.
 
-The embedded default appends to the embedded event log; Kafka is the bus past one machine.
+The embedded default appends to the embedded event log; Kafka is the bus past one machine:
+records keyed by `event_id`, produced with acks=all by the idempotent producer.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from lambdalake.settings import Settings
 class Bus(Protocol):
     def publish(self, events: list[Event]) -> None:
         """Return only once every event is durable on the bus."""
+
+
+class BusError(RuntimeError):
+    """The bus did not acknowledge every event (after the client's own retries)."""
 
 
 class EmbeddedBus:
@@ -43,7 +48,54 @@ def events_topic(settings: Settings) -> Topic:
     return embedded_log(str(settings.home.resolve())).topic(settings.topic, settings.partitions)
 
 
+class KafkaBus:
+    """Kafka: `publish` returns once the broker acknowledged every event (acks=all)."""
+
+    def __init__(self, bootstrap: str, topic: str, timeout_s: float = 30.0):
+        from kafka import KafkaProducer
+
+        self.topic, self.timeout_s = topic, timeout_s
+        self.producer = KafkaProducer(
+            bootstrap_servers=bootstrap,
+            client_id="lambdalake-bus",
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=2,
+            request_timeout_ms=10_000,
+            delivery_timeout_ms=int(timeout_s * 1000),
+            max_block_ms=int(timeout_s * 1000),
+        )
+
+    def publish(self, events: list[Event]) -> None:
+        from kafka.errors import KafkaError
+
+        try:
+            futures = [
+                self.producer.send(self.topic, key=e.event_id.encode(), value=e.to_json())
+                for e in events
+            ]
+            self.producer.flush(timeout=self.timeout_s)
+            for future in futures:
+                future.get(timeout=self.timeout_s)
+        except KafkaError as exc:
+            raise BusError(
+                f"Kafka topic {self.topic} did not acknowledge the events: {exc}"
+            ) from exc
+
+    def close(self) -> None:
+        self.producer.close(timeout=self.timeout_s)
+
+
+@lru_cache(maxsize=4)
+def kafka_bus(bootstrap: str, topic: str, partitions: int) -> KafkaBus:
+    """The process's one producer for a topic (created with its companions if missing)."""
+    from lambdalake.kafka_topics import ensure_topics
+
+    ensure_topics(bootstrap, topic, partitions)
+    return KafkaBus(bootstrap, topic)
+
+
 def open_bus(settings: Settings) -> Bus:
     if settings.bus == "embedded":
         return EmbeddedBus(events_topic(settings))
-    raise NotImplementedError(f"bus {settings.bus!r} is not available in this build")
+    return kafka_bus(settings.kafka_bootstrap, settings.topic, settings.partitions)

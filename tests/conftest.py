@@ -34,3 +34,12 @@ def s3_server():
             yield f"http://127.0.0.1:{port}"
         finally:
             server.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_broker():
+    """One real Apache Kafka broker (KRaft) for the whole session."""
+    from lambdalake.testing.kafka import KafkaBroker
+
+    with KafkaBroker() as running:
+        yield running

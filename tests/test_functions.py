@@ -455,8 +455,3 @@ def test_a_watermark_never_moves_back(settings: Settings):
     assert watermarks(settings)[0] == {"next_offset": 10, "watermark": 5_000}
     archive.advance_watermark(0, 10, 6_000)  # the same offset, sealed later
     assert watermarks(settings)[0] == {"next_offset": 10, "watermark": 6_000}
-
-
-def test_with_the_kafka_bus_no_embedded_mapping_runs(tmp_path: Path):
-    runtime = LocalRuntime(Settings(home=tmp_path, bus="kafka", gateway_port=0))
-    assert runtime.mappings == [] and "POST /events" in runtime.gateway.routes

@@ -2,8 +2,7 @@
 
 The runtime binds its settings for the handlers it runs (`functions.environment`), so both
 agree on the event log and the store; the template's `Environment` is for AWS only. Stream
-mappings run on the embedded log only: with the Kafka bus none is started here (an embedded
-mapping would seal and advance watermarks of partitions that are not the real bus).
+mappings poll the embedded log, or the Kafka topic with the Kafka bus (`kafka_source`).
 """
 
 from __future__ import annotations
@@ -36,12 +35,18 @@ class LocalRuntime:
                           _drain_hook(function))
             for function in self.functions.values()
             for source in function.spec.streams
-            if settings.bus == "embedded"  # a Kafka bus is polled by AWS, not from here
         ]
 
     def _topic(self, source: StreamSource) -> Topic:
+        """The bus topic a stream source names: the template's is AWS's, here it's settings'."""
+        if self.settings.bus == "kafka":  # kafka-python is the `kafka` extra: imported here
+            from functions.runtime.kafka_source import KafkaTopic
+            from lambdalake.kafka_topics import ensure_bus_topics
+
+            ensure_bus_topics(self.settings)
+            return KafkaTopic(self.settings.kafka_bootstrap, self.settings.topic)
         log = embedded_log(str(self.settings.home.resolve()))
-        return log.topic(source.topic, self.settings.partitions)
+        return log.topic(self.settings.topic, self.settings.partitions)
 
     def start(self) -> None:
         environment.bind(self.settings)

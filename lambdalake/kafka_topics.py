@@ -1,0 +1,82 @@
+"""The Kafka topics of the bus, created with the partitions and configs they need.
+
+- `<topic>`: the events, `settings.partitions` partitions, keyed by `event_id` (so a
+  producer retry lands in the partition of its first copy). The broker stamps every record
+  with its append time (`message.timestamp.type=LogAppendTime`).
+- `<topic>.dlq`: records the speed layer could not read (not JSON, wrong schema), with the
+  reason in a `reason` header.
+- `<topic>.realtime`: compacted; the whole current value of every real-time cell, keyed by
+  (source partition, cell), for the serving layer. Also the speed layer's cell state.
+- `<topic>.speed-changelog`: compacted; the rest of the speed layer's state (dedup ids,
+  arrival), written in the same Kafka transaction as the consumed offsets.
+
+Arrival on Kafka: a record's arrival is the running maximum of the record timestamps of its
+partition (the broker's append time), so it never decreases even if the broker's clock steps
+back. Every reader of a partition computes it the same way; `arrival` is that rule.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lambdalake.settings import Settings
+
+TOPIC_EXISTS = 36  # Kafka error code TOPIC_ALREADY_EXISTS
+_COMPACTED = {
+    "cleanup.policy": "compact",
+    "segment.ms": str(3_600_000),
+    "min.cleanable.dirty.ratio": "0.1",
+}
+
+
+def dlq_topic(topic: str) -> str:
+    return f"{topic}.dlq"
+
+
+def realtime_topic(topic: str) -> str:
+    return f"{topic}.realtime"
+
+
+def changelog_topic(topic: str) -> str:
+    return f"{topic}.speed-changelog"
+
+
+def arrival(previous: int, timestamp: int) -> int:
+    """The arrival of a record: the running maximum of its partition's timestamps."""
+    return timestamp if timestamp > previous else previous
+
+
+def topic_specs(topic: str, partitions: int) -> dict[str, dict[str, Any]]:
+    """Every topic of the bus: name -> partitions and configs (for `create_topics`)."""
+    return {
+        topic: {
+            "num_partitions": partitions,
+            "configs": {"message.timestamp.type": "LogAppendTime"},
+        },
+        dlq_topic(topic): {"num_partitions": partitions, "configs": {}},
+        realtime_topic(topic): {"num_partitions": partitions, "configs": dict(_COMPACTED)},
+        changelog_topic(topic): {"num_partitions": partitions, "configs": dict(_COMPACTED)},
+    }
+
+
+def ensure_topics(bootstrap: str, topic: str, partitions: int) -> None:
+    """Create the bus's topics where missing (existing ones are left as they are)."""
+    from kafka.admin import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="lambdalake-admin")
+    try:
+        result = admin.create_topics(
+            topic_specs(topic, partitions), raise_errors=False, wait_for_metadata=True
+        )
+    finally:
+        admin.close()
+    for created in result["topics"]:
+        if created["error_code"] not in (0, TOPIC_EXISTS):
+            raise RuntimeError(
+                f"cannot create Kafka topic {created['name']} on {bootstrap}: "
+                f"{created.get('error_message') or created['error_code']}"
+            )
+
+
+def ensure_bus_topics(settings: Settings) -> None:
+    ensure_topics(settings.kafka_bootstrap, settings.topic, settings.partitions)
