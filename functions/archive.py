@@ -47,11 +47,12 @@ class Archiver:
         """The record's event, validated as at its arrival (so a retry decides the same)."""
         if record.get("value") is None:
             return [Problem("$", "record has no value")]
+        value = base64.b64decode(record["value"])
         try:
-            raw = json.loads(base64.b64decode(record["value"]))
+            raw = json.loads(value)
         except (ValueError, RecursionError) as exc:
             return [Problem("$", f"not a JSON event: {exc}")]
-        return self.validator.validate(raw, now_ms=record["timestamp"])
+        return self.validator.validate(raw, now_ms=record["timestamp"], size=len(value))
 
     def archive(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         """Archive one partition's records (in offset order); return what was written."""

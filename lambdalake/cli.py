@@ -202,7 +202,15 @@ def main() -> None:
 
     setup_logging()
     try:
-        app()
+        app(standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        _fail("aborted")
+    except typer.TyperException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # the help is already printed
+            sys.exit(2)
+        _fail(exc.format_message().replace("\n", " "))
     except CliError as exc:
         _fail(str(exc))
     except ValidationError as exc:

@@ -143,7 +143,10 @@ class Validator:
         self._models = {name: schema.model() for name, schema in schemas.items()}
         self._max_future_ms = max_future_ms
 
-    def validate(self, raw: Any, now_ms: int, index: int | None = None) -> Event | list[Problem]:
+    def validate(
+        self, raw: Any, now_ms: int, index: int | None = None, size: int | None = None
+    ) -> Event | list[Problem]:
+        """`size`: the bytes of the event as received, when known (else measured as JSON)."""
         if not isinstance(raw, dict):
             return [Problem("$", "an event must be a JSON object", index)]
         kind = raw.get("type")
@@ -161,7 +164,7 @@ class Validator:
             return [Problem("ts", rule, index)]
         values = parsed.model_dump(exclude=set(ENVELOPE))
         event = Event(parsed.event_id, parsed.type, parsed.ts, values)
-        if len(event.to_json()) > MAX_EVENT_BYTES:
+        if (size if size is not None else len(event.to_json())) > MAX_EVENT_BYTES:
             return [Problem("$", f"event larger than {MAX_EVENT_BYTES} bytes", index)]
         return event
 

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     partitions: int = Field(4, ge=1, le=256)
     kafka_bootstrap: str = "127.0.0.1:9092"
     topic: str = "lambdalake.events"
+    speed_engine: Literal["quix", "faust"] = Field(
+        "quix", description="The speed driver on Kafka (see the README's benchmark)."
+    )
 
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8080

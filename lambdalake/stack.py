@@ -6,6 +6,7 @@ The only kernel module that imports the parts; it does so lazily, per command.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -80,9 +81,13 @@ class Stack:
         s = self.settings
         server = ServerThread(build_server(s, self.project, self.store, self.realtime)).start()
         self._closers.append(server.stop)
-        speed = EmbeddedSpeed(s, self.project, events_topic(s), self.store, self.publish_realtime)
-        speed.start()
-        self._closers.append(speed.stop)
+        if s.bus == "kafka":
+            self._kafka_speed()
+        else:
+            speed = EmbeddedSpeed(s, self.project, events_topic(s), self.store,
+                                  self.publish_realtime)
+            speed.start()
+            self._closers.append(speed.stop)
         runtime = LocalRuntime(s)
         runtime.start()
         self._closers.append(runtime.stop)
@@ -90,6 +95,31 @@ class Stack:
         if self.produce_rate:
             self._thread(self._produce, "producer")
         return self
+
+    def _kafka_speed(self) -> None:
+        """The speed driver on Kafka, and the serving layer following its realtime topic."""
+        import subprocess
+        import sys
+
+        from lambdalake.kafka_topics import ensure_bus_topics
+        from serving.realtime_feed import RealtimeFeed
+
+        ensure_bus_topics(self.settings)
+        module = {"quix": "speed.quix", "faust": "speed.faust_app"}[self.settings.speed_engine]
+        args = ["worker"] if self.settings.speed_engine == "faust" else []
+        env = {f"LAMBDALAKE_{k.upper()}": str(v) for k, v in self._speed_env().items() if v}
+        worker = subprocess.Popen([sys.executable, "-m", module, *args],
+                                  env=os.environ | env)
+        self._closers.append(lambda: (worker.terminate(), worker.wait(60)))
+        feed = RealtimeFeed(self.settings.kafka_bootstrap, self.settings.topic, self.realtime)
+        feed.start()
+        self._closers.append(feed.stop)
+
+    def _speed_env(self) -> dict[str, Any]:
+        s = self.settings
+        return {"bus": s.bus, "kafka_bootstrap": s.kafka_bootstrap, "topic": s.topic,
+                "partitions": s.partitions, "home": s.home.resolve(), "store": s.store_url,
+                "project": s.project, "s3_endpoint_url": s.s3_endpoint_url}
 
     def _thread(self, target: Any, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)

@@ -10,6 +10,7 @@ import os
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -137,8 +138,12 @@ class S3Store(ObjectStore):
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
+    def credentials(self) -> Any:
+        """The client's resolved credentials: `access_key`, `secret_key`, `token` (or None)."""
+        return self.client._request_signer._credentials.get_frozen_credentials()
+
     def arrow(self) -> tuple[pafs.FileSystem, str]:
-        credentials = self.client._request_signer._credentials.get_frozen_credentials()
+        credentials = self.credentials()
         endpoint = urlparse(self.endpoint_url) if self.endpoint_url else None
         fs = pafs.S3FileSystem(
             access_key=credentials.access_key,

@@ -1,0 +1,221 @@
+"""What the Kafka speed drivers share: reading a record, the state of one event partition, and
+the records that persist that state. The view logic itself is the kernel's `ViewState`.
+
+One `PartitionState` per event-topic partition: the kernel's view state for that partition
+alone, so a partition moves between workers with its state. What a transaction writes:
+- to `<topic>.realtime`, keyed `[partition, view, slice, bucket, key]`: the whole current
+  value of every cell changed since the last transaction (`ViewState.drain`), tombstones for
+  cells dropped below a batch cut, and `[partition]` -> when the partition was last read to
+  its end. This compacted topic is both the serving layer's feed and the cell state.
+- to `<topic>.speed-changelog`: `[partition, "ids", seq]` -> the (event_id, arrival) pairs
+  read since the last transaction (tombstoned once past the dedup window), and
+  `[partition, "meta"]` -> arrival and cut.
+A restarted or rebalanced worker rebuilds the view state from both topics, read committed.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import time
+from typing import Any
+
+import orjson
+from prometheus_client import Counter
+
+from lambdalake.events import Event, Validator
+from lambdalake.kafka_topics import arrival as next_arrival
+from lambdalake.project import Project
+from lambdalake.realtime import decode_update, encode_update
+from lambdalake.settings import Settings
+from lambdalake.viewstate import CellKey, ViewState
+from speed.embedded import APPLIED
+
+DEAD_LETTERS = Counter(
+    "lambdalake_speed_dead_letters_total",
+    "Records sent to the dead-letter topic by the speed layer",
+    ["kind"],
+)
+MAX_REASON = 1_000
+Record = tuple[bytes, bytes | None]  # (key, value); a None value is a tombstone
+
+
+class Poison(str):
+    """Why a record cannot be read: the `reason` header of its dead letter."""
+
+    @property
+    def kind(self) -> str:
+        return "json" if self.startswith("$: not JSON") else "schema"
+
+
+def parse(value: bytes | None, validator: Validator, arrival: int) -> Event | Poison:
+    """The event in a record, or why not. `ts` is checked against the arrival, not the clock,
+    so a record replayed after a restart gets the same verdict."""
+    if value is None:
+        return Poison("$: not JSON: the record has no value")
+    try:
+        raw = orjson.loads(value)
+    except orjson.JSONDecodeError:  # orjson is strict; json is the reference
+        try:
+            raw = json.loads(value)
+        except ValueError as exc:
+            return Poison(f"$: not JSON: {exc}"[:MAX_REASON])
+    checked = validator.validate(raw, arrival, size=len(value))
+    if isinstance(checked, Event):
+        return checked
+    return Poison("; ".join(f"{p.field}: {p.error}" for p in checked)[:MAX_REASON])
+
+
+def cell_key(partition: int, view: str, cell: CellKey) -> bytes:
+    return orjson.dumps([partition, view, cell[0], cell[1], list(cell[2])])
+
+
+def heartbeat_key(partition: int) -> bytes:
+    return orjson.dumps([partition])
+
+
+def meta_key(partition: int) -> bytes:
+    return orjson.dumps([partition, "meta"])
+
+
+def ids_key(partition: int, seq: int) -> bytes:
+    return orjson.dumps([partition, "ids", seq])
+
+
+class PartitionState:
+    """One event partition: its view state and what the next transaction must write."""
+
+    def __init__(self, partition: int, project: Project, settings: Settings):
+        self.partition, self.project = partition, project
+        self.window_ms = settings.dedup_window_ms
+        self.view = ViewState(project, settings.slice_ms, settings.dedup_window_ms)
+        self.arrival = 0
+        self.next_offset: int | None = None
+        self.caught_up_at = 0
+        self._fresh_ids: list[tuple[str, int]] = []
+        self._chunks: dict[int, int] = {}  # ids chunk seq -> newest arrival in it
+        self._dropped: list[bytes] = []
+        self._outcomes = {"counted": 0, "skipped": 0, "json": 0, "schema": 0}
+
+    def take(self, value: bytes | None, timestamp: int, validator: Validator) -> Poison | None:
+        """Fold one record in; the reason when it is poison."""
+        self.arrival = arrival = next_arrival(self.arrival, timestamp)
+        event = parse(value, validator, arrival)
+        if isinstance(event, Poison):
+            self._outcomes[event.kind] += 1
+            return event
+        self._fresh_ids.append((event.event_id, arrival))
+        self._outcomes["counted" if self.view.apply(event, arrival) else "skipped"] += 1
+        return None
+
+    def flush_metrics(self) -> None:
+        """Add the outcomes counted since the last call to the Prometheus counters."""
+        for outcome, n in self._outcomes.items():
+            if n:
+                counter = APPLIED if outcome in ("counted", "skipped") else DEAD_LETTERS
+                counter.labels(outcome).inc(n)
+                self._outcomes[outcome] = 0
+
+    def follow(self, cut: int) -> None:
+        """Drop the slices a published batch (cut) covers, remembering their keys."""
+        if cut <= self.view.cut:
+            return
+        self._dropped += [
+            cell_key(self.partition, name, cell)
+            for name, cells in self.view.cells.items()
+            for cell in cells
+            if cell[0] < cut
+        ]
+        self.view.drop_below(cut)
+
+    def realtime_records(self) -> list[Record]:
+        records: list[Record] = [
+            (cell_key(self.partition, u.view, (u.slice, u.bucket, u.key)),
+             encode_update(u, self.project.views[u.view]))
+            for u in self.view.drain()
+        ]
+        records += [(key, None) for key in self._dropped]
+        self._dropped = []
+        records.append((heartbeat_key(self.partition), orjson.dumps(self.caught_up_at)))
+        return records
+
+    def changelog_records(self) -> list[Record]:
+        records: list[Record] = []
+        if self._fresh_ids:
+            seq = max(self._chunks, default=-1) + 1
+            records.append((ids_key(self.partition, seq), orjson.dumps(self._fresh_ids)))
+            self._chunks[seq] = self._fresh_ids[-1][1]
+            self._fresh_ids = []
+        horizon = self.arrival - self.window_ms
+        for seq in [s for s, newest in self._chunks.items() if newest < horizon]:
+            records.append((ids_key(self.partition, seq), None))
+            del self._chunks[seq]
+        meta = {"arrival": self.arrival, "cut": self.view.cut}
+        records.append((meta_key(self.partition), orjson.dumps(meta)))
+        return records
+
+    def restore(self, realtime: dict[bytes, bytes], changelog: dict[bytes, bytes]) -> None:
+        """Rebuild from the latest committed records of this partition (tombstones removed)."""
+        cells = []
+        for key, value in realtime.items():
+            decoded = orjson.loads(key)
+            if len(decoded) == 5 and decoded[0] == self.partition:
+                u = decode_update(value, self.project)
+                cells.append((u.view, u.slice, u.bucket, u.key, u.values))
+        meta = orjson.loads(changelog.get(meta_key(self.partition), b'{"arrival":0,"cut":0}'))
+        seen: dict[str, int] = {}
+        for seq, pairs in self._id_chunks(changelog):
+            self._chunks[seq] = pairs[-1][1] if pairs else 0
+            for event_id, arrival in pairs:
+                seen.setdefault(event_id, arrival)
+        self.arrival = meta["arrival"]
+        newest = max(seen.values(), default=0)
+        # ViewState.snapshot()'s format; tests/test_speed_kafka.py checks the round trip.
+        snapshot = (meta["cut"], newest, cells, list(seen.items()))
+        self.view.restore(pickle.dumps(snapshot, protocol=5))
+
+    def _id_chunks(self, changelog: dict[bytes, bytes]) -> list[tuple[int, list[Any]]]:
+        chunks = []
+        for key, value in changelog.items():
+            decoded = orjson.loads(key)
+            if decoded[0] == self.partition and decoded[1] == "ids":
+                chunks.append((decoded[2], orjson.loads(value)))
+        return sorted(chunks)
+
+
+def read_compacted(
+    bootstrap: str, topic_partitions: list[tuple[str, int]], timeout_s: float = 120.0
+) -> dict[tuple[str, int], dict[bytes, bytes]]:
+    """The latest committed value of every key of each topic partition, read to its end."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException
+    from confluent_kafka import TopicPartition as Tp
+
+    consumer = Consumer({
+        "bootstrap.servers": bootstrap,
+        "group.id": "lambdalake-restore",
+        "enable.auto.commit": False,
+        "enable.partition.eof": True,
+        "isolation.level": "read_committed",
+    })
+    latest: dict[tuple[str, int], dict[bytes, bytes]] = {tp: {} for tp in topic_partitions}
+    pending = set(topic_partitions)
+    deadline = time.monotonic() + timeout_s
+    try:
+        consumer.assign([Tp(t, p, OFFSET_BEGINNING) for t, p in topic_partitions])
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"restoring speed state: {sorted(pending)} not read in time")
+            for message in consumer.consume(10_000, 0.5):
+                tp = (message.topic(), message.partition())
+                error = message.error()
+                if error is not None and error.code() == KafkaError._PARTITION_EOF:
+                    pending.discard(tp)
+                elif error is not None:
+                    raise KafkaException(error)
+                elif message.value() is None:
+                    latest[tp].pop(message.key(), None)
+                else:
+                    latest[tp][message.key()] = message.value()
+    finally:
+        consumer.close()
+    return latest

@@ -1,0 +1,211 @@
+"""The Quix Streams speed driver: the kernel's view state over the Kafka event topic, exactly once.
+
+Built on Quix Streams' Kafka layer (`quixstreams.kafka`, librdkafka) in micro-batches, not on
+its per-message dataframe: records are consumed 10,000 at a time and folded into one
+in-memory `ViewState` per event partition; every `flush_interval_ms` one Kafka transaction
+writes what changed (cell values to the compacted realtime topic, dedup ids and arrival to
+the compacted changelog, dead letters) together with the consumed offsets. A worker killed at
+any moment restarts from the last committed transaction: the state it rebuilds from the two
+compacted topics and the offsets it resumes from were committed together, so no event is
+counted twice or lost. The transactional id is stable per worker, so a restarted worker
+fences its previous incarnation and aborts its open transaction at once.
+
+    python -m speed.quix [--worker-id NAME]     (settings from LAMBDALAKE_* variables)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import threading
+import time
+
+from confluent_kafka import KafkaException, Message, TopicPartition
+from prometheus_client import Gauge, start_http_server
+from quixstreams.kafka import Consumer, Producer
+
+from lambdalake import catalog
+from lambdalake.eventlog import now_ms
+from lambdalake.events import Validator
+from lambdalake.kafka_topics import changelog_topic, dlq_topic, ensure_bus_topics, realtime_topic
+from lambdalake.project import Project, load_project
+from lambdalake.settings import Settings
+from lambdalake.storage import ObjectStore, open_store
+from speed.kafka_common import PartitionState, Record, read_compacted
+
+log = logging.getLogger("lambdalake.speed.quix")
+TRACKED_IDS = Gauge("lambdalake_speed_kafka_dedup_ids", "Event ids held for dedup", ["partition"])
+BATCH = 10_000
+IDLE_COMMIT_S = 1.0
+MIN_WAIT_S = 0.02  # no busy loop while idle between commits
+CATALOG_EVERY_S = 1.0
+KAFKA_TIMEOUT_S = 60.0
+
+
+def group_id(settings: Settings) -> str:
+    return f"{settings.topic}.speed"
+
+
+class QuixSpeed:
+    def __init__(self, settings: Settings, project: Project, store: ObjectStore, worker_id: str):
+        self.settings, self.project, self.store = settings, project, store
+        self.validator = Validator(project.schemas, settings.max_future_seconds * 1000)
+        self.topic = settings.topic
+        self.flush_s = settings.flush_interval_ms / 1000
+        bootstrap = settings.kafka_bootstrap
+        self.consumer = Consumer(
+            bootstrap,
+            consumer_group=group_id(settings),
+            auto_offset_reset="earliest",
+            auto_commit_enable=False,
+            extra_config={
+                "isolation.level": "read_committed",
+                "fetch.wait.max.ms": 50,
+                # a worker killed with -9 holds its partitions until this expires
+                "session.timeout.ms": 10_000,
+                "heartbeat.interval.ms": 2_000,
+            },
+        )
+        self.producer = Producer(
+            bootstrap,
+            transactional=True,
+            extra_config={
+                "transactional.id": f"{group_id(settings)}.{worker_id}",
+                "transaction.timeout.ms": 10_000,
+                "linger.ms": 5,
+            },
+        )
+        self.parts: dict[int, PartitionState] = {}
+        self.cut = 0
+        self._changed = False
+        self._last_commit = self._last_catalog = 0.0
+
+    def run(self, stop: threading.Event) -> None:
+        """Consume until `stop` is set; then commit, leave the group and return."""
+        self.producer.begin_transaction()
+        self.follow_batch()
+        self.consumer.subscribe(
+            [self.topic], on_assign=self._assign, on_revoke=self._revoke, on_lost=self._lost
+        )
+        while not stop.is_set():
+            self.step()
+        self.consumer.close()  # revokes every partition: the last commit
+        self.producer.abort_transaction(KAFKA_TIMEOUT_S)  # the empty one opened after it
+
+    def step(self) -> None:
+        started = now_ms()
+        wait = self.flush_s - (time.monotonic() - self._last_commit)
+        messages = self.consumer.consume(BATCH, min(max(wait, MIN_WAIT_S), 0.1))
+        for message in messages:
+            self._take(message)
+        if len(messages) < BATCH:
+            for part in self.parts.values():
+                part.caught_up_at = started
+        self._changed |= bool(messages)
+        now = time.monotonic()
+        if now - self._last_catalog >= CATALOG_EVERY_S:
+            self.follow_batch()
+        since = now - self._last_commit
+        if since >= self.flush_s and (self._changed or since >= IDLE_COMMIT_S):
+            self.commit()
+
+    def _take(self, message: Message) -> None:
+        if message.error() is not None:
+            raise KafkaException(message.error())
+        part = self.parts[message.partition()]
+        value = message.value()
+        reason = part.take(value, message.timestamp()[1], self.validator)
+        if reason is not None:
+            source = f"{self.topic}/{message.partition()}/{message.offset()}"
+            headers = [("reason", reason.encode()), ("source", source.encode())]
+            self.producer.produce(dlq_topic(self.topic), value, message.key(), headers=headers)
+        part.next_offset = message.offset() + 1
+
+    def follow_batch(self) -> None:
+        """Drop what the published batch covers (the store may be briefly unavailable)."""
+        self._last_catalog = time.monotonic()
+        try:
+            manifest = catalog.current(self.store)
+        except Exception:  # an unreachable store delays the drop; it never stops the layer
+            log.warning("cannot read the batch catalog", exc_info=True)
+            return
+        cut = manifest.cut if manifest else 0
+        if cut > self.cut:
+            self.cut, self._changed = cut, True
+            for part in self.parts.values():
+                part.follow(cut)
+
+    def commit(self) -> None:
+        """One transaction: what every partition's state changed, with the consumed offsets."""
+        offsets = []
+        for part in self.parts.values():
+            self._produce(realtime_topic(self.topic), part.partition, part.realtime_records())
+            self._produce(changelog_topic(self.topic), part.partition, part.changelog_records())
+            part.flush_metrics()
+            TRACKED_IDS.labels(str(part.partition)).set(part.view.tracked_ids)
+            if part.next_offset is not None:
+                offsets.append(TopicPartition(self.topic, part.partition, part.next_offset))
+        metadata = self.consumer.consumer_group_metadata()
+        self.producer.send_offsets_to_transaction(offsets, metadata, KAFKA_TIMEOUT_S)
+        self.producer.commit_transaction(KAFKA_TIMEOUT_S)
+        self.producer.begin_transaction()
+        self._changed, self._last_commit = False, time.monotonic()
+
+    def _produce(self, topic: str, partition: int, records: list[Record]) -> None:
+        for key, value in records:
+            self.producer.produce(topic, value, key, partition=partition)
+
+    def _assign(self, _consumer: object, partitions: list[TopicPartition]) -> None:
+        if not partitions:
+            return
+        # Waits until no transaction holding offsets of these partitions is pending, so the
+        # state read below is the state those offsets were committed with.
+        self.consumer.committed(partitions, KAFKA_TIMEOUT_S)
+        numbers = [tp.partition for tp in partitions]
+        realtime, changelog = realtime_topic(self.topic), changelog_topic(self.topic)
+        latest = read_compacted(
+            self.settings.kafka_bootstrap, [(t, p) for t in (realtime, changelog) for p in numbers]
+        )
+        for number in numbers:
+            part = PartitionState(number, self.project, self.settings)
+            part.restore(latest[(realtime, number)], latest[(changelog, number)])
+            part.follow(self.cut)
+            self.parts[number] = part
+        log.info("partitions assigned, state restored", extra={"partitions": numbers})
+
+    def _revoke(self, _consumer: object, partitions: list[TopicPartition]) -> None:
+        self.commit()
+        for tp in partitions:
+            self.parts.pop(tp.partition, None)
+        log.info("partitions revoked", extra={"partitions": [tp.partition for tp in partitions]})
+
+    def _lost(self, _consumer: object, partitions: list[TopicPartition]) -> None:
+        lost = [tp.partition for tp in partitions]
+        raise RuntimeError(f"partitions {lost} lost to another worker; restart to recover")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from lambdalake.logs import setup_logging
+
+    parser = argparse.ArgumentParser(prog="python -m speed.quix", description=__doc__)
+    parser.add_argument("--worker-id", default=socket.gethostname(),
+                        help="stable per worker: a restart fences its previous incarnation")
+    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics")
+    args = parser.parse_args(argv)
+    setup_logging()
+    settings = Settings()
+    ensure_bus_topics(settings)
+    if args.metrics_port:
+        start_http_server(args.metrics_port)
+    store = open_store(settings.store_url, settings.s3_endpoint_url)
+    speed = QuixSpeed(settings, load_project(settings.project), store, args.worker_id)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    speed.run(stop)
+
+
+if __name__ == "__main__":
+    main()

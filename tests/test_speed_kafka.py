@@ -1,0 +1,488 @@
+"""The Kafka speed layer on a real broker: exact merge, kill -9, rebalance, dead letters.
+
+Every test gets fresh topics. Answers are checked against an independent recompute from the
+raw events: counts and distinct users exact, sums to float precision.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("quixstreams")
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer  # noqa: E402
+from confluent_kafka import TopicPartition as Tp  # noqa: E402
+from prometheus_client import REGISTRY  # noqa: E402
+
+from lambdalake import catalog  # noqa: E402
+from lambdalake.bus import KafkaBus  # noqa: E402
+from lambdalake.events import Event, Validator  # noqa: E402
+from lambdalake.example import project  # noqa: E402
+from lambdalake.kafka_topics import dlq_topic, ensure_bus_topics  # noqa: E402
+from lambdalake.monoids import ApproxDistinct, merge_all  # noqa: E402
+from lambdalake.project import table_schema  # noqa: E402
+from lambdalake.realtime import RealtimeCells  # noqa: E402
+from lambdalake.settings import Settings  # noqa: E402
+from lambdalake.storage import open_store  # noqa: E402
+from lambdalake.synthetic import WebAnalyticsStream  # noqa: E402
+from lambdalake.testing.kafka import KafkaBroker  # noqa: E402
+from lambdalake.views import BUCKET_MS  # noqa: E402
+from serving.realtime_feed import RealtimeFeed  # noqa: E402
+from speed.kafka_common import PartitionState  # noqa: E402
+from speed.quix import QuixSpeed  # noqa: E402
+
+needs_java = pytest.mark.skipif(not shutil.which("java"), reason="needs Java 17+")
+HOUR = 3_600_000
+Answer = dict[tuple[str, int, tuple[Any, ...]], dict[str, Any]]
+
+
+@pytest.fixture(scope="module")
+def broker(kafka_broker: KafkaBroker) -> KafkaBroker:
+    return kafka_broker
+
+
+def kafka_settings(broker: KafkaBroker, home: Path, **overrides: Any) -> Settings:
+    values = {
+        "bus": "kafka",
+        "kafka_bootstrap": broker.bootstrap,
+        "topic": f"events-{uuid.uuid4().hex[:10]}",
+        "partitions": 4,
+        "home": home,
+        "store": (home / "lake").as_uri(),
+        "slice_seconds": 1,
+        "flush_interval_ms": 100,
+    }
+    settings = Settings(**(values | overrides))
+    ensure_bus_topics(settings)
+    return settings
+
+
+# --- the independent recompute ----------------------------------------------------------
+
+
+def recompute(events: list[dict[str, Any]]) -> Answer:
+    """Every view from raw event dicts (the first copy of an event_id counts), by hand."""
+    answer: Answer = {}
+    seen: set[str] = set()
+    for event in events:
+        if event["event_id"] in seen:
+            continue
+        seen.add(event["event_id"])
+        if event["type"] == "pageview":
+            bucket = event["ts"] - event["ts"] % HOUR
+            row = answer.setdefault(("pageviews_by_url_hour", bucket, (event["url"],)),
+                                    {"pageviews": 0, "visitors": set()})
+            row["pageviews"] += 1
+            row["visitors"].add(event["user_id"])
+        else:
+            bucket = event["ts"] - event["ts"] % BUCKET_MS["day"]
+            row = answer.setdefault(("revenue_by_sku_day", bucket, (event["sku"],)),
+                                    {"revenue": 0.0, "orders": 0})
+            row["revenue"] += event["amount"]
+            row["orders"] += 1
+    for row in answer.values():
+        if "visitors" in row:
+            row["visitors"] = len(row["visitors"])
+    return answer
+
+
+def served(cells: RealtimeCells, batch: list[dict[str, Any]], cut: int) -> Answer:
+    """What the serving layer answers: a batch (here a by-hand accumulation of the events
+    that arrived before `cut`) merged with every real-time cell at or past `cut`."""
+    rows: dict[tuple[str, int, tuple[Any, ...]], list[tuple[Any, ...]]] = {}
+    for (name, bucket, key), values in recompute_accumulators(batch).items():
+        rows.setdefault((name, bucket, key), []).append(values)
+    for view in project.views.values():
+        table = cells.table(view, table_schema(project, view), cut).to_pylist()
+        for row in table:
+            key = tuple(row[k] for k in view.keys)
+            rows.setdefault((view.name, row["bucket"], key), []).append(
+                tuple(row[m] for m in view.metrics)
+            )
+    answer: Answer = {}
+    for (name, bucket, key), parts in rows.items():
+        metrics = project.views[name].metrics
+        answer[(name, bucket, key)] = {
+            m: metric.result(merge_all(metric, [p[i] for p in parts]))
+            for i, (m, metric) in enumerate(metrics.items())
+        }
+    return answer
+
+
+def recompute_accumulators(events: list[dict[str, Any]]) -> dict[Any, tuple[Any, ...]]:
+    """The by-hand batch as accumulators (a distinct-users sketch built from the user set)."""
+    users: dict[Any, set[str]] = {}
+    for event in events:
+        if event["type"] == "pageview":
+            bucket = event["ts"] - event["ts"] % HOUR
+            users.setdefault((bucket, event["url"]), set()).add(event["user_id"])
+    sketch = ApproxDistinct("user_id")
+    accumulators = {}
+    for (name, bucket, key), row in recompute(events).items():
+        if name == "pageviews_by_url_hour":
+            visitors = sketch.merge_all(sketch.lift(u) for u in users[(bucket, key[0])])
+            accumulators[(name, bucket, key)] = (row["pageviews"], visitors)
+        else:
+            accumulators[(name, bucket, key)] = (row["revenue"], row["orders"])
+    return accumulators
+
+
+def same(got: Answer, want: Answer) -> bool:
+    return got.keys() == want.keys() and all(
+        got[k].keys() == want[k].keys()
+        and all(got[k][m] == pytest.approx(want[k][m], rel=1e-9) for m in want[k])
+        for k in want
+    )
+
+
+def wait_exact(answer: Callable[[], Answer], want: Answer, timeout: float = 90) -> None:
+    """Until the answer equals the recompute; then it must stay equal (nothing counted late)."""
+    deadline = time.monotonic() + timeout
+    while not same(answer(), want):
+        if time.monotonic() > deadline:
+            got = answer()
+            diff = {k: (got.get(k), want.get(k)) for k in got.keys() | want.keys()
+                    if not same({k: got[k]} if k in got else {}, {k: want[k]} if k in want else {})}
+            pytest.fail(f"{len(diff)} answers differ from the recompute, e.g. "
+                        f"{list(diff.items())[:3]}")
+        time.sleep(0.2)
+    time.sleep(1.0)
+    assert same(answer(), want)
+
+
+# --- moving events and processes ------------------------------------------------------
+
+
+def publish_raw(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+    """Write straight to the event topic with another Kafka client (acks=all)."""
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
+                         "linger.ms": 20})
+    for key, value in records:
+        while True:
+            try:
+                producer.produce(topic, value, key)
+                break
+            except BufferError:
+                producer.poll(0.1)
+    assert producer.flush(60) == 0
+
+
+def encoded(events: list[dict[str, Any]]) -> list[tuple[bytes, bytes]]:
+    return [(e["event_id"].encode(), json.dumps(e).encode()) for e in events]
+
+
+def read_all(bootstrap: str, topic: str, partitions: int) -> list[tuple[Any, ...]]:
+    """(partition, offset, arrival, value, headers) of every record, in offset order."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": uuid.uuid4().hex,
+                         "enable.partition.eof": True})
+    consumer.assign([Tp(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
+    found, done, running = [], set(), [0] * partitions
+    while len(done) < partitions:
+        for m in consumer.consume(10_000, 1.0):
+            if m.error() and m.error().code() == KafkaError._PARTITION_EOF:
+                done.add(m.partition())
+            else:
+                running[m.partition()] = max(running[m.partition()], m.timestamp()[1])
+                found.append((m.partition(), m.offset(), running[m.partition()], m.value(),
+                              dict(m.headers() or [])))
+    consumer.close()
+    return sorted(found, key=lambda r: r[:2])
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def publish_cut(settings: Settings, cut: int) -> None:
+    store = open_store(settings.store_url)
+    version = catalog.new_version()
+    catalog.write_manifest(store, catalog.Manifest(
+        version=version, cut=cut, created="test", engine="test", rows_read=0, views={}))
+    catalog.publish(store, version)
+
+
+@contextmanager
+def in_process_worker(settings: Settings) -> Iterator[QuixSpeed]:
+    stop = threading.Event()
+    speed = QuixSpeed(settings, project, open_store(settings.store_url), uuid.uuid4().hex)
+    thread = threading.Thread(target=speed.run, args=(stop,))
+    thread.start()
+    try:
+        yield speed
+    finally:
+        stop.set()
+        thread.join(60)
+
+
+@contextmanager
+def feed_of(settings: Settings) -> Iterator[RealtimeCells]:
+    cells = RealtimeCells(project)
+    feed = RealtimeFeed(settings.kafka_bootstrap, settings.topic, cells)
+    feed.start()
+    try:
+        yield cells
+    finally:
+        feed.stop()
+
+
+COMMANDS = {
+    "quix": lambda worker_id: ["-m", "speed.quix", "--worker-id", worker_id],
+    "faust": lambda worker_id: ["-m", "speed.faust_app", "worker", "--loglevel", "info"],
+}
+
+
+def worker_process(
+    settings: Settings, worker_id: str, log: Path, engine: str = "quix"
+) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    env.update({f"LAMBDALAKE_{k.upper()}": str(v) for k, v in settings.model_dump().items()
+                if k in ("bus", "kafka_bootstrap", "topic", "partitions", "home", "store",
+                         "slice_seconds", "flush_interval_ms")})
+    return subprocess.Popen(
+        [sys.executable, *COMMANDS[engine](worker_id)],
+        env=env, cwd=settings.home, stdout=subprocess.DEVNULL, stderr=open(log, "ab"),
+    )
+
+
+@pytest.fixture
+def spawn(broker: KafkaBroker) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Start worker processes; any still running at the end is killed (before the broker)."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: Any) -> subprocess.Popen[bytes]:
+        started.append(worker_process(*args))
+        return started[-1]
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def synthetic(n: int, seed: int) -> list[dict[str, Any]]:
+    stream = WebAnalyticsStream(seed, users=300)
+    now = int(time.time() * 1000)
+    return [stream.event(now) for _ in range(n)]
+
+
+def counted(cells: RealtimeCells) -> int:
+    return sum(row.get("pageviews", 0) for row in served(cells, [], 0).values())
+
+
+# --- the tests --------------------------------------------------------------------------
+
+
+def test_partition_state_restores_from_what_it_wrote() -> None:
+    """Unit: the records a transaction writes rebuild the same view state (no broker)."""
+    s = Settings(slice_seconds=1)
+    validator = Validator(project.schemas, 300_000)
+    events = synthetic(3_000, seed=7)
+    first = PartitionState(0, project, s)
+    realtime: dict[bytes, bytes | None] = {}
+    changelog: dict[bytes, bytes | None] = {}
+    t0 = int(time.time() * 1000)
+    for i, event in enumerate(events):
+        assert first.take(json.dumps(event).encode(), t0 + i, validator) is None
+        if i % 700 == 0:
+            first.follow(t0 + i - 300)
+            realtime.update(first.realtime_records())
+            changelog.update(first.changelog_records())
+    realtime.update(first.realtime_records())
+    changelog.update(first.changelog_records())
+    second = PartitionState(0, project, s)
+    second.restore({k: v for k, v in realtime.items() if v is not None},
+                   {k: v for k, v in changelog.items() if v is not None})
+    assert results(second) == results(first)
+    assert (second.view.cut, second.arrival) == (first.view.cut, first.arrival)
+    assert second.view.tracked_ids == first.view.tracked_ids
+    replayed = [Event(e["event_id"], e["type"], e["ts"], {}) for e in events[-50:]]
+    assert not any(second.view.apply(e, second.arrival) for e in replayed)
+
+
+def results(part: PartitionState) -> list[tuple[Any, ...]]:
+    """Every cell with its metric results (equal sketches may differ in their bytes)."""
+    return sorted(
+        (u.view, u.slice, u.bucket, u.key, tuple(
+            m.result(v) for m, v in zip(project.views[u.view].metrics.values(), u.values,
+                                        strict=True)))
+        for u in part.view.everything()
+    )
+
+
+events_strategy = st.lists(
+    st.fixed_dictionaries({
+        "n": st.integers(0, 59),
+        "kind": st.sampled_from(["pageview"] * 4 + ["purchase"]),
+        "url": st.sampled_from(["/a", "/b", "/c"]),
+        "user": st.integers(0, 30),
+        "sku": st.sampled_from(["s1", "s2"]),
+        "cents": st.integers(1, 20_000),
+        "hours_ago": st.integers(0, 30),
+        "duplicate_of": st.none() | st.integers(0, 200),
+    }),
+    min_size=1, max_size=200,
+)
+
+
+def to_events(drawn: list[dict[str, Any]], now: int) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    for i, d in enumerate(drawn):
+        if d["duplicate_of"] is not None and d["duplicate_of"] < len(events):
+            events.append(dict(events[d["duplicate_of"]]))  # a producer retry
+            continue
+        base = {"event_id": f"e{i}", "ts": now - d["hours_ago"] * 2_345_678 - d["n"]}
+        if d["kind"] == "pageview":
+            events.append(base | {"type": "pageview", "url": d["url"],
+                                  "user_id": f"u{d['user']}"})
+        else:
+            events.append(base | {"type": "purchase", "user_id": f"u{d['user']}",
+                                  "sku": d["sku"], "amount": d["cents"] / 100})
+    return events
+
+
+@pytest.mark.kafka
+@needs_java
+@settings(max_examples=3)
+@given(first=events_strategy, second=events_strategy, cut_first=st.booleans())
+def test_exact_merge_through_kafka(
+    broker: KafkaBroker, tmp_path_factory: pytest.TempPathFactory,
+    first: list[dict[str, Any]], second: list[dict[str, Any]], cut_first: bool,
+) -> None:
+    """Invariant 1 through Kafka: random events with retries, in two waves a slice apart,
+    a batch cut between them published before or after the speed layer read the first wave:
+    batch(cut) + real-time cells >= cut equals the recompute of every event."""
+    s = kafka_settings(broker, tmp_path_factory.mktemp("merge"))
+    now = int(time.time() * 1000)
+    events = to_events(first + second, now)
+    bus = KafkaBus(s.kafka_bootstrap, s.topic)
+    validator = Validator(project.schemas, 300_000)
+    waves = [events[: len(first)], events[len(first):]]
+    with feed_of(s) as cells:
+        bus.publish([validator.validate(e, now) for e in waves[0]])
+        time.sleep(1.1)
+        cut = max(r[2] for r in read_all(s.kafka_bootstrap, s.topic, 4)) // 1000 * 1000 + 1000
+        if cut_first:
+            publish_cut(s, cut)
+        with in_process_worker(s):
+            bus.publish([validator.validate(e, now) for e in waves[1]])
+            if not cut_first:
+                publish_cut(s, cut)
+            cells.drop_below(cut)
+            records = read_all(s.kafka_bootstrap, s.topic, 4)
+            below = [json.loads(r[3]) for r in records if r[2] < cut]
+            wait_exact(lambda: served(cells, below, cut), recompute(events))
+    bus.close()
+
+
+@pytest.mark.kafka
+@needs_java
+def test_poison_goes_to_the_dead_letter_topic_and_the_partition_keeps_flowing(
+    broker: KafkaBroker, tmp_path: Path
+) -> None:
+    s = kafka_settings(broker, tmp_path, partitions=1)
+    good = synthetic(400, seed=3)
+    poison = [
+        b"not json {",
+        json.dumps({"event_id": "p1", "type": "pageview", "ts": 1}).encode(),
+        json.dumps({"event_id": "p2", "type": "refund", "ts": 1}).encode(),
+        json.dumps([1, 2]).encode(),
+    ]
+    before = {k: dead_letters(k) for k in ("json", "schema")}
+    records = encoded(good[:200]) + [(b"k", p) for p in poison] + encoded(good[200:])
+    publish_raw(s.kafka_bootstrap, s.topic, records)
+    with feed_of(s) as cells, in_process_worker(s):
+        wait_exact(lambda: served(cells, [], 0), recompute(good))
+    dead = read_all(s.kafka_bootstrap, dlq_topic(s.topic), 1)
+    assert [r[3] for r in dead] == poison
+    reasons = [r[4]["reason"].decode() for r in dead]
+    assert reasons[0].startswith("$: not JSON")
+    assert "url" in reasons[1] and "user_id" in reasons[1]
+    assert "unknown event type 'refund'" in reasons[2]
+    assert "JSON object" in reasons[3]
+    assert [r[4]["source"].decode() for r in dead] == [f"{s.topic}/0/{200 + i}" for i in range(4)]
+    after = {k: dead_letters(k) for k in ("json", "schema")}
+    assert (after["json"] - before["json"], after["schema"] - before["schema"]) == (1, 3)
+
+
+@pytest.mark.kafka
+@needs_java
+@pytest.mark.parametrize(("engine", "n"), [
+    ("quix", 60_000),
+    pytest.param("faust", 12_000, marks=pytest.mark.xfail(
+        strict=False, reason="faust-streaming: the restarted worker sometimes stops being "
+        "fed events after its first batch (no double count seen when it completes)")),
+])
+def test_worker_killed_mid_stream_restarts_without_double_counting(
+    broker: KafkaBroker, spawn: Any, tmp_path: Path, engine: str, n: int
+) -> None:
+    s = kafka_settings(broker, tmp_path, slice_seconds=60)
+    first, second = synthetic(n, seed=11), synthetic(n // 6, seed=12)
+    publish_raw(s.kafka_bootstrap, s.topic, encoded(first))
+    log = tmp_path / "worker.log"
+    with feed_of(s) as cells:
+        worker = spawn(s, "w1", log, engine)
+        wait_until(lambda: counted(cells) > n // 8)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+        assert counted(cells) < 0.95 * len(first), "killed too late to be mid-stream"
+        publish_raw(s.kafka_bootstrap, s.topic, encoded(second))
+        worker = spawn(s, "w1", log, engine)
+        wait_exact(lambda: served(cells, [], 0), recompute(first + second))
+        worker.terminate()
+        assert worker.wait(60) == 0
+
+
+@pytest.mark.kafka
+@needs_java
+def test_two_workers_split_the_partitions_and_stay_exact_through_rebalances(
+    broker: KafkaBroker, spawn: Any, tmp_path: Path
+) -> None:
+    s = kafka_settings(broker, tmp_path, slice_seconds=60)
+    waves = [synthetic(20_000, seed=21), synthetic(20_000, seed=22), synthetic(10_000, seed=23)]
+    publish_raw(s.kafka_bootstrap, s.topic, encoded(waves[0]))
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    with feed_of(s) as cells:
+        a = spawn(s, "a", logs[0])
+        wait_until(lambda: counted(cells) > 2_000)
+        b = spawn(s, "b", logs[1])  # joins the group: a rebalance
+        publish_raw(s.kafka_bootstrap, s.topic, encoded(waves[1]))
+        wait_until(lambda: any(0 < len(p) < 4 for p in assignments(logs[1])))
+        a.terminate()  # leaves the group: b takes every partition
+        assert a.wait(60) == 0
+        publish_raw(s.kafka_bootstrap, s.topic, encoded(waves[2]))
+        wait_exact(lambda: served(cells, [], 0), recompute(waves[0] + waves[1] + waves[2]))
+        b.terminate()
+        assert b.wait(60) == 0
+    split = [p for p in assignments(logs[0]) if 0 < len(p) < 4]
+    assert split and set(split[-1]).isdisjoint(assignments(logs[1])[0])
+    assert sorted(assignments(logs[1])[-1]) == [0, 1, 2, 3]
+
+
+def dead_letters(kind: str) -> float:
+    return REGISTRY.get_sample_value("lambdalake_speed_dead_letters_total", {"kind": kind}) or 0
+
+
+def assignments(log: Path) -> list[list[int]]:
+    """The partitions a worker was given, in order, from its JSON log lines."""
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    return [line["partitions"] for line in lines if line["msg"].startswith("partitions assigned")]
