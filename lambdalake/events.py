@@ -99,16 +99,6 @@ class _Envelope(BaseModel):
             raise ValueError("must not be before 1970-01-01")
         return ms
 
-    @field_validator("*")
-    @classmethod
-    def _utf8(cls, value: Any) -> Any:
-        if isinstance(value, str) and not value.isascii():
-            try:
-                value.encode()
-            except UnicodeEncodeError:
-                raise ValueError("must be valid UTF-8 text (no lone surrogates)") from None
-        return value
-
 
 @dataclass(frozen=True)
 class EventSchema:
@@ -162,11 +152,25 @@ class Validator:
         if parsed.ts > now_ms + self._max_future_ms:
             rule = f"more than {self._max_future_ms // 1000} s in the future"
             return [Problem("ts", rule, index)]
-        values = parsed.model_dump(exclude=set(ENVELOPE))
+        values = {k: v for k, v in parsed.__dict__.items() if k not in ENVELOPE}
+        broken = _lone_surrogate(parsed.__dict__)
+        if broken:
+            return [Problem(broken, "must be valid UTF-8 text (no lone surrogates)", index)]
         event = Event(parsed.event_id, parsed.type, parsed.ts, values)
         if (size if size is not None else len(event.to_json())) > MAX_EVENT_BYTES:
             return [Problem("$", f"event larger than {MAX_EVENT_BYTES} bytes", index)]
         return event
+
+
+def _lone_surrogate(values: Mapping[str, Any]) -> str | None:
+    """The first field holding text that UTF-8 cannot encode (JSON allows `\\ud800`)."""
+    for name, value in values.items():
+        if isinstance(value, str) and not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                return name
+    return None
 
 
 def _problem(error: Mapping[str, Any], index: int | None) -> Problem:
