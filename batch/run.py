@@ -8,6 +8,10 @@ that starts is recorded in the history, failed ones with their error.
 A run that would change nothing is refused with a `BatchError` rather than published as a
 copy: no archive watermarks yet, or a cut that does not advance past the serving version's
 ("nothing new since cut …"). Refusals publish nothing and are not recorded as runs.
+
+An incremental run (`incremental=True`) merges the serving version with the views over only
+the master data that arrived since its cut (`batch.incremental`); its manifest names that
+version as its `base_version`. The answer is the full recompute's.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.progress import Progress
 
+from batch import incremental as delta
 from batch.engine import CorruptObject, Engine, rows_read
 from lambdalake import catalog, master
 from lambdalake.catalog import Manifest, ViewFiles
@@ -49,18 +54,21 @@ def run_batch(
     store: ObjectStore,
     engine: Engine,
     *,
+    incremental: bool = False,
     progress: Progress | ProgressCallback | None = None,
 ) -> Manifest:
     """Compute every view up to the newest cut, publish it, keep the newest versions.
 
-    `progress`: a rich `Progress` (one bar per view) or a callback (view, done, total).
-    Raises `BatchError` when there is nothing to do or the run fails.
+    `incremental`: build on the serving version when it allows (`delta.usable_base`),
+    else recompute in full. `progress`: a rich `Progress` (one bar per view) or a callback
+    (view, done, total). Raises `BatchError` when there is nothing to do or the run fails.
     """
     cut = next_cut(settings, store)
+    base = delta.usable_base(store, project) if incremental else None
     report = _reporter(progress, list(project.views))
-    manifest = _Run(settings, project, store, engine, cut, report).execute()
+    manifest = _Run(settings, project, store, engine, cut, report, base).execute()
     try:
-        prune_versions(store, settings.versions_kept, project.views)
+        prune_versions(store, settings.versions_kept, [*project.views, delta.SCRATCH])
     except Exception:  # the new version is published; pruning is retried by the next run
         log.warning("pruning old batch versions failed", exc_info=True)
     return manifest
@@ -170,9 +178,10 @@ class _Run:
         engine: Engine,
         cut: int,
         report: Report,
+        base: Manifest | None = None,
     ):
         self.settings, self.project, self.store, self.engine = settings, project, store, engine
-        self.cut, self.report = cut, report
+        self.cut, self.report, self.base = cut, report, base
         self.version = catalog.new_version()
         self.skipped: set[str] = set()
         self.rows_read = 0
@@ -202,6 +211,7 @@ class _Run:
             engine=self.engine.name,
             rows_read=self.rows_read,
             views=self.views,
+            base_version=self.base.version if self.base else None,
         )
         catalog.write_manifest(self.store, manifest)
         catalog.publish(self.store, self.version)  # the pointer, written last: the publish
@@ -219,9 +229,25 @@ class _Run:
         while True:
             readable = [k for k in keys if k not in self.skipped]
             try:
-                return {view.name: self._compute_view(view, readable) for view in views}
+                if self.base is None:
+                    return {view.name: self._compute_view(view, readable) for view in views}
+                return self._merge_delta(self.base, views, readable)
             except CorruptObject as exc:
                 self._skip(exc, readable)  # and compute them all again, without it
+
+    def _merge_delta(
+        self, base: Manifest, views: list[View], keys: list[str]
+    ) -> dict[str, pa.Table]:
+        """Every view of one event type: the base version merged with what arrived since."""
+        schema = self.project.schemas[views[0].event_type]
+        window = (base.cut, self.cut)
+        with delta.delta_object(self.store, schema, keys, window, self.version) as (key, read):
+            return {
+                view.name: delta.merge(
+                    self.project, view, self.store, base, self._compute_view(view, [key]), read
+                )
+                for view in views
+            }
 
     def _compute_view(self, view: View, keys: list[str]) -> pa.Table:
         started = time.monotonic()
@@ -278,4 +304,6 @@ class _Run:
             )
 
     def _fields(self) -> dict[str, Any]:
-        return {"version": self.version, "engine": self.engine.name, "cut": self.cut}
+        base = self.base.version if self.base else None
+        return {"version": self.version, "engine": self.engine.name, "cut": self.cut,
+                "base_version": base}

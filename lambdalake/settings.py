@@ -47,6 +47,10 @@ class Settings(BaseSettings):
         "fail", description="A corrupt master object: fail the batch run, or skip it."
     )
     batch_interval_seconds: int = Field(60, ge=1)
+    batch_engine: Literal["duckdb", "spark"] = Field(
+        "duckdb", description="Engine of the scheduled batch run (the nightly function)."
+    )
+    spark_master: str = Field("local[*]", description="Spark master URL of the spark engine.")
     flush_interval_ms: int = Field(200, ge=10, description="Speed layer publish cadence.")
     archive_batch_size: int = Field(10_000, ge=1)
     archive_window_ms: int = Field(1_000, ge=0)

@@ -34,7 +34,11 @@ def batch_engine(name: str, master: str | None = None) -> Any:
         from batch.duckdb_engine import DuckDBEngine
 
         return DuckDBEngine()
-    raise ValueError(f"engine: unknown batch engine {name!r}; use duckdb")
+    if name == "spark":
+        from batch.spark_engine import SparkEngine
+
+        return SparkEngine(master or "local[*]")
+    raise ValueError(f"engine: unknown batch engine {name!r}; use duckdb or spark")
 
 
 def batch_once(
@@ -51,9 +55,10 @@ def batch_once(
     store = open_settings_store(settings)
     engine = batch_engine(engine_name, master)
     if console is None:
-        return run_batch(settings, project, store, engine)
+        return run_batch(settings, project, store, engine, incremental=incremental)
     with Progress(console=console, transient=True) as progress:
-        return run_batch(settings, project, store, engine, progress=progress)
+        return run_batch(settings, project, store, engine, incremental=incremental,
+                         progress=progress)
 
 
 class Stack:

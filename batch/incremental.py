@@ -1,0 +1,175 @@
+"""Incremental runs: the serving version merged with the views over what arrived since its cut.
+
+Every metric is a monoid, so a view over the events with arrival < C2 is the view over those
+with arrival < C1 (the base version, published) merged with the view over the rest; views are
+grouped by bucket and keys, so the merge is a group-by over both tables.
+
+"The rest" must keep the dedup: an `event_id` counts once, as its copy with the smallest
+(arrival, partition, offset). The delta is the master rows with C1 <= arrival < C2 less every
+row whose event id has a copy arriving before C1 (the base counted that copy). History is
+checked without keeping anything per version: the `event_id` column of the rows below C1 is
+scanned, object by object, against a hash set of the delta's ids (pyarrow `is_in`, built on
+the small side), so memory holds one object's ids at a time and only the ids found in both
+are kept. That column is the only one read from history (row groups wholly at or past C1 are
+skipped on their statistics). Per-version id sets were the other choice: they would save
+that scan, but grow with history just the same and must stay in step with every version,
+rollback and retention.
+
+The delta is written as one Parquet object per event type, under `views/_delta/v=<version>/`
+in the run's own store, so every engine, a Spark cluster too, reads it as master data through
+the ordinary `Engine.compute` (which dedups within the delta). It is deleted once the views
+are computed; a killed run's is deleted as an orphan by `prune_versions`.
+
+A base is used only if it covers the whole master dataset below its cut (its run skipped no
+corrupt object) and has every view of the project with today's columns; otherwise the run
+recomputes in full. A view whose definition changed without changing its columns (a filter)
+is not detected: recompute in full after changing a view.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from batch.engine import with_rows_read
+from batch.objects import read_all
+from lambdalake import catalog
+from lambdalake.catalog import Manifest
+from lambdalake.events import EventSchema
+from lambdalake.master import arrow_schema
+from lambdalake.monoids import ApproxDistinct
+from lambdalake.project import Project, table_schema
+from lambdalake.storage import NotFound, ObjectStore
+from lambdalake.views import View
+
+SCRATCH = "_delta"  # views/_delta/v=<version>/<event type>.parquet, like a view's files
+
+log = logging.getLogger("lambdalake.batch")
+
+
+def usable_base(store: ObjectStore, project: Project) -> Manifest | None:
+    """The serving version if an incremental run may build on it (None: recompute in full)."""
+    base = catalog.current(store)
+    reason = _unusable(store, project, base) if base else "nothing published yet"
+    if reason:
+        log.warning("incremental run recomputes in full", extra={"reason": reason})
+        return None
+    return base
+
+
+def _unusable(store: ObjectStore, project: Project, base: Manifest) -> str | None:
+    if _skipped(store, base.version):
+        return f"{base.version} left corrupt master objects out"
+    for name, view in project.views.items():
+        files = base.views.get(name)
+        if files is None:
+            return f"{base.version} has no view {name}"
+        if any(_schema(store, key) != table_schema(project, view) for key in files.files):
+            return f"{base.version} has other columns for view {name}"
+    return None
+
+
+def _skipped(store: ObjectStore, version: str) -> bool:
+    try:
+        run = json.loads(store.get(f"{catalog.RUNS}/{version}.json"))
+    except NotFound:  # a run whose record failed to write: it may have skipped objects
+        return True
+    return bool(run.get("skipped"))
+
+
+def _schema(store: ObjectStore, key: str) -> pa.Schema:
+    return pq.read_schema(pa.BufferReader(store.get(key))).remove_metadata()
+
+
+@contextmanager
+def delta_object(
+    store: ObjectStore,
+    schema: EventSchema,
+    keys: list[str],
+    window: tuple[int, int],
+    version: str,
+) -> Iterator[tuple[str, int]]:
+    """The delta of one event type over `window` (C1, C2) written to the store, while in use.
+
+    Yields its key and the master rows read in the window (duplicate copies included).
+    Raises `CorruptObject` for a master object that is not readable Parquet.
+    """
+    rows, read = delta_rows(store, arrow_schema(schema), keys, window)
+    key = f"{catalog.PREFIX}/{SCRATCH}/v={version}/{schema.name}.parquet"
+    sink = pa.BufferOutputStream()
+    pq.write_table(rows, sink, compression="zstd")
+    store.put(key, sink.getvalue().to_pybytes())
+    try:
+        yield key, read
+    finally:
+        store.delete(key)
+
+
+def delta_rows(
+    store: ObjectStore, schema: pa.Schema, keys: list[str], window: tuple[int, int]
+) -> tuple[pa.Table, int]:
+    """The rows with C1 <= arrival < C2 whose event id has no copy before C1; rows read."""
+    since, cut = window
+    arrival = ds.field("arrival")
+    window_rows = (arrival >= since) & (arrival < cut)
+    rows = read_all(store, keys, lambda part: part.to_table(schema=schema, filter=window_rows))
+    rows = pa.concat_tables([schema.empty_table(), *rows])
+    ids = pc.unique(rows["event_id"])
+    seen = read_all(store, keys, lambda part: _ids_among(part, schema, arrival < since, ids))
+    counted = pa.chunked_array(seen, pa.string())
+    return rows.filter(pc.invert(pc.is_in(rows["event_id"], value_set=counted))), rows.num_rows
+
+
+def _ids_among(
+    fragment: ds.Fragment, schema: pa.Schema, older: ds.Expression, ids: pa.Array
+) -> pa.Array:
+    """The event ids of the rows matching `older` that are among `ids`."""
+    if not len(ids):
+        return pa.array([], pa.string())
+    column = fragment.to_table(schema=schema, columns=["event_id"], filter=older)["event_id"]
+    return pc.filter(column, pc.is_in(column, value_set=ids)).combine_chunks()
+
+
+def merge(
+    project: Project, view: View, store: ObjectStore, base: Manifest, delta: pa.Table, read: int
+) -> pa.Table:
+    """The base version's rows of `view` merged with `delta` (the view over the delta)."""
+    previous = pa.concat_tables(
+        pq.read_table(pa.BufferReader(store.get(key))) for key in base.views[view.name].files
+    )
+    groups = ", ".join(_quote(name) for name in ("bucket", *view.keys))
+    metrics = ", ".join(f"{m.sql_merge(_quote(n))} AS {_quote(n)}" for n, m in view.metrics.items())
+    positions = ", ".join(str(i + 1) for i in range(len(view.keys) + 1))
+    sql = f"""
+        SELECT {groups}, {metrics}
+        FROM (SELECT * FROM previous UNION ALL SELECT * FROM delta)
+        GROUP BY {positions}
+        ORDER BY {positions}
+    """
+    with duckdb.connect() as con:
+        con.register("previous", previous)
+        con.register("delta", delta.replace_schema_metadata(None))
+        merged = con.sql(sql).to_arrow_table()
+    for name, metric in view.metrics.items():
+        if isinstance(metric, ApproxDistinct):
+            index = merged.schema.get_field_index(name)
+            merged = merged.set_column(index, name, _union(metric, merged[name]))
+    return with_rows_read(merged.cast(table_schema(project, view)), read)
+
+
+def _union(metric: ApproxDistinct, parts: pa.ChunkedArray) -> pa.Array:
+    """One sketch per row from its list of sketches; a lone sketch is kept as it is."""
+    groups = parts.to_pylist()
+    return pa.array([g[0] if len(g) == 1 else metric.merge_all(g) for g in groups], pa.binary())
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'

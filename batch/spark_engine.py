@@ -1,0 +1,239 @@
+"""The Spark batch engine: PySpark on `local[*]` or any cluster master, master Parquet read over
+`file://` or `s3a://`.
+
+Each view becomes one DataFrame job translated from its definition: the event type's objects
+(an S3 store's endpoint and credentials passed as s3a read options), arrival < cut, one copy
+per `event_id` (the minimum of a struct led by arrival, partition, offset), the view's
+conditions, then group by bucket and keys with each metric by its monoid kind. Approximate
+distinct counts are Spark's `hll_sketch_agg`: DataSketches HLL sketches, as every engine's.
+The master rows read are counted in the same pass (an `Observation`).
+
+Conditions become Column expressions rather than `view.where_sql()`: Spark SQL reads `\\` in
+a string literal as an escape (and with `escapedStringLiterals` no longer reads `''` as a
+quote), so no SQL text carries every value as DuckDB reads it.
+
+Every object's Parquet footer is read first, with pyarrow, many at once: Spark skips an empty
+file without a word and names no object when one is truncated, and a corrupt object must be
+reported by its key. When Spark fails anyway, every object is read with pyarrow to find one
+whose pages are garbled (`CorruptObject`); if none is, Spark's error propagates.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+from py4j.protocol import Py4JJavaError
+from pyspark.errors import PySparkException
+from pyspark.sql import Column, DataFrame, Observation, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import from_arrow_schema
+
+from batch.engine import with_rows_read
+from batch.objects import read_all
+from lambdalake import master
+from lambdalake.monoids import ApproxDistinct, Monoid
+from lambdalake.project import Project, table_schema
+from lambdalake.storage import FileStore, ObjectStore, S3Store
+from lambdalake.views import View
+
+JARS_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "spark_jars.sh"
+DEFAULT_CONF = {
+    "spark.app.name": "lambdalake-batch",
+    "spark.ui.showConsoleProgress": "false",  # the run draws its own progress bars
+    # Adaptive execution would drop a stage it finds empty, and the rows-read `Observation`
+    # with it (its `get` then fails): keep the stage, which costs nothing when it is empty.
+    "spark.sql.adaptive.optimizer.excludedRules":
+        "org.apache.spark.sql.execution.adaptive.AQEPropagateEmptyRelation",
+}
+DEDUP_ORDER = ("arrival", "partition", "offset")
+_COMPARE = {
+    "==": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+}
+_EXACT = {
+    "count": F.count,  # of its input, 1 per event
+    "sum": lambda column: F.coalesce(F.sum(column), F.lit(0)),  # the Sum monoid's zero
+    "min": F.min,
+    "max": F.max,
+}
+_S3A_PROVIDERS = {
+    False: "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider",
+    True: "org.apache.hadoop.fs.s3a.TemporaryAWSCredentialsProvider",
+}
+
+
+class SparkEngine:
+    name = "spark"
+
+    def __init__(self, master_url: str = "local[*]", conf: Mapping[str, str] | None = None):
+        self.master_url, self.conf = master_url, dict(conf or {})
+        self._spark: SparkSession | None = None
+
+    @property
+    def spark(self) -> SparkSession:
+        """The session, started on first use (a JVM start takes seconds)."""
+        if self._spark is None:
+            self._spark = spark_session(self.master_url, self.conf)
+        return self._spark
+
+    def compute(
+        self, project: Project, view: View, store: ObjectStore, keys: list[str], cut: int
+    ) -> pa.Table:
+        schema = master.arrow_schema(project.schemas[view.event_type])
+        target = table_schema(project, view)
+        if not keys:
+            return with_rows_read(target.empty_table(), 0)
+        read_all(store, keys, _read_footer)
+        try:
+            table, read = self._run(view, store, keys, schema, cut)
+        except (Py4JJavaError, PySparkException):
+            read_all(store, keys, lambda part: part.to_table(schema=schema).num_rows)  # which?
+            raise
+        order = [(name, "ascending") for name in ("bucket", *view.keys)]
+        return with_rows_read(table.cast(target).sort_by(order), read)
+
+    def _run(
+        self, view: View, store: ObjectStore, keys: list[str], schema: pa.Schema, cut: int
+    ) -> tuple[pa.Table, int]:
+        """The view's table as Spark computes it, and the master rows read below the cut."""
+        read = Observation()
+        rows = self._read(store, keys, schema).where(F.col("arrival") < cut)
+        rows = rows.observe(read, F.count(F.lit(1)).alias("rows"))
+        return view_frame(view, schema, rows).toArrow(), read.get["rows"]
+
+    def _read(self, store: ObjectStore, keys: list[str], schema: pa.Schema) -> DataFrame:
+        base = store_uri(store)
+        reader = self.spark.read.schema(from_arrow_schema(schema)).options(**s3a_options(store))
+        return reader.parquet(*(f"{base}/{key}" for key in keys))
+
+
+def view_frame(view: View, schema: pa.Schema, rows: DataFrame) -> DataFrame:
+    """The view's rows over master `rows`: dedup, filter, group, metrics by monoid kind.
+
+    Each metric's input column is projected first, under the metric's name, then aggregated
+    (Spark refuses `java_method`, which is not deterministic, inside an aggregate).
+    """
+    fields = ["ts", *sorted(view.fields_read())]
+    first = F.min(F.struct(*DEDUP_ORDER, *fields)).alias("first")
+    events = rows.groupBy("event_id").agg(first).select("first.*").where(condition(view))
+    bucket = (F.col("ts") - F.col("ts") % view.bucket_ms).alias("bucket")
+    inputs = [metric_input(m, schema).alias(name) for name, m in view.metrics.items()]
+    metrics = [aggregate(m, F.col(name)).alias(name) for name, m in view.metrics.items()]
+    return events.select(bucket, *view.keys, *inputs).groupBy("bucket", *view.keys).agg(*metrics)
+
+
+def condition(view: View) -> Column:
+    """The view's filter; a null never matches (SQL comparison semantics)."""
+    tests = (_COMPARE[c.op](F.col(c.field), F.lit(c.value)) for c in view.where)
+    return functools.reduce(operator.and_, tests, F.lit(True))
+
+
+def metric_input(metric: Monoid, schema: pa.Schema) -> Column:
+    """The value a metric folds, per event."""
+    if isinstance(metric, ApproxDistinct):
+        return sketch_input(metric.field, schema.field(metric.field).type)
+    return F.col(metric.field) if metric.field else F.lit(1)
+
+
+def aggregate(metric: Monoid, values: Column) -> Column:
+    if isinstance(metric, ApproxDistinct):
+        return F.hll_sketch_agg(values, metric.lg_k)
+    fold = _EXACT.get(metric.kind)
+    if fold is None:
+        raise ValueError(f"the spark engine cannot compute {metric.kind!r} metrics")
+    return fold(values)
+
+
+def sketch_input(field: str, arrow_type: pa.DataType) -> Column:
+    """The field as `hll_sketch_agg` must see it to hash as DataSketches (and `sketches`) do.
+
+    Integers and booleans as bigint; a double as its canonical bits (-0.0 as 0.0, one NaN),
+    which DataSketches hashes exactly as it hashes the double (Spark takes no doubles).
+    """
+    column = F.col(field)
+    if pa.types.is_floating(arrow_type):
+        bits = F.expr(f"java_method('java.lang.Double', 'doubleToLongBits', `{field}` + 0.0)")
+        return F.when(column.isNotNull(), bits.cast("bigint"))
+    if pa.types.is_integer(arrow_type) or pa.types.is_boolean(arrow_type):
+        return column.cast("bigint")
+    return column
+
+
+def _read_footer(fragment: ds.ParquetFileFragment) -> None:
+    fragment.ensure_complete_metadata()
+
+
+def store_uri(store: ObjectStore) -> str:
+    """The store's root as Spark reads it."""
+    root = store.arrow()[1]
+    if isinstance(store, FileStore):
+        return f"file://{root}"
+    if isinstance(store, S3Store):
+        return f"s3a://{root}"
+    raise ValueError(f"the spark engine reads file:// and s3:// stores, not {store.url}")
+
+
+def s3a_options(store: ObjectStore) -> dict[str, str]:
+    """The S3 store's endpoint, region and credentials as s3a options (none for files)."""
+    if not isinstance(store, S3Store):
+        return {}
+    credentials = store.credentials()
+    options = {
+        "access.key": credentials.access_key,
+        "secret.key": credentials.secret_key,
+        "endpoint.region": store.client.meta.region_name or "us-east-1",
+        "aws.credentials.provider": _S3A_PROVIDERS[bool(credentials.token)],
+    }
+    if credentials.token:
+        options["session.token"] = credentials.token
+    if store.endpoint_url:  # an S3-compatible server (MinIO, moto): path-style requests
+        options |= {
+            "endpoint": store.endpoint_url,
+            "path.style.access": "true",
+            "connection.ssl.enabled": str(urlparse(store.endpoint_url).scheme == "https").lower(),
+        }
+    return {f"fs.s3a.{name}": value for name, value in options.items()}
+
+
+def spark_session(master_url: str = "local[*]", conf: Mapping[str, str] | None = None):
+    """The process's Spark session (`getOrCreate`: an existing one is reused) with the s3a jars.
+
+    On `local[...]` the jars go on the driver's class path; for a cluster in `spark.jars`,
+    which ships them to the executors (the AWS SDK bundle is large: copied per session).
+    """
+    jars = hadoop_aws_jars()
+    if master_url.startswith("local"):
+        classpath = {"spark.driver.extraClassPath": os.pathsep.join(jars)}
+    else:
+        classpath = {"spark.jars": ",".join(jars)}
+    builder = SparkSession.builder.master(master_url)
+    for name, value in (DEFAULT_CONF | classpath | dict(conf or {})).items():
+        builder = builder.config(name, value)
+    return builder.getOrCreate()
+
+
+@functools.cache
+def hadoop_aws_jars() -> list[str]:
+    """hadoop-aws matching pyspark's Hadoop and the AWS SDK, fetched once (`spark_jars.sh`)."""
+    done = subprocess.run(
+        ["bash", str(JARS_SCRIPT)],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"PYTHON": sys.executable},
+    )
+    if done.returncode != 0 or not done.stdout.strip():
+        raise RuntimeError(f"{JARS_SCRIPT} failed: {done.stderr.strip()[-500:]}")
+    return done.stdout.strip().splitlines()[-1].split(",")

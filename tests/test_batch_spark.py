@@ -1,0 +1,247 @@
+"""The Spark engine against the DuckDB engine, on `file://` and on S3 through s3a; the nightly
+function.
+
+One Spark session (`local[2]`) serves the whole test session; starting one takes 10-30 s
+here, and each view computed on it about a second, so the properties run few examples.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+from batch_lakes import PROJECT, History, assert_same_view, histories, published
+from hypothesis import given, settings
+
+from batch.duckdb_engine import DuckDBEngine
+from batch.engine import CorruptObject, Engine, rows_read
+from batch.run import BatchError, run_batch
+from batch.spark_engine import SparkEngine
+from functions import environment
+from functions.runtime.function import FunctionError, LocalFunction
+from functions.runtime.template import load_template
+from lambdalake import catalog, master, sketches
+from lambdalake.events import Event
+from lambdalake.master import Archived
+from lambdalake.monoids import ApproxDistinct
+from lambdalake.stack import batch_engine
+from lambdalake.storage import FileStore, ObjectStore, S3Store
+
+SPARK_CONF = {
+    "spark.ui.enabled": "false",
+    "spark.sql.shuffle.partitions": "4",
+    "spark.default.parallelism": "2",
+    "spark.driver.memory": "1g",
+}
+DUCKDB = DuckDBEngine()
+SCHEDULED_EVENT = {
+    "version": "0",
+    "id": "53dc4d37-cffa-4f76-80c9-8b7d4a4d2eaa",
+    "detail-type": "Scheduled Event",
+    "source": "aws.events",
+    "account": "123456789012",
+    "time": "2026-11-24T02:00:00Z",
+    "region": "us-east-1",
+    "resources": ["arn:aws:events:us-east-1:123456789012:rule/lambdalake-NightlyBatch"],
+    "detail": {},
+}
+
+
+@pytest.fixture(scope="session")
+def spark() -> Iterator[SparkEngine]:
+    engine = SparkEngine("local[2]", SPARK_CONF)
+    yield engine
+    engine.spark.stop()
+
+
+@pytest.fixture(scope="session")
+def bucket(s3_server: str) -> str:
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="lake")
+    return "lake"
+
+
+def assert_engines_agree(spark: SparkEngine, store: ObjectStore, cut: int) -> None:
+    for view in PROJECT.views.values():
+        keys = master.data_keys(store, view.event_type)
+        got = spark.compute(PROJECT, view, store, keys, cut)
+        want = DUCKDB.compute(PROJECT, view, store, keys, cut)
+        assert_same_view(view, got, want)
+        assert rows_read(got) == rows_read(want)
+
+
+def archive_all(history: History, store: ObjectStore) -> None:
+    for stage in range(len(history.cuts)):
+        history.archive(store, stage)
+
+
+# -- the same answers ----------------------------------------------------------------------
+
+
+@pytest.mark.spark
+@settings(max_examples=12, deadline=None)
+@given(histories(stages=2))
+def test_spark_and_duckdb_agree_on_a_file_store(spark: SparkEngine, history: History) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        store = FileStore(Path(folder))
+        archive_all(history, store)
+        assert_engines_agree(spark, store, history.cuts[-1])
+
+
+@pytest.mark.spark
+@settings(max_examples=3, deadline=None)
+@given(histories(stages=2))
+def test_a_spark_run_reads_and_publishes_on_s3(
+    spark: SparkEngine, s3_server: str, bucket: str, history: History
+) -> None:
+    store = S3Store(f"s3://{bucket}/{uuid.uuid4().hex}", s3_server)
+    archive_all(history, store)
+    manifest = run_batch(history.settings(), PROJECT, store, spark)
+    assert manifest.engine == "spark" and manifest.cut == history.cuts[-1]
+    for name, table in published(store, manifest).items():
+        view = PROJECT.views[name]
+        keys = master.data_keys(store, view.event_type)
+        assert_same_view(view, table, DUCKDB.compute(PROJECT, view, store, keys, manifest.cut))
+
+
+@pytest.mark.spark
+@pytest.mark.parametrize("users", [30, 3_000])  # an exact (list / set) sketch, an HLL one
+def test_spark_sketches_merge_with_duckdb_and_python_sketches(spark, tmp_path, users):
+    names = [f"user-{i}" for i in range(users)]
+    by_spark, by_duckdb, by_python = (
+        names[: users // 2], names[users // 3 : 2 * users // 3], names[users // 2 :]
+    )
+    metric = PROJECT.views["pageviews_by_url_hour"].metrics["visitors"]
+    assert isinstance(metric, ApproxDistinct)
+    from_spark = visitors(spark, tmp_path / "spark", by_spark)
+    assert sketches.estimate(from_spark) == sketches.estimate(built(by_spark))
+    parts = [from_spark, visitors(DUCKDB, tmp_path / "duckdb", by_duckdb)]
+    merged = metric.merge_all([*parts, metric.merge_all(metric.lift(n) for n in by_python)])
+    assert sketches.estimate(merged) == sketches.estimate(built(names))
+    if users < 385:
+        assert metric.result(merged) == users
+
+
+def visitors(engine: Engine, folder: Path, users: list[str]) -> bytes:
+    """The `visitors` sketch an engine computes over one pageview per user."""
+    store = FileStore(folder)
+    write_pageviews(store, users)
+    view = PROJECT.views["pageviews_by_url_hour"]
+    table = engine.compute(PROJECT, view, store, master.data_keys(store, "pageview"), 10**9)
+    [sketch] = table["visitors"].to_pylist()
+    return sketch
+
+
+def built(users: list[str]) -> bytes:
+    return sketches.build_sketches([0] * len(users), users)[0]
+
+
+def write_pageviews(store: ObjectStore, users: list[str]) -> None:
+    rows = [
+        Archived(Event(f"e{i}", "pageview", 0, {"url": "/", "user_id": u}), 0, i, 1_000)
+        for i, u in enumerate(users)
+    ]
+    master.write_batch(store, PROJECT.schemas, 0, rows)
+
+
+@pytest.mark.spark
+@settings(max_examples=3, deadline=None)
+@given(histories(stages=3))
+def test_incremental_spark_runs_equal_full_recomputes(spark: SparkEngine, history: History):
+    with (
+        tempfile.TemporaryDirectory() as one,
+        tempfile.TemporaryDirectory() as two,
+    ):
+        chained, full = FileStore(Path(one)), FileStore(Path(two))
+        for stage in range(len(history.cuts)):
+            history.archive(chained, stage)
+            history.archive(full, stage)
+            got = run_batch(history.settings(), PROJECT, chained, spark, incremental=True)
+            want = run_batch(history.settings(), PROJECT, full, DUCKDB)
+            assert (got.base_version is None) == (stage == 0)
+            expected = published(full, want)
+            for name, table in published(chained, got).items():
+                assert_same_view(PROJECT.views[name], table, expected[name])
+
+
+# -- corrupt objects -----------------------------------------------------------------------
+
+
+CORRUPTIONS = {
+    "truncated": lambda data: data[: len(data) // 2],
+    "empty": lambda data: b"",  # Spark alone would read it as no rows, without a word
+    "not parquet": lambda data: b"PAR1" + b"\x00" * 64,
+    # a sound footer over garbled pages: Spark fails, naming no object
+    "garbled pages": lambda data: data[:4] + bytes(b ^ 0x5A for b in data[4:64]) + data[64:],
+}
+
+
+@pytest.mark.spark
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_the_spark_engine_names_a_corrupt_object(spark, tmp_path, how):
+    store = FileStore(tmp_path)
+    write_pageviews(store, ["a", "b"])
+    [key] = master.data_keys(store, "pageview")
+    store.put(key, CORRUPTIONS[how](store.get(key)))
+    view = PROJECT.views["pageviews_by_url_hour"]
+    with pytest.raises(CorruptObject, match=key) as raised:
+        spark.compute(PROJECT, view, store, [key], 10**9)
+    assert raised.value.key == key
+
+
+# -- the engine factory and the nightly function -------------------------------------------
+
+
+def test_the_cli_engine_factory_builds_a_spark_engine_for_a_master_url():
+    engine = batch_engine("spark", "spark://spark-master:7077")
+    assert isinstance(engine, SparkEngine) and engine.master_url == "spark://spark-master:7077"
+    assert batch_engine("spark").master_url == "local[*]"
+    with pytest.raises(ValueError, match="use duckdb or spark"):
+        batch_engine("flink")
+
+
+@pytest.fixture
+def lake(tmp_path: Path) -> FileStore:
+    return FileStore(tmp_path / "lake")
+
+
+def nightly(lake: FileStore, event: dict, **overrides: str) -> dict:
+    """The template's NightlyBatch function invoked on `event`, with settings for `lake`."""
+    config = History(1, [], [], []).settings(
+        store=lake.url, project="batch_lakes:PROJECT", **overrides
+    )
+    environment.bind(config)
+    try:
+        return LocalFunction(load_template().functions["NightlyBatch"]).invoke(event)
+    finally:
+        environment.bind(None)
+
+
+@pytest.mark.spark
+def test_the_nightly_function_publishes_a_spark_run(spark, lake):
+    assert spark.spark is not None  # the session the function's engine joins (`getOrCreate`)
+    write_pageviews(lake, ["a", "b", "a"])
+    master.write_watermark(lake, 0, 3, 5_000)
+    summary = nightly(lake, SCHEDULED_EVENT, batch_engine="spark", spark_master="local[2]")
+    current = catalog.current(lake)
+    assert current is not None and summary["version"] == current.version
+    assert summary["engine"] == current.engine == "spark"
+    assert summary["cut"] == "1970-01-01T00:00:05Z" and summary["rows_read"] == 3
+    assert summary["views"]["pageviews_by_url_hour"] == 1
+    assert summary["scheduled"] == SCHEDULED_EVENT["time"]
+
+
+def test_the_nightly_function_fails_when_there_is_nothing_to_run(lake):
+    with pytest.raises(FunctionError) as failed:
+        nightly(lake, SCHEDULED_EVENT)
+    assert isinstance(failed.value.__cause__, BatchError)
+    assert "no archive watermark yet" in str(failed.value)
+    assert catalog.current(lake) is None
+
+
+def test_the_nightly_function_takes_only_schedule_events(lake):
+    with pytest.raises(FunctionError, match="EventBridge Scheduled Event"):
+        nightly(lake, {"source": "aws.s3", "detail-type": "Object Created", "detail": {}})
