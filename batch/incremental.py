@@ -9,7 +9,7 @@ grouped by bucket and keys, so the merge is a group-by over both tables.
 row whose event id has a copy arriving before C1 (the base counted that copy). History is
 checked without keeping anything per version: the `event_id` column of the rows below C1 is
 scanned, object by object, against a hash set of the delta's ids (pyarrow `is_in`, built on
-the small side), so memory holds one object's ids at a time and only the ids found in both
+the small side), so memory holds a few objects' ids at a time and only the ids found in both
 are kept. That column is the only one read from history (row groups wholly at or past C1 are
 skipped on their statistics). Per-version id sets were the other choice: they would save
 that scan, but grow with history just the same and must stay in step with every version,

@@ -1,0 +1,338 @@
+"""Batch engines on the same master Parquet data (the example project), at 1M and 10M events.
+
+The data is generated here, vectorized, shaped like `lambdalake.synthetic`: 97% pageviews,
+skewed urls and users, late events, 1% producer retries (the same event id again, later,
+maybe on another partition), 4 partitions, over 30 days, in objects of up to 100k rows laid
+out as the archiver lays them out. Measured on it, as master rows read per second:
+
+- the DuckDB engine (`batch.duckdb_engine`) and a hand-written DuckDB SQL query computing the
+  same views (same dedup, same exact metrics) with DuckDB's own `approx_count_distinct`
+  where the views keep sketches;
+- the Spark engine (`batch.spark_engine`, `local[*]`) and a hand-written PySpark DataFrame
+  job computing the same views, sketches with `hll_sketch_agg`, on the same session;
+- the DuckDB engine over the Spark engine, and how each engine's time grows from the first
+  size to the last (10x the rows: linear is 10);
+- an incremental run over a full run (`run_batch`, DuckDB engine) for a day of new data on
+  top of the last size; the two versions are checked equal.
+
+    .venv/bin/python bench/batch.py [--sizes 1000000 10000000] [--folder DIR]
+
+The last line printed is one JSON object with the six headline figures.
+"""
+# ruff: noqa: E402 (the package imports must follow the sys.path fix below)
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, this file's folder comes first on sys.path and this file, named batch.py,
+# would shadow the `batch` package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+
+import argparse
+import binascii
+import json
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pyspark.sql import functions as F
+
+from batch.duckdb_engine import DuckDBEngine
+from batch.engine import Engine, rows_read
+from batch.run import rollback, run_batch
+from batch.spark_engine import SparkEngine
+from lambdalake import catalog, master, sketches, synthetic
+from lambdalake.example import project
+from lambdalake.settings import Settings
+from lambdalake.storage import FileStore
+
+DAY = 86_400_000
+DAYS = 30
+START = 1_767_225_600_000  # 2026-01-01
+PARTITIONS = 4
+ROWS_PER_OBJECT = 100_000
+USERS = 5_000
+SPARK_CONF = {
+    "spark.driver.memory": "6g",
+    "spark.sql.shuffle.partitions": "8",
+    "spark.ui.enabled": "false",
+}
+PAGEVIEWS, REVENUE = project.views["pageviews_by_url_hour"], project.views["revenue_by_sku_day"]
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- the data ------------------------------------------------------------------------------
+
+
+@dataclass
+class Lake:
+    store: FileStore
+    end: int  # every arrival is below it: the cut
+    offsets: np.ndarray  # next offset per partition
+
+    def keys(self, event_type: str) -> list[str]:
+        return master.data_keys(self.store, event_type)
+
+
+def generate(n: int, start: int, days: int, rng: np.random.Generator, offsets: np.ndarray):
+    """`n` bus records arriving over `days` from `start`: one Arrow table per event type."""
+    unique = n - n // 100
+    arrival = start + rng.integers(0, days * DAY, unique)
+    late = rng.random(unique) < 0.05
+    jitter = np.where(late, rng.integers(0, 2 * 3_600_000, unique), rng.integers(0, 5_000, unique))
+    ts = arrival - jitter
+    ids = binascii.hexlify(rng.bytes(16 * unique))
+    ids = pa.FixedSizeBinaryArray.from_buffers(pa.binary(32), unique, [None, pa.py_buffer(ids)])
+    source = np.concatenate([np.arange(unique), rng.integers(0, unique, n - unique)])
+    retried = arrival[source[unique:]] + rng.integers(0, 60_000, n - unique)  # a minute later
+    arrival = np.concatenate([arrival, retried])
+    partition = rng.integers(0, PARTITIONS, n).astype(np.int32)
+    order = np.lexsort((arrival, partition))
+    source, arrival, partition = source[order], arrival[order], partition[order]
+    first = np.searchsorted(partition, np.arange(PARTITIONS))
+    offset = offsets[partition] + np.arange(n) - first[partition]
+    offsets += np.bincount(partition, minlength=PARTITIONS)
+    meta = {
+        "event_id": ids.cast(pa.binary()).cast(pa.string()).take(source),
+        "ts": ts[source],
+        "arrival": arrival,
+        "partition": partition,
+        "offset": offset,
+    }
+    purchase = (rng.random(unique) < 0.03)[source]
+    fields = _fields(rng, unique, source)
+    return {
+        event_type: pa.table(
+            {**meta, **fields}, schema=master.arrow_schema(project.schemas[event_type])
+        ).filter(pa.array(purchase if event_type == "purchase" else ~purchase))
+        for event_type in ("pageview", "purchase")
+    }
+
+
+def _fields(rng: np.random.Generator, unique: int, source: np.ndarray) -> dict[str, pa.Array]:
+    def pick(names: list, index: np.ndarray) -> pa.Array:
+        return pa.DictionaryArray.from_arrays(index[source], pa.array(names)).dictionary_decode()
+
+    users = [f"user-{i}" for i in range(USERS)]
+    url = np.minimum((rng.pareto(1.0, unique) + 1).astype(np.int64) - 1, len(synthetic.URLS) - 1)
+    sku = np.minimum(rng.exponential(1 / 0.15, unique).astype(np.int64), len(synthetic.SKUS) - 1)
+    referrers = rng.integers(0, len(synthetic.REFERRERS), unique)
+    return {
+        "url": pick(synthetic.URLS, url),
+        "user_id": pick(users, (rng.pareto(1.2, unique) + 1).astype(np.int64) % USERS),
+        "referrer": pa.array(np.array(synthetic.REFERRERS, dtype=object)[referrers[source]]),
+        "duration_ms": rng.exponential(20_000, unique).astype(np.int64)[source],
+        "sku": pick(synthetic.SKUS, sku),
+        "amount": np.round(rng.uniform(2, 200, unique), 2)[source],
+    }
+
+
+def write(lake: Lake, tables: dict[str, pa.Table]) -> None:
+    """Objects of up to ROWS_PER_OBJECT rows per type and partition, named as the archiver
+    names them; then every partition's watermark at the lake's end."""
+    for event_type, table in tables.items():
+        for p in range(PARTITIONS):
+            rows = table.filter(pc.equal(table["partition"], p))
+            for at in range(0, rows.num_rows, ROWS_PER_OBJECT):
+                chunk = rows.slice(at, ROWS_PER_OBJECT)
+                first, last = chunk["offset"][0].as_py(), chunk["offset"][-1].as_py()
+                path = lake.store.root / master.object_key(event_type, p, first, last)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                pq.write_table(chunk, path, compression="zstd")
+    for p in range(PARTITIONS):
+        master.write_watermark(lake.store, p, int(lake.offsets[p]), lake.end)
+
+
+def make_lake(folder: Path, n: int, seed: int) -> Lake:
+    started = time.perf_counter()
+    lake = Lake(FileStore(folder), START + DAYS * DAY, np.zeros(PARTITIONS, np.int64))
+    write(lake, generate(n, START, DAYS, np.random.default_rng(seed), lake.offsets))
+    say(f"  {n:,} events written in {time.perf_counter() - started:.1f} s")
+    return lake
+
+
+# -- the engines and the hand-written references -------------------------------------------
+
+
+def engine_seconds(engine: Engine, lake: Lake) -> tuple[float, int]:
+    """Every view of the project computed by `engine`; (seconds, master rows read)."""
+    started, rows = time.perf_counter(), 0
+    for view in project.views.values():
+        table = engine.compute(project, view, lake.store, lake.keys(view.event_type), lake.end)
+        rows += rows_read(table)
+    return time.perf_counter() - started, rows
+
+
+DUCKDB_REFERENCE = {
+    "pageview": """
+        SELECT ts - ts % 3600000 AS bucket, url, count(*) AS pageviews,
+               approx_count_distinct(user_id) AS visitors
+        FROM events GROUP BY ALL""",
+    "purchase": """
+        SELECT ts - ts % 86400000 AS bucket, sku, coalesce(sum(amount), 0) AS revenue,
+               count(*) AS orders
+        FROM events GROUP BY ALL""",
+}
+
+
+def duckdb_reference(lake: Lake) -> float:
+    started = time.perf_counter()
+    with duckdb.connect() as con:
+        for event_type, query in DUCKDB_REFERENCE.items():
+            files = [lake.store.arrow_path(k) for k in lake.keys(event_type)]
+            con.sql(
+                f"""
+                WITH events AS (
+                    SELECT * FROM read_parquet(?) WHERE arrival < ?
+                    QUALIFY row_number() OVER (
+                        PARTITION BY event_id ORDER BY arrival, "partition", "offset") = 1
+                ) {query}""",
+                params=[files, lake.end],
+            ).to_arrow_table()
+    return time.perf_counter() - started
+
+
+def spark_reference(spark: SparkEngine, lake: Lake) -> float:
+    session = spark.spark
+    started = time.perf_counter()
+
+    def events(event_type: str, *fields: str):
+        files = [f"file://{lake.store.arrow_path(k)}" for k in lake.keys(event_type)]
+        rows = session.read.parquet(*files).where(F.col("arrival") < lake.end)
+        first = F.min(F.struct("arrival", "partition", "offset", "ts", *fields)).alias("e")
+        return rows.groupBy("event_id").agg(first).select("e.*")
+
+    hour = (F.col("ts") - F.col("ts") % 3_600_000).alias("bucket")
+    events("pageview", "url", "user_id").groupBy(hour, "url").agg(
+        F.count(F.lit(1)).alias("pageviews"), F.hll_sketch_agg("user_id", 12).alias("visitors")
+    ).toArrow()
+    day = (F.col("ts") - F.col("ts") % DAY).alias("bucket")
+    events("purchase", "sku", "amount").groupBy(day, "sku").agg(
+        F.coalesce(F.sum("amount"), F.lit(0.0)).alias("revenue"), F.count(F.lit(1)).alias("orders")
+    ).toArrow()
+    return time.perf_counter() - started
+
+
+@dataclass
+class Figures:
+    rows: int
+    duckdb: float
+    duckdb_reference: float
+    spark: float
+    spark_reference: float
+
+    def line(self) -> str:
+        rate = lambda s: f"{self.rows / s:,.0f} rows/s ({s:.1f} s)"  # noqa: E731
+        return (
+            f"{self.rows:,} rows: duckdb engine {rate(self.duckdb)}, "
+            f"reference {rate(self.duckdb_reference)}, ratio "
+            f"{self.duckdb_reference / self.duckdb:.2f}; spark engine {rate(self.spark)}, "
+            f"reference {rate(self.spark_reference)}, ratio "
+            f"{self.spark_reference / self.spark:.2f}"
+        )
+
+
+def measure(lake: Lake, spark: SparkEngine, duck: DuckDBEngine) -> Figures:
+    seconds, rows = engine_seconds(duck, lake)
+    reference = duckdb_reference(lake)
+    spark_seconds, spark_rows = engine_seconds(spark, lake)
+    assert spark_rows == rows, (spark_rows, rows)
+    figures = Figures(rows, seconds, reference, spark_seconds, spark_reference(spark, lake))
+    say("  " + figures.line())
+    return figures
+
+
+# -- incremental over full -----------------------------------------------------------------
+
+
+def incremental_speedup(lake: Lake, duck: DuckDBEngine, seed: int) -> float:
+    """A full run at the lake's end, then a day of new data: incremental run vs full run."""
+    settings = Settings(store=lake.store.url, partitions=PARTITIONS)
+    base = run_batch(settings, project, lake.store, duck)
+    per_day = sum(lake.offsets) // DAYS
+    day = generate(per_day, lake.end, 1, np.random.default_rng(seed), lake.offsets)
+    lake.end += DAY
+    write(lake, day)
+    say(f"  a day of new data: {per_day:,} events")
+    incremental, seconds_incremental = timed(
+        lambda: run_batch(settings, project, lake.store, duck, incremental=True)
+    )
+    assert incremental.base_version == base.version
+    rollback(lake.store, base.version)
+    full, seconds_full = timed(lambda: run_batch(settings, project, lake.store, duck))
+    assert_same_versions(lake.store, incremental, full)
+    say(f"  incremental run {seconds_incremental:.1f} s ({incremental.rows_read:,} rows read), "
+        f"full run {seconds_full:.1f} s ({full.rows_read:,} rows read)")
+    return seconds_full / seconds_incremental
+
+
+def timed(run: Callable[[], catalog.Manifest]) -> tuple[catalog.Manifest, float]:
+    started = time.perf_counter()
+    manifest = run()
+    return manifest, time.perf_counter() - started
+
+
+def assert_same_versions(store: FileStore, left: catalog.Manifest, right: catalog.Manifest):
+    for name, view in project.views.items():
+        a, b = (pq.read_table(store.arrow_path(m.views[name].files[0])) for m in (left, right))
+        assert a.select(["bucket", *view.keys]) == b.select(["bucket", *view.keys]), name
+        for metric in view.metrics:
+            x, y = a[metric].to_pylist(), b[metric].to_pylist()
+            if a.schema.field(metric).type == pa.binary():
+                x, y = list(map(sketches.estimate, x)), list(map(sketches.estimate, y))
+            assert all(math.isclose(p, q, rel_tol=1e-9) for p, q in zip(x, y, strict=True))
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs=2, default=[1_000_000, 10_000_000])
+    parser.add_argument("--folder", type=Path, help="Where the data goes (default: a temp dir)")
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="lambdalake-bench-", dir=args.folder))
+    duck, spark = DuckDBEngine(), SparkEngine("local[*]", SPARK_CONF)
+    try:
+        small, _ = run_size(folder, args.sizes[0], spark, duck, seed=0)
+        large, lake = run_size(folder, args.sizes[1], spark, duck, seed=1)
+        say(f"incremental over full, a day on top of {args.sizes[1]:,}:")
+        speedup = incremental_speedup(lake, duck, seed=99)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    per_10x = 10 / (args.sizes[1] / args.sizes[0])  # time growth scaled to 10x the rows
+    print(json.dumps({
+        "duckdb_ratio": round(large.duckdb_reference / large.duckdb, 3),
+        "spark_ratio": round(large.spark_reference / large.spark, 3),
+        "duckdb_over_spark": round(large.spark / large.duckdb, 3),
+        "duckdb_growth_10x": round(large.duckdb / small.duckdb * per_10x, 3),
+        "spark_growth_10x": round(large.spark / small.spark * per_10x, 3),
+        "incremental_speedup": round(speedup, 3),
+    }))
+
+
+def run_size(
+    folder: Path, n: int, spark: SparkEngine, duck: DuckDBEngine, seed: int
+) -> tuple[Figures, Lake]:
+    say(f"{n:,} events:")
+    lake = make_lake(folder / str(n), n, seed)
+    if seed == 0:  # warm the JVM up on the first size, untimed
+        spark_reference(spark, lake)
+    return measure(lake, spark, duck), lake
+
+
+if __name__ == "__main__":
+    main()
