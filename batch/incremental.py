@@ -8,12 +8,12 @@ grouped by bucket and keys, so the merge is a group-by over both tables.
 (arrival, partition, offset). The delta is the master rows with C1 <= arrival < C2 less every
 row whose event id has a copy arriving before C1 (the base counted that copy). History is
 checked without keeping anything per version: the `event_id` column of the rows below C1 is
-scanned, object by object, against a hash set of the delta's ids (pyarrow `is_in`, built on
-the small side), so memory holds a few objects' ids at a time and only the ids found in both
-are kept. That column is the only one read from history (row groups wholly at or past C1 are
-skipped on their statistics). Per-version id sets were the other choice: they would save
-that scan, but grow with history just the same and must stay in step with every version,
-rollback and retention.
+scanned, a group of objects at a time, against one hash set of the delta's ids (pyarrow
+`is_in`), so memory holds one group's ids at a time and only the ids found in both are kept.
+That column is the only one read from history (row groups wholly at or past C1 are skipped on
+their statistics). Per-version id sets were the other choice: they would save that scan, but
+grow with history just the same and must stay in step with every version, rollback and
+retention.
 
 The delta is written as one Parquet object per event type, under `views/_delta/v=<version>/`
 in the run's own store, so every engine, a Spark cluster too, reads it as master data through
@@ -51,6 +51,7 @@ from lambdalake.storage import NotFound, ObjectStore
 from lambdalake.views import View
 
 SCRATCH = "_delta"  # views/_delta/v=<version>/<event type>.parquet, like a view's files
+ID_GROUP = 64  # master objects whose event ids are looked up together
 
 log = logging.getLogger("lambdalake.batch")
 
@@ -122,20 +123,30 @@ def delta_rows(
     window_rows = (arrival >= since) & (arrival < cut)
     rows = read_all(store, keys, lambda part: part.to_table(schema=schema, filter=window_rows))
     rows = pa.concat_tables([schema.empty_table(), *rows])
-    ids = pc.unique(rows["event_id"])
-    seen = read_all(store, keys, lambda part: _ids_among(part, schema, arrival < since, ids))
-    counted = pa.chunked_array(seen, pa.string())
+    counted = counted_before(store, schema, keys, since, pc.unique(rows["event_id"]))
     return rows.filter(pc.invert(pc.is_in(rows["event_id"], value_set=counted))), rows.num_rows
 
 
-def _ids_among(
-    fragment: ds.Fragment, schema: pa.Schema, older: ds.Expression, ids: pa.Array
-) -> pa.Array:
-    """The event ids of the rows matching `older` that are among `ids`."""
-    if not len(ids):
-        return pa.array([], pa.string())
-    column = fragment.to_table(schema=schema, columns=["event_id"], filter=older)["event_id"]
-    return pc.filter(column, pc.is_in(column, value_set=ids)).combine_chunks()
+def counted_before(
+    store: ObjectStore, schema: pa.Schema, keys: list[str], since: int, ids: pa.Array
+) -> pa.ChunkedArray:
+    """Those of `ids` with a copy arriving before `since`.
+
+    The older ids are read `ID_GROUP` objects at a time and each group looked up at once:
+    `is_in` builds its hash set of `ids` per call, so one call per object would build it
+    hundreds of times, and one call for all history would hold every id in memory.
+    """
+    older = ds.field("arrival") < since
+    found = []
+    for at in range(0, len(keys) if len(ids) else 0, ID_GROUP):
+        parts = read_all(
+            store,
+            keys[at : at + ID_GROUP],
+            lambda part: part.to_table(schema=schema, columns=["event_id"], filter=older),
+        )
+        column = pa.chunked_array([c for p in parts for c in p["event_id"].chunks], pa.string())
+        found += pc.filter(column, pc.is_in(column, value_set=ids)).chunks
+    return pa.chunked_array(found, pa.string())
 
 
 def merge(

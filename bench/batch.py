@@ -12,8 +12,9 @@ out as the archiver lays them out. Measured on it, as master rows read per secon
   job computing the same views, sketches with `hll_sketch_agg`, on the same session;
 - the DuckDB engine over the Spark engine, and how each engine's time grows from the first
   size to the last (10x the rows: linear is 10);
-- an incremental run over a full run (`run_batch`, DuckDB engine) for a day of new data on
-  top of the last size; the two versions are checked equal.
+- an incremental run over a full run (`run_batch`) for a day of new data on top of the last
+  size, the two versions checked equal: the DuckDB engine's in the JSON, the Spark engine's
+  printed too.
 
     .venv/bin/python bench/batch.py [--sizes 1000000 10000000] [--folder DIR]
 
@@ -258,24 +259,33 @@ def measure(lake: Lake, spark: SparkEngine, duck: DuckDBEngine) -> Figures:
 # -- incremental over full -----------------------------------------------------------------
 
 
-def incremental_speedup(lake: Lake, duck: DuckDBEngine, seed: int) -> float:
-    """A full run at the lake's end, then a day of new data: incremental run vs full run."""
-    settings = Settings(store=lake.store.url, partitions=PARTITIONS)
-    base = run_batch(settings, project, lake.store, duck)
-    per_day = sum(lake.offsets) // DAYS
+def incremental_speedups(lake: Lake, engines: list[Engine], seed: int) -> list[float]:
+    """A full run at the lake's end, then a day of new data: per engine, an incremental run
+    on that version against a full run (both from the same base; results checked equal)."""
+    settings = Settings(store=lake.store.url, partitions=PARTITIONS, versions_kept=10)
+    base = run_batch(settings, project, lake.store, engines[0])
+    per_day = int(sum(lake.offsets)) // DAYS
     day = generate(per_day, lake.end, 1, np.random.default_rng(seed), lake.offsets)
     lake.end += DAY
     write(lake, day)
     say(f"  a day of new data: {per_day:,} events")
+    return [incremental_over_full(lake, settings, engine, base) for engine in engines]
+
+
+def incremental_over_full(
+    lake: Lake, settings: Settings, engine: Engine, base: catalog.Manifest
+) -> float:
+    rollback(lake.store, base.version)
     incremental, seconds_incremental = timed(
-        lambda: run_batch(settings, project, lake.store, duck, incremental=True)
+        lambda: run_batch(settings, project, lake.store, engine, incremental=True)
     )
     assert incremental.base_version == base.version
     rollback(lake.store, base.version)
-    full, seconds_full = timed(lambda: run_batch(settings, project, lake.store, duck))
+    full, seconds_full = timed(lambda: run_batch(settings, project, lake.store, engine))
     assert_same_versions(lake.store, incremental, full)
-    say(f"  incremental run {seconds_incremental:.1f} s ({incremental.rows_read:,} rows read), "
-        f"full run {seconds_full:.1f} s ({full.rows_read:,} rows read)")
+    say(f"  {engine.name}: incremental run {seconds_incremental:.1f} s "
+        f"({incremental.rows_read:,} rows read), full run {seconds_full:.1f} s "
+        f"({full.rows_read:,} rows read): {seconds_full / seconds_incremental:.1f}x")
     return seconds_full / seconds_incremental
 
 
@@ -310,7 +320,7 @@ def main() -> None:
         small, _ = run_size(folder, args.sizes[0], spark, duck, seed=0)
         large, lake = run_size(folder, args.sizes[1], spark, duck, seed=1)
         say(f"incremental over full, a day on top of {args.sizes[1]:,}:")
-        speedup = incremental_speedup(lake, duck, seed=99)
+        speedup, _ = incremental_speedups(lake, [duck, spark], seed=99)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     per_10x = 10 / (args.sizes[1] / args.sizes[0])  # time growth scaled to 10x the rows
