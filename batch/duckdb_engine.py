@@ -3,8 +3,8 @@
 Objects are read through the store's pyarrow filesystem (DuckDB's httpfs extension is not
 needed) and registered with DuckDB as Arrow, without a copy. Each view becomes one SQL query:
 dedup by `event_id`, filter, bucket, group, and the exact metrics by their monoid kind.
-Approximate distinct counts come back from SQL as the list of each group's values and are
-turned into DataSketches HLL sketches in bulk by `lambdalake.sketches`.
+Approximate distinct counts come back from SQL as the list of each group's distinct values
+and are turned into DataSketches HLL sketches in bulk by `lambdalake.sketches`.
 """
 
 from __future__ import annotations
@@ -88,8 +88,8 @@ def compile_view(view: View) -> ViewQuery:
 
 
 def _metric_sql(metric: Monoid) -> str:
-    if isinstance(metric, ApproxDistinct):
-        return f"list({_quote(metric.field)})"
+    if isinstance(metric, ApproxDistinct):  # a sketch of the distinct values is the same
+        return f"list(DISTINCT {_quote(metric.field)})"
     template = _EXACT.get(metric.kind)
     if template is None:
         raise ValueError(f"the duckdb engine cannot compute {metric.kind!r} metrics")

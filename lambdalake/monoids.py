@@ -66,6 +66,9 @@ class Count(Monoid):
     def merge(self, left: int, right: int) -> int:
         return left + right
 
+    def add(self, working: int, value: Any) -> int:
+        return working + 1
+
     def sql_merge(self, column: str) -> str:
         return f"sum({column})"
 
@@ -82,6 +85,9 @@ class Sum(Monoid):
 
     def merge(self, left: Any, right: Any) -> Any:
         return left + right
+
+    def add(self, working: Any, value: Any) -> Any:
+        return working if value is None else working + value
 
 
 @dataclass(frozen=True)

@@ -190,14 +190,27 @@ def _coupons(values) -> tuple[np.ndarray, np.ndarray]:
         arr = arr.combine_chunks()
     valid = arr.is_valid().to_numpy(zero_copy_only=False).copy()
     t = arr.type
-    if pa.types.is_null(t) or len(arr) == 0:
+    if pa.types.is_null(t) or not valid.any():
         return np.zeros(len(arr), np.uint64), np.zeros(len(arr), bool)
+    if _is_text(t):  # hashing a string costs ~10x a lookup, and values repeat
+        arr = pc.dictionary_encode(arr)
+        t = arr.type
     if pa.types.is_dictionary(t):  # hash each distinct value once
-        coupons, counts = _coupons(arr.dictionary)
+        coupons, counts = _distinct_coupons(arr.dictionary)
         index = arr.indices.fill_null(0).to_numpy()
         return coupons[index], valid & counts[index]
+    return _distinct_coupons(arr)
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _distinct_coupons(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    valid = arr.is_valid().to_numpy(zero_copy_only=False).copy()
+    t = arr.type
     with np.errstate(over="ignore"):
-        if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        if _is_text(t):
             arr = arr.cast(pa.large_string())
             valid &= pc.binary_length(arr).fill_null(0).to_numpy() > 0
             h1, h2 = _hash_strings(arr)

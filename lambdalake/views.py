@@ -91,7 +91,8 @@ class View:
         )
 
     def key_of(self, event: Event) -> tuple[Any, ...]:
-        return tuple(event.fields.get(k) for k in self.keys)
+        fields = event.fields
+        return tuple([fields.get(k) for k in self.keys])
 
     def where_sql(self) -> str:
         return " AND ".join(c.sql() for c in self.where) or "TRUE"

@@ -39,6 +39,30 @@ class CellUpdate:
     values: tuple[Any, ...]  # frozen accumulators, in the view's metric order
 
 
+class _ViewFold:
+    """One view's fold, with what it reads per event looked up once."""
+
+    __slots__ = ("view", "cells", "dirty", "adders", "metrics")
+
+    def __init__(self, view: View, cells: dict[CellKey, list[Any]], dirty: set[Any]):
+        self.view, self.cells, self.dirty = view, cells, dirty
+        self.metrics = tuple(view.metrics.values())
+        self.adders = tuple((i, m.add, m.field) for i, m in enumerate(self.metrics))
+
+    def __call__(self, event: Event, slice_start: int) -> None:
+        view = self.view
+        if view.where and not view.accepts(event):
+            return
+        cell = (slice_start, view.bucket_of(event.ts), view.key_of(event))
+        accs = self.cells.get(cell)
+        if accs is None:
+            accs = self.cells[cell] = [m.thaw(m.zero()) for m in self.metrics]
+        fields = event.fields
+        for i, add, field in self.adders:
+            accs[i] = add(accs[i], fields.get(field) if field else None)
+        self.dirty.add((view.name, cell))
+
+
 class ViewState:
     def __init__(self, project: Project, slice_ms: int, dedup_window_ms: int):
         self.project, self.slice_ms, self.dedup_window_ms = project, slice_ms, dedup_window_ms
@@ -47,40 +71,33 @@ class ViewState:
         self._dirty: set[tuple[str, CellKey]] = set()
         self._seen: OrderedDict[str, int] = OrderedDict()
         self._newest = 0
-        self._by_type: dict[str, list[View]] = {}
+        self._folds: dict[str, list[_ViewFold]] = {}
         for view in project.views.values():
-            self._by_type.setdefault(view.event_type, []).append(view)
+            fold = _ViewFold(view, self.cells[view.name], self._dirty)
+            self._folds.setdefault(view.event_type, []).append(fold)
 
     def apply(self, event: Event, arrival: int) -> bool:
         """Fold one event in; False when it is a duplicate or already covered by the batch."""
         if self._duplicate(event.event_id, arrival) or arrival < self.cut:
             return False
         slice_start = arrival - arrival % self.slice_ms
-        for view in self._by_type.get(event.type, ()):
-            if view.accepts(event):
-                self._fold(view, (slice_start, view.bucket_of(event.ts), view.key_of(event)), event)
+        for fold in self._folds.get(event.type, ()):
+            fold(event, slice_start)
         return True
 
     def apply_all(self, records: Iterable[tuple[Event, int]]) -> int:
         return sum(self.apply(event, arrival) for event, arrival in records)
 
-    def _fold(self, view: View, cell: CellKey, event: Event) -> None:
-        cells = self.cells[view.name]
-        accs = cells.get(cell)
-        if accs is None:
-            accs = cells[cell] = [m.thaw(m.zero()) for m in view.metrics.values()]
-        for i, metric in enumerate(view.metrics.values()):
-            accs[i] = metric.add(accs[i], event.fields.get(metric.field) if metric.field else None)
-        self._dirty.add((view.name, cell))
-
     def _duplicate(self, event_id: str, arrival: int) -> bool:
-        if event_id in self._seen:
+        seen = self._seen
+        if event_id in seen:
             return True
-        self._seen[event_id] = arrival
-        self._newest = max(self._newest, arrival)
-        horizon = self._newest - self.dedup_window_ms
-        while self._seen and next(iter(self._seen.values())) < horizon:
-            self._seen.popitem(last=False)
+        seen[event_id] = arrival
+        if arrival > self._newest:
+            self._newest = arrival
+            horizon = arrival - self.dedup_window_ms
+            while seen and next(iter(seen.values())) < horizon:
+                seen.popitem(last=False)
         return False
 
     def drop_below(self, cut: int) -> None:

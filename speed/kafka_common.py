@@ -15,7 +15,6 @@ A restarted or rebalanced worker rebuilds the view state from both topics, read 
 
 from __future__ import annotations
 
-import json
 import pickle
 import time
 from typing import Any
@@ -53,14 +52,7 @@ def parse(value: bytes | None, validator: Validator, arrival: int) -> Event | Po
     so a record replayed after a restart gets the same verdict."""
     if value is None:
         return Poison("$: not JSON: the record has no value")
-    try:
-        raw = orjson.loads(value)
-    except orjson.JSONDecodeError:  # orjson is strict; json is the reference
-        try:
-            raw = json.loads(value)
-        except ValueError as exc:
-            return Poison(f"$: not JSON: {exc}"[:MAX_REASON])
-    checked = validator.validate(raw, arrival, size=len(value))
+    checked = validator.validate_json(value, arrival)
     if isinstance(checked, Event):
         return checked
     return Poison("; ".join(f"{p.field}: {p.error}" for p in checked)[:MAX_REASON])

@@ -186,6 +186,53 @@ def test_bad_events_name_the_field_and_rule(validator, raw, field, rule):
     assert problems[0].as_dict().keys() == {"index", "field", "error"}
 
 
+@pytest.mark.parametrize(("raw", "field", "rule"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_json_bytes_name_the_field_and_rule_too(validator, raw, field, rule):
+    problems = validator.validate_json(json.dumps(raw).encode(), NOW, index=3)
+    assert isinstance(problems, list), problems
+    assert problems == validator.validate(raw, NOW, index=3)
+
+
+@pytest.mark.parametrize("value", [b"", b"{", b"not json", b'{"a": 1} trailing', b"\xff"])
+def test_bytes_that_are_not_json_are_named_so(validator, value):
+    [problem] = validator.validate_json(value, NOW)
+    assert (problem.field, problem.error[:9]) == ("$", "not JSON:")
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=6,
+)
+near_valid = st.fixed_dictionaries(
+    {},
+    optional={
+        "event_id": st.text(max_size=4) | json_values,
+        "type": st.sampled_from(["pageview", "purchase", "click"]) | json_values,
+        "ts": st.integers(-5, NOW + 2 * MAX_FUTURE_MS) | st.just("2024-01-01T00:00:00Z")
+        | json_values,
+        "url": st.text(max_size=6) | json_values,
+        "user_id": st.text(max_size=6),
+        "referrer": st.none() | st.text(max_size=6),
+        "duration_ms": st.none() | st.integers() | st.floats(),
+        "sku": st.text(max_size=3),
+        "amount": st.floats() | st.integers() | json_values,
+        "colour": json_values,
+    },
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(near_valid)
+def test_json_bytes_are_judged_as_the_decoded_object_is(raw):
+    """The one-pass check of JSON bytes accepts exactly what decoding, then validating,
+    accepts, into the same event, and refuses the rest with the same problems."""
+    data = json.dumps(raw).encode()
+    checker = Validator(project.schemas, MAX_FUTURE_MS)
+    decoded = checker.validate(json.loads(data), NOW, size=len(data))
+    assert checker.validate_json(data, NOW) == decoded
+
+
 def test_every_problem_is_reported_at_once(validator):
     problems = validator.validate(pageview(url=3, user_id=DROP, colour="red"), NOW)
     assert {p.field for p in problems} == {"url", "user_id", "colour"}

@@ -91,6 +91,8 @@ def test_skips_nulls_and_empty_strings_and_takes_arrow_input():
         got = build_sketch_array(groups, arr)
         assert isinstance(got, pa.LargeBinaryArray)
         assert [estimate(s) for s in got.to_pylist()] == [estimate(s) for s in expected]
+    for nothing in (pa.array([None, None], pa.string()), pa.array(["", None])):
+        assert build_sketches(np.zeros(2, np.int64), nothing) == [empty()]
     ints = pa.array([1, None, 2, 2], pa.int32())  # int32 hashes as int64, as in Spark
     (sketch,) = build_sketches(np.zeros(4, np.int64), ints)
     assert estimate(sketch) == estimate(one_by_one([1, 2]))
