@@ -16,7 +16,7 @@ until a batch cut passes both copies.
 from __future__ import annotations
 
 import pickle
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -40,12 +40,14 @@ class CellUpdate:
 
 
 class _ViewFold:
-    """One view's fold, with what it reads per event looked up once."""
+    """One view's cells, and its fold with what it reads per event looked up once."""
 
     __slots__ = ("view", "cells", "dirty", "adders", "metrics")
 
-    def __init__(self, view: View, cells: dict[CellKey, list[Any]], dirty: set[Any]):
-        self.view, self.cells, self.dirty = view, cells, dirty
+    def __init__(self, view: View):
+        self.view = view
+        self.cells: dict[CellKey, list[Any]] = {}
+        self.dirty: set[CellKey] = set()  # changed since the last drain
         self.metrics = tuple(view.metrics.values())
         self.adders = tuple((i, m.add, m.field) for i, m in enumerate(self.metrics))
 
@@ -60,21 +62,23 @@ class _ViewFold:
         fields = event.fields
         for i, add, field in self.adders:
             accs[i] = add(accs[i], fields.get(field) if field else None)
-        self.dirty.add((view.name, cell))
+        self.dirty.add(cell)
 
 
 class ViewState:
     def __init__(self, project: Project, slice_ms: int, dedup_window_ms: int):
         self.project, self.slice_ms, self.dedup_window_ms = project, slice_ms, dedup_window_ms
         self.cut = 0
-        self.cells: dict[str, dict[CellKey, list[Any]]] = {name: {} for name in project.views}
-        self._dirty: set[tuple[str, CellKey]] = set()
-        self._seen: OrderedDict[str, int] = OrderedDict()
-        self._newest = 0
+        self._views = {name: _ViewFold(view) for name, view in project.views.items()}
+        self.cells: dict[str, dict[CellKey, list[Any]]] = {
+            name: fold.cells for name, fold in self._views.items()
+        }
         self._folds: dict[str, list[_ViewFold]] = {}
-        for view in project.views.values():
-            fold = _ViewFold(view, self.cells[view.name], self._dirty)
-            self._folds.setdefault(view.event_type, []).append(fold)
+        for fold in self._views.values():
+            self._folds.setdefault(fold.view.event_type, []).append(fold)
+        self._seen: dict[str, int] = {}  # event id -> arrival, for dedup
+        self._arrivals: deque[tuple[int, str]] = deque()  # the same, oldest first
+        self._newest = 0
 
     def apply(self, event: Event, arrival: int) -> bool:
         """Fold one event in; False when it is a duplicate or already covered by the batch."""
@@ -93,26 +97,32 @@ class ViewState:
         if event_id in seen:
             return True
         seen[event_id] = arrival
+        self._arrivals.append((arrival, event_id))
         if arrival > self._newest:
             self._newest = arrival
-            horizon = arrival - self.dedup_window_ms
-            while seen and next(iter(seen.values())) < horizon:
-                seen.popitem(last=False)
+            self._forget_before(arrival - self.dedup_window_ms)
         return False
+
+    def _forget_before(self, horizon: int) -> None:
+        arrivals, seen = self._arrivals, self._seen
+        while arrivals and arrivals[0][0] < horizon:
+            del seen[arrivals.popleft()[1]]
 
     def drop_below(self, cut: int) -> None:
         if cut <= self.cut:
             return
         self.cut = cut
-        for name, cells in self.cells.items():
-            for cell in [c for c in cells if c[0] < cut]:
-                del cells[cell]
-                self._dirty.discard((name, cell))
+        for fold in self._views.values():
+            for cell in [c for c in fold.cells if c[0] < cut]:
+                del fold.cells[cell]
+                fold.dirty.discard(cell)
 
     def drain(self) -> list[CellUpdate]:
         """Updates for every cell changed since the last drain."""
-        updates = [self._update(name, cell) for name, cell in self._dirty]
-        self._dirty.clear()
+        updates = []
+        for name, fold in self._views.items():
+            updates += [self._update(name, cell) for cell in fold.dirty]
+            fold.dirty.clear()
         return updates
 
     def everything(self) -> list[CellUpdate]:
@@ -133,9 +143,11 @@ class ViewState:
 
     def restore(self, data: bytes) -> None:
         self.cut, self._newest, cells, seen = pickle.loads(data)
-        self._seen = OrderedDict(seen)
+        self._seen = dict(seen)
+        self._arrivals = deque((arrival, event_id) for event_id, arrival in seen)
         for name, slice_start, bucket, key, values in cells:
             metrics = self.project.views[name].metrics.values()
             thawed = [m.thaw(v) for m, v in zip(metrics, values, strict=True)]
             self.cells[name][(slice_start, bucket, key)] = thawed
-        self._dirty.clear()
+        for fold in self._views.values():
+            fold.dirty.clear()
