@@ -8,7 +8,8 @@ alone, so a partition moves between workers with its state. What a transaction w
   cells dropped below a batch cut, and `[partition]` -> when the partition was last read to
   its end. This compacted topic is both the serving layer's feed and the cell state.
 - to `<topic>.speed-changelog`: `[partition, "ids", seq]` -> the (event_id, arrival) pairs
-  read since the last transaction (tombstoned once past the dedup window), and
+  read since the last transaction, a few thousand a record (tombstoned once past the dedup
+  window), and
   `[partition, "meta"]` -> arrival and cut.
 A restarted or rebalanced worker rebuilds the view state from both topics, read committed.
 """
@@ -36,6 +37,7 @@ DEAD_LETTERS = Counter(
     ["kind"],
 )
 MAX_REASON = 1_000
+IDS_PER_RECORD = 1_024  # (event id, arrival) pairs a record: < 300 KB with 256-char ids
 Record = tuple[bytes, bytes | None]  # (key, value); a None value is a tombstone
 
 
@@ -133,11 +135,13 @@ class PartitionState:
 
     def changelog_records(self) -> list[Record]:
         records: list[Record] = []
-        if self._fresh_ids:
-            seq = max(self._chunks, default=-1) + 1
-            records.append((ids_key(self.partition, seq), orjson.dumps(self._fresh_ids)))
-            self._chunks[seq] = self._fresh_ids[-1][1]
-            self._fresh_ids = []
+        seq = max(self._chunks, default=-1) + 1
+        for at in range(0, len(self._fresh_ids), IDS_PER_RECORD):
+            chunk = self._fresh_ids[at : at + IDS_PER_RECORD]
+            records.append((ids_key(self.partition, seq), orjson.dumps(chunk)))
+            self._chunks[seq] = chunk[-1][1]
+            seq += 1
+        self._fresh_ids = []
         horizon = self.arrival - self.window_ms
         for seq in [s for s, newest in self._chunks.items() if newest < horizon]:
             records.append((ids_key(self.partition, seq), None))
