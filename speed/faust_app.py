@@ -90,10 +90,8 @@ class FaustSpeed:
 
     async def process(self, stream: Any) -> None:
         async for batch in stream.take_events(BATCH, within=self.flush_s):
-            started, touched, self._sent = now_ms(), {}, []
-            for event in batch:
-                touched[event.message.partition] = await self._take(event.message)
-            for part in touched.values():
+            started, self._sent = now_ms(), []
+            for part in await self._fold(batch):
                 if len(batch) < BATCH:
                     part.caught_up_at = started
                 await self._write(part)
@@ -102,16 +100,23 @@ class FaustSpeed:
                 await stream.ack(event)
             await self.app.consumer.commit()
 
-    async def _take(self, message: Any) -> PartitionState:
-        part = self._part(message.partition)
-        reason = part.take(message.value, round(message.timestamp * 1000), self.validator)
-        if reason is not None:
-            source = f"{self.settings.topic}/{message.partition}/{message.offset}"
-            headers = [("reason", reason.encode()), ("source", source.encode())]
-            key = orjson.dumps([message.partition, message.offset])
-            await self._send("dead", message.partition, [(key, message.value)], headers)
-        part.next_offset = message.offset + 1
-        return part
+    async def _fold(self, batch: list[Any]) -> list[PartitionState]:
+        """Fold a batch into its partitions' states; the partitions it touched."""
+        touched = {}
+        for event in batch:
+            message = event.message
+            touched[message.partition] = part = self._part(message.partition)
+            reason = part.take(message.value, round(message.timestamp * 1000), self.validator)
+            if reason is not None:
+                await self._dead_letter(message, reason)
+            part.next_offset = message.offset + 1
+        return list(touched.values())
+
+    async def _dead_letter(self, message: Any, reason: str) -> None:
+        source = f"{self.settings.topic}/{message.partition}/{message.offset}"
+        headers = [("reason", reason.encode()), ("source", source.encode())]
+        key = orjson.dumps([message.partition, message.offset])
+        await self._send("dead", message.partition, [(key, message.value)], headers)
 
     async def _write(self, part: PartitionState) -> None:
         await self._send("cells", part.partition, part.realtime_records())
