@@ -319,6 +319,23 @@ def test_partition_state_restores_from_what_it_wrote() -> None:
     assert not any(second.view.apply(e, second.arrival) for e in replayed)
 
 
+def test_a_burst_of_ids_is_written_in_records_under_the_size_limit() -> None:
+    """Unit: 10,000 events of one partition between two transactions, with the longest event
+    ids allowed, land in changelog records each well under Kafka's 1 MB and restore whole."""
+    s = Settings(slice_seconds=1)
+    validator = Validator(project.schemas, 300_000)
+    first = PartitionState(0, project, s)
+    t0 = int(time.time() * 1000)
+    for i, event in enumerate(synthetic(10_000, seed=5)):
+        event["event_id"] = f"{i:06d}".ljust(256, "x")
+        assert first.take(json.dumps(event).encode(), t0 + i // 100, validator) is None
+    changelog = dict(first.changelog_records())
+    assert max(len(value) for value in changelog.values()) < 300_000
+    second = PartitionState(0, project, s)
+    second.restore(dict(first.realtime_records()), changelog)
+    assert second.view.tracked_ids == first.view.tracked_ids == 10_000
+
+
 def results(part: PartitionState) -> list[tuple[Any, ...]]:
     """Every cell with its metric results (equal sketches may differ in their bytes)."""
     return sorted(
