@@ -244,6 +244,10 @@ def feed_of(settings: Settings) -> Iterator[RealtimeCells]:
         feed.stop()
 
 
+FAUST_STALL = pytest.mark.xfail(
+    strict=False, reason="faust-streaming: a (re)started worker sometimes stops being fed "
+    "events after its first batch, more often on a loaded machine (no double count or wrong "
+    "answer seen when it completes)")
 COMMANDS = {
     "quix": lambda worker_id: ["-m", "speed.quix", "--worker-id", worker_id],
     "faust": lambda worker_id: ["-m", "speed.faust_app", "worker", "--loglevel", "info"],
@@ -413,8 +417,9 @@ def test_exact_merge_through_kafka(
 
 @pytest.mark.kafka
 @needs_java
+@pytest.mark.parametrize("engine", ["quix", pytest.param("faust", marks=FAUST_STALL)])
 def test_poison_goes_to_the_dead_letter_topic_and_the_partition_keeps_flowing(
-    broker: KafkaBroker, tmp_path: Path
+    broker: KafkaBroker, spawn: Any, tmp_path: Path, engine: str
 ) -> None:
     s = kafka_settings(broker, tmp_path, partitions=1)
     good = synthetic(400, seed=3)
@@ -427,7 +432,7 @@ def test_poison_goes_to_the_dead_letter_topic_and_the_partition_keeps_flowing(
     before = {k: dead_letters(k) for k in ("json", "schema")}
     records = encoded(good[:200]) + [(b"k", p) for p in poison] + encoded(good[200:])
     publish_raw(s.kafka_bootstrap, s.topic, records)
-    with feed_of(s) as cells, in_process_worker(s):
+    with feed_of(s) as cells, worker_of(engine, s, spawn, tmp_path / "worker.log"):
         wait_exact(lambda: served(cells, [], 0), recompute(good))
     dead = read_all(s.kafka_bootstrap, dlq_topic(s.topic), 1)
     assert [r[3] for r in dead] == poison
@@ -437,17 +442,29 @@ def test_poison_goes_to_the_dead_letter_topic_and_the_partition_keeps_flowing(
     assert "unknown event type 'refund'" in reasons[2]
     assert "JSON object" in reasons[3]
     assert [r[4]["source"].decode() for r in dead] == [f"{s.topic}/0/{200 + i}" for i in range(4)]
-    after = {k: dead_letters(k) for k in ("json", "schema")}
-    assert (after["json"] - before["json"], after["schema"] - before["schema"]) == (1, 3)
+    if engine == "quix":  # in this process: its metrics are readable here
+        after = {k: dead_letters(k) for k in ("json", "schema")}
+        assert (after["json"] - before["json"], after["schema"] - before["schema"]) == (1, 3)
+
+
+@contextmanager
+def worker_of(engine: str, settings: Settings, spawn: Any, log: Path) -> Iterator[None]:
+    """The Quix driver in a thread of this process, or a Faust worker process."""
+    if engine == "quix":
+        with in_process_worker(settings):
+            yield
+        return
+    worker = spawn(settings, "w1", log, engine)
+    yield
+    worker.terminate()
+    assert worker.wait(60) == 0
 
 
 @pytest.mark.kafka
 @needs_java
 @pytest.mark.parametrize(("engine", "n"), [
     ("quix", 60_000),
-    pytest.param("faust", 12_000, marks=pytest.mark.xfail(
-        strict=False, reason="faust-streaming: the restarted worker sometimes stops being "
-        "fed events after its first batch (no double count seen when it completes)")),
+    pytest.param("faust", 12_000, marks=FAUST_STALL),
 ])
 def test_worker_killed_mid_stream_restarts_without_double_counting(
     broker: KafkaBroker, spawn: Any, tmp_path: Path, engine: str, n: int
