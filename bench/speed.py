@@ -50,7 +50,7 @@ NOOP_FAUST = '''
 import json, sys, time
 import faust
 bootstrap, topic, n, datadir = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-sys.argv = [sys.argv[0], "worker", "--loglevel", "warn"]
+sys.argv = [sys.argv[0], "worker", "--without-web", "--loglevel", "warn"]
 app = faust.App(f"{topic}.noop", broker=f"kafka://{bootstrap}", web_enabled=False,
                 topic_allow_declare=False, topic_disable_leader=True,
                 consumer_auto_offset_reset="earliest", datadir=datadir)
@@ -132,7 +132,7 @@ def committed(watcher: Consumer, topic: str) -> int:
 
 def faust_eps(settings: Settings, n: int, env: dict[str, str]) -> float:
     """The Faust driver commits after every batch: its progress is its committed offsets."""
-    worker = subprocess.Popen([sys.executable, "-m", "speed.faust_app", "worker"], env=env,
+    worker = subprocess.Popen([sys.executable, "-m", "speed.faust_app"], env=env,
                               cwd=settings.home, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     watcher = Consumer({"bootstrap.servers": settings.kafka_bootstrap,

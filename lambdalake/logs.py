@@ -23,10 +23,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def setup_logging(level: str = "INFO") -> None:
+def setup_logging(level: str = "INFO", everything: bool = False) -> None:
+    """JSON lines on stderr for lambdalake's loggers, or for every library's too."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    root = logging.getLogger("lambdalake")
+    root = logging.getLogger(None if everything else "lambdalake")
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False

@@ -111,9 +111,8 @@ class Stack:
 
         ensure_bus_topics(self.settings)
         module = {"quix": "speed.quix", "faust": "speed.faust_app"}[self.settings.speed_engine]
-        args = ["worker"] if self.settings.speed_engine == "faust" else []
         env = {f"LAMBDALAKE_{k.upper()}": str(v) for k, v in self._speed_env().items() if v}
-        worker = subprocess.Popen([sys.executable, "-m", module, *args],
+        worker = subprocess.Popen([sys.executable, "-m", module],
                                   env=os.environ | env)
         self._closers.append(lambda: (worker.terminate(), worker.wait(60)))
         feed = RealtimeFeed(self.settings.kafka_bootstrap, self.settings.topic, self.realtime)

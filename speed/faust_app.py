@@ -2,33 +2,45 @@
 
 The agent takes events in micro-batches (`take_events`) and folds them into one `ViewState`
 per partition (`speed.kafka_common.PartitionState`, shared with the Quix driver). Its state
-is kept in three Faust tables whose changelogs are the bus's compacted topics: `cells`
-(`<topic>.realtime`, which the serving layer reads), `state` (`<topic>.speed-changelog`:
-dedup ids, arrival) and `dead` (`<topic>.dlq`, keyed by source position). Faust recovers
-the tables of the partitions a worker is given before its agent runs; the view state is
-rebuilt from them.
+is kept where the Quix driver keeps it: the compacted `<topic>.realtime` (the cells, which
+the serving layer reads) and `<topic>.speed-changelog` (dedup ids, arrival, offset); dead
+letters go to `<topic>.dlq`. A worker given partitions rebuilds their state from those
+topics, read committed, before its agent sees a record of them. Not from Faust tables:
+under exactly-once, Faust's table recovery takes each changelog partition's end from the
+consumer's cached last stable offset, which is unknown for a partition the worker has not
+fetched yet, so a worker taking over partitions in a rebalance recovered nothing of them.
 
 Exactly once (`processing_guarantee="exactly_once"`): Faust keeps one transactional producer
-per partition and commits each partition's offsets in its transaction. The driver sends its
-table writes into that transaction (`Topic.send`, not the buffered `send_soon`, which Faust
-does not flush before a commit), waits until the broker has them (aiokafka may otherwise end
-the transaction before they are sent), then acknowledges the batch and commits. Faust's own timed
-and counted commits are switched off: one of them landing while a batch is half written
-would commit part of its state with none of its offsets, and a restart would count that
-part twice. Faust still commits on a rebalance, after waiting for the batch in flight.
+per partition. The driver sends its writes into the partition's transaction
+(`Topic.send`, not the buffered `send_soon`, which Faust does not flush before a commit),
+waits until the broker has them, then commits the transaction with the offset after the
+last record it folded. Faust's own offset tracking is off for
+the event topic (`acks=False`): it commits from acknowledged offsets with gap bookkeeping
+that, after a restart, can stall a partition's commits at one offset a batch. The state
+keeps its own offset (written in the same transaction), and only the record at that offset
+is folded: one delivered twice is passed over, and when Faust skips records (it can drop a
+few it had fetched around a seek) the partition is rewound to the first one missing. On a
+rebalance Faust waits for the batch in flight before it hands partitions over.
 
-    python -m speed.faust_app worker     (settings from LAMBDALAKE_* variables)
+    python -m speed.faust_app [--metrics-port N]     (settings from LAMBDALAKE_* variables)
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
+import time
 from typing import Any
 
 import faust
 import orjson
+from aiokafka import TopicPartition
+from aiokafka.errors import ProducerFenced
+from faust.transport.consumer import TopicPartitionGroup
+from mode.supervisors import CrashingSupervisor
+from prometheus_client import start_http_server
 
 from lambdalake import catalog
 from lambdalake.eventlog import now_ms
@@ -37,12 +49,12 @@ from lambdalake.kafka_topics import changelog_topic, dlq_topic, realtime_topic
 from lambdalake.project import Project
 from lambdalake.settings import Settings
 from lambdalake.storage import ObjectStore
-from speed.kafka_common import PartitionState, Record
+from speed.kafka_common import PartitionState, Record, restore_partitions
 
 log = logging.getLogger("lambdalake.speed.faust")
 BATCH = 10_000
 RAW = {"key_serializer": "raw", "value_serializer": "raw"}
-COMMIT_NEVER = 10**9
+REWIND_AFTER_S = 1.0
 
 
 class FaustSpeed:
@@ -53,64 +65,91 @@ class FaustSpeed:
         self.app = faust.App(
             f"{settings.topic}.speed-faust",
             broker=f"kafka://{settings.kafka_bootstrap}",
-            store="memory://",
             processing_guarantee="exactly_once",
             topic_partitions=settings.partitions,
             topic_allow_declare=False,  # the bus's topics are made by ensure_bus_topics
             topic_disable_leader=True,
-            broker_commit_interval=COMMIT_NEVER,  # the agent commits after each batch
-            broker_commit_every=COMMIT_NEVER,
             broker_session_timeout=10.0,  # a worker killed with -9 holds its partitions so long
             broker_heartbeat_interval=2.0,
             consumer_auto_offset_reset="earliest",
             web_enabled=False,
+            agent_supervisor=CrashingSupervisor,  # a crash mid-batch must not leave it half folded
             datadir=str(settings.home / "faust"),
         )
-        self.tables = {
-            name: self.app.Table(
-                name,
-                partitions=settings.partitions,
-                changelog_topic=self.app.topic(topic, partitions=settings.partitions, **RAW),
-                key_type=bytes,
-                value_type=bytes,
-            )
-            for name, topic in (
-                ("cells", realtime_topic(settings.topic)),
-                ("state", changelog_topic(settings.topic)),
-                ("dead", dlq_topic(settings.topic)),
-            )
-        }
+        self.topics = {"cells": realtime_topic(settings.topic),
+                       "state": changelog_topic(settings.topic),
+                       "dead": dlq_topic(settings.topic)}
         self.parts: dict[int, PartitionState] = {}
         self.cut = 0
         self._sent: list[Any] = []  # the current batch's sends, awaited before its commit
-        events = self.app.topic(settings.topic, **RAW)
+        self._rewound: dict[int, float] = {}  # partition -> when it was last rewound
+        events = self.app.topic(settings.topic, acks=False, **RAW)
         self.app.agent(events, name="speed")(self.process)
         self.app.timer(1.0)(self.follow_batch)
         self.app.on_partitions_revoked.connect(self.revoked)
+        self.app.on_partitions_assigned.connect(self.assigned)
 
     async def process(self, stream: Any) -> None:
         async for batch in stream.take_events(BATCH, within=self.flush_s):
             started, self._sent = now_ms(), []
-            for part in await self._fold(batch):
+            touched = await self._fold(batch)
+            for part in touched:
                 if len(batch) < BATCH:
                     part.caught_up_at = started
                 await self._write(part)
             await asyncio.gather(*self._sent)
-            for event in batch:
-                await stream.ack(event)
-            await self.app.consumer.commit()
+            await self._commit(touched)
 
     async def _fold(self, batch: list[Any]) -> list[PartitionState]:
         """Fold a batch into its partitions' states; the partitions it touched."""
         touched = {}
         for event in batch:
             message = event.message
-            touched[message.partition] = part = self._part(message.partition)
+            part = self.parts.get(message.partition)
+            if part is None:
+                continue  # fetched before a rebalance gave its partition to another worker
+            if part.next_offset is not None and message.offset != part.next_offset:
+                if message.offset > part.next_offset:
+                    await self._rewind(part)
+                continue  # a record folded already, or one after records Faust skipped
+            touched[message.partition] = part
             reason = part.take(message.value, round(message.timestamp * 1000), self.validator)
             if reason is not None:
                 await self._dead_letter(message, reason)
             part.next_offset = message.offset + 1
         return list(touched.values())
+
+    async def _rewind(self, part: PartitionState) -> None:
+        """Read again from the first record Faust skipped (it can drop some it had fetched
+        when it seeks or rebalances). Records already queued behind the gap arrive next and
+        are passed over, so a partition is rewound at most once a second."""
+        now = time.monotonic()
+        if now - self._rewound.get(part.partition, 0.0) < REWIND_AFTER_S:
+            return
+        self._rewound[part.partition] = now
+        log.warning("records skipped by the consumer, reading them again",
+                    extra={"partition": part.partition, "offset": part.next_offset})
+        tp = TopicPartition(self.settings.topic, part.partition)
+        await self.app.consumer.seek(tp, part.next_offset)
+
+    async def _commit(self, parts: list[PartitionState]) -> None:
+        """End each partition's transaction with the offset after its last folded record."""
+        for part in parts:
+            tp = TopicPartition(self.settings.topic, part.partition)
+            offsets = {self._transaction_id(part.partition): {tp: part.next_offset}}
+            try:
+                await self.app.producer.commit_transactions(offsets, self.app.conf.id)
+            except ProducerFenced:
+                self._handed_over(part, tp)
+
+    def _handed_over(self, part: PartitionState, tp: TopicPartition) -> None:
+        """A rebalance gave the partition to another worker while its batch was in flight:
+        that worker's transaction fenced this one, so none of the batch was committed."""
+        if tp in self.app.consumer.assignment():
+            raise RuntimeError(f"fenced on partition {part.partition}, which is still ours")
+        self.parts.pop(part.partition, None)
+        log.info("partition handed over mid-batch; its new owner reads the batch again",
+                 extra={"partition": part.partition})
 
     async def _dead_letter(self, message: Any, reason: str) -> None:
         source = f"{self.settings.topic}/{message.partition}/{message.offset}"
@@ -124,27 +163,21 @@ class FaustSpeed:
         part.flush_metrics()
 
     async def _send(
-        self, table: str, partition: int, records: list[Record], headers: Any = None
+        self, topic: str, partition: int, records: list[Record], headers: Any = None
     ) -> None:
-        """Into the partition's open transaction; the table's own copy kept in step."""
-        data = self.tables[table].data
-        topic = self.tables[table].changelog_topic
+        """Into the open transaction of the event partition (named explicitly: Faust would
+        route a record of a topic its consumer does not read outside any transaction)."""
+        producer, name = self.app.producer, self.topics[topic]
+        transaction = self._transaction_id(partition)
         for key, value in records:
-            sent = await topic.send(key=key, value=value, partition=partition, headers=headers)
-            self._sent.append(sent)
-            if value is None:
-                data.pop(key, None)
-            else:
-                data[key] = value
+            self._sent.append(await producer.send(
+                name, key, value, partition, None, headers, transactional_id=transaction))
 
-    def _part(self, partition: int) -> PartitionState:
-        part = self.parts.get(partition)
-        if part is None:
-            part = self.parts[partition] = PartitionState(partition, self.project, self.settings)
-            part.restore(dict(self.tables["cells"].data.items()),
-                         dict(self.tables["state"].data.items()))
-            part.follow(self.cut)
-        return part
+    def _transaction_id(self, partition: int) -> str:
+        group = self.app.assignor.group_for_topic(self.settings.topic)
+        return self.app.consumer.transactions.transactional_id_format.format(
+            group_id=self.app.conf.id,
+            tpg=TopicPartitionGroup(self.settings.topic, partition, group))
 
     async def follow_batch(self) -> None:
         try:
@@ -157,29 +190,44 @@ class FaustSpeed:
             part.follow(self.cut)
 
     async def revoked(self, app: Any, revoked: Any, **_: Any) -> None:
-        """Forget revoked partitions; Faust recovers their tables if they come back."""
-        numbers = {tp.partition for tp in revoked if tp.topic == self.settings.topic}
-        for number in numbers:
-            self.parts.pop(number, None)
-        for table in self.tables.values():
-            for key in [k for k in table.data if orjson.loads(k)[0] in numbers]:
-                table.data.pop(key, None)
+        """Faust calls this once the batch in flight is committed: forget those partitions."""
+        for tp in revoked:
+            if tp.topic == self.settings.topic:
+                self.parts.pop(tp.partition, None)
+
+    async def assigned(self, app: Any, assigned: Any, **_: Any) -> None:
+        """Rebuild the state of the partitions given, before any of their records is read.
+        Faust has by now begun their transactions, which aborts any a killed worker left
+        open, so what is read is what the committed offsets were committed with."""
+        numbers = sorted(tp.partition for tp in assigned if tp.topic == self.settings.topic)
+        fresh = [n for n in numbers if n not in self.parts]
+        # Blocks the loop on purpose: no record of these partitions may be folded meanwhile
+        # (the consumer, and its heartbeats, run on Faust's consumer thread).
+        self.parts.update(restore_partitions(self.settings, self.project, fresh, self.cut))
+        log.info("partitions assigned, state restored", extra={"partitions": numbers})
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from lambdalake.kafka_topics import ensure_bus_topics
+    from lambdalake.logs import setup_logging
     from lambdalake.project import load_project
     from lambdalake.storage import open_store
 
+    parser = argparse.ArgumentParser(prog="python -m speed.faust_app", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics")
+    args = parser.parse_args(argv)
+    setup_logging(everything=True)  # Faust's and aiokafka's logs too, one JSON object a line
     settings = Settings()
     ensure_bus_topics(settings)
+    if args.metrics_port:
+        start_http_server(args.metrics_port)
     store = open_store(settings.store_url, settings.s3_endpoint_url)
+    app = FaustSpeed(settings, load_project(settings.project), store).app
     try:
-        FaustSpeed(settings, load_project(settings.project), store).app.main()
+        faust.Worker(app, loglevel="INFO", override_logging=False).execute_from_commandline()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
-    else:
-        code = 0
     logging.shutdown()
     os._exit(code)  # faust-streaming leaves its consumer thread running after a clean stop
 

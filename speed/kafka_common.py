@@ -10,7 +10,8 @@ alone, so a partition moves between workers with its state. What a transaction w
 - to `<topic>.speed-changelog`: `[partition, "ids", seq]` -> the (event_id, arrival) pairs
   read since the last transaction, a few thousand a record (tombstoned once past the dedup
   window), and
-  `[partition, "meta"]` -> arrival and cut.
+  `[partition, "meta"]` -> arrival, cut, and the event-topic offset after the last record
+  folded (the offset the same transaction commits).
 A restarted or rebalanced worker rebuilds the view state from both topics, read committed.
 """
 
@@ -25,6 +26,7 @@ from prometheus_client import Counter
 
 from lambdalake.events import Event, Validator
 from lambdalake.kafka_topics import arrival as next_arrival
+from lambdalake.kafka_topics import changelog_topic, realtime_topic
 from lambdalake.project import Project
 from lambdalake.realtime import decode_update, encode_update
 from lambdalake.settings import Settings
@@ -146,7 +148,7 @@ class PartitionState:
         for seq in [s for s, newest in self._chunks.items() if newest < horizon]:
             records.append((ids_key(self.partition, seq), None))
             del self._chunks[seq]
-        meta = {"arrival": self.arrival, "cut": self.view.cut}
+        meta = {"arrival": self.arrival, "cut": self.view.cut, "offset": self.next_offset}
         records.append((meta_key(self.partition), orjson.dumps(meta)))
         return records
 
@@ -164,7 +166,7 @@ class PartitionState:
             self._chunks[seq] = pairs[-1][1] if pairs else 0
             for event_id, arrival in pairs:
                 seen.setdefault(event_id, arrival)
-        self.arrival = meta["arrival"]
+        self.arrival, self.next_offset = meta["arrival"], meta.get("offset")
         newest = max(seen.values(), default=0)
         # ViewState.snapshot()'s format; tests/test_speed_kafka.py checks the round trip.
         snapshot = (meta["cut"], newest, cells, list(seen.items()))
@@ -177,6 +179,23 @@ class PartitionState:
             if decoded[0] == self.partition and decoded[1] == "ids":
                 chunks.append((decoded[2], orjson.loads(value)))
         return sorted(chunks)
+
+
+def restore_partitions(
+    settings: Settings, project: Project, numbers: list[int], cut: int
+) -> dict[int, PartitionState]:
+    """The view states of these event partitions, rebuilt from what their last committed
+    transactions wrote, with the slices below the batch cut dropped."""
+    realtime, changelog = realtime_topic(settings.topic), changelog_topic(settings.topic)
+    latest = read_compacted(
+        settings.kafka_bootstrap, [(t, p) for t in (realtime, changelog) for p in numbers]
+    )
+    parts = {}
+    for number in numbers:
+        part = parts[number] = PartitionState(number, project, settings)
+        part.restore(latest[(realtime, number)], latest[(changelog, number)])
+        part.follow(cut)
+    return parts
 
 
 def read_compacted(

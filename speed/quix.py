@@ -34,7 +34,7 @@ from lambdalake.kafka_topics import changelog_topic, dlq_topic, ensure_bus_topic
 from lambdalake.project import Project, load_project
 from lambdalake.settings import Settings
 from lambdalake.storage import ObjectStore, open_store
-from speed.kafka_common import PartitionState, Record, read_compacted
+from speed.kafka_common import PartitionState, Record, restore_partitions
 
 log = logging.getLogger("lambdalake.speed.quix")
 TRACKED_IDS = Gauge("lambdalake_speed_kafka_dedup_ids", "Event ids held for dedup", ["partition"])
@@ -170,15 +170,7 @@ class QuixSpeed:
         # state read below is the state those offsets were committed with.
         self.consumer.committed(partitions, KAFKA_TIMEOUT_S)
         numbers = [tp.partition for tp in partitions]
-        realtime, changelog = realtime_topic(self.topic), changelog_topic(self.topic)
-        latest = read_compacted(
-            self.settings.kafka_bootstrap, [(t, p) for t in (realtime, changelog) for p in numbers]
-        )
-        for number in numbers:
-            part = PartitionState(number, self.project, self.settings)
-            part.restore(latest[(realtime, number)], latest[(changelog, number)])
-            part.follow(self.cut)
-            self.parts[number] = part
+        self.parts.update(restore_partitions(self.settings, self.project, numbers, self.cut))
         log.info("partitions assigned, state restored", extra={"partitions": numbers})
 
     def _revoke(self, _consumer: object, partitions: list[TopicPartition]) -> None:
