@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 from prometheus_client import Counter
 
-from lambdalake.events import Event, Validator
+from lambdalake.events import Event, Problem, Validator
 from lambdalake.kafka_topics import arrival as next_arrival
 from lambdalake.kafka_topics import changelog_topic, realtime_topic
 from lambdalake.project import Project
@@ -46,20 +46,16 @@ Record = tuple[bytes, bytes | None]  # (key, value); a None value is a tombstone
 class Poison(str):
     """Why a record cannot be read: the `reason` header of its dead letter."""
 
+    @classmethod
+    def of(cls, problems: list[Problem]) -> Poison:
+        return cls("; ".join(f"{p.field}: {p.error}" for p in problems)[:MAX_REASON])
+
     @property
     def kind(self) -> str:
         return "json" if self.startswith("$: not JSON") else "schema"
 
 
-def parse(value: bytes | None, validator: Validator, arrival: int) -> Event | Poison:
-    """The event in a record, or why not. `ts` is checked against the arrival, not the clock,
-    so a record replayed after a restart gets the same verdict."""
-    if value is None:
-        return Poison("$: not JSON: the record has no value")
-    checked = validator.validate_json(value, arrival)
-    if isinstance(checked, Event):
-        return checked
-    return Poison("; ".join(f"{p.field}: {p.error}" for p in checked)[:MAX_REASON])
+NO_VALUE = [Problem("$", "not JSON: the record has no value")]
 
 
 def cell_key(partition: int, view: str, cell: CellKey) -> bytes:
@@ -96,10 +92,13 @@ class PartitionState:
     def take(self, value: bytes | None, timestamp: int, validator: Validator) -> Poison | None:
         """Fold one record in; the reason when it is poison."""
         self.arrival = arrival = next_arrival(self.arrival, timestamp)
-        event = parse(value, validator, arrival)
-        if isinstance(event, Poison):
-            self._outcomes[event.kind] += 1
-            return event
+        # `ts` is checked against the arrival, not the clock: a record read again after a
+        # restart gets the same verdict.
+        event = validator.validate_json(value, arrival) if value is not None else NO_VALUE
+        if not isinstance(event, Event):
+            poison = Poison.of(event)
+            self._outcomes[poison.kind] += 1
+            return poison
         self._fresh_ids.append((event.event_id, arrival))
         self._outcomes["counted" if self.view.apply(event, arrival) else "skipped"] += 1
         return None
