@@ -11,16 +11,17 @@ consumer's cached last stable offset, which is unknown for a partition the worke
 fetched yet, so a worker taking over partitions in a rebalance recovered nothing of them.
 
 Exactly once (`processing_guarantee="exactly_once"`): Faust keeps one transactional producer
-per partition. The driver sends its writes into the partition's transaction
-(`Topic.send`, not the buffered `send_soon`, which Faust does not flush before a commit),
-waits until the broker has them, then commits the transaction with the offset after the
-last record it folded. Faust's own offset tracking is off for
-the event topic (`acks=False`): it commits from acknowledged offsets with gap bookkeeping
-that, after a restart, can stall a partition's commits at one offset a batch. The state
-keeps its own offset (written in the same transaction), and only the record at that offset
-is folded: one delivered twice is passed over, and when Faust skips records (it can drop a
-few it had fetched around a seek) the partition is rewound to the first one missing. On a
-rebalance Faust waits for the batch in flight before it hands partitions over.
+per event partition. The driver sends a partition's writes into its transaction, waits until
+the broker has them, then commits the transaction with the offset after the last record it
+folded. Faust's own offset tracking is off for the event topic (`acks=False`): it commits
+from acknowledged offsets with gap bookkeeping that, after a restart, can stall a
+partition's commits at one offset a batch. The state keeps its own offset (written in the
+same transaction), and only the record at that offset is folded: one delivered twice is
+passed over, and when Faust skips records (it can drop a few it had fetched around a seek)
+the partition is rewound to the first one missing. That also keeps a rebalance exact while
+a batch is in flight: a partition given to another worker fences the batch's transaction,
+so none of it is committed, and a partition this worker keeps is rebuilt at its committed
+offset, from which its records are read again.
 
     python -m speed.faust_app [--metrics-port N]     (settings from LAMBDALAKE_* variables)
 """
@@ -190,7 +191,7 @@ class FaustSpeed:
             part.follow(self.cut)
 
     async def revoked(self, app: Any, revoked: Any, **_: Any) -> None:
-        """Faust calls this once the batch in flight is committed: forget those partitions."""
+        """Forget revoked partitions (a batch in flight for one is fenced by its new owner)."""
         for tp in revoked:
             if tp.topic == self.settings.topic:
                 self.parts.pop(tp.partition, None)
