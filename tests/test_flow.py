@@ -6,12 +6,14 @@ The answers are checked against an independent recompute from the events the tes
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -44,9 +46,9 @@ class Flow:
         self.api = f"http://127.0.0.1:{self.env['LAMBDALAKE_API_PORT']}"
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> None:
+    def start(self, *args: str) -> None:
         self.process = subprocess.Popen(
-            [BIN / "lambdalake", "up"], env=self.env, cwd=self.env["LAMBDALAKE_HOME"],
+            [BIN / "lambdalake", "up", *args], env=self.env, cwd=self.env["LAMBDALAKE_HOME"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
         deadline = time.monotonic() + 60
@@ -105,6 +107,21 @@ def recompute(events: list[dict]) -> tuple[Counter, Counter]:
     return pageviews, orders
 
 
+def batch_run(flow: Flow) -> dict:
+    """`lambdalake batch run`; the pageviews answer once the serving layer serves it."""
+    run = flow.cli("batch", "run")
+    assert run.returncode == 0, run.stderr
+    version = run.stdout.split()[1]
+    deadline = time.monotonic() + 10
+    answer = flow.totals("pageviews_by_url_hour", "url")
+    while answer["freshness"]["batch_version"] != version and time.monotonic() < deadline:
+        time.sleep(0.1)  # the serving layer picks a new version up within its poll interval
+        answer = flow.totals("pageviews_by_url_hour", "url")
+    assert answer["freshness"]["batch_version"] == version
+    assert answer["freshness"]["cut"] is not None
+    return answer
+
+
 def send(flow: Flow, events: list[dict], stats: ProduceStats) -> None:
     with httpx.Client(timeout=30) as client:
         for start in range(0, len(events), 200):
@@ -125,17 +142,31 @@ def test_events_show_up_within_a_second_and_survive_a_batch_run(flow: Flow) -> N
     assert time.monotonic() - started < 1.5
 
     time.sleep(1.5)  # let the archiver pass a slice boundary
-    run = flow.cli("batch", "run")
-    assert run.returncode == 0, run.stderr
-    version = run.stdout.split()[1]
-    deadline = time.monotonic() + 10
-    answer = flow.totals("pageviews_by_url_hour", "url")
-    while answer["freshness"]["batch_version"] != version and time.monotonic() < deadline:
-        time.sleep(0.1)  # the serving layer picks a new version up within its poll interval
-        answer = flow.totals("pageviews_by_url_hour", "url")
-    assert answer["freshness"]["batch_version"] == version
-    assert answer["freshness"]["cut"] is not None
+    answer = batch_run(flow)
     assert {r["url"]: r["pageviews"] for r in answer["rows"]} == pageviews
+    assert flow.wait_for(dict(orders), "revenue_by_sku_day", "sku", "orders") == orders
+
+
+@pytest.mark.kafka
+@pytest.mark.skipif(not shutil.which("java"), reason="needs Java 17+")
+@pytest.mark.parametrize("engine", ["quix", "faust"])
+def test_the_same_flow_runs_on_kafka(flow: Flow, kafka_broker, engine: str) -> None:
+    """`lambdalake up --bus kafka --bootstrap HOST:PORT`, with either speed driver: events
+    sent to the gateway are answered exactly, before and after a batch run."""
+    flow.env |= {"LAMBDALAKE_TOPIC": f"flow-{uuid.uuid4().hex[:10]}",
+                 "LAMBDALAKE_SPEED_ENGINE": engine}
+    flow.start("--bus", "kafka", "--bootstrap", kafka_broker.bootstrap)
+    stream = WebAnalyticsStream(seed=5)
+    events = [stream.event(now_ms()) for _ in range(2_000)]
+    stats = ProduceStats()
+    send(flow, events, stats)
+    assert stats.accepted == len(events)
+    pageviews, orders = recompute(events)
+    assert flow.wait_for(dict(pageviews), "pageviews_by_url_hour", "url", "pageviews",
+                         seconds=90) == pageviews
+    time.sleep(1.5)  # let the archiver pass a slice boundary
+    batch_run(flow)
+    assert flow.wait_for(dict(pageviews), "pageviews_by_url_hour", "url", "pageviews") == pageviews
     assert flow.wait_for(dict(orders), "revenue_by_sku_day", "sku", "orders") == orders
 
 
