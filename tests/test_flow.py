@@ -107,6 +107,16 @@ def recompute(events: list[dict]) -> tuple[Counter, Counter]:
     return pageviews, orders
 
 
+def send_synthetic(flow: Flow, n: int, seed: int) -> list[dict]:
+    """N synthetic events sent to the gateway, every one accepted."""
+    stream = WebAnalyticsStream(seed=seed)
+    events = [stream.event(now_ms()) for _ in range(n)]
+    stats = ProduceStats()
+    send(flow, events, stats)
+    assert stats.accepted == len(events)
+    return events
+
+
 def batch_run(flow: Flow) -> dict:
     """`lambdalake batch run`; the pageviews answer once the serving layer serves it."""
     run = flow.cli("batch", "run")
@@ -130,12 +140,7 @@ def send(flow: Flow, events: list[dict], stats: ProduceStats) -> None:
 
 def test_events_show_up_within_a_second_and_survive_a_batch_run(flow: Flow) -> None:
     flow.start()
-    stream = WebAnalyticsStream(seed=7)
-    events = [stream.event(now_ms()) for _ in range(3_000)]
-    stats = ProduceStats()
-    send(flow, events, stats)
-    assert stats.accepted == len(events)
-    pageviews, orders = recompute(events)
+    pageviews, orders = recompute(send_synthetic(flow, 3_000, seed=7))
 
     started = time.monotonic()
     assert flow.wait_for(dict(pageviews), "pageviews_by_url_hour", "url", "pageviews") == pageviews
@@ -156,12 +161,7 @@ def test_the_same_flow_runs_on_kafka(flow: Flow, kafka_broker, engine: str) -> N
     flow.env |= {"LAMBDALAKE_TOPIC": f"flow-{uuid.uuid4().hex[:10]}",
                  "LAMBDALAKE_SPEED_ENGINE": engine}
     flow.start("--bus", "kafka", "--bootstrap", kafka_broker.bootstrap)
-    stream = WebAnalyticsStream(seed=5)
-    events = [stream.event(now_ms()) for _ in range(2_000)]
-    stats = ProduceStats()
-    send(flow, events, stats)
-    assert stats.accepted == len(events)
-    pageviews, orders = recompute(events)
+    pageviews, orders = recompute(send_synthetic(flow, 2_000, seed=5))
     assert flow.wait_for(dict(pageviews), "pageviews_by_url_hour", "url", "pageviews",
                          seconds=90) == pageviews
     time.sleep(1.5)  # let the archiver pass a slice boundary
