@@ -23,7 +23,7 @@ a batch is in flight: a partition given to another worker fences the batch's tra
 so none of it is committed, and a partition this worker keeps is rebuilt at its committed
 offset, from which its records are read again.
 
-    python -m speed.faust_app [--metrics-port N]     (settings from LAMBDALAKE_* variables)
+    python -m speed.faust_app      (settings from LAMBDALAKE_* variables)
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from aiokafka import TopicPartition
 from aiokafka.errors import ProducerFenced
 from faust.transport.consumer import TopicPartitionGroup
 from mode.supervisors import CrashingSupervisor
-from prometheus_client import start_http_server
 
 from lambdalake import catalog
 from lambdalake.eventlog import now_ms
@@ -50,7 +49,7 @@ from lambdalake.kafka_topics import changelog_topic, dlq_topic, realtime_topic
 from lambdalake.project import Project
 from lambdalake.settings import Settings
 from lambdalake.storage import ObjectStore
-from speed.kafka_common import PartitionState, Record, restore_partitions
+from speed.kafka_common import PartitionState, Record, restore_partitions, serve_metrics
 
 log = logging.getLogger("lambdalake.speed.faust")
 BATCH = 10_000
@@ -216,13 +215,11 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m speed.faust_app", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics")
-    args = parser.parse_args(argv)
+    parser.parse_args(argv)  # --help
     setup_logging(everything=True)  # Faust's and aiokafka's logs too, one JSON object a line
     settings = Settings()
     ensure_bus_topics(settings)
-    if args.metrics_port:
-        start_http_server(args.metrics_port)
+    serve_metrics(settings)
     store = open_store(settings.store_url, settings.s3_endpoint_url)
     app = FaustSpeed(settings, load_project(settings.project), store).app
     try:

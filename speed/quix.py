@@ -24,7 +24,7 @@ import threading
 import time
 
 from confluent_kafka import KafkaException, Message, TopicPartition
-from prometheus_client import Gauge, start_http_server
+from prometheus_client import Gauge
 from quixstreams.kafka import Consumer, Producer
 
 from lambdalake import catalog
@@ -34,7 +34,7 @@ from lambdalake.kafka_topics import changelog_topic, dlq_topic, ensure_bus_topic
 from lambdalake.project import Project, load_project
 from lambdalake.settings import Settings
 from lambdalake.storage import ObjectStore, open_store
-from speed.kafka_common import PartitionState, Record, restore_partitions
+from speed.kafka_common import PartitionState, Record, restore_partitions, serve_metrics
 
 log = logging.getLogger("lambdalake.speed.quix")
 TRACKED_IDS = Gauge("lambdalake_speed_kafka_dedup_ids", "Event ids held for dedup", ["partition"])
@@ -190,13 +190,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m speed.quix", description=__doc__)
     parser.add_argument("--worker-id", default=socket.gethostname(),
                         help="stable per worker: a restart fences its previous incarnation")
-    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics")
     args = parser.parse_args(argv)
     setup_logging()
     settings = Settings()
     ensure_bus_topics(settings)
-    if args.metrics_port:
-        start_http_server(args.metrics_port)
+    serve_metrics(settings)
     store = open_store(settings.store_url, settings.s3_endpoint_url)
     speed = QuixSpeed(settings, load_project(settings.project), store, args.worker_id)
     stop = threading.Event()

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 from hypothesis import HealthCheck, settings
+
+from lambdalake.testing import free_port
 
 # Properties here fsync, sketch and recompute: time per example varies, so no deadlines.
 settings.register_profile(
@@ -19,9 +19,7 @@ def s3_server():
     """A real S3 API (moto's server) on 127.0.0.1; yields its endpoint URL."""
     from moto.server import ThreadedMotoServer
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     with pytest.MonkeyPatch.context() as env:
         env.setenv("AWS_ACCESS_KEY_ID", "testing")
         env.setenv("AWS_SECRET_ACCESS_KEY", "testing")

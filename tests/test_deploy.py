@@ -22,7 +22,7 @@ def test_compose_file_follows_the_compose_specification() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     jsonschema.validate(compose, compose_schema())
     services = set(compose["services"])
-    assert {"kafka", "minio", "spark-master", "spark-worker", "lambdalake"} <= services
+    assert {"kafka", "minio", "spark-master", "spark-worker", "lambdalake", "speed"} <= services
 
 
 def test_compose_schema_rejects_a_broken_file() -> None:

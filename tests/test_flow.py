@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,14 +22,9 @@ import pytest
 from lambdalake.eventlog import now_ms
 from lambdalake.producer import ProduceStats, send_batch
 from lambdalake.synthetic import WebAnalyticsStream
+from lambdalake.testing import free_port
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Flow:

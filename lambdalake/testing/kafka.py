@@ -24,6 +24,8 @@ import time
 import uuid
 from pathlib import Path
 
+from lambdalake.testing import free_ports
+
 FETCH_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "kafka_fetch.sh"
 
 LOG4J2 = """\
@@ -37,17 +39,6 @@ rootLogger.appenderRef.out.ref = STDOUT
 logger.state.name = state.change.logger
 logger.state.level = WARN
 """
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _cluster_id() -> str:
@@ -133,7 +124,7 @@ class KafkaBroker:
         classpath = str(self.fetch() / "*")
         self.workdir = Path(tempfile.mkdtemp(prefix="lambdalake-kafka-"))
         try:
-            self.port, self.controller_port = _free_ports(2)
+            self.port, self.controller_port = free_ports(2)
             props = self._write_config()
             self.log_path = self.workdir / "kafka.log"
             self._log = open(self.log_path, "ab")
