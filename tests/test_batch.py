@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from batch_lakes import SLICE_MS, URLS, events, published
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.progress import Progress
@@ -39,11 +39,6 @@ from lambdalake.settings import Settings
 from lambdalake.storage import FileStore, ObjectStore
 from lambdalake.views import Condition, View
 
-DAY = 86_400_000
-SLICE_MS = 1_000
-URLS = ["/", "/a", "/b", "/c"]
-USERS = [f"u{i}" for i in range(12)] + [""]
-SKUS = ["s0", "s1", "s2"]
 # Hypothesis examples each get a fresh store; on tmpfs the store's fsyncs cost nothing.
 SCRATCH = "/dev/shm" if Path("/dev/shm").is_dir() else None
 ENGINE = DuckDBEngine()
@@ -114,22 +109,6 @@ class Lake:
     batches: list[list[Archived]]
     watermarks: dict[int, int]
     next_offsets: dict[int, int]
-
-
-@st.composite
-def events(draw: st.DrawFn, event_id: str, kind: str | None = None) -> Event:
-    ts = draw(st.integers(0, 3 * DAY))  # event time, unrelated to arrival: late events
-    if (kind or draw(st.sampled_from(["pageview", "purchase"]))) == "pageview":
-        fields = {
-            "url": draw(st.sampled_from(URLS)),
-            "user_id": draw(st.sampled_from(USERS)),
-            "referrer": draw(st.none() | st.sampled_from(["g", "t", ""])),
-            "duration_ms": draw(st.none() | st.integers(0, 300)),
-        }
-        return Event(event_id, "pageview", ts, fields)
-    amount = draw(st.floats(0, 50, allow_nan=False).map(lambda x: round(x, 2)))
-    fields = {"user_id": draw(st.sampled_from(USERS)), "sku": draw(st.sampled_from(SKUS))}
-    return Event(event_id, "purchase", ts, fields | {"amount": amount})
 
 
 @st.composite
@@ -230,13 +209,6 @@ def aggregate(kind: str, values: list[Any]) -> Any:
     return len(set(present) - {""})  # sketches ignore empty strings, as DataSketches does
 
 
-def published(store: ObjectStore, manifest: Manifest) -> dict[str, pa.Table]:
-    return {
-        name: pa.concat_tables(pq.read_table(pa.BufferReader(store.get(k))) for k in files.files)
-        for name, files in manifest.views.items()
-    }
-
-
 def as_rows(view: View, table: pa.Table) -> dict[tuple, dict[str, Any]]:
     rows = {}
     for row in table.to_pylist():
@@ -321,7 +293,7 @@ def _event(event_id: str, i: int) -> Event:
         return Event(
             event_id, "purchase", i * 3_600_000, {"user_id": f"u{i}", "sku": "s1", "amount": 7.5}
         )
-    fields = {"url": URLS[i % 4], "user_id": f"u{i}", "referrer": None, "duration_ms": 150}
+    fields = {"url": URLS[i % len(URLS)], "user_id": f"u{i}", "referrer": None, "duration_ms": 150}
     return Event(event_id, "pageview", i * 60_000, fields)
 
 
