@@ -41,6 +41,11 @@ class Settings(BaseSettings):
 
     slice_seconds: int = Field(60, ge=1, description="Width of an arrival slice; cuts align to it.")
     dedup_window_hours: float = Field(24.0, gt=0)
+    dedup_max_ids: int = Field(
+        5_000_000, ge=1_000,
+        description="Ids one speed state holds (one per Kafka partition); past it the oldest "
+        "are forgotten before the window ends.",
+    )
     max_future_seconds: int = Field(300, ge=0, description="How far ahead of now `ts` may be.")
     versions_kept: int = Field(5, ge=1)
     on_corrupt: Literal["fail", "skip"] = Field(

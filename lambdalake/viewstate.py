@@ -6,7 +6,9 @@ version with cut C is published, slices below C are dropped here and there.
 
 Dedup: an `event_id` is counted once while it stays within the dedup window (by arrival),
 even when its first copy was below the cut, so a retry straddling the cut is not counted
-twice. Memory is bounded by the number of distinct ids within the window. This relies on
+twice. Memory is bounded by the number of distinct ids within the window, and at most
+`max_ids`: past that the oldest ids are forgotten early (counted in `forgotten_early`), so
+under a flood the window shortens rather than the process running out of memory. This relies on
 every copy of an event_id being on one partition (the bus keys records by event_id): then
 the copy read first is the one with the earliest arrival, the one the batch layer keeps.
 Copies on different partitions, read out of arrival order, can be counted by both layers
@@ -67,8 +69,13 @@ class _ViewFold:
 
 
 class ViewState:
-    def __init__(self, project: Project, slice_ms: int, dedup_window_ms: int):
+    def __init__(
+        self, project: Project, slice_ms: int, dedup_window_ms: int, max_ids: int = 5_000_000
+    ):
         self.project, self.slice_ms, self.dedup_window_ms = project, slice_ms, dedup_window_ms
+        self.max_ids = max_ids
+        self.forgotten_early = 0  # ids forgotten inside the window, to stay within max_ids
+        self._forgotten_upto = 0  # the newest arrival among them
         self.cut = 0
         self._views = {name: _ViewFold(view) for name, view in project.views.items()}
         self.cells: dict[str, dict[CellKey, list[Any]]] = {
@@ -102,12 +109,26 @@ class ViewState:
         if arrival > self._newest:
             self._newest = arrival
             self._forget_before(arrival - self.dedup_window_ms)
+        if len(seen) > self.max_ids:
+            self._forget_oldest()
         return False
 
     def _forget_before(self, horizon: int) -> None:
         arrivals, seen = self._arrivals, self._seen
         while arrivals and arrivals[0][0] < horizon:
             del seen[arrivals.popleft()[1]]
+
+    def _forget_oldest(self) -> None:
+        while len(self._seen) > self.max_ids:
+            arrival, event_id = self._arrivals.popleft()
+            del self._seen[event_id]
+            self.forgotten_early += 1
+            self._forgotten_upto = max(self._forgotten_upto, arrival)
+
+    @property
+    def dedup_horizon(self) -> int:
+        """Ids that arrived before this are no longer held (the window, or the cap)."""
+        return max(self._newest - self.dedup_window_ms, self._forgotten_upto)
 
     def drop_below(self, cut: int) -> None:
         if cut <= self.cut:
@@ -146,6 +167,7 @@ class ViewState:
         self.cut, self._newest, cells, seen = pickle.loads(data)
         self._seen = dict(seen)
         self._arrivals = deque((arrival, event_id) for event_id, arrival in seen)
+        self._forget_oldest()  # the cap may be lower than when the snapshot was taken
         for name, slice_start, bucket, key, values in cells:
             metrics = self.project.views[name].metrics.values()
             thawed = [m.thaw(v) for m, v in zip(metrics, values, strict=True)]

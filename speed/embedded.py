@@ -13,8 +13,6 @@ import threading
 import time
 from collections.abc import Callable
 
-from prometheus_client import Counter, Gauge
-
 from lambdalake import catalog
 from lambdalake.eventlog import Topic, now_ms
 from lambdalake.events import decode
@@ -22,12 +20,11 @@ from lambdalake.project import Project
 from lambdalake.settings import Settings
 from lambdalake.storage import ObjectStore
 from lambdalake.viewstate import CellUpdate, ViewState
+from speed.metrics import APPLIED, DedupGauges
 
 log = logging.getLogger("lambdalake.speed")
 Sink = Callable[[list[CellUpdate], int], None]  # (updates, caught_up_at ms)
 
-APPLIED = Counter("lambdalake_speed_events_total", "Events read by the speed layer", ["outcome"])
-TRACKED_IDS = Gauge("lambdalake_speed_dedup_ids", "Event ids held for dedup")
 READ_BATCH = 5_000
 
 
@@ -44,7 +41,9 @@ class EmbeddedSpeed:
         self.settings, self.project, self.topic, self.store, self.sink = (
             settings, project, topic, store, sink,
         )
-        self.state = ViewState(project, settings.slice_ms, settings.dedup_window_ms)
+        self.state = ViewState(project, settings.slice_ms, settings.dedup_window_ms,
+                               settings.dedup_max_ids)
+        self.dedup_gauges = DedupGauges("all")
         self.positions = {p.index: 0 for p in topic.partitions}
         self.checkpoint_path = settings.home / "speed" / "checkpoint.pickle"
         self.checkpoint_seconds = checkpoint_seconds
@@ -114,7 +113,7 @@ class EmbeddedSpeed:
             if self.poll_once():
                 caught_up_at = started
             self.sink(self.state.drain(), caught_up_at)
-            TRACKED_IDS.set(self.state.tracked_ids)
+            self.dedup_gauges.report(self.state)
             now = time.monotonic()
             if now - last_catalog >= 1.0:
                 self.follow_batch()

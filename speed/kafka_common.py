@@ -25,7 +25,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import orjson
-from prometheus_client import Counter, make_wsgi_app
+from prometheus_client import make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from lambdalake.events import Event, Problem, Validator
@@ -35,13 +35,8 @@ from lambdalake.project import Project
 from lambdalake.realtime import decode_update, encode_update
 from lambdalake.settings import Settings
 from lambdalake.viewstate import CellKey, ViewState
-from speed.embedded import APPLIED
+from speed.metrics import APPLIED, DEAD_LETTERS, DedupGauges
 
-DEAD_LETTERS = Counter(
-    "lambdalake_speed_dead_letters_total",
-    "Records sent to the dead-letter topic by the speed layer",
-    ["kind"],
-)
 MAX_REASON = 1_000
 IDS_PER_RECORD = 1_024  # (event id, arrival) pairs a record: < 300 KB with 256-char ids
 Record = tuple[bytes, bytes | None]  # (key, value); a None value is a tombstone
@@ -83,8 +78,9 @@ class PartitionState:
 
     def __init__(self, partition: int, project: Project, settings: Settings):
         self.partition, self.project = partition, project
-        self.window_ms = settings.dedup_window_ms
-        self.view = ViewState(project, settings.slice_ms, settings.dedup_window_ms)
+        self.view = ViewState(project, settings.slice_ms, settings.dedup_window_ms,
+                              settings.dedup_max_ids)
+        self._dedup_gauges = DedupGauges(str(partition))
         self.arrival = 0
         self.next_offset: int | None = None
         self.caught_up_at = 0
@@ -108,12 +104,14 @@ class PartitionState:
         return None
 
     def flush_metrics(self) -> None:
-        """Add the outcomes counted since the last call to the Prometheus counters."""
+        """Add the outcomes counted since the last call to the Prometheus counters; set the
+        dedup gauges."""
         for outcome, n in self._outcomes.items():
             if n:
                 counter = APPLIED if outcome in ("counted", "skipped") else DEAD_LETTERS
                 counter.labels(outcome).inc(n)
                 self._outcomes[outcome] = 0
+        self._dedup_gauges.report(self.view)
 
     def follow(self, cut: int) -> None:
         """Drop the slices a published batch (cut) covers, remembering their keys."""
@@ -147,7 +145,7 @@ class PartitionState:
             self._chunks[seq] = chunk[-1][1]
             seq += 1
         self._fresh_ids = []
-        horizon = self.arrival - self.window_ms
+        horizon = self.view.dedup_horizon
         for seq in [s for s, newest in self._chunks.items() if newest < horizon]:
             records.append((ids_key(self.partition, seq), None))
             del self._chunks[seq]

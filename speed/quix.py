@@ -24,7 +24,6 @@ import threading
 import time
 
 from confluent_kafka import KafkaException, Message, TopicPartition
-from prometheus_client import Gauge
 from quixstreams.kafka import Consumer, Producer
 
 from lambdalake import catalog
@@ -37,7 +36,6 @@ from lambdalake.storage import ObjectStore, open_store
 from speed.kafka_common import PartitionState, Record, restore_partitions, serve_metrics
 
 log = logging.getLogger("lambdalake.speed.quix")
-TRACKED_IDS = Gauge("lambdalake_speed_kafka_dedup_ids", "Event ids held for dedup", ["partition"])
 BATCH = 10_000
 IDLE_COMMIT_S = 1.0
 BACKLOG_FLUSH_S = 0.5  # real-time views are published at least this often
@@ -150,7 +148,6 @@ class QuixSpeed:
             self._produce(realtime_topic(self.topic), part.partition, part.realtime_records())
             self._produce(changelog_topic(self.topic), part.partition, part.changelog_records())
             part.flush_metrics()
-            TRACKED_IDS.labels(str(part.partition)).set(part.view.tracked_ids)
             if part.next_offset is not None:
                 offsets.append(TopicPartition(self.topic, part.partition, part.next_offset))
         metadata = self.consumer.consumer_group_metadata()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -341,6 +342,29 @@ def test_a_burst_of_ids_is_written_in_records_under_the_size_limit() -> None:
     second = PartitionState(0, project, s)
     second.restore(dict(first.realtime_records()), changelog)
     assert second.view.tracked_ids == first.view.tracked_ids == 10_000
+
+
+def test_ids_forgotten_by_the_cap_leave_the_changelog() -> None:
+    """Unit: past `dedup_max_ids` the changelog's old id records are tombstoned as the state
+    forgets them, so what a restart reads stays near the cap too."""
+    s = Settings(slice_seconds=1, dedup_max_ids=1_000)
+    validator = Validator(project.schemas, 300_000)
+    part = PartitionState(0, project, s)
+    changelog: dict[bytes, bytes | None] = {}
+    t0 = int(time.time() * 1000)
+    for i, event in enumerate(synthetic(6_000, seed=9)):
+        event["event_id"] = f"id-{i}"
+        assert part.take(json.dumps(event).encode(), t0 + i, validator) is None
+        if i % 500 == 499:
+            changelog.update(part.changelog_records())
+    live = {k: v for k, v in changelog.items() if v is not None}
+    held = sum(len(orjson.loads(v)) for k, v in live.items() if b'"ids"' in k)
+    assert part.view.tracked_ids == 1_000 and held <= 1_000 + 500
+    restored = PartitionState(0, project, s)
+    restored.restore({}, live)
+    assert restored.view.tracked_ids == 1_000
+    assert restored.view.apply(Event("id-4999", "pageview", t0, {}), part.arrival)
+    assert not restored.view.apply(Event("id-5999", "pageview", t0, {}), part.arrival)
 
 
 def results(part: PartitionState) -> list[tuple[Any, ...]]:

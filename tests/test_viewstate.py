@@ -399,6 +399,27 @@ def test_dedup_memory_is_bounded_with_interleaved_partitions():
     assert state.tracked_ids <= 2 * (window + skew) // 1_000 + 2
 
 
+def test_dedup_memory_is_capped_under_a_flood():
+    """More distinct ids inside the window than `max_ids`: the oldest are forgotten early,
+    counted, and the newest `max_ids` still catch their retries."""
+    state = ViewState(project, SLICE, DAY, max_ids=1_000)
+    for i in range(5_000):  # ten a second: all well inside the day's window
+        arrival = T0 + i * 100
+        assert state.apply(pageview(i, arrival), arrival)
+        assert state.tracked_ids <= 1_000
+    assert (state.tracked_ids, state.forgotten_early) == (1_000, 4_000)
+    assert state.dedup_horizon == T0 + 3_999 * 100  # the newest arrival forgotten
+    late = T0 + 5_000 * 100
+    assert not state.apply(pageview(4_000, T0), late)  # held: a retry is caught
+    assert state.apply(pageview(3_999, T0), late)  # forgotten early: counted again
+
+    smaller = ViewState(project, SLICE, DAY, max_ids=300)
+    smaller.restore(state.snapshot())  # a restart with a lower cap keeps the newest ids
+    assert smaller.tracked_ids == 300
+    assert not smaller.apply(pageview(4_999, T0), late)
+    assert smaller.apply(pageview(4_000, T0), late)
+
+
 def test_merge_without_duplicates_is_exact_for_many_distinct_users():
     """Invariant 1 at a larger scale: 3 partitions, 3,000 events, several cuts."""
     partitions: list[list[Record]] = [[], [], []]
