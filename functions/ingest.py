@@ -22,6 +22,7 @@ from lambdalake.settings import Settings
 
 MAX_BODY_BYTES = 5 * 1024 * 1024
 MAX_EVENTS = 500
+ANSWER_MARGIN_S = 1.0  # of the invocation's time, kept to answer 503 before it times out
 
 log = logging.getLogger("lambdalake.functions.ingest")
 
@@ -53,7 +54,14 @@ def handler(event: dict[str, Any], context: object) -> dict[str, Any]:
         raws = parse_events(body_bytes(event))
     except Refused as refused:
         return response(refused.status, {"accepted": 0, "rejected": [refused.problem.as_dict()]})
-    return ingest(raws)
+    return ingest(raws, publish_budget(context))
+
+
+def publish_budget(context: Any) -> float | None:
+    """How long the bus may take: the invocation's remaining time, less the margin."""
+    if context is None:
+        return None
+    return max(0.0, context.get_remaining_time_in_millis() / 1000 - ANSWER_MARGIN_S)
 
 
 def body_bytes(event: dict[str, Any]) -> bytes:
@@ -86,7 +94,7 @@ def parse_events(data: bytes) -> list[Any]:
     return events
 
 
-def ingest(raws: list[Any]) -> dict[str, Any]:
+def ingest(raws: list[Any], timeout_s: float | None = None) -> dict[str, Any]:
     now, check = now_ms(), validator()
     valid: list[Event] = []
     rejected: list[dict[str, Any]] = []
@@ -99,7 +107,7 @@ def ingest(raws: list[Any]) -> dict[str, Any]:
     if not valid:
         return response(400, {"accepted": 0, "rejected": rejected})
     try:
-        bus().publish(valid)
+        bus().publish(valid, timeout_s)
     except Exception as exc:  # any bus failure: refuse the whole request, never half-claim it
         log.exception("publish failed; nothing accepted", extra={"events": len(valid)})
         error = f"event bus unavailable, nothing accepted; retry the request ({exc})"

@@ -6,6 +6,7 @@ records keyed by `event_id`, produced with acks=all by the idempotent producer.
 
 from __future__ import annotations
 
+import time
 from functools import lru_cache
 from typing import Protocol
 
@@ -15,8 +16,9 @@ from lambdalake.settings import Settings
 
 
 class Bus(Protocol):
-    def publish(self, events: list[Event]) -> None:
-        """Return only once every event is durable on the bus."""
+    def publish(self, events: list[Event], timeout_s: float | None = None) -> None:
+        """Return only once every event is durable on the bus; `BusError` when that has not
+        happened within `timeout_s` (None: the bus's own limit)."""
 
 
 class BusError(RuntimeError):
@@ -27,7 +29,7 @@ class EmbeddedBus:
     def __init__(self, topic: Topic):
         self.topic = topic
 
-    def publish(self, events: list[Event]) -> None:
+    def publish(self, events: list[Event], timeout_s: float | None = None) -> None:
         by_partition: dict[int, list[bytes]] = {}
         for event in events:
             partition = self.topic.partition_for(event.event_id)
@@ -66,17 +68,20 @@ class KafkaBus:
             max_block_ms=int(timeout_s * 1000),
         )
 
-    def publish(self, events: list[Event]) -> None:
+    def publish(self, events: list[Event], timeout_s: float | None = None) -> None:
         from kafka.errors import KafkaError
 
+        wait = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
+        deadline = time.monotonic() + wait
         try:
             futures = [
                 self.producer.send(self.topic, key=e.event_id.encode(), value=e.to_json())
                 for e in events
             ]
-            self.producer.flush(timeout=self.timeout_s)
+            # Each request waits for its own records only (flush would wait for every
+            # request's), for no longer than its caller can.
             for future in futures:
-                future.get(timeout=self.timeout_s)
+                future.get(timeout=max(0.0, deadline - time.monotonic()))
         except KafkaError as exc:
             raise BusError(
                 f"Kafka topic {self.topic} did not acknowledge the events: {exc}"

@@ -216,7 +216,7 @@ def test_a_failing_bus_is_503_and_nothing_is_claimed(
     settings: Settings, gateway: str, monkeypatch: pytest.MonkeyPatch
 ):
     class BrokenBus:
-        def publish(self, events: list) -> None:
+        def publish(self, events: list, timeout_s: float | None = None) -> None:
             raise OSError("No space left on device")
 
     monkeypatch.setattr(ingest, "bus", BrokenBus)

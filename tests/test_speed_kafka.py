@@ -535,6 +535,25 @@ def test_worker_killed_mid_stream_restarts_without_double_counting(
 
 @pytest.mark.kafka
 @needs_java
+@pytest.mark.parametrize(("engine", "n"), [("quix", 200_000), ("faust", 12_000)])
+def test_a_broker_pause_mid_stream_neither_loses_nor_doubles(
+    broker: KafkaBroker, tmp_path: Path, engine: str, n: int
+) -> None:
+    """The broker frozen for 5 s while a worker reads, folds and commits: its open
+    transaction waits, then commits or is aborted and read again; the answers stay exact."""
+    s = kafka_settings(broker, tmp_path, slice_seconds=60)
+    first, second = synthetic(n, seed=31), synthetic(n // 6, seed=32)
+    publish_raw(s.kafka_bootstrap, s.topic, encoded(first))
+    with feed_of(s) as cells, worker_of(engine, s, tmp_path / "worker.log"):
+        wait_until(lambda: counted(cells) > n // 8)
+        with broker.paused():
+            time.sleep(5)
+        publish_raw(s.kafka_bootstrap, s.topic, encoded(second))
+        wait_exact(lambda: served(cells, [], 0), recompute(first + second))
+
+
+@pytest.mark.kafka
+@needs_java
 @pytest.mark.parametrize("engine", ENGINES)
 def test_two_workers_split_the_partitions_and_stay_exact_through_rebalances(
     broker: KafkaBroker, spawn: Any, tmp_path: Path, engine: str

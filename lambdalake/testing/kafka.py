@@ -22,6 +22,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from lambdalake.testing import free_ports
@@ -218,6 +220,18 @@ class KafkaBroker:
             return "(no log)"
         tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
         return f"--- last {len(tail)} lines of the Kafka log ---\n" + "\n".join(tail)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """The broker frozen (SIGSTOP) for the block, as in a long GC pause or a network
+        partition: connections stay open, nothing is answered; then it resumes as it was."""
+        if self._proc is None:
+            raise RuntimeError("KafkaBroker is not started")
+        self._proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self._proc.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
         """SIGTERM the broker (SIGKILL after 10 s) and remove its temp dir. Idempotent."""
