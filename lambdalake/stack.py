@@ -102,19 +102,19 @@ class Stack:
         return self
 
     def _kafka_speed(self) -> None:
-        """The speed driver on Kafka, and the serving layer following its realtime topic."""
-        import subprocess
+        """The speed driver on Kafka (restarted if it exits), and the serving layer following
+        its realtime topic."""
         import sys
 
         from lambdalake.kafka_topics import ensure_bus_topics
+        from lambdalake.supervisor import Supervised
         from serving.realtime_feed import RealtimeFeed
 
         ensure_bus_topics(self.settings)
         module = {"quix": "speed.quix", "faust": "speed.faust_app"}[self.settings.speed_engine]
         env = {f"LAMBDALAKE_{k.upper()}": str(v) for k, v in self._speed_env().items() if v}
-        worker = subprocess.Popen([sys.executable, "-m", module],
-                                  env=os.environ | env)
-        self._closers.append(lambda: (worker.terminate(), worker.wait(60)))
+        worker = Supervised("speed", [sys.executable, "-m", module], os.environ | env).start()
+        self._closers.append(worker.stop)
         feed = RealtimeFeed(self.settings.kafka_bootstrap, self.settings.topic, self.realtime)
         feed.start()
         self._closers.append(feed.stop)

@@ -164,6 +164,35 @@ def test_the_same_flow_runs_on_kafka(flow: Flow, kafka_broker, engine: str) -> N
     assert flow.wait_for(dict(orders), "revenue_by_sku_day", "sku", "orders") == orders
 
 
+@pytest.mark.kafka
+@pytest.mark.skipif(not shutil.which("java"), reason="needs Java 17+")
+def test_a_speed_worker_killed_under_up_is_restarted(flow: Flow, kafka_broker) -> None:
+    """`lambdalake up --bus kafka` restarts its speed worker when it dies: after a kill -9,
+    events sent before and after are answered exactly, each counted once."""
+    flow.env |= {"LAMBDALAKE_TOPIC": f"flow-{uuid.uuid4().hex[:10]}"}
+    flow.start("--bus", "kafka", "--bootstrap", kafka_broker.bootstrap)
+    before = send_synthetic(flow, 1_000, seed=8)
+    assert flow.wait_for(dict(recompute(before)[0]), "pageviews_by_url_hour", "url",
+                         "pageviews", seconds=90) == recompute(before)[0]
+    worker = speed_worker(flow)
+    os.kill(worker, signal.SIGKILL)
+    after = send_synthetic(flow, 1_000, seed=9)
+    pageviews, _ = recompute(before + after)
+    assert flow.wait_for(dict(pageviews), "pageviews_by_url_hour", "url", "pageviews",
+                         seconds=90) == pageviews
+    assert speed_worker(flow) != worker
+
+
+def speed_worker(flow: Flow) -> int:
+    """The pid of the speed worker process that `lambdalake up` started."""
+    assert flow.process is not None
+    for task in Path(f"/proc/{flow.process.pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if b"speed." in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+    raise AssertionError("no speed worker under lambdalake up")
+
+
 def test_kill_9_mid_produce_loses_nothing_and_counts_once(flow: Flow) -> None:
     flow.start()
     stream = WebAnalyticsStream(seed=11)
