@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     )
     spark_master: str = Field("local[*]", description="Spark master URL of the spark engine.")
     flush_interval_ms: int = Field(200, ge=10, description="Speed layer publish cadence.")
+    supervised: bool = Field(
+        False, description="A worker started by `lambdalake up`: it exits when `up` does."
+    )
     speed_metrics_host: str = "127.0.0.1"
     speed_metrics_port: int = Field(
         0, ge=0, description="A Kafka speed worker's /metrics and /healthz; 0: none."

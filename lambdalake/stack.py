@@ -125,7 +125,7 @@ class Stack:
                 "partitions": s.partitions, "home": s.home.resolve(), "store": s.store_url,
                 "project": s.project, "s3_endpoint_url": s.s3_endpoint_url,
                 "speed_metrics_host": s.speed_metrics_host,
-                "speed_metrics_port": s.speed_metrics_port}
+                "speed_metrics_port": s.speed_metrics_port, "supervised": True}
 
     def _thread(self, target: Any, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)

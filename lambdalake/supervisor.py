@@ -54,7 +54,8 @@ class Supervised:
     def _spawn(self) -> None:
         with self._lock:
             if not self._stopping.is_set():
-                self._process = subprocess.Popen(self.argv, env=self.env)
+                # the worker reads end of file on stdin once this process is gone
+                self._process = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.PIPE)
 
     def _keep_running(self) -> None:
         backoff = FIRST_BACKOFF_S

@@ -49,7 +49,13 @@ from lambdalake.kafka_topics import changelog_topic, dlq_topic, realtime_topic
 from lambdalake.project import Project
 from lambdalake.settings import Settings
 from lambdalake.storage import ObjectStore
-from speed.kafka_common import PartitionState, Record, restore_partitions, serve_metrics
+from speed.kafka_common import (
+    PartitionState,
+    Record,
+    exit_with_supervisor,
+    restore_partitions,
+    serve_metrics,
+)
 
 log = logging.getLogger("lambdalake.speed.faust")
 BATCH = 10_000
@@ -220,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings()
     ensure_bus_topics(settings)
     serve_metrics(settings)
+    exit_with_supervisor(settings)
     store = open_store(settings.store_url, settings.s3_endpoint_url)
     app = FaustSpeed(settings, load_project(settings.project), store).app
     try:

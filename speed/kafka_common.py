@@ -17,7 +17,10 @@ A restarted or rebalanced worker rebuilds the view state from both topics, read 
 
 from __future__ import annotations
 
+import os
 import pickle
+import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -257,3 +260,16 @@ def serve_metrics(settings: Settings) -> None:
     server = make_server(settings.speed_metrics_host, settings.speed_metrics_port, app,
                          ThreadingWSGIServer, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+
+
+def exit_with_supervisor(settings: Settings) -> None:
+    """Under `lambdalake up`, stop (SIGTERM, so the open transaction ends cleanly) once the
+    supervisor's end of the stdin pipe closes: when `up` dies, even by kill -9."""
+    if not settings.supervised:
+        return
+
+    def watch() -> None:
+        sys.stdin.buffer.read()  # returns at end of file only
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()

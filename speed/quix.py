@@ -33,7 +33,13 @@ from lambdalake.kafka_topics import changelog_topic, dlq_topic, ensure_bus_topic
 from lambdalake.project import Project, load_project
 from lambdalake.settings import Settings
 from lambdalake.storage import ObjectStore, open_store
-from speed.kafka_common import PartitionState, Record, restore_partitions, serve_metrics
+from speed.kafka_common import (
+    PartitionState,
+    Record,
+    exit_with_supervisor,
+    restore_partitions,
+    serve_metrics,
+)
 
 log = logging.getLogger("lambdalake.speed.quix")
 BATCH = 10_000
@@ -192,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings()
     ensure_bus_topics(settings)
     serve_metrics(settings)
+    exit_with_supervisor(settings)
     store = open_store(settings.store_url, settings.s3_endpoint_url)
     speed = QuixSpeed(settings, load_project(settings.project), store, args.worker_id)
     stop = threading.Event()

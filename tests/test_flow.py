@@ -166,10 +166,15 @@ def test_the_same_flow_runs_on_kafka(flow: Flow, kafka_broker, engine: str) -> N
 
 @pytest.mark.kafka
 @pytest.mark.skipif(not shutil.which("java"), reason="needs Java 17+")
-def test_a_speed_worker_killed_under_up_is_restarted(flow: Flow, kafka_broker) -> None:
+@pytest.mark.parametrize("engine", ["quix", "faust"])
+def test_the_speed_worker_under_up_is_restarted_and_ends_with_it(
+    flow: Flow, kafka_broker, engine: str
+) -> None:
     """`lambdalake up --bus kafka` restarts its speed worker when it dies: after a kill -9,
-    events sent before and after are answered exactly, each counted once."""
-    flow.env |= {"LAMBDALAKE_TOPIC": f"flow-{uuid.uuid4().hex[:10]}"}
+    events sent before and after are answered exactly, each counted once. And when `up`
+    itself is killed with -9, its worker does not live on."""
+    flow.env |= {"LAMBDALAKE_TOPIC": f"flow-{uuid.uuid4().hex[:10]}",
+                 "LAMBDALAKE_SPEED_ENGINE": engine}
     flow.start("--bus", "kafka", "--bootstrap", kafka_broker.bootstrap)
     before = send_synthetic(flow, 1_000, seed=8)
     assert flow.wait_for(dict(recompute(before)[0]), "pageviews_by_url_hour", "url",
@@ -180,17 +185,31 @@ def test_a_speed_worker_killed_under_up_is_restarted(flow: Flow, kafka_broker) -
     pageviews, _ = recompute(before + after)
     assert flow.wait_for(dict(pageviews), "pageviews_by_url_hour", "url", "pageviews",
                          seconds=90) == pageviews
-    assert speed_worker(flow) != worker
+    restarted = speed_worker(flow)
+    assert restarted != worker
+    flow.kill()
+    deadline = time.monotonic() + 30
+    while is_speed_worker(restarted):
+        assert time.monotonic() < deadline, "the speed worker outlived lambdalake up"
+        time.sleep(0.1)
 
 
 def speed_worker(flow: Flow) -> int:
     """The pid of the speed worker process that `lambdalake up` started."""
     assert flow.process is not None
     for task in Path(f"/proc/{flow.process.pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            if b"speed." in Path(f"/proc/{child}/cmdline").read_bytes():
-                return int(child)
+        for child in map(int, (task / "children").read_text().split()):
+            if is_speed_worker(child):
+                return child
     raise AssertionError("no speed worker under lambdalake up")
+
+
+def is_speed_worker(pid: int) -> bool:
+    """A live speed worker (a zombie's command line is empty)."""
+    try:
+        return b"speed." in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def test_kill_9_mid_produce_loses_nothing_and_counts_once(flow: Flow) -> None:
