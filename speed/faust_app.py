@@ -49,13 +49,8 @@ from lambdalake.kafka_topics import changelog_topic, dlq_topic, realtime_topic
 from lambdalake.project import Project
 from lambdalake.settings import Settings
 from lambdalake.storage import ObjectStore
-from speed.kafka_common import (
-    PartitionState,
-    Record,
-    exit_with_supervisor,
-    restore_partitions,
-    serve_metrics,
-)
+from speed.kafka_common import PartitionState, Record, restore_partitions
+from speed.worker import prepare
 
 log = logging.getLogger("lambdalake.speed.faust")
 BATCH = 10_000
@@ -214,20 +209,15 @@ class FaustSpeed:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lambdalake.kafka_topics import ensure_bus_topics
     from lambdalake.logs import setup_logging
     from lambdalake.project import load_project
-    from lambdalake.storage import open_store
 
     parser = argparse.ArgumentParser(prog="python -m speed.faust_app", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.parse_args(argv)  # --help
     setup_logging(everything=True)  # Faust's and aiokafka's logs too, one JSON object a line
     settings = Settings()
-    ensure_bus_topics(settings)
-    serve_metrics(settings)
-    exit_with_supervisor(settings)
-    store = open_store(settings.store_url, settings.s3_endpoint_url)
+    store = prepare(settings)
     app = FaustSpeed(settings, load_project(settings.project), store).app
     try:
         faust.Worker(app, loglevel="INFO", override_logging=False).execute_from_commandline()

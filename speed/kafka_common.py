@@ -17,19 +17,11 @@ A restarted or rebalanced worker rebuilds the view state from both topics, read 
 
 from __future__ import annotations
 
-import os
 import pickle
-import signal
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterable
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import orjson
-from prometheus_client import make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer
 
 from lambdalake.events import Event, Problem, Validator
 from lambdalake.kafka_topics import arrival as next_arrival
@@ -238,38 +230,3 @@ def read_compacted(
     finally:
         consumer.close()
     return latest
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, *_: Any) -> None:  # a scrape every few seconds is not news
-        pass
-
-
-def serve_metrics(settings: Settings) -> None:
-    """A worker's `/healthz` and Prometheus `/metrics`, on a daemon thread, if a port is set."""
-    if not settings.speed_metrics_port:
-        return
-    metrics = make_wsgi_app()
-
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if environ["PATH_INFO"] == "/healthz":
-            start_response("200 OK", [("Content-Type", "application/json")])
-            return [b'{"status":"ok"}']
-        return metrics(environ, start_response)
-
-    server = make_server(settings.speed_metrics_host, settings.speed_metrics_port, app,
-                         ThreadingWSGIServer, handler_class=_QuietHandler)
-    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-
-
-def exit_with_supervisor(settings: Settings) -> None:
-    """Under `lambdalake up`, stop (SIGTERM, so the open transaction ends cleanly) once the
-    supervisor's end of the stdin pipe closes: when `up` dies, even by kill -9."""
-    if not settings.supervised:
-        return
-
-    def watch() -> None:
-        sys.stdin.buffer.read()  # returns at end of file only
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()

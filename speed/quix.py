@@ -29,17 +29,12 @@ from quixstreams.kafka import Consumer, Producer
 from lambdalake import catalog
 from lambdalake.eventlog import now_ms
 from lambdalake.events import Validator
-from lambdalake.kafka_topics import changelog_topic, dlq_topic, ensure_bus_topics, realtime_topic
+from lambdalake.kafka_topics import changelog_topic, dlq_topic, realtime_topic
 from lambdalake.project import Project, load_project
 from lambdalake.settings import Settings
-from lambdalake.storage import ObjectStore, open_store
-from speed.kafka_common import (
-    PartitionState,
-    Record,
-    exit_with_supervisor,
-    restore_partitions,
-    serve_metrics,
-)
+from lambdalake.storage import ObjectStore
+from speed.kafka_common import PartitionState, Record, restore_partitions
+from speed.worker import prepare
 
 log = logging.getLogger("lambdalake.speed.quix")
 BATCH = 10_000
@@ -196,10 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging()
     settings = Settings()
-    ensure_bus_topics(settings)
-    serve_metrics(settings)
-    exit_with_supervisor(settings)
-    store = open_store(settings.store_url, settings.s3_endpoint_url)
+    store = prepare(settings)
     speed = QuixSpeed(settings, load_project(settings.project), store, args.worker_id)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
