@@ -6,7 +6,7 @@ as a plain ``java`` subprocess on two free loopback ports, with its data in a te
     with KafkaBroker() as kafka:
         producer = KafkaProducer(bootstrap_servers=kafka.bootstrap)
 
-``python -m lambdalake.testing.kafka`` starts one and waits for Ctrl-C.
+``python -m lambdalake.testing.kafka`` starts one and waits for Ctrl-C (or SIGTERM).
 """
 
 from __future__ import annotations
@@ -253,7 +253,8 @@ class KafkaBroker:
 
 
 def main() -> None:
-    """Start a broker, print its bootstrap address (stdout), wait for Ctrl-C."""
+    """Start a broker, print its bootstrap address (stdout), wait for Ctrl-C or SIGTERM."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stops the broker on the way out
     t0 = time.monotonic()
     with KafkaBroker() as broker:
         print(broker.bootstrap, flush=True)
