@@ -14,6 +14,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+DEDUP_MAX_IDS = 5_000_000
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -42,7 +44,7 @@ class Settings(BaseSettings):
     slice_seconds: int = Field(60, ge=1, description="Width of an arrival slice; cuts align to it.")
     dedup_window_hours: float = Field(24.0, gt=0)
     dedup_max_ids: int = Field(
-        5_000_000, ge=1_000,
+        DEDUP_MAX_IDS, ge=1_000,
         description="Ids one speed state holds (one per Kafka partition); past it the oldest "
         "are forgotten before the window ends.",
     )

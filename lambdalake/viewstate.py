@@ -25,6 +25,7 @@ from typing import Any
 
 from lambdalake.events import Event
 from lambdalake.project import Project
+from lambdalake.settings import DEDUP_MAX_IDS
 from lambdalake.views import View
 
 CellKey = tuple[int, int, tuple[Any, ...]]  # (slice, bucket, key)
@@ -70,7 +71,8 @@ class _ViewFold:
 
 class ViewState:
     def __init__(
-        self, project: Project, slice_ms: int, dedup_window_ms: int, max_ids: int = 5_000_000
+        self, project: Project, slice_ms: int, dedup_window_ms: int,
+        max_ids: int = DEDUP_MAX_IDS,
     ):
         self.project, self.slice_ms, self.dedup_window_ms = project, slice_ms, dedup_window_ms
         self.max_ids = max_ids

@@ -20,7 +20,7 @@ from functions.runtime.local import LocalRuntime
 from functions.runtime.template import Template, load_template
 from lambdalake.settings import Settings
 from lambdalake.testing import free_port
-from lambdalake.testing.kafka import KafkaBroker
+from lambdalake.testing.kafka import KafkaBroker, read_topic
 
 pytestmark = pytest.mark.kafka
 INGEST_TIMEOUT_S = 3.0  # the function's timeout here, so the pause outlasts a request
@@ -31,24 +31,6 @@ def pageviews(batch: str, n: int = 20) -> list[dict[str, Any]]:
     now = int(time.time() * 1000)
     return [{"event_id": f"{batch}-{i}", "type": "pageview", "ts": now, "url": "/outage",
              "user_id": f"u{i}"} for i in range(n)]
-
-
-def event_ids_on(bootstrap: str, topic: str) -> set[str]:
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
-
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": uuid.uuid4().hex,
-                         "enable.partition.eof": True})
-    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-    ids, ended = set(), set()
-    while len(ended) < len(partitions):
-        for message in consumer.consume(1_000, 1.0):
-            if message.error() and message.error().code() == KafkaError._PARTITION_EOF:
-                ended.add(message.partition())
-            else:
-                ids.add(message.key().decode())
-    consumer.close()
-    return ids
 
 
 def test_a_broker_pause_is_503_never_a_lost_event(
@@ -92,5 +74,5 @@ def test_a_broker_pause_is_503_never_a_lost_event(
             assert body["accepted"] == 0
             assert body["error"].startswith("event bus unavailable, nothing accepted; retry")
     acknowledged = {f"{b}-{i}" for b, status, _ in answers if status == 202 for i in range(20)}
-    on_topic = event_ids_on(settings.kafka_bootstrap, settings.topic)
+    on_topic = {m.key().decode() for m in read_topic(settings.kafka_bootstrap, settings.topic)}
     assert acknowledged <= on_topic

@@ -28,8 +28,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("quixstreams")
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer  # noqa: E402
-from confluent_kafka import TopicPartition as Tp  # noqa: E402
+from confluent_kafka import Producer  # noqa: E402
 from prometheus_client import REGISTRY  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
@@ -45,7 +44,7 @@ from lambdalake.settings import Settings  # noqa: E402
 from lambdalake.storage import open_store  # noqa: E402
 from lambdalake.synthetic import WebAnalyticsStream  # noqa: E402
 from lambdalake.testing import free_port  # noqa: E402
-from lambdalake.testing.kafka import KafkaBroker  # noqa: E402
+from lambdalake.testing.kafka import KafkaBroker, read_topic  # noqa: E402
 from lambdalake.views import BUCKET_MS  # noqa: E402
 from serving.realtime_feed import RealtimeFeed  # noqa: E402
 from speed.kafka_common import PartitionState  # noqa: E402
@@ -192,22 +191,15 @@ def encoded(events: list[dict[str, Any]]) -> list[tuple[bytes, bytes]]:
     return [(e["event_id"].encode(), json.dumps(e).encode()) for e in events]
 
 
-def read_all(bootstrap: str, topic: str, partitions: int) -> list[tuple[Any, ...]]:
+def read_all(bootstrap: str, topic: str) -> list[tuple[Any, ...]]:
     """(partition, offset, arrival, value, headers) of every record, in offset order."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": uuid.uuid4().hex,
-                         "enable.partition.eof": True})
-    consumer.assign([Tp(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
-    found, done, running = [], set(), [0] * partitions
-    while len(done) < partitions:
-        for m in consumer.consume(10_000, 1.0):
-            if m.error() and m.error().code() == KafkaError._PARTITION_EOF:
-                done.add(m.partition())
-            else:
-                running[m.partition()] = max(running[m.partition()], m.timestamp()[1])
-                found.append((m.partition(), m.offset(), running[m.partition()], m.value(),
-                              dict(m.headers() or [])))
-    consumer.close()
-    return sorted(found, key=lambda r: r[:2])
+    running: dict[int, int] = {}
+    found = []
+    for m in read_topic(bootstrap, topic):
+        running[m.partition()] = max(running.get(m.partition(), 0), m.timestamp()[1])
+        found.append((m.partition(), m.offset(), running[m.partition()], m.value(),
+                      dict(m.headers() or [])))
+    return found
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 60) -> None:
@@ -430,7 +422,7 @@ def test_exact_merge_through_kafka(
     with feed_of(s) as cells:
         bus.publish([validator.validate(e, now) for e in waves[0]])
         time.sleep(1.1)
-        cut = max(r[2] for r in read_all(s.kafka_bootstrap, s.topic, 4)) // 1000 * 1000 + 1000
+        cut = max(r[2] for r in read_all(s.kafka_bootstrap, s.topic)) // 1000 * 1000 + 1000
         if cut_first:
             publish_cut(s, cut)
         with worker_of(engine, s, home / "worker.log"):
@@ -438,7 +430,7 @@ def test_exact_merge_through_kafka(
             if not cut_first:
                 publish_cut(s, cut)
             cells.drop_below(cut)
-            records = read_all(s.kafka_bootstrap, s.topic, 4)
+            records = read_all(s.kafka_bootstrap, s.topic)
             below = [json.loads(r[3]) for r in records if r[2] < cut]
             wait_exact(lambda: served(cells, below, cut), recompute(events))
     bus.close()
@@ -464,7 +456,7 @@ def test_poison_goes_to_the_dead_letter_topic_and_the_partition_keeps_flowing(
     with feed_of(s) as cells, worker_of(engine, s, tmp_path / "worker.log"):
         wait_exact(lambda: served(cells, [], 0), recompute(good))
         after = dead_letters(s, engine)
-    dead = read_all(s.kafka_bootstrap, dlq_topic(s.topic), 1)
+    dead = read_all(s.kafka_bootstrap, dlq_topic(s.topic))
     assert [r[3] for r in dead] == poison
     reasons = [r[4]["reason"].decode() for r in dead]
     assert reasons[0].startswith("$: not JSON")

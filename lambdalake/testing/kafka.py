@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from lambdalake.testing import free_ports
 
@@ -250,6 +251,25 @@ class KafkaBroker:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
         self.port = self.controller_port = 0
+
+
+def read_topic(bootstrap: str, topic: str) -> list[Any]:
+    """Every record of `topic` now (confluent-kafka messages), in offset order per partition."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": uuid.uuid4().hex,
+                         "enable.partition.eof": True})
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+    found, ended = [], set()
+    while len(ended) < len(partitions):
+        for message in consumer.consume(10_000, 1.0):
+            if message.error() and message.error().code() == KafkaError._PARTITION_EOF:
+                ended.add(message.partition())
+            else:
+                found.append(message)
+    consumer.close()
+    return sorted(found, key=lambda m: (m.partition(), m.offset()))
 
 
 def main() -> None:
