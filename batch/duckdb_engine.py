@@ -16,8 +16,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+from lambdalake.batch.engine import CorruptObject, with_rows_read
 
-from batch.engine import CorruptObject, with_rows_read
 from lambdalake import master, sketches
 from lambdalake.monoids import ApproxDistinct, Monoid
 from lambdalake.project import Project, table_schema

@@ -53,3 +53,24 @@ def with_rows_read(table: pa.Table, rows: int) -> pa.Table:
 
 def rows_read(table: pa.Table) -> int:
     return int((table.schema.metadata or {})[ROWS_READ])
+
+
+class MissingExtra(RuntimeError):
+    """An engine whose optional dependencies are not installed; says which extra to install."""
+
+
+def engine_named(name: str, master: str | None = None) -> Engine:
+    """The engine called `name`: duckdb, or spark on `master` (default `local[*]`)."""
+    if name == "duckdb":
+        from lambdalake.batch.duckdb_engine import DuckDBEngine
+
+        return DuckDBEngine()
+    if name == "spark":
+        try:
+            from lambdalake.batch.spark_engine import SparkEngine
+        except ImportError as exc:
+            raise MissingExtra(
+                f"the Spark engine needs `pip install 'lambdalake[spark]'` ({exc.name} is missing)"
+            ) from None
+        return SparkEngine(master or "local[*]")
+    raise ValueError(f"engine: unknown batch engine {name!r}; use duckdb or spark")

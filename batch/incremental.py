@@ -38,9 +38,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+from lambdalake.batch.engine import with_rows_read
+from lambdalake.batch.objects import read_all
 
-from batch.engine import with_rows_read
-from batch.objects import read_all
 from lambdalake import catalog
 from lambdalake.catalog import Manifest
 from lambdalake.events import EventSchema

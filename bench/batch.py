@@ -46,12 +46,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from lambdalake.batch.duckdb_engine import DuckDBEngine
+from lambdalake.batch.engine import Engine, rows_read
+from lambdalake.batch.run import rollback, run_batch
+from lambdalake.batch.spark_engine import SparkEngine
 from pyspark.sql import functions as F
 
-from batch.duckdb_engine import DuckDBEngine
-from batch.engine import Engine, rows_read
-from batch.run import rollback, run_batch
-from batch.spark_engine import SparkEngine
 from lambdalake import catalog, master, sketches, synthetic
 from lambdalake.example import project
 from lambdalake.settings import Settings

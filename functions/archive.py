@@ -16,9 +16,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from lambdalake.functions.environment import PerColdStart
 from prometheus_client import Counter
 
-from functions.environment import PerColdStart
 from lambdalake import master
 from lambdalake.events import Event, EventSchema, Problem, Validator
 from lambdalake.project import load_project
@@ -102,3 +102,6 @@ def advance_watermark(partition: int, next_offset: int, watermark: int) -> None:
     if current and (current["watermark"], current["next_offset"]) >= (watermark, next_offset):
         return
     master.write_watermark(store, partition, next_offset, watermark)
+
+
+ON_DRAINED = {f"{__name__}.handler": advance_watermark}  # for the local runtime's mappings

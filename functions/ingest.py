@@ -13,7 +13,8 @@ import json
 import logging
 from typing import Any
 
-from functions.environment import PerColdStart
+from lambdalake.functions.environment import PerColdStart
+
 from lambdalake.bus import open_bus
 from lambdalake.eventlog import now_ms
 from lambdalake.events import Event, Problem, Validator

@@ -11,19 +11,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST
-
-from lambdalake.events import iso
-from lambdalake.project import Project
-from lambdalake.query import parse
-from lambdalake.realtime import RealtimeCells
-from lambdalake.settings import Settings
-from lambdalake.storage import ObjectStore
-from lambdalake.views import View
-from serving.batch_views import BatchViews, Snapshot
-from serving.errors import ApiError, install_error_handlers
-from serving.metrics import RequestMetrics, ServingMetrics
-from serving.models import (
+from lambdalake.serving.batch_views import BatchViews, Snapshot
+from lambdalake.serving.errors import ApiError, install_error_handlers
+from lambdalake.serving.metrics import RequestMetrics, ServingMetrics
+from lambdalake.serving.models import (
     Errors,
     Freshness,
     Health,
@@ -34,7 +25,16 @@ from serving.models import (
     ViewInfo,
     ViewList,
 )
-from serving.query import DuckDB, run_sql, view_rows
+from lambdalake.serving.query import DuckDB, run_sql, view_rows
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from lambdalake.events import iso
+from lambdalake.project import Project
+from lambdalake.query import parse
+from lambdalake.realtime import RealtimeCells
+from lambdalake.settings import Settings
+from lambdalake.storage import ObjectStore
+from lambdalake.views import View
 
 _QUERY_PARAMETERS = {"from", "to", "bucket", "group_by", "order_by", "limit"}
 _API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False)

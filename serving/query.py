@@ -22,12 +22,12 @@ from uuid import UUID
 
 import duckdb
 import pyarrow as pa
+from lambdalake.serving.batch_views import BatchViews, Reading, Snapshot
 
 from lambdalake.events import epoch_ms
 from lambdalake.monoids import ApproxDistinct
 from lambdalake.query import Query, QueryError, finalize, plan
 from lambdalake.views import View
-from serving.batch_views import BatchViews, Reading, Snapshot
 
 SQL_MAX_ROWS = 10_000
 SQL_TIMEOUT_SECONDS = 10.0

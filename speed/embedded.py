@@ -13,6 +13,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from lambdalake.speed.metrics import APPLIED, DedupGauges
+
 from lambdalake import catalog
 from lambdalake.eventlog import Topic, now_ms
 from lambdalake.events import decode
@@ -20,7 +22,6 @@ from lambdalake.project import Project
 from lambdalake.settings import Settings
 from lambdalake.storage import ObjectStore
 from lambdalake.viewstate import CellUpdate, ViewState
-from speed.metrics import APPLIED, DedupGauges
 
 log = logging.getLogger("lambdalake.speed")
 Sink = Callable[[list[CellUpdate], int], None]  # (updates, caught_up_at ms)

@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 import orjson
+from lambdalake.speed.metrics import APPLIED, DEAD_LETTERS, DedupGauges
 
 from lambdalake.events import Event, Problem, Validator
 from lambdalake.kafka_topics import arrival as next_arrival
@@ -30,7 +31,6 @@ from lambdalake.project import Project
 from lambdalake.realtime import decode_update, encode_update
 from lambdalake.settings import Settings
 from lambdalake.viewstate import CellKey, ViewState
-from speed.metrics import APPLIED, DEAD_LETTERS, DedupGauges
 
 MAX_REASON = 1_000
 IDS_PER_RECORD = 1_024  # (event id, arrival) pairs a record: < 300 KB with 256-char ids

@@ -22,11 +22,11 @@ import pytest
 from batch_lakes import SLICE_MS, URLS, events, published
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from lambdalake.batch.duckdb_engine import DuckDBEngine
+from lambdalake.batch.engine import CorruptObject
+from lambdalake.batch.run import BatchError, prune_versions, rollback, run_batch
 from rich.progress import Progress
 
-from batch.duckdb_engine import DuckDBEngine
-from batch.engine import CorruptObject
-from batch.run import BatchError, prune_versions, rollback, run_batch
 from lambdalake import catalog, master
 from lambdalake.catalog import Manifest
 from lambdalake.events import Event

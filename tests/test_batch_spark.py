@@ -16,19 +16,19 @@ import boto3
 import pytest
 from batch_lakes import PROJECT, History, assert_same_view, histories, published
 from hypothesis import given, settings
+from lambdalake.batch.duckdb_engine import DuckDBEngine
+from lambdalake.batch.engine import CorruptObject, Engine, rows_read
+from lambdalake.batch.engine import engine_named as batch_engine
+from lambdalake.batch.run import BatchError, run_batch
+from lambdalake.batch.spark_engine import SparkEngine
+from lambdalake.functions import environment
+from lambdalake.functions.runtime.function import FunctionError, LocalFunction
+from lambdalake.functions.runtime.template import load_template
 
-from batch.duckdb_engine import DuckDBEngine
-from batch.engine import CorruptObject, Engine, rows_read
-from batch.run import BatchError, run_batch
-from batch.spark_engine import SparkEngine
-from functions import environment
-from functions.runtime.function import FunctionError, LocalFunction
-from functions.runtime.template import load_template
 from lambdalake import catalog, master, sketches
 from lambdalake.events import Event
 from lambdalake.master import Archived
 from lambdalake.monoids import ApproxDistinct
-from lambdalake.stack import batch_engine
 from lambdalake.storage import FileStore, ObjectStore, S3Store
 
 SPARK_CONF = {

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from lambdalake.serving.server import ServerThread, build_server
 
 from lambdalake import catalog
 from lambdalake.eventlog import now_ms
@@ -37,7 +38,6 @@ from lambdalake.settings import Settings
 from lambdalake.storage import FileStore, ObjectStore, S3Store
 from lambdalake.views import View
 from lambdalake.viewstate import ViewState
-from serving.server import ServerThread, build_server
 
 MINUTE, HOUR, DAY = 60_000, 3_600_000, 86_400_000
 T0 = epoch_ms("2026-11-23T00:00:00Z")

@@ -29,6 +29,9 @@ from hypothesis import strategies as st
 pytest.importorskip("quixstreams")
 
 from confluent_kafka import Producer  # noqa: E402
+from lambdalake.serving.realtime_feed import RealtimeFeed  # noqa: E402
+from lambdalake.speed.kafka_common import PartitionState  # noqa: E402
+from lambdalake.speed.quix import QuixSpeed  # noqa: E402
 from prometheus_client import REGISTRY  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
@@ -46,9 +49,6 @@ from lambdalake.synthetic import WebAnalyticsStream  # noqa: E402
 from lambdalake.testing import free_port  # noqa: E402
 from lambdalake.testing.kafka import KafkaBroker, read_topic  # noqa: E402
 from lambdalake.views import BUCKET_MS  # noqa: E402
-from serving.realtime_feed import RealtimeFeed  # noqa: E402
-from speed.kafka_common import PartitionState  # noqa: E402
-from speed.quix import QuixSpeed  # noqa: E402
 
 needs_java = pytest.mark.skipif(not shutil.which("java"), reason="needs Java 17+")
 HOUR = 3_600_000
@@ -243,8 +243,8 @@ def feed_of(settings: Settings) -> Iterator[RealtimeCells]:
 
 ENGINES = ["quix", "faust"]
 COMMANDS = {
-    "quix": lambda worker_id: ["-m", "speed.quix", "--worker-id", worker_id],
-    "faust": lambda worker_id: ["-m", "speed.faust_app"],
+    "quix": lambda worker_id: ["-m", "lambdalake.speed.quix", "--worker-id", worker_id],
+    "faust": lambda worker_id: ["-m", "lambdalake.speed.faust_app"],
 }
 
 

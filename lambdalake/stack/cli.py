@@ -39,7 +39,7 @@ def up(
     engine: Annotated[str, typer.Option(help="Batch engine: duckdb or spark")] = "duckdb",
 ) -> None:
     """Run the whole flow: gateway, archiver, speed layer, serving API, batch schedule."""
-    from lambdalake.stack import Stack
+    from lambdalake.stack.up import Stack
 
     settings = settings_with(bus=bus, kafka_bootstrap=bootstrap,
                              batch_interval_seconds=batch_every)
@@ -90,7 +90,7 @@ def batch_run(
     incremental: Annotated[bool, typer.Option(help="Merge the last version with new data")] = False,
 ) -> None:
     """Recompute every batch view up to the newest cut and publish it atomically."""
-    from lambdalake.stack import batch_once
+    from lambdalake.stack.up import batch_once
 
     manifest = batch_once(Settings(), engine, master=master, incremental=incremental,
                           console=console)
@@ -102,7 +102,7 @@ def batch_run(
 def batch_history(limit: Annotated[int, typer.Option(help="Most recent N runs")] = 20) -> None:
     """Past batch runs: version, cut, rows, duration, engine, outcome."""
     from lambdalake import catalog
-    from lambdalake.stack import open_settings_store
+    from lambdalake.stack.up import open_settings_store
 
     table = Table("version", "cut", "engine", "rows read", "rows written", "seconds", "outcome")
     for run in catalog.runs(open_settings_store(Settings()))[-limit:]:
@@ -115,8 +115,8 @@ def batch_history(limit: Annotated[int, typer.Option(help="Most recent N runs")]
 @batch_app.command("rollback")
 def batch_rollback(version: str) -> None:
     """Serve an older kept batch version again."""
-    from batch.run import BatchError, rollback
-    from lambdalake.stack import open_settings_store
+    from lambdalake.batch.run import BatchError, rollback
+    from lambdalake.stack.up import open_settings_store
 
     try:
         manifest = rollback(open_settings_store(Settings()), version)

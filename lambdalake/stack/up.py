@@ -1,7 +1,5 @@
-"""The composition root: every part wired together in one process (`lambdalake up`).
-
-The only kernel module that imports the parts; it does so lazily, per command.
-"""
+"""`lambdalake up`: every part wired together in one process (the Kafka speed worker in its own,
+supervised), and the batch schedule. Parts are imported lazily, per command."""
 
 from __future__ import annotations
 
@@ -23,22 +21,11 @@ from lambdalake.storage import ObjectStore, open_store
 from lambdalake.viewstate import CellUpdate
 
 log = logging.getLogger("lambdalake.stack")
+SPEED_WORKERS = {"quix": "lambdalake.speed.quix", "faust": "lambdalake.speed.faust_app"}
 
 
 def open_settings_store(settings: Settings) -> ObjectStore:
     return open_store(settings.store_url, settings.s3_endpoint_url)
-
-
-def batch_engine(name: str, master: str | None = None) -> Any:
-    if name == "duckdb":
-        from batch.duckdb_engine import DuckDBEngine
-
-        return DuckDBEngine()
-    if name == "spark":
-        from batch.spark_engine import SparkEngine
-
-        return SparkEngine(master or "local[*]")
-    raise ValueError(f"engine: unknown batch engine {name!r}; use duckdb or spark")
 
 
 def batch_once(
@@ -49,16 +36,14 @@ def batch_once(
     incremental: bool = False,
     console: Console | None = None,
 ) -> Manifest:
-    from batch.run import run_batch
+    """One batch run; with a console, one progress bar per view (logs draw above them)."""
+    from lambdalake.batch.run import run_from_settings
 
-    project = load_project(settings.project)
-    store = open_settings_store(settings)
-    engine = batch_engine(engine_name, master)
     if console is None:
-        return run_batch(settings, project, store, engine, incremental=incremental)
+        return run_from_settings(settings, engine_name, master=master, incremental=incremental)
     with Progress(console=console, transient=True) as progress:
-        return run_batch(settings, project, store, engine, incremental=incremental,
-                         progress=progress)
+        return run_from_settings(settings, engine_name, master=master, incremental=incremental,
+                                 progress=progress)
 
 
 class Stack:
@@ -78,10 +63,11 @@ class Stack:
             self.realtime.caught_up_at = caught_up_at
 
     def __enter__(self) -> Stack:
-        from functions.runtime.local import LocalRuntime
         from lambdalake.bus import events_topic
-        from serving.server import ServerThread, build_server
-        from speed.embedded import EmbeddedSpeed
+        from lambdalake.functions import archive
+        from lambdalake.functions.runtime.local import LocalRuntime
+        from lambdalake.serving.server import ServerThread, build_server
+        from lambdalake.speed.embedded import EmbeddedSpeed
 
         s = self.settings
         server = ServerThread(build_server(s, self.project, self.store, self.realtime)).start()
@@ -93,7 +79,7 @@ class Stack:
                                   self.publish_realtime)
             speed.start()
             self._closers.append(speed.stop)
-        runtime = LocalRuntime(s)
+        runtime = LocalRuntime(s, on_drained=archive.ON_DRAINED)
         runtime.start()
         self._closers.append(runtime.stop)
         self._thread(self._batch_schedule, "batch-schedule")
@@ -107,11 +93,11 @@ class Stack:
         import sys
 
         from lambdalake.kafka_topics import ensure_bus_topics
-        from lambdalake.supervisor import Supervised
-        from serving.realtime_feed import RealtimeFeed
+        from lambdalake.serving.realtime_feed import RealtimeFeed
+        from lambdalake.stack.supervisor import Supervised
 
         ensure_bus_topics(self.settings)
-        module = {"quix": "speed.quix", "faust": "speed.faust_app"}[self.settings.speed_engine]
+        module = SPEED_WORKERS[self.settings.speed_engine]
         env = {f"LAMBDALAKE_{k.upper()}": str(v) for k, v in self._speed_env().items() if v}
         worker = Supervised("speed", [sys.executable, "-m", module], os.environ | env).start()
         self._closers.append(worker.stop)
