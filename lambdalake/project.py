@@ -41,11 +41,22 @@ class Project:
         return [v for v in self.views.values() if v.event_type == event_type]
 
 
+class ProjectError(ValueError):
+    """The project setting names nothing loadable; the message says what and why."""
+
+
 def load_project(spec: str) -> Project:
+    """The `Project` at `module:attribute` (attribute default `project`)."""
     module_name, _, attribute = spec.partition(":")
-    project = getattr(importlib.import_module(module_name), attribute or "project")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any failure of the user's module: one clear line, not a trace
+        raise ProjectError(f"project {spec!r}: cannot import {module_name!r}: "
+                           f"{type(exc).__name__}: {exc}") from None
+    project = getattr(module, attribute or "project", None)
     if not isinstance(project, Project):
-        raise TypeError(f"{spec} is not a lambdalake Project")
+        raise ProjectError(f"project {spec!r}: {module_name}.{attribute or 'project'} is not "
+                           "a lambdalake Project (set LAMBDALAKE_PROJECT=module:attribute)")
     return project
 
 
