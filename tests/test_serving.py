@@ -206,6 +206,7 @@ def start_lake(
     store: ObjectStore | None = None,
 ) -> Lake:
     store, realtime = store or FileStore(root / "lake"), RealtimeCells(project)
+    realtime.restored.set()  # no speed layer here: its cells are whatever the test upserts
     settings = Settings(home=root, api_keys=api_keys or [])
     server = ServerThread(build_server(settings, project, store, realtime, port=0,
                                        poll_seconds=0.02)).start()
