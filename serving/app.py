@@ -78,19 +78,28 @@ def require_api_key(
             responses={503: {"model": Errors, "description": "A loop is dead or stuck"}})
 def healthz(serving: ServingDep) -> Health | Response:
     """Liveness: the process answers and every long-running loop of it is alive, none stuck."""
-    problems = serving.loops.problems()
-    if problems:
-        return error_response(503, [(f"loop {name}", p) for name, p in problems.items()])
+    unhealthy = _loop_problems(serving)
+    if unhealthy:
+        return error_response(503, unhealthy)
     return Health(status="ok", loops={
         loop.name: f"retrying: {loop.last_error}" if loop.consecutive_errors else "ok"
         for loop in serving.loops})
 
 
-@public.get("/readyz", responses={503: {"model": Errors, "description": "Not ready yet"}})
-def readyz(serving: ServingDep) -> Readiness:
-    """Readiness: the published batch views loaded and the real-time state restored."""
+@public.get("/readyz", response_model=Readiness,
+            responses={503: {"model": Errors, "description": "Not ready yet"}})
+def readyz(serving: ServingDep) -> Readiness | Response:
+    """Readiness: the published batch views loaded, the real-time state restored, and every
+    loop alive. A real-time lag past its bound does not count: answers say `stale`."""
     require_restored(serving)
+    unhealthy = _loop_problems(serving)
+    if unhealthy:
+        return error_response(503, unhealthy)
     return Readiness(status="ready", batch_version=serving.views.snapshot.version)
+
+
+def _loop_problems(serving: Serving) -> list[tuple[str, str]]:
+    return [(f"loop {name}", problem) for name, problem in serving.loops.problems().items()]
 
 
 def require_restored(serving: ServingDep) -> None:
