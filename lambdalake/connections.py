@@ -2,8 +2,8 @@
 cannot take the process's file descriptors (which every other loop of it needs too).
 
 uvicorn's `limit_concurrency` only counts requests whose headers arrived, and it has no
-timeout for a request still arriving. `bounded_h11(cap, timeout)` is an h11 protocol class
-(`uvicorn.Config(http=...)`) that checks both at the connection:
+timeout for a request still arriving. `uvicorn_bounds` gives a server an h11 protocol class
+that checks both at the connection, and an accept backlog sized to match:
 - past `cap` open connections, a new one is answered 503 and closed as soon as it is
   accepted, so holding it costs no descriptor;
 - a request whose headers and body have not all arrived within `read_timeout_s` of the
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import resource
+from typing import Any
 
 import h11
 from prometheus_client import Counter
@@ -26,15 +27,22 @@ _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\nretry-after:
          b"content-length: 0\r\n\r\n")
 _TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
 _STILL_ARRIVING = (h11.IDLE, h11.SEND_BODY)  # the client's side of a request under way
+_MAX_BACKLOG = 128
 
 
-def connection_cap(wanted: int, servers: int = 2) -> int:
-    """`wanted`, but no more than this process's share of its file limit: the servers of the
-    process together hold at most half of it, the rest is for logs, stores and sockets."""
+def uvicorn_bounds(server: str, max_connections: int, read_timeout_s: float) -> dict[str, Any]:
+    """`uvicorn.Config` arguments bounding a server's connections (see the module's doc).
+
+    asyncio accepts up to `backlog` connections in one go before any of them is closed, so
+    a server can hold `cap + 2 * backlog` descriptors at a moment: both are sized to keep
+    that within this server's share of the process's file limit (a quarter: the gateway
+    and the API together hold at most half, the rest is for logs, stores and clients).
+    """
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return wanted
-    return max(1, min(wanted, soft // (2 * servers)))
+    share = max_connections + 2 * _MAX_BACKLOG if soft == resource.RLIM_INFINITY else soft // 4
+    backlog = max(1, min(_MAX_BACKLOG, share // 8))
+    cap = max(1, min(max_connections, share - 2 * backlog))
+    return {"http": bounded_h11(server, cap, read_timeout_s), "backlog": backlog}
 
 
 def bounded_h11(server: str, cap: int, read_timeout_s: float) -> type[H11Protocol]:

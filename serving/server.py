@@ -7,7 +7,7 @@ import time
 
 import uvicorn
 
-from lambdalake.connections import bounded_h11, connection_cap
+from lambdalake.connections import uvicorn_bounds
 from lambdalake.loops import Loops
 from lambdalake.project import Project
 from lambdalake.realtime import RealtimeCells
@@ -28,14 +28,14 @@ def build_server(
 ) -> uvicorn.Server:
     """A uvicorn server on settings.api_host and `port` (default settings.api_port; 0: any)."""
     app = create_app(settings, project, store, realtime, poll_seconds=poll_seconds, loops=loops)
-    cap = connection_cap(settings.http_max_connections)
     config = uvicorn.Config(
         app,
         host=settings.api_host,
         port=settings.api_port if port is None else port,
         log_config=None,
         access_log=False,
-        http=bounded_h11("api", cap, settings.http_read_timeout_seconds),
+        **uvicorn_bounds("api", settings.http_max_connections,
+                         settings.http_read_timeout_seconds),
     )
     return uvicorn.Server(config)
 

@@ -26,7 +26,7 @@ from starlette.routing import Route
 
 from functions.runtime.context import ACCOUNT
 from functions.runtime.function import FunctionError, FunctionTimeout, LocalFunction, Throttled
-from lambdalake.connections import bounded_h11, connection_cap
+from lambdalake.connections import uvicorn_bounds
 
 PAYLOAD_LIMIT_BYTES = 5 * 1024 * 1024
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -43,9 +43,9 @@ class Gateway:
         self.routes = {route.key: f for f in functions for route in f.spec.routes}
         self.host, self.port, self.payload_limit = host, port, payload_limit
         app = Starlette(routes=[Route("/{path:path}", self.handle, methods=METHODS)])
-        protocol = bounded_h11("gateway", connection_cap(max_connections), read_timeout_s)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=5, http=protocol)
+                                timeout_graceful_shutdown=5,
+                                **uvicorn_bounds("gateway", max_connections, read_timeout_s))
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
