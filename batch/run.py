@@ -5,7 +5,7 @@ the view files, then the manifest, then the pointer (`catalog.publish`): a reade
 a half-written version, and a run that fails leaves the previous version serving. Every run
 that starts is recorded in the history, failed ones with their error.
 
-A run that would change nothing is refused with a `BatchError` rather than published as a
+A run that would change nothing is refused with a `BatchRefused` rather than published as a
 copy: no archive watermarks yet, or a cut that does not advance past the serving version's
 ("nothing new since cut …"). Refusals publish nothing and are not recorded as runs.
 
@@ -48,6 +48,10 @@ class BatchError(RuntimeError):
     """A batch run refused or failed; the message says why. The serving version is unchanged."""
 
 
+class BatchRefused(BatchError):
+    """Nothing to do (no watermarks yet, nothing new since the cut): not a failure."""
+
+
 def run_batch(
     settings: Settings,
     project: Project,
@@ -80,13 +84,13 @@ def next_cut(settings: Settings, store: ObjectStore) -> int:
     missing = sorted(set(range(settings.partitions)) - set(marks))
     if missing:
         listed = ", ".join(map(str, missing))
-        raise BatchError(f"no archive watermark yet for partition(s) {listed}")
+        raise BatchRefused(f"no archive watermark yet for partition(s) {listed}")
     cut = master.choose_cut((m["watermark"] for m in marks.values()), settings.slice_ms)
     current = catalog.current(store)
     previous = current.cut if current else 0
     if cut <= previous:
         serving = f"serving {current.version}" if current else "nothing published yet"
-        raise BatchError(f"nothing new since cut {iso(previous)} ({serving})")
+        raise BatchRefused(f"nothing new since cut {iso(previous)} ({serving})")
     return cut
 
 

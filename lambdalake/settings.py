@@ -40,6 +40,17 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_keys: list[str] = Field(default_factory=list, description="Empty: no key needed.")
+    http_max_connections: int = Field(
+        1000, ge=1, description="Open connections each HTTP server (gateway, API) holds; past "
+        "it a new one gets 503. Never more than a quarter of the process's file limit.",
+    )
+    http_read_timeout_seconds: float = Field(
+        10.0, gt=0, description="A request's headers and body must arrive within this; "
+        "else 408 and the connection is closed.",
+    )
+    realtime_stale_ms: int = Field(
+        10_000, ge=1, description="Past this real-time lag, answers say `freshness.stale`.",
+    )
 
     slice_seconds: int = Field(60, ge=1, description="Width of an arrival slice; cuts align to it.")
     dedup_window_hours: float = Field(24.0, gt=0)

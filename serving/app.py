@@ -14,6 +14,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from lambdalake.events import iso
+from lambdalake.loops import Loops
 from lambdalake.project import Project
 from lambdalake.query import parse
 from lambdalake.realtime import RealtimeCells
@@ -21,7 +22,7 @@ from lambdalake.settings import Settings
 from lambdalake.storage import ObjectStore
 from lambdalake.views import View
 from serving.batch_views import BatchViews, Snapshot
-from serving.errors import ApiError, install_error_handlers
+from serving.errors import ApiError, error_response, install_error_handlers
 from serving.metrics import RequestMetrics, ServingMetrics
 from serving.models import (
     Errors,
@@ -48,6 +49,7 @@ class Serving:
     views: BatchViews
     duck: DuckDB
     metrics: ServingMetrics
+    loops: Loops
 
 
 def _serving(request: Request) -> Serving:
@@ -57,6 +59,7 @@ def _serving(request: Request) -> Serving:
 ServingDep = Annotated[Serving, Depends(_serving)]
 public = APIRouter(tags=["operations"])
 api = APIRouter(responses={401: {"model": Errors, "description": "No valid API key"}})
+_RESTORING = {503: {"model": Errors, "description": "Restoring state; see Retry-After"}}
 
 
 def require_api_key(
@@ -71,24 +74,50 @@ def require_api_key(
         raise ApiError(401, field, rule, headers={"WWW-Authenticate": "Bearer"})
 
 
-@public.get("/healthz")
-def healthz() -> Health:
-    """Liveness: the process answers."""
-    return Health(status="ok")
+@public.get("/healthz", response_model=Health,
+            responses={503: {"model": Errors, "description": "A loop is dead or stuck"}})
+def healthz(serving: ServingDep) -> Health | Response:
+    """Liveness: the process answers and every long-running loop of it is alive, none stuck."""
+    unhealthy = _loop_problems(serving)
+    if unhealthy:
+        return error_response(503, unhealthy)
+    return Health(status="ok", loops={
+        loop.name: f"retrying: {loop.last_error}" if loop.consecutive_errors else "ok"
+        for loop in serving.loops})
 
 
-@public.get("/readyz", responses={503: {"model": Errors, "description": "Not loaded yet"}})
-def readyz(serving: ServingDep) -> Readiness:
-    """Readiness: the published batch views have been looked up (and loaded, if any)."""
-    if not serving.views.ready:
-        raise ApiError(503, "batch", "the published batch views have not been loaded yet")
+@public.get("/readyz", response_model=Readiness,
+            responses={503: {"model": Errors, "description": "Not ready yet"}})
+def readyz(serving: ServingDep) -> Readiness | Response:
+    """Readiness: the published batch views loaded, the real-time state restored, and every
+    loop alive. A real-time lag past its bound does not count: answers say `stale`."""
+    require_restored(serving)
+    unhealthy = _loop_problems(serving)
+    if unhealthy:
+        return error_response(503, unhealthy)
     return Readiness(status="ready", batch_version=serving.views.snapshot.version)
 
 
-@api.get("/views", tags=["views"])
+def _loop_problems(serving: Serving) -> list[tuple[str, str]]:
+    return [(f"loop {name}", problem) for name, problem in serving.loops.problems().items()]
+
+
+def require_restored(serving: ServingDep) -> None:
+    """Answers only from whole state: a partial one would undercount."""
+    retry = {"Retry-After": "1"}
+    if not serving.views.ready:
+        raise ApiError(503, "batch", "the published batch views have not been loaded yet",
+                       headers=retry)
+    if not serving.views.realtime.restored.is_set():
+        raise ApiError(503, "realtime", "the real-time state is being restored (speed "
+                       "checkpoint and log replay); retry shortly", headers=retry)
+
+
+@api.get("/views", tags=["views"], dependencies=[Depends(require_restored)],
+         responses=_RESTORING)
 def list_views(serving: ServingDep) -> ViewList:
     """Every view: its dimensions, metrics and bucket, and how fresh its answers are."""
-    fresh = freshness(serving.views, serving.views.snapshot)
+    fresh = freshness(serving, serving.views.snapshot)
     infos = [ViewInfo(**v.describe(), freshness=fresh) for v in serving.project.views.values()]
     return ViewList(views=infos)
 
@@ -96,7 +125,9 @@ def list_views(serving: ServingDep) -> ViewList:
 @api.get(
     "/views/{view}",
     tags=["views"],
-    responses={400: {"model": Errors}, 404: {"model": Errors, "description": "No such view"}},
+    dependencies=[Depends(require_restored)],
+    responses={400: {"model": Errors}, 404: {"model": Errors, "description": "No such view"},
+               **_RESTORING},
 )
 def query_view(
     view: str,
@@ -122,15 +153,16 @@ def query_view(
     )
     reading = serving.views.read([view])
     rows = view_rows(serving.duck, reading, definition, query)
-    return ViewAnswer(view=view, rows=rows, freshness=freshness(serving.views, reading.snapshot))
+    return ViewAnswer(view=view, rows=rows, freshness=freshness(serving, reading.snapshot))
 
 
-@api.post("/sql", tags=["views"], responses={400: {"model": Errors}})
+@api.post("/sql", tags=["views"], dependencies=[Depends(require_restored)],
+          responses={400: {"model": Errors}, **_RESTORING})
 def sql(body: SqlRequest, serving: ServingDep) -> SqlAnswer:
     """Read-only SQL over tables named after the views: merged rows at each view's bucket
     (`bucket` a UTC timestamp), exact metrics and sketch estimates; at most 10,000 rows."""
     result = run_sql(serving.duck, serving.views, body.sql)
-    fresh = freshness(serving.views, result.snapshot)
+    fresh = freshness(serving, result.snapshot)
     return SqlAnswer(columns=result.columns, rows=result.rows, truncated=result.truncated,
                      freshness=fresh)
 
@@ -141,10 +173,11 @@ def metrics(serving: ServingDep) -> Response:
     return Response(serving.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
-def freshness(views: BatchViews, snapshot: Snapshot) -> Freshness:
+def freshness(serving: Serving, snapshot: Snapshot) -> Freshness:
     cut = iso(snapshot.cut) if snapshot.manifest else None
-    return Freshness(batch_version=snapshot.version, cut=cut,
-                     realtime_lag_ms=views.realtime_lag_ms())
+    lag = serving.views.realtime_lag_ms()
+    stale = lag is None or lag > serving.settings.realtime_stale_ms
+    return Freshness(batch_version=snapshot.version, cut=cut, realtime_lag_ms=lag, stale=stale)
 
 
 def _known_view(project: Project, name: str) -> View:
@@ -182,10 +215,13 @@ def create_app(
     realtime: RealtimeCells,
     *,
     poll_seconds: float = 1.0,
+    loops: Loops | None = None,
 ) -> FastAPI:
-    """The serving API; it follows the published batch version while it runs."""
-    views = BatchViews(project, store, realtime, poll_seconds)
-    serving = Serving(settings, project, views, DuckDB(), ServingMetrics(views))
+    """The serving API; it follows the published batch version while it runs. `loops`: the
+    process's long-running loops, which /healthz reports (the view refresh joins them)."""
+    loops = Loops() if loops is None else loops
+    views = BatchViews(project, store, realtime, poll_seconds, loops)
+    serving = Serving(settings, project, views, DuckDB(), ServingMetrics(views, loops), loops)
     app = FastAPI(title="lambdalake serving API", version=version("lambdalake"),
                   lifespan=_lifespan)
     app.state.serving = serving

@@ -17,22 +17,26 @@ from functions.runtime.mapping import DrainHook, StreamMapping
 from functions.runtime.template import StreamSource, Template, load_template
 from lambdalake.bus import embedded_log
 from lambdalake.eventlog import Topic
+from lambdalake.loops import Loops
 from lambdalake.settings import Settings
 
 ARCHIVE_HANDLER = "functions.archive.handler"
 
 
 class LocalRuntime:
-    def __init__(self, settings: Settings, template: Template | None = None):
+    def __init__(self, settings: Settings, template: Template | None = None,
+                 loops: Loops | None = None):
         self.settings = settings
         self.template = template or load_template()
         self.folder: Path = settings.home / "runtime"
         self.functions = {n: LocalFunction(spec) for n, spec in self.template.functions.items()}
         self.gateway = Gateway(self.functions.values(), settings.gateway_host,
-                               settings.gateway_port)
+                               settings.gateway_port,
+                               max_connections=settings.http_max_connections,
+                               read_timeout_s=settings.http_read_timeout_seconds)
         self.mappings = [
             StreamMapping(function, source, self._topic(source), self.folder,
-                          _drain_hook(function))
+                          _drain_hook(function), loops=loops)
             for function in self.functions.values()
             for source in function.spec.streams
         ]
