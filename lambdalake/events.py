@@ -77,7 +77,9 @@ def epoch_ms(value: Any) -> int:
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
+        except ValueError as exc:
+            if "out of range" in str(exc):  # year 0, month 13: the form is right
+                raise ValueError(INSTANT_RANGE) from None
             raise ValueError(f"not an ISO 8601 timestamp: {value[:40]!r}") from None
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=UTC)
