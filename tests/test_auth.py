@@ -10,13 +10,15 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from pydantic import ValidationError
+from test_flow import Flow
 from test_serving import PAGEVIEWS, start_lake
 
 from functions import environment, ingest
@@ -291,3 +293,51 @@ def test_the_handler_checks_keys_itself_as_on_aws(tmp_path: Path) -> None:
             assert reply["statusCode"] == status, reply
     finally:
         environment.bind(None)
+
+
+# ---------------------------------------------------------------- the whole flow
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def ready(flow: Flow) -> bool:
+    try:
+        return httpx.get(f"{flow.api}/readyz").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def pageviews(flow: Flow, headers: dict[str, str]) -> int:
+    reply = httpx.get(f"{flow.api}/views/{PAGEVIEWS.name}", headers=headers,
+                      params={"bucket": "total", "group_by": ""})
+    assert reply.status_code == 200, reply.text
+    return sum(row["pageviews"] for row in reply.json()["rows"])
+
+
+def test_up_produces_and_answers_the_cli_with_its_own_keys(tmp_path: Path) -> None:
+    """`lambdalake up --produce` and the CLI send the configured keys; the logs hold none."""
+    flow = Flow(tmp_path)
+    flow.env |= {"LAMBDALAKE_API_KEYS": json.dumps(KEYS[1:]), "PYTHONPATH": os.getcwd()}
+    log = tmp_path / "up.log"
+    with log.open("w") as stderr:
+        flow.process = subprocess.Popen(
+            [sys.executable, "-m", "lambdalake.cli", "up", "--produce", "100"], env=flow.env,
+            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        try:
+            wait_until(lambda: ready(flow))
+            assert httpx.get(f"{flow.api}/views").status_code == 401
+            assert httpx.post(flow.gateway, json=pageview("anonymous")).status_code == 401
+            wait_until(lambda: pageviews(flow, key(QUERY)) > 0)  # the producer's events
+            status = flow.cli("status")
+            assert status.returncode == 0 and not status.stderr, status.stderr
+            produced = flow.cli("produce", "--count", "10", "--url", flow.gateway)
+            assert produced.returncode == 0 and "accepted 10" in produced.stdout
+        finally:
+            flow.stop()
+    text = log.read_text()
+    assert "grafana" in text and all(secret not in text for secret in SECRETS)
