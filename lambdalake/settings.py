@@ -92,7 +92,7 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
 
     @model_validator(mode="after")
-    def _keys_from_file(self) -> Settings:
+    def _every_key_once(self) -> Settings:
         if self.api_keys_file is not None:
             self.api_keys = [*self.api_keys, *read_key_file(self.api_keys_file)]
         try:
