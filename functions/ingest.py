@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 from functions.environment import PerColdStart
+from lambdalake.auth import AuthError
 from lambdalake.bus import open_bus
 from lambdalake.eventlog import now_ms
 from lambdalake.events import Event, Problem, Validator
@@ -33,6 +34,7 @@ def _validator(settings: Settings) -> Validator:
 
 
 validator = PerColdStart(_validator)
+keyring = PerColdStart(lambda settings: settings.keyring)
 bus = PerColdStart(open_bus)
 
 
@@ -50,6 +52,11 @@ def handler(event: dict[str, Any], context: object) -> dict[str, Any]:
         return response(200, {"status": "ok"})
     if route != "POST /events":
         return response(404, {"message": "Not Found"})
+    try:
+        keyring().authorize(event.get("headers") or {}, "ingest")
+    except AuthError as refused:
+        problem = Problem(refused.header, refused.rule).as_dict()
+        return response(refused.status, {"accepted": 0, "rejected": [problem]}, refused.headers)
     try:
         raws = parse_events(body_bytes(event))
     except Refused as refused:

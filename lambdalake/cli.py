@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from lambdalake.auth import KEY_HEADER
 from lambdalake.settings import Settings
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -75,7 +76,8 @@ def produce_command(
                       end="\r")
 
     try:
-        stats = produce(target, stream, rate, count, on_progress=show)
+        stats = produce(target, stream, rate, count, on_progress=show,
+                        api_key=settings.keyring.key_for("ingest"))
     except KeyboardInterrupt:
         return
     except RuntimeError as exc:
@@ -173,7 +175,8 @@ def status() -> None:
 def _api(path: str, params: dict[str, Any]) -> Any:
     settings = Settings()
     url = f"http://{settings.api_host}:{settings.api_port}{path}"
-    headers = {"X-API-Key": settings.api_keys[0]} if settings.api_keys else {}
+    key = settings.keyring.key_for("query")
+    headers = {KEY_HEADER: key} if key else {}
     try:
         reply = httpx.get(url, params=params, headers=headers, timeout=30)
     except httpx.TransportError:
@@ -215,7 +218,9 @@ def main() -> None:
         _fail(str(exc))
     except ValidationError as exc:
         first = exc.errors()[0]
-        _fail(f"setting {'.'.join(map(str, first['loc']))}: {first['msg']}")
+        where = ".".join(map(str, first["loc"]))  # empty for a rule across settings
+        message = first["msg"].removeprefix("Value error, ")
+        _fail(f"setting {where}: {message}" if where else f"setting {message}")
     except (OSError, RuntimeError, ValueError, LookupError) as exc:
         _fail(f"{type(exc).__name__}: {exc}")
 

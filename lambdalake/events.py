@@ -30,6 +30,10 @@ MAX_EVENT_BYTES = 256 * 1024
 ENVELOPE = ("event_id", "type", "ts")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
+# The instants Python's datetime can name (years 1 to 9999), all well inside int64
+MIN_MS = (datetime.min.replace(tzinfo=UTC) - _EPOCH) // _MS
+MAX_MS = (datetime.max.replace(tzinfo=UTC) - _EPOCH) // _MS
+INSTANT_RANGE = "must be between 0001-01-01T00:00:00Z and 9999-12-31T23:59:59.999Z"
 
 _PYTHON_TYPES: dict[str, Any] = {
     "string": StrictStr,
@@ -67,22 +71,31 @@ def epoch_ms(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError("must be epoch milliseconds or an ISO 8601 string")
     if isinstance(value, int):
-        return value
+        return _in_range(value)
     if isinstance(value, float) and value.is_integer():
-        return int(value)
+        return _in_range(int(value))
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
+        except ValueError as exc:
+            if "out of range" in str(exc):  # year 0, month 13: the form is right
+                raise ValueError(INSTANT_RANGE) from None
             raise ValueError(f"not an ISO 8601 timestamp: {value[:40]!r}") from None
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=UTC)
-        return (parsed - _EPOCH) // _MS  # exact: float seconds * 1000 can be 1 ms off
+        # exact: float seconds * 1000 can be 1 ms off; an offset can take it out of range
+        return _in_range((parsed - _EPOCH) // _MS)
     raise ValueError("must be epoch milliseconds or an ISO 8601 string")
 
 
+def _in_range(ms: int) -> int:
+    if not MIN_MS <= ms <= MAX_MS:
+        raise ValueError(INSTANT_RANGE)
+    return ms
+
+
 def iso(ms: int) -> str:
-    return (_EPOCH + ms * _MS).isoformat().replace("+00:00", "Z")
+    return (_EPOCH + _in_range(ms) * _MS).isoformat().replace("+00:00", "Z")
 
 
 class _Envelope(BaseModel):

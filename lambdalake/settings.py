@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -14,12 +14,15 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from lambdalake.auth import ApiKey, Keyring, parse_key_file, unique_keys
+
 DEDUP_MAX_IDS = 5_000_000
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="LAMBDALAKE_", toml_file="lambdalake.toml", extra="ignore"
+        env_prefix="LAMBDALAKE_", toml_file="lambdalake.toml", extra="ignore",
+        hide_input_in_errors=True,  # a refused API key is never echoed
     )
 
     home: Path = Field(Path(".lambdalake"), description="Local state: event log, checkpoints.")
@@ -39,7 +42,15 @@ class Settings(BaseSettings):
     gateway_port: int = 8080
     api_host: str = "127.0.0.1"
     api_port: int = 8000
-    api_keys: list[str] = Field(default_factory=list, description="Empty: no key needed.")
+    api_keys: list[ApiKey] = Field(
+        default_factory=list,
+        description='JSON list: "key" (every scope) or {"key", "scopes", "name"}; scopes '
+        "ingest, query, admin. No keys at all (here or in api_keys_file): no key needed.",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="A secrets file of more keys: .json (a list like api_keys) or "
+        ".toml ([[keys]] tables), as compose or Kubernetes secrets are mounted.",
+    )
     http_max_connections: int = Field(
         1000, ge=1, description="Open connections each HTTP server (gateway, API) holds; past "
         "it a new one gets 503. Never more than a quarter of the process's file limit.",
@@ -91,6 +102,20 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
 
+    @model_validator(mode="after")
+    def _every_key_once(self) -> Settings:
+        if self.api_keys_file is not None:
+            self.api_keys = [*self.api_keys, *read_key_file(self.api_keys_file)]
+        try:
+            unique_keys(self.api_keys)
+        except ValueError as exc:
+            raise ValueError(f"api_keys: {exc}") from None
+        return self
+
+    @property
+    def keyring(self) -> Keyring:
+        return Keyring(self.api_keys)
+
     @property
     def store_url(self) -> str:
         return self.store or (self.home.resolve() / "lake").as_uri()
@@ -102,6 +127,14 @@ class Settings(BaseSettings):
     @property
     def dedup_window_ms(self) -> int:
         return int(self.dedup_window_hours * 3_600_000)
+
+
+def read_key_file(path: Path) -> list[ApiKey]:
+    try:
+        return parse_key_file(path.read_text(), path.suffix.lower())
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise ValueError(f"api_keys_file {path}: {reason}") from None
 
 
 @lru_cache(maxsize=1)

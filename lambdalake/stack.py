@@ -150,7 +150,7 @@ class Stack:
         url = f"http://{self.settings.gateway_host}:{self.settings.gateway_port}/events"
         batch = max(1, min(500, int(self.produce_rate // 5)))
         produce(url, WebAnalyticsStream().batches(batch, now_ms), self.produce_rate, None,
-                stop=self._stop.is_set)
+                stop=self._stop.is_set, api_key=self.settings.keyring.key_for("ingest"))
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()

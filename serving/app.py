@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response, Security
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyHeader, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from lambdalake.auth import KEY_HEADER, AuthError, Keyring, Scope
 from lambdalake.events import iso
 from lambdalake.loops import Loops
 from lambdalake.project import Project
@@ -37,9 +38,11 @@ from serving.models import (
 )
 from serving.query import DuckDB, run_sql, view_rows
 
+log = logging.getLogger("lambdalake.serving")
 _QUERY_PARAMETERS = {"from", "to", "bucket", "group_by", "order_by", "limit"}
-_API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False)
-_BEARER = HTTPBearer(auto_error=False)
+# Declare the two ways to send a key in the OpenAPI document; `require` checks the key.
+_KEY_SCHEMES = [Security(APIKeyHeader(name=KEY_HEADER, auto_error=False)),
+                Security(HTTPBearer(auto_error=False))]
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class Serving:
     duck: DuckDB
     metrics: ServingMetrics
     loops: Loops
+    keyring: Keyring
 
 
 def _serving(request: Request) -> Serving:
@@ -58,20 +62,21 @@ def _serving(request: Request) -> Serving:
 
 ServingDep = Annotated[Serving, Depends(_serving)]
 public = APIRouter(tags=["operations"])
-api = APIRouter(responses={401: {"model": Errors, "description": "No valid API key"}})
+api = APIRouter(responses={401: {"model": Errors, "description": "No valid API key"},
+                           403: {"model": Errors, "description": "Key lacks the scope"}})
 _RESTORING = {503: {"model": Errors, "description": "Restoring state; see Retry-After"}}
 
 
-def require_api_key(
-    serving: ServingDep,
-    key: Annotated[str | None, Security(_API_KEY)],
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)],
-) -> None:
-    offered = (key or (bearer.credentials if bearer else "")).encode()
-    if not any(hmac.compare_digest(offered, k.encode()) for k in serving.settings.api_keys):
-        field = "Authorization" if bearer and not key else "X-API-Key"
-        rule = "missing or unknown API key; send X-API-Key: <key> or Authorization: Bearer <key>"
-        raise ApiError(401, field, rule, headers={"WWW-Authenticate": "Bearer"})
+def require(scope: Scope) -> Callable[[Request, Serving], None]:
+    """A dependency refusing requests without a key holding `scope`: 401 or 403."""
+
+    def authorized(request: Request, serving: ServingDep) -> None:
+        try:
+            serving.keyring.authorize(request.headers, scope)
+        except AuthError as refused:
+            raise ApiError(refused.status, refused.header, refused.rule, refused.headers) from None
+
+    return authorized
 
 
 @public.get("/healthz", response_model=Health,
@@ -221,12 +226,20 @@ def create_app(
     process's long-running loops, which /healthz reports (the view refresh joins them)."""
     loops = Loops() if loops is None else loops
     views = BatchViews(project, store, realtime, poll_seconds, loops)
-    serving = Serving(settings, project, views, DuckDB(), ServingMetrics(views, loops), loops)
+    keyring = settings.keyring
+    if keyring.open:
+        log.warning("no API keys configured: the API is open to anyone")
+    else:
+        log.info("API keys", extra={"keys": keyring.described()})
+    serving = Serving(settings, project, views, DuckDB(), ServingMetrics(views, loops), loops,
+                      keyring)
     app = FastAPI(title="lambdalake serving API", version=version("lambdalake"),
                   lifespan=_lifespan)
     app.state.serving = serving
     app.include_router(public)
-    app.include_router(api, dependencies=[Security(require_api_key)] if settings.api_keys else [])
+    # every route of `api` (the views, /sql and /metrics) needs the `query` scope
+    guard = [] if keyring.open else [*_KEY_SCHEMES, Depends(require("query"))]
+    app.include_router(api, dependencies=guard)
     install_error_handlers(app)
     app.add_middleware(RequestMetrics, metrics=serving.metrics)
     return app
