@@ -6,6 +6,7 @@ import hmac
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from importlib.metadata import version
 from typing import Annotated
 
@@ -34,7 +35,8 @@ from serving.models import (
     ViewInfo,
     ViewList,
 )
-from serving.query import DuckDB, run_sql, view_rows
+from serving.query import SQL_MAX_ROWS, DuckDB, run_sql, sql_answer_json, view_rows
+from serving.sql_sandbox import SandboxBusy, SandboxLimits, SqlSandbox
 
 _QUERY_PARAMETERS = {"from", "to", "bucket", "group_by", "order_by", "limit"}
 _API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False)
@@ -48,6 +50,7 @@ class Serving:
     views: BatchViews
     duck: DuckDB
     metrics: ServingMetrics
+    sql: SqlSandbox
 
 
 def _serving(request: Request) -> Serving:
@@ -125,14 +128,23 @@ def query_view(
     return ViewAnswer(view=view, rows=rows, freshness=freshness(serving.views, reading.snapshot))
 
 
-@api.post("/sql", tags=["views"], responses={400: {"model": Errors}})
-def sql(body: SqlRequest, serving: ServingDep) -> SqlAnswer:
+@api.post(
+    "/sql",
+    tags=["views"],
+    response_model=SqlAnswer,
+    responses={400: {"model": Errors},
+               429: {"model": Errors, "description": "Too many statements at once"}},
+)
+async def sql(body: SqlRequest, serving: ServingDep) -> Response:
     """Read-only SQL over tables named after the views: merged rows at each view's bucket
-    (`bucket` a UTC timestamp), exact metrics and sketch estimates; at most 10,000 rows."""
-    result = run_sql(serving.duck, serving.views, body.sql)
-    fresh = freshness(serving.views, result.snapshot)
-    return SqlAnswer(columns=result.columns, rows=result.rows, truncated=result.truncated,
-                     freshness=fresh)
+    (`bucket` a UTC timestamp), exact metrics and sketch estimates; at most 10,000 rows and
+    `sql_max_bytes` bytes, within `sql_timeout_seconds` and `sql_memory_mb`."""
+    try:
+        result = await serving.sql.run(partial(run_sql, serving.duck, serving.views, body.sql))
+    except SandboxBusy as busy:
+        raise ApiError(429, "sql", str(busy), headers={"Retry-After": "1"}) from None
+    answer = sql_answer_json(result, freshness(serving.views, result.snapshot))
+    return Response(answer, media_type="application/json")
 
 
 @api.get("/metrics", tags=["operations"], response_class=Response)
@@ -172,6 +184,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         serving.views.stop()
+        serving.sql.close()
         serving.duck.close()
 
 
@@ -185,7 +198,8 @@ def create_app(
 ) -> FastAPI:
     """The serving API; it follows the published batch version while it runs."""
     views = BatchViews(project, store, realtime, poll_seconds)
-    serving = Serving(settings, project, views, DuckDB(), ServingMetrics(views))
+    sandbox = SqlSandbox(SandboxLimits.of(settings, SQL_MAX_ROWS))
+    serving = Serving(settings, project, views, DuckDB(), ServingMetrics(views), sandbox)
     app = FastAPI(title="lambdalake serving API", version=version("lambdalake"),
                   lifespan=_lifespan)
     app.state.serving = serving
