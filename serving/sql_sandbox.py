@@ -31,13 +31,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from datetime import time as time_of_day
 from decimal import Decimal
 from functools import singledispatch
 from multiprocessing.connection import Connection
 from typing import Any, TypeVar
-from uuid import UUID
 
 import duckdb
 import orjson
@@ -48,7 +47,8 @@ from lambdalake.settings import Settings
 
 log = logging.getLogger("lambdalake.serving.sql")
 T = TypeVar("T")
-_FETCH_ROWS = 256
+_FETCH_ROWS = 64
+_OUT_OF_MEMORY = "Out of Memory Error"
 _WATCH_SECONDS = 0.02  # how often the server checks a running worker's memory
 _START_SECONDS = 60.0
 _PATH = re.compile(r"""(?<![\w.:/~-])~?/[\w.~:*-]+(?:/[\w.~:*-]*)*""")
@@ -264,17 +264,17 @@ def answer(
         _check_read_only(cursor, sql)
         for name, table in tables.items():
             cursor.register(name, table)
-        result = cursor.execute(sql)
-        header = {"columns": [column[0] for column in result.description]}
+        relation = cursor.sql(sql)
+        header: dict[str, Any] = {"columns": relation.columns}
         budget = limits["max_bytes"] - len(orjson.dumps(header))
-        rows_json, header["truncated"] = encode_rows(_rows(result), limits["max_rows"], budget)
+        rows_json, header["truncated"] = encode_rows(_rows(relation), limits["max_rows"], budget)
         return orjson.dumps(header) + b"\n" + rows_json
     except QueryError as exc:
         return _error(exc.rule)
-    except duckdb.OutOfMemoryException:
-        return _error(f"used more than the {limits['memory_mb']} MB of memory a statement "
-                      "may use")
-    except duckdb.Error as exc:
+    except (duckdb.Error, pa.ArrowException, OSError) as exc:  # Arrow's, raised mid-stream
+        if isinstance(exc, duckdb.OutOfMemoryException) or _OUT_OF_MEMORY in str(exc):
+            return _error(f"used more than the {limits['memory_mb']} MB of memory a "
+                          "statement may use")
         return _error(scrub_paths(str(exc)))
     finally:
         cursor.close()
@@ -286,9 +286,10 @@ def _check_read_only(cursor: duckdb.DuckDBPyConnection, sql: str) -> None:
         raise QueryError("sql", "must be one read-only statement: SELECT or WITH ... SELECT")
 
 
-def _rows(result: duckdb.DuckDBPyConnection) -> Iterator[tuple]:
-    while chunk := result.fetchmany(_FETCH_ROWS):
-        yield from chunk
+def _rows(relation: duckdb.DuckDBPyRelation) -> Iterator[tuple]:
+    """Streamed in small Arrow batches: Python values for a few rows at a time."""
+    for batch in relation.to_arrow_reader(_FETCH_ROWS):
+        yield from zip(*(column.to_pylist() for column in batch.columns), strict=True)
 
 
 def encode_rows(rows: Iterator[tuple], max_rows: int, max_bytes: int) -> tuple[bytes, bool]:
@@ -331,7 +332,8 @@ def scrub_paths(text: str) -> str:
 
 @singledispatch
 def jsonable(value: Any) -> Any:
-    """A DuckDB result value as JSON: timestamps in ISO 8601 UTC, bytes in base64."""
+    """An Arrow result value as JSON: timestamps in ISO 8601 UTC, intervals in seconds,
+    bytes in base64, a MAP as [key, value] pairs."""
     return value
 
 
@@ -353,8 +355,9 @@ def _(value: date | time_of_day) -> str:
 
 
 @jsonable.register
-def _(value: timedelta) -> float:
-    return value.total_seconds()
+def _(value: pa.MonthDayNano) -> float:
+    """An interval in seconds, a month counted as 30 days (as DuckDB converts to Python)."""
+    return (value.months * 30 + value.days) * 86_400 + value.nanoseconds / 1e9
 
 
 @jsonable.register
@@ -365,11 +368,6 @@ def _(value: Decimal) -> int | float:
 @jsonable.register
 def _(value: bytes) -> str:
     return base64.b64encode(value).decode()
-
-
-@jsonable.register
-def _(value: UUID) -> str:
-    return str(value)
 
 
 @jsonable.register(list)
