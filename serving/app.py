@@ -198,8 +198,9 @@ def create_app(
 ) -> FastAPI:
     """The serving API; it follows the published batch version while it runs."""
     views = BatchViews(project, store, realtime, poll_seconds)
-    sandbox = SqlSandbox(SandboxLimits.of(settings, SQL_MAX_ROWS))
-    serving = Serving(settings, project, views, DuckDB(), ServingMetrics(views), sandbox)
+    metrics = ServingMetrics(views)
+    sandbox = SqlSandbox(SandboxLimits.of(settings, SQL_MAX_ROWS), metrics.registry)
+    serving = Serving(settings, project, views, DuckDB(), metrics, sandbox)
     app = FastAPI(title="lambdalake serving API", version=version("lambdalake"),
                   lifespan=_lifespan)
     app.state.serving = serving

@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 import duckdb
 import orjson
 import pyarrow as pa
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from lambdalake.query import QueryError
 from lambdalake.settings import Settings
@@ -91,11 +92,15 @@ class EncodedRows:
 class SqlSandbox:
     """A pool of sandbox workers, started when first needed, one statement each at a time."""
 
-    def __init__(self, limits: SandboxLimits):
+    def __init__(self, limits: SandboxLimits, registry: CollectorRegistry):
         self.limits = limits
+        killed = Counter("lambdalake_serving_sql_workers_killed", "SQL sandbox workers killed "
+                         "past a statement's time or memory", ["reason"], registry=registry)
         self._idle: queue.SimpleQueue[Worker] = queue.SimpleQueue()
         for _ in range(limits.workers):
-            self._idle.put(Worker(limits))
+            self._idle.put(Worker(limits, killed))
+        Gauge("lambdalake_serving_sql_statements_running", "SQL statements running now",
+              registry=registry).set_function(lambda: limits.workers - self._idle.qsize())
         self._threads = ThreadPoolExecutor(limits.workers, thread_name_prefix="sql-sandbox")
 
     async def run(self, work: Callable[[Worker], T]) -> T:
@@ -126,8 +131,8 @@ class SqlSandbox:
 class Worker:
     """One sandbox process and the server's end of its socket; (re)started when needed."""
 
-    def __init__(self, limits: SandboxLimits):
-        self.limits = limits
+    def __init__(self, limits: SandboxLimits, killed: Counter):
+        self.limits, self._killed = limits, killed
         self._process: subprocess.Popen | None = None
         self._connection: Connection | None = None
 
@@ -198,6 +203,7 @@ class Worker:
     def _kill(self, reason: str) -> None:
         assert self._process is not None
         log.warning("sql sandbox killed", extra={"pid": self._process.pid, "reason": reason})
+        self._killed.labels(reason).inc()
         self.stop()
 
     def stop(self) -> None:
