@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
 from datetime import time as time_of_day
 from decimal import Decimal
@@ -102,6 +102,7 @@ class SqlSandbox:
         Gauge("lambdalake_serving_sql_statements_running", "SQL statements running now",
               registry=registry).set_function(lambda: limits.workers - self._idle.qsize())
         self._threads = ThreadPoolExecutor(limits.workers, thread_name_prefix="sql-sandbox")
+        self._closed = False
 
     async def run(self, work: Callable[[Worker], T]) -> T:
         """`work(worker)` in a thread of the sandbox's own; SandboxBusy if no worker is free."""
@@ -117,9 +118,14 @@ class SqlSandbox:
         try:
             return work(worker)
         finally:  # here, not in `run`: a cancelled request must not free a busy worker
-            self._idle.put(worker)
+            if self._closed:
+                worker.stop()
+            else:
+                self._idle.put(worker)
 
     def close(self) -> None:
+        """Stop the idle workers now, the busy ones when their statement ends."""
+        self._closed = True
         self._threads.shutdown(wait=False, cancel_futures=True)
         while True:
             try:
@@ -192,10 +198,12 @@ class Worker:
                 stdout=subprocess.DEVNULL,
             )
             self._connection = Connection(ours.detach())
-        limits = {"memory_mb": self.limits.memory_mb, "max_rows": self.limits.max_rows,
-                  "max_bytes": self.limits.max_bytes}
-        self._connection.send_bytes(orjson.dumps(limits))
-        if not self._connection.poll(_START_SECONDS) or self._connection.recv_bytes() != b"ready":
+        self._connection.send_bytes(orjson.dumps(asdict(self.limits)))
+        try:
+            ready = self._connection.poll(_START_SECONDS) and self._connection.recv_bytes()
+        except (EOFError, OSError):  # it exited: its error is on stderr
+            ready = False
+        if ready != b"ready":
             self.stop()
             raise RuntimeError("the SQL sandbox process did not start")
         log.info("sql sandbox started", extra={"pid": self._process.pid})
@@ -229,8 +237,8 @@ def _ipc(table: pa.Table) -> pa.Buffer:
 def serve(connection: Connection) -> None:
     """Answer statements until the server closes the socket."""
     os.nice(10)  # the server's own threads (ingestion, health) come first on a busy machine
-    limits = orjson.loads(connection.recv_bytes())
-    database = sandbox_database(limits["memory_mb"])
+    limits = SandboxLimits(**orjson.loads(connection.recv_bytes()))
+    database = sandbox_database(limits.memory_mb)
     connection.send_bytes(b"ready")
     while True:
         try:
@@ -262,7 +270,7 @@ def sandbox_database(memory_mb: int) -> duckdb.DuckDBPyConnection:
 
 def answer(
     database: duckdb.DuckDBPyConnection, sql: str, tables: Mapping[str, pa.Table],
-    limits: Mapping[str, int],
+    limits: SandboxLimits,
 ) -> bytes:
     """`{"columns": [...], "truncated": bool}` or `{"error": rule}`, a newline, the rows."""
     cursor = database.cursor()
@@ -272,15 +280,14 @@ def answer(
             cursor.register(name, table)
         relation = cursor.sql(sql)
         header: dict[str, Any] = {"columns": relation.columns}
-        budget = limits["max_bytes"] - len(orjson.dumps(header))
-        rows_json, header["truncated"] = encode_rows(_rows(relation), limits["max_rows"], budget)
+        budget = limits.max_bytes - len(orjson.dumps(header))
+        rows_json, header["truncated"] = encode_rows(_rows(relation), limits.max_rows, budget)
         return orjson.dumps(header) + b"\n" + rows_json
     except QueryError as exc:
         return _error(exc.rule)
     except (duckdb.Error, pa.ArrowException, OSError) as exc:  # Arrow's, raised mid-stream
         if isinstance(exc, duckdb.OutOfMemoryException) or _OUT_OF_MEMORY in str(exc):
-            return _error(f"used more than the {limits['memory_mb']} MB of memory a "
-                          "statement may use")
+            return _error(limits.memory_rule)
         return _error(scrub_paths(str(exc)))
     finally:
         cursor.close()
