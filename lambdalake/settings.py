@@ -88,6 +88,22 @@ class Settings(BaseSettings):
     speed_metrics_port: int = Field(
         0, ge=0, description="A Kafka speed worker's /metrics and /healthz; 0: none."
     )
+    sql_concurrency: int = Field(
+        2, ge=1, le=32, description="POST /sql statements run at once, each in a sandbox "
+        "worker process of its own; past it the API answers 429 with Retry-After.",
+    )
+    sql_memory_mb: int = Field(
+        256, ge=64, le=65_536, description="Memory of one SQL sandbox worker; a statement "
+        "past it is stopped (400). DuckDB in the worker gets half of it.",
+    )
+    sql_timeout_seconds: float = Field(
+        10.0, gt=0, le=600, description="Wall-clock time of one SQL statement, running it "
+        "and encoding its answer; past it the worker is killed (400).",
+    )
+    sql_max_bytes: int = Field(
+        16 * 2**20, ge=1024, le=2**30, description="Bytes of a POST /sql answer; past them "
+        "the answer is cut at a row boundary (truncated: true).",
+    )
     archive_batch_size: int = Field(10_000, ge=1)
     archive_window_ms: int = Field(1_000, ge=0)
 

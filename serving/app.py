@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from importlib.metadata import version
 from typing import Annotated
 
@@ -36,7 +37,8 @@ from serving.models import (
     ViewInfo,
     ViewList,
 )
-from serving.query import DuckDB, run_sql, view_rows
+from serving.query import SQL_MAX_ROWS, DuckDB, run_sql, sql_answer_json, view_rows
+from serving.sql_sandbox import SandboxBusy, SandboxLimits, SqlSandbox
 
 log = logging.getLogger("lambdalake.serving")
 _QUERY_PARAMETERS = {"from", "to", "bucket", "group_by", "order_by", "limit"}
@@ -54,6 +56,7 @@ class Serving:
     metrics: ServingMetrics
     loops: Loops
     keyring: Keyring
+    sql: SqlSandbox
 
 
 def _serving(request: Request) -> Serving:
@@ -161,15 +164,24 @@ def query_view(
     return ViewAnswer(view=view, rows=rows, freshness=freshness(serving, reading.snapshot))
 
 
-@api.post("/sql", tags=["views"], dependencies=[Depends(require_restored)],
-          responses={400: {"model": Errors}, **_RESTORING})
-def sql(body: SqlRequest, serving: ServingDep) -> SqlAnswer:
+@api.post(
+    "/sql",
+    tags=["views"],
+    response_model=SqlAnswer,
+    dependencies=[Depends(require_restored)],
+    responses={400: {"model": Errors}, **_RESTORING,
+               429: {"model": Errors, "description": "Too many statements at once"}},
+)
+async def sql(body: SqlRequest, serving: ServingDep) -> Response:
     """Read-only SQL over tables named after the views: merged rows at each view's bucket
-    (`bucket` a UTC timestamp), exact metrics and sketch estimates; at most 10,000 rows."""
-    result = run_sql(serving.duck, serving.views, body.sql)
-    fresh = freshness(serving, result.snapshot)
-    return SqlAnswer(columns=result.columns, rows=result.rows, truncated=result.truncated,
-                     freshness=fresh)
+    (`bucket` a UTC timestamp), exact metrics and sketch estimates; at most 10,000 rows and
+    `sql_max_bytes` bytes, within `sql_timeout_seconds` and `sql_memory_mb`."""
+    try:
+        result = await serving.sql.run(partial(run_sql, serving.duck, serving.views, body.sql))
+    except SandboxBusy as busy:
+        raise ApiError(429, "sql", str(busy), headers={"Retry-After": "1"}) from None
+    answer = sql_answer_json(result, freshness(serving, result.snapshot))
+    return Response(answer, media_type="application/json")
 
 
 @api.get("/metrics", tags=["operations"], response_class=Response)
@@ -210,6 +222,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         serving.views.stop()
+        serving.sql.close()
         serving.duck.close()
 
 
@@ -231,8 +244,9 @@ def create_app(
         log.warning("no API keys configured: the API is open to anyone")
     else:
         log.info("API keys", extra={"keys": keyring.described()})
-    serving = Serving(settings, project, views, DuckDB(), ServingMetrics(views, loops), loops,
-                      keyring)
+    metrics = ServingMetrics(views, loops)
+    sandbox = SqlSandbox(SandboxLimits.of(settings, SQL_MAX_ROWS), metrics.registry)
+    serving = Serving(settings, project, views, DuckDB(), metrics, loops, keyring, sandbox)
     app = FastAPI(title="lambdalake serving API", version=version("lambdalake"),
                   lifespan=_lifespan)
     app.state.serving = serving

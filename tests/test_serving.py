@@ -205,10 +205,11 @@ def start_lake(
     api_keys: list[str] | None = None,
     ready: bool = True,
     store: ObjectStore | None = None,
+    **settings_fields: Any,
 ) -> Lake:
     store, realtime = store or FileStore(root / "lake"), RealtimeCells(project)
     realtime.restored.set()  # no speed layer here: its cells are whatever the test upserts
-    settings = Settings(home=root, api_keys=api_keys or [])
+    settings = Settings(home=root, api_keys=api_keys or [], **settings_fields)
     server = ServerThread(build_server(settings, project, store, realtime, port=0,
                                        poll_seconds=0.02)).start()
     headers = {"X-API-Key": api_keys[0]} if api_keys else {}
