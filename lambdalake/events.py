@@ -76,7 +76,11 @@ class Event:
     fields: Mapping[str, Any]
 
     def to_json(self) -> bytes:
-        body = {"event_id": self.event_id, "type": self.type, "ts": self.ts, **self.fields}
+        """The event's record on the bus. A field without a value is left out, as a client
+        may have sent it (validation reads it back as None): a record outgrows what was
+        received only where a number is written differently (`1E15`: 1000000000000000.0)."""
+        fields = {name: value for name, value in self.fields.items() if value is not None}
+        body = {"event_id": self.event_id, "type": self.type, "ts": self.ts, **fields}
         return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -231,7 +235,8 @@ def _problem(error: Mapping[str, Any], index: int | None) -> Problem:
 
 
 def decode(value: bytes) -> Event:
-    """Decode a record written by `Event.to_json` (already validated)."""
+    """Decode a record written by `Event.to_json` (already validated): the fields it holds,
+    without those it left out for having no value."""
     body = json.loads(value)
     event_id, kind, ts = body.pop("event_id"), body.pop("type"), body.pop("ts")
     return Event(event_id, kind, ts, body)

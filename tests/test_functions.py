@@ -181,6 +181,106 @@ def test_nothing_valid_is_400_with_the_same_body(
     assert logged(settings) == {}
 
 
+def compact(event: dict[str, Any]) -> bytes:
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def sized(event_id: str, size: int) -> bytes:
+    """A compact pageview of exactly `size` bytes, its url filled with 4-byte characters."""
+    room = size - len(compact(pageview(event_id, url="")))
+    return compact(pageview(event_id, url="\U0001f600" * (room // 4) + "x" * (room % 4)))
+
+
+def test_the_event_size_limit_counts_the_bytes_received(settings: Settings, gateway: str):
+    at, over = sized("at", MAX_EVENT_BYTES), sized("over", MAX_EVENT_BYTES + 1)
+    assert httpx.post(gateway, content=at).status_code == 202
+    reply = httpx.post(gateway, content=over)
+    assert reply.status_code == 400
+    assert reply.json()["rejected"][0]["field"] == "$"
+    # in a batch, each event's own bytes: the whitespace around them is not theirs
+    batch = b'{"events": [\n  ' + sized("in-1", MAX_EVENT_BYTES) + b' ,\n  ' + over + b"\n]}"
+    reply = httpx.post(gateway, content=batch)
+    assert (reply.status_code, reply.json()["accepted"]) == (202, 1)
+    assert [(r["index"], r["field"]) for r in reply.json()["rejected"]] == [(1, "$")]
+    # 360 KB of \\u escapes decoding to 120 KB of text: what arrived is too large
+    escaped = compact(pageview("esc", url="")).replace(
+        b'"url":""', b'"url":"' + b"\\u00e9" * 60_000 + b'"')
+    reply = httpx.post(gateway, content=b'{"events": [' + escaped + b"]}")
+    assert reply.status_code == 400
+    assert f"larger than {MAX_EVENT_BYTES} bytes" in reply.json()["rejected"][0]["error"]
+    assert set(logged(settings)) == {"at", "in-1"}
+
+
+def test_an_event_whose_record_outgrows_the_limit_on_the_bus_is_refused(
+    settings: Settings, gateway: str
+):
+    """`1E15` is written 1000000000000000.0 on the bus, 14 bytes more: the record, read back
+    by the speed layer and the archiver, must fit the same limit."""
+    def purchase_of(event_id: str, size: int) -> bytes:
+        body = compact({**purchase(event_id), "ts": now_ms(), "user_id": "", "amount": 0})
+        body = body.replace(b'"amount":0', b'"amount":1E15')
+        room = size - len(body)
+        user = ("\U0001f600" * (room // 4) + "u" * (room % 4)).encode()
+        return body.replace(b'"user_id":""', b'"user_id":"' + user + b'"')
+
+    assert httpx.post(gateway, content=purchase_of("fits", MAX_EVENT_BYTES - 14)).status_code == 202
+    [record] = [r for p in events_topic(settings).partitions for r in p.read(0, 10)]
+    assert len(record.value) == MAX_EVENT_BYTES
+    reply = httpx.post(gateway, content=purchase_of("grows", MAX_EVENT_BYTES - 13))
+    assert reply.status_code == 400
+    assert reply.json()["rejected"][0]["error"].endswith("bytes on the bus")
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (json.dumps(pageview("u16")).encode("utf-16"), "not UTF-16"),
+        (json.dumps(pageview("u16le")).encode("utf-16-le"), "not UTF-16-LE"),
+        (json.dumps(pageview("u32")).encode("utf-32"), "not UTF-32"),
+        (json.dumps(pageview("latin", url="/café"), ensure_ascii=False).encode("latin-1"),
+         "invalid UTF-8 at byte"),
+    ],
+    ids=["utf-16", "utf-16-le-no-bom", "utf-32", "latin-1"],
+)
+def test_a_body_not_in_utf8_is_400_naming_the_encoding_rule(
+    settings: Settings, gateway: str, body: bytes, error: str
+):
+    reply = httpx.post(gateway, content=body)
+    assert reply.status_code == 400
+    [problem] = reply.json()["rejected"]
+    assert problem["field"] == "$" and "must be UTF-8 encoded JSON (RFC 8259)" in problem["error"]
+    assert error in problem["error"]
+    assert logged(settings) == {}
+
+
+def test_a_utf8_byte_order_mark_is_ignored(settings: Settings, gateway: str):
+    reply = httpx.post(gateway, content=b"\xef\xbb\xbf" + compact(pageview("bom", url="/é")))
+    assert reply.status_code == 202
+    assert logged(settings)["bom"]["url"] == "/é"
+
+
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        (b'{"event_id":"d1","type":"pageview","ts":0,"url":"/a","url":"/b","user_id":"u"}',
+         "url"),
+        (b'{"events":[{"event_id":"d2","type":"pageview","ts":0,"url":"/a","user_id":"u",'
+         b'"user_id":"v"}]}', "user_id"),
+        (b'{"events":[{"event_id":"d3","type":"pageview","ts":0,"url":"/","user_id":"u"}],'
+         b'"events":[]}', "events"),
+    ],
+    ids=["in-an-event", "in-a-batch", "at-the-top"],
+)
+def test_duplicate_keys_are_400_naming_the_key(
+    settings: Settings, gateway: str, body: bytes, key: str
+):
+    reply = httpx.post(gateway, content=body)
+    assert reply.status_code == 400
+    [problem] = reply.json()["rejected"]
+    assert (problem["field"], problem["error"].split(":")[0]) == (key, f"duplicate key {key!r}")
+    assert logged(settings) == {}
+
+
 def test_more_than_500_events_is_413(settings: Settings, gateway: str):
     reply = httpx.post(gateway, json={"events": [pageview(f"e{i}") for i in range(501)]})
     assert reply.status_code == 413
@@ -424,7 +524,7 @@ def test_invalid_records_on_the_bus_are_dead_lettered_not_blocking(settings: Set
     key = f"{archive.DEAD_LETTER}/p=2/{0:020d}-{3:020d}.jsonl"
     dead = [json.loads(line) for line in store.get(key).splitlines()]
     assert [d["offset"] for d in dead] == [1, 2]
-    assert "not a JSON event" in dead[0]["reason"]
+    assert "not JSON" in dead[0]["reason"]
     assert "unknown event type 'click'" in dead[1]["reason"]
     assert base64.b64decode(dead[0]["value"]) == b"\xff not json"
     assert REGISTRY.get_sample_value("lambdalake_archive_records_total",
