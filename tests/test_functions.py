@@ -30,7 +30,7 @@ from functions.runtime.template import FunctionSpec, StreamSource, load_template
 from lambdalake import master
 from lambdalake.bus import events_topic
 from lambdalake.eventlog import Topic, now_ms
-from lambdalake.events import MAX_EVENT_BYTES, decode, epoch_ms
+from lambdalake.events import MAX_EVENT_BYTES, EventSchema, Validator, decode, epoch_ms
 from lambdalake.settings import Settings
 from lambdalake.storage import open_store
 
@@ -530,6 +530,78 @@ def test_invalid_records_on_the_bus_are_dead_lettered_not_blocking(settings: Set
     assert REGISTRY.get_sample_value("lambdalake_archive_records_total",
                                      {"outcome": "dead_letter"}) == before + 2
     assert watermarks(settings)[2]["next_offset"] == 4
+
+
+def until(condition: Any, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not in time"
+        time.sleep(0.02)
+
+
+def dead_letters(settings: Settings, partition: int) -> list[dict[str, Any]]:
+    store = open_store(settings.store_url)
+    return [json.loads(line) for key in store.list(f"{archive.DEAD_LETTER}/p={partition}/")
+            for line in store.get(key).splitlines()]
+
+
+@pytest.mark.parametrize("retries", [-1, 0, 2])
+def test_a_poison_record_never_blocks_its_partition_whatever_the_retries(
+    settings: Settings, retries: int
+):
+    """A 2^63 duration (the master dataset's column is int64) written straight to the bus is
+    dead-lettered with its reason; the watermark passes it and later events are archived."""
+    topic = events_topic(settings)
+    poison = pageview("poison", duration_ms=2**63)
+    append(topic, 0, [encoded(pageview("before")), encoded(poison), encoded(pageview("after"))])
+    runner = mapping(settings, archive.handler, stream(max_retries=retries, bisect_on_error=False))
+    runner.start()
+    try:
+        until(lambda: watermarks(settings).get(0, {}).get("next_offset") == 3)
+        append(topic, 0, [encoded(pageview("later"))])
+        until(lambda: watermarks(settings)[0]["next_offset"] == 4)
+    finally:
+        runner.stop()
+    assert {r["event_id"] for r in master_rows(settings, "pageview")} == {
+        "before", "after", "later"}
+    [dead] = dead_letters(settings, 0)
+    assert dead["offset"] == 1 and "duration_ms: must be a 64-bit integer" in dead["reason"]
+    assert json.loads(base64.b64decode(dead["value"])) == poison
+    assert not list((settings.home / "runtime").rglob("*.json"))  # the handler never failed
+
+
+OLDER_PAGEVIEW = EventSchema("pageview", {"url": "string", "user_id": "string",
+                                          "referrer": "string?", "duration_ms": "string?"})
+
+
+def test_a_row_its_column_cannot_hold_is_dead_lettered_and_the_rest_archived(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+):
+    """Rows a validator accepted but the master dataset's columns cannot hold (here its
+    validator is of an older project version, where `duration_ms` was text) are found one
+    by one, dead-lettered with the column and why, and never retried, even with retries
+    unbounded."""
+    current = archive.Archiver.from_settings(settings)
+    older = archive.Archiver(current.store, current.schemas,
+                             Validator({**current.schemas, "pageview": OLDER_PAGEVIEW}, 300_000))
+    monkeypatch.setattr(archive, "archiver", lambda: older)
+    values = [encoded(pageview(f"e{i}")) for i in range(6)]
+    values[1] = encoded(pageview("slow", duration_ms="slow"))
+    values[4] = encoded(pageview("long", duration_ms="1200"))
+    values.append(encoded(purchase("buy")))
+    append(events_topic(settings), 3, values)
+    runner = mapping(settings, archive.handler, stream(max_retries=-1))
+    runner.start()
+    try:
+        until(lambda: watermarks(settings).get(3, {}).get("next_offset") == 7)
+    finally:
+        runner.stop()
+    assert sorted(r["event_id"] for r in master_rows(settings, "pageview")) == [
+        "e0", "e2", "e3", "e5"]
+    assert [r["event_id"] for r in master_rows(settings, "purchase")] == ["buy"]
+    dead = dead_letters(settings, 3)
+    assert [d["offset"] for d in dead] == [1, 4]
+    assert all(d["reason"].startswith("duration_ms: cannot be stored as int64") for d in dead)
 
 
 def test_idle_partitions_get_their_watermark_advanced(settings: Settings):
