@@ -31,8 +31,10 @@ from lambdalake import master
 from lambdalake.bus import events_topic
 from lambdalake.eventlog import Topic, now_ms
 from lambdalake.events import MAX_EVENT_BYTES, EventSchema, Validator, decode, epoch_ms
+from lambdalake.example import project
 from lambdalake.settings import Settings
 from lambdalake.storage import open_store
+from speed.embedded import EmbeddedSpeed
 
 TOPIC = "lambdalake.events"
 
@@ -568,6 +570,20 @@ def test_a_poison_record_never_blocks_its_partition_whatever_the_retries(
     assert dead["offset"] == 1 and "duration_ms: must be a 64-bit integer" in dead["reason"]
     assert json.loads(base64.b64decode(dead["value"])) == poison
     assert not list((settings.home / "runtime").rglob("*.json"))  # the handler never failed
+
+
+def test_the_embedded_speed_layer_counts_exactly_what_the_archiver_archives(
+    settings: Settings
+):
+    topic = events_topic(settings)
+    append(topic, 0, [encoded(pageview("ok-1")), encoded(pageview("big", duration_ms=2**63)),
+                      encoded(pageview("nul", url="/a\x00")), encoded(pageview("ok-2"))])
+    speed = EmbeddedSpeed(settings, project, topic, open_store(settings.store_url),
+                          lambda updates, caught_up_at: None)
+    speed.poll_once()
+    summary = archive.handler(kafka_event(TOPIC, topic.partitions[0].read(0, 10)), None)
+    assert (summary["archived"], summary["dead_lettered"]) == (2, 2)
+    assert speed.state.tracked_ids == 2
 
 
 OLDER_PAGEVIEW = EventSchema("pageview", {"url": "string", "user_id": "string",
