@@ -283,7 +283,7 @@ class Archive:
         ]
         self.records += batch
         self.rounds += 1
-        keys = master.write_batch(self.store, PROJECT.schemas, 0, batch)
+        keys, _ = master.write_batch(self.store, PROJECT.schemas, 0, batch)
         master.write_watermark(self.store, 0, len(self.records), start + 10_000)
         return keys
 

@@ -97,7 +97,7 @@ class Lake:
             events.append(Event(retry_of, "pageview", 0, {"url": "/", "user_id": "late"}))
         batch = [Archived(e, 0, self.offset + i, start + i) for i, e in enumerate(events)]
         self.rounds, self.offset = self.rounds + 1, self.offset + len(batch)
-        keys = master.write_batch(self.store, PROJECT.schemas, 0, batch)
+        keys, _ = master.write_batch(self.store, PROJECT.schemas, 0, batch)
         master.write_watermark(self.store, 0, self.offset, start + 10_000)
         return keys
 

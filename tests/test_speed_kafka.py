@@ -449,6 +449,8 @@ def test_poison_goes_to_the_dead_letter_topic_and_the_partition_keeps_flowing(
         json.dumps({"event_id": "p1", "type": "pageview", "ts": 1}).encode(),
         json.dumps({"event_id": "p2", "type": "refund", "ts": 1}).encode(),
         json.dumps([1, 2]).encode(),
+        json.dumps({"event_id": "p3", "type": "pageview", "ts": 1, "url": "/", "user_id": "u",
+                    "duration_ms": 2**63}).encode(),  # past int64: the archiver refuses it too
     ]
     before = dead_letters(s, engine)
     records = encoded(good[:200]) + [(b"k", p) for p in poison] + encoded(good[200:])
@@ -463,8 +465,9 @@ def test_poison_goes_to_the_dead_letter_topic_and_the_partition_keeps_flowing(
     assert "url" in reasons[1] and "user_id" in reasons[1]
     assert "unknown event type 'refund'" in reasons[2]
     assert "JSON object" in reasons[3]
-    assert [r[4]["source"].decode() for r in dead] == [f"{s.topic}/0/{200 + i}" for i in range(4)]
-    assert (after["json"] - before["json"], after["schema"] - before["schema"]) == (1, 3)
+    assert reasons[4].startswith("duration_ms: must be a 64-bit integer")
+    assert [r[4]["source"].decode() for r in dead] == [f"{s.topic}/0/{200 + i}" for i in range(5)]
+    assert (after["json"] - before["json"], after["schema"] - before["schema"]) == (1, 4)
 
 
 def dead_letters(settings: Settings, engine: str) -> dict[str, float]:
