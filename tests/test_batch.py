@@ -1,10 +1,10 @@
 """The batch layer: every published view equals a plain-Python recompute from the raw events.
 
 The master dataset is built the way the archiver builds it (`master.write_batch`, watermarks)
-from random bus histories: several partitions, producer retries (the same event again, maybe
-on another partition), late events, archive batches retried over overlapping offset ranges,
-and records not archived yet. Then atomic publish, retention, rollback, corrupt objects and
-the run history.
+from random bus histories: several partitions, producer retries (the same event again, maybe on
+another partition; another event under its id, of its type or another), late events, archive
+batches retried over overlapping offset ranges, and records not archived yet. Then atomic
+publish, retention, rollback, corrupt objects and the run history.
 """
 
 from __future__ import annotations
@@ -113,8 +113,9 @@ class Lake:
 
 @st.composite
 def resent(draw: st.DrawFn, event: Event) -> Event:
-    """A producer retry: the same event, or now and then a different one under its id."""
-    return draw(st.just(event) | events(event.event_id, event.type))
+    """A producer retry: the same event, or now and then a different one under its id, of its
+    type or of another (an id is unique within its type only)."""
+    return draw(st.just(event) | events(event.event_id, event.type) | events(event.event_id))
 
 
 @st.composite
@@ -172,11 +173,12 @@ def lake_settings(partitions: int = 1, **overrides: Any) -> Settings:
 
 
 def recompute(records: list[Archived], cut: int) -> dict[str, dict[tuple, dict[str, Any]]]:
-    """Each view's rows by (bucket, *keys): dedup keeping the earliest arrival, below the cut."""
-    earliest: dict[str, Event] = {}
+    """Each view's rows by (bucket, *keys): dedup by (type, event id) keeping the earliest
+    arrival, below the cut."""
+    earliest: dict[tuple[str, str], Event] = {}
     for record in sorted(records, key=lambda r: (r.arrival, r.partition, r.offset)):
         if record.arrival < cut:
-            earliest.setdefault(record.event.event_id, record.event)
+            earliest.setdefault((record.event.type, record.event.event_id), record.event)
     return {name: recompute_view(view, earliest.values()) for name, view in PROJECT.views.items()}
 
 
