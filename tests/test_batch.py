@@ -300,19 +300,33 @@ def _event(event_id: str, i: int) -> Event:
 
 
 class FlakyStore(ObjectStore):
-    """A store whose `fail_at`-th put (counting from 1) raises, once."""
+    """A store whose `fail_at`-th write (put, create or replace; counting from 1) raises, once."""
 
     def __init__(self, inner: ObjectStore, fail_at: int):
-        self.inner, self.fail_at, self.puts, self.url = inner, fail_at, 0, inner.url
+        self.inner, self.fail_at, self.writes, self.url = inner, fail_at, 0, inner.url
+
+    def _write(self, key: str) -> None:
+        self.writes += 1
+        if self.writes == self.fail_at:
+            raise OSError(f"injected failure writing {key}")
 
     def put(self, key: str, data: bytes) -> None:
-        self.puts += 1
-        if self.puts == self.fail_at:
-            raise OSError(f"injected failure writing {key}")
+        self._write(key)
         self.inner.put(key, data)
+
+    def create(self, key: str, data: bytes) -> str:
+        self._write(key)
+        return self.inner.create(key, data)
+
+    def replace(self, key: str, data: bytes, tag: str) -> str:
+        self._write(key)
+        return self.inner.replace(key, data, tag)
 
     def get(self, key: str) -> bytes:
         return self.inner.get(key)
+
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        return self.inner.get_tagged(key)
 
     def list(self, prefix: str) -> list[str]:
         return self.inner.list(prefix)
@@ -336,10 +350,10 @@ def run(store: ObjectStore, **overrides: Any) -> Manifest:
 # -- atomic publish, no-op runs, history ---------------------------------------------------
 
 
-VIEW_FILES, MANIFEST, POINTER, RUN_RECORD = len(PROJECT.views), 1, 1, 1
+LEASE, VIEW_FILES, MANIFEST, POINTER, RUN_RECORD = 1, len(PROJECT.views), 1, 1, 1
 
 
-@pytest.mark.parametrize("fail_at", range(1, VIEW_FILES + MANIFEST + POINTER + 1))
+@pytest.mark.parametrize("fail_at", range(LEASE + 1, LEASE + VIEW_FILES + MANIFEST + POINTER + 1))
 def test_a_run_failing_midway_leaves_the_previous_version_serving(store, fail_at):
     archive = Archive(store)
     archive.round()
@@ -361,7 +375,7 @@ def test_a_run_failing_midway_leaves_the_previous_version_serving(store, fail_at
 
 def test_a_failure_recording_the_history_does_not_fail_a_published_run(store, caplog):
     Archive(store).round()
-    manifest = run(FlakyStore(store, VIEW_FILES + MANIFEST + POINTER + RUN_RECORD))
+    manifest = run(FlakyStore(store, LEASE + VIEW_FILES + MANIFEST + POINTER + RUN_RECORD))
     assert catalog.current(store) == manifest
     assert catalog.runs(store) == []
     assert "recording the batch run failed" in caplog.text
@@ -426,11 +440,11 @@ def test_retention_keeps_the_newest_versions_and_rollback_serves_an_older_one(st
     assert catalog.versions(store) == kept
     assert view_versions(store) == set(kept)
 
-    older = rollback(store, kept[0])
+    older = rollback(lake_settings(), store, kept[0])
     assert catalog.current(store) == older == manifests[-2]
     assert_views_equal(store, older, archive.records)
     with pytest.raises(BatchError, match="no kept batch version"):
-        rollback(store, manifests[0].version)
+        rollback(lake_settings(), store, manifests[0].version)
     assert catalog.current(store) == older
 
     archive.round()
@@ -445,7 +459,7 @@ def test_retention_never_deletes_the_serving_version(store):
     for _ in range(3):
         archive.round()
         versions.append(run(store).version)
-    rollback(store, versions[0])
+    rollback(lake_settings(), store, versions[0])
     assert prune_versions(store, 1, PROJECT.views) == [versions[1]]
     assert catalog.versions(store) == [versions[0], versions[2]]
     assert catalog.current(store).version == versions[0]
@@ -466,7 +480,7 @@ def test_rollback_refuses_an_incomplete_version(store):
     manifest = run(store)
     store.delete(manifest.views["revenue_by_sku_day"].files[0])
     with pytest.raises(BatchError, match="incomplete"):
-        rollback(store, manifest.version)
+        rollback(lake_settings(), store, manifest.version)
 
 
 def view_versions(store: ObjectStore) -> set[str]:
