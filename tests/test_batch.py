@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
+import subprocess
+import sys
 import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,7 +33,7 @@ from rich.progress import Progress
 
 from batch.duckdb_engine import DuckDBEngine
 from batch.engine import CorruptObject
-from batch.run import BatchError, prune_versions, rollback, run_batch
+from batch.run import BatchError, batch_lease, prune_versions, rollback, run_batch
 from lambdalake import catalog, master
 from lambdalake.catalog import Manifest
 from lambdalake.events import Event
@@ -535,3 +542,209 @@ def test_the_engine_names_the_corrupt_object(store):
     with pytest.raises(CorruptObject, match=key) as raised:
         ENGINE.compute(PROJECT, PROJECT.views["pageviews_by_url_hour"], store, keys, 10**9)
     assert raised.value.key == key
+
+
+# -- one run at a time: the lease, and compare-and-swap publish ------------------------------
+
+
+def test_a_run_finds_another_under_way_and_says_so(store):
+    Archive(store).round()
+    with batch_lease(lake_settings(), store, "batch run v-other") as holding:
+        with pytest.raises(BatchError, match=r"another batch run is under way: .*held by batch "
+                           r"run v-other \(host .*, pid \d+\) until \d{4}-"):
+            run(store)
+        assert not holding.lost
+    assert catalog.current(store) is None
+    [refused] = catalog.runs(store)
+    assert refused["outcome"] == "refused" and "v-other" in refused["error"]
+    assert refused["cut"] is None
+    assert run(store).cut == 20_000  # released: the next run proceeds at once
+
+
+def test_runs_started_together_publish_once_and_always_the_newest_cut(store):
+    """Two runs at once, many times, each time after new data: one publishes, the other is
+    refused (the lease, or nothing new by the time it has it); the answers always equal the
+    recompute at the newest cut."""
+    archive = Archive(store)
+    with ThreadPoolExecutor(2) as pool:
+        for round_ in range(8):
+            archive.round()
+            start = threading.Barrier(2)
+            outcomes = list(pool.map(lambda _, b=start: start_run(store, b), range(2)))
+            assert sorted(outcomes) == ["published", "refused"], round_
+            serving = catalog.current(store)
+            assert serving is not None and serving.cut == (round_ + 2) * 10_000
+            assert_views_equal(store, serving, archive.records)
+    assert len([r for r in catalog.runs(store) if r["outcome"] == "ok"]) == 8
+
+
+def start_run(store: ObjectStore, start: threading.Barrier) -> str:
+    start.wait()
+    try:
+        run(store)
+    except BatchError as exc:
+        assert "another batch run is under way" in str(exc) or "nothing new" in str(exc)
+        return "refused"
+    return "published"
+
+
+def cli(store: ObjectStore, *args: str, **env: str) -> subprocess.Popen[str]:
+    settings = {"LAMBDALAKE_STORE": store.url, "LAMBDALAKE_PARTITIONS": "1",
+                "LAMBDALAKE_SLICE_SECONDS": str(SLICE_MS // 1000),
+                "LAMBDALAKE_PROJECT": "test_batch:PROJECT"}
+    here = str(Path(__file__).parent)
+    return subprocess.Popen(
+        [sys.executable, "-c", "from lambdalake.cli import main; main()", *args],
+        env=os.environ | settings | env | {"PYTHONPATH": os.pathsep.join([here, *sys.path])},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def test_cli_runs_started_together_in_processes_publish_once(store):
+    archive = Archive(store)
+    for round_ in range(2):
+        archive.round()
+        procs = [cli(store, "batch", "run") for _ in range(2)]
+        results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
+        codes = sorted(code for code, _, _ in results)
+        assert codes == [0, 1], results
+        [(_, _, err)] = [r for r in results if r[0] == 1]
+        errors = [line for line in err.splitlines() if not line.startswith("{")]  # not logs
+        assert len(errors) == 1 and errors[0].startswith("error: BatchError: "), err
+        assert "another batch run is under way" in err or "nothing new" in err, err
+        serving = catalog.current(store)
+        assert serving is not None and serving.cut == (round_ + 2) * 10_000
+        assert_views_equal(store, serving, archive.records)
+    assert len(catalog.versions(store)) == 2
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from batch.run import batch_lease
+from lambdalake.settings import Settings
+from lambdalake.storage import FileStore
+lease = batch_lease(Settings(batch_lease_seconds=float(sys.argv[2])), FileStore(Path(sys.argv[1])),
+                    "batch run v-killed")
+lease.acquire()
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_run_killed_with_kill_9_blocks_the_next_only_until_its_lease_expires(store):
+    """A holder renews its lease past its duration while alive; killed with -9, the next run
+    is refused (named, with the holder's pid) until the lease expires, then proceeds."""
+    Archive(store).round()
+    seconds = 1.5
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(store.root), str(seconds)],
+        stdout=subprocess.PIPE, env=env, text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        deadline = time.monotonic() + 2.5 * seconds  # past its duration: renewed meanwhile
+        while time.monotonic() < deadline:
+            with pytest.raises(BatchError, match=f"v-killed .*pid {holder.pid}"):
+                run(store, batch_lease_seconds=seconds)
+            time.sleep(0.3)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    killed = time.monotonic()
+    with pytest.raises(BatchError, match=f"pid {holder.pid}"):
+        run(store, batch_lease_seconds=seconds)
+    while True:
+        try:
+            manifest = run(store, batch_lease_seconds=seconds)
+            break
+        except BatchError:
+            assert time.monotonic() - killed < seconds + 1.0, "the expired lease still blocks"
+            time.sleep(0.1)
+    assert manifest.cut == 20_000 and catalog.current(store) == manifest
+
+
+class GatedEngine:
+    """The DuckDB engine, waiting at its first view until `gate` is set: a slow run."""
+
+    name = "duckdb"
+
+    def __init__(self) -> None:
+        self.gate, self.waiting = threading.Event(), threading.Event()
+
+    def compute(self, *args: Any) -> pa.Table:
+        self.waiting.set()
+        self.gate.wait(60)
+        return ENGINE.compute(*args)
+
+
+def test_a_version_at_or_below_the_serving_cut_is_never_published(store):
+    """A publisher that does not hold the lease moves the pointer past the cut of a run under
+    way: the run's compare-and-swap publish finds a newer cut serving, refuses, records it,
+    and deletes its version; the newer version keeps serving."""
+    archive = Archive(store)
+    archive.round()
+    slow = GatedEngine()
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(run_batch, lake_settings(), PROJECT, store, slow)
+        assert slow.waiting.wait(30)
+        archive.round()
+        newer = Manifest(version=catalog.new_version(), cut=30_000, created="test",
+                         engine="test", rows_read=0, views={})
+        catalog.write_manifest(store, newer)
+        catalog.publish(store, newer.version)
+        slow.gate.set()
+        with pytest.raises(BatchError, match=r"refused, nothing published: superseded: .*is "
+                           r"serving, at or past the cut"):
+            pending.result(60)
+    assert catalog.current(store) == newer
+    assert catalog.versions(store) == [newer.version]
+    assert catalog.runs(store)[-1]["outcome"] == "refused"
+
+
+def test_concurrent_publishers_only_ever_move_the_cut_forward(store):
+    """Many publishers at once, in random order: each publish either moves the pointer past
+    the serving cut or is refused; the pointer never goes back."""
+    manifests = []
+    for cut in [5, 3, 8, 1, 8, 6, 2, 7, 4, 9] * 2:
+        manifest = Manifest(version=catalog.new_version(), cut=cut * 1_000, created="test",
+                            engine="test", rows_read=0, views={})
+        catalog.write_manifest(store, manifest)
+        manifests.append(manifest)
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            serving = catalog.current(store)
+            seen.append(serving.cut if serving else 0)
+
+    def publish(manifest: Manifest) -> bool:
+        try:
+            catalog.publish(store, manifest.version)
+        except catalog.Superseded:
+            return False
+        return True
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    with ThreadPoolExecutor(8) as pool:
+        published_ = list(pool.map(publish, manifests))
+    stop.set()
+    watcher.join()
+    assert catalog.current(store).cut == 9_000
+    assert seen == sorted(seen)
+    assert len(published_) == 20 and published_.count(True) <= 9
+
+
+def test_rollback_waits_for_no_run_and_swaps_from_the_version_it_read(store):
+    archive = Archive(store)
+    archive.round()
+    first = run(store)
+    archive.round()
+    run(store)
+    busy = batch_lease(lake_settings(), store, "batch run v-busy")
+    with busy, pytest.raises(BatchError, match="rollback refused: .*v-busy"):
+        rollback(lake_settings(), store, first.version)
+    assert rollback(lake_settings(), store, first.version) == catalog.current(store) == first
