@@ -74,16 +74,18 @@ def publish(store: ObjectStore, version: str) -> None:
     """
     manifest = read_manifest(store, version)  # refuse to point at a version that does not exist
     while True:
-        serving, tag = current_tagged(store)
+        pointed, tag = _pointer(store)
+        serving = _manifest_if_any(store, pointed)  # a pointer ahead of its data serves nothing
         if serving is not None and serving.cut >= manifest.cut:
             raise Superseded(
                 f"{serving.version} (cut {iso(serving.cut)}) is serving, at or past the cut "
                 f"of {version} ({iso(manifest.cut)})"
             )
         try:
-            return _point(store, version, tag)
+            _point(store, version, tag)
         except PreconditionFailed:
             continue
+        return
 
 
 def point_at(store: ObjectStore, version: str, tag: str | None) -> None:
@@ -117,11 +119,24 @@ def current(store: ObjectStore) -> Manifest | None:
 
 def current_tagged(store: ObjectStore) -> tuple[Manifest | None, str | None]:
     """The serving version's manifest and the pointer's tag (None, None: nothing published)."""
+    version, tag = _pointer(store)
+    return (None, None) if version is None else (read_manifest(store, version), tag)
+
+
+def _pointer(store: ObjectStore) -> tuple[str | None, str | None]:
+    """The version `_current.json` names, and its tag (None, None: none)."""
     try:
         data, tag = store.get_tagged(CURRENT)
     except NotFound:
         return None, None
-    return read_manifest(store, json.loads(data)["version"]), tag
+    return json.loads(data)["version"], tag
+
+
+def _manifest_if_any(store: ObjectStore, version: str | None) -> Manifest | None:
+    try:
+        return None if version is None else read_manifest(store, version)
+    except LookupError:
+        return None
 
 
 def versions(store: ObjectStore) -> list[str]:

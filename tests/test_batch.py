@@ -748,3 +748,41 @@ def test_rollback_waits_for_no_run_and_swaps_from_the_version_it_read(store):
     with busy, pytest.raises(BatchError, match="rollback refused: .*v-busy"):
         rollback(lake_settings(), store, first.version)
     assert rollback(lake_settings(), store, first.version) == catalog.current(store) == first
+
+
+class LeaseOutageStore(FileStore):
+    """A file store that cannot write the lease while `outage` is set (as if unreachable)."""
+
+    outage = False
+
+    def replace(self, key: str, data: bytes, tag: str) -> str:
+        if self.outage and key == catalog.LEASE:
+            raise OSError("injected outage")
+        return super().replace(key, data, tag)
+
+
+def test_a_run_that_lost_its_lease_publishes_nothing(tmp_path):
+    """A run whose renewals fail past its lease's expiry finds the lease taken over when it
+    resumes: it publishes nothing, and the new holder's lease is left alone."""
+    store = LeaseOutageStore(tmp_path / "lake")
+    Archive(store).round()
+    slow = GatedEngine()
+    settings = lake_settings(batch_lease_seconds=1)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(run_batch, settings, PROJECT, store, slow)
+        assert slow.waiting.wait(30)
+        store.outage = True
+        time.sleep(1.5)
+        taker = batch_lease(settings, FileStore(store.root), "batch run v-next")
+        taker.acquire()
+        store.outage = False
+        time.sleep(0.6)  # the stalled run's next renewal finds the lease taken
+        slow.gate.set()
+        with pytest.raises(BatchError, match="lease expired and was taken over"):
+            pending.result(60)
+    assert catalog.current(store) is None and catalog.versions(store) == []
+    assert catalog.runs(store)[-1]["outcome"] == "failed"
+    with pytest.raises(BatchError, match="v-next"):
+        run(store)
+    taker.release()
+    assert run(store).cut == 20_000
