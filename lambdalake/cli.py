@@ -120,8 +120,9 @@ def batch_rollback(version: str) -> None:
     from batch.run import BatchError, rollback
     from lambdalake.stack import open_settings_store
 
+    settings = Settings()
     try:
-        manifest = rollback(open_settings_store(Settings()), version)
+        manifest = rollback(settings, open_settings_store(settings), version)
     except (BatchError, LookupError) as exc:
         raise CliError(str(exc)) from None
     console.print(f"serving {manifest.version} (cut {_iso(manifest.cut)}); the real-time layer "

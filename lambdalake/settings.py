@@ -76,6 +76,12 @@ class Settings(BaseSettings):
         "fail", description="A corrupt master object: fail the batch run, or skip it."
     )
     batch_interval_seconds: int = Field(60, ge=1)
+    batch_lease_seconds: float = Field(
+        60.0, ge=1,
+        description="One batch run at a time per store: its lease in the store expires this "
+        "long after its last renewal (every third of it), so a killed run blocks the next "
+        "for at most this long.",
+    )
     batch_engine: Literal["duckdb", "spark"] = Field(
         "duckdb", description="Engine of the scheduled batch run (the nightly function)."
     )
