@@ -223,7 +223,9 @@ def main() -> None:
         message = first["msg"].removeprefix("Value error, ")
         _fail(f"setting {where}: {message}" if where else f"setting {message}")
     except (OSError, RuntimeError, ValueError, LookupError) as exc:
-        _fail(f"{type(exc).__name__}: {exc}")
+        # our own errors say what is wrong in their message; a builtin one needs its name
+        builtin = type(exc).__module__ == "builtins"
+        _fail(f"{type(exc).__name__}: {exc}" if builtin else str(exc))
 
 
 def _fail(message: str) -> None:

@@ -80,7 +80,7 @@ class Lease:
                 break
         else:
             raise LeaseHeld(self.key, self._read() or self._record(0))
-        log.info("lease taken", extra={"key": self.key, "owner": self.owner})
+        log.debug("lease taken", extra={"key": self.key, "owner": self.owner})
         self._heartbeat = threading.Thread(target=self._renew, name="lease", daemon=True)
         self._heartbeat.start()
 
