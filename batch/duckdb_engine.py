@@ -2,7 +2,8 @@
 
 Objects are read through the store's pyarrow filesystem (DuckDB's httpfs extension is not
 needed) and registered with DuckDB as Arrow, without a copy. Each view becomes one SQL query:
-dedup by `event_id`, filter, bucket, group, and the exact metrics by their monoid kind.
+dedup by `event_id` (within the view's event type: its objects hold no other), filter,
+bucket, group, and the exact metrics by their monoid kind.
 Approximate distinct counts come back from SQL as the list of each group's distinct values
 and are turned into DataSketches HLL sketches in bulk by `lambdalake.sketches`.
 """

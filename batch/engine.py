@@ -34,7 +34,9 @@ class Engine(Protocol):
     ) -> pa.Table:
         """The view's rows over the events in the master objects `keys` with arrival < cut.
 
-        Each `event_id` counts once: the copy with the smallest (arrival, partition, offset).
+        `keys` hold the view's event type only, so an event is its (type, `event_id`), the
+        dedup rule of every layer: each counts once, the copy with the smallest (arrival,
+        partition, offset).
         Then `view.where_sql()` filters, rows group by bucket (`ts - ts % view.bucket_ms`)
         and `view.keys`, and each metric aggregates by its monoid kind. The columns are
         exactly `lambdalake.project.table_schema(project, view)`, rows sorted by bucket and

@@ -4,7 +4,8 @@ Every metric is a monoid, so a view over the events with arrival < C2 is the vie
 with arrival < C1 (the base version, published) merged with the view over the rest; views are
 grouped by bucket and keys, so the merge is a group-by over both tables.
 
-"The rest" must keep the dedup: an `event_id` counts once, as its copy with the smallest
+"The rest" must keep the dedup: an `event_id` counts once within its event type (the delta
+and the history it is checked against are one type's), as its copy with the smallest
 (arrival, partition, offset). The delta is the master rows with C1 <= arrival < C2 less every
 row whose event id has a copy arriving before C1 (the base counted that copy). History is
 checked without keeping anything per version: the `event_id` column of the rows below C1 is

@@ -5,9 +5,17 @@ the view files, then the manifest, then the pointer (`catalog.publish`): a reade
 a half-written version, and a run that fails leaves the previous version serving. Every run
 that starts is recorded in the history, failed ones with their error.
 
-A run that would change nothing is refused with a `BatchError` rather than published as a
+One run at a time per store: a run holds the store's batch lease (`lambdalake.lease`, in
+`views/_lease.json`) from before it picks its cut until it has published and pruned. A run
+that finds the lease held is refused, naming the holder and until when. The publish is a
+compare-and-swap that moves the pointer only past the serving cut (`catalog.publish`), so
+should two runs overlap anyway (a holder stalled past its lease's expiry), the one with the
+older cut is refused ("superseded") and its version deleted; an older cut is never served.
+Both refusals are recorded in the history (outcome "refused").
+
+A run that would change nothing is refused with a `BatchRefused` rather than published as a
 copy: no archive watermarks yet, or a cut that does not advance past the serving version's
-("nothing new since cut …"). Refusals publish nothing and are not recorded as runs.
+("nothing new since cut …"). These publish nothing and are not recorded as runs.
 
 An incremental run (`incremental=True`) merges the serving version with the views over only
 the master data that arrived since its cut (`batch.incremental`); its manifest names that
@@ -18,9 +26,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -31,6 +40,7 @@ from rich.progress import Progress
 from lambdalake import catalog, master
 from lambdalake.catalog import Manifest, ViewFiles
 from lambdalake.events import iso
+from lambdalake.lease import Lease, LeaseHeld
 from lambdalake.project import Project, load_project
 from lambdalake.settings import Settings
 from lambdalake.storage import ObjectStore, open_store
@@ -48,6 +58,11 @@ class BatchError(RuntimeError):
     """A batch run refused or failed; the message says why. The serving version is unchanged."""
 
 
+class BatchRefused(BatchError):
+    """Nothing to do (no watermarks yet, nothing new since the cut), or another run's turn
+    (its lease held, its newer cut published): not a failure."""
+
+
 def run_batch(
     settings: Settings,
     project: Project,
@@ -63,14 +78,15 @@ def run_batch(
     else recompute in full. `progress`: a rich `Progress` (one bar per view) or a callback
     (view, done, total). Raises `BatchError` when there is nothing to do or the run fails.
     """
-    cut = next_cut(settings, store)
-    base = delta.usable_base(store, project) if incremental else None
-    report = _reporter(progress, list(project.views))
-    manifest = _Run(settings, project, store, engine, cut, report, base).execute()
-    try:
-        prune_versions(store, settings.versions_kept, [*project.views, delta.SCRATCH])
-    except Exception:  # the new version is published; pruning is retried by the next run
-        log.warning("pruning old batch versions failed", exc_info=True)
+    run = _Run(settings, project, store, engine, _reporter(progress, list(project.views)))
+    with run.leased() as lease:
+        cut = next_cut(settings, store)
+        base = delta.usable_base(store, project) if incremental else None
+        manifest = run.execute(cut, base, lease)
+        try:
+            prune_versions(store, settings.versions_kept, [*project.views, delta.SCRATCH])
+        except Exception:  # the new version is published; pruning is retried by the next run
+            log.warning("pruning old batch versions failed", exc_info=True)
     return manifest
 
 
@@ -89,24 +105,38 @@ def run_from_settings(
     return run_batch(settings, project, store, engine, incremental=incremental, progress=progress)
 
 
+def batch_lease(settings: Settings, store: ObjectStore, owner: str) -> Lease:
+    return Lease(store, catalog.LEASE, owner, settings.batch_lease_seconds)
+
+
 def next_cut(settings: Settings, store: ObjectStore) -> int:
     """The cut every partition has been archived past, if it moves past the serving one."""
     marks = master.watermarks(store)
     missing = sorted(set(range(settings.partitions)) - set(marks))
     if missing:
         listed = ", ".join(map(str, missing))
-        raise BatchError(f"no archive watermark yet for partition(s) {listed}")
+        raise BatchRefused(f"no archive watermark yet for partition(s) {listed}")
     cut = master.choose_cut((m["watermark"] for m in marks.values()), settings.slice_ms)
     current = catalog.current(store)
     previous = current.cut if current else 0
     if cut <= previous:
         serving = f"serving {current.version}" if current else "nothing published yet"
-        raise BatchError(f"nothing new since cut {iso(previous)} ({serving})")
+        raise BatchRefused(f"nothing new since cut {iso(previous)} ({serving})")
     return cut
 
 
-def rollback(store: ObjectStore, version: str) -> Manifest:
-    """Serve a kept older (or newer) version again."""
+def rollback(settings: Settings, store: ObjectStore, version: str) -> Manifest:
+    """Serve a kept older (or newer) version again, holding the batch lease (not while a run
+    is under way) and by compare-and-swap from the version serving when it started."""
+    try:
+        with batch_lease(settings, store, f"rollback to {version}"):
+            return _roll_back(store, version)
+    except LeaseHeld as exc:
+        raise BatchError(f"rollback refused: {exc}") from None
+
+
+def _roll_back(store: ObjectStore, version: str) -> Manifest:
+    _, tag = catalog.current_tagged(store)
     try:
         manifest = catalog.read_manifest(store, version)
     except LookupError:
@@ -115,7 +145,10 @@ def rollback(store: ObjectStore, version: str) -> Manifest:
     missing = [key for key in _files(manifest) if key not in store.list(key)]
     if missing:
         raise BatchError(f"batch version {version} is incomplete: {', '.join(missing)} missing")
-    catalog.publish(store, version)
+    try:
+        catalog.point_at(store, version, tag)
+    except catalog.PointerMoved as exc:
+        raise BatchError(str(exc)) from None
     log.info("batch version rolled back", extra={"version": version, "cut": manifest.cut})
     return manifest
 
@@ -183,37 +216,62 @@ def _reporter(progress: Progress | ProgressCallback | None, views: list[str]) ->
 
 
 class _Run:
-    """One batch run: compute, write, publish, and its record in the history."""
+    """One batch run: its lease, compute, write, publish, and its record in the history."""
 
     def __init__(
-        self,
-        settings: Settings,
-        project: Project,
-        store: ObjectStore,
-        engine: Engine,
-        cut: int,
+        self, settings: Settings, project: Project, store: ObjectStore, engine: Engine,
         report: Report,
-        base: Manifest | None = None,
     ):
         self.settings, self.project, self.store, self.engine = settings, project, store, engine
-        self.cut, self.report, self.base = cut, report, base
+        self.report = report
+        self.cut: int | None = None
+        self.base: Manifest | None = None
         self.version = catalog.new_version()
         self.skipped: set[str] = set()
         self.rows_read = 0
         self.views: dict[str, ViewFiles] = {}
 
-    def execute(self) -> Manifest:
+    @contextmanager
+    def leased(self) -> Iterator[Lease]:
+        """The store's batch lease for the block; refused (and recorded) while another holds it."""
+        lease = batch_lease(self.settings, self.store, f"batch run {self.version}")
+        try:
+            lease.acquire()
+        except LeaseHeld as exc:
+            self._refuse(time.monotonic(), f"another batch run is under way: {exc}")
+        try:
+            yield lease
+        finally:
+            lease.release()
+
+    def execute(self, cut: int, base: Manifest | None, lease: Lease) -> Manifest:
+        self.cut, self.base = cut, base
         started = time.monotonic()
         log.info("batch run started", extra=self._fields())
         try:
-            manifest = self._publish()
+            manifest = self._publish(lease)
+        except catalog.Superseded as exc:
+            self._discard()
+            self._refuse(started, f"superseded: {exc}")
         except Exception as exc:
             self._record(started, "failed", str(exc))
             raise BatchError(f"batch run {self.version} failed: {exc}") from exc
         self._record(started, "ok")
         return manifest
 
-    def _publish(self) -> Manifest:
+    def _discard(self) -> None:
+        """Delete this run's version, never to be served (or its files: orphans, pruned later)."""
+        try:
+            _delete_version(self.store, self.version)
+        except Exception:
+            log.warning("deleting a superseded version failed", exc_info=True,
+                        extra={"version": self.version})
+
+    def _refuse(self, started: float, reason: str) -> NoReturn:
+        self._record(started, "refused", reason)
+        raise BatchRefused(f"batch run {self.version} refused, nothing published: {reason}")
+
+    def _publish(self, lease: Lease) -> Manifest:
         for event_type, views in self._views_by_type().items():
             tables = self._compute(event_type, views)
             self.rows_read += rows_read(next(iter(tables.values())))
@@ -228,6 +286,8 @@ class _Run:
             views=self.views,
             base_version=self.base.version if self.base else None,
         )
+        if lease.lost:
+            raise BatchError("the batch lease expired and was taken over while computing")
         catalog.write_manifest(self.store, manifest)
         catalog.publish(self.store, self.version)  # the pointer, written last: the publish
         return manifest
@@ -309,6 +369,8 @@ class _Run:
         }
         if error is None:
             log.info("batch run published", extra=run)
+        elif outcome == "refused":
+            log.warning("batch run refused", extra=run)
         else:
             log.error("batch run failed", extra=run)
         try:

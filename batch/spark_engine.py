@@ -3,10 +3,10 @@
 
 Each view becomes one DataFrame job translated from its definition: the event type's objects
 (an S3 store's endpoint and credentials passed as s3a read options), arrival < cut, one copy
-per `event_id` (the minimum of a struct led by arrival, partition, offset), the view's
-conditions, then group by bucket and keys with each metric by its monoid kind. Approximate
-distinct counts are Spark's `hll_sketch_agg`: DataSketches HLL sketches, as every engine's.
-The master rows read are counted in the same pass (an `Observation`).
+per `event_id` within the type (the minimum of a struct led by arrival, partition, offset), the
+view's conditions, then group by bucket and keys with each metric by its monoid kind.
+Approximate distinct counts are Spark's `hll_sketch_agg`: DataSketches HLL sketches, as every
+engine's. The master rows read are counted in the same pass (an `Observation`).
 
 Conditions become Column expressions rather than `view.where_sql()`: Spark SQL reads `\\` in
 a string literal as an escape (and with `escapedStringLiterals` no longer reads `''` as a

@@ -275,12 +275,12 @@ def incremental_speedups(lake: Lake, engines: list[Engine], seed: int) -> list[f
 def incremental_over_full(
     lake: Lake, settings: Settings, engine: Engine, base: catalog.Manifest
 ) -> float:
-    rollback(lake.store, base.version)
+    rollback(settings, lake.store, base.version)
     incremental, seconds_incremental = timed(
         lambda: run_batch(settings, project, lake.store, engine, incremental=True)
     )
     assert incremental.base_version == base.version
-    rollback(lake.store, base.version)
+    rollback(settings, lake.store, base.version)
     full, seconds_full = timed(lambda: run_batch(settings, project, lake.store, engine))
     assert_same_versions(lake.store, incremental, full)
     say(f"  {engine.name}: incremental run {seconds_incremental:.1f} s "

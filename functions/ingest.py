@@ -11,13 +11,15 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from typing import Any
+import re
+from typing import Any, NamedTuple
 
 from lambdalake.functions.environment import PerColdStart
 
+from lambdalake.auth import AuthError
 from lambdalake.bus import open_bus
 from lambdalake.eventlog import now_ms
-from lambdalake.events import Event, Problem, Validator
+from lambdalake.events import MAX_EVENT_BYTES, Event, Problem, Validator
 from lambdalake.project import load_project
 from lambdalake.settings import Settings
 
@@ -34,6 +36,7 @@ def _validator(settings: Settings) -> Validator:
 
 
 validator = PerColdStart(_validator)
+keyring = PerColdStart(lambda settings: settings.keyring)
 bus = PerColdStart(open_bus)
 
 
@@ -51,6 +54,11 @@ def handler(event: dict[str, Any], context: object) -> dict[str, Any]:
         return response(200, {"status": "ok"})
     if route != "POST /events":
         return response(404, {"message": "Not Found"})
+    try:
+        keyring().authorize(event.get("headers") or {}, "ingest")
+    except AuthError as refused:
+        problem = Problem(refused.header, refused.rule).as_dict()
+        return response(refused.status, {"accepted": 0, "rejected": [problem]}, refused.headers)
     try:
         raws = parse_events(body_bytes(event))
     except Refused as refused:
@@ -73,34 +81,147 @@ def body_bytes(event: dict[str, Any]) -> bytes:
         except ValueError:
             raise Refused(400, "$", "body is not valid base64") from None
     else:
-        data = body.encode()
+        data = body.encode(errors="surrogatepass")  # a lone surrogate: refused as not UTF-8
     if len(data) > MAX_BODY_BYTES:
         raise Refused(413, "$", f"body larger than {MAX_BODY_BYTES} bytes")
     return data
 
 
-def parse_events(data: bytes) -> list[Any]:
-    """The raw events of a body: one event object, or the list under `events`."""
+class Received(NamedTuple):
+    """One event as it arrived: its decoded value and its bytes in the request body."""
+
+    raw: Any
+    size: int
+
+
+def parse_events(data: bytes) -> list[Received]:
+    """The events of a body: one event object, or the list under `events`."""
+    reader = _BodyReader(utf8_text(data))
     try:
-        body = json.loads(data)
+        body, events = reader.read()
+    except DuplicateKey as duplicate:
+        raise Refused(400, duplicate.key, str(duplicate)) from None
     except (ValueError, RecursionError) as exc:
         raise Refused(400, "$", f"malformed JSON: {exc}") from None
-    if not (isinstance(body, dict) and "events" in body and "type" not in body):
+    if not (isinstance(body.raw, dict) and "events" in body.raw and "type" not in body.raw):
         return [body]
-    events = body["events"]
-    if not isinstance(events, list) or not events:
+    if events is None or not events:
         raise Refused(400, "events", "must be a non-empty list of event objects")
     if len(events) > MAX_EVENTS:
         raise Refused(413, "events", f"{len(events)} events; at most {MAX_EVENTS} per request")
     return events
 
 
-def ingest(raws: list[Any], timeout_s: float | None = None) -> dict[str, Any]:
+def utf8_text(data: bytes) -> str:
+    """The body's text: JSON is UTF-8 (RFC 8259), a leading byte order mark is ignored."""
+    encoding = json.detect_encoding(data)
+    if encoding not in ("utf-8", "utf-8-sig"):
+        rule = f"body must be UTF-8 encoded JSON (RFC 8259), not {encoding.upper()}"
+        raise Refused(400, "$", rule)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        rule = f"body must be UTF-8 encoded JSON (RFC 8259): invalid UTF-8 at byte {exc.start}"
+        raise Refused(400, "$", rule) from None
+
+
+class DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(f"duplicate key {key!r}: a key may appear once in a JSON object")
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) < len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKey(key)
+            seen.add(key)
+    return found
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+class _BodyReader:
+    """Decodes a body's JSON as `json.loads` does (duplicate keys refused), keeping the
+    bytes each element of the top-level `events` list takes in it."""
+
+    def __init__(self, text: str):
+        self.text, self.pos = text, 0
+
+    def read(self) -> tuple[Received, list[Received] | None]:
+        """The whole body, and the elements of its `events` list (None: not a list)."""
+        start, events = self._skip(), None
+        if self.text.startswith("{", start):
+            raw, events = self._members()
+        else:
+            raw = self._value()
+        if self._skip() < len(self.text):
+            raise json.JSONDecodeError("Extra data", self.text, self.pos)
+        return Received(raw, self._bytes(start)), events
+
+    def _members(self) -> tuple[dict[str, Any], list[Received] | None]:
+        self.pos += 1
+        pairs, events = [], None
+        while self._skip() < len(self.text) and self.text[self.pos] != "}":
+            if pairs:
+                self._expect(",", "',' delimiter")
+                self._skip()
+            self._expect('"', "property name enclosed in double quotes")
+            key, self.pos = json.decoder.scanstring(self.text, self.pos)
+            self._skip()
+            self._expect(":", "':' delimiter")
+            if key == "events" and self.text.startswith("[", self._skip()):
+                events = self._elements()
+                pairs.append((key, [event.raw for event in events]))
+            else:
+                pairs.append((key, self._value()))
+        self._expect("}", "',' delimiter" if pairs else "property name enclosed in double quotes")
+        return _unique_keys(pairs), events
+
+    def _elements(self) -> list[Received]:
+        self.pos += 1
+        elements: list[Received] = []
+        while self._skip() < len(self.text) and self.text[self.pos] != "]":
+            if elements:
+                self._expect(",", "',' delimiter")
+            start = self._skip()
+            elements.append(Received(self._value(), self._bytes(start)))
+        self._expect("]", "',' delimiter")
+        return elements
+
+    def _value(self) -> Any:
+        value, self.pos = _DECODER.raw_decode(self.text, self._skip())
+        return value
+
+    def _skip(self) -> int:
+        self.pos = _WHITESPACE.match(self.text, self.pos).end()  # type: ignore[union-attr]
+        return self.pos
+
+    def _expect(self, char: str, what: str) -> None:
+        if not self.text.startswith(char, self.pos):
+            raise json.JSONDecodeError(f"Expecting {what}", self.text, self.pos)
+        self.pos += 1
+
+    def _bytes(self, start: int) -> int:
+        return len(self.text[start : self.pos].encode())
+
+
+def ingest(received: list[Received], timeout_s: float | None = None) -> dict[str, Any]:
     now, check = now_ms(), validator()
     valid: list[Event] = []
     rejected: list[dict[str, Any]] = []
-    for index, raw in enumerate(raws):
-        result = check.validate(raw, now, index)
+    for index, (raw, size) in enumerate(received):
+        result = check.validate(raw, now, index, size)
+        if isinstance(result, Event) and len(result.to_json()) > MAX_EVENT_BYTES:
+            # Its record can outgrow what was sent (1E5 is written 100000.0), and every
+            # reader of the bus holds records to the same limit.
+            result = [Problem("$", f"event larger than {MAX_EVENT_BYTES} bytes on the bus",
+                              index)]
         if isinstance(result, Event):
             valid.append(result)
         else:

@@ -3,8 +3,8 @@
 The run recomputes every view from the whole master dataset with the settings' engine
 (`LAMBDALAKE_BATCH_ENGINE`, `LAMBDALAKE_SPARK_MASTER`), publishes a new version and returns
 its summary. A run that is refused (nothing new since the serving cut, a partition never
-archived) or fails raises: the invocation is an error, counted and retried by EventBridge,
-and the previous version keeps serving.
+archived, another batch run under way) or fails raises: the invocation is an error, counted and
+retried by EventBridge, and the previous version keeps serving.
 """
 
 from __future__ import annotations

@@ -4,8 +4,13 @@ Layout under the store root:
   views/<view>/v=<version>/part-0.parquet   written first
   views/_versions/<version>.json            the manifest, written after every data file
   views/_current.json                       {"version": ...}, written last: the publish
+  views/_lease.json                         who runs the batch now (`lambdalake.lease`)
 Readers follow `_current.json` to a manifest and read only the files it lists, so they
 never see a half-written version; a failed run never moves the pointer.
+
+The pointer moves by compare-and-swap (a write conditional on the pointer read), so two
+publishers never overwrite each other unseen: `publish` moves it only past the serving cut,
+`point_at` (a rollback) only from the version it was asked to replace.
 """
 
 from __future__ import annotations
@@ -16,12 +21,22 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from lambdalake.storage import NotFound, ObjectStore
+from lambdalake.events import iso
+from lambdalake.storage import NotFound, ObjectStore, PreconditionFailed
 
 PREFIX = "views"
 CURRENT = f"{PREFIX}/_current.json"
 VERSIONS = f"{PREFIX}/_versions"
 RUNS = f"{PREFIX}/_runs"
+LEASE = f"{PREFIX}/_lease.json"
+
+
+class Superseded(RuntimeError):
+    """A version not published: the serving one's cut is at or past its cut."""
+
+
+class PointerMoved(RuntimeError):
+    """The serving version changed since it was read: nothing was written."""
 
 
 class ViewFiles(BaseModel):
@@ -52,8 +67,43 @@ def write_manifest(store: ObjectStore, manifest: Manifest) -> None:
 
 
 def publish(store: ObjectStore, version: str) -> None:
-    read_manifest(store, version)  # refuse to point at a version that does not exist
-    store.put(CURRENT, json.dumps({"version": version}).encode())
+    """Serve `version` if its cut is past the serving one's; else raise `Superseded`.
+
+    The check and the write are one compare-and-swap: when another publisher moves the
+    pointer in between, the write fails and the check is made again against its version.
+    """
+    manifest = read_manifest(store, version)  # refuse to point at a version that does not exist
+    while True:
+        pointed, tag = _pointer(store)
+        serving = _manifest_if_any(store, pointed)  # a pointer ahead of its data serves nothing
+        if serving is not None and serving.cut >= manifest.cut:
+            raise Superseded(
+                f"{serving.version} (cut {iso(serving.cut)}) is serving, at or past the cut "
+                f"of {version} ({iso(manifest.cut)})"
+            )
+        try:
+            _point(store, version, tag)
+        except PreconditionFailed:
+            continue
+        return
+
+
+def point_at(store: ObjectStore, version: str, tag: str | None) -> None:
+    """Serve `version` if the pointer still has `tag` (None: no pointer yet), whatever the
+    cuts; else raise `PointerMoved`."""
+    read_manifest(store, version)
+    try:
+        _point(store, version, tag)
+    except PreconditionFailed:
+        raise PointerMoved(f"the serving version changed meanwhile; {version} not served") from None
+
+
+def _point(store: ObjectStore, version: str, tag: str | None) -> None:
+    body = json.dumps({"version": version}).encode()
+    if tag is None:
+        store.create(CURRENT, body)
+    else:
+        store.replace(CURRENT, body, tag)
 
 
 def read_manifest(store: ObjectStore, version: str) -> Manifest:
@@ -64,11 +114,29 @@ def read_manifest(store: ObjectStore, version: str) -> Manifest:
 
 
 def current(store: ObjectStore) -> Manifest | None:
+    return current_tagged(store)[0]
+
+
+def current_tagged(store: ObjectStore) -> tuple[Manifest | None, str | None]:
+    """The serving version's manifest and the pointer's tag (None, None: nothing published)."""
+    version, tag = _pointer(store)
+    return (None, None) if version is None else (read_manifest(store, version), tag)
+
+
+def _pointer(store: ObjectStore) -> tuple[str | None, str | None]:
+    """The version `_current.json` names, and its tag (None, None: none)."""
     try:
-        version = json.loads(store.get(CURRENT))["version"]
+        data, tag = store.get_tagged(CURRENT)
     except NotFound:
+        return None, None
+    return json.loads(data)["version"], tag
+
+
+def _manifest_if_any(store: ObjectStore, version: str | None) -> Manifest | None:
+    try:
+        return None if version is None else read_manifest(store, version)
+    except LookupError:
         return None
-    return read_manifest(store, version)
 
 
 def versions(store: ObjectStore) -> list[str]:

@@ -2,6 +2,18 @@
 
 Pure: no I/O. `validate` turns one raw JSON object into an `Event` or a list of `Problem`s
 naming the field and the rule it broke.
+
+What validation accepts, every layer can store (the bus, the master dataset's Parquet
+columns, the speed layer, DuckDB and Spark), by one rule on every path:
+- an event is at most `MAX_EVENT_BYTES` of JSON as received, and a JSON object of scalars:
+  the envelope plus the declared fields of its type (no other field, no nesting);
+- `int`: an integer from -2^63 to 2^63-1 (int64); never a float, however whole, nor a bool;
+- `float`: any JSON number whose nearest float64 is finite (it is stored rounded to it, as
+  JSON numbers are: 2^53+1 becomes 2^53, 1e-400 becomes 0.0); no NaN or infinity;
+- `string`: at most `MAX_STRING_CHARS` characters of valid Unicode (no lone surrogate), no
+  C0 control character but tab, line feed and carriage return (NUL ends strings in C
+  clients and the PostgreSQL wire protocol); `event_id`: 1 to 256 such characters;
+- `bool`: true or false only.
 """
 
 from __future__ import annotations
@@ -27,13 +39,23 @@ from pydantic import (
 
 FieldType = Literal["string", "int", "float", "bool"]
 MAX_EVENT_BYTES = 256 * 1024
+MAX_STRING_CHARS = 64 * 1024
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# No C0 control character but tab, LF, CR: pydantic-core's regex, in the same pass as the rest.
+_TEXT_PATTERN = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f]*$"
 ENVELOPE = ("event_id", "type", "ts")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
+# The instants Python's datetime can name (years 1 to 9999), all well inside int64
+MIN_MS = (datetime.min.replace(tzinfo=UTC) - _EPOCH) // _MS
+MAX_MS = (datetime.max.replace(tzinfo=UTC) - _EPOCH) // _MS
+INSTANT_RANGE = "must be between 0001-01-01T00:00:00Z and 9999-12-31T23:59:59.999Z"
 
+Text = Annotated[StrictStr, Field(max_length=MAX_STRING_CHARS, pattern=_TEXT_PATTERN)]
+Int64 = Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)]
 _PYTHON_TYPES: dict[str, Any] = {
-    "string": StrictStr,
-    "int": StrictInt,
+    "string": Text,
+    "int": Int64,
     "float": float,
     "bool": StrictBool,
 }
@@ -58,7 +80,11 @@ class Event:
     fields: Mapping[str, Any]
 
     def to_json(self) -> bytes:
-        body = {"event_id": self.event_id, "type": self.type, "ts": self.ts, **self.fields}
+        """The event's record on the bus. A field without a value is left out, as a client
+        may have sent it (validation reads it back as None): a record outgrows what was
+        received only where a number is written differently (`1E15`: 1000000000000000.0)."""
+        fields = {name: value for name, value in self.fields.items() if value is not None}
+        body = {"event_id": self.event_id, "type": self.type, "ts": self.ts, **fields}
         return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -67,28 +93,37 @@ def epoch_ms(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError("must be epoch milliseconds or an ISO 8601 string")
     if isinstance(value, int):
-        return value
+        return _in_range(value)
     if isinstance(value, float) and value.is_integer():
-        return int(value)
+        return _in_range(int(value))
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
+        except ValueError as exc:
+            if "out of range" in str(exc):  # year 0, month 13: the form is right
+                raise ValueError(INSTANT_RANGE) from None
             raise ValueError(f"not an ISO 8601 timestamp: {value[:40]!r}") from None
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=UTC)
-        return (parsed - _EPOCH) // _MS  # exact: float seconds * 1000 can be 1 ms off
+        # exact: float seconds * 1000 can be 1 ms off; an offset can take it out of range
+        return _in_range((parsed - _EPOCH) // _MS)
     raise ValueError("must be epoch milliseconds or an ISO 8601 string")
 
 
+def _in_range(ms: int) -> int:
+    if not MIN_MS <= ms <= MAX_MS:
+        raise ValueError(INSTANT_RANGE)
+    return ms
+
+
 def iso(ms: int) -> str:
-    return (_EPOCH + ms * _MS).isoformat().replace("+00:00", "Z")
+    return (_EPOCH + _in_range(ms) * _MS).isoformat().replace("+00:00", "Z")
 
 
 class _Envelope(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    event_id: StrictStr = Field(min_length=1, max_length=256)
+    event_id: StrictStr = Field(min_length=1, max_length=256, pattern=_TEXT_PATTERN)
     type: StrictStr
     ts: int
 
@@ -142,8 +177,10 @@ class Validator:
         self, value: bytes, now_ms: int, index: int | None = None
     ) -> Event | list[Problem]:
         """One event from its JSON bytes, decoded and checked in one pass in pydantic-core
-        (3x faster than decoding, then validating). Its JSON decoder rejects lone surrogates,
-        so text needs no second look; what it refuses is decoded again only to say why."""
+        (3x faster than decoding, then validating); what it refuses is decoded again only
+        to say why."""
+        if len(value) > MAX_EVENT_BYTES:
+            return [_too_large(index)]
         try:
             parsed = self._from_json.validate_json(value)
         except ValidationError:
@@ -152,12 +189,15 @@ class Validator:
             except (ValueError, RecursionError) as exc:
                 return [Problem("$", f"not JSON: {exc}", index)]
             return self.validate(raw, now_ms, index, size=len(value))
-        return self._event(parsed, now_ms, index, len(value))
+        return self._event(parsed, now_ms, index)
 
     def validate(
         self, raw: Any, now_ms: int, index: int | None = None, size: int | None = None
     ) -> Event | list[Problem]:
-        """`size`: the bytes of the event as received, when known (else measured as JSON)."""
+        """`size`: the bytes of the event as received, when known (else measured as the
+        record it becomes on the bus)."""
+        if size is not None and size > MAX_EVENT_BYTES:
+            return [_too_large(index)]
         if not isinstance(raw, dict):
             return [Problem("$", "an event must be a JSON object", index)]
         kind = raw.get("type")
@@ -170,47 +210,46 @@ class Validator:
             parsed = model.model_validate(raw)
         except ValidationError as exc:
             return [_problem(error, index) for error in exc.errors()]
-        broken = _lone_surrogate(parsed.__dict__)
-        if broken:
-            return [Problem(broken, "must be valid UTF-8 text (no lone surrogates)", index)]
-        return self._event(parsed, now_ms, index, size)
+        event = self._event(parsed, now_ms, index)
+        if size is None and isinstance(event, Event) and len(event.to_json()) > MAX_EVENT_BYTES:
+            return [_too_large(index)]
+        return event
 
-    def _event(
-        self, parsed: BaseModel, now_ms: int, index: int | None, size: int | None
-    ) -> Event | list[Problem]:
-        """The event of a valid model, once its time and size pass."""
+    def _event(self, parsed: BaseModel, now_ms: int, index: int | None) -> Event | list[Problem]:
+        """The event of a valid model, once its time passes."""
         if parsed.ts > now_ms + self._max_future_ms:
             rule = f"more than {self._max_future_ms // 1000} s in the future"
             return [Problem("ts", rule, index)]
         values = dict(parsed.__dict__)
         del values["event_id"], values["type"], values["ts"]
-        event = Event(parsed.event_id, parsed.type, parsed.ts, values)
-        if (size if size is not None else len(event.to_json())) > MAX_EVENT_BYTES:
-            return [Problem("$", f"event larger than {MAX_EVENT_BYTES} bytes", index)]
-        return event
+        return Event(parsed.event_id, parsed.type, parsed.ts, values)
 
 
-def _lone_surrogate(values: Mapping[str, Any]) -> str | None:
-    """The first field holding text that UTF-8 cannot encode (JSON allows `\\ud800`)."""
-    for name, value in values.items():
-        if isinstance(value, str) and not value.isascii():
-            try:
-                value.encode()
-            except UnicodeEncodeError:
-                return name
-    return None
+def _too_large(index: int | None) -> Problem:
+    return Problem("$", f"event larger than {MAX_EVENT_BYTES} bytes", index)
+
+
+_RULES = {
+    "extra_forbidden": "not a declared field of this event type",
+    "string_unicode": "must be valid UTF-8 text (no lone surrogates)",
+    "string_pattern_mismatch": "must not contain NUL or another control character "
+    "(U+0000 to U+001F) but tab, line feed and carriage return",
+    "less_than_equal": f"must be a 64-bit integer, from {INT64_MIN} to {INT64_MAX}",
+    "greater_than_equal": f"must be a 64-bit integer, from {INT64_MIN} to {INT64_MAX}",
+}
 
 
 def _problem(error: Mapping[str, Any], index: int | None) -> Problem:
     field = ".".join(str(part) for part in error["loc"]) or "$"
-    message = str(error["msg"])
-    if error["type"] == "extra_forbidden":
-        message = "not a declared field of this event type"
+    message = _RULES.get(error["type"], str(error["msg"]))
+    if error["type"] == "float_type" and type(error.get("input")) is int:  # not a bool
+        message = "must be a number within the range of a 64-bit float"
     return Problem(field, message.removeprefix("Value error, "), index)
 
 
 def decode(value: bytes) -> Event:
-    """Decode a record written by `Event.to_json` (already validated)."""
+    """Decode a record written by `Event.to_json` (already validated): the fields it holds,
+    without those it left out for having no value."""
     body = json.loads(value)
     event_id, kind, ts = body.pop("event_id"), body.pop("type"), body.pop("ts")
     return Event(event_id, kind, ts, body)

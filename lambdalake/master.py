@@ -14,6 +14,7 @@ import io
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -55,17 +56,63 @@ def object_key(event_type: str, partition: int, first: int, last: int) -> str:
     return f"{type_prefix(event_type)}p={partition}/{first:020d}-{last:020d}.parquet"
 
 
-def to_parquet(schema: EventSchema, rows: list[Archived]) -> bytes:
-    columns: dict[str, list] = {
-        "event_id": [r.event.event_id for r in rows],
-        "ts": [r.event.ts for r in rows],
-        "arrival": [r.arrival for r in rows],
-        "partition": [r.partition for r in rows],
-        "offset": [r.offset for r in rows],
-    }
-    for name in schema.fields:
-        columns[name] = [r.event.fields.get(name) for r in rows]
-    table = pa.Table.from_pydict(columns, schema=arrow_schema(schema))
+# What a column raises for a value it cannot hold (ValueError: a lone surrogate in a string).
+_CONVERSION_ERRORS = (pa.ArrowException, OverflowError, TypeError, ValueError)
+
+
+@dataclass(frozen=True, slots=True)
+class Unstorable:
+    """A row that a column of its event type cannot hold, and why: the same on every try."""
+
+    row: Archived
+    reason: str
+
+
+def _columns(schema: EventSchema, rows: list[Archived]) -> list[list[Any]]:
+    """The rows' values, column by column in `arrow_schema` order."""
+    columns = [
+        [r.event.event_id for r in rows],
+        [r.event.ts for r in rows],
+        [r.arrival for r in rows],
+        [r.partition for r in rows],
+        [r.offset for r in rows],
+    ]
+    return columns + [[r.event.fields.get(name) for r in rows] for name in schema.fields]
+
+
+def to_table(schema: EventSchema, rows: list[Archived]) -> tuple[pa.Table, list[Unstorable]]:
+    """The rows as an Arrow table of their type, less the rows a column cannot hold. Values
+    are looked at one by one only when a whole column fails; when none of them is at fault,
+    the failure is not the rows' and is raised."""
+    arrow = arrow_schema(schema)
+    arrays, refused = [], {}
+    for field, values in zip(arrow, _columns(schema, rows), strict=True):
+        try:
+            arrays.append(pa.array(values, field.type))
+        except _CONVERSION_ERRORS:
+            unconvertible = _unconvertible(field, values)
+            if not unconvertible:
+                raise
+            refused = unconvertible | refused  # a row keeps the reason found first
+            kept = [None if i in refused else value for i, value in enumerate(values)]
+            arrays.append(pa.array(kept, field.type))
+    table = pa.Table.from_arrays(arrays, schema=arrow)
+    if refused:
+        table = table.filter(pa.array([i not in refused for i in range(len(rows))]))
+    return table, [Unstorable(rows[i], reason) for i, reason in sorted(refused.items())]
+
+
+def _unconvertible(field: pa.Field, values: list[Any]) -> dict[int, str]:
+    found = {}
+    for index, value in enumerate(values):
+        try:
+            pa.array([value], field.type)
+        except _CONVERSION_ERRORS as exc:
+            found[index] = f"{field.name}: cannot be stored as {field.type}: {exc}"
+    return found
+
+
+def to_parquet(table: pa.Table) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue()
@@ -73,20 +120,24 @@ def to_parquet(schema: EventSchema, rows: list[Archived]) -> bytes:
 
 def write_batch(
     store: ObjectStore, schemas: dict[str, EventSchema], partition: int, rows: list[Archived]
-) -> list[str]:
-    """Write one partition's batch as one Parquet object per event type; return the keys."""
+) -> tuple[list[str], list[Unstorable]]:
+    """Write one partition's batch as one Parquet object per event type; return the keys,
+    and the rows left out because their columns cannot hold them."""
     if not rows:
-        return []
+        return [], []
     first, last = rows[0].offset, rows[-1].offset
     by_type: dict[str, list[Archived]] = {}
     for row in rows:
         by_type.setdefault(row.event.type, []).append(row)
-    keys = []
+    keys, unstorable = [], []
     for event_type, typed in sorted(by_type.items()):
-        key = object_key(event_type, partition, first, last)
-        store.put(key, to_parquet(schemas[event_type], typed))
-        keys.append(key)
-    return keys
+        table, refused = to_table(schemas[event_type], typed)
+        unstorable += refused
+        if table.num_rows:
+            key = object_key(event_type, partition, first, last)
+            store.put(key, to_parquet(table))
+            keys.append(key)
+    return keys, unstorable
 
 
 def write_watermark(store: ObjectStore, partition: int, next_offset: int, watermark: int) -> None:

@@ -13,6 +13,8 @@ from typing import Any
 
 import httpx
 
+from lambdalake.auth import KEY_HEADER
+
 
 @dataclass
 class ProduceStats:
@@ -59,11 +61,13 @@ def produce(
     total: int | None,
     on_progress: Callable[[ProduceStats], None] = lambda stats: None,
     stop: Callable[[], bool] = lambda: False,
+    api_key: str | None = None,
 ) -> ProduceStats:
     """Send `total` events (forever if None) at about `rate` events per second."""
     stats = ProduceStats()
     started = time.monotonic()
-    with httpx.Client(timeout=30) as client:
+    headers = {KEY_HEADER: api_key} if api_key else {}
+    with httpx.Client(timeout=30, headers=headers) as client:
         for batch in batches:
             if total is not None:
                 batch = batch[: total - stats.sent]

@@ -9,12 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lambdalake.events import EventSchema, epoch_ms, iso
+from lambdalake.events import INSTANT_RANGE, EventSchema, epoch_ms, iso
 from lambdalake.monoids import ApproxDistinct
 from lambdalake.views import BUCKET_MS, View
 
 Granularity = Literal["minute", "hour", "day", "total"]
 _ORDER = list(BUCKET_MS)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_RULES = {"int": f" between {INT64_MIN} and {INT64_MAX}"}
 
 
 class QueryError(ValueError):
@@ -74,7 +76,7 @@ def _instant(name: str, value: str | None, view: View) -> int | None:
     if value is None:
         return None
     try:
-        ms = epoch_ms(int(value) if value.isdigit() else value)
+        ms = epoch_ms(_epoch_or_iso(value))
     except ValueError as exc:
         raise QueryError(name, str(exc)) from None
     if ms % view.bucket_ms:
@@ -82,14 +84,30 @@ def _instant(name: str, value: str | None, view: View) -> int | None:
     return ms
 
 
+def _epoch_or_iso(value: str) -> int | str:
+    """Epoch ms from ASCII digits (no longer than int64's), else the text for ISO 8601."""
+    if not (value.isascii() and value.isdigit()):
+        return value
+    if len(value) > len(str(INT64_MAX)):
+        raise ValueError(INSTANT_RANGE)
+    return int(value)
+
+
 def _typed(name: str, value: str, schema: EventSchema, view: View) -> Any:
     if name not in view.keys:
         raise QueryError(name, f"not a dimension of {view.name}")
     kind = schema.field_type(name)
     try:
-        return {"int": int, "float": float, "bool": _bool, "string": str}[kind](value)
+        return {"int": _int64, "float": float, "bool": _bool, "string": str}[kind](value)
     except ValueError:
-        raise QueryError(name, f"must be a {kind}") from None
+        raise QueryError(name, f"must be a {kind}{_RULES.get(kind, '')}") from None
+
+
+def _int64(value: str) -> int:
+    number = int(value)  # ValueError past 4,300 digits too
+    if not INT64_MIN <= number <= INT64_MAX:
+        raise ValueError(value)
+    return number
 
 
 def _bool(value: str) -> bool:

@@ -23,6 +23,9 @@ class RealtimeCells:
         self.project = project
         self.cut = 0
         self.caught_up_at = 0  # when the speed layer last reported having read everything
+        # Set by the speed layer (or the feed of it) once these cells hold everything it had
+        # at start; until then an answer would undercount.
+        self.restored = threading.Event()
         self._cells: dict[str, dict[CellKey, tuple[Any, ...]]] = {n: {} for n in project.views}
         self._lock = threading.Lock()
 

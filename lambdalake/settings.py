@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -14,12 +14,15 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from lambdalake.auth import ApiKey, Keyring, parse_key_file, unique_keys
+
 DEDUP_MAX_IDS = 5_000_000
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="LAMBDALAKE_", toml_file="lambdalake.toml", extra="ignore"
+        env_prefix="LAMBDALAKE_", toml_file="lambdalake.toml", extra="ignore",
+        hide_input_in_errors=True,  # a refused API key is never echoed
     )
 
     home: Path = Field(Path(".lambdalake"), description="Local state: event log, checkpoints.")
@@ -39,7 +42,26 @@ class Settings(BaseSettings):
     gateway_port: int = 8080
     api_host: str = "127.0.0.1"
     api_port: int = 8000
-    api_keys: list[str] = Field(default_factory=list, description="Empty: no key needed.")
+    api_keys: list[ApiKey] = Field(
+        default_factory=list,
+        description='JSON list: "key" (every scope) or {"key", "scopes", "name"}; scopes '
+        "ingest, query, admin. No keys at all (here or in api_keys_file): no key needed.",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="A secrets file of more keys: .json (a list like api_keys) or "
+        ".toml ([[keys]] tables), as compose or Kubernetes secrets are mounted.",
+    )
+    http_max_connections: int = Field(
+        1000, ge=1, description="Open connections each HTTP server (gateway, API) holds; past "
+        "it a new one gets 503. Never more than a quarter of the process's file limit.",
+    )
+    http_read_timeout_seconds: float = Field(
+        10.0, gt=0, description="A request's headers and body must arrive within this; "
+        "else 408 and the connection is closed.",
+    )
+    realtime_stale_ms: int = Field(
+        10_000, ge=1, description="Past this real-time lag, answers say `freshness.stale`.",
+    )
 
     slice_seconds: int = Field(60, ge=1, description="Width of an arrival slice; cuts align to it.")
     dedup_window_hours: float = Field(24.0, gt=0)
@@ -54,6 +76,12 @@ class Settings(BaseSettings):
         "fail", description="A corrupt master object: fail the batch run, or skip it."
     )
     batch_interval_seconds: int = Field(60, ge=1)
+    batch_lease_seconds: float = Field(
+        60.0, ge=1,
+        description="One batch run at a time per store: its lease in the store expires this "
+        "long after its last renewal (every third of it), so a killed run blocks the next "
+        "for at most this long.",
+    )
     batch_engine: Literal["duckdb", "spark"] = Field(
         "duckdb", description="Engine of the scheduled batch run (the nightly function)."
     )
@@ -65,6 +93,22 @@ class Settings(BaseSettings):
     speed_metrics_host: str = "127.0.0.1"
     speed_metrics_port: int = Field(
         0, ge=0, description="A Kafka speed worker's /metrics and /healthz; 0: none."
+    )
+    sql_concurrency: int = Field(
+        2, ge=1, le=32, description="POST /sql statements run at once, each in a sandbox "
+        "worker process of its own; past it the API answers 429 with Retry-After.",
+    )
+    sql_memory_mb: int = Field(
+        256, ge=64, le=65_536, description="Memory of one SQL sandbox worker; a statement "
+        "past it is stopped (400). DuckDB in the worker gets half of it.",
+    )
+    sql_timeout_seconds: float = Field(
+        10.0, gt=0, le=600, description="Wall-clock time of one SQL statement, running it "
+        "and encoding its answer; past it the worker is killed (400).",
+    )
+    sql_max_bytes: int = Field(
+        16 * 2**20, ge=1024, le=2**30, description="Bytes of a POST /sql answer; past them "
+        "the answer is cut at a row boundary (truncated: true).",
     )
     archive_batch_size: int = Field(10_000, ge=1)
     archive_window_ms: int = Field(1_000, ge=0)
@@ -80,6 +124,20 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
 
+    @model_validator(mode="after")
+    def _every_key_once(self) -> Settings:
+        if self.api_keys_file is not None:
+            self.api_keys = [*self.api_keys, *read_key_file(self.api_keys_file)]
+        try:
+            unique_keys(self.api_keys)
+        except ValueError as exc:
+            raise ValueError(f"api_keys: {exc}") from None
+        return self
+
+    @property
+    def keyring(self) -> Keyring:
+        return Keyring(self.api_keys)
+
     @property
     def store_url(self) -> str:
         return self.store or (self.home.resolve() / "lake").as_uri()
@@ -91,6 +149,14 @@ class Settings(BaseSettings):
     @property
     def dedup_window_ms(self) -> int:
         return int(self.dedup_window_hours * 3_600_000)
+
+
+def read_key_file(path: Path) -> list[ApiKey]:
+    try:
+        return parse_key_file(path.read_text(), path.suffix.lower())
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise ValueError(f"api_keys_file {path}: {reason}") from None
 
 
 @lru_cache(maxsize=1)

@@ -2,13 +2,24 @@
 
 Writes are whole-object and atomic: a reader sees the old object or the new one, never a
 part. Keys are `/`-separated paths relative to the store's root.
+
+Conditional writes, for what one writer at a time may change (the batch lease, the published
+version's pointer): `get_tagged` reads an object with its entity tag; `create` writes one only
+if the key is absent (S3 `If-None-Match: *`) and `replace` only if it still has the tag read
+(S3 `If-Match`). Both return the new tag, or raise `PreconditionFailed` when another writer
+got there first. The file store gives the same guarantees to every process on the machine
+(an atomic hard link to create; a replace compares a content hash under a `flock`).
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -20,6 +31,14 @@ class NotFound(KeyError):
     pass
 
 
+class PreconditionFailed(RuntimeError):
+    """A conditional write lost: the key exists (`create`) or changed (`replace`)."""
+
+    def __init__(self, key: str):
+        super().__init__(f"{key} was written by another writer first")
+        self.key = key
+
+
 class ObjectStore(ABC):
     url: str
 
@@ -28,6 +47,19 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def get(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        """The object and its entity tag, for a `replace` conditional on it."""
+
+    @abstractmethod
+    def create(self, key: str, data: bytes) -> str:
+        """Write `key` only if it does not exist; its new tag. Raises `PreconditionFailed`."""
+
+    @abstractmethod
+    def replace(self, key: str, data: bytes, tag: str) -> str:
+        """Write `key` only if it still has `tag`; its new tag. Raises `PreconditionFailed`
+        (also when the key is gone)."""
 
     @abstractmethod
     def list(self, prefix: str) -> list[str]:
@@ -62,17 +94,8 @@ class FileStore(ObjectStore):
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
+        with self._staged(path, data) as tmp:
             os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         _fsync_dir(path.parent)
 
     def get(self, key: str) -> bytes:
@@ -80,6 +103,48 @@ class FileStore(ObjectStore):
             return self._path(key).read_bytes()
         except (FileNotFoundError, IsADirectoryError):
             raise NotFound(key) from None
+
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        data = self.get(key)
+        return data, _tag(data)
+
+    def create(self, key: str, data: bytes) -> str:
+        path = self._path(key)
+        with self._staged(path, data) as tmp:
+            try:
+                os.link(tmp, path)  # fails if the key exists, atomically
+            except FileExistsError:
+                raise PreconditionFailed(key) from None
+            Path(tmp).unlink()
+        _fsync_dir(path.parent)
+        return _tag(data)
+
+    def replace(self, key: str, data: bytes, tag: str) -> str:
+        path = self._path(key)
+        with self._staged(path, data) as tmp, _locked(path.parent):
+            try:
+                current = _tag(path.read_bytes())
+            except FileNotFoundError:
+                raise PreconditionFailed(key) from None
+            if current != tag:
+                raise PreconditionFailed(key)
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        return _tag(data)
+
+    @contextmanager
+    def _staged(self, path: Path, data: bytes) -> Iterator[str]:
+        """`data` in a durable temporary file beside `path`, removed if still there after."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            yield tmp
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
     def list(self, prefix: str) -> list[str]:
         # A prefix of the key, as in S3 ("a/b" matches "a/b.json" and "a/bc/..." too), so the
@@ -122,11 +187,36 @@ class S3Store(ObjectStore):
         self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
     def get(self, key: str) -> bytes:
+        return self.get_tagged(key)[0]
+
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
         try:
             reply = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
         except self.client.exceptions.NoSuchKey:
             raise NotFound(key) from None
-        return reply["Body"].read()
+        return reply["Body"].read(), reply["ETag"]
+
+    def create(self, key: str, data: bytes) -> str:
+        return self._put_if(key, data, IfNoneMatch="*")
+
+    def replace(self, key: str, data: bytes, tag: str) -> str:
+        return self._put_if(key, data, IfMatch=tag)
+
+    def _put_if(self, key: str, data: bytes, **condition: str) -> str:
+        from botocore.exceptions import ClientError
+
+        try:
+            reply = self.client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data, **condition
+            )
+        except ClientError as exc:
+            # 412: the condition is false; 409 (ConditionalRequestConflict): a concurrent
+            # conditional write to the key is in flight; 404 (If-Match): the key is gone.
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status in (404, 409, 412):
+                raise PreconditionFailed(key) from None
+            raise
+        return reply["ETag"]
 
     def list(self, prefix: str) -> list[str]:
         strip = len(self._key(""))
@@ -163,6 +253,22 @@ def open_store(url: str, endpoint_url: str | None = None) -> ObjectStore:
     if scheme == "s3":
         return S3Store(url, endpoint_url)
     raise ValueError(f"store: unsupported URL {url!r}; use file:///path or s3://bucket/prefix")
+
+
+def _tag(data: bytes) -> str:
+    """A content hash, quoted as S3 quotes an ETag."""
+    return f'"{hashlib.sha256(data).hexdigest()}"'
+
+
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive `flock` on a folder: conditional writes in it, one at a time."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _fsync_dir(path: Path) -> None:

@@ -4,7 +4,9 @@ State is kept per arrival slice: cell = (slice, bucket, key) -> one working accu
 metric. The serving layer answers `batch(cut) + cells with slice >= cut`, so when a batch
 version with cut C is published, slices below C are dropped here and there.
 
-Dedup: an `event_id` is counted once while it stays within the dedup window (by arrival),
+Dedup: an event is identified by its type and `event_id` (an id is unique within its type,
+as in the batch layer, which reads each type's master objects alone), and counted once while
+it stays within the dedup window (by arrival),
 even when its first copy was below the cut, so a retry straddling the cut is not counted
 twice. Memory is bounded by the number of distinct ids within the window, and at most
 `max_ids`: past that the oldest ids are forgotten early (counted in `forgotten_early`), so
@@ -86,13 +88,16 @@ class ViewState:
         self._folds: dict[str, list[_ViewFold]] = {}
         for fold in self._views.values():
             self._folds.setdefault(fold.view.event_type, []).append(fold)
-        self._seen: dict[str, int] = {}  # event id -> arrival, for dedup
-        self._arrivals: deque[tuple[int, str]] = deque()  # the same, oldest first
+        # event type -> event id -> arrival, for dedup; one dict per type, so a held id costs
+        # no more than with one dict of all ids
+        self._seen: dict[str, dict[str, int]] = {}
+        self._arrivals: deque[tuple[int, dict[str, int], str]] = deque()  # oldest first
+        self._held = 0
         self._newest = 0
 
     def apply(self, event: Event, arrival: int) -> bool:
         """Fold one event in; False when it is a duplicate or already covered by the batch."""
-        if self._duplicate(event.event_id, arrival) or arrival < self.cut:
+        if self._duplicate(event.type, event.event_id, arrival) or arrival < self.cut:
             return False
         slice_start = arrival - arrival % self.slice_ms
         for fold in self._folds.get(event.type, ()):
@@ -102,28 +107,37 @@ class ViewState:
     def apply_all(self, records: Iterable[tuple[Event, int]]) -> int:
         return sum(self.apply(event, arrival) for event, arrival in records)
 
-    def _duplicate(self, event_id: str, arrival: int) -> bool:
-        seen = self._seen
-        if event_id in seen:
+    def _duplicate(self, event_type: str, event_id: str, arrival: int) -> bool:
+        ids = self._seen.get(event_type)
+        if ids is None:
+            ids = self._seen[event_type] = {}
+        elif event_id in ids:
             return True
-        seen[event_id] = arrival
-        self._arrivals.append((arrival, event_id))
+        self._hold(ids, event_id, arrival)
         if arrival > self._newest:
             self._newest = arrival
             self._forget_before(arrival - self.dedup_window_ms)
-        if len(seen) > self.max_ids:
+        if self._held > self.max_ids:
             self._forget_oldest()
         return False
 
+    def _hold(self, ids: dict[str, int], event_id: str, arrival: int) -> None:
+        ids[event_id] = arrival
+        self._arrivals.append((arrival, ids, event_id))
+        self._held += 1
+
     def _forget_before(self, horizon: int) -> None:
-        arrivals, seen = self._arrivals, self._seen
+        arrivals = self._arrivals
         while arrivals and arrivals[0][0] < horizon:
-            del seen[arrivals.popleft()[1]]
+            _, ids, event_id = arrivals.popleft()
+            del ids[event_id]
+            self._held -= 1
 
     def _forget_oldest(self) -> None:
-        while len(self._seen) > self.max_ids:
-            arrival, event_id = self._arrivals.popleft()
-            del self._seen[event_id]
+        while self._held > self.max_ids:
+            arrival, ids, event_id = self._arrivals.popleft()
+            del ids[event_id]
+            self._held -= 1
             self.forgotten_early += 1
             self._forgotten_upto = max(self._forgotten_upto, arrival)
 
@@ -159,17 +173,34 @@ class ViewState:
 
     @property
     def tracked_ids(self) -> int:
-        return len(self._seen)
+        return self._held
+
+    def held_ids(self) -> list[tuple[str, str, int]]:
+        """(event type, event id, arrival) of every id held, oldest first."""
+        type_of = {id(ids): event_type for event_type, ids in self._seen.items()}
+        return [(type_of[id(ids)], event_id, arrival) for arrival, ids, event_id in self._arrivals]
+
+    def hold_all(self, held: Iterable[tuple[Any, ...]]) -> None:
+        """Hold these ids instead, oldest first: (event type, event id, arrival), or
+        (event id, arrival) as held before dedup was by type: such an id is held for every
+        type, the old rule, until it leaves the window."""
+        self._seen, self._arrivals, self._held = {}, deque(), 0
+        every_type = list(self.project.schemas)
+        for entry in held:
+            *event_types, event_id, arrival = entry
+            for event_type in event_types or every_type:
+                ids = self._seen.setdefault(event_type, {})
+                if event_id not in ids:
+                    self._hold(ids, event_id, arrival)
+        self._forget_oldest()  # the cap may be lower than when the ids were written
 
     def snapshot(self) -> bytes:
         cells = [(u.view, u.slice, u.bucket, u.key, u.values) for u in self.everything()]
-        return pickle.dumps((self.cut, self._newest, cells, list(self._seen.items())), protocol=5)
+        return pickle.dumps((self.cut, self._newest, cells, self.held_ids()), protocol=5)
 
     def restore(self, data: bytes) -> None:
-        self.cut, self._newest, cells, seen = pickle.loads(data)
-        self._seen = dict(seen)
-        self._arrivals = deque((arrival, event_id) for event_id, arrival in seen)
-        self._forget_oldest()  # the cap may be lower than when the snapshot was taken
+        self.cut, self._newest, cells, held = pickle.loads(data)
+        self.hold_all(held)
         for name, slice_start, bucket, key, values in cells:
             metrics = self.project.views[name].metrics.values()
             thawed = [m.thaw(v) for m, v in zip(metrics, values, strict=True)]

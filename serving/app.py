@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from importlib.metadata import version
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response, Security
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyHeader, HTTPBearer
 from lambdalake.serving.batch_views import BatchViews, Snapshot
-from lambdalake.serving.errors import ApiError, install_error_handlers
+from lambdalake.serving.errors import ApiError, error_response, install_error_handlers
 from lambdalake.serving.metrics import RequestMetrics, ServingMetrics
 from lambdalake.serving.models import (
     Errors,
@@ -25,10 +26,13 @@ from lambdalake.serving.models import (
     ViewInfo,
     ViewList,
 )
-from lambdalake.serving.query import DuckDB, run_sql, view_rows
+from lambdalake.serving.query import SQL_MAX_ROWS, DuckDB, run_sql, sql_answer_json, view_rows
+from lambdalake.serving.sql_sandbox import SandboxBusy, SandboxLimits, SqlSandbox
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from lambdalake.auth import KEY_HEADER, AuthError, Keyring, Scope
 from lambdalake.events import iso
+from lambdalake.loops import Loops
 from lambdalake.project import Project
 from lambdalake.query import parse
 from lambdalake.realtime import RealtimeCells
@@ -36,9 +40,11 @@ from lambdalake.settings import Settings
 from lambdalake.storage import ObjectStore
 from lambdalake.views import View
 
+log = logging.getLogger("lambdalake.serving")
 _QUERY_PARAMETERS = {"from", "to", "bucket", "group_by", "order_by", "limit"}
-_API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False)
-_BEARER = HTTPBearer(auto_error=False)
+# Declare the two ways to send a key in the OpenAPI document; `require` checks the key.
+_KEY_SCHEMES = [Security(APIKeyHeader(name=KEY_HEADER, auto_error=False)),
+                Security(HTTPBearer(auto_error=False))]
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,9 @@ class Serving:
     views: BatchViews
     duck: DuckDB
     metrics: ServingMetrics
+    loops: Loops
+    keyring: Keyring
+    sql: SqlSandbox
 
 
 def _serving(request: Request) -> Serving:
@@ -56,39 +65,67 @@ def _serving(request: Request) -> Serving:
 
 ServingDep = Annotated[Serving, Depends(_serving)]
 public = APIRouter(tags=["operations"])
-api = APIRouter(responses={401: {"model": Errors, "description": "No valid API key"}})
+api = APIRouter(responses={401: {"model": Errors, "description": "No valid API key"},
+                           403: {"model": Errors, "description": "Key lacks the scope"}})
+_RESTORING = {503: {"model": Errors, "description": "Restoring state; see Retry-After"}}
 
 
-def require_api_key(
-    serving: ServingDep,
-    key: Annotated[str | None, Security(_API_KEY)],
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)],
-) -> None:
-    offered = (key or (bearer.credentials if bearer else "")).encode()
-    if not any(hmac.compare_digest(offered, k.encode()) for k in serving.settings.api_keys):
-        field = "Authorization" if bearer and not key else "X-API-Key"
-        rule = "missing or unknown API key; send X-API-Key: <key> or Authorization: Bearer <key>"
-        raise ApiError(401, field, rule, headers={"WWW-Authenticate": "Bearer"})
+def require(scope: Scope) -> Callable[[Request, Serving], None]:
+    """A dependency refusing requests without a key holding `scope`: 401 or 403."""
+
+    def authorized(request: Request, serving: ServingDep) -> None:
+        try:
+            serving.keyring.authorize(request.headers, scope)
+        except AuthError as refused:
+            raise ApiError(refused.status, refused.header, refused.rule, refused.headers) from None
+
+    return authorized
 
 
-@public.get("/healthz")
-def healthz() -> Health:
-    """Liveness: the process answers."""
-    return Health(status="ok")
+@public.get("/healthz", response_model=Health,
+            responses={503: {"model": Errors, "description": "A loop is dead or stuck"}})
+def healthz(serving: ServingDep) -> Health | Response:
+    """Liveness: the process answers and every long-running loop of it is alive, none stuck."""
+    unhealthy = _loop_problems(serving)
+    if unhealthy:
+        return error_response(503, unhealthy)
+    return Health(status="ok", loops={
+        loop.name: f"retrying: {loop.last_error}" if loop.consecutive_errors else "ok"
+        for loop in serving.loops})
 
 
-@public.get("/readyz", responses={503: {"model": Errors, "description": "Not loaded yet"}})
-def readyz(serving: ServingDep) -> Readiness:
-    """Readiness: the published batch views have been looked up (and loaded, if any)."""
-    if not serving.views.ready:
-        raise ApiError(503, "batch", "the published batch views have not been loaded yet")
+@public.get("/readyz", response_model=Readiness,
+            responses={503: {"model": Errors, "description": "Not ready yet"}})
+def readyz(serving: ServingDep) -> Readiness | Response:
+    """Readiness: the published batch views loaded, the real-time state restored, and every
+    loop alive. A real-time lag past its bound does not count: answers say `stale`."""
+    require_restored(serving)
+    unhealthy = _loop_problems(serving)
+    if unhealthy:
+        return error_response(503, unhealthy)
     return Readiness(status="ready", batch_version=serving.views.snapshot.version)
 
 
-@api.get("/views", tags=["views"])
+def _loop_problems(serving: Serving) -> list[tuple[str, str]]:
+    return [(f"loop {name}", problem) for name, problem in serving.loops.problems().items()]
+
+
+def require_restored(serving: ServingDep) -> None:
+    """Answers only from whole state: a partial one would undercount."""
+    retry = {"Retry-After": "1"}
+    if not serving.views.ready:
+        raise ApiError(503, "batch", "the published batch views have not been loaded yet",
+                       headers=retry)
+    if not serving.views.realtime.restored.is_set():
+        raise ApiError(503, "realtime", "the real-time state is being restored (speed "
+                       "checkpoint and log replay); retry shortly", headers=retry)
+
+
+@api.get("/views", tags=["views"], dependencies=[Depends(require_restored)],
+         responses=_RESTORING)
 def list_views(serving: ServingDep) -> ViewList:
     """Every view: its dimensions, metrics and bucket, and how fresh its answers are."""
-    fresh = freshness(serving.views, serving.views.snapshot)
+    fresh = freshness(serving, serving.views.snapshot)
     infos = [ViewInfo(**v.describe(), freshness=fresh) for v in serving.project.views.values()]
     return ViewList(views=infos)
 
@@ -96,7 +133,9 @@ def list_views(serving: ServingDep) -> ViewList:
 @api.get(
     "/views/{view}",
     tags=["views"],
-    responses={400: {"model": Errors}, 404: {"model": Errors, "description": "No such view"}},
+    dependencies=[Depends(require_restored)],
+    responses={400: {"model": Errors}, 404: {"model": Errors, "description": "No such view"},
+               **_RESTORING},
 )
 def query_view(
     view: str,
@@ -122,17 +161,27 @@ def query_view(
     )
     reading = serving.views.read([view])
     rows = view_rows(serving.duck, reading, definition, query)
-    return ViewAnswer(view=view, rows=rows, freshness=freshness(serving.views, reading.snapshot))
+    return ViewAnswer(view=view, rows=rows, freshness=freshness(serving, reading.snapshot))
 
 
-@api.post("/sql", tags=["views"], responses={400: {"model": Errors}})
-def sql(body: SqlRequest, serving: ServingDep) -> SqlAnswer:
+@api.post(
+    "/sql",
+    tags=["views"],
+    response_model=SqlAnswer,
+    dependencies=[Depends(require_restored)],
+    responses={400: {"model": Errors}, **_RESTORING,
+               429: {"model": Errors, "description": "Too many statements at once"}},
+)
+async def sql(body: SqlRequest, serving: ServingDep) -> Response:
     """Read-only SQL over tables named after the views: merged rows at each view's bucket
-    (`bucket` a UTC timestamp), exact metrics and sketch estimates; at most 10,000 rows."""
-    result = run_sql(serving.duck, serving.views, body.sql)
-    fresh = freshness(serving.views, result.snapshot)
-    return SqlAnswer(columns=result.columns, rows=result.rows, truncated=result.truncated,
-                     freshness=fresh)
+    (`bucket` a UTC timestamp), exact metrics and sketch estimates; at most 10,000 rows and
+    `sql_max_bytes` bytes, within `sql_timeout_seconds` and `sql_memory_mb`."""
+    try:
+        result = await serving.sql.run(partial(run_sql, serving.duck, serving.views, body.sql))
+    except SandboxBusy as busy:
+        raise ApiError(429, "sql", str(busy), headers={"Retry-After": "1"}) from None
+    answer = sql_answer_json(result, freshness(serving, result.snapshot))
+    return Response(answer, media_type="application/json")
 
 
 @api.get("/metrics", tags=["operations"], response_class=Response)
@@ -141,10 +190,11 @@ def metrics(serving: ServingDep) -> Response:
     return Response(serving.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
-def freshness(views: BatchViews, snapshot: Snapshot) -> Freshness:
+def freshness(serving: Serving, snapshot: Snapshot) -> Freshness:
     cut = iso(snapshot.cut) if snapshot.manifest else None
-    return Freshness(batch_version=snapshot.version, cut=cut,
-                     realtime_lag_ms=views.realtime_lag_ms())
+    lag = serving.views.realtime_lag_ms()
+    stale = lag is None or lag > serving.settings.realtime_stale_ms
+    return Freshness(batch_version=snapshot.version, cut=cut, realtime_lag_ms=lag, stale=stale)
 
 
 def _known_view(project: Project, name: str) -> View:
@@ -172,6 +222,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         serving.views.stop()
+        serving.sql.close()
         serving.duck.close()
 
 
@@ -182,15 +233,27 @@ def create_app(
     realtime: RealtimeCells,
     *,
     poll_seconds: float = 1.0,
+    loops: Loops | None = None,
 ) -> FastAPI:
-    """The serving API; it follows the published batch version while it runs."""
-    views = BatchViews(project, store, realtime, poll_seconds)
-    serving = Serving(settings, project, views, DuckDB(), ServingMetrics(views))
+    """The serving API; it follows the published batch version while it runs. `loops`: the
+    process's long-running loops, which /healthz reports (the view refresh joins them)."""
+    loops = Loops() if loops is None else loops
+    views = BatchViews(project, store, realtime, poll_seconds, loops)
+    keyring = settings.keyring
+    if keyring.open:
+        log.warning("no API keys configured: the API is open to anyone")
+    else:
+        log.info("API keys", extra={"keys": keyring.described()})
+    metrics = ServingMetrics(views, loops)
+    sandbox = SqlSandbox(SandboxLimits.of(settings, SQL_MAX_ROWS), metrics.registry)
+    serving = Serving(settings, project, views, DuckDB(), metrics, loops, keyring, sandbox)
     app = FastAPI(title="lambdalake serving API", version=version("lambdalake"),
                   lifespan=_lifespan)
     app.state.serving = serving
     app.include_router(public)
-    app.include_router(api, dependencies=[Security(require_api_key)] if settings.api_keys else [])
+    # every route of `api` (the views, /sql and /metrics) needs the `query` scope
+    guard = [] if keyring.open else [*_KEY_SCHEMES, Depends(require("query"))]
+    app.include_router(api, dependencies=guard)
     install_error_handlers(app)
     app.add_middleware(RequestMetrics, metrics=serving.metrics)
     return app

@@ -21,6 +21,7 @@ from lambdalake import catalog
 from lambdalake.catalog import Manifest
 from lambdalake.eventlog import now_ms
 from lambdalake.events import epoch_ms
+from lambdalake.loops import Loop, Loops
 from lambdalake.project import Project, table_schema
 from lambdalake.realtime import RealtimeCells
 from lambdalake.storage import ObjectStore
@@ -59,6 +60,7 @@ class BatchViews:
         store: ObjectStore,
         realtime: RealtimeCells,
         poll_seconds: float = 1.0,
+        loops: Loops | None = None,
     ):
         self.project, self.store, self.realtime = project, store, realtime
         self.poll_seconds = poll_seconds
@@ -67,8 +69,10 @@ class BatchViews:
         self._snapshot = Snapshot(None, MappingProxyType(empty))
         self._swap = threading.Lock()
         self._refreshing = threading.Lock()
-        self._stop = threading.Event()
-        self._poller: threading.Thread | None = None
+        # A store outage keeps the current snapshot serving; the loop retries with backoff.
+        self.loop = Loop("serving-batch-views", self._poll, max_backoff_s=10.0)
+        if loops is not None:
+            loops.add(self.loop)
         self.ready = False
 
     @property
@@ -129,24 +133,11 @@ class BatchViews:
         return sum(table.num_rows for table in self.read(self.project.views).realtime.values())
 
     def start(self) -> None:
-        self._poller = threading.Thread(target=self._poll, name="serving-batch-views", daemon=True)
-        self._poller.start()
+        self.loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._poller:
-            self._poller.join()
+        self.loop.stop()
 
-    def _poll(self) -> None:
-        failing = None  # the last failure, logged once until it changes
-        while True:
-            try:
-                self.refresh()
-                failing = None
-            except Exception as exc:  # a store hiccup or a bad file: keep serving the current one
-                if repr(exc) != failing:
-                    serving = self.snapshot.version
-                    log.exception("batch views refresh failed", extra={"serving": serving})
-                failing = repr(exc)
-            if self._stop.wait(self.poll_seconds):
-                return
+    def _poll(self) -> float:
+        self.refresh()
+        return self.poll_seconds

@@ -15,12 +15,15 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.exposition import generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lambdalake.loops import Loops
+
 _LABELS = ("method", "route", "status")
 
 
 class ServingMetrics:
-    def __init__(self, views: BatchViews):
+    def __init__(self, views: BatchViews, loops: Loops):
         self.registry = CollectorRegistry()
+        self.registry.register(loops)
         self.requests = Counter("lambdalake_serving_requests", "HTTP requests answered",
                                 _LABELS, registry=self.registry)
         self.latency = Histogram("lambdalake_serving_request_seconds", "Time to answer a request",

@@ -22,6 +22,10 @@ class Freshness(BaseModel):
     realtime_lag_ms: int | None = Field(
         description="Since the speed layer last reported being caught up; null if never."
     )
+    stale: bool = Field(
+        description="True when the real-time lag is past its bound (LAMBDALAKE_REALTIME_STALE_MS)"
+        " or unknown: recent events may be missing from the answer."
+    )
 
 
 class ViewInfo(BaseModel):
@@ -57,6 +61,10 @@ class SqlAnswer(BaseModel):
 
 class Health(BaseModel):
     status: str
+    loops: dict[str, str] = Field(
+        description="Each long-running loop: `ok`, or `retrying: <last error>` while its steps "
+        "fail (it backs off and tries again)."
+    )
 
 
 class Readiness(BaseModel):

@@ -2,35 +2,32 @@
 
 One in-memory DuckDB database, locked down (no file or network access, no extensions), and
 a cursor per request: relations registered on a cursor are visible to that cursor only.
+Statements sent to POST /sql never run here: they run in a sandbox worker (sql_sandbox).
 """
 
 from __future__ import annotations
 
-import base64
-import math
 import re
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
-from decimal import Decimal
-from functools import singledispatch
 from types import MappingProxyType
 from typing import Any
-from uuid import UUID
 
 import duckdb
+import orjson
 import pyarrow as pa
 from lambdalake.serving.batch_views import BatchViews, Reading, Snapshot
+from lambdalake.serving.models import Freshness
+from lambdalake.serving.sql_sandbox import EncodedRows, Worker
 
 from lambdalake.events import epoch_ms
 from lambdalake.monoids import ApproxDistinct
-from lambdalake.query import Query, QueryError, finalize, plan
+from lambdalake.query import Query, finalize, plan
 from lambdalake.views import View
 
 SQL_MAX_ROWS = 10_000
-SQL_TIMEOUT_SECONDS = 10.0
 _MERGED = (
     "CREATE TEMP VIEW merged AS SELECT * FROM batch_rows UNION ALL BY NAME SELECT * FROM cells"
 )
@@ -75,46 +72,29 @@ def view_rows(duck: DuckDB, reading: Reading, view: View, query: Query) -> list[
 
 @dataclass(frozen=True)
 class SqlResult:
-    columns: list[str]
-    rows: list[list[Any]]
-    truncated: bool
+    rows: EncodedRows
     snapshot: Snapshot
 
 
-def run_sql(duck: DuckDB, views: BatchViews, sql: str) -> SqlResult:
+def run_sql(duck: DuckDB, views: BatchViews, sql: str, worker: Worker) -> SqlResult:
     """Read-only SQL over tables named after the views: merged rows at each view's own bucket,
-    `bucket` a UTC timestamp, exact metrics and sketch estimates. At most SQL_MAX_ROWS rows."""
+    `bucket` a UTC timestamp, exact metrics and sketch estimates. The statement runs in a
+    sandbox worker, which bounds its time, memory and answer."""
     defined = views.project.views
     named = [name for name in defined if re.search(rf"\b{name}\b", sql, re.IGNORECASE)]
-    with duck.cursor() as cursor:
-        _check_read_only(cursor, sql)
-        reading = views.read(named)
-        for name in named:
-            cursor.register(name, _sql_table(duck, reading, views, defined[name]))
-        timer = threading.Timer(SQL_TIMEOUT_SECONDS, cursor.interrupt)
-        timer.start()
-        try:
-            result = cursor.execute(sql)
-            rows = result.fetchmany(SQL_MAX_ROWS + 1)
-        except duckdb.InterruptException:
-            raise QueryError("sql", f"took longer than {SQL_TIMEOUT_SECONDS:g} s") from None
-        except duckdb.Error as exc:
-            raise QueryError("sql", str(exc)) from None
-        finally:
-            timer.cancel()
-        columns = [column[0] for column in result.description]
-    truncated = len(rows) > SQL_MAX_ROWS
-    answer = [[jsonable(value) for value in row] for row in rows[:SQL_MAX_ROWS]]
-    return SqlResult(columns, answer, truncated, reading.snapshot)
+    reading = views.read(named)
+    tables = {name: _sql_table(duck, reading, views, defined[name]) for name in named}
+    return SqlResult(worker.run(sql, tables), reading.snapshot)
 
 
-def _check_read_only(cursor: duckdb.DuckDBPyConnection, sql: str) -> None:
-    try:
-        statements = cursor.extract_statements(sql)
-    except duckdb.Error as exc:
-        raise QueryError("sql", str(exc)) from None
-    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
-        raise QueryError("sql", "must be one read-only statement: SELECT or WITH ... SELECT")
+def sql_answer_json(result: SqlResult, freshness: Freshness) -> bytes:
+    """The SqlAnswer body, its rows spliced in as the worker encoded them."""
+    rows = result.rows
+    return b"".join([
+        b'{"columns":', orjson.dumps(rows.columns), b',"rows":', rows.rows_json,
+        b',"truncated":', orjson.dumps(rows.truncated),
+        b',"freshness":', freshness.model_dump_json().encode(), b"}",
+    ])
 
 
 def _sql_table(duck: DuckDB, reading: Reading, views: BatchViews, view: View) -> pa.Table:
@@ -131,57 +111,3 @@ def sql_schema(table_schema: pa.Schema, view: View) -> pa.Schema:
         if isinstance(metric, ApproxDistinct):
             schema = schema.set(schema.get_field_index(name), pa.field(name, pa.int64()))
     return schema
-
-
-@singledispatch
-def jsonable(value: Any) -> Any:
-    """A DuckDB result value as JSON: timestamps in ISO 8601 UTC, bytes in base64."""
-    return value
-
-
-@jsonable.register
-def _(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
-@jsonable.register
-def _(value: datetime) -> str:
-    aware = value if value.tzinfo else value.replace(tzinfo=UTC)
-    return aware.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-@jsonable.register(date)
-@jsonable.register(time)
-def _(value: date | time) -> str:
-    return value.isoformat()
-
-
-@jsonable.register
-def _(value: timedelta) -> float:
-    return value.total_seconds()
-
-
-@jsonable.register
-def _(value: Decimal) -> int | float:
-    return int(value) if value == value.to_integral_value() else float(value)
-
-
-@jsonable.register
-def _(value: bytes) -> str:
-    return base64.b64encode(value).decode()
-
-
-@jsonable.register
-def _(value: UUID) -> str:
-    return str(value)
-
-
-@jsonable.register(list)
-@jsonable.register(tuple)
-def _(value: list | tuple) -> list:
-    return [jsonable(item) for item in value]
-
-
-@jsonable.register
-def _(value: dict) -> dict:
-    return {str(key): jsonable(item) for key, item in value.items()}

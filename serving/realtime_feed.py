@@ -5,17 +5,18 @@ The speed layer publishes the whole value of a cell per event partition (key
 `[partition, view, slice, bucket, key]`); the value served is the monoid merge of the latest
 value of every partition. `[partition]` records say when that partition was last read to
 its end; `caught_up_at` is the oldest of them once every partition has reported.
+`cells.restored` is set once every partition of the topic was read to its end: the cells
+then hold at least everything the speed layer had committed when the feed started.
 Tombstones (cells the speed layer dropped below a batch cut) change nothing here: those
 cells leave when the serving layer serves that batch (`RealtimeCells.drop_below`).
 
     feed = RealtimeFeed(settings.kafka_bootstrap, settings.topic, cells)
-    feed.start()    # a daemon thread; feed.loaded is set once the topic was read to its end
+    feed.start()    # a loop (`lambdalake.loops`) in a daemon thread
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import uuid
 from typing import Any
 
@@ -23,6 +24,7 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from lambdalake.kafka_topics import realtime_topic
+from lambdalake.loops import Loop, Loops
 from lambdalake.monoids import merge_all
 from lambdalake.realtime import RealtimeCells, decode_update
 from lambdalake.viewstate import CellKey, CellUpdate
@@ -32,7 +34,8 @@ BATCH = 10_000
 
 
 class RealtimeFeed:
-    def __init__(self, bootstrap: str, topic: str, cells: RealtimeCells):
+    def __init__(self, bootstrap: str, topic: str, cells: RealtimeCells,
+                 loops: Loops | None = None):
         self.cells, self.topic = cells, realtime_topic(topic)
         self.consumer = Consumer({
             "bootstrap.servers": bootstrap,
@@ -42,19 +45,18 @@ class RealtimeFeed:
             "isolation.level": "read_committed",
             "fetch.wait.max.ms": 50,
         })
-        self.loaded = threading.Event()
         self._parts: dict[tuple[str, CellKey], dict[int, tuple[Any, ...]]] = {}
         self._heartbeats: dict[int, int] = {}
         self._partitions: list[int] = []
         self._at_end: set[int] = set()
         self._pruned_below = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.loop = Loop("realtime-feed", self._step)
+        if loops is not None:
+            loops.add(self.loop)
 
     def start(self) -> None:
         self.assign()
-        self._thread = threading.Thread(target=self._run, name="realtime-feed", daemon=True)
-        self._thread.start()
+        self.loop.start()
 
     def assign(self) -> None:
         topic = self.consumer.list_topics(self.topic, timeout=30).topics[self.topic]
@@ -65,14 +67,12 @@ class RealtimeFeed:
                               for p in self._partitions])
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join()
+        self.loop.stop()
         self.consumer.close()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.poll_once()
+    def _step(self) -> float:
+        self.poll_once()
+        return 0.0
 
     def poll_once(self, timeout: float = 0.1) -> int:
         """Apply what the topic has; the number of records read."""
@@ -89,7 +89,7 @@ class RealtimeFeed:
         self.cells.upsert(updates)
         self._prune()
         if len(self._at_end) == len(self._partitions):
-            self.loaded.set()
+            self.cells.restored.set()
         return len(messages)
 
     def _read(self, key: bytes, value: bytes | None, updates: list[CellUpdate]) -> None:

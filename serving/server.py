@@ -8,6 +8,8 @@ import time
 import uvicorn
 from lambdalake.serving.app import create_app
 
+from lambdalake.connections import uvicorn_bounds
+from lambdalake.loops import Loops
 from lambdalake.project import Project
 from lambdalake.realtime import RealtimeCells
 from lambdalake.settings import Settings
@@ -22,15 +24,18 @@ def build_server(
     *,
     port: int | None = None,
     poll_seconds: float = 1.0,
+    loops: Loops | None = None,
 ) -> uvicorn.Server:
     """A uvicorn server on settings.api_host and `port` (default settings.api_port; 0: any)."""
-    app = create_app(settings, project, store, realtime, poll_seconds=poll_seconds)
+    app = create_app(settings, project, store, realtime, poll_seconds=poll_seconds, loops=loops)
     config = uvicorn.Config(
         app,
         host=settings.api_host,
         port=settings.api_port if port is None else port,
         log_config=None,
         access_log=False,
+        **uvicorn_bounds("api", settings.http_max_connections,
+                         settings.http_read_timeout_seconds),
     )
     return uvicorn.Server(config)
 

@@ -2,6 +2,9 @@
 
 Exactly once: the state and the log positions it reflects are checkpointed together in one
 atomically replaced file, so a restart resumes from a consistent pair and replays the rest.
+`restored` is set once the checkpoint is restored and the log replayed to the end it had at
+start: before that, the real-time state is partial. The loop survives transient errors
+(`lambdalake.loops`): a failed step is retried from the positions it left, nothing skipped.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from lambdalake.speed.metrics import APPLIED, DedupGauges
 
 from lambdalake import catalog
 from lambdalake.eventlog import Topic, now_ms
-from lambdalake.events import decode
+from lambdalake.events import Event, Validator
+from lambdalake.loops import Loop, Loops
 from lambdalake.project import Project
 from lambdalake.settings import Settings
 from lambdalake.storage import ObjectStore
@@ -38,29 +42,35 @@ class EmbeddedSpeed:
         store: ObjectStore,
         sink: Sink,
         checkpoint_seconds: float = 2.0,
+        loops: Loops | None = None,
+        restored: threading.Event | None = None,
     ):
         self.settings, self.project, self.topic, self.store, self.sink = (
             settings, project, topic, store, sink,
         )
         self.state = ViewState(project, settings.slice_ms, settings.dedup_window_ms,
                                settings.dedup_max_ids)
+        self.validator = Validator(project.schemas, settings.max_future_seconds * 1000)
         self.dedup_gauges = DedupGauges("all")
         self.positions = {p.index: 0 for p in topic.partitions}
         self.checkpoint_path = settings.home / "speed" / "checkpoint.pickle"
         self.checkpoint_seconds = checkpoint_seconds
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.restored = restored or threading.Event()
+        self._replay_to: dict[int, int] = {}
+        self._caught_up_at = 0
+        self._last_checkpoint = self._last_catalog = time.monotonic()
+        self.loop = Loop("speed", self.step)
+        if loops is not None:
+            loops.add(self.loop)
 
     def start(self) -> None:
         self.restore()
+        self._replay_to = {p.index: p.end for p in self.topic.partitions}
         self.sink(self.state.everything(), 0)
-        self._thread = threading.Thread(target=self._run, name="speed", daemon=True)
-        self._thread.start()
+        self.loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join()
+        self.loop.stop()
         self.checkpoint()
 
     def restore(self) -> None:
@@ -92,11 +102,13 @@ class EmbeddedSpeed:
         return caught_up
 
     def _apply(self, value: bytes, arrival: int) -> None:
-        try:
-            event = decode(value)  # the embedded log only holds events validated at ingestion
-        except (ValueError, KeyError):
+        # Checked as the archiver checks it (an older version may have written it), so an
+        # event is counted here exactly when the batch layer will count it.
+        event = self.validator.validate_json(value, arrival)
+        if not isinstance(event, Event):
             APPLIED.labels("unreadable").inc()
-            log.error("unreadable record on the embedded log", extra={"arrival": arrival})
+            log.error("unreadable record on the embedded log", extra={
+                "arrival": arrival, "reason": "; ".join(f"{p.field}: {p.error}" for p in event)})
             return
         APPLIED.labels("counted" if self.state.apply(event, arrival) else "skipped").inc()
 
@@ -105,21 +117,28 @@ class EmbeddedSpeed:
         if manifest:
             self.state.drop_below(manifest.cut)
 
-    def _run(self) -> None:
-        flush_every = self.settings.flush_interval_ms / 1000
-        last_checkpoint = last_catalog = time.monotonic()
-        caught_up_at = 0
-        while not self._stop.is_set():
-            started = now_ms()
-            if self.poll_once():
-                caught_up_at = started
-            self.sink(self.state.drain(), caught_up_at)
-            self.dedup_gauges.report(self.state)
-            now = time.monotonic()
-            if now - last_catalog >= 1.0:
-                self.follow_batch()
-                last_catalog = now
-            if now - last_checkpoint >= self.checkpoint_seconds:
-                self.checkpoint()
-                last_checkpoint = now
-            self._stop.wait(flush_every if caught_up_at == started else 0)
+    def step(self) -> float:
+        """Read, publish, follow the batch, checkpoint; the seconds until the next step."""
+        started = now_ms()
+        if self.poll_once():
+            self._caught_up_at = started
+        self.sink(self.state.drain(), self._caught_up_at)
+        self._note_restored()
+        self.dedup_gauges.report(self.state)
+        now = time.monotonic()
+        if now - self._last_catalog >= 1.0:
+            self.follow_batch()
+            self._last_catalog = now
+        if now - self._last_checkpoint >= self.checkpoint_seconds:
+            self.checkpoint()
+            self._last_checkpoint = now
+        caught_up = self._caught_up_at == started
+        return self.settings.flush_interval_ms / 1000 if caught_up else 0.0
+
+    def _note_restored(self) -> None:
+        if self.restored.is_set():
+            return
+        if all(self.positions[index] >= end for index, end in self._replay_to.items()):
+            self.restored.set()
+            log.info("speed state restored and the log replayed", extra={
+                "positions": dict(self.positions)})

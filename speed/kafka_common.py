@@ -7,9 +7,10 @@ alone, so a partition moves between workers with its state. What a transaction w
   value of every cell changed since the last transaction (`ViewState.drain`), tombstones for
   cells dropped below a batch cut, and `[partition]` -> when the partition was last read to
   its end. This compacted topic is both the serving layer's feed and the cell state.
-- to `<topic>.speed-changelog`: `[partition, "ids", seq]` -> the (event_id, arrival) pairs
-  read since the last transaction, a few thousand a record (tombstoned once past the dedup
-  window), and
+- to `<topic>.speed-changelog`: `[partition, "ids", seq]` -> the [type, event_id, arrival]
+  ids read since the last transaction, hundreds a record (tombstoned once past the dedup
+  window; records written before dedup was by type hold [event_id, arrival] pairs, restored
+  as held for every type), and
   `[partition, "meta"]` -> arrival, cut, and the event-topic offset after the last record
   folded (the offset the same transaction commits).
 A restarted or rebalanced worker rebuilds the view state from both topics, read committed.
@@ -33,7 +34,7 @@ from lambdalake.settings import Settings
 from lambdalake.viewstate import CellKey, ViewState
 
 MAX_REASON = 1_000
-IDS_PER_RECORD = 1_024  # (event id, arrival) pairs a record: < 300 KB with 256-char ids
+IDS_PER_RECORD = 768  # ids a record: < 300 KB with 256-char ids and 64-char types
 Record = tuple[bytes, bytes | None]  # (key, value); a None value is a tombstone
 
 
@@ -79,7 +80,7 @@ class PartitionState:
         self.arrival = 0
         self.next_offset: int | None = None
         self.caught_up_at = 0
-        self._fresh_ids: list[tuple[str, int]] = []
+        self._fresh_ids: list[tuple[str, str, int]] = []  # (type, event id, arrival)
         self._chunks: dict[int, int] = {}  # ids chunk seq -> newest arrival in it
         self._dropped: list[bytes] = []
         self._outcomes = {"counted": 0, "skipped": 0, "json": 0, "schema": 0}
@@ -94,7 +95,7 @@ class PartitionState:
             poison = Poison.of(event)
             self._outcomes[poison.kind] += 1
             return poison
-        self._fresh_ids.append((event.event_id, arrival))
+        self._fresh_ids.append((event.type, event.event_id, arrival))
         self._outcomes["counted" if self.view.apply(event, arrival) else "skipped"] += 1
         return None
 
@@ -137,7 +138,7 @@ class PartitionState:
         for at in range(0, len(self._fresh_ids), IDS_PER_RECORD):
             chunk = self._fresh_ids[at : at + IDS_PER_RECORD]
             records.append((ids_key(self.partition, seq), orjson.dumps(chunk)))
-            self._chunks[seq] = chunk[-1][1]
+            self._chunks[seq] = chunk[-1][-1]
             seq += 1
         self._fresh_ids = []
         horizon = self.view.dedup_horizon
@@ -157,15 +158,14 @@ class PartitionState:
                 u = decode_update(value, self.project)
                 cells.append((u.view, u.slice, u.bucket, u.key, u.values))
         meta = orjson.loads(changelog.get(meta_key(self.partition), b'{"arrival":0,"cut":0}'))
-        seen: dict[str, int] = {}
-        for seq, pairs in self._id_chunks(changelog):
-            self._chunks[seq] = pairs[-1][1] if pairs else 0
-            for event_id, arrival in pairs:
-                seen.setdefault(event_id, arrival)
+        held: list[list[Any]] = []
+        for seq, ids in self._id_chunks(changelog):
+            self._chunks[seq] = ids[-1][-1] if ids else 0
+            held += ids
         self.arrival, self.next_offset = meta["arrival"], meta.get("offset")
-        newest = max(seen.values(), default=0)
+        newest = max((entry[-1] for entry in held), default=0)
         # ViewState.snapshot()'s format; tests/test_speed_kafka.py checks the round trip.
-        snapshot = (meta["cut"], newest, cells, list(seen.items()))
+        snapshot = (meta["cut"], newest, cells, held)
         self.view.restore(pickle.dumps(snapshot, protocol=5))
 
     def _id_chunks(self, changelog: dict[bytes, bytes]) -> list[tuple[int, list[Any]]]:

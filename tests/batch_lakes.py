@@ -1,11 +1,11 @@
 """Random bus histories archived in stages, for comparing batch engines and run modes.
 
-A history is every record sent on a few partitions (arrival never decreasing within one),
-with producer retries (the same event again, or another under its id, maybe on another
-partition) and event times unrelated to arrival. It is archived in stages: stage k archives
-what arrived before its cut T_k, in one or two batches per partition, sometimes with an
-archive batch retried over offsets an earlier stage already archived, then moves every
-watermark to T_k, so the run after stage k has cut T_k.
+A history is every record sent on a few partitions (arrival never decreasing within one), with
+producer retries (the same event again, or another under its id, of its type or of another,
+maybe on another partition) and event times unrelated to arrival. It is archived in stages:
+stage k archives what arrived before its cut T_k, in one or two batches per partition,
+sometimes with an archive batch retried over offsets an earlier stage already archived, then
+moves every watermark to T_k, so the run after stage k has cut T_k.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def histories(draw: st.DrawFn, stages: int = 3, max_events: int = 30) -> History
     partitions = draw(st.integers(1, 3))
     originals = [draw(events(f"e{i}")) for i in range(draw(st.integers(0, max_events)))]
     repeated = draw(st.lists(st.sampled_from(originals), max_size=8)) if originals else []
-    retries = [draw(st.just(e) | events(e.event_id, e.type)) for e in repeated]
+    retries = [draw(st.just(e) | events(e.event_id, e.type) | events(e.event_id)) for e in repeated]
     arrival = {p: draw(st.integers(SLICE_MS, 3 * SLICE_MS)) for p in range(partitions)}
     records, offsets = [], dict.fromkeys(range(partitions), 0)
     for event in draw(st.permutations(originals + retries)):

@@ -1,17 +1,24 @@
 """The batch layer: every published view equals a plain-Python recompute from the raw events.
 
 The master dataset is built the way the archiver builds it (`master.write_batch`, watermarks)
-from random bus histories: several partitions, producer retries (the same event again, maybe
-on another partition), late events, archive batches retried over overlapping offset ranges,
-and records not archived yet. Then atomic publish, retention, rollback, corrupt objects and
-the run history.
+from random bus histories: several partitions, producer retries (the same event again, maybe on
+another partition; another event under its id, of its type or another), late events, archive
+batches retried over overlapping offset ranges, and records not archived yet. Then atomic
+publish, retention, rollback, corrupt objects and the run history.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
+import subprocess
+import sys
 import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,7 +31,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lambdalake.batch.duckdb_engine import DuckDBEngine
 from lambdalake.batch.engine import CorruptObject
-from lambdalake.batch.run import BatchError, prune_versions, rollback, run_batch
+from lambdalake.batch.run import BatchError, batch_lease, prune_versions, rollback, run_batch
 from rich.progress import Progress
 
 from lambdalake import catalog, master
@@ -113,8 +120,9 @@ class Lake:
 
 @st.composite
 def resent(draw: st.DrawFn, event: Event) -> Event:
-    """A producer retry: the same event, or now and then a different one under its id."""
-    return draw(st.just(event) | events(event.event_id, event.type))
+    """A producer retry: the same event, or now and then a different one under its id, of its
+    type or of another (an id is unique within its type only)."""
+    return draw(st.just(event) | events(event.event_id, event.type) | events(event.event_id))
 
 
 @st.composite
@@ -172,11 +180,12 @@ def lake_settings(partitions: int = 1, **overrides: Any) -> Settings:
 
 
 def recompute(records: list[Archived], cut: int) -> dict[str, dict[tuple, dict[str, Any]]]:
-    """Each view's rows by (bucket, *keys): dedup keeping the earliest arrival, below the cut."""
-    earliest: dict[str, Event] = {}
+    """Each view's rows by (bucket, *keys): dedup by (type, event id) keeping the earliest
+    arrival, below the cut."""
+    earliest: dict[tuple[str, str], Event] = {}
     for record in sorted(records, key=lambda r: (r.arrival, r.partition, r.offset)):
         if record.arrival < cut:
-            earliest.setdefault(record.event.event_id, record.event)
+            earliest.setdefault((record.event.type, record.event.event_id), record.event)
     return {name: recompute_view(view, earliest.values()) for name, view in PROJECT.views.items()}
 
 
@@ -283,7 +292,7 @@ class Archive:
         ]
         self.records += batch
         self.rounds += 1
-        keys = master.write_batch(self.store, PROJECT.schemas, 0, batch)
+        keys, _ = master.write_batch(self.store, PROJECT.schemas, 0, batch)
         master.write_watermark(self.store, 0, len(self.records), start + 10_000)
         return keys
 
@@ -298,19 +307,33 @@ def _event(event_id: str, i: int) -> Event:
 
 
 class FlakyStore(ObjectStore):
-    """A store whose `fail_at`-th put (counting from 1) raises, once."""
+    """A store whose `fail_at`-th write (put, create or replace; counting from 1) raises, once."""
 
     def __init__(self, inner: ObjectStore, fail_at: int):
-        self.inner, self.fail_at, self.puts, self.url = inner, fail_at, 0, inner.url
+        self.inner, self.fail_at, self.writes, self.url = inner, fail_at, 0, inner.url
+
+    def _write(self, key: str) -> None:
+        self.writes += 1
+        if self.writes == self.fail_at:
+            raise OSError(f"injected failure writing {key}")
 
     def put(self, key: str, data: bytes) -> None:
-        self.puts += 1
-        if self.puts == self.fail_at:
-            raise OSError(f"injected failure writing {key}")
+        self._write(key)
         self.inner.put(key, data)
+
+    def create(self, key: str, data: bytes) -> str:
+        self._write(key)
+        return self.inner.create(key, data)
+
+    def replace(self, key: str, data: bytes, tag: str) -> str:
+        self._write(key)
+        return self.inner.replace(key, data, tag)
 
     def get(self, key: str) -> bytes:
         return self.inner.get(key)
+
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        return self.inner.get_tagged(key)
 
     def list(self, prefix: str) -> list[str]:
         return self.inner.list(prefix)
@@ -334,10 +357,10 @@ def run(store: ObjectStore, **overrides: Any) -> Manifest:
 # -- atomic publish, no-op runs, history ---------------------------------------------------
 
 
-VIEW_FILES, MANIFEST, POINTER, RUN_RECORD = len(PROJECT.views), 1, 1, 1
+LEASE, VIEW_FILES, MANIFEST, POINTER, RUN_RECORD = 1, len(PROJECT.views), 1, 1, 1
 
 
-@pytest.mark.parametrize("fail_at", range(1, VIEW_FILES + MANIFEST + POINTER + 1))
+@pytest.mark.parametrize("fail_at", range(LEASE + 1, LEASE + VIEW_FILES + MANIFEST + POINTER + 1))
 def test_a_run_failing_midway_leaves_the_previous_version_serving(store, fail_at):
     archive = Archive(store)
     archive.round()
@@ -359,7 +382,7 @@ def test_a_run_failing_midway_leaves_the_previous_version_serving(store, fail_at
 
 def test_a_failure_recording_the_history_does_not_fail_a_published_run(store, caplog):
     Archive(store).round()
-    manifest = run(FlakyStore(store, VIEW_FILES + MANIFEST + POINTER + RUN_RECORD))
+    manifest = run(FlakyStore(store, LEASE + VIEW_FILES + MANIFEST + POINTER + RUN_RECORD))
     assert catalog.current(store) == manifest
     assert catalog.runs(store) == []
     assert "recording the batch run failed" in caplog.text
@@ -424,11 +447,11 @@ def test_retention_keeps_the_newest_versions_and_rollback_serves_an_older_one(st
     assert catalog.versions(store) == kept
     assert view_versions(store) == set(kept)
 
-    older = rollback(store, kept[0])
+    older = rollback(lake_settings(), store, kept[0])
     assert catalog.current(store) == older == manifests[-2]
     assert_views_equal(store, older, archive.records)
     with pytest.raises(BatchError, match="no kept batch version"):
-        rollback(store, manifests[0].version)
+        rollback(lake_settings(), store, manifests[0].version)
     assert catalog.current(store) == older
 
     archive.round()
@@ -443,7 +466,7 @@ def test_retention_never_deletes_the_serving_version(store):
     for _ in range(3):
         archive.round()
         versions.append(run(store).version)
-    rollback(store, versions[0])
+    rollback(lake_settings(), store, versions[0])
     assert prune_versions(store, 1, PROJECT.views) == [versions[1]]
     assert catalog.versions(store) == [versions[0], versions[2]]
     assert catalog.current(store).version == versions[0]
@@ -464,7 +487,7 @@ def test_rollback_refuses_an_incomplete_version(store):
     manifest = run(store)
     store.delete(manifest.views["revenue_by_sku_day"].files[0])
     with pytest.raises(BatchError, match="incomplete"):
-        rollback(store, manifest.version)
+        rollback(lake_settings(), store, manifest.version)
 
 
 def view_versions(store: ObjectStore) -> set[str]:
@@ -519,3 +542,247 @@ def test_the_engine_names_the_corrupt_object(store):
     with pytest.raises(CorruptObject, match=key) as raised:
         ENGINE.compute(PROJECT, PROJECT.views["pageviews_by_url_hour"], store, keys, 10**9)
     assert raised.value.key == key
+
+
+# -- one run at a time: the lease, and compare-and-swap publish ------------------------------
+
+
+def test_a_run_finds_another_under_way_and_says_so(store):
+    Archive(store).round()
+    with batch_lease(lake_settings(), store, "batch run v-other") as holding:
+        with pytest.raises(BatchError, match=r"another batch run is under way: .*held by batch "
+                           r"run v-other \(host .*, pid \d+\) until \d{4}-"):
+            run(store)
+        assert not holding.lost
+    assert catalog.current(store) is None
+    [refused] = catalog.runs(store)
+    assert refused["outcome"] == "refused" and "v-other" in refused["error"]
+    assert refused["cut"] is None
+    assert run(store).cut == 20_000  # released: the next run proceeds at once
+
+
+def test_runs_started_together_publish_once_and_always_the_newest_cut(store):
+    """Two runs at once, many times, each time after new data: one publishes, the other is
+    refused (the lease, or nothing new by the time it has it); the answers always equal the
+    recompute at the newest cut."""
+    archive = Archive(store)
+    with ThreadPoolExecutor(2) as pool:
+        for round_ in range(8):
+            archive.round()
+            start = threading.Barrier(2)
+            outcomes = list(pool.map(lambda _, b=start: start_run(store, b), range(2)))
+            assert sorted(outcomes) == ["published", "refused"], round_
+            serving = catalog.current(store)
+            assert serving is not None and serving.cut == (round_ + 2) * 10_000
+            assert_views_equal(store, serving, archive.records)
+    assert len([r for r in catalog.runs(store) if r["outcome"] == "ok"]) == 8
+
+
+def start_run(store: ObjectStore, start: threading.Barrier) -> str:
+    start.wait()
+    try:
+        run(store)
+    except BatchError as exc:
+        assert "another batch run is under way" in str(exc) or "nothing new" in str(exc)
+        return "refused"
+    return "published"
+
+
+def cli(store: ObjectStore, *args: str, **env: str) -> subprocess.Popen[str]:
+    settings = {"LAMBDALAKE_STORE": store.url, "LAMBDALAKE_PARTITIONS": "1",
+                "LAMBDALAKE_SLICE_SECONDS": str(SLICE_MS // 1000),
+                "LAMBDALAKE_PROJECT": "test_batch:PROJECT"}
+    here = str(Path(__file__).parent)
+    return subprocess.Popen(
+        [sys.executable, "-c", "from lambdalake.stack.cli import main; main()", *args],
+        env=os.environ | settings | env | {"PYTHONPATH": os.pathsep.join([here, *sys.path])},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def test_cli_runs_started_together_in_processes_publish_once(store):
+    archive = Archive(store)
+    for round_ in range(2):
+        archive.round()
+        procs = [cli(store, "batch", "run") for _ in range(2)]
+        results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
+        codes = sorted(code for code, _, _ in results)
+        assert codes == [0, 1], results
+        [(_, _, err)] = [r for r in results if r[0] == 1]
+        errors = [line for line in err.splitlines() if not line.startswith("{")]  # not logs
+        assert len(errors) == 1 and errors[0].startswith("error: batch run "), err
+        assert "another batch run is under way" in err or "nothing new" in err, err
+        serving = catalog.current(store)
+        assert serving is not None and serving.cut == (round_ + 2) * 10_000
+        assert_views_equal(store, serving, archive.records)
+    assert len(catalog.versions(store)) == 2
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from lambdalake.batch.run import batch_lease
+from lambdalake.settings import Settings
+from lambdalake.storage import FileStore
+lease = batch_lease(Settings(batch_lease_seconds=float(sys.argv[2])), FileStore(Path(sys.argv[1])),
+                    "batch run v-killed")
+lease.acquire()
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_run_killed_with_kill_9_blocks_the_next_only_until_its_lease_expires(store):
+    """A holder renews its lease past its duration while alive; killed with -9, the next run
+    is refused (named, with the holder's pid) until the lease expires, then proceeds."""
+    Archive(store).round()
+    seconds = 1.5
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(store.root), str(seconds)],
+        stdout=subprocess.PIPE, env=env, text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        deadline = time.monotonic() + 2.5 * seconds  # past its duration: renewed meanwhile
+        while time.monotonic() < deadline:
+            with pytest.raises(BatchError, match=f"v-killed .*pid {holder.pid}"):
+                run(store, batch_lease_seconds=seconds)
+            time.sleep(0.3)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    killed = time.monotonic()
+    with pytest.raises(BatchError, match=f"pid {holder.pid}"):
+        run(store, batch_lease_seconds=seconds)
+    while True:
+        try:
+            manifest = run(store, batch_lease_seconds=seconds)
+            break
+        except BatchError:
+            assert time.monotonic() - killed < seconds + 1.0, "the expired lease still blocks"
+            time.sleep(0.1)
+    assert manifest.cut == 20_000 and catalog.current(store) == manifest
+
+
+class GatedEngine:
+    """The DuckDB engine, waiting at its first view until `gate` is set: a slow run."""
+
+    name = "duckdb"
+
+    def __init__(self) -> None:
+        self.gate, self.waiting = threading.Event(), threading.Event()
+
+    def compute(self, *args: Any) -> pa.Table:
+        self.waiting.set()
+        self.gate.wait(60)
+        return ENGINE.compute(*args)
+
+
+def test_a_version_at_or_below_the_serving_cut_is_never_published(store):
+    """A publisher that does not hold the lease moves the pointer past the cut of a run under
+    way: the run's compare-and-swap publish finds a newer cut serving, refuses, records it,
+    and deletes its version; the newer version keeps serving."""
+    archive = Archive(store)
+    archive.round()
+    slow = GatedEngine()
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(run_batch, lake_settings(), PROJECT, store, slow)
+        assert slow.waiting.wait(30)
+        archive.round()
+        newer = Manifest(version=catalog.new_version(), cut=30_000, created="test",
+                         engine="test", rows_read=0, views={})
+        catalog.write_manifest(store, newer)
+        catalog.publish(store, newer.version)
+        slow.gate.set()
+        with pytest.raises(BatchError, match=r"refused, nothing published: superseded: .*is "
+                           r"serving, at or past the cut"):
+            pending.result(60)
+    assert catalog.current(store) == newer
+    assert catalog.versions(store) == [newer.version]
+    assert catalog.runs(store)[-1]["outcome"] == "refused"
+
+
+def test_concurrent_publishers_only_ever_move_the_cut_forward(store):
+    """Many publishers at once, in random order: each publish either moves the pointer past
+    the serving cut or is refused; the pointer never goes back."""
+    manifests = []
+    for cut in [5, 3, 8, 1, 8, 6, 2, 7, 4, 9] * 2:
+        manifest = Manifest(version=catalog.new_version(), cut=cut * 1_000, created="test",
+                            engine="test", rows_read=0, views={})
+        catalog.write_manifest(store, manifest)
+        manifests.append(manifest)
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            serving = catalog.current(store)
+            seen.append(serving.cut if serving else 0)
+
+    def publish(manifest: Manifest) -> bool:
+        try:
+            catalog.publish(store, manifest.version)
+        except catalog.Superseded:
+            return False
+        return True
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    with ThreadPoolExecutor(8) as pool:
+        published_ = list(pool.map(publish, manifests))
+    stop.set()
+    watcher.join()
+    assert catalog.current(store).cut == 9_000
+    assert seen == sorted(seen)
+    assert len(published_) == 20 and published_.count(True) <= 9
+
+
+def test_rollback_waits_for_no_run_and_swaps_from_the_version_it_read(store):
+    archive = Archive(store)
+    archive.round()
+    first = run(store)
+    archive.round()
+    run(store)
+    busy = batch_lease(lake_settings(), store, "batch run v-busy")
+    with busy, pytest.raises(BatchError, match="rollback refused: .*v-busy"):
+        rollback(lake_settings(), store, first.version)
+    assert rollback(lake_settings(), store, first.version) == catalog.current(store) == first
+
+
+class LeaseOutageStore(FileStore):
+    """A file store that cannot write the lease while `outage` is set (as if unreachable)."""
+
+    outage = False
+
+    def replace(self, key: str, data: bytes, tag: str) -> str:
+        if self.outage and key == catalog.LEASE:
+            raise OSError("injected outage")
+        return super().replace(key, data, tag)
+
+
+def test_a_run_that_lost_its_lease_publishes_nothing(tmp_path):
+    """A run whose renewals fail past its lease's expiry finds the lease taken over when it
+    resumes: it publishes nothing, and the new holder's lease is left alone."""
+    store = LeaseOutageStore(tmp_path / "lake")
+    Archive(store).round()
+    slow = GatedEngine()
+    settings = lake_settings(batch_lease_seconds=1)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(run_batch, settings, PROJECT, store, slow)
+        assert slow.waiting.wait(30)
+        store.outage = True
+        time.sleep(1.5)
+        taker = batch_lease(settings, FileStore(store.root), "batch run v-next")
+        taker.acquire()
+        store.outage = False
+        time.sleep(0.6)  # the stalled run's next renewal finds the lease taken
+        slow.gate.set()
+        with pytest.raises(BatchError, match="lease expired and was taken over"):
+            pending.result(60)
+    assert catalog.current(store) is None and catalog.versions(store) == []
+    assert catalog.runs(store)[-1]["outcome"] == "failed"
+    with pytest.raises(BatchError, match="v-next"):
+        run(store)
+    taker.release()
+    assert run(store).cut == 20_000

@@ -97,7 +97,7 @@ class Lake:
             events.append(Event(retry_of, "pageview", 0, {"url": "/", "user_id": "late"}))
         batch = [Archived(e, 0, self.offset + i, start + i) for i, e in enumerate(events)]
         self.rounds, self.offset = self.rounds + 1, self.offset + len(batch)
-        keys = master.write_batch(self.store, PROJECT.schemas, 0, batch)
+        keys, _ = master.write_batch(self.store, PROJECT.schemas, 0, batch)
         master.write_watermark(self.store, 0, self.offset, start + 10_000)
         return keys
 
@@ -160,23 +160,36 @@ def test_a_retry_of_an_event_counted_before_the_cut_is_not_counted_again(store):
 
 
 class FlakyStore(FileStore):
-    """A file store whose `fail_at`-th put (counting from 1) raises, once."""
+    """A file store whose `fail_at`-th write (put, create or replace; counting from 1)
+    raises, once."""
 
     def __init__(self, root: Path, fail_at: int):
         super().__init__(root)
-        self.fail_at, self.puts = fail_at, 0
+        self.fail_at, self.writes = fail_at, 0
+
+    def _write(self, key: str) -> None:
+        self.writes += 1
+        if self.writes == self.fail_at:
+            raise OSError(f"injected failure writing {key}")
 
     def put(self, key: str, data: bytes) -> None:
-        self.puts += 1
-        if self.puts == self.fail_at:
-            raise OSError(f"injected failure writing {key}")
+        self._write(key)
         super().put(key, data)
 
+    def create(self, key: str, data: bytes) -> str:
+        self._write(key)
+        return super().create(key, data)
 
-DELTA, VIEW_FILES, MANIFEST, POINTER = 2, len(PROJECT.views), 1, 1  # one delta per event type
+    def replace(self, key: str, data: bytes, tag: str) -> str:
+        self._write(key)
+        return super().replace(key, data, tag)
 
 
-@pytest.mark.parametrize("fail_at", range(1, DELTA + VIEW_FILES + MANIFEST + POINTER + 1))
+LEASE, DELTA, VIEW_FILES, MANIFEST, POINTER = 1, 2, len(PROJECT.views), 1, 1  # a delta a type
+WRITES = LEASE + DELTA + VIEW_FILES + MANIFEST + POINTER
+
+
+@pytest.mark.parametrize("fail_at", range(LEASE + 1, WRITES + 1))
 def test_a_failed_incremental_run_leaves_the_base_serving_and_no_delta(store, fail_at):
     lake = Lake(store)
     lake.round()

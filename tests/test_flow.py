@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -42,12 +43,18 @@ class Flow:
         self.gateway = f"http://127.0.0.1:{self.env['LAMBDALAKE_GATEWAY_PORT']}/events"
         self.api = f"http://127.0.0.1:{self.env['LAMBDALAKE_API_PORT']}"
         self.process: subprocess.Popen | None = None
+        self.preexec_fn: Callable[[], None] | None = None  # run in the child before `up`
 
-    def start(self, *args: str) -> None:
+    def spawn(self, *args: str) -> None:
+        """`lambdalake up` started, not waited for."""
         self.process = subprocess.Popen(
             [self.bin / "lambdalake", "up", *args], env=self.env, cwd=self.env["LAMBDALAKE_HOME"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=self.preexec_fn,
         )
+
+    def start(self, *args: str) -> None:
+        self.spawn(*args)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:

@@ -25,12 +25,14 @@ from lambdalake.functions.runtime.local import LocalRuntime
 from lambdalake.functions.runtime.mapping import StreamMapping, kafka_event
 from lambdalake.functions.runtime.metrics import billed_gb_seconds
 from lambdalake.functions.runtime.template import FunctionSpec, StreamSource, load_template
+from lambdalake.speed.embedded import EmbeddedSpeed
 from prometheus_client import REGISTRY
 
 from lambdalake import master
 from lambdalake.bus import events_topic
 from lambdalake.eventlog import Topic, now_ms
-from lambdalake.events import MAX_EVENT_BYTES, decode, epoch_ms
+from lambdalake.events import MAX_EVENT_BYTES, EventSchema, Validator, decode, epoch_ms
+from lambdalake.example import project
 from lambdalake.settings import Settings
 from lambdalake.storage import open_store
 
@@ -178,6 +180,106 @@ def test_nothing_valid_is_400_with_the_same_body(
     assert reply.json()["accepted"] == 0
     [problem] = reply.json()["rejected"]
     assert (problem["index"], problem["field"]) == (0, field) and error in problem["error"]
+    assert logged(settings) == {}
+
+
+def compact(event: dict[str, Any]) -> bytes:
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def sized(event_id: str, size: int) -> bytes:
+    """A compact pageview of exactly `size` bytes, its url filled with 4-byte characters."""
+    room = size - len(compact(pageview(event_id, url="")))
+    return compact(pageview(event_id, url="\U0001f600" * (room // 4) + "x" * (room % 4)))
+
+
+def test_the_event_size_limit_counts_the_bytes_received(settings: Settings, gateway: str):
+    at, over = sized("at", MAX_EVENT_BYTES), sized("over", MAX_EVENT_BYTES + 1)
+    assert httpx.post(gateway, content=at).status_code == 202
+    reply = httpx.post(gateway, content=over)
+    assert reply.status_code == 400
+    assert reply.json()["rejected"][0]["field"] == "$"
+    # in a batch, each event's own bytes: the whitespace around them is not theirs
+    batch = b'{"events": [\n  ' + sized("in-1", MAX_EVENT_BYTES) + b' ,\n  ' + over + b"\n]}"
+    reply = httpx.post(gateway, content=batch)
+    assert (reply.status_code, reply.json()["accepted"]) == (202, 1)
+    assert [(r["index"], r["field"]) for r in reply.json()["rejected"]] == [(1, "$")]
+    # 360 KB of \\u escapes decoding to 120 KB of text: what arrived is too large
+    escaped = compact(pageview("esc", url="")).replace(
+        b'"url":""', b'"url":"' + b"\\u00e9" * 60_000 + b'"')
+    reply = httpx.post(gateway, content=b'{"events": [' + escaped + b"]}")
+    assert reply.status_code == 400
+    assert f"larger than {MAX_EVENT_BYTES} bytes" in reply.json()["rejected"][0]["error"]
+    assert set(logged(settings)) == {"at", "in-1"}
+
+
+def test_an_event_whose_record_outgrows_the_limit_on_the_bus_is_refused(
+    settings: Settings, gateway: str
+):
+    """`1E15` is written 1000000000000000.0 on the bus, 14 bytes more: the record, read back
+    by the speed layer and the archiver, must fit the same limit."""
+    def purchase_of(event_id: str, size: int) -> bytes:
+        body = compact({**purchase(event_id), "ts": now_ms(), "user_id": "", "amount": 0})
+        body = body.replace(b'"amount":0', b'"amount":1E15')
+        room = size - len(body)
+        user = ("\U0001f600" * (room // 4) + "u" * (room % 4)).encode()
+        return body.replace(b'"user_id":""', b'"user_id":"' + user + b'"')
+
+    assert httpx.post(gateway, content=purchase_of("fits", MAX_EVENT_BYTES - 14)).status_code == 202
+    [record] = [r for p in events_topic(settings).partitions for r in p.read(0, 10)]
+    assert len(record.value) == MAX_EVENT_BYTES
+    reply = httpx.post(gateway, content=purchase_of("grows", MAX_EVENT_BYTES - 13))
+    assert reply.status_code == 400
+    assert reply.json()["rejected"][0]["error"].endswith("bytes on the bus")
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (json.dumps(pageview("u16")).encode("utf-16"), "not UTF-16"),
+        (json.dumps(pageview("u16le")).encode("utf-16-le"), "not UTF-16-LE"),
+        (json.dumps(pageview("u32")).encode("utf-32"), "not UTF-32"),
+        (json.dumps(pageview("latin", url="/café"), ensure_ascii=False).encode("latin-1"),
+         "invalid UTF-8 at byte"),
+    ],
+    ids=["utf-16", "utf-16-le-no-bom", "utf-32", "latin-1"],
+)
+def test_a_body_not_in_utf8_is_400_naming_the_encoding_rule(
+    settings: Settings, gateway: str, body: bytes, error: str
+):
+    reply = httpx.post(gateway, content=body)
+    assert reply.status_code == 400
+    [problem] = reply.json()["rejected"]
+    assert problem["field"] == "$" and "must be UTF-8 encoded JSON (RFC 8259)" in problem["error"]
+    assert error in problem["error"]
+    assert logged(settings) == {}
+
+
+def test_a_utf8_byte_order_mark_is_ignored(settings: Settings, gateway: str):
+    reply = httpx.post(gateway, content=b"\xef\xbb\xbf" + compact(pageview("bom", url="/é")))
+    assert reply.status_code == 202
+    assert logged(settings)["bom"]["url"] == "/é"
+
+
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        (b'{"event_id":"d1","type":"pageview","ts":0,"url":"/a","url":"/b","user_id":"u"}',
+         "url"),
+        (b'{"events":[{"event_id":"d2","type":"pageview","ts":0,"url":"/a","user_id":"u",'
+         b'"user_id":"v"}]}', "user_id"),
+        (b'{"events":[{"event_id":"d3","type":"pageview","ts":0,"url":"/","user_id":"u"}],'
+         b'"events":[]}', "events"),
+    ],
+    ids=["in-an-event", "in-a-batch", "at-the-top"],
+)
+def test_duplicate_keys_are_400_naming_the_key(
+    settings: Settings, gateway: str, body: bytes, key: str
+):
+    reply = httpx.post(gateway, content=body)
+    assert reply.status_code == 400
+    [problem] = reply.json()["rejected"]
+    assert (problem["field"], problem["error"].split(":")[0]) == (key, f"duplicate key {key!r}")
     assert logged(settings) == {}
 
 
@@ -424,12 +526,98 @@ def test_invalid_records_on_the_bus_are_dead_lettered_not_blocking(settings: Set
     key = f"{archive.DEAD_LETTER}/p=2/{0:020d}-{3:020d}.jsonl"
     dead = [json.loads(line) for line in store.get(key).splitlines()]
     assert [d["offset"] for d in dead] == [1, 2]
-    assert "not a JSON event" in dead[0]["reason"]
+    assert "not JSON" in dead[0]["reason"]
     assert "unknown event type 'click'" in dead[1]["reason"]
     assert base64.b64decode(dead[0]["value"]) == b"\xff not json"
     assert REGISTRY.get_sample_value("lambdalake_archive_records_total",
                                      {"outcome": "dead_letter"}) == before + 2
     assert watermarks(settings)[2]["next_offset"] == 4
+
+
+def until(condition: Any, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not in time"
+        time.sleep(0.02)
+
+
+def dead_letters(settings: Settings, partition: int) -> list[dict[str, Any]]:
+    store = open_store(settings.store_url)
+    return [json.loads(line) for key in store.list(f"{archive.DEAD_LETTER}/p={partition}/")
+            for line in store.get(key).splitlines()]
+
+
+@pytest.mark.parametrize("retries", [-1, 0, 2])
+def test_a_poison_record_never_blocks_its_partition_whatever_the_retries(
+    settings: Settings, retries: int
+):
+    """A 2^63 duration (the master dataset's column is int64) written straight to the bus is
+    dead-lettered with its reason; the watermark passes it and later events are archived."""
+    topic = events_topic(settings)
+    poison = pageview("poison", duration_ms=2**63)
+    append(topic, 0, [encoded(pageview("before")), encoded(poison), encoded(pageview("after"))])
+    runner = mapping(settings, archive.handler, stream(max_retries=retries, bisect_on_error=False))
+    runner.start()
+    try:
+        until(lambda: watermarks(settings).get(0, {}).get("next_offset") == 3)
+        append(topic, 0, [encoded(pageview("later"))])
+        until(lambda: watermarks(settings)[0]["next_offset"] == 4)
+    finally:
+        runner.stop()
+    assert {r["event_id"] for r in master_rows(settings, "pageview")} == {
+        "before", "after", "later"}
+    [dead] = dead_letters(settings, 0)
+    assert dead["offset"] == 1 and "duration_ms: must be a 64-bit integer" in dead["reason"]
+    assert json.loads(base64.b64decode(dead["value"])) == poison
+    assert not list((settings.home / "runtime").rglob("*.json"))  # the handler never failed
+
+
+def test_the_embedded_speed_layer_counts_exactly_what_the_archiver_archives(
+    settings: Settings
+):
+    topic = events_topic(settings)
+    append(topic, 0, [encoded(pageview("ok-1")), encoded(pageview("big", duration_ms=2**63)),
+                      encoded(pageview("nul", url="/a\x00")), encoded(pageview("ok-2"))])
+    speed = EmbeddedSpeed(settings, project, topic, open_store(settings.store_url),
+                          lambda updates, caught_up_at: None)
+    speed.poll_once()
+    summary = archive.handler(kafka_event(TOPIC, topic.partitions[0].read(0, 10)), None)
+    assert (summary["archived"], summary["dead_lettered"]) == (2, 2)
+    assert speed.state.tracked_ids == 2
+
+
+OLDER_PAGEVIEW = EventSchema("pageview", {"url": "string", "user_id": "string",
+                                          "referrer": "string?", "duration_ms": "string?"})
+
+
+def test_a_row_its_column_cannot_hold_is_dead_lettered_and_the_rest_archived(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+):
+    """Rows a validator accepted but the master dataset's columns cannot hold (here its
+    validator is of an older project version, where `duration_ms` was text) are found one
+    by one, dead-lettered with the column and why, and never retried, even with retries
+    unbounded."""
+    current = archive.Archiver.from_settings(settings)
+    older = archive.Archiver(current.store, current.schemas,
+                             Validator({**current.schemas, "pageview": OLDER_PAGEVIEW}, 300_000))
+    monkeypatch.setattr(archive, "archiver", lambda: older)
+    values = [encoded(pageview(f"e{i}")) for i in range(6)]
+    values[1] = encoded(pageview("slow", duration_ms="slow"))
+    values[4] = encoded(pageview("long", duration_ms="1200"))
+    values.append(encoded(purchase("buy")))
+    append(events_topic(settings), 3, values)
+    runner = mapping(settings, archive.handler, stream(max_retries=-1))
+    runner.start()
+    try:
+        until(lambda: watermarks(settings).get(3, {}).get("next_offset") == 7)
+    finally:
+        runner.stop()
+    assert sorted(r["event_id"] for r in master_rows(settings, "pageview")) == [
+        "e0", "e2", "e3", "e5"]
+    assert [r["event_id"] for r in master_rows(settings, "purchase")] == ["buy"]
+    dead = dead_letters(settings, 3)
+    assert [d["offset"] for d in dead] == [1, 4]
+    assert all(d["reason"].startswith("duration_ms: cannot be stored as int64") for d in dead)
 
 
 def test_idle_partitions_get_their_watermark_advanced(settings: Settings):

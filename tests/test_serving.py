@@ -185,8 +185,9 @@ class Lake:
     def wait_for_version(self, version: str) -> dict:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            fresh = self.get("/views").json()["views"][0]["freshness"]
-            if fresh["batch_version"] == version:
+            reply = self.get("/views")  # 503 until the first load
+            fresh = reply.json()["views"][0]["freshness"] if reply.status_code == 200 else {}
+            if fresh.get("batch_version") == version:
                 return fresh
             time.sleep(0.02)
         raise TimeoutError(f"the serving layer never served {version}")
@@ -204,9 +205,11 @@ def start_lake(
     api_keys: list[str] | None = None,
     ready: bool = True,
     store: ObjectStore | None = None,
+    **settings_fields: Any,
 ) -> Lake:
     store, realtime = store or FileStore(root / "lake"), RealtimeCells(project)
-    settings = Settings(home=root, api_keys=api_keys or [])
+    realtime.restored.set()  # no speed layer here: its cells are whatever the test upserts
+    settings = Settings(home=root, api_keys=api_keys or [], **settings_fields)
     server = ServerThread(build_server(settings, project, store, realtime, port=0,
                                        poll_seconds=0.02)).start()
     headers = {"X-API-Key": api_keys[0]} if api_keys else {}
@@ -263,7 +266,7 @@ def test_real_time_alone_before_any_batch_version(lake: Lake, traffic: list[Reco
     assert reply.status_code == 200
     assert answered(reply.json()["rows"]) == expected_pageviews(traffic, HOUR)
     fresh = reply.json()["freshness"]
-    assert fresh == {"batch_version": None, "cut": None, "realtime_lag_ms": None}
+    assert fresh == {"batch_version": None, "cut": None, "realtime_lag_ms": None, "stale": True}
 
 
 def test_batch_merges_with_slices_at_or_past_the_cut(served: Lake, traffic: list[Record]) -> None:
@@ -340,10 +343,22 @@ def test_revenue_sums_and_counts_exactly(served: Lake, traffic: list[Record]) ->
 
 def test_freshness_names_the_version_cut_and_real_time_lag(served: Lake) -> None:
     fresh = served.get(f"/views/{PAGEVIEWS.name}").json()["freshness"]
-    assert fresh == {"batch_version": "v1", "cut": "2026-11-23T10:00:00Z", "realtime_lag_ms": None}
+    assert fresh == {"batch_version": "v1", "cut": "2026-11-23T10:00:00Z", "realtime_lag_ms": None,
+                     "stale": True}
     served.realtime.caught_up_at = now_ms() - 1_500
-    lag = served.get(f"/views/{PAGEVIEWS.name}").json()["freshness"]["realtime_lag_ms"]
-    assert 1_500 <= lag < 60_000
+    fresh = served.get(f"/views/{PAGEVIEWS.name}").json()["freshness"]
+    assert 1_500 <= fresh["realtime_lag_ms"] < 60_000 and fresh["stale"] is False
+
+
+def test_answers_past_the_lag_bound_say_stale_and_stay_ready(served: Lake) -> None:
+    """A speed layer far behind marks answers stale; readiness does not fail for it."""
+    served.realtime.caught_up_at = now_ms() - Settings().realtime_stale_ms - 5_000
+    reply = served.get(f"/views/{PAGEVIEWS.name}")
+    assert reply.status_code == 200 and reply.json()["freshness"]["stale"] is True
+    assert served.get("/readyz").status_code == 200
+    lag = [line for line in served.get("/metrics").text.splitlines()
+           if line.startswith("lambdalake_serving_realtime_lag_seconds ")]
+    assert float(lag[0].split()[1]) >= Settings().realtime_stale_ms / 1000
     (view,) = [v for v in served.get("/views").json()["views"] if v["name"] == REVENUE.name]
     assert view["dimensions"] == ["sku"] and view["bucket"] == "day"
     assert view["metrics"] == {"revenue": "sum", "orders": "count"}
@@ -497,7 +512,9 @@ def test_readyz_waits_for_the_first_load(tmp_path: Path, traffic: list[Record]) 
     store.put(catalog.CURRENT, b'{"version": "v-not-yet-written"}')  # a pointer ahead of its data
     with start_lake(tmp_path, ready=False) as lake:
         time.sleep(0.1)
-        assert lake.get("/healthz").json() == {"status": "ok"}
+        health = lake.get("/healthz").json()  # alive: its refresh loop retries meanwhile
+        assert health["status"] == "ok"
+        assert health["loops"]["serving-batch-views"].startswith("retrying: LookupError")
         assert_errors(lake.get("/readyz"), 503, "batch")
         publish(store, "v1", CUT_1, traffic)
         lake.wait_for_version("v1")

@@ -30,7 +30,7 @@ pytest.importorskip("quixstreams")
 
 from confluent_kafka import Producer  # noqa: E402
 from lambdalake.serving.realtime_feed import RealtimeFeed  # noqa: E402
-from lambdalake.speed.kafka_common import PartitionState  # noqa: E402
+from lambdalake.speed.kafka_common import PartitionState, ids_key, meta_key  # noqa: E402
 from lambdalake.speed.quix import QuixSpeed  # noqa: E402
 from prometheus_client import REGISTRY  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
@@ -81,13 +81,14 @@ def kafka_settings(broker: KafkaBroker, home: Path, **overrides: Any) -> Setting
 
 
 def recompute(events: list[dict[str, Any]]) -> Answer:
-    """Every view from raw event dicts (the first copy of an event_id counts), by hand."""
+    """Every view from raw event dicts (the first copy of a (type, event_id) counts), by hand."""
     answer: Answer = {}
-    seen: set[str] = set()
+    seen: set[tuple[str, str]] = set()
     for event in events:
-        if event["event_id"] in seen:
+        identity = (event["type"], event["event_id"])
+        if identity in seen:
             continue
-        seen.add(event["event_id"])
+        seen.add(identity)
         if event["type"] == "pageview":
             bucket = event["ts"] - event["ts"] % HOUR
             row = answer.setdefault(("pageviews_by_url_hour", bucket, (event["url"],)),
@@ -359,6 +360,33 @@ def test_ids_forgotten_by_the_cap_leave_the_changelog() -> None:
     assert not restored.view.apply(Event("id-5999", "pageview", t0, {}), part.arrival)
 
 
+def test_ids_are_held_by_type_and_an_untyped_changelog_still_restores() -> None:
+    """Unit: the changelog holds each id with its type, so a purchase under a pageview's id
+    is counted after a restore too; ids written before, as (id, arrival) pairs, restore as
+    held for every type."""
+    s = Settings(slice_seconds=1)
+    validator = Validator(project.schemas, 300_000)
+    t0 = int(time.time() * 1000)
+    pageview = {"event_id": "x1", "type": "pageview", "ts": t0, "url": "/", "user_id": "u"}
+    purchase = {"event_id": "x1", "type": "purchase", "ts": t0, "user_id": "u", "sku": "s",
+                "amount": 2.5}
+    first = PartitionState(0, project, s)
+    assert first.take(json.dumps(pageview).encode(), t0, validator) is None
+    changelog = dict(first.changelog_records())
+    second = PartitionState(0, project, s)
+    second.restore({}, changelog)
+    assert second.take(json.dumps(purchase).encode(), t0 + 1, validator) is None
+    assert not second.view.apply(Event("x1", "pageview", t0, {}), t0 + 2)
+    assert [u.values for u in second.view.drain()] == [(2.5, 1)]
+
+    untyped = {ids_key(0, 0): orjson.dumps([["x1", t0]]), meta_key(0): changelog[meta_key(0)]}
+    legacy = PartitionState(0, project, s)
+    legacy.restore({}, untyped)
+    assert not legacy.view.apply(Event("x1", "purchase", t0, {}), t0 + 1)
+    assert not legacy.view.apply(Event("x1", "pageview", t0, {}), t0 + 1)
+    assert legacy.view.apply(Event("x2", "purchase", t0, {}), t0 + 1)
+
+
 def results(part: PartitionState) -> list[tuple[Any, ...]]:
     """Every cell with its metric results (equal sketches may differ in their bytes)."""
     return sorted(
@@ -379,6 +407,7 @@ events_strategy = st.lists(
         "cents": st.integers(1, 20_000),
         "hours_ago": st.integers(0, 30),
         "duplicate_of": st.none() | st.integers(0, 200),
+        "id_of": st.none() | st.integers(0, 200),  # a new event under an earlier one's id
     }),
     min_size=1, max_size=200,
 )
@@ -390,7 +419,9 @@ def to_events(drawn: list[dict[str, Any]], now: int) -> list[dict[str, Any]]:
         if d["duplicate_of"] is not None and d["duplicate_of"] < len(events):
             events.append(dict(events[d["duplicate_of"]]))  # a producer retry
             continue
-        base = {"event_id": f"e{i}", "ts": now - d["hours_ago"] * 2_345_678 - d["n"]}
+        reused = d["id_of"] is not None and d["id_of"] < len(events)
+        event_id = events[d["id_of"]]["event_id"] if reused else f"e{i}"
+        base = {"event_id": event_id, "ts": now - d["hours_ago"] * 2_345_678 - d["n"]}
         if d["kind"] == "pageview":
             events.append(base | {"type": "pageview", "url": d["url"],
                                   "user_id": f"u{d['user']}"})
@@ -449,6 +480,8 @@ def test_poison_goes_to_the_dead_letter_topic_and_the_partition_keeps_flowing(
         json.dumps({"event_id": "p1", "type": "pageview", "ts": 1}).encode(),
         json.dumps({"event_id": "p2", "type": "refund", "ts": 1}).encode(),
         json.dumps([1, 2]).encode(),
+        json.dumps({"event_id": "p3", "type": "pageview", "ts": 1, "url": "/", "user_id": "u",
+                    "duration_ms": 2**63}).encode(),  # past int64: the archiver refuses it too
     ]
     before = dead_letters(s, engine)
     records = encoded(good[:200]) + [(b"k", p) for p in poison] + encoded(good[200:])
@@ -463,8 +496,9 @@ def test_poison_goes_to_the_dead_letter_topic_and_the_partition_keeps_flowing(
     assert "url" in reasons[1] and "user_id" in reasons[1]
     assert "unknown event type 'refund'" in reasons[2]
     assert "JSON object" in reasons[3]
-    assert [r[4]["source"].decode() for r in dead] == [f"{s.topic}/0/{200 + i}" for i in range(4)]
-    assert (after["json"] - before["json"], after["schema"] - before["schema"]) == (1, 3)
+    assert reasons[4].startswith("duration_ms: must be a 64-bit integer")
+    assert [r[4]["source"].decode() for r in dead] == [f"{s.topic}/0/{200 + i}" for i in range(5)]
+    assert (after["json"] - before["json"], after["schema"] - before["schema"]) == (1, 4)
 
 
 def dead_letters(settings: Settings, engine: str) -> dict[str, float]:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
@@ -13,7 +16,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lambdalake.storage import FileStore, NotFound, ObjectStore, S3Store, open_store
+from lambdalake.storage import (
+    FileStore,
+    NotFound,
+    ObjectStore,
+    PreconditionFailed,
+    S3Store,
+    open_store,
+)
 
 
 def new_bucket(endpoint: str) -> str:
@@ -173,3 +183,89 @@ def test_open_store_by_url(tmp_path, s3_server):
     with pytest.raises(ValueError, match="unsupported URL"):
         open_store("ftp://example.org/lake")
     assert Path(local.arrow()[1]) == tmp_path.resolve()
+
+
+# -- conditional writes ------------------------------------------------------------------
+
+
+def test_create_only_if_absent_and_replace_only_if_unchanged(store):
+    tag = store.create("views/_lease.json", b"first")
+    assert store.get_tagged("views/_lease.json") == (b"first", tag)
+    with pytest.raises(PreconditionFailed):
+        store.create("views/_lease.json", b"second")
+    newer = store.replace("views/_lease.json", b"second", tag)
+    assert store.get_tagged("views/_lease.json") == (b"second", newer) and newer != tag
+    with pytest.raises(PreconditionFailed):
+        store.replace("views/_lease.json", b"third", tag)  # the tag read before the change
+    store.put("views/_lease.json", b"overwritten")
+    with pytest.raises(PreconditionFailed):
+        store.replace("views/_lease.json", b"third", newer)
+    assert store.get("views/_lease.json") == b"overwritten"
+    with pytest.raises(PreconditionFailed):
+        store.replace("views/missing.json", b"x", newer)
+    assert not store.exists("views/missing.json")
+    assert store.list("views/") == ["views/_lease.json"]  # no temporary objects left
+    with pytest.raises(NotFound):
+        store.get_tagged("views/missing.json")
+
+
+CONTENDER = """
+import sys
+from pathlib import Path
+from lambdalake.storage import FileStore, PreconditionFailed
+store, how, me = FileStore(Path(sys.argv[1])), sys.argv[2], sys.argv[3].encode()
+tag = store.get_tagged("k")[1] if how == "replace" else None
+print("ready", flush=True)
+sys.stdin.readline()
+try:
+    store.create("k", me) if how == "create" else store.replace("k", me, tag)
+    print("won")
+except PreconditionFailed:
+    print("lost")
+"""
+
+
+@pytest.mark.parametrize("how", ["create", "replace"])
+def test_file_store_conditional_writes_have_one_winner_among_processes(tmp_path, how):
+    """Eight processes write the same key at once, each conditional on the state it read:
+    exactly one wins, and the object is the winner's."""
+    store = FileStore(tmp_path)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+    for round_ in range(3):
+        store.delete("k")
+        if how == "replace":
+            store.put("k", b"before")
+        procs = [
+            subprocess.Popen([sys.executable, "-c", CONTENDER, str(tmp_path), how, f"p{i}"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+            for i in range(8)
+        ]
+        assert all(p.stdout.readline() == "ready\n" for p in procs)
+        for p in procs:  # every one has read the state; now all go
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        outcomes = [p.communicate(timeout=60)[0].strip() for p in procs]
+        assert sorted(outcomes) == ["lost"] * 7 + ["won"], round_
+        assert store.get("k") == f"p{outcomes.index('won')}".encode()
+
+
+def contend(store: ObjectStore, start: threading.Barrier, data: bytes, tag: str | None) -> bool:
+    start.wait()
+    try:
+        store.create("k", data) if tag is None else store.replace("k", data, tag)
+    except PreconditionFailed:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("how", ["create", "replace"])
+def test_file_store_conditional_writes_have_one_winner_among_threads(tmp_path, how):
+    store = FileStore(tmp_path)
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(20):
+            store.delete("k")
+            tag = store.create("k", b"before") if how == "replace" else None
+            start = threading.Barrier(8)
+            won = list(pool.map(lambda i, s=start, t=tag: contend(store, s, b"%d" % i, t),
+                                range(8)))
+            assert won.count(True) == 1 and store.get("k") == b"%d" % won.index(True)

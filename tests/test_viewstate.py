@@ -1,18 +1,20 @@
 """The speed/serving merge is exact: batch(cut) ⊕ real-time cells ≥ cut == a recompute.
 
-Pure, no services. A random stream of example-project events (late, out of order, retried
-with the same event id) arrives on 2-3 partitions with non-decreasing arrival times. The
-speed side is the kernel's ViewState fed each partition in order, the partitions interleaved
-at random, publishing into RealtimeCells; batch runs at random cuts are modelled by an
-independent plain-Python recompute of the events with arrival < cut, deduplicated by event
-id. Speed workers crash and restart from checkpoints. Whenever the speed layer has caught up
-with what it had read before, every view answer must equal a recompute over every event it
-covers, each event id counted once (invariants 1 and 2 of DESIGN.md).
+Pure, no services. A random stream of example-project events (late, out of order, retried with
+the same event id, and events of another type reusing an earlier event's id) arrives on 2-3
+partitions with non-decreasing arrival times. The speed side is the kernel's ViewState fed each
+partition in order, the partitions interleaved at random, publishing into RealtimeCells; batch
+runs at random cuts are modelled by an independent plain-Python recompute of the events with
+arrival < cut, deduplicated by (type, event id). Speed workers crash and restart from
+checkpoints. Whenever the speed layer has caught up with what it had read before, every view
+answer must equal a recompute over every event it covers, each (type, event id) counted once
+(invariants 1, 2 and 6 of DESIGN.md).
 """
 
 from __future__ import annotations
 
 import math
+import pickle
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -58,7 +60,9 @@ contents = st.one_of(  # 3 pageviews to 1 purchase
 )
 steps = st.sampled_from([0, 0, 1, 5_000, 20_000, 45_000, 2 * SLICE])
 draws = st.tuples(
-    st.sampled_from([True, False, False]),  # a producer retry of an earlier event?
+    # a new event, a producer retry of an earlier one, or a new event under an earlier one's
+    # id (of another type when its drawn contents are)
+    st.sampled_from(["new", "new", "retry", "reused id"]),
     st.integers(0, 10**6),  # which earlier event, or which partition for a new one
     steps,  # arrival step on the partition
     lateness,  # event time before arrival
@@ -67,20 +71,21 @@ draws = st.tuples(
 
 
 def build_stream(count: int, starts: list[int], records: list) -> list[list[Record]]:
-    """Per partition, records in log order; a retry goes to its original's partition, as the
-    bus partitions by event id."""
+    """Per partition, records in log order; an event under an earlier event's id goes to its
+    partition, as the bus partitions by event id."""
     partitions: list[list[Record]] = [[] for _ in range(count)]
     clocks = [T0 + start for start in starts[:count]]
     originals: list[tuple[Event, int]] = []
-    for number, (retry, pick, step, late, (kind, fields)) in enumerate(records):
-        if originals and retry:
-            event, p = originals[pick % len(originals)]
-            clocks[p] += step
+    for number, (how, pick, step, late, (kind, fields)) in enumerate(records):
+        earlier = originals[pick % len(originals)] if originals and how != "new" else None
+        p = earlier[1] if earlier else pick % count
+        clocks[p] += step
+        if earlier and how == "retry":
+            event = earlier[0]
         else:
-            p = pick % count
-            clocks[p] += step
             prefix = "pv" if kind == "pageview" else "buy"
-            event = Event(f"{prefix}-{number}", kind, max(0, clocks[p] - late), fields)
+            event_id = earlier[0].event_id if earlier else f"{prefix}-{number}"
+            event = Event(event_id, kind, max(0, clocks[p] - late), fields)
             originals.append((event, p))
         partitions[p].append((event, clocks[p]))
     return partitions
@@ -112,16 +117,17 @@ ops = st.lists(
 # --- the independent model: batch views and the recompute --------------------------------
 
 
-def dedup(records: list[Record]) -> dict[str, Event]:
-    """Each event id once, the copy with the earliest arrival (as the batch layer keeps)."""
-    first: dict[str, Record] = {}
+def dedup(records: list[Record]) -> dict[tuple[str, str], Event]:
+    """Each (type, event id) once, the copy with the earliest arrival (as the batch keeps)."""
+    first: dict[tuple[str, str], Record] = {}
     for event, arrival in records:
-        if event.event_id not in first or arrival < first[event.event_id][1]:
-            first[event.event_id] = (event, arrival)
-    return {event_id: event for event_id, (event, _) in first.items()}
+        identity = (event.type, event.event_id)
+        if identity not in first or arrival < first[identity][1]:
+            first[identity] = (event, arrival)
+    return {identity: event for identity, (event, _) in first.items()}
 
 
-def recompute(events: dict[str, Event]) -> dict[str, dict]:
+def recompute(events: dict[tuple[str, str], Event]) -> dict[str, dict]:
     """Plain Python: per view, (bucket, key) -> count, sum of amount, set of users."""
     answers: dict[str, dict] = {}
     for name, view in project.views.items():
@@ -335,6 +341,39 @@ def test_apply_reports_duplicates_and_events_below_the_cut():
     assert state.apply(pageview(3, T0), T0 + SLICE + 2)
     assert state.everything()[0].values[0] == 1
     assert state.drain() and not state.drain()
+
+
+def purchase(event_id: str, ts: int, amount: float = 9.5) -> Event:
+    return Event(event_id, "purchase", ts, {"user_id": "u1", "sku": "sku-1", "amount": amount})
+
+
+def test_an_event_id_is_unique_within_its_type_only():
+    """A purchase under a pageview's id is another event: counted at once, as the batch does;
+    its own retry is still a duplicate."""
+    state = ViewState(project, SLICE, DAY)
+    assert state.apply(pageview(7, T0), T0 + 1)
+    assert state.apply(purchase("pv-7", T0), T0 + 2)
+    assert not state.apply(purchase("pv-7", T0), T0 + 3)
+    assert not state.apply(pageview(7, T0), T0 + 4)
+    assert state.tracked_ids == 2
+    revenue = [u for u in state.everything() if u.view == "revenue_by_sku_day"]
+    assert [u.values for u in revenue] == [(9.5, 1)]
+
+
+def test_a_snapshot_of_untyped_ids_restores_them_for_every_type():
+    """A checkpoint written when dedup was by id alone holds (id, arrival) pairs: each is held
+    for every type, the old rule, so no copy it had skipped is counted after the upgrade."""
+    old = pickle.dumps((0, T0 + 5, [], [("pv-1", T0 + 5)]), protocol=5)
+    state = ViewState(project, SLICE, DAY)
+    state.restore(old)
+    assert not state.apply(pageview(1, T0), T0 + 6)
+    assert not state.apply(purchase("pv-1", T0), T0 + 6)
+    assert state.apply(purchase("pv-2", T0), T0 + 7)
+    again = ViewState(project, SLICE, DAY)
+    again.restore(state.snapshot())
+    assert again.held_ids() == state.held_ids() == [
+        ("pageview", "pv-1", T0 + 5), ("purchase", "pv-1", T0 + 5), ("purchase", "pv-2", T0 + 7)
+    ]
 
 
 def test_snapshot_restore_round_trip_mid_stream():

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -43,7 +42,8 @@ def installed_with_spark(installed: Path, tmp_path_factory: pytest.TempPathFacto
     root = tmp_path_factory.mktemp("wheel-spark")
     run(getattr(sys, "_base_executable", sys.executable), "-m", "venv", root / "venv")
     site = next((root / "venv" / "lib").glob("python3.*/site-packages"))
-    (site / "test-env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    ours = [path for path in sys.path if path.endswith("site-packages")]
+    (site / "test-env.pth").write_text("".join(f"{path}\n" for path in ours))
     wheel = next((installed.parent.parent / "dist").glob("lambdalake-*.whl"))
     run(root / "venv" / "bin" / "pip", "install", "-q", "--no-deps", wheel)
     return root / "venv" / "bin"

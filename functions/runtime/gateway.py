@@ -2,7 +2,9 @@
 
 Routes are the functions' `HttpApi` events (`METHOD /path`). As API Gateway does: a body over
 the payload limit gets 413 before it is read whole, an unknown route 404, a throttled
-function 429, a failed one 500, a timed-out one 504.
+function 429, a failed one 500, a timed-out one 504. Past `max_connections` open connections a
+new one gets 503, and a request not read whole within `read_timeout_s` gets 408
+(`lambdalake.connections`): slow or half-sent requests cannot exhaust the process.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from lambdalake.functions.runtime.function import (
 )
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from lambdalake.connections import uvicorn_bounds
 
 PAYLOAD_LIMIT_BYTES = 5 * 1024 * 1024
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -39,12 +43,14 @@ class PayloadTooLarge(Exception):
 
 class Gateway:
     def __init__(self, functions: Iterable[LocalFunction], host: str, port: int,
-                 payload_limit: int = PAYLOAD_LIMIT_BYTES):
+                 payload_limit: int = PAYLOAD_LIMIT_BYTES, max_connections: int = 1000,
+                 read_timeout_s: float = 10.0):
         self.routes = {route.key: f for f in functions for route in f.spec.routes}
         self.host, self.port, self.payload_limit = host, port, payload_limit
         app = Starlette(routes=[Route("/{path:path}", self.handle, methods=METHODS)])
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=5)
+                                timeout_graceful_shutdown=5,
+                                **uvicorn_bounds("gateway", max_connections, read_timeout_s))
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
@@ -80,6 +86,8 @@ class Gateway:
         except PayloadTooLarge:
             return JSONResponse({"message": "Request Entity Too Large: body over "
                                             f"{self.payload_limit} bytes"}, 413)
+        except ClientDisconnect:  # gone, or closed for a body too slow: no one to answer
+            return Response(status_code=400)
         try:
             result = await run_in_threadpool(function.invoke, api_event(request, body, route_key))
         except Throttled:

@@ -19,6 +19,7 @@ from lambdalake.functions.runtime.template import StreamSource, Template, load_t
 
 from lambdalake.bus import embedded_log
 from lambdalake.eventlog import Topic
+from lambdalake.loops import Loops
 from lambdalake.settings import Settings
 
 
@@ -27,6 +28,7 @@ class LocalRuntime:
         self,
         settings: Settings,
         template: Template | None = None,
+        loops: Loops | None = None,
         on_drained: Mapping[str, DrainHook] = MappingProxyType({}),
     ):
         """`on_drained`: by handler path, what hears that a partition is drained and sealed
@@ -36,10 +38,12 @@ class LocalRuntime:
         self.folder: Path = settings.home / "runtime"
         self.functions = {n: LocalFunction(spec) for n, spec in self.template.functions.items()}
         self.gateway = Gateway(self.functions.values(), settings.gateway_host,
-                               settings.gateway_port)
+                               settings.gateway_port,
+                               max_connections=settings.http_max_connections,
+                               read_timeout_s=settings.http_read_timeout_seconds)
         self.mappings = [
             StreamMapping(function, source, self._topic(source), self.folder,
-                          on_drained.get(function.spec.handler))
+                          on_drained.get(function.spec.handler), loops=loops)
             for function in self.functions.values()
             for source in function.spec.streams
         ]

@@ -10,6 +10,10 @@ still fails goes, with its error, to the on-failure destination (a JSON file und
 runtime's folder, counted) and the partition moves on. Retrying before bisecting keeps a
 brief outage from splitting batches: a retried batch is the same batch.
 
+The mapping polls in a loop (`lambdalake.loops`): an error outside the function (the log or
+the position file unreadable, too many open files) is logged, counted and retried with a
+capped backoff from the committed position, nothing skipped.
+
 A drained partition is sealed at most once a second; when everything up to its end offset
 is processed, `on_drained(partition, end, t)` hears that every later record arrives at t or
 after (the archiver's watermark for an idle partition).
@@ -20,7 +24,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,12 +34,14 @@ from lambdalake.functions.runtime.template import StreamSource
 
 from lambdalake.eventlog import Partition, Record, Topic, now_ms
 from lambdalake.events import iso
+from lambdalake.loops import Loop, Loops
 from lambdalake.storage import FileStore
 
 DrainHook = Callable[[int, int, int], None]  # (partition, end offset, t)
 MAX_PAYLOAD_BYTES = 6 * 1024 * 1024
 _RECORD_JSON_BYTES = 160  # a record's JSON beyond its base64 value
 _MAX_BACKOFF_SECONDS = 30.0
+_STUCK_AFTER_SECONDS = 300.0  # an invocation's own timeout is at most 900 s on AWS
 _DRAIN_EVERY_SECONDS = 1.0
 
 log = logging.getLogger("lambdalake.functions.mapping")
@@ -88,6 +93,7 @@ class StreamMapping:
         on_drained: DrainHook | None = None,
         backoff_seconds: float = 0.5,
         poll_seconds: float = 0.05,
+        loops: Loops | None = None,
     ):
         self.function, self.source, self.topic, self.on_drained = (
             function, source, topic, on_drained,
@@ -98,32 +104,21 @@ class StreamMapping:
         self.positions = topic.committed(self.group)
         self._waiting_since: dict[int, float] = {}
         self._next_drain: dict[int, float] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.loop = Loop(f"mapping-{function.name}", self._step,
+                         first_backoff_s=backoff_seconds, max_backoff_s=_MAX_BACKOFF_SECONDS,
+                         stuck_after_s=_STUCK_AFTER_SECONDS)
+        if loops is not None:
+            loops.add(self.loop)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"mapping-{self.function.name}",
-                                        daemon=True)
-        self._thread.start()
+        self.loop.start()
 
     def stop(self) -> None:
         """Stop after the invocation under way (a batch not delivered is redelivered later)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self.loop.stop()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                delivered = self.poll_once()
-            except _Stopping:
-                return
-            except Exception:
-                log.exception("mapping poll failed", extra={"function": self.function.name})
-                self._stop.wait(self.backoff_seconds)
-                continue
-            if not delivered:
-                self._stop.wait(self.poll_seconds)
+    def _step(self) -> float:
+        return 0.0 if self.poll_once() else self.poll_seconds
 
     def poll_once(self) -> int:
         """One pass over the partitions; the number of records delivered."""
@@ -161,7 +156,7 @@ class StreamMapping:
     def _invoke(self, records: list[Record]) -> FunctionError | None:
         """Invoke until it succeeds (None) or the retries are spent (the last error)."""
         event, failures = kafka_event(self.source.topic, records), 0
-        while not self._stop.is_set():
+        while not self.loop.stopping.is_set():
             try:
                 self.function.invoke(event)
                 return None
@@ -174,8 +169,8 @@ class StreamMapping:
                 log.warning("batch failed; retrying", extra={
                     "function": self.function.name, "partition": records[0].partition,
                     "records": len(records), "failures": failures, "error": str(error)})
-            self._stop.wait(min(self.backoff_seconds * 2 ** max(failures - 1, 0),
-                                _MAX_BACKOFF_SECONDS))
+            self.loop.wait(min(self.backoff_seconds * 2 ** max(failures - 1, 0),
+                               _MAX_BACKOFF_SECONDS))
         raise _Stopping
 
     def _commit(self, records: list[Record]) -> None:

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from lambdalake.auth import KEY_HEADER
 from lambdalake.logs import setup_logging
 from lambdalake.settings import Settings
 
@@ -101,7 +102,8 @@ def produce_command(
                       end="\r")
 
     try:
-        stats = produce(target, stream, rate, count, on_progress=show)
+        stats = produce(target, stream, rate, count, on_progress=show,
+                        api_key=settings.keyring.key_for("ingest"))
     except KeyboardInterrupt:
         return
     except RuntimeError as exc:
@@ -151,8 +153,9 @@ def batch_rollback(version: str) -> None:
     from lambdalake.batch.run import BatchError, rollback
     from lambdalake.stack.up import open_settings_store
 
+    settings = Settings()
     try:
-        manifest = rollback(open_settings_store(Settings()), version)
+        manifest = rollback(settings, open_settings_store(settings), version)
     except (BatchError, LookupError) as exc:
         raise CliError(str(exc)) from None
     console.print(f"serving {manifest.version} (cut {_iso(manifest.cut)}); the real-time layer "
@@ -229,7 +232,8 @@ def _reachable(url: str) -> None:
 def _api(path: str, params: dict[str, Any]) -> Any:
     settings = Settings()
     url = f"http://{settings.api_host}:{settings.api_port}{path}"
-    headers = {"X-API-Key": settings.api_keys[0]} if settings.api_keys else {}
+    key = settings.keyring.key_for("query")
+    headers = {KEY_HEADER: key} if key else {}
     try:
         reply = httpx.get(url, params=params, headers=headers, timeout=30)
     except httpx.TransportError:
@@ -269,9 +273,13 @@ def main() -> None:
         _fail(str(exc))
     except ValidationError as exc:
         first = exc.errors()[0]
-        _fail(f"setting {'.'.join(map(str, first['loc']))}: {first['msg']}")
+        where = ".".join(map(str, first["loc"]))  # empty for a rule across settings
+        message = first["msg"].removeprefix("Value error, ")
+        _fail(f"setting {where}: {message}" if where else f"setting {message}")
     except (OSError, RuntimeError, ValueError, LookupError, ImportError) as exc:
-        _fail(f"{type(exc).__name__}: {exc}")
+        # our own errors say what is wrong in their message; a builtin one needs its name
+        builtin = type(exc).__module__ == "builtins"
+        _fail(f"{type(exc).__name__}: {exc}" if builtin else str(exc))
 
 
 def _fail(message: str) -> None:

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from lambdalake.catalog import Manifest
+from lambdalake.loops import Loop, Loops
 from lambdalake.project import Project, load_project
 from lambdalake.realtime import RealtimeCells
 from lambdalake.settings import Settings
@@ -22,6 +23,7 @@ from lambdalake.viewstate import CellUpdate
 
 log = logging.getLogger("lambdalake.stack")
 SPEED_WORKERS = {"quix": "lambdalake.speed.quix", "faust": "lambdalake.speed.faust_app"}
+_BATCH_RUN_BOUND_S = 3600.0  # a scheduled batch run taking longer is reported stuck
 
 
 def open_settings_store(settings: Settings) -> ObjectStore:
@@ -54,6 +56,7 @@ class Stack:
         self.project: Project = load_project(settings.project)
         self.store = open_settings_store(settings)
         self.realtime = RealtimeCells(self.project)
+        self.loops = Loops()
         self._stop = threading.Event()
         self._closers: list[Any] = []
 
@@ -70,19 +73,25 @@ class Stack:
         from lambdalake.speed.embedded import EmbeddedSpeed
 
         s = self.settings
-        server = ServerThread(build_server(s, self.project, self.store, self.realtime)).start()
+        server = ServerThread(build_server(s, self.project, self.store, self.realtime,
+                                           loops=self.loops)).start()
         self._closers.append(server.stop)
         if s.bus == "kafka":
             self._kafka_speed()
         else:
             speed = EmbeddedSpeed(s, self.project, events_topic(s), self.store,
-                                  self.publish_realtime)
+                                  self.publish_realtime, loops=self.loops,
+                                  restored=self.realtime.restored)
             speed.start()
             self._closers.append(speed.stop)
-        runtime = LocalRuntime(s, on_drained=archive.ON_DRAINED)
+        runtime = LocalRuntime(s, loops=self.loops, on_drained=archive.ON_DRAINED)
         runtime.start()
         self._closers.append(runtime.stop)
-        self._thread(self._batch_schedule, "batch-schedule")
+        interval = s.batch_interval_seconds
+        batches = Loop("batch-schedule", self._batch_step, first_backoff_s=1.0,
+                       max_backoff_s=min(30.0, interval), stuck_after_s=_BATCH_RUN_BOUND_S)
+        self.loops.add(batches).start(first_wait_s=interval)
+        self._closers.append(lambda: batches.stop(timeout_s=30))
         if self.produce_rate:
             self._thread(self._produce, "producer")
         return self
@@ -101,7 +110,8 @@ class Stack:
         env = {f"LAMBDALAKE_{k.upper()}": str(v) for k, v in self._speed_env().items() if v}
         worker = Supervised("speed", [sys.executable, "-m", module], os.environ | env).start()
         self._closers.append(worker.stop)
-        feed = RealtimeFeed(self.settings.kafka_bootstrap, self.settings.topic, self.realtime)
+        feed = RealtimeFeed(self.settings.kafka_bootstrap, self.settings.topic, self.realtime,
+                            self.loops)
         feed.start()
         self._closers.append(feed.stop)
 
@@ -126,7 +136,7 @@ class Stack:
         url = f"http://{self.settings.gateway_host}:{self.settings.gateway_port}/events"
         batch = max(1, min(500, int(self.produce_rate // 5)))
         produce(url, WebAnalyticsStream().batches(batch, now_ms), self.produce_rate, None,
-                stop=self._stop.is_set)
+                stop=self._stop.is_set, api_key=self.settings.keyring.key_for("ingest"))
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
@@ -142,16 +152,20 @@ class Stack:
         except KeyboardInterrupt:
             pass
 
-    def _batch_schedule(self) -> None:
-        while not self._stop.wait(self.settings.batch_interval_seconds):
-            started = time.monotonic()
-            try:
-                manifest = batch_once(self.settings, self.engine)
-            except Exception as exc:  # the next tick tries again; the old version keeps serving
-                log.warning("no batch published", extra={"reason": str(exc)})
-                continue
+    def _batch_step(self) -> float:
+        """One scheduled batch run. A refusal (nothing new) waits for the next tick; a failure
+        raises, to be retried with backoff, the old version serving meanwhile."""
+        from lambdalake.batch.run import BatchRefused
+
+        started = time.monotonic()
+        try:
+            manifest = batch_once(self.settings, self.engine)
+        except BatchRefused as exc:
+            log.info("no batch published", extra={"reason": str(exc)})
+        else:
             log.info("batch published", extra={"version": manifest.version, "cut": manifest.cut,
                                                 "seconds": round(time.monotonic() - started, 3)})
+        return self.settings.batch_interval_seconds
 
     def banner(self) -> str:
         s = self.settings
