@@ -36,7 +36,7 @@ from serving.models import (
 )
 from serving.query import DuckDB, run_sql, view_rows
 
-_QUERY_PARAMETERS = {"from", "to", "bucket", "group_by", "order_by", "limit"}
+_QUERY_PARAMETERS = {"from", "to", "bucket", "group_by", "order_by", "limit", "quantiles"}
 _API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False)
 _BEARER = HTTPBearer(auto_error=False)
 
@@ -112,13 +112,15 @@ def query_view(
     order_by: Annotated[str | None, Query(description="metric (descending), or "
                                           "name:asc / name:desc")] = None,
     limit: Annotated[int | None, Query(description="At most this many rows")] = None,
+    quantiles: Annotated[str | None, Query(description="Ranks quantiles metrics answer, "
+                                           "e.g. 0.5,0.9,0.99 (the default)")] = None,
 ) -> ViewAnswer:
     """A view's merged answer. Any other query parameter filters a dimension: `url=/home`."""
     definition = _known_view(serving.project, view)
     query = parse(
         definition, serving.project.schemas[definition.event_type], start=start, end=end,
         bucket=bucket, group_by=group_by, filters=_dimension_filters(request),
-        order_by=order_by, limit=limit,
+        order_by=order_by, limit=limit, quantiles=quantiles,
     )
     reading = serving.views.read([view])
     rows = view_rows(serving.duck, reading, definition, query)

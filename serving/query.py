@@ -10,7 +10,7 @@ import base64
 import math
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -22,10 +22,10 @@ from uuid import UUID
 
 import duckdb
 import pyarrow as pa
+from datasketches import compact_theta_sketch, kll_doubles_sketch, theta_intersection
 
-from lambdalake.events import epoch_ms
-from lambdalake.monoids import ApproxDistinct
-from lambdalake.query import Query, QueryError, finalize, plan
+from lambdalake.monoids import DistinctSet, Monoid, Quantiles
+from lambdalake.query import Query, QueryError, finalize, merged_records, plan
 from lambdalake.views import View
 from serving.batch_views import BatchViews, Reading, Snapshot
 
@@ -40,6 +40,7 @@ class DuckDB:
     def __init__(self) -> None:
         config = {"enable_external_access": False, "autoinstall_known_extensions": False}
         self._connection = duckdb.connect(config=config)
+        _register_sketch_functions(self._connection)
         self._connection.execute("SET TimeZone = 'UTC'")
         self._connection.execute("SET lock_configuration = true")
         self._lock = threading.Lock()
@@ -63,14 +64,19 @@ class DuckDB:
 
 def view_rows(duck: DuckDB, reading: Reading, view: View, query: Query) -> list[dict[str, Any]]:
     """One view's answer to a query: merged accumulators, finalized by the kernel."""
+    return finalize(view, query, *_merged_rows(duck, reading, view, query))
+
+
+def _merged_rows(
+    duck: DuckDB, reading: Reading, view: View, query: Query
+) -> tuple[list[str], list[tuple]]:
     sql, params = plan(view, query)
     relations = {"batch_rows": reading.snapshot.tables[view.name],
                  "cells": reading.realtime[view.name]}
     with duck.cursor(relations) as cursor:
         cursor.execute(_MERGED)
         result = cursor.execute(sql, params)
-        columns = [column[0] for column in result.description]
-        return finalize(view, query, columns, result.fetchall())
+        return [column[0] for column in result.description], result.fetchall()
 
 
 @dataclass(frozen=True)
@@ -118,19 +124,72 @@ def _check_read_only(cursor: duckdb.DuckDBPyConnection, sql: str) -> None:
 
 
 def _sql_table(duck: DuckDB, reading: Reading, views: BatchViews, view: View) -> pa.Table:
-    rows = view_rows(duck, reading, view, Query())
+    query = Query()
+    rows = merged_records(view, query, *_merged_rows(duck, reading, view, query))
     for row in rows:
-        row["bucket"] = epoch_ms(row["bucket"])
+        for name, metric in view.metrics.items():
+            row[name] = _SQL_COLUMNS[metric.kind].value(metric, row[name])
     return pa.Table.from_pylist(rows, schema=sql_schema(views.schemas[view.name], view))
 
 
 def sql_schema(table_schema: pa.Schema, view: View) -> pa.Schema:
-    """A view's table as /sql sees it: `bucket` a timestamp, sketches as their estimates."""
+    """A view's table as /sql sees it: `bucket` a timestamp, each metric as `_SQL_COLUMNS`."""
     schema = table_schema.set(0, pa.field("bucket", pa.timestamp("ms", tz="UTC"), False))
     for name, metric in view.metrics.items():
-        if isinstance(metric, ApproxDistinct):
-            schema = schema.set(schema.get_field_index(name), pa.field(name, pa.int64()))
+        index = schema.get_field_index(name)
+        arrow_type = _SQL_COLUMNS[metric.kind].arrow_type or schema.field(index).type
+        schema = schema.set(index, pa.field(name, arrow_type))
     return schema
+
+
+@dataclass(frozen=True)
+class _SqlColumn:
+    """How /sql shows a kind: its merged accumulator as is, or turned into `value`."""
+
+    arrow_type: pa.DataType | None = None  # None: the accumulator's own
+    value: Callable[[Monoid, Any], Any] = lambda metric, acc: acc
+
+
+# Approximate distinct counts show their estimates; quantiles and distinct sets their
+# sketches, for the functions below (a union or intersection of estimates means nothing).
+_SQL_COLUMNS = {
+    "count": _SqlColumn(),
+    "sum": _SqlColumn(),
+    "min": _SqlColumn(),
+    "max": _SqlColumn(),
+    "approx_distinct": _SqlColumn(pa.int64(), lambda metric, acc: metric.result(acc)),
+    "quantiles": _SqlColumn(),
+    "distinct_set": _SqlColumn(),
+}
+_THETA, _KLL = DistinctSet(), Quantiles()
+
+
+def _register_sketch_functions(connection: duckdb.DuckDBPyConnection) -> None:
+    """SQL functions over the sketches /sql shows (DuckDB has no DataSketches extension)."""
+    functions = {
+        "theta_union": (_THETA.merge_all, ["BLOB[]"], "BLOB"),
+        "theta_intersection": (_theta_intersection, ["BLOB[]"], "BLOB"),
+        "theta_estimate": (lambda sketch: _THETA.result(sketch), ["BLOB"], "BIGINT"),
+        "kll_merge": (_KLL.merge_all, ["BLOB[]"], "BLOB"),
+        "kll_quantile": (_kll_quantile, ["BLOB", "DOUBLE"], "DOUBLE"),
+    }
+    for name, (function, parameters, returns) in functions.items():
+        connection.create_function(name, function, parameters, returns)
+
+
+def _theta_intersection(sketches: list[bytes | None]) -> bytes:
+    """The sketch of the values in every one of `sketches` (a null sketch: no values)."""
+    intersection = theta_intersection()
+    for sketch in sketches:
+        intersection.update(compact_theta_sketch.deserialize(sketch or _THETA.zero()))
+    return intersection.get_result().serialize() if sketches else _THETA.zero()
+
+
+def _kll_quantile(sketch: bytes, rank: float) -> float | None:
+    if not 0 <= rank <= 1:
+        raise ValueError(f"kll_quantile: rank must be between 0 and 1, got {rank}")
+    kll = kll_doubles_sketch.deserialize(sketch)
+    return None if kll.is_empty() else kll.get_quantile(rank)
 
 
 @singledispatch
