@@ -1,7 +1,7 @@
 """The example project: web analytics in the spirit of SuperWebAnalytics.com."""
 
 from lambdalake.events import EventSchema
-from lambdalake.monoids import ApproxDistinct, Count, Sum
+from lambdalake.monoids import ApproxDistinct, Count, DistinctSet, Quantiles, Sum
 from lambdalake.project import Project
 from lambdalake.views import View
 
@@ -19,14 +19,19 @@ project = Project.of(
             event_type="pageview",
             keys=("url",),
             bucket="hour",
-            metrics={"pageviews": Count(), "visitors": ApproxDistinct("user_id")},
+            metrics={
+                "pageviews": Count(),
+                "visitors": ApproxDistinct("user_id"),
+                "duration": Quantiles("duration_ms"),
+                "viewers": DistinctSet("user_id"),
+            },
         ),
         View(
             name="revenue_by_sku_day",
             event_type="purchase",
             keys=("sku",),
             bucket="day",
-            metrics={"revenue": Sum("amount"), "orders": Count()},
+            metrics={"revenue": Sum("amount"), "orders": Count(), "buyers": DistinctSet("user_id")},
         ),
     ],
 )

@@ -28,9 +28,14 @@ def merge_sql(metric: Monoid, column: str) -> str:
     return MERGE_SQL.get(metric.kind, GATHER_SQL).format(column)
 
 
+def gathered(metric: Monoid) -> bool:
+    """Whether `merge_sql` returns a list of `metric`'s accumulators, for `merge_all`."""
+    return metric.kind not in MERGE_SQL
+
+
 def merged(metric: Monoid, value: Any) -> Any:
     """The merged accumulator from what `merge_sql` returned."""
-    return value if metric.kind in MERGE_SQL else metric.merge_all(value)
+    return metric.merge_all(value) if gathered(metric) else value
 
 
 class QueryError(ValueError):
