@@ -233,7 +233,7 @@ class Quantiles(_Sketch):
         sketch = kll_doubles_sketch.deserialize(acc) if acc is not None else None
         if sketch is None or sketch.is_empty():
             return None
-        return {str(rank): sketch.get_quantile(rank) for rank in quantiles}
+        return {str(rank): sketch.get_quantile(rank, inclusive=True) for rank in quantiles}
 
     def add(self, working: kll_doubles_sketch, value: Any) -> kll_doubles_sketch:
         if value is not None:

@@ -189,7 +189,7 @@ def _kll_quantile(sketch: bytes, rank: float) -> float | None:
     if not 0 <= rank <= 1:
         raise ValueError(f"kll_quantile: rank must be between 0 and 1, got {rank}")
     kll = kll_doubles_sketch.deserialize(sketch)
-    return None if kll.is_empty() else kll.get_quantile(rank)
+    return None if kll.is_empty() else kll.get_quantile(rank, inclusive=True)
 
 
 @singledispatch
