@@ -17,6 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from datasketches import hll_sketch, kll_doubles_sketch, tgt_hll_type, update_theta_sketch
+from exact import exact_quantiles
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -161,14 +162,6 @@ def kll(values: list[int]) -> bytes:
     for value in values:
         sketch.update(value)
     return sketch.serialize()
-
-
-def exact_quantiles(values: list[int]) -> dict[str, float] | None:
-    """The inclusive quantiles of a list, as a KLL sketch of up to k values answers them."""
-    ordered = sorted(values)
-    ranks = (0.5, 0.9, 0.99)
-    n = len(ordered)
-    return {str(q): float(ordered[max(math.ceil(q * n), 1) - 1]) for q in ranks} if n else None
 
 
 def batch_rows(records: list[Record], cut: int) -> dict[str, dict]:
