@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+from datasketches import kll_doubles_sketch
 
 from lambdalake.monoids import DEFAULT_QUANTILES
 
@@ -20,4 +24,29 @@ def exact_quantiles(
 
 def rank_of(values: Sequence[float], value: float) -> float:
     """The fraction of `values` at or below `value`."""
-    return sum(v <= value for v in values) / len(values)
+    return _rank(sorted(values), value)
+
+
+@dataclass(frozen=True, eq=False)
+class QuantilesOf:
+    """Equal to a quantiles answer over `values` whose every quantile has a true rank within
+    KLL's documented normalized rank error (k 200) of the rank asked: a sketch that
+    compacted answers so, not exactly."""
+
+    values: tuple[float, ...]
+
+    def __eq__(self, answer: object) -> bool:
+        if not self.values or not isinstance(answer, dict):
+            return answer is None and not self.values
+        error = kll_doubles_sketch.get_normalized_rank_error(200, False)
+        ordered = sorted(self.values)
+        return all(
+            abs(_rank(ordered, value) - float(rank)) <= error for rank, value in answer.items()
+        )
+
+    def __hash__(self) -> int:
+        return hash(self.values)
+
+
+def _rank(ordered: list[float], value: float) -> float:
+    return bisect.bisect_right(ordered, value) / len(ordered)
