@@ -22,16 +22,12 @@ def exact_quantiles(
     return {str(q): float(ordered[max(math.ceil(q * n), 1) - 1]) for q in ranks} if n else None
 
 
-def rank_of(values: Sequence[float], value: float) -> float:
-    """The fraction of `values` at or below `value`."""
-    return _rank(sorted(values), value)
-
 
 @dataclass(frozen=True, eq=False)
 class QuantilesOf:
-    """Equal to a quantiles answer over `values` whose every quantile has a true rank within
-    KLL's documented normalized rank error (k 200) of the rank asked: a sketch that
-    compacted answers so, not exactly."""
+    """Equal to a quantiles answer over `values` where each rank asked falls within KLL's
+    documented normalized rank error (k 200) of its value's ranks (the fraction of values
+    below it, and at or below it): a sketch that compacted answers so, not exactly."""
 
     values: tuple[float, ...]
 
@@ -39,14 +35,13 @@ class QuantilesOf:
         if not self.values or not isinstance(answer, dict):
             return answer is None and not self.values
         error = kll_doubles_sketch.get_normalized_rank_error(200, False)
-        ordered = sorted(self.values)
+        ordered, n = sorted(self.values), len(self.values)
         return all(
-            abs(_rank(ordered, value) - float(rank)) <= error for rank, value in answer.items()
+            bisect.bisect_left(ordered, value) / n - error
+            <= float(rank)
+            <= bisect.bisect_right(ordered, value) / n + error
+            for rank, value in answer.items()
         )
 
     def __hash__(self) -> int:
         return hash(self.values)
-
-
-def _rank(ordered: list[float], value: float) -> float:
-    return bisect.bisect_right(ordered, value) / len(ordered)
