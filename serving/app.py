@@ -130,7 +130,9 @@ def query_view(
 @api.post("/sql", tags=["views"], responses={400: {"model": Errors}})
 def sql(body: SqlRequest, serving: ServingDep) -> SqlAnswer:
     """Read-only SQL over tables named after the views: merged rows at each view's bucket
-    (`bucket` a UTC timestamp), exact metrics and sketch estimates; at most 10,000 rows."""
+    (`bucket` a UTC timestamp), exact metrics, approx distinct estimates, quantile and
+    distinct-set sketches for `kll_quantile`, `kll_merge`, `theta_estimate`, `theta_union`
+    and `theta_intersection`; at most 10,000 rows."""
     result = run_sql(serving.duck, serving.views, body.sql)
     fresh = freshness(serving.views, result.snapshot)
     return SqlAnswer(columns=result.columns, rows=result.rows, truncated=result.truncated,

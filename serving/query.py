@@ -89,7 +89,7 @@ class SqlResult:
 
 def run_sql(duck: DuckDB, views: BatchViews, sql: str) -> SqlResult:
     """Read-only SQL over tables named after the views: merged rows at each view's own bucket,
-    `bucket` a UTC timestamp, exact metrics and sketch estimates. At most SQL_MAX_ROWS rows."""
+    `bucket` a UTC timestamp, each metric as `_SQL_COLUMNS` shows it. At most SQL_MAX_ROWS rows."""
     defined = views.project.views
     named = [name for name in defined if re.search(rf"\b{name}\b", sql, re.IGNORECASE)]
     with duck.cursor() as cursor:
