@@ -45,6 +45,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from lambdalake.query import QueryError
 from lambdalake.settings import Settings
+from serving.sketch_functions import register_sketch_functions
 
 log = logging.getLogger("lambdalake.serving.sql")
 T = TypeVar("T")
@@ -263,6 +264,7 @@ def sandbox_database(memory_mb: int) -> duckdb.DuckDBPyConnection:
         "home_directory": "/",  # and no server path shows in duckdb_settings()
     }
     database = duckdb.connect(config=config)
+    register_sketch_functions(database)
     database.execute("SET TimeZone = 'UTC'")
     database.execute("SET lock_configuration = true")
     return database
