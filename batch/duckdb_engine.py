@@ -3,44 +3,67 @@
 Objects are read through the store's pyarrow filesystem (DuckDB's httpfs extension is not
 needed) and registered with DuckDB as Arrow, without a copy. Each view becomes one SQL query:
 dedup by `event_id` (within the view's event type: its objects hold no other), filter,
-bucket, group, and the exact metrics by their monoid kind.
-Approximate distinct counts come back from SQL as the list of each group's distinct values
-and are turned into DataSketches HLL sketches in bulk by `lambdalake.sketches`.
+bucket, group, and each metric as `_AGGREGATES` says for its kind. DuckDB has no
+DataSketches extension here: a sketch metric comes back from SQL as the list of each group's
+values and is turned into DataSketches sketches in bulk by `lambdalake.sketches` (HLL,
+Theta, KLL).
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-from lambdalake.batch.engine import CorruptObject, with_rows_read
 
 from lambdalake import master, sketches
-from lambdalake.monoids import ApproxDistinct, Monoid
+from lambdalake.batch.engine import EXACT_SQL, with_rows_read
+from lambdalake.batch.objects import read_all
+from lambdalake.monoids import Monoid
 from lambdalake.project import Project, table_schema
 from lambdalake.storage import ObjectStore
 from lambdalake.views import View
 
-_PARQUET = ds.ParquetFileFormat()
-_READERS = 16  # objects read at once: on S3 each read is mostly waiting for the network
-_EXACT = {
-    "count": "count(*)",
-    "sum": "coalesce(sum({field}), 0)",  # the Sum monoid's zero, also when every value is null
-    "min": "min({field})",
-    "max": "max({field})",
+# Builds one sketch per group from a flat column of values and each value's group id.
+SketchBuilder = Callable[[Monoid, np.ndarray, pa.Array, int], pa.Array]
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """A kind in DuckDB: its aggregate over the quoted field, and for a sketch the builder
+    that turns the aggregate's per-group list of values into sketches."""
+
+    sql: str
+    build: SketchBuilder | None = None
+
+
+_AGGREGATES: dict[str, Aggregate] = {
+    **{kind: Aggregate(sql) for kind, sql in EXACT_SQL.items()},
+    # a sketch of the distinct values is the same sketch
+    "approx_distinct": Aggregate(
+        "list(DISTINCT {})",
+        lambda m, groups, values, n: sketches.build_sketch_array(groups, values, m.lg_k, n),
+    ),
+    "distinct_set": Aggregate(
+        "list(DISTINCT {})",
+        lambda m, groups, values, n: sketches.build_theta_array(groups, values, m.lg_k, n),
+    ),
+    "quantiles": Aggregate(
+        "list({})", lambda m, groups, values, n: sketches.build_kll_array(groups, values, m.k, n)
+    ),
 }
 
 
 @dataclass(frozen=True)
 class ViewQuery:
-    """A view as SQL over the relation `master_rows`, and its sketch columns (name -> lgK)."""
+    """A view as SQL over the relation `master_rows`, and its sketch metrics by name."""
 
     sql: str
-    sketches: dict[str, int]
+    sketches: dict[str, Monoid]
 
 
 class DuckDBEngine:
@@ -61,9 +84,9 @@ class DuckDBEngine:
         with self._database.cursor() as con:
             con.register("master_rows", rows)
             result = con.sql(query.sql).to_arrow_table()
-        for name, lg_k in query.sketches.items():
+        for name, metric in query.sketches.items():
             index = result.schema.get_field_index(name)
-            result = result.set_column(index, name, _sketch_column(result[name], lg_k))
+            result = result.set_column(index, name, _sketch_column(metric, result[name]))
         return with_rows_read(result.cast(table_schema(project, view)), rows.num_rows)
 
 
@@ -84,28 +107,30 @@ def compile_view(view: View) -> ViewQuery:
         GROUP BY {positions}
         ORDER BY {positions}
     """
-    approx = {n: m.lg_k for n, m in view.metrics.items() if isinstance(m, ApproxDistinct)}
-    return ViewQuery(sql, approx)
+    built = {n: m for n, m in view.metrics.items() if _aggregate(m).build is not None}
+    return ViewQuery(sql, built)
+
+
+def _aggregate(metric: Monoid) -> Aggregate:
+    aggregate = _AGGREGATES.get(metric.kind)
+    if aggregate is None:
+        raise ValueError(f"the duckdb engine cannot compute {metric.kind!r} metrics")
+    return aggregate
 
 
 def _metric_sql(metric: Monoid) -> str:
-    if isinstance(metric, ApproxDistinct):  # a sketch of the distinct values is the same
-        return f"list(DISTINCT {_quote(metric.field)})"
-    template = _EXACT.get(metric.kind)
-    if template is None:
-        raise ValueError(f"the duckdb engine cannot compute {metric.kind!r} metrics")
-    return template.format(field=_quote(metric.field) if metric.field else "")
+    return _aggregate(metric).sql.format(_quote(metric.field) if metric.field else "")
 
 
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _sketch_column(values: pa.ChunkedArray, lg_k: int) -> pa.Array:
-    """One HLL sketch per row from a column of per-group value lists."""
+def _sketch_column(metric: Monoid, values: pa.ChunkedArray) -> pa.Array:
+    """One sketch per row from a column of per-group value lists."""
     lists = values.combine_chunks()
     group_ids = pc.list_parent_indices(lists).to_numpy()
-    built = sketches.build_sketch_array(group_ids, pc.list_flatten(lists), lg_k, len(lists))
+    built = _aggregate(metric).build(metric, group_ids, pc.list_flatten(lists), len(lists))
     return built.cast(pa.binary())
 
 
@@ -116,35 +141,9 @@ def read_master(
 
     Columns an older object lacks read as nulls.
     """
-    reader = _ObjectReader(store, schema, columns, cut)
-    with ThreadPoolExecutor(_READERS) as pool:
-        parts = list(pool.map(reader.read, keys))
+    below_cut = ds.field("arrival") < cut
+    parts = read_all(
+        store, keys, lambda part: part.to_table(schema=schema, columns=columns, filter=below_cut)
+    )
     empty = pa.schema([schema.field(c) for c in columns]).empty_table()
     return pa.concat_tables([empty, *parts])
-
-
-class _ObjectReader:
-    def __init__(self, store: ObjectStore, schema: pa.Schema, columns: list[str], cut: int):
-        self.store, self.schema, self.columns, self.cut = store, schema, columns, cut
-        self.filesystem, self.root = store.arrow()
-
-    def read(self, key: str) -> pa.Table:
-        path = f"{self.root}/{key}"
-        try:
-            return self._scan(_PARQUET.make_fragment(path, filesystem=self.filesystem))
-        except FileNotFoundError:
-            raise
-        except (pa.ArrowException, OSError):
-            # pyarrow reports garbled data and a failed network read alike (OSError), and
-            # only corruption may be skipped: fetch the bytes through the store (its own
-            # retries; its errors propagate), then parse them again.
-            data = self.store.get(key)
-        try:
-            return self._scan(_PARQUET.make_fragment(pa.BufferReader(data)))
-        except (pa.ArrowException, OSError) as exc:
-            raise CorruptObject(key, str(exc)) from exc
-
-    def _scan(self, fragment: ds.Fragment) -> pa.Table:
-        return fragment.to_table(
-            schema=self.schema, columns=self.columns, filter=ds.field("arrival") < self.cut
-        )

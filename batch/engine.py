@@ -16,6 +16,14 @@ from lambdalake.storage import ObjectStore
 from lambdalake.views import View
 
 ROWS_READ = b"lambdalake.rows_read"
+# The exact kinds as SQL aggregates over a quoted column, which DuckDB and Spark SQL read
+# alike; each engine's table of kinds takes them from here.
+EXACT_SQL = {
+    "count": "count(*)",
+    "sum": "coalesce(sum({}), 0)",  # the Sum monoid's zero, also when every value is null
+    "min": "min({})",
+    "max": "max({})",
+}
 
 
 class CorruptObject(Exception):

@@ -39,15 +39,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
-from lambdalake.batch.engine import with_rows_read
-from lambdalake.batch.objects import read_all
 
 from lambdalake import catalog
+from lambdalake.batch.engine import with_rows_read
+from lambdalake.batch.objects import read_all
 from lambdalake.catalog import Manifest
 from lambdalake.events import EventSchema
 from lambdalake.master import arrow_schema
-from lambdalake.monoids import ApproxDistinct
+from lambdalake.monoids import Monoid
 from lambdalake.project import Project, table_schema
+from lambdalake.query import gathered, merge_sql
 from lambdalake.storage import NotFound, ObjectStore
 from lambdalake.views import View
 
@@ -158,7 +159,9 @@ def merge(
         pq.read_table(pa.BufferReader(store.get(key))) for key in base.views[view.name].files
     )
     groups = ", ".join(_quote(name) for name in ("bucket", *view.keys))
-    metrics = ", ".join(f"{m.sql_merge(_quote(n))} AS {_quote(n)}" for n, m in view.metrics.items())
+    metrics = ", ".join(
+        f"{merge_sql(m, _quote(n))} AS {_quote(n)}" for n, m in view.metrics.items()
+    )
     positions = ", ".join(str(i + 1) for i in range(len(view.keys) + 1))
     sql = f"""
         SELECT {groups}, {metrics}
@@ -170,17 +173,19 @@ def merge(
         con.register("previous", previous)
         con.register("delta", delta.replace_schema_metadata(None))
         merged = con.sql(sql).to_arrow_table()
+    target = table_schema(project, view)
     for name, metric in view.metrics.items():
-        if isinstance(metric, ApproxDistinct):
+        if gathered(metric):
             index = merged.schema.get_field_index(name)
-            merged = merged.set_column(index, name, _union(metric, merged[name]))
-    return with_rows_read(merged.cast(table_schema(project, view)), read)
+            column = _union(metric, merged[name], target.field(name).type)
+            merged = merged.set_column(index, name, column)
+    return with_rows_read(merged.cast(target), read)
 
 
-def _union(metric: ApproxDistinct, parts: pa.ChunkedArray) -> pa.Array:
-    """One sketch per row from its list of sketches; a lone sketch is kept as it is."""
+def _union(metric: Monoid, parts: pa.ChunkedArray, arrow_type: pa.DataType) -> pa.Array:
+    """One accumulator per row from its list of them; a lone one is kept as it is."""
     groups = parts.to_pylist()
-    return pa.array([g[0] if len(g) == 1 else metric.merge_all(g) for g in groups], pa.binary())
+    return pa.array([g[0] if len(g) == 1 else metric.merge_all(g) for g in groups], arrow_type)
 
 
 def _quote(name: str) -> str:

@@ -33,11 +33,11 @@ from typing import Any, NoReturn
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from lambdalake.batch import incremental as delta
-from lambdalake.batch.engine import CorruptObject, Engine, engine_named, rows_read
 from rich.progress import Progress
 
 from lambdalake import catalog, master
+from lambdalake.batch import incremental as delta
+from lambdalake.batch.engine import CorruptObject, Engine, engine_named, rows_read
 from lambdalake.catalog import Manifest, ViewFiles
 from lambdalake.events import iso
 from lambdalake.lease import Lease, LeaseHeld

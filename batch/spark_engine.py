@@ -4,9 +4,10 @@
 Each view becomes one DataFrame job translated from its definition: the event type's objects
 (an S3 store's endpoint and credentials passed as s3a read options), arrival < cut, one copy
 per `event_id` within the type (the minimum of a struct led by arrival, partition, offset), the
-view's conditions, then group by bucket and keys with each metric by its monoid kind.
-Approximate distinct counts are Spark's `hll_sketch_agg`: DataSketches HLL sketches, as every
-engine's. The master rows read are counted in the same pass (an `Observation`).
+view's conditions, then group by bucket and keys with each metric as `_AGGREGATES` says for
+its kind. Sketches are Spark's own DataSketches aggregates (`hll_sketch_agg`,
+`theta_sketch_agg`, `kll_sketch_agg_double`), in the formats every engine writes.
+The master rows read are counted in the same pass (an `Observation`).
 
 Conditions become Column expressions rather than `view.where_sql()`: Spark SQL reads `\\` in
 a string literal as an escape (and with `escapedStringLiterals` no longer reads `''` as a
@@ -23,13 +24,12 @@ from __future__ import annotations
 import functools
 import operator
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.dataset as ds
-from lambdalake.batch.engine import with_rows_read
-from lambdalake.batch.objects import read_all
 from py4j.protocol import Py4JJavaError
 from pyspark.errors import PySparkException
 from pyspark.sql import Column, DataFrame, Observation, SparkSession
@@ -37,7 +37,9 @@ from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema
 
 from lambdalake import master
-from lambdalake.monoids import ApproxDistinct, Monoid
+from lambdalake.batch.engine import EXACT_SQL, with_rows_read
+from lambdalake.batch.objects import read_all
+from lambdalake.monoids import Monoid
 from lambdalake.project import Project, table_schema
 from lambdalake.resources import run_script
 from lambdalake.storage import FileStore, ObjectStore, S3Store
@@ -52,23 +54,55 @@ DEFAULT_CONF = {
         "org.apache.spark.sql.execution.adaptive.AQEPropagateEmptyRelation",
 }
 DEDUP_ORDER = ("arrival", "partition", "offset")
-_COMPARE = {
-    "==": operator.eq,
-    "!=": operator.ne,
-    "<": operator.lt,
-    "<=": operator.le,
-    ">": operator.gt,
-    ">=": operator.ge,
-}
-_EXACT = {
-    "count": F.count,  # of its input, 1 per event
-    "sum": lambda column: F.coalesce(F.sum(column), F.lit(0)),  # the Sum monoid's zero
-    "min": F.min,
-    "max": F.max,
-}
 _S3A_PROVIDERS = {
     False: "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider",
     True: "org.apache.hadoop.fs.s3a.TemporaryAWSCredentialsProvider",
+}
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """A kind in Spark: the value it folds per event (from the field's column and Arrow
+    type), and its aggregate over the column of those values (by name)."""
+
+    value: Callable[[Column, pa.DataType], Column]
+    aggregate: Callable[[Monoid, str], Column]
+
+
+def _field(column: Column, arrow_type: pa.DataType) -> Column:
+    return column
+
+
+def _exact(sql: str) -> Aggregate:
+    return Aggregate(_field, lambda metric, name: F.expr(sql.format(f"`{name}`")))
+
+
+def sketch_input(column: Column, arrow_type: pa.DataType) -> Column:
+    """A value as Spark's hash sketch aggregates must see it to hash as DataSketches (and
+    `lambdalake.sketches`) do: integers and booleans as bigint; a double as its canonical
+    bits (-0.0 as 0.0, one NaN), which DataSketches hashes exactly as it hashes the double
+    (Spark's `hll_sketch_agg` takes no doubles).
+    """
+    if pa.types.is_floating(arrow_type):
+        bits = F.java_method(F.lit("java.lang.Double"), F.lit("doubleToLongBits"), column + 0.0)
+        return F.when(column.isNotNull(), bits.cast("bigint"))
+    if pa.types.is_integer(arrow_type) or pa.types.is_boolean(arrow_type):
+        return column.cast("bigint")
+    return column
+
+
+_AGGREGATES: dict[str, Aggregate] = {
+    **{kind: _exact(sql) for kind, sql in EXACT_SQL.items()},
+    "approx_distinct": Aggregate(
+        sketch_input, lambda m, name: F.hll_sketch_agg(F.col(name), m.lg_k)
+    ),
+    "distinct_set": Aggregate(
+        sketch_input, lambda m, name: F.theta_sketch_agg(F.col(name), m.lg_k)
+    ),
+    "quantiles": Aggregate(
+        lambda column, _: column.cast("double"),
+        lambda m, name: F.kll_sketch_agg_double(F.col(name), m.k),
+    ),
 }
 
 
@@ -118,7 +152,7 @@ class SparkEngine:
 
 
 def view_frame(view: View, schema: pa.Schema, rows: DataFrame) -> DataFrame:
-    """The view's rows over master `rows`: dedup, filter, group, metrics by monoid kind.
+    """The view's rows over master `rows`: dedup, filter, group, metrics by their kind.
 
     Each metric's input column is projected first, under the metric's name, then aggregated
     (Spark refuses `java_method`, which is not deterministic, inside an aggregate).
@@ -128,45 +162,28 @@ def view_frame(view: View, schema: pa.Schema, rows: DataFrame) -> DataFrame:
     events = rows.groupBy("event_id").agg(first).select("first.*").where(condition(view))
     bucket = (F.col("ts") - F.col("ts") % view.bucket_ms).alias("bucket")
     inputs = [metric_input(m, schema).alias(name) for name, m in view.metrics.items()]
-    metrics = [aggregate(m, F.col(name)).alias(name) for name, m in view.metrics.items()]
+    metrics = [_aggregate(m).aggregate(m, name).alias(name) for name, m in view.metrics.items()]
     return events.select(bucket, *view.keys, *inputs).groupBy("bucket", *view.keys).agg(*metrics)
 
 
 def condition(view: View) -> Column:
     """The view's filter; a null never matches (SQL comparison semantics)."""
-    tests = (_COMPARE[c.op](F.col(c.field), F.lit(c.value)) for c in view.where)
+    tests = (c.compare(F.col(c.field), F.lit(c.value)) for c in view.where)
     return functools.reduce(operator.and_, tests, F.lit(True))
 
 
 def metric_input(metric: Monoid, schema: pa.Schema) -> Column:
-    """The value a metric folds, per event."""
-    if isinstance(metric, ApproxDistinct):
-        return sketch_input(metric.field, schema.field(metric.field).type)
-    return F.col(metric.field) if metric.field else F.lit(1)
+    """The value a metric folds, per event (1 for a count)."""
+    if not metric.field:
+        return F.lit(1)
+    return _aggregate(metric).value(F.col(metric.field), schema.field(metric.field).type)
 
 
-def aggregate(metric: Monoid, values: Column) -> Column:
-    if isinstance(metric, ApproxDistinct):
-        return F.hll_sketch_agg(values, metric.lg_k)
-    fold = _EXACT.get(metric.kind)
-    if fold is None:
+def _aggregate(metric: Monoid) -> Aggregate:
+    aggregate = _AGGREGATES.get(metric.kind)
+    if aggregate is None:
         raise ValueError(f"the spark engine cannot compute {metric.kind!r} metrics")
-    return fold(values)
-
-
-def sketch_input(field: str, arrow_type: pa.DataType) -> Column:
-    """The field as `hll_sketch_agg` must see it to hash as DataSketches (and `sketches`) do.
-
-    Integers and booleans as bigint; a double as its canonical bits (-0.0 as 0.0, one NaN),
-    which DataSketches hashes exactly as it hashes the double (Spark takes no doubles).
-    """
-    column = F.col(field)
-    if pa.types.is_floating(arrow_type):
-        bits = F.expr(f"java_method('java.lang.Double', 'doubleToLongBits', `{field}` + 0.0)")
-        return F.when(column.isNotNull(), bits.cast("bigint"))
-    if pa.types.is_integer(arrow_type) or pa.types.is_boolean(arrow_type):
-        return column.cast("bigint")
-    return column
+    return aggregate
 
 
 def _read_footer(fragment: ds.ParquetFileFragment) -> None:

@@ -19,11 +19,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from lambdalake.functions.environment import PerColdStart
 from prometheus_client import Counter
 
 from lambdalake import master
 from lambdalake.events import Event, EventSchema, Problem, Validator
+from lambdalake.functions.environment import PerColdStart
 from lambdalake.project import load_project
 from lambdalake.settings import Settings
 from lambdalake.storage import NotFound, ObjectStore, open_store

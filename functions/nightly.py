@@ -14,9 +14,8 @@ import time
 from typing import Any
 
 from lambdalake.batch.run import run_from_settings
-from lambdalake.functions.environment import current_settings
-
 from lambdalake.events import iso
+from lambdalake.functions.environment import current_settings
 
 SCHEDULED = ("aws.events", "Scheduled Event")
 

@@ -1,7 +1,7 @@
 """The example project: web analytics in the spirit of SuperWebAnalytics.com."""
 
 from lambdalake.events import EventSchema
-from lambdalake.monoids import ApproxDistinct, Count, Sum
+from lambdalake.monoids import ApproxDistinct, Count, DistinctSet, Quantiles, Sum
 from lambdalake.project import Project
 from lambdalake.views import View
 
@@ -27,6 +27,20 @@ project = Project.of(
             keys=("sku",),
             bucket="day",
             metrics={"revenue": Sum("amount"), "orders": Count()},
+        ),
+        View(
+            name="durations_by_url_hour",
+            event_type="pageview",
+            keys=("url",),
+            bucket="hour",
+            metrics={"duration_ms": Quantiles("duration_ms"), "viewers": DistinctSet("user_id")},
+        ),
+        View(
+            name="buyers_by_sku_day",
+            event_type="purchase",
+            keys=("sku",),
+            bucket="day",
+            metrics={"buyers": DistinctSet("user_id")},
         ),
     ],
 )

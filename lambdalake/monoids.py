@@ -1,20 +1,35 @@
-"""Metrics as commutative monoids: an identity, a lift from one value, an associative merge.
+"""Metric kinds: each one class stating its whole semantics, which every engine looks up.
 
-Every engine and every time slice produces partial accumulators that merge into the same
-answer. Accumulators are plain Python values (and serialized HLL sketches), so they travel
-between processes as they are.
+A kind is a commutative monoid: an identity (`zero`), a lift from one value, an associative
+merge (and `merge_all` for many at once). Beside it a kind states the Arrow type of its
+accumulator column, its Python fold for the speed layer (`thaw`, `add`, `freeze`), its wire
+encoding (`encode`, `decode`: JSON values) and its answer (`result`). Engines translate
+kinds to their own expressions in one table each, keyed by `kind` (the DuckDB and Spark batch
+engines, `lambdalake.query`'s merge SQL, serving's /sql columns); nothing else tells kinds
+apart. Accumulators are plain Python values or serialized DataSketches sketches, so they
+travel between processes and engines as they are.
 """
 
 from __future__ import annotations
 
+import base64
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from datasketches import hll_sketch
+import pyarrow as pa
+from datasketches import (
+    compact_theta_sketch,
+    hll_sketch,
+    kll_doubles_sketch,
+    theta_union,
+    update_theta_sketch,
+)
 
 from lambdalake import sketches
 
 LG_K = sketches.LG_K
+DEFAULT_QUANTILES = (0.5, 0.9, 0.99)
 
 
 @dataclass(frozen=True)
@@ -23,6 +38,8 @@ class Monoid:
 
     field: str | None = None
     kind: ClassVar[str]
+    numeric: ClassVar[bool] = False  # needs an int or float field
+    ordered: ClassVar[bool] = True  # its answers sort (a query may order by it)
 
     def zero(self) -> Any:
         raise NotImplementedError
@@ -33,8 +50,19 @@ class Monoid:
     def merge(self, left: Any, right: Any) -> Any:
         raise NotImplementedError
 
-    def result(self, acc: Any) -> Any:
+    def merge_all(self, accumulators: Iterable[Any]) -> Any:
+        total = self.zero()
+        for acc in accumulators:
+            total = self.merge(total, acc)
+        return total
+
+    def result(self, acc: Any, quantiles: Sequence[float] = DEFAULT_QUANTILES) -> Any:
+        """The answer a query gives (`quantiles`: the ranks a quantiles metric answers)."""
         return acc
+
+    def arrow_type(self, field_type: pa.DataType | None) -> pa.DataType:
+        """The accumulator column's type, given the field's (None for count)."""
+        return field_type
 
     def add(self, working: Any, value: Any) -> Any:
         """Fold one raw value into a working accumulator (which may be mutated)."""
@@ -48,9 +76,12 @@ class Monoid:
         """The transportable form of a working accumulator."""
         return working
 
-    def sql_merge(self, column: str) -> str:
-        """SQL aggregate that merges a column of accumulators (DuckDB and Spark SQL alike)."""
-        return f"{self.kind}({column})"
+    def encode(self, acc: Any) -> Any:
+        """The accumulator as a JSON value."""
+        return acc
+
+    def decode(self, value: Any) -> Any:
+        return value
 
 
 @dataclass(frozen=True)
@@ -69,13 +100,14 @@ class Count(Monoid):
     def add(self, working: int, value: Any) -> int:
         return working + 1
 
-    def sql_merge(self, column: str) -> str:
-        return f"sum({column})"
+    def arrow_type(self, field_type: pa.DataType | None) -> pa.DataType:
+        return pa.int64()
 
 
 @dataclass(frozen=True)
 class Sum(Monoid):
     kind: ClassVar[str] = "sum"
+    numeric: ClassVar[bool] = True
 
     def zero(self) -> int:
         return 0
@@ -93,6 +125,7 @@ class Sum(Monoid):
 @dataclass(frozen=True)
 class _Extremum(Monoid):
     pick: ClassVar[Any]
+    numeric: ClassVar[bool] = True
 
     def zero(self) -> None:
         return None
@@ -119,7 +152,27 @@ class Max(_Extremum):
 
 
 @dataclass(frozen=True)
-class ApproxDistinct(Monoid):
+class _Sketch(Monoid):
+    """A DataSketches sketch, serialized: binary in Arrow, base64 on the wire."""
+
+    def lift(self, value: Any) -> bytes:
+        return self.freeze(self.add(self.thaw(self.zero()), value))
+
+    def merge(self, left: bytes, right: bytes) -> bytes:
+        return self.merge_all((left, right))
+
+    def arrow_type(self, field_type: pa.DataType | None) -> pa.DataType:
+        return pa.binary()
+
+    def encode(self, acc: bytes) -> str:
+        return base64.b64encode(acc).decode()
+
+    def decode(self, value: str) -> bytes:
+        return base64.b64decode(value)
+
+
+@dataclass(frozen=True)
+class ApproxDistinct(_Sketch):
     """Distinct count as a DataSketches HLL sketch (lgK 12, HLL_8), serialized compact.
 
     Exact for small sets; standard error 1.6% beyond. The same bytes are read and written
@@ -132,16 +185,10 @@ class ApproxDistinct(Monoid):
     def zero(self) -> bytes:
         return sketches.empty(self.lg_k)
 
-    def lift(self, value: Any) -> bytes:
-        return self.freeze(self.add(self.thaw(self.zero()), value))
-
-    def merge(self, left: bytes, right: bytes) -> bytes:
-        return self.merge_all((left, right))
-
-    def merge_all(self, accumulators: Any) -> bytes:
+    def merge_all(self, accumulators: Iterable[bytes | None]) -> bytes:
         return sketches.merge(accumulators, self.lg_k)
 
-    def result(self, acc: bytes | None) -> int:
+    def result(self, acc: bytes | None, quantiles: Sequence[float] = ()) -> int:
         return round(sketches.estimate(acc))
 
     def add(self, working: hll_sketch, value: Any) -> hll_sketch:
@@ -155,14 +202,103 @@ class ApproxDistinct(Monoid):
     def freeze(self, working: hll_sketch) -> bytes:
         return working.serialize_compact()
 
-    def sql_merge(self, column: str) -> str:
-        return f"list({column})"
+
+@dataclass(frozen=True)
+class Quantiles(_Sketch):
+    """Quantiles of a numeric field as a DataSketches KLL doubles sketch (k 200: normalized
+    rank error 1.65%), the format of Spark's `kll_sketch_agg_double`. Exact up to k values.
+
+    Its answer is a mapping rank -> value for the ranks asked, e.g. {"0.5": 120.0, ...}, None
+    when the field had no value.
+    """
+
+    kind: ClassVar[str] = "quantiles"
+    numeric: ClassVar[bool] = True
+    ordered: ClassVar[bool] = False
+    k: int = sketches.KLL_K
+
+    def zero(self) -> bytes:
+        return kll_doubles_sketch(self.k).serialize()
+
+    def merge_all(self, accumulators: Iterable[bytes | None]) -> bytes:
+        total = kll_doubles_sketch(self.k)
+        for acc in accumulators:
+            if acc is not None:
+                total.merge(kll_doubles_sketch.deserialize(bytes(acc)))
+        return total.serialize()
+
+    def result(
+        self, acc: bytes | None, quantiles: Sequence[float] = DEFAULT_QUANTILES
+    ) -> dict[str, float] | None:
+        sketch = kll_doubles_sketch.deserialize(acc) if acc is not None else None
+        if sketch is None or sketch.is_empty():
+            return None
+        return {str(rank): sketch.get_quantile(rank, inclusive=True) for rank in quantiles}
+
+    def add(self, working: kll_doubles_sketch, value: Any) -> kll_doubles_sketch:
+        if value is not None:
+            working.update(float(value))
+        return working
+
+    def thaw(self, acc: bytes) -> kll_doubles_sketch:
+        return kll_doubles_sketch.deserialize(acc)
+
+    def freeze(self, working: kll_doubles_sketch) -> bytes:
+        return working.serialize()
 
 
-def merge_all(monoid: Monoid, accumulators: Any) -> Any:
-    if isinstance(monoid, ApproxDistinct):
-        return monoid.merge_all(accumulators)
-    total = monoid.zero()
-    for acc in accumulators:
-        total = monoid.merge(total, acc)
-    return total
+@dataclass
+class _ThetaWorking:
+    """A Theta sketch being folded: the sketch it started from and an update sketch of the
+    values since (a compact sketch takes no updates)."""
+
+    base: bytes
+    fresh: update_theta_sketch
+
+
+@dataclass(frozen=True)
+class DistinctSet(_Sketch):
+    """The distinct values of a field as a DataSketches Theta sketch (lgK 12: exact up to 4096
+    values, 1.6% error beyond), the format of Spark's `theta_sketch_agg`. Sets union (the
+    merge) and intersect (in /sql); the answer is the distinct count.
+
+    Every accumulator is kept as a Theta union leaves it, which depends only on the values:
+    the same bytes from every engine, partition and merge order.
+    """
+
+    kind: ClassVar[str] = "distinct_set"
+    lg_k: int = sketches.THETA_LG_K
+
+    def zero(self) -> bytes:
+        return update_theta_sketch(self.lg_k).compact().serialize()
+
+    def merge_all(self, accumulators: Iterable[bytes | compact_theta_sketch | None]) -> bytes:
+        union = theta_union(self.lg_k)
+        for acc in accumulators:
+            if acc is not None:
+                union.update(_theta(acc))
+        return union.get_result().serialize()
+
+    def result(self, acc: bytes | None, quantiles: Sequence[float] = ()) -> int:
+        return 0 if acc is None else round(compact_theta_sketch.deserialize(acc).get_estimate())
+
+    def add(self, working: _ThetaWorking, value: Any) -> _ThetaWorking:
+        if value is not None:
+            working.fresh.update(value)
+        return working
+
+    def thaw(self, acc: bytes) -> _ThetaWorking:
+        return _ThetaWorking(acc, update_theta_sketch(self.lg_k))
+
+    def freeze(self, working: _ThetaWorking) -> bytes:
+        return self.merge_all((working.base, working.fresh.compact()))
+
+
+def _theta(acc: bytes | compact_theta_sketch) -> compact_theta_sketch:
+    return acc if isinstance(acc, compact_theta_sketch) else compact_theta_sketch.deserialize(
+        bytes(acc)
+    )
+
+
+def merge_all(monoid: Monoid, accumulators: Iterable[Any]) -> Any:
+    return monoid.merge_all(accumulators)

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from lambdalake.events import ARROW_TYPES, EventSchema
-from lambdalake.monoids import ApproxDistinct, Count, Max, Min, Sum
 from lambdalake.views import View
 
 
@@ -33,8 +32,8 @@ class Project:
             if name not in schema.fields:
                 raise ValueError(f"view {view.name}: {view.event_type} has no field {name!r}")
         for name, metric in view.metrics.items():
-            numeric = schema.field_type(metric.field) in ("int", "float") if metric.field else 1
-            if isinstance(metric, Sum | Min | Max) and not numeric:
+            numeric = metric.field and schema.field_type(metric.field) in ("int", "float")
+            if metric.numeric and not numeric:
                 raise ValueError(f"view {view.name}: metric {name} needs a numeric field")
 
     def views_of(self, event_type: str) -> list[View]:
@@ -66,11 +65,6 @@ def table_schema(project: Project, view: View) -> pa.Schema:
     fields = [pa.field("bucket", pa.int64(), nullable=False)]
     fields += [pa.field(k, ARROW_TYPES[schema.field_type(k)]) for k in view.keys]
     for name, metric in view.metrics.items():
-        if isinstance(metric, ApproxDistinct):
-            arrow_type = pa.binary()
-        elif isinstance(metric, Count):
-            arrow_type = pa.int64()
-        else:
-            arrow_type = ARROW_TYPES[schema.field_type(metric.field)]
-        fields.append(pa.field(name, arrow_type))
+        field_type = ARROW_TYPES[schema.field_type(metric.field)] if metric.field else None
+        fields.append(pa.field(name, metric.arrow_type(field_type)))
     return pa.schema(fields)

@@ -10,13 +10,34 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lambdalake.events import INSTANT_RANGE, EventSchema, epoch_ms, iso
-from lambdalake.monoids import ApproxDistinct
+from lambdalake.monoids import DEFAULT_QUANTILES, Monoid
 from lambdalake.views import BUCKET_MS, View
 
 Granularity = Literal["minute", "hour", "day", "total"]
 _ORDER = list(BUCKET_MS)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _RULES = {"int": f" between {INT64_MIN} and {INT64_MAX}"}
+MAX_QUANTILES = 20
+# How DuckDB merges accumulators, by kind (the serving layer's answers, incremental batch
+# runs). A kind not listed (the sketches: DuckDB has no DataSketches here) is gathered into a
+# list and merged by its own `merge_all`, which is right for every kind.
+MERGE_SQL = {"count": "sum({})", "sum": "sum({})", "min": "min({})", "max": "max({})"}
+GATHER_SQL = "list({})"
+
+
+def merge_sql(metric: Monoid, column: str) -> str:
+    """The SQL aggregate over a column of `metric`'s accumulators."""
+    return MERGE_SQL.get(metric.kind, GATHER_SQL).format(column)
+
+
+def gathered(metric: Monoid) -> bool:
+    """Whether `merge_sql` returns a list of `metric`'s accumulators, for `merge_all`."""
+    return metric.kind not in MERGE_SQL
+
+
+def merged(metric: Monoid, value: Any) -> Any:
+    """The merged accumulator from what `merge_sql` returned."""
+    return metric.merge_all(value) if gathered(metric) else value
 
 
 class QueryError(ValueError):
@@ -34,6 +55,7 @@ class Query:
     filters: dict[str, Any] = field(default_factory=dict)
     order_by: str | None = None  # "metric" (descending) or "name:asc" / "name:desc"
     limit: int | None = None
+    quantiles: tuple[float, ...] = DEFAULT_QUANTILES  # the ranks quantiles metrics answer
 
 
 def parse(
@@ -47,6 +69,7 @@ def parse(
     filters: dict[str, str] | None = None,
     order_by: str | None = None,
     limit: int | None = None,
+    quantiles: str | None = None,
 ) -> Query:
     """Check query parameters as they come over HTTP; errors name the parameter and rule."""
     granularity = bucket or view.bucket
@@ -67,9 +90,24 @@ def parse(
         known = ("bucket", *view.keys, *view.metrics)
         if name not in known or direction not in ("", "asc", "desc"):
             raise QueryError("order_by", "must be a metric, dimension or bucket, optionally :asc")
+        if name in view.metrics and not view.metrics[name].ordered:
+            raise QueryError("order_by", f"{name} has several values per row: it does not sort")
     if limit is not None and not 1 <= limit <= 100_000:
         raise QueryError("limit", "must be between 1 and 100000")
-    return Query(bounds[0], bounds[1], granularity, dims, typed, order_by, limit)  # type: ignore[arg-type]
+    ranks = DEFAULT_QUANTILES if quantiles is None else _ranks(quantiles)
+    return Query(bounds[0], bounds[1], granularity, dims, typed, order_by, limit, ranks)  # type: ignore[arg-type]
+
+
+def _ranks(text: str) -> tuple[float, ...]:
+    try:
+        ranks = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise QueryError("quantiles", "must be numbers separated by commas") from None
+    if not all(0 <= rank <= 1 for rank in ranks):
+        raise QueryError("quantiles", "each must be between 0 and 1")
+    if len(ranks) > MAX_QUANTILES:
+        raise QueryError("quantiles", f"at most {MAX_QUANTILES}")
+    return ranks
 
 
 def _instant(name: str, value: str | None, view: View) -> int | None:
@@ -123,7 +161,7 @@ def plan(view: View, query: Query) -> tuple[str, list[Any]]:
     width = None if total else BUCKET_MS[query.bucket or view.bucket]
     bucket = "min(bucket)" if total else f"bucket - bucket % {width}"
     select = [f"{bucket} AS bucket", *(f'"{d}"' for d in dims)]
-    select += [f'{m.sql_merge(_q(n))} AS {_q(n)}' for n, m in view.metrics.items()]
+    select += [f"{merge_sql(m, _q(n))} AS {_q(n)}" for n, m in view.metrics.items()]
     where, params = ["TRUE"], []
     if query.start is not None:
         where.append("bucket >= ?")
@@ -143,22 +181,28 @@ def plan(view: View, query: Query) -> tuple[str, list[Any]]:
     return sql, params
 
 
-def finalize(view: View, query: Query, columns: list[str], rows: list[tuple]) -> list[dict]:
-    """Turn merged accumulators into answers; order and limit (sketches are only known here)."""
-    answers = []
+def merged_records(view: View, query: Query, columns: list[str], rows: list[tuple]) -> list[dict]:
+    """The rows of `plan`'s SQL as records of merged accumulators, bucket in epoch ms."""
+    records = []
     for row in rows:
         record = dict(zip(columns, row, strict=True))
         if record["bucket"] is None:
             continue  # `total` over no rows at all
         if query.bucket == "total" and query.start is not None:
             record["bucket"] = query.start
+        for name, metric in view.metrics.items():
+            record[name] = merged(metric, record[name])
+        records.append(record)
+    return records
+
+
+def finalize(view: View, query: Query, columns: list[str], rows: list[tuple]) -> list[dict]:
+    """Turn merged accumulators into answers; order and limit (sketches are only known here)."""
+    answers = merged_records(view, query, columns, rows)
+    for record in answers:
         record["bucket"] = iso(record["bucket"])
         for name, metric in view.metrics.items():
-            value = record[name]
-            if isinstance(metric, ApproxDistinct):
-                value = metric.result(metric.merge_all(value))
-            record[name] = value
-        answers.append(record)
+            record[name] = metric.result(record[name], query.quantiles)
     if query.order_by:
         name, _, direction = query.order_by.partition(":")
         descending = direction == "desc" or (not direction and name in view.metrics)

@@ -4,7 +4,6 @@ published, as Arrow tables shaped like the batch views so the two union directly
 
 from __future__ import annotations
 
-import base64
 import json
 import threading
 from collections.abc import Iterable
@@ -12,7 +11,6 @@ from typing import Any
 
 import pyarrow as pa
 
-from lambdalake.monoids import ApproxDistinct
 from lambdalake.project import Project
 from lambdalake.views import View
 from lambdalake.viewstate import CellKey, CellUpdate
@@ -56,11 +54,9 @@ class RealtimeCells:
 
 
 def encode_update(update: CellUpdate, view: View) -> bytes:
-    """JSON for the wire (sketches in base64), for buses between processes."""
-    values = [
-        base64.b64encode(v).decode() if isinstance(m, ApproxDistinct) else v
-        for m, v in zip(view.metrics.values(), update.values, strict=True)
-    ]
+    """JSON for the wire (each metric as its kind encodes it), for buses between processes."""
+    metrics = view.metrics.values()
+    values = [m.encode(v) for m, v in zip(metrics, update.values, strict=True)]
     body = [update.view, update.slice, update.bucket, list(update.key), values]
     return json.dumps(body, separators=(",", ":")).encode()
 
@@ -68,8 +64,5 @@ def encode_update(update: CellUpdate, view: View) -> bytes:
 def decode_update(data: bytes, project: Project) -> CellUpdate:
     name, slice_start, bucket, key, values = json.loads(data)
     metrics = project.views[name].metrics.values()
-    decoded = tuple(
-        base64.b64decode(v) if isinstance(m, ApproxDistinct) else v
-        for m, v in zip(metrics, values, strict=True)
-    )
+    decoded = tuple(m.decode(v) for m, v in zip(metrics, values, strict=True))
     return CellUpdate(name, slice_start, bucket, tuple(key), decoded)

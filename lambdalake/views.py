@@ -6,8 +6,9 @@ filters, and keeps monoid metrics. Pure: no I/O.
 
 from __future__ import annotations
 
+import operator
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,13 +18,14 @@ from lambdalake.monoids import Monoid
 Bucket = Literal["minute", "hour", "day"]
 BUCKET_MS: dict[str, int] = {"minute": 60_000, "hour": 3_600_000, "day": 86_400_000}
 _NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
-_OPS = {
-    "==": lambda a, b: a == b,
-    "!=": lambda a, b: a != b,
-    "<": lambda a, b: a < b,
-    "<=": lambda a, b: a <= b,
-    ">": lambda a, b: a > b,
-    ">=": lambda a, b: a >= b,
+# The filter operators, once: Python values and Spark columns compare through them alike.
+OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
+    "==": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
 }
 
 
@@ -36,11 +38,15 @@ class Condition:
     value: str | int | float | bool
 
     def __post_init__(self) -> None:
-        if self.op not in _OPS:
-            raise ValueError(f"unknown operator {self.op!r}; use one of {', '.join(_OPS)}")
+        if self.op not in OPERATORS:
+            raise ValueError(f"unknown operator {self.op!r}; use one of {', '.join(OPERATORS)}")
+
+    def compare(self, left: Any, right: Any) -> Any:
+        """`left op right` for anything with comparison operators (values, Spark columns)."""
+        return OPERATORS[self.op](left, right)
 
     def matches(self, value: Any) -> bool:
-        return value is not None and _OPS[self.op](value, self.value)
+        return value is not None and self.compare(value, self.value)
 
     def sql(self) -> str:
         op = "=" if self.op == "==" else self.op

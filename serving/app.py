@@ -12,6 +12,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response, Security
 from fastapi.security import APIKeyHeader, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from lambdalake.auth import KEY_HEADER, AuthError, Keyring, Scope
+from lambdalake.events import iso
+from lambdalake.loops import Loops
+from lambdalake.project import Project
+from lambdalake.query import parse
+from lambdalake.realtime import RealtimeCells
 from lambdalake.serving.batch_views import BatchViews, Snapshot
 from lambdalake.serving.errors import ApiError, error_response, install_error_handlers
 from lambdalake.serving.metrics import RequestMetrics, ServingMetrics
@@ -28,23 +36,15 @@ from lambdalake.serving.models import (
 )
 from lambdalake.serving.query import SQL_MAX_ROWS, DuckDB, run_sql, sql_answer_json, view_rows
 from lambdalake.serving.sql_sandbox import SandboxBusy, SandboxLimits, SqlSandbox
-from prometheus_client import CONTENT_TYPE_LATEST
-
-from lambdalake.auth import KEY_HEADER, AuthError, Keyring, Scope
-from lambdalake.events import iso
-from lambdalake.loops import Loops
-from lambdalake.project import Project
-from lambdalake.query import parse
-from lambdalake.realtime import RealtimeCells
 from lambdalake.settings import Settings
 from lambdalake.storage import ObjectStore
 from lambdalake.views import View
 
 log = logging.getLogger("lambdalake.serving")
-_QUERY_PARAMETERS = {"from", "to", "bucket", "group_by", "order_by", "limit"}
 # Declare the two ways to send a key in the OpenAPI document; `require` checks the key.
 _KEY_SCHEMES = [Security(APIKeyHeader(name=KEY_HEADER, auto_error=False)),
                 Security(HTTPBearer(auto_error=False))]
+_QUERY_PARAMETERS = {"from", "to", "bucket", "group_by", "order_by", "limit", "quantiles"}
 
 
 @dataclass(frozen=True)
@@ -151,13 +151,15 @@ def query_view(
     order_by: Annotated[str | None, Query(description="metric (descending), or "
                                           "name:asc / name:desc")] = None,
     limit: Annotated[int | None, Query(description="At most this many rows")] = None,
+    quantiles: Annotated[str | None, Query(description="Ranks quantiles metrics answer, "
+                                           "e.g. 0.5,0.9,0.99 (the default)")] = None,
 ) -> ViewAnswer:
     """A view's merged answer. Any other query parameter filters a dimension: `url=/home`."""
     definition = _known_view(serving.project, view)
     query = parse(
         definition, serving.project.schemas[definition.event_type], start=start, end=end,
         bucket=bucket, group_by=group_by, filters=_dimension_filters(request),
-        order_by=order_by, limit=limit,
+        order_by=order_by, limit=limit, quantiles=quantiles,
     )
     reading = serving.views.read([view])
     rows = view_rows(serving.duck, reading, definition, query)
@@ -174,8 +176,10 @@ def query_view(
 )
 async def sql(body: SqlRequest, serving: ServingDep) -> Response:
     """Read-only SQL over tables named after the views: merged rows at each view's bucket
-    (`bucket` a UTC timestamp), exact metrics and sketch estimates; at most 10,000 rows and
-    `sql_max_bytes` bytes, within `sql_timeout_seconds` and `sql_memory_mb`."""
+    (`bucket` a UTC timestamp), exact metrics, approx distinct estimates, quantile and
+    distinct-set sketches for `kll_quantile`, `kll_merge`, `theta_estimate`, `theta_union`
+    and `theta_intersection`; at most 10,000 rows and `sql_max_bytes` bytes, within
+    `sql_timeout_seconds` and `sql_memory_mb`."""
     try:
         result = await serving.sql.run(partial(run_sql, serving.duck, serving.views, body.sql))
     except SandboxBusy as busy:

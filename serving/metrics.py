@@ -10,12 +10,12 @@ import math
 from collections.abc import Callable
 from time import perf_counter
 
-from lambdalake.serving.batch_views import BatchViews
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lambdalake.loops import Loops
+from lambdalake.serving.batch_views import BatchViews
 
 _LABELS = ("method", "route", "status")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -18,13 +18,12 @@ from typing import Any
 import duckdb
 import orjson
 import pyarrow as pa
+
+from lambdalake.monoids import Monoid
+from lambdalake.query import Query, finalize, merged_records, plan
 from lambdalake.serving.batch_views import BatchViews, Reading, Snapshot
 from lambdalake.serving.models import Freshness
 from lambdalake.serving.sql_sandbox import EncodedRows, Worker
-
-from lambdalake.events import epoch_ms
-from lambdalake.monoids import ApproxDistinct
-from lambdalake.query import Query, finalize, plan
 from lambdalake.views import View
 
 SQL_MAX_ROWS = 10_000
@@ -60,14 +59,19 @@ class DuckDB:
 
 def view_rows(duck: DuckDB, reading: Reading, view: View, query: Query) -> list[dict[str, Any]]:
     """One view's answer to a query: merged accumulators, finalized by the kernel."""
+    return finalize(view, query, *_merged_rows(duck, reading, view, query))
+
+
+def _merged_rows(
+    duck: DuckDB, reading: Reading, view: View, query: Query
+) -> tuple[list[str], list[tuple]]:
     sql, params = plan(view, query)
     relations = {"batch_rows": reading.snapshot.tables[view.name],
                  "cells": reading.realtime[view.name]}
     with duck.cursor(relations) as cursor:
         cursor.execute(_MERGED)
         result = cursor.execute(sql, params)
-        columns = [column[0] for column in result.description]
-        return finalize(view, query, columns, result.fetchall())
+        return [column[0] for column in result.description], result.fetchall()
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ class SqlResult:
 
 def run_sql(duck: DuckDB, views: BatchViews, sql: str, worker: Worker) -> SqlResult:
     """Read-only SQL over tables named after the views: merged rows at each view's own bucket,
-    `bucket` a UTC timestamp, exact metrics and sketch estimates. The statement runs in a
+    `bucket` a UTC timestamp, each metric as `_SQL_COLUMNS` shows it. The statement runs in a
     sandbox worker, which bounds its time, memory and answer."""
     defined = views.project.views
     named = [name for name in defined if re.search(rf"\b{name}\b", sql, re.IGNORECASE)]
@@ -98,16 +102,40 @@ def sql_answer_json(result: SqlResult, freshness: Freshness) -> bytes:
 
 
 def _sql_table(duck: DuckDB, reading: Reading, views: BatchViews, view: View) -> pa.Table:
-    rows = view_rows(duck, reading, view, Query())
+    query = Query()
+    rows = merged_records(view, query, *_merged_rows(duck, reading, view, query))
     for row in rows:
-        row["bucket"] = epoch_ms(row["bucket"])
+        for name, metric in view.metrics.items():
+            row[name] = _SQL_COLUMNS[metric.kind].value(metric, row[name])
     return pa.Table.from_pylist(rows, schema=sql_schema(views.schemas[view.name], view))
 
 
 def sql_schema(table_schema: pa.Schema, view: View) -> pa.Schema:
-    """A view's table as /sql sees it: `bucket` a timestamp, sketches as their estimates."""
+    """A view's table as /sql sees it: `bucket` a timestamp, each metric as `_SQL_COLUMNS`."""
     schema = table_schema.set(0, pa.field("bucket", pa.timestamp("ms", tz="UTC"), False))
     for name, metric in view.metrics.items():
-        if isinstance(metric, ApproxDistinct):
-            schema = schema.set(schema.get_field_index(name), pa.field(name, pa.int64()))
+        index = schema.get_field_index(name)
+        arrow_type = _SQL_COLUMNS[metric.kind].arrow_type or schema.field(index).type
+        schema = schema.set(index, pa.field(name, arrow_type))
     return schema
+
+
+@dataclass(frozen=True)
+class _SqlColumn:
+    """How /sql shows a kind: its merged accumulator as is, or turned into `value`."""
+
+    arrow_type: pa.DataType | None = None  # None: the accumulator's own
+    value: Callable[[Monoid, Any], Any] = lambda metric, acc: acc
+
+
+# Approximate distinct counts show their estimates; quantiles and distinct sets their
+# sketches, for the functions below (a union or intersection of estimates means nothing).
+_SQL_COLUMNS = {
+    "count": _SqlColumn(),
+    "sum": _SqlColumn(),
+    "min": _SqlColumn(),
+    "max": _SqlColumn(),
+    "approx_distinct": _SqlColumn(pa.int64(), lambda metric, acc: metric.result(acc)),
+    "quantiles": _SqlColumn(),
+    "distinct_set": _SqlColumn(),
+}

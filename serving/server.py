@@ -6,12 +6,12 @@ import threading
 import time
 
 import uvicorn
-from lambdalake.serving.app import create_app
 
 from lambdalake.connections import uvicorn_bounds
 from lambdalake.loops import Loops
 from lambdalake.project import Project
 from lambdalake.realtime import RealtimeCells
+from lambdalake.serving.app import create_app
 from lambdalake.settings import Settings
 from lambdalake.storage import ObjectStore
 

@@ -44,6 +44,7 @@ import pyarrow as pa
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from lambdalake.query import QueryError
+from lambdalake.serving.sketch_functions import register_sketch_functions
 from lambdalake.settings import Settings
 
 log = logging.getLogger("lambdalake.serving.sql")
@@ -263,6 +264,7 @@ def sandbox_database(memory_mb: int) -> duckdb.DuckDBPyConnection:
         "home_directory": "/",  # and no server path shows in duckdb_settings()
     }
     database = duckdb.connect(config=config)
+    register_sketch_functions(database)
     database.execute("SET TimeZone = 'UTC'")
     database.execute("SET lock_configuration = true")
     return database

@@ -16,14 +16,13 @@ import threading
 import time
 from collections.abc import Callable
 
-from lambdalake.speed.metrics import APPLIED, DedupGauges
-
 from lambdalake import catalog
 from lambdalake.eventlog import Topic, now_ms
 from lambdalake.events import Event, Validator
 from lambdalake.loops import Loop, Loops
 from lambdalake.project import Project
 from lambdalake.settings import Settings
+from lambdalake.speed.metrics import APPLIED, DedupGauges
 from lambdalake.storage import ObjectStore
 from lambdalake.viewstate import CellUpdate, ViewState
 

@@ -40,8 +40,6 @@ import orjson
 from aiokafka import TopicPartition
 from aiokafka.errors import ProducerFenced
 from faust.transport.consumer import TopicPartitionGroup
-from lambdalake.speed.kafka_common import PartitionState, Record, restore_partitions
-from lambdalake.speed.worker import prepare
 from mode.supervisors import CrashingSupervisor
 
 from lambdalake import catalog
@@ -50,6 +48,8 @@ from lambdalake.events import Validator
 from lambdalake.kafka_topics import changelog_topic, dlq_topic, realtime_topic
 from lambdalake.project import Project
 from lambdalake.settings import Settings
+from lambdalake.speed.kafka_common import PartitionState, Record, restore_partitions
+from lambdalake.speed.worker import prepare
 from lambdalake.storage import ObjectStore
 
 log = logging.getLogger("lambdalake.speed.faust")

@@ -23,7 +23,6 @@ import time
 from typing import Any
 
 import orjson
-from lambdalake.speed.metrics import APPLIED, DEAD_LETTERS, DedupGauges
 
 from lambdalake.events import Event, Problem, Validator
 from lambdalake.kafka_topics import arrival as next_arrival
@@ -31,6 +30,7 @@ from lambdalake.kafka_topics import changelog_topic, realtime_topic
 from lambdalake.project import Project
 from lambdalake.realtime import decode_update, encode_update
 from lambdalake.settings import Settings
+from lambdalake.speed.metrics import APPLIED, DEAD_LETTERS, DedupGauges
 from lambdalake.viewstate import CellKey, ViewState
 
 MAX_REASON = 1_000

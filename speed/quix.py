@@ -24,8 +24,6 @@ import threading
 import time
 
 from confluent_kafka import KafkaException, Message, TopicPartition
-from lambdalake.speed.kafka_common import PartitionState, Record, restore_partitions
-from lambdalake.speed.worker import prepare
 from quixstreams.kafka import Consumer, Producer
 
 from lambdalake import catalog
@@ -34,6 +32,8 @@ from lambdalake.events import Validator
 from lambdalake.kafka_topics import changelog_topic, dlq_topic, realtime_topic
 from lambdalake.project import Project, load_project
 from lambdalake.settings import Settings
+from lambdalake.speed.kafka_common import PartitionState, Record, restore_partitions
+from lambdalake.speed.worker import prepare
 from lambdalake.storage import ObjectStore
 
 log = logging.getLogger("lambdalake.speed.quix")

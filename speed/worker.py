@@ -8,10 +8,9 @@ import signal
 import sys
 import threading
 
-from lambdalake.speed.metrics import serve_metrics
-
 from lambdalake.kafka_topics import ensure_bus_topics
 from lambdalake.settings import Settings
+from lambdalake.speed.metrics import serve_metrics
 from lambdalake.storage import ObjectStore, open_store
 
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from lambdalake.functions import archive
-from lambdalake.functions.runtime.local import LocalRuntime
 
 from lambdalake.bus import open_bus
 from lambdalake.eventlog import now_ms
 from lambdalake.events import Validator
 from lambdalake.example import project
+from lambdalake.functions import archive
+from lambdalake.functions.runtime.local import LocalRuntime
 from lambdalake.master import data_keys, watermarks
 from lambdalake.settings import Settings
 from lambdalake.storage import open_store

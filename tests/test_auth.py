@@ -17,16 +17,16 @@ from typing import Any
 
 import httpx
 import pytest
-from lambdalake.functions import environment, ingest
-from lambdalake.functions.runtime.function import LocalFunction
-from lambdalake.functions.runtime.gateway import Gateway
-from lambdalake.functions.runtime.template import load_template
 from pydantic import ValidationError
 from test_flow import Flow
 from test_serving import PAGEVIEWS, start_lake
 
 from lambdalake.auth import AuthError, Keyring, credentials, fingerprint
 from lambdalake.eventlog import now_ms
+from lambdalake.functions import environment, ingest
+from lambdalake.functions.runtime.function import LocalFunction
+from lambdalake.functions.runtime.gateway import Gateway
+from lambdalake.functions.runtime.template import load_template
 from lambdalake.logs import JsonFormatter
 from lambdalake.settings import Settings
 

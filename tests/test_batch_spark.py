@@ -15,21 +15,24 @@ from pathlib import Path
 import boto3
 import pytest
 from batch_lakes import PROJECT, History, assert_same_view, histories, published
+from exact import QuantilesOf, exact_quantiles
 from hypothesis import given, settings
+
+from lambdalake import catalog, master, sketches
 from lambdalake.batch.duckdb_engine import DuckDBEngine
 from lambdalake.batch.engine import CorruptObject, Engine, rows_read
 from lambdalake.batch.engine import engine_named as batch_engine
 from lambdalake.batch.run import BatchError, run_batch
 from lambdalake.batch.spark_engine import SparkEngine
+from lambdalake.events import Event
 from lambdalake.functions import environment
 from lambdalake.functions.runtime.function import FunctionError, LocalFunction
 from lambdalake.functions.runtime.template import load_template
-
-from lambdalake import catalog, master, sketches
-from lambdalake.events import Event
 from lambdalake.master import Archived
 from lambdalake.monoids import ApproxDistinct
 from lambdalake.storage import FileStore, ObjectStore, S3Store
+from lambdalake.views import View
+from lambdalake.viewstate import ViewState
 
 SPARK_CONF = {
     "spark.ui.enabled": "false",
@@ -139,12 +142,67 @@ def built(users: list[str]) -> bytes:
     return sketches.build_sketches([0] * len(users), users)[0]
 
 
-def write_pageviews(store: ObjectStore, users: list[str]) -> None:
-    rows = [
-        Archived(Event(f"e{i}", "pageview", 0, {"url": "/", "user_id": u}), 0, i, 1_000)
-        for i, u in enumerate(users)
-    ]
+def write_pageviews(store: ObjectStore, users: list[str], durations: list[int] | None = None):
+    fields = [{"url": "/", "user_id": u} for u in users]
+    for one, duration in zip(fields, durations or [], strict=False):
+        one["duration_ms"] = duration
+    rows = [Archived(Event(f"e{i}", "pageview", 0, f), 0, i, 1_000) for i, f in enumerate(fields)]
     master.write_batch(store, PROJECT.schemas, 0, rows)
+
+
+@pytest.mark.spark
+@pytest.mark.parametrize("n", [150, 6_000])  # exact sketches; a Theta beyond 4096, KLL beyond k
+def test_quantiles_and_distinct_sets_merge_across_spark_duckdb_and_the_speed_layer(
+    spark, tmp_path, n
+):
+    """batch (Spark) ⊕ batch (DuckDB) ⊕ real-time (the speed layer's fold) = a recompute."""
+    view = PROJECT.views["durations_by_url_hour"]
+    users = [f"user-{i}" for i in range(n)]
+    durations = [(i * 7919) % 100_000 for i in range(n)]  # distinct, in no order
+    thirds = [slice(0, n // 3), slice(n // 3, 2 * n // 3), slice(2 * n // 3, n)]
+    parts = [
+        durations_cell(engine, tmp_path / engine.name, users[part], durations[part])
+        for engine, part in zip((spark, DUCKDB), thirds, strict=False)
+    ]
+    parts.append(speed_cell(view, users[thirds[2]], durations[thirds[2]]))
+    merged = [metric.merge_all(column) for metric, column in
+              zip(view.metrics.values(), zip(*parts, strict=True), strict=True)]
+    quantiles, viewers = view.metrics["duration_ms"], view.metrics["viewers"]
+    assert merged[1] == built_theta(users)  # the same bytes as one sketch of every user
+    if n <= 4096:
+        assert viewers.result(merged[1]) == n
+    answer = quantiles.result(merged[0], RANKS)
+    if n <= 200:
+        assert answer == exact_quantiles(durations, RANKS)
+    assert answer == QuantilesOf(tuple(durations))  # within KLL's rank error
+
+
+RANKS = (0.0, 0.01, 0.25, 0.5, 0.9, 0.99, 1.0)
+
+
+def durations_cell(engine: Engine, folder: Path, users: list[str], durations: list[int]):
+    """The one cell of `durations_by_url_hour` an engine computes over these pageviews."""
+    store = FileStore(folder)
+    write_pageviews(store, users, durations)
+    view = PROJECT.views["durations_by_url_hour"]
+    table = engine.compute(PROJECT, view, store, master.data_keys(store, "pageview"), 10**9)
+    [row] = table.select(list(view.metrics)).to_pylist()
+    return list(row.values())
+
+
+def speed_cell(view: View, users: list[str], durations: list[int]) -> list[bytes]:
+    """The same cell as the speed layer folds it, event by event."""
+    state = ViewState(PROJECT, 60_000, 86_400_000)
+    for i, (user, duration) in enumerate(zip(users, durations, strict=True)):
+        event = Event(f"rt{i}", "pageview", 0, {"url": "/", "user_id": user,
+                                                 "duration_ms": duration})
+        state.apply(event, 1_000)
+    [update] = [u for u in state.drain() if u.view == view.name]
+    return list(update.values)
+
+
+def built_theta(users: list[str]) -> bytes:
+    return sketches.build_theta_array([0] * len(users), users).to_pylist()[0]
 
 
 @pytest.mark.spark

@@ -17,6 +17,13 @@ from typing import Any
 import httpx
 import pyarrow.parquet as pq
 import pytest
+from prometheus_client import REGISTRY
+
+from lambdalake import master
+from lambdalake.bus import events_topic
+from lambdalake.eventlog import Topic, now_ms
+from lambdalake.events import MAX_EVENT_BYTES, EventSchema, Validator, decode, epoch_ms
+from lambdalake.example import project
 from lambdalake.functions import archive, environment, ingest
 from lambdalake.functions.runtime.context import LambdaContext
 from lambdalake.functions.runtime.function import FunctionError, FunctionTimeout, LocalFunction
@@ -25,15 +32,8 @@ from lambdalake.functions.runtime.local import LocalRuntime
 from lambdalake.functions.runtime.mapping import StreamMapping, kafka_event
 from lambdalake.functions.runtime.metrics import billed_gb_seconds
 from lambdalake.functions.runtime.template import FunctionSpec, StreamSource, load_template
-from lambdalake.speed.embedded import EmbeddedSpeed
-from prometheus_client import REGISTRY
-
-from lambdalake import master
-from lambdalake.bus import events_topic
-from lambdalake.eventlog import Topic, now_ms
-from lambdalake.events import MAX_EVENT_BYTES, EventSchema, Validator, decode, epoch_ms
-from lambdalake.example import project
 from lambdalake.settings import Settings
+from lambdalake.speed.embedded import EmbeddedSpeed
 from lambdalake.storage import open_store
 
 TOPIC = "lambdalake.events"

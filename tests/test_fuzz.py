@@ -15,10 +15,6 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from lambdalake.functions import environment
-from lambdalake.functions.runtime.function import LocalFunction
-from lambdalake.functions.runtime.gateway import Gateway
-from lambdalake.functions.runtime.template import load_template
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -40,6 +36,10 @@ from test_serving import (
 
 from lambdalake.eventlog import now_ms
 from lambdalake.events import INSTANT_RANGE, MAX_MS, MIN_MS, epoch_ms, iso
+from lambdalake.functions import environment
+from lambdalake.functions.runtime.function import LocalFunction
+from lambdalake.functions.runtime.gateway import Gateway
+from lambdalake.functions.runtime.template import load_template
 from lambdalake.settings import Settings
 
 KEY = "fuzzing-key-0123456789"

@@ -15,10 +15,10 @@ from typing import Any
 
 import httpx
 import pytest
+
 from lambdalake.functions import archive
 from lambdalake.functions.runtime.local import LocalRuntime
 from lambdalake.functions.runtime.template import Template, load_template
-
 from lambdalake.settings import Settings
 from lambdalake.testing import free_port
 from lambdalake.testing.kafka import KafkaBroker, read_topic

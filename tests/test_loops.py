@@ -14,8 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-from lambdalake.serving.server import ServerThread, build_server
-from lambdalake.speed.embedded import EmbeddedSpeed
 
 from lambdalake.eventlog import EventLog
 from lambdalake.events import Event, epoch_ms
@@ -23,7 +21,9 @@ from lambdalake.example import project
 from lambdalake.loops import Loop, Loops
 from lambdalake.project import table_schema
 from lambdalake.realtime import RealtimeCells
+from lambdalake.serving.server import ServerThread, build_server
 from lambdalake.settings import Settings
+from lambdalake.speed.embedded import EmbeddedSpeed
 from lambdalake.storage import FileStore
 from lambdalake.synthetic import WebAnalyticsStream
 

@@ -6,10 +6,20 @@ import math
 from functools import reduce
 
 import pytest
+from exact import QuantilesOf, exact_quantiles
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lambdalake.monoids import ApproxDistinct, Count, Max, Min, Sum, merge_all
+from lambdalake.monoids import (
+    ApproxDistinct,
+    Count,
+    DistinctSet,
+    Max,
+    Min,
+    Quantiles,
+    Sum,
+    merge_all,
+)
 
 LAWS = settings(max_examples=200, deadline=None)
 
@@ -220,3 +230,58 @@ def test_approx_distinct_ignores_nulls_and_repeats():
     assert HLL.result(None) == 0
     assert HLL.result(sketch_of(["a", None, "a", "b", "b"])) == 2
     assert merge_all(HLL, [HLL.lift("a"), None, HLL.lift("a")]) == HLL.lift("a")
+
+
+# --- DistinctSet and Quantiles ------------------------------------------------------------
+
+THETA = DistinctSet("user_id")
+KLL = Quantiles("duration_ms")
+
+
+def folded(m, values) -> bytes:
+    working = m.thaw(m.zero())
+    for value in values:
+        working = m.add(working, value)
+    return m.freeze(working)
+
+
+# Exact sets and estimation mode (> 4096 values), overlapping.
+theta_sets = st.builds(
+    users, st.integers(0, 6_000), st.integers(0, 6_000), st.sampled_from(["int", "str"])
+).map(lambda values: folded(THETA, values))
+
+
+@settings(max_examples=30, deadline=None)
+@given(theta_sets, theta_sets, theta_sets)
+def test_distinct_set_laws_hold_to_the_bit(a, b, c):
+    m = THETA
+    assert m.merge(m.merge(a, b), c) == m.merge(a, m.merge(b, c)) == m.merge_all([c, a, b])
+    assert m.merge(a, b) == m.merge(b, a)
+    assert m.merge(m.zero(), a) == a == m.merge(a, m.zero()) == m.merge(a, a)
+
+
+@LAWS
+@given(st.lists(st.none() | st.integers(0, 1000), max_size=60), st.integers(0, 60))
+def test_distinct_set_is_exact_for_small_sets_and_folds_as_it_lifts(values, cut):
+    m = THETA
+    assert m.result(folded(m, values)) == len({v for v in values if v is not None})
+    parts = [folded(m, values[:cut]), folded(m, values[cut:])]
+    assert m.merge_all(parts) == m.merge_all(m.lift(v) for v in values) == folded(m, values)
+
+
+@LAWS
+@given(st.lists(st.none() | floats, max_size=200), st.integers(0, 200))
+def test_quantiles_merge_exactly_up_to_k_values(values, cut):
+    m = KLL
+    present = [v for v in values if v is not None]
+    whole = m.merge_all([folded(m, values[:cut]), m.zero(), folded(m, values[cut:])])
+    assert m.result(whole) == m.result(folded(m, values)) == exact_quantiles(present)
+    assert m.result(m.merge_all(m.lift(v) for v in values)) == exact_quantiles(present)
+
+
+def test_quantiles_stay_within_the_rank_error_past_k():
+    values = [(i * 7919) % 100_003 for i in range(50_000)]
+    parts = [folded(KLL, values[i::7]) for i in range(7)]
+    answer = KLL.result(KLL.merge_all(parts), (0.01, 0.5, 0.9, 0.99))
+    assert answer == QuantilesOf(tuple(values))
+    assert KLL.result(KLL.zero()) is None and KLL.result(None) is None

@@ -24,9 +24,9 @@ import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from exact import exact_quantiles
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lambdalake.serving.server import ServerThread, build_server
 
 from lambdalake import catalog
 from lambdalake.eventlog import now_ms
@@ -34,6 +34,7 @@ from lambdalake.events import Event, epoch_ms, iso
 from lambdalake.example import project
 from lambdalake.project import table_schema
 from lambdalake.realtime import RealtimeCells
+from lambdalake.serving.server import ServerThread, build_server
 from lambdalake.settings import Settings
 from lambdalake.storage import FileStore, ObjectStore, S3Store
 from lambdalake.views import View
@@ -595,3 +596,76 @@ def test_sql_body_is_validated(lake: Lake) -> None:
     assert_errors(lake.client.post("/sql", json={"sql": ""}), 400, "sql")
     json_type = {"content-type": "application/json"}
     assert_errors(lake.client.post("/sql", content=b"{not json", headers=json_type), 400, "body")
+
+
+# --- quantiles and distinct sets ---------------------------------------------------------------
+
+
+def shoppers(seed: int = 11) -> list[Record]:
+    """Pageviews with durations by 30 users, purchases by 20 of them, across CUT_1."""
+    rng = random.Random(seed)
+    records = []
+    for number in range(150):
+        fields = {"url": rng.choice(URLS), "user_id": f"u{rng.randrange(30)}", "referrer": None,
+                  "duration_ms": rng.randrange(60_000)}
+        event = Event(f"pv-{number}", "pageview", T0 + rng.randrange(10 * HOUR), fields)
+        records.append((event, CUT_1 - 10 * MINUTE + rng.randrange(20 * MINUTE)))
+    for number in range(40):
+        fields = {"user_id": f"u{rng.randrange(10, 30)}", "sku": rng.choice(SKUS), "amount": 1.0}
+        event = Event(f"buy-{number}", "purchase", T0 + rng.randrange(DAY), fields)
+        records.append((event, CUT_1 - 10 * MINUTE + rng.randrange(20 * MINUTE)))
+    return records
+
+
+@pytest.fixture
+def shopping(lake: Lake) -> tuple[Lake, list[Record]]:
+    records = shoppers()
+    lake.realtime.upsert(speed_layer(records).drain())
+    publish(lake.store, "v1", CUT_1, records)
+    lake.wait_for_version("v1")
+    return lake, records
+
+
+def test_quantiles_answer_the_ranks_asked_over_batch_and_real_time(shopping) -> None:
+    lake, records = shopping
+    durations = {url: [e.fields["duration_ms"] for e, _ in records
+                       if e.type == "pageview" and e.fields["url"] == url] for url in URLS}
+    rows = lake.rows("durations_by_url_hour", bucket="total", quantiles="0,0.25,0.5,0.9,1")
+    ranks = (0.0, 0.25, 0.5, 0.9, 1.0)
+    assert {r["url"]: r["duration_ms"] for r in rows} == {
+        url: exact_quantiles(values, ranks) for url, values in durations.items()
+    }
+    [everything] = lake.rows("durations_by_url_hour", bucket="total", group_by="")
+    every = [d for values in durations.values() for d in values]
+    assert everything["duration_ms"] == exact_quantiles(every)  # p50, p90, p99 by default
+    assert everything["viewers"] == len({e.fields["user_id"] for e, _ in records
+                                         if e.type == "pageview"})
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [({"quantiles": "0.5,x"}, "quantiles"), ({"quantiles": "1.5"}, "quantiles"),
+     ({"order_by": "duration_ms"}, "order_by")],
+)
+def test_bad_quantile_parameters_are_refused(shopping, params, field) -> None:
+    lake, _ = shopping
+    reply = lake.get("/views/durations_by_url_hour", **params)
+    assert reply.status_code == 400 and reply.json()["errors"][0]["field"] == field
+
+
+def test_sql_intersects_distinct_sets_and_reads_quantile_sketches(shopping) -> None:
+    lake, records = shopping
+    viewers = {e.fields["user_id"] for e, _ in records
+               if e.type == "pageview" and e.fields["url"] == "/pricing"}
+    buyers = {e.fields["user_id"] for e, _ in records
+              if e.type == "purchase" and e.fields["sku"] == "A"}
+    every = [e.fields["duration_ms"] for e, _ in records if e.type == "pageview"]
+    reply = lake.sql(
+        "SELECT theta_estimate(theta_intersection(["
+        " (SELECT theta_union(list(viewers)) FROM durations_by_url_hour WHERE url = '/pricing'),"
+        " (SELECT theta_union(list(buyers)) FROM buyers_by_sku_day WHERE sku = 'A')])) AS both,"
+        " (SELECT kll_quantile(kll_merge(list(duration_ms)), 0.9)"
+        "  FROM durations_by_url_hour) AS p90"
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["rows"] == [[len(viewers & buyers), exact_quantiles(every)["0.9"]]]

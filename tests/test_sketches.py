@@ -1,12 +1,29 @@
-"""Bulk-built HLL sketches: exactness, accuracy, monoid laws, agreement with datasketches."""
+"""Bulk-built HLL, Theta and KLL sketches: exactness, accuracy, monoid laws, agreement with
+datasketches."""
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from datasketches import hll_sketch, hll_union, tgt_hll_type
+from datasketches import (
+    hll_sketch,
+    hll_union,
+    kll_doubles_sketch,
+    tgt_hll_type,
+    theta_union,
+    update_theta_sketch,
+)
+from exact import QuantilesOf, exact_quantiles
 
-from lambdalake.sketches import build_sketch_array, build_sketches, empty, estimate, merge
+from lambdalake.sketches import (
+    build_kll_array,
+    build_sketch_array,
+    build_sketches,
+    build_theta_array,
+    empty,
+    estimate,
+    merge,
+)
 
 RNG = np.random.default_rng(12)
 
@@ -96,3 +113,42 @@ def test_skips_nulls_and_empty_strings_and_takes_arrow_input():
     ints = pa.array([1, None, 2, 2], pa.int32())  # int32 hashes as int64, as in Spark
     (sketch,) = build_sketches(np.zeros(4, np.int64), ints)
     assert estimate(sketch) == estimate(one_by_one([1, 2]))
+
+
+# --- Theta and KLL, built in bulk ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["int", "float", "str", "unicode"])
+@pytest.mark.parametrize("n", [0, 1, 2, 4096, 4097, 20_000])
+def test_theta_in_bulk_is_the_union_of_a_one_by_one_sketch(kind, n):
+    values = sample(kind, n) * 2 + [None] + ([""] if kind in ("str", "unicode") else [])
+    (built,) = build_theta_array(np.zeros(len(values), np.int64), values, num_groups=1).to_pylist()
+    sketch = update_theta_sketch(12)
+    for value in values:
+        if value is not None:
+            sketch.update(value)
+    union = theta_union(12)
+    union.update(sketch)
+    assert built == union.get_result().serialize()
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 200, 201, 5_000, 300_000])
+def test_kll_in_bulk_answers_within_the_rank_error(n):
+    values = RNG.standard_normal(n) * 1e3
+    groups = np.arange(n) % 3  # three groups, interleaved
+    built = build_kll_array(groups, values, num_groups=4).to_pylist()
+    assert kll_doubles_sketch.deserialize(built[3]).is_empty()
+    for group in range(3):
+        mine = values[groups == group]
+        sketch = kll_doubles_sketch.deserialize(built[group])
+        assert sketch.n == len(mine)
+        if len(mine) == 0:
+            continue
+        assert (sketch.get_min_value(), sketch.get_max_value()) == (mine.min(), mine.max())
+        ranks = (0.0, 0.01, 0.5, 0.9, 0.99, 1.0)
+        answer = {str(q): sketch.get_quantile(q, inclusive=True) for q in ranks}
+        if len(mine) <= 200:
+            assert answer == exact_quantiles(mine.tolist(), ranks)
+        assert answer == QuantilesOf(tuple(mine.tolist()))
+        sketch.update(0.0)  # a sketch that still takes values and compacts as usual
+        assert sketch.n == len(mine) + 1

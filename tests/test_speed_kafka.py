@@ -23,15 +23,13 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from exact import QuantilesOf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("quixstreams")
 
 from confluent_kafka import Producer  # noqa: E402
-from lambdalake.serving.realtime_feed import RealtimeFeed  # noqa: E402
-from lambdalake.speed.kafka_common import PartitionState, ids_key, meta_key  # noqa: E402
-from lambdalake.speed.quix import QuixSpeed  # noqa: E402
 from prometheus_client import REGISTRY  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
@@ -40,10 +38,13 @@ from lambdalake.bus import KafkaBus  # noqa: E402
 from lambdalake.events import Event, Validator  # noqa: E402
 from lambdalake.example import project  # noqa: E402
 from lambdalake.kafka_topics import dlq_topic, ensure_bus_topics  # noqa: E402
-from lambdalake.monoids import ApproxDistinct, merge_all  # noqa: E402
+from lambdalake.monoids import Monoid, merge_all  # noqa: E402
 from lambdalake.project import table_schema  # noqa: E402
 from lambdalake.realtime import RealtimeCells  # noqa: E402
+from lambdalake.serving.realtime_feed import RealtimeFeed  # noqa: E402
 from lambdalake.settings import Settings  # noqa: E402
+from lambdalake.speed.kafka_common import PartitionState, ids_key, meta_key  # noqa: E402
+from lambdalake.speed.quix import QuixSpeed  # noqa: E402
 from lambdalake.storage import open_store  # noqa: E402
 from lambdalake.synthetic import WebAnalyticsStream  # noqa: E402
 from lambdalake.testing import free_port  # noqa: E402
@@ -95,15 +96,26 @@ def recompute(events: list[dict[str, Any]]) -> Answer:
                                     {"pageviews": 0, "visitors": set()})
             row["pageviews"] += 1
             row["visitors"].add(event["user_id"])
+            row = answer.setdefault(("durations_by_url_hour", bucket, (event["url"],)),
+                                    {"duration_ms": [], "viewers": set()})
+            if event.get("duration_ms") is not None:
+                row["duration_ms"].append(event["duration_ms"])
+            row["viewers"].add(event["user_id"])
         else:
             bucket = event["ts"] - event["ts"] % BUCKET_MS["day"]
             row = answer.setdefault(("revenue_by_sku_day", bucket, (event["sku"],)),
                                     {"revenue": 0.0, "orders": 0})
             row["revenue"] += event["amount"]
             row["orders"] += 1
+            row = answer.setdefault(("buyers_by_sku_day", bucket, (event["sku"],)),
+                                    {"buyers": set()})
+            row["buyers"].add(event["user_id"])
     for row in answer.values():
-        if "visitors" in row:
-            row["visitors"] = len(row["visitors"])
+        for name in ("visitors", "viewers", "buyers"):
+            if name in row:
+                row[name] = len(row[name])
+        if "duration_ms" in row:
+            row["duration_ms"] = QuantilesOf(tuple(row["duration_ms"]))
     return answer
 
 
@@ -131,29 +143,44 @@ def served(cells: RealtimeCells, batch: list[dict[str, Any]], cut: int) -> Answe
 
 
 def recompute_accumulators(events: list[dict[str, Any]]) -> dict[Any, tuple[Any, ...]]:
-    """The by-hand batch as accumulators (a distinct-users sketch built from the user set)."""
-    users: dict[Any, set[str]] = {}
+    """The by-hand batch as accumulators (sketches folded from each cell's first copies)."""
+    cells: dict[Any, list[dict[str, Any]]] = {}
+    seen: set[str] = set()
     for event in events:
-        if event["type"] == "pageview":
-            bucket = event["ts"] - event["ts"] % HOUR
-            users.setdefault((bucket, event["url"]), set()).add(event["user_id"])
-    sketch = ApproxDistinct("user_id")
+        if event["event_id"] not in seen:
+            seen.add(event["event_id"])
+            for view in project.views_of(event["type"]):
+                bucket = view.bucket_of(event["ts"])
+                key = tuple(event[k] for k in view.keys)
+                cells.setdefault((view.name, bucket, key), []).append(event)
     accumulators = {}
-    for (name, bucket, key), row in recompute(events).items():
-        if name == "pageviews_by_url_hour":
-            visitors = sketch.merge_all(sketch.lift(u) for u in users[(bucket, key[0])])
-            accumulators[(name, bucket, key)] = (row["pageviews"], visitors)
-        else:
-            accumulators[(name, bucket, key)] = (row["revenue"], row["orders"])
+    for (name, bucket, key), rows in recompute(events).items():
+        metrics = project.views[name].metrics
+        accumulators[(name, bucket, key)] = tuple(
+            rows[m] if metric.kind in ("count", "sum") else fold(metric, cells[(name, bucket, key)])
+            for m, metric in metrics.items()
+        )
     return accumulators
+
+
+def fold(metric: Monoid, events: list[dict[str, Any]]) -> Any:
+    working = metric.thaw(metric.zero())
+    for event in events:
+        working = metric.add(working, event.get(metric.field))
+    return metric.freeze(working)
 
 
 def same(got: Answer, want: Answer) -> bool:
     return got.keys() == want.keys() and all(
         got[k].keys() == want[k].keys()
-        and all(got[k][m] == pytest.approx(want[k][m], rel=1e-9) for m in want[k])
+        and all(close(got[k][m], want[k][m]) for m in want[k])
         for k in want
     )
+
+
+def close(got: Any, want: Any) -> bool:
+    """Numbers to float rounding; anything else (`QuantilesOf`) by its own equality."""
+    return got == pytest.approx(want, rel=1e-9) if isinstance(want, int | float) else want == got
 
 
 def wait_exact(answer: Callable[[], Answer], want: Answer, timeout: float = 90) -> None:

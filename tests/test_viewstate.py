@@ -18,7 +18,8 @@ import pickle
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from datasketches import hll_sketch, tgt_hll_type
+from datasketches import hll_sketch, kll_doubles_sketch, tgt_hll_type, update_theta_sketch
+from exact import exact_quantiles
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -128,10 +129,12 @@ def dedup(records: list[Record]) -> dict[tuple[str, str], Event]:
 
 
 def recompute(events: dict[tuple[str, str], Event]) -> dict[str, dict]:
-    """Plain Python: per view, (bucket, key) -> count, sum of amount, set of users."""
+    """Plain Python: per view, (bucket, key) -> count, sum of amount, set of users, durations."""
     answers: dict[str, dict] = {}
     for name, view in project.views.items():
-        groups: dict = defaultdict(lambda: {"count": 0, "amount": 0.0, "users": set()})
+        groups: dict = defaultdict(
+            lambda: {"count": 0, "amount": 0.0, "users": set(), "durations": []}
+        )
         for event in events.values():
             if event.type != view.event_type:
                 continue
@@ -140,6 +143,8 @@ def recompute(events: dict[tuple[str, str], Event]) -> dict[str, dict]:
             group["count"] += 1
             group["amount"] += event.fields.get("amount") or 0.0
             group["users"].add(event.fields["user_id"])
+            if event.fields.get("duration_ms") is not None:
+                group["durations"].append(event.fields["duration_ms"])
         answers[name] = dict(groups)
     return answers
 
@@ -149,6 +154,20 @@ def sketch(users: set[str]) -> bytes:
     for user in sorted(users):
         hll.update(user)
     return hll.serialize_compact()
+
+
+def theta(users: set[str]) -> bytes:
+    sketch = update_theta_sketch(12)
+    for user in sorted(users):
+        sketch.update(user)
+    return sketch.compact().serialize()
+
+
+def kll(values: list[int]) -> bytes:
+    sketch = kll_doubles_sketch(200)
+    for value in values:
+        sketch.update(value)
+    return sketch.serialize()
 
 
 def batch_rows(records: list[Record], cut: int) -> dict[str, dict]:
@@ -163,6 +182,9 @@ def batch_rows(records: list[Record], cut: int) -> dict[str, dict]:
                 "visitors": sketch(group["users"]),
                 "revenue": group["amount"],
                 "orders": group["count"],
+                "duration_ms": kll(group["durations"]),
+                "viewers": theta(group["users"]),
+                "buyers": theta(group["users"]),
             }
             rows[name][cell] = [values[metric] for metric in view.metrics]
     return rows
@@ -197,6 +219,13 @@ def assert_exact(answers: dict[str, dict], expected: dict[str, dict]) -> None:
     for cell, group in want_rev.items():
         assert revenue[cell]["orders"] == group["count"], cell
         assert math.isclose(revenue[cell]["revenue"], group["amount"], rel_tol=1e-9), cell
+    durations, buyers = answers["durations_by_url_hour"], answers["buyers_by_sku_day"]
+    assert set(durations) == set(want_pv) and set(buyers) == set(want_rev)
+    for cell, group in want_pv.items():  # KLL is exact up to k values; theta up to 4096
+        assert durations[cell]["duration_ms"] == exact_quantiles(group["durations"]), cell
+        assert durations[cell]["viewers"] == len(group["users"]), cell
+    for cell, group in want_rev.items():
+        assert buyers[cell]["buyers"] == len(group["users"]), cell
 
 
 # --- the system under test, driven by the ops ---------------------------------------------

@@ -18,13 +18,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import uvicorn
-from lambdalake.functions.runtime.context import ACCOUNT
-from lambdalake.functions.runtime.function import (
-    FunctionError,
-    FunctionTimeout,
-    LocalFunction,
-    Throttled,
-)
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
@@ -32,6 +25,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from lambdalake.connections import uvicorn_bounds
+from lambdalake.functions.runtime.context import ACCOUNT
+from lambdalake.functions.runtime.function import (
+    FunctionError,
+    FunctionTimeout,
+    LocalFunction,
+    Throttled,
+)
 
 PAYLOAD_LIMIT_BYTES = 5 * 1024 * 1024
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]

@@ -11,14 +11,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 
+from lambdalake.bus import embedded_log
+from lambdalake.eventlog import Topic
 from lambdalake.functions import environment
 from lambdalake.functions.runtime.function import LocalFunction
 from lambdalake.functions.runtime.gateway import Gateway
 from lambdalake.functions.runtime.mapping import DrainHook, StreamMapping
 from lambdalake.functions.runtime.template import StreamSource, Template, load_template
-
-from lambdalake.bus import embedded_log
-from lambdalake.eventlog import Topic
 from lambdalake.loops import Loops
 from lambdalake.settings import Settings
 
@@ -52,7 +51,6 @@ class LocalRuntime:
         """The bus topic a stream source names: the template's is AWS's, here it's settings'."""
         if self.settings.bus == "kafka":  # kafka-python is the `kafka` extra: imported here
             from lambdalake.functions.runtime.kafka_source import KafkaTopic
-
             from lambdalake.kafka_topics import ensure_bus_topics
 
             ensure_bus_topics(self.settings)

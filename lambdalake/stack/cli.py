@@ -172,11 +172,12 @@ def query(
     where: Annotated[list[str] | None, typer.Option(help="dim=value, repeatable")] = None,
     order_by: Annotated[str | None, typer.Option(help="metric[:asc]")] = None,
     limit: Annotated[int | None, typer.Option()] = None,
+    quantiles: Annotated[str | None, typer.Option(help="ranks, e.g. 0.5,0.9,0.99")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON answer")] = False,
 ) -> None:
     """Ask the serving API for a view, merged batch + real time."""
     params: dict[str, Any] = {"from": start, "to": end, "bucket": bucket, "group_by": group_by,
-                              "order_by": order_by, "limit": limit}
+                              "order_by": order_by, "limit": limit, "quantiles": quantiles}
     for condition in where or []:
         name, sep, value = condition.partition("=")
         if not sep:
