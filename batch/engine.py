@@ -47,7 +47,7 @@ class Engine(Protocol):
         partition, offset).
         Then `view.where_sql()` filters, rows group by bucket (`ts - ts % view.bucket_ms`)
         and `view.keys`, and each metric aggregates by its monoid kind. The columns are
-        exactly `lambdalake.project.table_schema(project, view)`, rows sorted by bucket and
+        exactly `lambdalake.tables.table_schema(project, view)`, rows sorted by bucket and
         keys, and the schema metadata carries the master rows read below the cut (duplicate
         copies included) under `ROWS_READ` (see `with_rows_read`).
 

@@ -40,9 +40,10 @@ from lambdalake import master
 from lambdalake.batch.engine import EXACT_SQL, with_rows_read
 from lambdalake.batch.objects import read_all
 from lambdalake.monoids import Monoid
-from lambdalake.project import Project, table_schema
+from lambdalake.project import Project
 from lambdalake.resources import run_script
 from lambdalake.storage import FileStore, ObjectStore, S3Store
+from lambdalake.tables import table_schema
 from lambdalake.views import View
 
 DEFAULT_CONF = {

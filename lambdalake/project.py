@@ -6,9 +6,7 @@ import importlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import pyarrow as pa
-
-from lambdalake.events import ARROW_TYPES, EventSchema
+from lambdalake.events import EventSchema
 from lambdalake.views import View
 
 
@@ -57,14 +55,3 @@ def load_project(spec: str) -> Project:
         raise ProjectError(f"project {spec!r}: {module_name}.{attribute or 'project'} is not "
                            "a lambdalake Project (set LAMBDALAKE_PROJECT=module:attribute)")
     return project
-
-
-def table_schema(project: Project, view: View) -> pa.Schema:
-    """Columns of a view's table, shared by batch views and real-time cells."""
-    schema = project.schemas[view.event_type]
-    fields = [pa.field("bucket", pa.int64(), nullable=False)]
-    fields += [pa.field(k, ARROW_TYPES[schema.field_type(k)]) for k in view.keys]
-    for name, metric in view.metrics.items():
-        field_type = ARROW_TYPES[schema.field_type(metric.field)] if metric.field else None
-        fields.append(pa.field(name, metric.arrow_type(field_type)))
-    return pa.schema(fields)

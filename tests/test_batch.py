@@ -42,9 +42,10 @@ from lambdalake.example import PAGEVIEW, PURCHASE
 from lambdalake.example import project as example
 from lambdalake.master import Archived
 from lambdalake.monoids import ApproxDistinct, Count, DistinctSet, Max, Min, Quantiles, Sum
-from lambdalake.project import Project, table_schema
+from lambdalake.project import Project
 from lambdalake.settings import Settings
 from lambdalake.storage import FileStore, ObjectStore
+from lambdalake.tables import table_schema
 from lambdalake.views import Condition, View
 
 # Hypothesis examples each get a fresh store; on tmpfs the store's fsyncs cost nothing.

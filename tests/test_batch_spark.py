@@ -18,7 +18,7 @@ from batch_lakes import PROJECT, History, assert_same_view, histories, published
 from exact import QuantilesOf, exact_quantiles
 from hypothesis import given, settings
 
-from lambdalake import catalog, master, sketches
+from lambdalake import catalog, master, sketch_arrays, sketches
 from lambdalake.batch.duckdb_engine import DuckDBEngine
 from lambdalake.batch.engine import CorruptObject, Engine, rows_read
 from lambdalake.batch.engine import engine_named as batch_engine
@@ -139,7 +139,7 @@ def visitors(engine: Engine, folder: Path, users: list[str]) -> bytes:
 
 
 def built(users: list[str]) -> bytes:
-    return sketches.build_sketches([0] * len(users), users)[0]
+    return sketch_arrays.build_sketches([0] * len(users), users)[0]
 
 
 def write_pageviews(store: ObjectStore, users: list[str], durations: list[int] | None = None):
@@ -202,7 +202,7 @@ def speed_cell(view: View, users: list[str], durations: list[int]) -> list[bytes
 
 
 def built_theta(users: list[str]) -> bytes:
-    return sketches.build_theta_array([0] * len(users), users).to_pylist()[0]
+    return sketch_arrays.build_theta_array([0] * len(users), users).to_pylist()[0]
 
 
 @pytest.mark.spark

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -39,3 +41,16 @@ def test_nothing_imports_the_parts_by_their_bare_names() -> None:
             found += [f"{path.relative_to(REPO)}: {n}" for n in names
                       if n.split(".")[0] in PARTS]
     assert found == []
+
+
+def test_the_ingest_handler_loads_no_engine() -> None:
+    """What the import contract states, at run time: loading the ingest handler, and the
+    project it validates against, loads no pyarrow, DuckDB or Spark (the metric kinds'
+    `datasketches` brings numpy)."""
+    probe = ("import sys, lambdalake.functions.ingest as ingest; ingest.validator(); "
+             "print(sorted(m for m in ('pyarrow', 'duckdb', 'pyspark') "
+             "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          cwd=REPO / "tests", timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
