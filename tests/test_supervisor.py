@@ -9,7 +9,7 @@ import time
 import pytest
 
 from lambdalake.stack.supervisor import Supervised
-from lambdalake.stack.up import supervisor
+from lambdalake.stack import supervisor
 
 
 @pytest.fixture(autouse=True)
