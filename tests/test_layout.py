@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+from lambdalake.functions.runtime.template import load_template
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("batch", "speed", "serving", "functions")
@@ -54,3 +57,13 @@ def test_the_ingest_handler_loads_no_engine() -> None:
                           cwd=REPO / "tests", timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_every_handler_of_the_shipped_template_imports() -> None:
+    """`template.yaml` at the repository's root is the package's own (a link), and each of
+    its handlers is a callable under lambdalake.functions."""
+    assert (REPO / "template.yaml").resolve() == REPO / "functions" / "template.yaml"
+    for spec in load_template().functions.values():
+        module, _, attribute = spec.handler.rpartition(".")
+        assert module.startswith("lambdalake.functions."), spec.handler
+        assert callable(getattr(importlib.import_module(module), attribute))
