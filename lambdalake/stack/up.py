@@ -41,7 +41,7 @@ def batch_once(
     """One batch run; with a console, one progress bar per view (logs draw above them)."""
     from lambdalake.batch.run import run_from_settings
 
-    if console is None:
+    if console is None or not console.is_terminal:  # bars are for people, not for pipes
         return run_from_settings(settings, engine_name, master=master, incremental=incremental)
     with Progress(console=console, transient=True) as progress:
         return run_from_settings(settings, engine_name, master=master, incremental=incremental,
