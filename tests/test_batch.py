@@ -614,7 +614,7 @@ def test_cli_runs_started_together_in_processes_publish_once(store):
         assert codes == [0, 1], results
         [(_, _, err)] = [r for r in results if r[0] == 1]
         errors = [line for line in err.splitlines() if not line.startswith("{")]  # not logs
-        assert len(errors) == 1 and errors[0].startswith("error: batch run "), err
+        assert len(errors) == 1 and errors[0].startswith("error: "), err
         assert "another batch run is under way" in err or "nothing new" in err, err
         serving = catalog.current(store)
         assert serving is not None and serving.cut == (round_ + 2) * 10_000
