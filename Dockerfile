@@ -8,6 +8,5 @@ COPY functions functions
 COPY speed speed
 COPY batch batch
 COPY serving serving
-COPY template.yaml ./
 RUN pip install --no-cache-dir '.[kafka,spark]'
 ENTRYPOINT ["lambdalake"]

@@ -13,10 +13,12 @@ $(VENV)/.run-deps: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
-$(VENV)/.test-deps: pyproject.toml scripts/kafka_fetch.sh scripts/spark_jars.sh | $(BIN)/python
+SCRIPTS := lambdalake/scripts
+
+$(VENV)/.test-deps: pyproject.toml $(SCRIPTS)/kafka_fetch.sh $(SCRIPTS)/spark_jars.sh | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev,kafka,spark]'
-	bash scripts/kafka_fetch.sh >/dev/null
-	bash scripts/spark_jars.sh >/dev/null
+	bash $(SCRIPTS)/kafka_fetch.sh >/dev/null
+	PYTHON=$(BIN)/python bash $(SCRIPTS)/spark_jars.sh >/dev/null
 	touch $@
 
 ## run: the whole flow on the embedded default, with a synthetic producer
@@ -24,12 +26,17 @@ run: $(VENV)/.run-deps
 	$(BIN)/lambdalake up --produce 50
 
 ## test: lint, then every suite against the real services it starts itself
-test: $(VENV)/.test-deps
-	$(BIN)/ruff check .
+test: lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
+## lint: ruff, the type check, and the import contracts, checked on the package as installed
+## (the parts' folders install under lambdalake.*, which only an install lays out)
 lint: $(VENV)/.test-deps
 	$(BIN)/ruff check .
+	$(BIN)/mypy
+	rm -rf build/lint
+	$(BIN)/pip install -q --no-deps --target build/lint .
+	cd build/lint && ../../$(BIN)/lint-imports ../../pyproject.toml
 
 bench-speed: $(VENV)/.test-deps
 	$(BIN)/python bench/speed.py

@@ -20,12 +20,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from batch.engine import EXACT_SQL, with_rows_read
-from batch.objects import read_all
-from lambdalake import master, sketches
+from lambdalake import master, sketch_arrays
+from lambdalake.batch.engine import EXACT_SQL, with_rows_read
+from lambdalake.batch.objects import read_all
 from lambdalake.monoids import Monoid
-from lambdalake.project import Project, table_schema
+from lambdalake.project import Project
 from lambdalake.storage import ObjectStore
+from lambdalake.tables import table_schema
 from lambdalake.views import View
 
 # Builds one sketch per group from a flat column of values and each value's group id.
@@ -46,14 +47,15 @@ _AGGREGATES: dict[str, Aggregate] = {
     # a sketch of the distinct values is the same sketch
     "approx_distinct": Aggregate(
         "list(DISTINCT {})",
-        lambda m, groups, values, n: sketches.build_sketch_array(groups, values, m.lg_k, n),
+        lambda m, groups, values, n: sketch_arrays.build_sketch_array(groups, values, m.lg_k, n),
     ),
     "distinct_set": Aggregate(
         "list(DISTINCT {})",
-        lambda m, groups, values, n: sketches.build_theta_array(groups, values, m.lg_k, n),
+        lambda m, groups, values, n: sketch_arrays.build_theta_array(groups, values, m.lg_k, n),
     ),
     "quantiles": Aggregate(
-        "list({})", lambda m, groups, values, n: sketches.build_kll_array(groups, values, m.k, n)
+        "list({})",
+        lambda m, groups, values, n: sketch_arrays.build_kll_array(groups, values, m.k, n),
     ),
 }
 

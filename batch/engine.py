@@ -47,7 +47,7 @@ class Engine(Protocol):
         partition, offset).
         Then `view.where_sql()` filters, rows group by bucket (`ts - ts % view.bucket_ms`)
         and `view.keys`, and each metric aggregates by its monoid kind. The columns are
-        exactly `lambdalake.project.table_schema(project, view)`, rows sorted by bucket and
+        exactly `lambdalake.tables.table_schema(project, view)`, rows sorted by bucket and
         keys, and the schema metadata carries the master rows read below the cut (duplicate
         copies included) under `ROWS_READ` (see `with_rows_read`).
 
@@ -63,3 +63,24 @@ def with_rows_read(table: pa.Table, rows: int) -> pa.Table:
 
 def rows_read(table: pa.Table) -> int:
     return int((table.schema.metadata or {})[ROWS_READ])
+
+
+class MissingExtra(RuntimeError):
+    """An engine whose optional dependencies are not installed; says which extra to install."""
+
+
+def engine_named(name: str, master: str | None = None) -> Engine:
+    """The engine called `name`: duckdb, or spark on `master` (default `local[*]`)."""
+    if name == "duckdb":
+        from lambdalake.batch.duckdb_engine import DuckDBEngine
+
+        return DuckDBEngine()
+    if name == "spark":
+        try:
+            from lambdalake.batch.spark_engine import SparkEngine
+        except ImportError as exc:
+            raise MissingExtra(
+                f"the Spark engine needs `pip install 'lambdalake[spark]'` ({exc.name} is missing)"
+            ) from None
+        return SparkEngine(master or "local[*]")
+    raise ValueError(f"engine: unknown batch engine {name!r}; use duckdb or spark")

@@ -40,16 +40,17 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from batch.engine import with_rows_read
-from batch.objects import read_all
 from lambdalake import catalog
+from lambdalake.batch.engine import with_rows_read
+from lambdalake.batch.objects import read_all
 from lambdalake.catalog import Manifest
 from lambdalake.events import EventSchema
 from lambdalake.master import arrow_schema
 from lambdalake.monoids import Monoid
-from lambdalake.project import Project, table_schema
+from lambdalake.project import Project
 from lambdalake.query import gathered, merge_sql
 from lambdalake.storage import NotFound, ObjectStore
+from lambdalake.tables import table_schema
 from lambdalake.views import View
 
 SCRATCH = "_delta"  # views/_delta/v=<version>/<event type>.parquet, like a view's files

@@ -15,7 +15,7 @@ from typing import TypeVar
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from batch.engine import CorruptObject
+from lambdalake.batch.engine import CorruptObject
 from lambdalake.storage import ObjectStore
 
 T = TypeVar("T")

@@ -35,15 +35,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.progress import Progress
 
-from batch import incremental as delta
-from batch.engine import CorruptObject, Engine, rows_read
 from lambdalake import catalog, master
+from lambdalake.batch import incremental as delta
+from lambdalake.batch.engine import CorruptObject, Engine, engine_named, rows_read
 from lambdalake.catalog import Manifest, ViewFiles
 from lambdalake.events import iso
 from lambdalake.lease import Lease, LeaseHeld
-from lambdalake.project import Project
+from lambdalake.project import Project, load_project
 from lambdalake.settings import Settings
-from lambdalake.storage import ObjectStore
+from lambdalake.storage import ObjectStore, open_store
 from lambdalake.views import View
 
 log = logging.getLogger("lambdalake.batch")
@@ -88,6 +88,21 @@ def run_batch(
         except Exception:  # the new version is published; pruning is retried by the next run
             log.warning("pruning old batch versions failed", exc_info=True)
     return manifest
+
+
+def run_from_settings(
+    settings: Settings,
+    engine_name: str,
+    *,
+    master: str | None = None,
+    incremental: bool = False,
+    progress: Progress | ProgressCallback | None = None,
+) -> Manifest:
+    """A batch run of the settings' project and store: the entry point of schedules and CLIs."""
+    project = load_project(settings.project)
+    store = open_store(settings.store_url, settings.s3_endpoint_url)
+    engine = engine_named(engine_name, master)
+    return run_batch(settings, project, store, engine, incremental=incremental, progress=progress)
 
 
 def batch_lease(settings: Settings, store: ObjectStore, owner: str) -> Lease:

@@ -24,11 +24,8 @@ from __future__ import annotations
 import functools
 import operator
 import os
-import subprocess
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -39,15 +36,16 @@ from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema
 
-from batch.engine import EXACT_SQL, with_rows_read
-from batch.objects import read_all
 from lambdalake import master
+from lambdalake.batch.engine import EXACT_SQL, with_rows_read
+from lambdalake.batch.objects import read_all
 from lambdalake.monoids import Monoid
-from lambdalake.project import Project, table_schema
+from lambdalake.project import Project
+from lambdalake.resources import run_script
 from lambdalake.storage import FileStore, ObjectStore, S3Store
+from lambdalake.tables import table_schema
 from lambdalake.views import View
 
-JARS_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "spark_jars.sh"
 DEFAULT_CONF = {
     "spark.app.name": "lambdalake-batch",
     "spark.ui.showConsoleProgress": "false",  # the run draws its own progress bars
@@ -245,12 +243,4 @@ def spark_session(master_url: str = "local[*]", conf: Mapping[str, str] | None =
 @functools.cache
 def hadoop_aws_jars() -> list[str]:
     """hadoop-aws matching pyspark's Hadoop and the AWS SDK, fetched once (`spark_jars.sh`)."""
-    done = subprocess.run(
-        ["bash", str(JARS_SCRIPT)],
-        capture_output=True,
-        text=True,
-        env=os.environ | {"PYTHON": sys.executable},
-    )
-    if done.returncode != 0 or not done.stdout.strip():
-        raise RuntimeError(f"{JARS_SCRIPT} failed: {done.stderr.strip()[-500:]}")
-    return done.stdout.strip().splitlines()[-1].split(",")
+    return run_script("spark_jars.sh").split(",")

@@ -48,11 +48,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyspark.sql import functions as F
 
-from batch.duckdb_engine import DuckDBEngine
-from batch.engine import Engine, rows_read
-from batch.run import rollback, run_batch
-from batch.spark_engine import SparkEngine
 from lambdalake import catalog, example, master, sketches, synthetic
+from lambdalake.batch.duckdb_engine import DuckDBEngine
+from lambdalake.batch.engine import Engine, rows_read
+from lambdalake.batch.run import rollback, run_batch
+from lambdalake.batch.spark_engine import SparkEngine
 from lambdalake.project import Project
 from lambdalake.settings import Settings
 from lambdalake.storage import FileStore

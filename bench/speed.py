@@ -106,7 +106,7 @@ async def raw_aiokafka(bootstrap: str, topic: str, n: int) -> float:
 
 
 def quix_eps(settings: Settings, n: int) -> float:
-    from speed.quix import QuixSpeed
+    from lambdalake.speed.quix import QuixSpeed
 
     speed = QuixSpeed(settings, project, open_store(settings.store_url), "bench")
     stop = threading.Event()
@@ -132,7 +132,7 @@ def committed(watcher: Consumer, topic: str) -> int:
 
 def faust_eps(settings: Settings, n: int, env: dict[str, str]) -> float:
     """The Faust driver commits after every batch: its progress is its committed offsets."""
-    worker = subprocess.Popen([sys.executable, "-m", "speed.faust_app"], env=env,
+    worker = subprocess.Popen([sys.executable, "-m", "lambdalake.speed.faust_app"], env=env,
                               cwd=settings.home, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     watcher = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
@@ -183,8 +183,8 @@ class ProbedCells(RealtimeCells):
 
 
 def freshness(settings: Settings) -> tuple[float, float]:
-    from serving.realtime_feed import RealtimeFeed
-    from speed.quix import QuixSpeed
+    from lambdalake.serving.realtime_feed import RealtimeFeed
+    from lambdalake.speed.quix import QuixSpeed
 
     cells = ProbedCells()
     feed = RealtimeFeed(settings.kafka_bootstrap, settings.topic, cells)

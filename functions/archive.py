@@ -21,9 +21,9 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from functions.environment import PerColdStart
 from lambdalake import master
 from lambdalake.events import Event, EventSchema, Problem, Validator
+from lambdalake.functions.environment import PerColdStart
 from lambdalake.project import load_project
 from lambdalake.settings import Settings
 from lambdalake.storage import NotFound, ObjectStore, open_store
@@ -112,3 +112,6 @@ def advance_watermark(partition: int, next_offset: int, watermark: int) -> None:
     if current and (current["watermark"], current["next_offset"]) >= (watermark, next_offset):
         return
     master.write_watermark(store, partition, next_offset, watermark)
+
+
+ON_DRAINED = {f"{__name__}.handler": advance_watermark}  # for the local runtime's mappings

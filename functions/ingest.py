@@ -14,11 +14,11 @@ import logging
 import re
 from typing import Any, NamedTuple
 
-from functions.environment import PerColdStart
 from lambdalake.auth import AuthError
 from lambdalake.bus import open_bus
 from lambdalake.eventlog import now_ms
 from lambdalake.events import MAX_EVENT_BYTES, Event, Problem, Validator
+from lambdalake.functions.environment import PerColdStart
 from lambdalake.project import load_project
 from lambdalake.settings import Settings
 

@@ -13,9 +13,9 @@ import logging
 import time
 from typing import Any
 
-from functions.environment import current_settings
+from lambdalake.batch.run import run_from_settings
 from lambdalake.events import iso
-from lambdalake.stack import batch_once
+from lambdalake.functions.environment import current_settings
 
 SCHEDULED = ("aws.events", "Scheduled Event")
 
@@ -28,7 +28,7 @@ def handler(event: dict[str, Any], context: object) -> dict[str, Any]:
         raise ValueError(f"nightly_batch takes an EventBridge Scheduled Event, not {shape}")
     settings = current_settings()
     started = time.monotonic()
-    manifest = batch_once(settings, settings.batch_engine, master=settings.spark_master)
+    manifest = run_from_settings(settings, settings.batch_engine, master=settings.spark_master)
     summary = {
         "version": manifest.version,
         "cut": iso(manifest.cut),

@@ -169,7 +169,7 @@ class Validator:
         self._models = {name: schema.model() for name, schema in schemas.items()}
         self._max_future_ms = max_future_ms
         models = tuple(self._models.values())
-        tagged = Annotated[Union[models], Field(discriminator="type")]  # noqa: UP007
+        tagged: Any = Annotated[Union[models], Field(discriminator="type")]  # noqa: UP007
         # pydantic-core's validator itself: TypeAdapter's wrapper costs 5% of a speed-layer fold
         self._from_json = TypeAdapter(tagged if len(models) > 1 else models[0]).validator
 
@@ -215,7 +215,7 @@ class Validator:
             return [_too_large(index)]
         return event
 
-    def _event(self, parsed: BaseModel, now_ms: int, index: int | None) -> Event | list[Problem]:
+    def _event(self, parsed: Any, now_ms: int, index: int | None) -> Event | list[Problem]:
         """The event of a valid model, once its time passes."""
         if parsed.ts > now_ms + self._max_future_ms:
             rule = f"more than {self._max_future_ms // 1000} s in the future"

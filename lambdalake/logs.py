@@ -23,9 +23,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record is emitted: a progress display that
+    redirects stderr then prints each log line above its bars instead of over them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
 def setup_logging(level: str = "INFO", everything: bool = False) -> None:
     """JSON lines on stderr for lambdalake's loggers, or for every library's too."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger(None if everything else "lambdalake")
     root.handlers[:] = [handler]

@@ -70,7 +70,7 @@ class Unstorable:
 
 def _columns(schema: EventSchema, rows: list[Archived]) -> list[list[Any]]:
     """The rows' values, column by column in `arrow_schema` order."""
-    columns = [
+    columns: list[list[Any]] = [
         [r.event.event_id for r in rows],
         [r.event.ts for r in rows],
         [r.arrival for r in rows],
@@ -85,7 +85,8 @@ def to_table(schema: EventSchema, rows: list[Archived]) -> tuple[pa.Table, list[
     are looked at one by one only when a whole column fails; when none of them is at fault,
     the failure is not the rows' and is raised."""
     arrow = arrow_schema(schema)
-    arrays, refused = [], {}
+    arrays: list[pa.Array] = []
+    refused: dict[int, str] = {}
     for field, values in zip(arrow, _columns(schema, rows), strict=True):
         try:
             arrays.append(pa.array(values, field.type))

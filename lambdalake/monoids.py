@@ -17,7 +17,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import pyarrow as pa
 from datasketches import (
     compact_theta_sketch,
     hll_sketch,
@@ -60,8 +59,10 @@ class Monoid:
         """The answer a query gives (`quantiles`: the ranks a quantiles metric answers)."""
         return acc
 
-    def arrow_type(self, field_type: pa.DataType | None) -> pa.DataType:
-        """The accumulator column's type, given the field's (None for count)."""
+    def arrow_type(self, field_type: str | None) -> str:
+        """The accumulator column's Arrow type name, given the field's (None for count)."""
+        if field_type is None:
+            raise ValueError(f"a {self.kind} metric reads a field")
         return field_type
 
     def add(self, working: Any, value: Any) -> Any:
@@ -100,8 +101,8 @@ class Count(Monoid):
     def add(self, working: int, value: Any) -> int:
         return working + 1
 
-    def arrow_type(self, field_type: pa.DataType | None) -> pa.DataType:
-        return pa.int64()
+    def arrow_type(self, field_type: str | None) -> str:
+        return "int64"
 
 
 @dataclass(frozen=True)
@@ -161,8 +162,8 @@ class _Sketch(Monoid):
     def merge(self, left: bytes, right: bytes) -> bytes:
         return self.merge_all((left, right))
 
-    def arrow_type(self, field_type: pa.DataType | None) -> pa.DataType:
-        return pa.binary()
+    def arrow_type(self, field_type: str | None) -> str:
+        return "binary"
 
     def encode(self, acc: bytes) -> str:
         return base64.b64encode(acc).decode()

@@ -6,9 +6,7 @@ import importlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import pyarrow as pa
-
-from lambdalake.events import ARROW_TYPES, EventSchema
+from lambdalake.events import EventSchema
 from lambdalake.views import View
 
 
@@ -40,20 +38,20 @@ class Project:
         return [v for v in self.views.values() if v.event_type == event_type]
 
 
+class ProjectError(ValueError):
+    """The project setting names nothing loadable; the message says what and why."""
+
+
 def load_project(spec: str) -> Project:
+    """The `Project` at `module:attribute` (attribute default `project`)."""
     module_name, _, attribute = spec.partition(":")
-    project = getattr(importlib.import_module(module_name), attribute or "project")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any failure of the user's module: one clear line, not a trace
+        raise ProjectError(f"project {spec!r}: cannot import {module_name!r}: "
+                           f"{type(exc).__name__}: {exc}") from None
+    project = getattr(module, attribute or "project", None)
     if not isinstance(project, Project):
-        raise TypeError(f"{spec} is not a lambdalake Project")
+        raise ProjectError(f"project {spec!r}: {module_name}.{attribute or 'project'} is not "
+                           "a lambdalake Project (set LAMBDALAKE_PROJECT=module:attribute)")
     return project
-
-
-def table_schema(project: Project, view: View) -> pa.Schema:
-    """Columns of a view's table, shared by batch views and real-time cells."""
-    schema = project.schemas[view.event_type]
-    fields = [pa.field("bucket", pa.int64(), nullable=False)]
-    fields += [pa.field(k, ARROW_TYPES[schema.field_type(k)]) for k in view.keys]
-    for name, metric in view.metrics.items():
-        field_type = ARROW_TYPES[schema.field_type(metric.field)] if metric.field else None
-        fields.append(pa.field(name, metric.arrow_type(field_type)))
-    return pa.schema(fields)

@@ -6,6 +6,7 @@ rows unioned with the real-time cells); the serving layer runs it in DuckDB.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -136,7 +137,9 @@ def _typed(name: str, value: str, schema: EventSchema, view: View) -> Any:
         raise QueryError(name, f"not a dimension of {view.name}")
     kind = schema.field_type(name)
     try:
-        return {"int": _int64, "float": float, "bool": _bool, "string": str}[kind](value)
+        parse: dict[str, Callable[[str], Any]] = {
+            "int": _int64, "float": float, "bool": _bool, "string": str}
+        return parse[kind](value)
     except ValueError:
         raise QueryError(name, f"must be a {kind}{_RULES.get(kind, '')}") from None
 

@@ -20,13 +20,10 @@ from lambdalake.loops import Loops
 from lambdalake.project import Project
 from lambdalake.query import parse
 from lambdalake.realtime import RealtimeCells
-from lambdalake.settings import Settings
-from lambdalake.storage import ObjectStore
-from lambdalake.views import View
-from serving.batch_views import BatchViews, Snapshot
-from serving.errors import ApiError, error_response, install_error_handlers
-from serving.metrics import RequestMetrics, ServingMetrics
-from serving.models import (
+from lambdalake.serving.batch_views import BatchViews, Snapshot
+from lambdalake.serving.errors import ApiError, error_response, install_error_handlers
+from lambdalake.serving.metrics import RequestMetrics, ServingMetrics
+from lambdalake.serving.models import (
     Errors,
     Freshness,
     Health,
@@ -37,8 +34,11 @@ from serving.models import (
     ViewInfo,
     ViewList,
 )
-from serving.query import SQL_MAX_ROWS, DuckDB, run_sql, sql_answer_json, view_rows
-from serving.sql_sandbox import SandboxBusy, SandboxLimits, SqlSandbox
+from lambdalake.serving.query import SQL_MAX_ROWS, DuckDB, run_sql, sql_answer_json, view_rows
+from lambdalake.serving.sql_sandbox import SandboxBusy, SandboxLimits, SqlSandbox
+from lambdalake.settings import Settings
+from lambdalake.storage import ObjectStore
+from lambdalake.views import View
 
 log = logging.getLogger("lambdalake.serving")
 # Declare the two ways to send a key in the OpenAPI document; `require` checks the key.

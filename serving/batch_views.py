@@ -22,9 +22,10 @@ from lambdalake.catalog import Manifest
 from lambdalake.eventlog import now_ms
 from lambdalake.events import epoch_ms
 from lambdalake.loops import Loop, Loops
-from lambdalake.project import Project, table_schema
+from lambdalake.project import Project
 from lambdalake.realtime import RealtimeCells
 from lambdalake.storage import ObjectStore
+from lambdalake.tables import table_schema
 
 log = logging.getLogger("lambdalake.serving")
 

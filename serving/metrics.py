@@ -15,7 +15,7 @@ from prometheus_client.exposition import generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lambdalake.loops import Loops
-from serving.batch_views import BatchViews
+from lambdalake.serving.batch_views import BatchViews
 
 _LABELS = ("method", "route", "status")
 

@@ -21,10 +21,10 @@ import pyarrow as pa
 
 from lambdalake.monoids import Monoid
 from lambdalake.query import Query, finalize, merged_records, plan
+from lambdalake.serving.batch_views import BatchViews, Reading, Snapshot
+from lambdalake.serving.models import Freshness
+from lambdalake.serving.sql_sandbox import EncodedRows, Worker
 from lambdalake.views import View
-from serving.batch_views import BatchViews, Reading, Snapshot
-from serving.models import Freshness
-from serving.sql_sandbox import EncodedRows, Worker
 
 SQL_MAX_ROWS = 10_000
 _MERGED = (

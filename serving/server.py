@@ -11,9 +11,9 @@ from lambdalake.connections import uvicorn_bounds
 from lambdalake.loops import Loops
 from lambdalake.project import Project
 from lambdalake.realtime import RealtimeCells
+from lambdalake.serving.app import create_app
 from lambdalake.settings import Settings
 from lambdalake.storage import ObjectStore
-from serving.app import create_app
 
 
 def build_server(

@@ -11,7 +11,7 @@ There are as many workers as statements may run at once; past that, `SandboxBusy
 worker has a thread of its own in the server, so statements never take the threads the
 other endpoints need.
 
-`python -m serving.sql_sandbox FD` is a worker, talking over the socket FD.
+`python -m lambdalake.serving.sql_sandbox FD` is a worker, talking over the socket FD.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ import pyarrow as pa
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from lambdalake.query import QueryError
+from lambdalake.serving.sketch_functions import register_sketch_functions
 from lambdalake.settings import Settings
-from serving.sketch_functions import register_sketch_functions
 
 log = logging.getLogger("lambdalake.serving.sql")
 T = TypeVar("T")
@@ -194,7 +194,7 @@ class Worker:
         ours, theirs = socket.socketpair()
         with ours, theirs:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "serving.sql_sandbox", str(theirs.fileno())],
+                [sys.executable, "-m", "lambdalake.serving.sql_sandbox", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()], cwd="/", stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
             )

@@ -22,9 +22,9 @@ from lambdalake.events import Event, Validator
 from lambdalake.loops import Loop, Loops
 from lambdalake.project import Project
 from lambdalake.settings import Settings
+from lambdalake.speed.metrics import APPLIED, DedupGauges
 from lambdalake.storage import ObjectStore
 from lambdalake.viewstate import CellUpdate, ViewState
-from speed.metrics import APPLIED, DedupGauges
 
 log = logging.getLogger("lambdalake.speed")
 Sink = Callable[[list[CellUpdate], int], None]  # (updates, caught_up_at ms)

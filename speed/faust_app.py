@@ -23,7 +23,7 @@ a batch is in flight: a partition given to another worker fences the batch's tra
 so none of it is committed, and a partition this worker keeps is rebuilt at its committed
 offset, from which its records are read again.
 
-    python -m speed.faust_app      (settings from LAMBDALAKE_* variables)
+    python -m lambdalake.speed.faust_app      (settings from LAMBDALAKE_* variables)
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ from lambdalake.events import Validator
 from lambdalake.kafka_topics import changelog_topic, dlq_topic, realtime_topic
 from lambdalake.project import Project
 from lambdalake.settings import Settings
+from lambdalake.speed.kafka_common import PartitionState, Record, restore_partitions
+from lambdalake.speed.worker import prepare
 from lambdalake.storage import ObjectStore
-from speed.kafka_common import PartitionState, Record, restore_partitions
-from speed.worker import prepare
 
 log = logging.getLogger("lambdalake.speed.faust")
 BATCH = 10_000
@@ -212,8 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     from lambdalake.logs import setup_logging
     from lambdalake.project import load_project
 
-    parser = argparse.ArgumentParser(prog="python -m speed.faust_app", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m lambdalake.speed.faust_app", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.parse_args(argv)  # --help
     setup_logging(everything=True)  # Faust's and aiokafka's logs too, one JSON object a line
     settings = Settings()

@@ -30,8 +30,8 @@ from lambdalake.kafka_topics import changelog_topic, realtime_topic
 from lambdalake.project import Project
 from lambdalake.realtime import decode_update, encode_update
 from lambdalake.settings import Settings
+from lambdalake.speed.metrics import APPLIED, DEAD_LETTERS, DedupGauges
 from lambdalake.viewstate import CellKey, ViewState
-from speed.metrics import APPLIED, DEAD_LETTERS, DedupGauges
 
 MAX_REASON = 1_000
 IDS_PER_RECORD = 768  # ids a record: < 300 KB with 256-char ids and 64-char types

@@ -11,7 +11,7 @@ from were committed together, so no event is counted twice or lost. The transact
 stable per worker, so a restarted worker fences its previous incarnation and aborts its open
 transaction at once.
 
-    python -m speed.quix [--worker-id NAME]     (settings from LAMBDALAKE_* variables)
+    python -m lambdalake.speed.quix [--worker-id NAME]     (settings from LAMBDALAKE_* variables)
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from lambdalake.events import Validator
 from lambdalake.kafka_topics import changelog_topic, dlq_topic, realtime_topic
 from lambdalake.project import Project, load_project
 from lambdalake.settings import Settings
+from lambdalake.speed.kafka_common import PartitionState, Record, restore_partitions
+from lambdalake.speed.worker import prepare
 from lambdalake.storage import ObjectStore
-from speed.kafka_common import PartitionState, Record, restore_partitions
-from speed.worker import prepare
 
 log = logging.getLogger("lambdalake.speed.quix")
 BATCH = 10_000
@@ -185,7 +185,7 @@ class QuixSpeed:
 def main(argv: list[str] | None = None) -> None:
     from lambdalake.logs import setup_logging
 
-    parser = argparse.ArgumentParser(prog="python -m speed.quix", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m lambdalake.speed.quix", description=__doc__)
     parser.add_argument("--worker-id", default=socket.gethostname(),
                         help="stable per worker: a restart fences its previous incarnation")
     args = parser.parse_args(argv)

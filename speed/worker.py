@@ -10,8 +10,8 @@ import threading
 
 from lambdalake.kafka_topics import ensure_bus_topics
 from lambdalake.settings import Settings
+from lambdalake.speed.metrics import serve_metrics
 from lambdalake.storage import ObjectStore, open_store
-from speed.metrics import serve_metrics
 
 
 def prepare(settings: Settings) -> ObjectStore:

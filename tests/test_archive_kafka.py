@@ -11,11 +11,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from functions.runtime.local import LocalRuntime
 from lambdalake.bus import open_bus
 from lambdalake.eventlog import now_ms
 from lambdalake.events import Validator
 from lambdalake.example import project
+from lambdalake.functions import archive
+from lambdalake.functions.runtime.local import LocalRuntime
 from lambdalake.master import data_keys, watermarks
 from lambdalake.settings import Settings
 from lambdalake.storage import open_store
@@ -41,7 +42,7 @@ def test_kafka_events_are_archived_once_with_watermarks(kafka_broker, tmp_path: 
     open_bus(settings).publish(events)
     started = now_ms()
     store = open_store(settings.store_url)
-    with LocalRuntime(settings):
+    with LocalRuntime(settings, on_drained=archive.ON_DRAINED):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             marks = watermarks(store)

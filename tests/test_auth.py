@@ -21,12 +21,12 @@ from pydantic import ValidationError
 from test_flow import Flow
 from test_serving import PAGEVIEWS, start_lake
 
-from functions import environment, ingest
-from functions.runtime.function import LocalFunction
-from functions.runtime.gateway import Gateway
-from functions.runtime.template import load_template
 from lambdalake.auth import AuthError, Keyring, credentials, fingerprint
 from lambdalake.eventlog import now_ms
+from lambdalake.functions import environment, ingest
+from lambdalake.functions.runtime.function import LocalFunction
+from lambdalake.functions.runtime.gateway import Gateway
+from lambdalake.functions.runtime.template import load_template
 from lambdalake.logs import JsonFormatter
 from lambdalake.settings import Settings
 
@@ -139,10 +139,10 @@ def test_a_bad_secrets_file_is_refused_naming_it(
 def test_lambdalake_up_refuses_bad_keys_in_one_line(
     tmp_path: Path, keys: list[Any], message: str
 ) -> None:
-    env = os.environ | {"LAMBDALAKE_API_KEYS": json.dumps(keys), "PYTHONPATH": os.getcwd(),
+    env = os.environ | {"LAMBDALAKE_API_KEYS": json.dumps(keys),
                         "LAMBDALAKE_HOME": str(tmp_path / "home")}
-    done = subprocess.run([sys.executable, "-m", "lambdalake.cli", "up"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "lambdalake.stack.cli", "up"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert done.stderr.startswith(message) and done.stderr.count("\n") == 1, done.stderr
     assert "real-key" not in done.stderr and not (tmp_path / "home").exists()
@@ -322,11 +322,11 @@ def pageviews(flow: Flow, headers: dict[str, str]) -> int:
 def test_up_produces_and_answers_the_cli_with_its_own_keys(tmp_path: Path) -> None:
     """`lambdalake up --produce` and the CLI send the configured keys; the logs hold none."""
     flow = Flow(tmp_path)
-    flow.env |= {"LAMBDALAKE_API_KEYS": json.dumps(KEYS[1:]), "PYTHONPATH": os.getcwd()}
+    flow.env |= {"LAMBDALAKE_API_KEYS": json.dumps(KEYS[1:])}
     log = tmp_path / "up.log"
     with log.open("w") as stderr:
         flow.process = subprocess.Popen(
-            [sys.executable, "-m", "lambdalake.cli", "up", "--produce", "100"], env=flow.env,
+            [sys.executable, "-m", "lambdalake.stack.cli", "up", "--produce", "100"], env=flow.env,
             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
         try:
             wait_until(lambda: ready(flow))

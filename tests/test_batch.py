@@ -32,19 +32,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.progress import Progress
 
-from batch.duckdb_engine import DuckDBEngine
-from batch.engine import CorruptObject
-from batch.run import BatchError, batch_lease, prune_versions, rollback, run_batch
 from lambdalake import catalog, master
+from lambdalake.batch.duckdb_engine import DuckDBEngine
+from lambdalake.batch.engine import CorruptObject
+from lambdalake.batch.run import BatchError, batch_lease, prune_versions, rollback, run_batch
 from lambdalake.catalog import Manifest
 from lambdalake.events import Event
 from lambdalake.example import PAGEVIEW, PURCHASE
 from lambdalake.example import project as example
 from lambdalake.master import Archived
 from lambdalake.monoids import ApproxDistinct, Count, DistinctSet, Max, Min, Quantiles, Sum
-from lambdalake.project import Project, table_schema
+from lambdalake.project import Project
 from lambdalake.settings import Settings
 from lambdalake.storage import FileStore, ObjectStore
+from lambdalake.tables import table_schema
 from lambdalake.views import Condition, View
 
 # Hypothesis examples each get a fresh store; on tmpfs the store's fsyncs cost nothing.
@@ -597,7 +598,7 @@ def cli(store: ObjectStore, *args: str, **env: str) -> subprocess.Popen[str]:
                 "LAMBDALAKE_PROJECT": "test_batch:PROJECT"}
     here = str(Path(__file__).parent)
     return subprocess.Popen(
-        [sys.executable, "-c", "from lambdalake.cli import main; main()", *args],
+        [sys.executable, "-c", "from lambdalake.stack.cli import main; main()", *args],
         env=os.environ | settings | env | {"PYTHONPATH": os.pathsep.join([here, *sys.path])},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -613,7 +614,7 @@ def test_cli_runs_started_together_in_processes_publish_once(store):
         assert codes == [0, 1], results
         [(_, _, err)] = [r for r in results if r[0] == 1]
         errors = [line for line in err.splitlines() if not line.startswith("{")]  # not logs
-        assert len(errors) == 1 and errors[0].startswith("error: batch run "), err
+        assert len(errors) == 1 and errors[0].startswith("error: "), err
         assert "another batch run is under way" in err or "nothing new" in err, err
         serving = catalog.current(store)
         assert serving is not None and serving.cut == (round_ + 2) * 10_000
@@ -624,7 +625,7 @@ def test_cli_runs_started_together_in_processes_publish_once(store):
 HOLDER = """
 import sys, time
 from pathlib import Path
-from batch.run import batch_lease
+from lambdalake.batch.run import batch_lease
 from lambdalake.settings import Settings
 from lambdalake.storage import FileStore
 lease = batch_lease(Settings(batch_lease_seconds=float(sys.argv[2])), FileStore(Path(sys.argv[1])),

@@ -20,15 +20,15 @@ from batch_lakes import PROJECT, History, assert_same_view, histories, published
 from hypothesis import given, settings
 from typer.testing import CliRunner
 
-from batch.duckdb_engine import DuckDBEngine
-from batch.incremental import SCRATCH
-from batch.run import BatchError, run_batch
 from lambdalake import catalog, master
+from lambdalake.batch.duckdb_engine import DuckDBEngine
+from lambdalake.batch.incremental import SCRATCH
+from lambdalake.batch.run import BatchError, run_batch
 from lambdalake.catalog import Manifest
-from lambdalake.cli import app
 from lambdalake.events import Event
 from lambdalake.master import Archived
 from lambdalake.project import Project
+from lambdalake.stack.cli import app
 from lambdalake.storage import FileStore, ObjectStore
 
 SCRATCH_DIR = "/dev/shm" if Path("/dev/shm").is_dir() else None

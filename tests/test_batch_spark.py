@@ -18,18 +18,18 @@ from batch_lakes import PROJECT, History, assert_same_view, histories, published
 from exact import QuantilesOf, exact_quantiles
 from hypothesis import given, settings
 
-from batch.duckdb_engine import DuckDBEngine
-from batch.engine import CorruptObject, Engine, rows_read
-from batch.run import BatchError, run_batch
-from batch.spark_engine import SparkEngine
-from functions import environment
-from functions.runtime.function import FunctionError, LocalFunction
-from functions.runtime.template import load_template
-from lambdalake import catalog, master, sketches
+from lambdalake import catalog, master, sketch_arrays, sketches
+from lambdalake.batch.duckdb_engine import DuckDBEngine
+from lambdalake.batch.engine import CorruptObject, Engine, rows_read
+from lambdalake.batch.engine import engine_named as batch_engine
+from lambdalake.batch.run import BatchError, run_batch
+from lambdalake.batch.spark_engine import SparkEngine
 from lambdalake.events import Event
+from lambdalake.functions import environment
+from lambdalake.functions.runtime.function import FunctionError, LocalFunction
+from lambdalake.functions.runtime.template import load_template
 from lambdalake.master import Archived
 from lambdalake.monoids import ApproxDistinct
-from lambdalake.stack import batch_engine
 from lambdalake.storage import FileStore, ObjectStore, S3Store
 from lambdalake.views import View
 from lambdalake.viewstate import ViewState
@@ -139,7 +139,7 @@ def visitors(engine: Engine, folder: Path, users: list[str]) -> bytes:
 
 
 def built(users: list[str]) -> bytes:
-    return sketches.build_sketches([0] * len(users), users)[0]
+    return sketch_arrays.build_sketches([0] * len(users), users)[0]
 
 
 def write_pageviews(store: ObjectStore, users: list[str], durations: list[int] | None = None):
@@ -202,7 +202,7 @@ def speed_cell(view: View, users: list[str], durations: list[int]) -> list[bytes
 
 
 def built_theta(users: list[str]) -> bytes:
-    return sketches.build_theta_array([0] * len(users), users).to_pylist()[0]
+    return sketch_arrays.build_theta_array([0] * len(users), users).to_pylist()[0]
 
 
 @pytest.mark.spark

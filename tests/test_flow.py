@@ -29,7 +29,10 @@ BIN = Path(sys.executable).parent
 
 
 class Flow:
-    def __init__(self, home: Path):
+    """`lambdalake up` in `home`, run by the `lambdalake` command in `bin_dir`."""
+
+    def __init__(self, home: Path, bin_dir: Path = BIN):
+        self.bin = bin_dir
         self.env = os.environ | {
             "LAMBDALAKE_HOME": str(home),
             "LAMBDALAKE_GATEWAY_PORT": str(free_port()),
@@ -45,7 +48,7 @@ class Flow:
     def spawn(self, *args: str) -> None:
         """`lambdalake up` started, not waited for."""
         self.process = subprocess.Popen(
-            [BIN / "lambdalake", "up", *args], env=self.env, cwd=self.env["LAMBDALAKE_HOME"],
+            [self.bin / "lambdalake", "up", *args], env=self.env, cwd=self.env["LAMBDALAKE_HOME"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
             preexec_fn=self.preexec_fn,
         )
@@ -75,7 +78,7 @@ class Flow:
                 self.kill()
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([BIN / "lambdalake", *args], env=self.env, capture_output=True,
+        return subprocess.run([self.bin / "lambdalake", *args], env=self.env, capture_output=True,
                               text=True, timeout=120, cwd=self.env["LAMBDALAKE_HOME"])
 
     def totals(self, view: str, dim: str) -> dict[str, int | float]:
@@ -118,9 +121,9 @@ def send_synthetic(flow: Flow, n: int, seed: int) -> list[dict]:
     return events
 
 
-def batch_run(flow: Flow) -> dict:
+def batch_run(flow: Flow, *options: str) -> dict:
     """`lambdalake batch run`; the pageviews answer once the serving layer serves it."""
-    run = flow.cli("batch", "run")
+    run = flow.cli("batch", "run", *options)
     assert run.returncode == 0, run.stderr
     version = run.stdout.split()[1]
     deadline = time.monotonic() + 10

@@ -19,22 +19,22 @@ import pyarrow.parquet as pq
 import pytest
 from prometheus_client import REGISTRY
 
-from functions import archive, environment, ingest
-from functions.runtime.context import LambdaContext
-from functions.runtime.function import FunctionError, FunctionTimeout, LocalFunction
-from functions.runtime.gateway import Gateway
-from functions.runtime.local import LocalRuntime
-from functions.runtime.mapping import StreamMapping, kafka_event
-from functions.runtime.metrics import billed_gb_seconds
-from functions.runtime.template import FunctionSpec, StreamSource, load_template
 from lambdalake import master
 from lambdalake.bus import events_topic
 from lambdalake.eventlog import Topic, now_ms
 from lambdalake.events import MAX_EVENT_BYTES, EventSchema, Validator, decode, epoch_ms
 from lambdalake.example import project
+from lambdalake.functions import archive, environment, ingest
+from lambdalake.functions.runtime.context import LambdaContext
+from lambdalake.functions.runtime.function import FunctionError, FunctionTimeout, LocalFunction
+from lambdalake.functions.runtime.gateway import Gateway
+from lambdalake.functions.runtime.local import LocalRuntime
+from lambdalake.functions.runtime.mapping import StreamMapping, kafka_event
+from lambdalake.functions.runtime.metrics import billed_gb_seconds
+from lambdalake.functions.runtime.template import FunctionSpec, StreamSource, load_template
 from lambdalake.settings import Settings
+from lambdalake.speed.embedded import EmbeddedSpeed
 from lambdalake.storage import open_store
-from speed.embedded import EmbeddedSpeed
 
 TOPIC = "lambdalake.events"
 
@@ -434,7 +434,7 @@ def test_the_template_declares_the_functions_and_their_triggers(tmp_path: Path):
 def test_published_events_are_archived_as_parquet_with_watermarks(settings: Settings):
     sent = [pageview(f"pv-{i}", duration_ms=i) for i in range(40)]
     sent += [purchase(f"buy-{i}") for i in range(10)]
-    with LocalRuntime(settings) as runtime:
+    with LocalRuntime(settings, on_drained=archive.ON_DRAINED) as runtime:
         reply = httpx.post(f"{runtime.gateway.url}/events", json={"events": sent})
         assert reply.json()["accepted"] == 50
         deadline = time.monotonic() + 20

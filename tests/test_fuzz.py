@@ -34,12 +34,12 @@ from test_serving import (
     web_traffic,
 )
 
-from functions import environment
-from functions.runtime.function import LocalFunction
-from functions.runtime.gateway import Gateway
-from functions.runtime.template import load_template
 from lambdalake.eventlog import now_ms
 from lambdalake.events import INSTANT_RANGE, MAX_MS, MIN_MS, epoch_ms, iso
+from lambdalake.functions import environment
+from lambdalake.functions.runtime.function import LocalFunction
+from lambdalake.functions.runtime.gateway import Gateway
+from lambdalake.functions.runtime.template import load_template
 from lambdalake.settings import Settings
 
 KEY = "fuzzing-key-0123456789"

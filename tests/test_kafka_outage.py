@@ -16,8 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
-from functions.runtime.local import LocalRuntime
-from functions.runtime.template import Template, load_template
+from lambdalake.functions import archive
+from lambdalake.functions.runtime.local import LocalRuntime
+from lambdalake.functions.runtime.template import Template, load_template
 from lambdalake.settings import Settings
 from lambdalake.testing import free_port
 from lambdalake.testing.kafka import KafkaBroker, read_topic
@@ -52,7 +53,7 @@ def test_a_broker_pause_is_503_never_a_lost_event(
             reply = httpx.post(url, json={"events": pageviews(batch)}, timeout=30)
             answers.append((batch, reply.status_code, reply.json()))
 
-    with LocalRuntime(settings, template):
+    with LocalRuntime(settings, template, on_drained=archive.ON_DRAINED):
         assert httpx.post(url, json={"events": pageviews("warm")}).status_code == 202
         sender = threading.Thread(target=keep_sending)
         sender.start()

@@ -19,13 +19,13 @@ from lambdalake.eventlog import EventLog
 from lambdalake.events import Event, epoch_ms
 from lambdalake.example import project
 from lambdalake.loops import Loop, Loops
-from lambdalake.project import table_schema
 from lambdalake.realtime import RealtimeCells
+from lambdalake.serving.server import ServerThread, build_server
 from lambdalake.settings import Settings
+from lambdalake.speed.embedded import EmbeddedSpeed
 from lambdalake.storage import FileStore
 from lambdalake.synthetic import WebAnalyticsStream
-from serving.server import ServerThread, build_server
-from speed.embedded import EmbeddedSpeed
+from lambdalake.tables import table_schema
 
 
 def eventually(condition: Callable[[], bool], seconds: float = 10.0) -> None:

@@ -19,8 +19,9 @@ from lambdalake.events import iso
 from lambdalake.example import PAGEVIEW, PURCHASE
 from lambdalake.example import project as example
 from lambdalake.monoids import ApproxDistinct, Count, Max, Min, Sum
-from lambdalake.project import Project, table_schema
+from lambdalake.project import Project
 from lambdalake.query import Query, QueryError, finalize, parse, plan
+from lambdalake.tables import table_schema
 from lambdalake.views import View
 
 HOUR, DAY = 3_600_000, 86_400_000

@@ -32,13 +32,13 @@ from lambdalake import catalog
 from lambdalake.eventlog import now_ms
 from lambdalake.events import Event, epoch_ms, iso
 from lambdalake.example import project
-from lambdalake.project import table_schema
 from lambdalake.realtime import RealtimeCells
+from lambdalake.serving.server import ServerThread, build_server
 from lambdalake.settings import Settings
 from lambdalake.storage import FileStore, ObjectStore, S3Store
+from lambdalake.tables import table_schema
 from lambdalake.views import View
 from lambdalake.viewstate import ViewState
-from serving.server import ServerThread, build_server
 
 MINUTE, HOUR, DAY = 60_000, 3_600_000, 86_400_000
 T0 = epoch_ms("2026-11-23T00:00:00Z")

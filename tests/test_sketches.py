@@ -15,15 +15,13 @@ from datasketches import (
 )
 from exact import QuantilesOf, exact_quantiles
 
-from lambdalake.sketches import (
+from lambdalake.sketch_arrays import (
     build_kll_array,
     build_sketch_array,
     build_sketches,
     build_theta_array,
-    empty,
-    estimate,
-    merge,
 )
+from lambdalake.sketches import empty, estimate, merge
 
 RNG = np.random.default_rng(12)
 

@@ -39,17 +39,17 @@ from lambdalake.events import Event, Validator  # noqa: E402
 from lambdalake.example import project  # noqa: E402
 from lambdalake.kafka_topics import dlq_topic, ensure_bus_topics  # noqa: E402
 from lambdalake.monoids import Monoid, merge_all  # noqa: E402
-from lambdalake.project import table_schema  # noqa: E402
 from lambdalake.realtime import RealtimeCells  # noqa: E402
+from lambdalake.serving.realtime_feed import RealtimeFeed  # noqa: E402
 from lambdalake.settings import Settings  # noqa: E402
+from lambdalake.speed.kafka_common import PartitionState, ids_key, meta_key  # noqa: E402
+from lambdalake.speed.quix import QuixSpeed  # noqa: E402
 from lambdalake.storage import open_store  # noqa: E402
 from lambdalake.synthetic import WebAnalyticsStream  # noqa: E402
+from lambdalake.tables import table_schema  # noqa: E402
 from lambdalake.testing import free_port  # noqa: E402
 from lambdalake.testing.kafka import KafkaBroker, read_topic  # noqa: E402
 from lambdalake.views import BUCKET_MS  # noqa: E402
-from serving.realtime_feed import RealtimeFeed  # noqa: E402
-from speed.kafka_common import PartitionState, ids_key, meta_key  # noqa: E402
-from speed.quix import QuixSpeed  # noqa: E402
 
 needs_java = pytest.mark.skipif(not shutil.which("java"), reason="needs Java 17+")
 HOUR = 3_600_000
@@ -271,8 +271,8 @@ def feed_of(settings: Settings) -> Iterator[RealtimeCells]:
 
 ENGINES = ["quix", "faust"]
 COMMANDS = {
-    "quix": lambda worker_id: ["-m", "speed.quix", "--worker-id", worker_id],
-    "faust": lambda worker_id: ["-m", "speed.faust_app"],
+    "quix": lambda worker_id: ["-m", "lambdalake.speed.quix", "--worker-id", worker_id],
+    "faust": lambda worker_id: ["-m", "lambdalake.speed.faust_app"],
 }
 
 

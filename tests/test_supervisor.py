@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from lambdalake import supervisor
-from lambdalake.supervisor import Supervised
+from lambdalake.stack import supervisor
+from lambdalake.stack.supervisor import Supervised
 
 
 @pytest.fixture(autouse=True)

@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 
 from lambdalake.events import Event
 from lambdalake.example import project
-from lambdalake.project import table_schema
 from lambdalake.realtime import RealtimeCells
+from lambdalake.tables import table_schema
 from lambdalake.viewstate import ViewState
 
 SLICE = 60_000

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from concurrent.futures import Future, wait
 from typing import Any
 
-from functions.runtime.context import LambdaContext
-from functions.runtime.metrics import FunctionMetrics
-from functions.runtime.template import FunctionSpec
+from lambdalake.functions.runtime.context import LambdaContext
+from lambdalake.functions.runtime.metrics import FunctionMetrics
+from lambdalake.functions.runtime.template import FunctionSpec
 
 Handler = Callable[[Any, LambdaContext], Any]
 

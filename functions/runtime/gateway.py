@@ -10,6 +10,7 @@ new one gets 503, and a request not read whole within `read_timeout_s` gets 408
 from __future__ import annotations
 
 import base64
+import logging
 import socket
 import threading
 import time
@@ -24,10 +25,16 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from functions.runtime.context import ACCOUNT
-from functions.runtime.function import FunctionError, FunctionTimeout, LocalFunction, Throttled
 from lambdalake.connections import uvicorn_bounds
+from lambdalake.functions.runtime.context import ACCOUNT
+from lambdalake.functions.runtime.function import (
+    FunctionError,
+    FunctionTimeout,
+    LocalFunction,
+    Throttled,
+)
 
+log = logging.getLogger("lambdalake.functions.gateway")
 PAYLOAD_LIMIT_BYTES = 5 * 1024 * 1024
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
@@ -89,7 +96,9 @@ class Gateway:
             return JSONResponse({"message": "Too Many Requests"}, 429)
         except FunctionTimeout:
             return JSONResponse({"message": "Gateway Timeout"}, 504)
-        except FunctionError:
+        except FunctionError as error:  # as API Gateway: the caller sees 500, the log says why
+            log.error("function failed", exc_info=error.__cause__,
+                      extra={"function": function.name, "route": route_key})
             return JSONResponse({"message": "Internal Server Error"}, 500)
         return http_response(result)
 

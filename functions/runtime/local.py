@@ -7,25 +7,31 @@ mappings poll the embedded log, or the Kafka topic with the Kafka bus (`kafka_so
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
-from functions import environment
-from functions.archive import advance_watermark
-from functions.runtime.function import LocalFunction
-from functions.runtime.gateway import Gateway
-from functions.runtime.mapping import DrainHook, StreamMapping
-from functions.runtime.template import StreamSource, Template, load_template
 from lambdalake.bus import embedded_log
 from lambdalake.eventlog import Topic
+from lambdalake.functions import environment
+from lambdalake.functions.runtime.function import LocalFunction
+from lambdalake.functions.runtime.gateway import Gateway
+from lambdalake.functions.runtime.mapping import DrainHook, StreamMapping
+from lambdalake.functions.runtime.template import StreamSource, Template, load_template
 from lambdalake.loops import Loops
 from lambdalake.settings import Settings
 
-ARCHIVE_HANDLER = "functions.archive.handler"
-
 
 class LocalRuntime:
-    def __init__(self, settings: Settings, template: Template | None = None,
-                 loops: Loops | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        template: Template | None = None,
+        loops: Loops | None = None,
+        on_drained: Mapping[str, DrainHook] = MappingProxyType({}),
+    ):
+        """`on_drained`: by handler path, what hears that a partition is drained and sealed
+        (the archiver advances an idle partition's watermark)."""
         self.settings = settings
         self.template = template or load_template()
         self.folder: Path = settings.home / "runtime"
@@ -36,7 +42,7 @@ class LocalRuntime:
                                read_timeout_s=settings.http_read_timeout_seconds)
         self.mappings = [
             StreamMapping(function, source, self._topic(source), self.folder,
-                          _drain_hook(function), loops=loops)
+                          on_drained.get(function.spec.handler), loops=loops)
             for function in self.functions.values()
             for source in function.spec.streams
         ]
@@ -44,7 +50,7 @@ class LocalRuntime:
     def _topic(self, source: StreamSource) -> Topic:
         """The bus topic a stream source names: the template's is AWS's, here it's settings'."""
         if self.settings.bus == "kafka":  # kafka-python is the `kafka` extra: imported here
-            from functions.runtime.kafka_source import KafkaTopic
+            from lambdalake.functions.runtime.kafka_source import KafkaTopic
             from lambdalake.kafka_topics import ensure_bus_topics
 
             ensure_bus_topics(self.settings)
@@ -71,8 +77,3 @@ class LocalRuntime:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _drain_hook(function: LocalFunction) -> DrainHook | None:
-    """The archiver advances the watermark of idle partitions; other functions need not."""
-    return advance_watermark if function.spec.handler == ARCHIVE_HANDLER else None

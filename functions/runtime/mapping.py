@@ -29,10 +29,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from functions.runtime.function import FunctionError, LocalFunction, Throttled
-from functions.runtime.template import StreamSource
 from lambdalake.eventlog import Partition, Record, Topic, now_ms
 from lambdalake.events import iso
+from lambdalake.functions.runtime.function import FunctionError, LocalFunction, Throttled
+from lambdalake.functions.runtime.template import StreamSource
 from lambdalake.loops import Loop, Loops
 from lambdalake.storage import FileStore
 

@@ -8,13 +8,13 @@ timeout and reserved concurrency (over `Globals.Function`, over SAM's defaults),
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "template.yaml"
 STREAM_EVENTS = ("SelfManagedKafka", "MSK")
 
 
@@ -82,8 +82,11 @@ def _intrinsic(loader: yaml.SafeLoader, tag: str, node: yaml.Node) -> dict[str, 
 _CloudFormationLoader.add_multi_constructor("!", _intrinsic)
 
 
-def load_template(path: Path = TEMPLATE) -> Template:
-    document = yaml.load(path.read_text(), Loader=_CloudFormationLoader)
+def load_template(path: Path | None = None) -> Template:
+    """The template at `path`; by default the one shipped with the package."""
+    shipped = files("lambdalake.functions") / "template.yaml"
+    text = (path or shipped).read_text()
+    document = yaml.load(text, Loader=_CloudFormationLoader)
     defaults = document.get("Globals", {}).get("Function", {})
     functions = {
         name: function_spec(name, defaults | resource.get("Properties", {}))

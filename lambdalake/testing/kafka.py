@@ -12,7 +12,6 @@ as a plain ``java`` subprocess on two free loopback ports, with its data in a te
 from __future__ import annotations
 
 import base64
-import os
 import shutil
 import signal
 import socket
@@ -27,9 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lambdalake.resources import run_script
 from lambdalake.testing import free_ports
-
-FETCH_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "kafka_fetch.sh"
 
 LOG4J2 = """\
 status = warn
@@ -111,12 +109,9 @@ class KafkaBroker:
         self.stop()
 
     def fetch(self) -> Path:
-        """Run scripts/kafka_fetch.sh (a no-op once cached); return the libs dir."""
-        env = dict(os.environ, **({"KAFKA_VERSION": self.version} if self.version else {}))
-        out = subprocess.run(
-            ["bash", str(FETCH_SCRIPT)], env=env, check=True, stdout=subprocess.PIPE, text=True
-        ).stdout
-        return Path(out.strip().splitlines()[-1])
+        """Run the bundled kafka_fetch.sh (a no-op once cached); return the libs dir."""
+        pinned = {"KAFKA_VERSION": self.version} if self.version else {}
+        return Path(run_script("kafka_fetch.sh", pinned))
 
     def start(self) -> KafkaBroker:
         if self._proc is not None:

@@ -1,7 +1,5 @@
-"""The composition root: every part wired together in one process (`lambdalake up`).
-
-The only kernel module that imports the parts; it does so lazily, per command.
-"""
+"""`lambdalake up`: every part wired together in one process (the Kafka speed worker in its own,
+supervised), and the batch schedule. Parts are imported lazily, per command."""
 
 from __future__ import annotations
 
@@ -24,23 +22,12 @@ from lambdalake.storage import ObjectStore, open_store
 from lambdalake.viewstate import CellUpdate
 
 log = logging.getLogger("lambdalake.stack")
+SPEED_WORKERS = {"quix": "lambdalake.speed.quix", "faust": "lambdalake.speed.faust_app"}
 _BATCH_RUN_BOUND_S = 3600.0  # a scheduled batch run taking longer is reported stuck
 
 
 def open_settings_store(settings: Settings) -> ObjectStore:
     return open_store(settings.store_url, settings.s3_endpoint_url)
-
-
-def batch_engine(name: str, master: str | None = None) -> Any:
-    if name == "duckdb":
-        from batch.duckdb_engine import DuckDBEngine
-
-        return DuckDBEngine()
-    if name == "spark":
-        from batch.spark_engine import SparkEngine
-
-        return SparkEngine(master or "local[*]")
-    raise ValueError(f"engine: unknown batch engine {name!r}; use duckdb or spark")
 
 
 def batch_once(
@@ -51,16 +38,14 @@ def batch_once(
     incremental: bool = False,
     console: Console | None = None,
 ) -> Manifest:
-    from batch.run import run_batch
+    """One batch run; with a console, one progress bar per view (logs draw above them)."""
+    from lambdalake.batch.run import run_from_settings
 
-    project = load_project(settings.project)
-    store = open_settings_store(settings)
-    engine = batch_engine(engine_name, master)
-    if console is None:
-        return run_batch(settings, project, store, engine, incremental=incremental)
+    if console is None or not console.is_terminal:  # bars are for people, not for pipes
+        return run_from_settings(settings, engine_name, master=master, incremental=incremental)
     with Progress(console=console, transient=True) as progress:
-        return run_batch(settings, project, store, engine, incremental=incremental,
-                         progress=progress)
+        return run_from_settings(settings, engine_name, master=master, incremental=incremental,
+                                 progress=progress)
 
 
 class Stack:
@@ -81,10 +66,11 @@ class Stack:
             self.realtime.caught_up_at = caught_up_at
 
     def __enter__(self) -> Stack:
-        from functions.runtime.local import LocalRuntime
         from lambdalake.bus import events_topic
-        from serving.server import ServerThread, build_server
-        from speed.embedded import EmbeddedSpeed
+        from lambdalake.functions import archive
+        from lambdalake.functions.runtime.local import LocalRuntime
+        from lambdalake.serving.server import ServerThread, build_server
+        from lambdalake.speed.embedded import EmbeddedSpeed
 
         s = self.settings
         server = ServerThread(build_server(s, self.project, self.store, self.realtime,
@@ -98,7 +84,7 @@ class Stack:
                                   restored=self.realtime.restored)
             speed.start()
             self._closers.append(speed.stop)
-        runtime = LocalRuntime(s, loops=self.loops)
+        runtime = LocalRuntime(s, loops=self.loops, on_drained=archive.ON_DRAINED)
         runtime.start()
         self._closers.append(runtime.stop)
         interval = s.batch_interval_seconds
@@ -116,11 +102,11 @@ class Stack:
         import sys
 
         from lambdalake.kafka_topics import ensure_bus_topics
-        from lambdalake.supervisor import Supervised
-        from serving.realtime_feed import RealtimeFeed
+        from lambdalake.serving.realtime_feed import RealtimeFeed
+        from lambdalake.stack.supervisor import Supervised
 
         ensure_bus_topics(self.settings)
-        module = {"quix": "speed.quix", "faust": "speed.faust_app"}[self.settings.speed_engine]
+        module = SPEED_WORKERS[self.settings.speed_engine]
         env = {f"LAMBDALAKE_{k.upper()}": str(v) for k, v in self._speed_env().items() if v}
         worker = Supervised("speed", [sys.executable, "-m", module], os.environ | env).start()
         self._closers.append(worker.stop)
@@ -169,7 +155,7 @@ class Stack:
     def _batch_step(self) -> float:
         """One scheduled batch run. A refusal (nothing new) waits for the next tick; a failure
         raises, to be retried with backoff, the old version serving meanwhile."""
-        from batch.run import BatchRefused
+        from lambdalake.batch.run import BatchRefused
 
         started = time.monotonic()
         try:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Fetch an Apache Kafka broker (jars only, no Docker) from Maven Central.
 #
-#   scripts/kafka_fetch.sh            # -> ${LAMBDALAKE_CACHE:-~/.cache/lambdalake}/kafka-<v>/libs
-#   KAFKA_VERSION=4.3.1 scripts/kafka_fetch.sh
+#   lambdalake/scripts/kafka_fetch.sh            # -> ${LAMBDALAKE_CACHE:-~/.cache/lambdalake}/kafka-<v>/libs
+#   KAFKA_VERSION=4.3.1 lambdalake/scripts/kafka_fetch.sh
 #
 # Idempotent: a marker file makes the second run a no-op. The last line printed is the libs dir.
 set -euo pipefail

@@ -2,15 +2,13 @@
 # Fetch the s3a connector (hadoop-aws) matching the Hadoop inside the installed pyspark wheel,
 # plus the AWS SDK v2 bundle it declares, from Maven Central.
 #
-#   scripts/spark_jars.sh     # -> ${LAMBDALAKE_CACHE:-~/.cache/lambdalake}/spark-jars-<hadoop>/
+#   PYTHON=.venv/bin/python lambdalake/scripts/spark_jars.sh     # -> ${LAMBDALAKE_CACHE:-~/.cache/lambdalake}/spark-jars-<hadoop>/
 #
 # Jars already shipped in pyspark/jars are left out. Idempotent: a marker file makes the second
 # run a no-op. The last line printed is the comma-separated jar paths, ready for `spark.jars`.
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
-[[ -x "$PYTHON" ]] || PYTHON=python3
+PYTHON="${PYTHON:-python3}"  # the interpreter whose pyspark the jars must match
 PYSPARK_JARS="${PYSPARK_JARS:-$("$PYTHON" -c \
   'import os, pyspark; print(os.path.join(os.path.dirname(pyspark.__file__), "jars"))')}"
 

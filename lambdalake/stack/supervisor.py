@@ -13,7 +13,7 @@ import subprocess
 import threading
 import time
 
-log = logging.getLogger("lambdalake.supervisor")
+log = logging.getLogger("lambdalake.stack.supervisor")
 FIRST_BACKOFF_S, MAX_BACKOFF_S = 1.0, 30.0
 HEALTHY_AFTER_S = 60.0  # a run this long resets the back-off
 

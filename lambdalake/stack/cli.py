@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+from importlib.metadata import version
 from typing import Annotated, Any
 
 import httpx
@@ -15,12 +16,36 @@ from rich.console import Console
 from rich.table import Table
 
 from lambdalake.auth import KEY_HEADER
+from lambdalake.logs import setup_logging
 from lambdalake.settings import Settings
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 batch_app = typer.Typer(no_args_is_help=True, help="Run, inspect and roll back batch views.")
 app.add_typer(batch_app, name="batch")
 console = Console()
+progress_console = Console(stderr=True)  # bars on stderr, with the logs printed above them
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _version(show: bool) -> None:
+    if show:
+        console.print(f"lambdalake {version('lambdalake')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    log_level: Annotated[str, typer.Option(
+        help=f"Logs (JSON lines on stderr) at this level and above: {', '.join(LOG_LEVELS)}",
+    )] = "info",
+    _: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit",
+    )] = False,
+) -> None:
+    """lambdalake: an immutable master dataset, batch and real-time views, exact answers."""
+    if log_level.lower() not in LOG_LEVELS:
+        raise CliError(f"--log-level {log_level!r}: use one of {', '.join(LOG_LEVELS)}")
+    setup_logging(log_level.upper())
 
 
 class CliError(Exception):
@@ -40,7 +65,7 @@ def up(
     engine: Annotated[str, typer.Option(help="Batch engine: duckdb or spark")] = "duckdb",
 ) -> None:
     """Run the whole flow: gateway, archiver, speed layer, serving API, batch schedule."""
-    from lambdalake.stack import Stack
+    from lambdalake.stack.up import Stack
 
     settings = settings_with(bus=bus, kafka_bootstrap=bootstrap,
                              batch_interval_seconds=batch_every)
@@ -66,6 +91,7 @@ def produce_command(
         raise CliError("--batch must be between 1 and 500")
     settings = Settings()
     target = url or f"http://{settings.gateway_host}:{settings.gateway_port}/events"
+    _reachable(target)
     stream = WebAnalyticsStream(seed).batches(batch, now_ms)
     started = time.monotonic()
 
@@ -92,22 +118,29 @@ def batch_run(
     incremental: Annotated[bool, typer.Option(help="Merge the last version with new data")] = False,
 ) -> None:
     """Recompute every batch view up to the newest cut and publish it atomically."""
-    from lambdalake.stack import batch_once
+    from lambdalake.stack.up import batch_once
 
     manifest = batch_once(Settings(), engine, master=master, incremental=incremental,
-                          console=console)
+                          console=progress_console)
     console.print(f"published {manifest.version} (cut {_iso(manifest.cut)}, "
                   f"{manifest.rows_read} events read)")
 
 
 @batch_app.command("history")
-def batch_history(limit: Annotated[int, typer.Option(help="Most recent N runs")] = 20) -> None:
+def batch_history(
+    limit: Annotated[int, typer.Option(help="Most recent N runs")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON list of the runs")] = False,
+) -> None:
     """Past batch runs: version, cut, rows, duration, engine, outcome."""
     from lambdalake import catalog
-    from lambdalake.stack import open_settings_store
+    from lambdalake.stack.up import open_settings_store
 
-    table = Table("version", "cut", "engine", "rows read", "rows written", "seconds", "outcome")
-    for run in catalog.runs(open_settings_store(Settings()))[-limit:]:
+    runs = catalog.runs(open_settings_store(Settings()))[-limit:]
+    if as_json:
+        console.print_json(data=runs)
+        return
+    table = _table("version", "cut", "engine", "rows read", "rows written", "seconds", "outcome")
+    for run in runs:
         table.add_row(run["version"], _iso(run.get("cut")), run.get("engine", ""),
                       str(run.get("rows_read", "")), str(run.get("rows_written", "")),
                       f"{run.get('seconds', 0):.2f}", run.get("outcome", ""))
@@ -117,8 +150,8 @@ def batch_history(limit: Annotated[int, typer.Option(help="Most recent N runs")]
 @batch_app.command("rollback")
 def batch_rollback(version: str) -> None:
     """Serve an older kept batch version again."""
-    from batch.run import BatchError, rollback
-    from lambdalake.stack import open_settings_store
+    from lambdalake.batch.run import BatchError, rollback
+    from lambdalake.stack.up import open_settings_store
 
     settings = Settings()
     try:
@@ -163,15 +196,38 @@ def query(
 
 
 @app.command()
-def status() -> None:
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON answer")] = False,
+) -> None:
     """Views and freshness from the serving API."""
-    table = Table("view", "bucket", "dimensions", "metrics", "batch version", "cut", "lag ms")
-    for view in _api("/views", {})["views"]:
+    views = _api("/views", {})["views"]
+    if as_json:
+        console.print_json(data=views)
+        return
+    table = _table("view", "bucket", "dimensions", "metrics", "batch version", "cut", "lag ms")
+    for view in views:
         fresh = view["freshness"]
         table.add_row(view["name"], view["bucket"], ",".join(view["dimensions"]),
                       ",".join(view["metrics"]), str(fresh["batch_version"]), str(fresh["cut"]),
                       str(fresh["realtime_lag_ms"]))
     console.print(table)
+
+
+def _table(*columns: str) -> Table:
+    """A table whose cells are never cut: a version id must stay whole to be typed back."""
+    table = Table()
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
+
+
+def _reachable(url: str) -> None:
+    """Fail fast, in one line, when nothing listens at the gateway's address."""
+    try:
+        httpx.get(url.rsplit("/", 1)[0] + "/healthz", timeout=3)
+    except httpx.TransportError as exc:
+        raise CliError(f"gateway not reachable at {url} ({exc}); is `lambdalake up` running?")\
+            from None
 
 
 def _api(path: str, params: dict[str, Any]) -> Any:
@@ -203,8 +259,6 @@ def _freshness(fresh: dict[str, Any]) -> str:
 def main() -> None:
     from pydantic import ValidationError
 
-    from lambdalake.logs import setup_logging
-
     setup_logging()
     try:
         app(standalone_mode=False)
@@ -223,14 +277,14 @@ def main() -> None:
         where = ".".join(map(str, first["loc"]))  # empty for a rule across settings
         message = first["msg"].removeprefix("Value error, ")
         _fail(f"setting {where}: {message}" if where else f"setting {message}")
-    except (OSError, RuntimeError, ValueError, LookupError) as exc:
+    except (OSError, RuntimeError, ValueError, LookupError, ImportError) as exc:
         # our own errors say what is wrong in their message; a builtin one needs its name
         builtin = type(exc).__module__ == "builtins"
         _fail(f"{type(exc).__name__}: {exc}" if builtin else str(exc))
 
 
 def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
     sys.exit(1)
 
 
