@@ -125,6 +125,23 @@ def next_cut(settings: Settings, store: ObjectStore) -> int:
     return cut
 
 
+def recompute(
+    settings: Settings, project: Project, store: ObjectStore, engine: Engine, lease: Lease
+) -> Manifest:
+    """A full run under `lease` (held by the caller) at the newest cut, published even when
+    that cut is the serving one's: after the master dataset was rewritten below it (an
+    erasure), every kept version but this one is deleted, as they may hold what was erased."""
+    marks = master.watermarks(store)
+    cut = master.choose_cut((m["watermark"] for m in marks.values()), settings.slice_ms)
+    run = _Run(settings, project, store, engine, _reporter(None, []))
+    run.at_serving_cut = True
+    manifest = run.execute(cut, None, lease)
+    for version in catalog.versions(store):
+        if version != manifest.version:
+            _delete_version(store, version)
+    return manifest
+
+
 def rollback(settings: Settings, store: ObjectStore, version: str) -> Manifest:
     """Serve a kept older (or newer) version again, holding the batch lease (not while a run
     is under way) and by compare-and-swap from the version serving when it started."""
@@ -228,6 +245,7 @@ class _Run:
         self.base: Manifest | None = None
         self.version = catalog.new_version()
         self.skipped: set[str] = set()
+        self.at_serving_cut = False
         self.rows_read = 0
         self.views: dict[str, ViewFiles] = {}
 
@@ -289,7 +307,8 @@ class _Run:
         if lease.lost:
             raise BatchError("the batch lease expired and was taken over while computing")
         catalog.write_manifest(self.store, manifest)
-        catalog.publish(self.store, self.version)  # the pointer, written last: the publish
+        # the pointer, written last: the publish
+        catalog.publish(self.store, self.version, at_serving_cut=self.at_serving_cut)
         return manifest
 
     def _views_by_type(self) -> dict[str, list[View]]:

@@ -28,7 +28,7 @@ from lambdalake.project import load_project
 from lambdalake.settings import Settings
 from lambdalake.storage import NotFound, ObjectStore, open_store
 
-DEAD_LETTER = f"{master.PREFIX}/_dead_letter"
+DEAD_LETTER = master.DEAD_LETTER
 RECORDS = Counter("lambdalake_archive_records_total", "Records archived, by outcome", ["outcome"])
 
 log = logging.getLogger("lambdalake.functions.archive")

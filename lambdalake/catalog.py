@@ -66,8 +66,9 @@ def write_manifest(store: ObjectStore, manifest: Manifest) -> None:
     store.put(f"{VERSIONS}/{manifest.version}.json", manifest.model_dump_json().encode())
 
 
-def publish(store: ObjectStore, version: str) -> None:
-    """Serve `version` if its cut is past the serving one's; else raise `Superseded`.
+def publish(store: ObjectStore, version: str, *, at_serving_cut: bool = False) -> None:
+    """Serve `version` if its cut is past the serving one's (`at_serving_cut`: or equal to
+    it, for a recompute of a master dataset rewritten below the cut); else `Superseded`.
 
     The check and the write are one compare-and-swap: when another publisher moves the
     pointer in between, the write fails and the check is made again against its version.
@@ -76,7 +77,7 @@ def publish(store: ObjectStore, version: str) -> None:
     while True:
         pointed, tag = _pointer(store)
         serving = _manifest_if_any(store, pointed)  # a pointer ahead of its data serves nothing
-        if serving is not None and serving.cut >= manifest.cut:
+        if serving is not None and not _passes(manifest.cut, serving.cut, at_serving_cut):
             raise Superseded(
                 f"{serving.version} (cut {iso(serving.cut)}) is serving, at or past the cut "
                 f"of {version} ({iso(manifest.cut)})"
@@ -86,6 +87,10 @@ def publish(store: ObjectStore, version: str) -> None:
         except PreconditionFailed:
             continue
         return
+
+
+def _passes(cut: int, serving_cut: int, at_serving_cut: bool) -> bool:
+    return cut > serving_cut or (at_serving_cut and cut == serving_cut)
 
 
 def point_at(store: ObjectStore, version: str, tag: str | None) -> None:
@@ -145,6 +150,13 @@ def versions(store: ObjectStore) -> list[str]:
 
 def record_run(store: ObjectStore, run: dict[str, Any]) -> None:
     store.put(f"{RUNS}/{run['version']}.json", json.dumps(run).encode())
+
+
+def oldest_kept_cut(store: ObjectStore) -> int | None:
+    """The cut of the oldest kept version (None: none kept): a rollback may need everything
+    that arrived since."""
+    kept = (_manifest_if_any(store, version) for version in versions(store))
+    return min((manifest.cut for manifest in kept if manifest is not None), default=None)
 
 
 def runs(store: ObjectStore) -> list[dict[str, Any]]:

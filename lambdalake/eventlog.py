@@ -11,6 +11,11 @@ Every record gets an arrival time that never decreases within its partition:
 offset, which lets a reader that has consumed up to that offset say "every later record
 arrives at or after this time", which is what the batch cut needs from idle partitions.
 Consumer groups keep independent committed positions.
+
+Retention deletes whole segments: `roll_older_than` closes the open segment once its first
+record is old enough, and `drop_segments` deletes closed segments whose records are all
+before a position (read by every consumer) and arrived before a time (the cut of the oldest
+batch version kept). Reads from a position in a deleted segment start at the first kept one.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ class _Segment:
         self.path, self.base = path, base
         self.positions = array("q")
         self.size = 0
+        self.first_arrival = self.last_arrival = 0
 
     def recover(self) -> int:
         """Index the valid records, cut a torn tail; return the last arrival (or 0)."""
@@ -68,13 +74,18 @@ class _Segment:
             if _crc(value, arrival) != crc:
                 break
             self.positions.append(position)
+            self.first_arrival = self.first_arrival or arrival
             last_arrival, position = arrival, end
         if position != len(data):
             with open(self.path, "r+b") as out:
                 out.truncate(position)
                 os.fsync(out.fileno())
-        self.size = position
+        self.size, self.last_arrival = position, last_arrival
         return last_arrival
+
+    @property
+    def end(self) -> int:
+        return self.base + len(self.positions)
 
 
 class Partition:
@@ -103,9 +114,7 @@ class Partition:
         """Append durably; return (offset, arrival) per value."""
         with self._lock:
             if self._segments[-1].size > SEGMENT_BYTES:
-                self._out.close()
-                self._roll(self.end)
-                self._out = open(self._segments[-1].path, "ab")
+                self._roll_open()
             segment = self._segments[-1]
             arrival = max(self._arrival, self._floor, now_ms())
             positions, frames, size = array("q"), [], segment.size
@@ -121,8 +130,9 @@ class Partition:
                 self._out.truncate(segment.size)  # nothing of a failed append stays
                 raise
             first = segment.base + len(segment.positions)
+            segment.first_arrival = segment.first_arrival or arrival
             segment.positions.extend(positions)
-            segment.size, self._arrival = size, arrival
+            segment.size, self._arrival, segment.last_arrival = size, arrival, arrival
             acks = [(first + i, arrival) for i in range(len(values))]
             return acks
 
@@ -131,6 +141,39 @@ class Partition:
         with self._lock:
             self._floor = max(self._arrival, self._floor, now_ms())
             return self.end, self._floor
+
+    def roll_older_than(self, arrival: int) -> bool:
+        """Close the open segment if its first record arrived before `arrival`."""
+        with self._lock:
+            segment = self._segments[-1]
+            if not segment.positions or segment.first_arrival >= arrival:
+                return False
+            self._roll_open()
+            return True
+
+    def _roll_open(self) -> None:
+        self._out.close()
+        self._roll(self.end)
+        self._out = open(self._segments[-1].path, "ab")
+
+    def drop_segments(self, before_offset: int, arrived_before: int) -> int:
+        """Delete the closed segments whose every record is before `before_offset` and
+        arrived before `arrived_before`; how many."""
+        with self._lock:
+            # The newest record's arrival is recovered from the segments on open: while the
+            # open segment is empty, the newest closed one keeps it.
+            closed = self._segments[:-1] if self._segments[-1].positions else self._segments[:-2]
+            doomed = [s for s in closed
+                      if s.end <= before_offset and s.last_arrival < arrived_before]
+            self._segments = [s for s in self._segments if s not in doomed]
+        for segment in doomed:
+            segment.path.unlink(missing_ok=True)
+        return len(doomed)
+
+    @property
+    def start(self) -> int:
+        """The first offset still kept."""
+        return self._segments[0].base
 
     def read(self, offset: int, max_records: int) -> list[Record]:
         with self._lock:
@@ -179,6 +222,22 @@ class Topic:
         path = self._positions / f"{group}.json"
         stored = json.loads(path.read_text()) if path.exists() else {}
         return {p.index: stored.get(str(p.index), 0) for p in self.partitions}
+
+    def retain(self, consumed: dict[int, int], arrived_before: int, roll_before: int) -> int:
+        """Close each open segment whose first record arrived before `roll_before`, then delete
+        the segments read by every consumer (`consumed`, and every group's committed position)
+        that arrived before `arrived_before`; how many were deleted."""
+        committed = [self.committed(group) for group in self.groups()]
+        deleted = 0
+        for partition in self.partitions:
+            partition.roll_older_than(roll_before)
+            read = min([consumed.get(partition.index, 0), *(c[partition.index] for c in committed)])
+            deleted += partition.drop_segments(read, arrived_before)
+        return deleted
+
+    def groups(self) -> list[str]:
+        """Every consumer group that committed a position."""
+        return sorted(path.stem for path in self._positions.glob("*.json"))
 
     def commit(self, group: str, positions: dict[int, int]) -> None:
         merged = self.committed(group) | positions

@@ -80,3 +80,33 @@ def ensure_topics(bootstrap: str, topic: str, partitions: int) -> None:
 
 def ensure_bus_topics(settings: Settings) -> None:
     ensure_topics(settings.kafka_bootstrap, settings.topic, settings.partitions)
+
+
+def retention_needed_ms(settings: Settings) -> int:
+    """How far back the events topic must reach: to the cut of the oldest kept batch version
+    (a rollback or a view rebuild replays from there), about `versions_kept` runs ago."""
+    return (settings.versions_kept + 1) * settings.batch_interval_seconds * 1000
+
+
+def retention_ms(bootstrap: str, topic: str) -> int:
+    """The topic's `retention.ms` (-1: forever)."""
+    from kafka.admin import ConfigResource, KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="lambdalake-admin")
+    try:
+        wanted = ConfigResource("TOPIC", topic, {"retention.ms": None})
+        found = admin.describe_configs([wanted], config_filter="all")
+    finally:
+        admin.close()
+    return int(found["topic"][topic]["retention.ms"]["value"])
+
+
+def retention_shortfall(settings: Settings) -> str | None:
+    """Why the events topic may delete records a rollback or rebuild needs (None: it won't)."""
+    kept = retention_ms(settings.kafka_bootstrap, settings.topic)
+    needed = retention_needed_ms(settings)
+    if 0 <= kept < needed:
+        return (f"topic {settings.topic} keeps records {kept} ms (retention.ms), less than the "
+                f"{needed} ms back to the oldest kept batch version ((versions_kept + 1) x "
+                "batch_interval_seconds): a rollback or view rebuild may miss events")
+    return None

@@ -3,6 +3,8 @@
 Layout under the store root:
   master/type=<type>/p=<partition>/<first offset>-<last offset>.parquet
   master/_watermarks/p=<partition>.json   {"next_offset": n, "watermark": ms}
+  master/_rewrites/<id>.json              a committed rewrite (compaction, erasure): the
+                                          objects it replaces and those standing for them
 A file is named by its partition and offset range, so a retried archive batch rewrites the
 same object. The watermark says every record of the partition arriving before it has been
 archived; the batch cut is the slice boundary at or below the smallest watermark.
@@ -20,10 +22,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lambdalake.events import ARROW_TYPES, Event, EventSchema
-from lambdalake.storage import ObjectStore
+from lambdalake.storage import NotFound, ObjectStore
 
 PREFIX = "master"
 WATERMARKS = f"{PREFIX}/_watermarks"
+DEAD_LETTER = f"{PREFIX}/_dead_letter"
+MARKERS = f"{PREFIX}/_rewrites"  # committed rewrites (`lambdalake.rewrite`)
+STAGED = ".rw-"  # in the name of an object a rewrite wrote: visible only while a marker names it
 META_FIELDS = [
     pa.field("event_id", pa.string(), nullable=False),
     pa.field("ts", pa.int64(), nullable=False),
@@ -164,4 +169,52 @@ def choose_cut(marks: Iterable[int], slice_ms: int) -> int:
 
 
 def data_keys(store: ObjectStore, event_type: str) -> list[str]:
-    return [k for k in store.list(type_prefix(event_type)) if k.endswith(".parquet")]
+    """The objects holding the type's events: the one place they are listed. The objects are
+    listed before the markers (see `lambdalake.rewrite` for why that order is the safe one)."""
+    prefix = type_prefix(event_type)
+    listed = [k for k in store.list(prefix) if k.endswith(".parquet")]
+    return visible(listed, markers(store), prefix)
+
+
+@dataclass(frozen=True, slots=True)
+class Marker:
+    """A committed rewrite: `writes` stand for `replaces` from the moment it exists."""
+
+    id: str
+    kind: str
+    replaces: tuple[str, ...]
+    writes: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        return f"{MARKERS}/{self.id}.json"
+
+    def to_json(self) -> bytes:
+        return json.dumps({"id": self.id, "kind": self.kind, "replaces": list(self.replaces),
+                           "writes": list(self.writes)}).encode()
+
+
+def markers(store: ObjectStore) -> list[Marker]:
+    found = []
+    for key in store.list(f"{MARKERS}/"):
+        try:
+            body = json.loads(store.get(key))
+        except NotFound:  # removed by `recover` since the listing: it had nothing to say
+            continue
+        found.append(Marker(body["id"], body["kind"], tuple(body["replaces"]),
+                            tuple(body["writes"])))
+    return found
+
+
+def is_staged(key: str) -> bool:
+    return STAGED in key.rsplit("/", 1)[-1]
+
+
+def visible(listed: list[str], committed: list[Marker], prefix: str) -> list[str]:
+    """The objects a reader uses: `listed` (listed before `committed` was read) with each
+    marker applied."""
+    replaced = {key for marker in committed for key in marker.replaces}
+    written = {key for marker in committed for key in marker.writes if key.startswith(prefix)}
+    kept = {key for key in listed if not is_staged(key)} | written
+    return sorted(kept - replaced)
+

@@ -110,6 +110,29 @@ class Settings(BaseSettings):
         16 * 2**20, ge=1024, le=2**30, description="Bytes of a POST /sql answer; past them "
         "the answer is cut at a row boundary (truncated: true).",
     )
+    compact_target_rows: int = Field(
+        1_000_000, ge=2, description="Compaction rewrites master objects of closed arrival "
+        "ranges (below the serving cut) holding fewer than half this many rows into objects "
+        "of up to this many.",
+    )
+    compact_interval_seconds: int = Field(
+        600, ge=1, description="`lambdalake up` compacts the master dataset and applies the "
+        "retention below this often.",
+    )
+    runs_kept: int = Field(1_000, ge=1, description="Batch run records kept in views/_runs/.")
+    dead_letter_retention_days: float = Field(
+        30.0, gt=0, description="Dead letters whose newest record arrived longer ago than "
+        "this are deleted by the scheduled retention and `lambdalake compact`.",
+    )
+    log_segment_seconds: int = Field(
+        3_600, ge=1, description="The embedded log starts a new segment once its open one's "
+        "first record is this old, so retention can delete it; a segment is deleted once "
+        "archived, folded by the speed layer, and below the cut of the oldest kept version.",
+    )
+    erase_wait_seconds: float = Field(
+        300.0, gt=0, description="How long `lambdalake erase` waits for the archive to pass "
+        "the request (every record that arrived before it in the master dataset).",
+    )
     archive_batch_size: int = Field(10_000, ge=1)
     archive_window_ms: int = Field(1_000, ge=0)
 

@@ -52,6 +52,7 @@ class EmbeddedSpeed:
         self.validator = Validator(project.schemas, settings.max_future_seconds * 1000)
         self.dedup_gauges = DedupGauges("all")
         self.positions = {p.index: 0 for p in topic.partitions}
+        self.checkpointed = dict(self.positions)  # what a restart resumes from: log retention
         self.checkpoint_path = settings.home / "speed" / "checkpoint.pickle"
         self.checkpoint_seconds = checkpoint_seconds
         self.restored = restored or threading.Event()
@@ -76,17 +77,20 @@ class EmbeddedSpeed:
         if self.checkpoint_path.exists():
             positions, snapshot = pickle.loads(self.checkpoint_path.read_bytes())
             self.positions.update(positions)
+            self.checkpointed = dict(self.positions)
             self.state.restore(snapshot)
             log.info("speed state restored", extra={"positions": positions})
 
     def checkpoint(self) -> None:
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.checkpoint_path.with_suffix(".tmp")
+        positions = dict(self.positions)
         with open(tmp, "wb") as out:
-            pickle.dump((dict(self.positions), self.state.snapshot()), out, protocol=5)
+            pickle.dump((positions, self.state.snapshot()), out, protocol=5)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, self.checkpoint_path)
+        self.checkpointed = positions
 
     def poll_once(self) -> bool:
         """Apply what each partition has; True when every partition was read to its end."""

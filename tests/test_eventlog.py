@@ -378,3 +378,39 @@ def test_a_torn_tail_is_cut_off_on_reopen_and_appends_continue(tmp_path, garbage
     records = log.topic("events").partitions[0].read(0, 100)
     assert [r.value for r in records] == [value_for(i) for i in range(10)] + [b"after the tear"]
     log.close()
+
+
+# --- retention: segments deleted once read by every consumer, below the oldest kept cut ----
+
+
+def aged_segments(tmp_path: Path, clock: Clock) -> tuple[EventLog, eventlog.Topic]:
+    """Partition 0 with three segments: offsets 0-2 at t=1000s, 3-5 at t=2000s, 6-8 open."""
+    log = EventLog(tmp_path / "log")
+    topic = log.topic("events", 1)
+    for start in (0, 3, 6):
+        clock.now = 1_000_000 * (start // 3 + 1)
+        topic.partitions[0].append([value_for(o) for o in range(start, start + 3)])
+        topic.retain({0: 0}, 0, roll_before=clock.now + 1)  # rolls, deletes nothing
+    return log, topic
+
+
+def test_retention_deletes_only_segments_every_consumer_read_below_the_kept_cut(tmp_path, clock):
+    log, topic = aged_segments(tmp_path, clock)
+    assert len(segment_files(tmp_path / "log")) == 4  # three closed, one open and empty
+    topic.commit("archive", {0: 9})
+    # the speed layer has read to 4: only the first segment is read by everyone
+    assert topic.retain({0: 4}, arrived_before=10**9, roll_before=0) == 1
+    # everything read, but a kept batch version's cut at 2000 s: the second is still needed
+    assert topic.retain({0: 9}, arrived_before=2_000_000, roll_before=0) == 0
+    # the archive lags behind: nothing it has not read goes
+    topic.commit("archive", {0: 5})
+    assert topic.retain({0: 9}, arrived_before=10**9, roll_before=0) == 0
+    topic.commit("archive", {0: 9})
+    # the newest closed segment stays while the open one is empty: it keeps the last arrival
+    assert topic.retain({0: 9}, arrived_before=10**9, roll_before=0) == 1
+    assert topic.partitions[0].start == 6
+    assert [r.offset for r in topic.partitions[0].read(0, 100)] == [6, 7, 8]
+    log.close()
+    reopened = EventLog(tmp_path / "log").topic("events", 1)
+    clock.now = 0  # a clock stepped back: arrival still never decreases
+    assert reopened.partitions[0].append([b"x"]) == [(9, 3_000_000)]

@@ -1,4 +1,4 @@
-"""The `lambdalake` command: up, produce, batch, query, status.
+"""The `lambdalake` command: up, produce, batch, compact, erase, query, status.
 
 Errors are one line on stderr with a non-zero exit, never a traceback.
 """
@@ -160,6 +160,52 @@ def batch_rollback(version: str) -> None:
         raise CliError(str(exc)) from None
     console.print(f"serving {manifest.version} (cut {_iso(manifest.cut)}); the real-time layer "
                   "covers only events past the newest cut until the next batch run")
+
+
+@app.command()
+def compact() -> None:
+    """Compact the master dataset's small objects below the serving cut; prune the run
+    history and old dead letters."""
+    from lambdalake.batch.maintenance import compact as compact_master
+    from lambdalake.batch.maintenance import prune_history
+    from lambdalake.batch.run import BatchError
+    from lambdalake.stack.up import open_settings_store
+
+    settings = Settings()
+    store = open_settings_store(settings)
+    try:
+        result = compact_master(settings, store)
+    except BatchError as exc:
+        raise CliError(str(exc)) from None
+    pruned = prune_history(settings, store)
+    console.print(f"master objects: {result.objects_before} -> {result.objects_after}; "
+                  f"pruned {pruned['runs']} run records, {pruned['dead_letters']} dead letters")
+
+
+@app.command()
+def erase(
+    field: Annotated[str, typer.Option(help="The field naming the subject, e.g. user_id")],
+    value: Annotated[str, typer.Option(help="The subject's value of the field")],
+    by: Annotated[str | None, typer.Option(help="Who asks, for the audit record")] = None,
+    engine: Annotated[str, typer.Option(help="Batch engine: duckdb or spark")] = "duckdb",
+) -> None:
+    """Forget every event with FIELD = VALUE: rewrite the master dataset without them,
+    publish a recomputed batch version, keep an audit record (never the value)."""
+    from lambdalake.batch.engine import engine_named
+    from lambdalake.batch.erase import erase as erase_subject
+    from lambdalake.batch.run import BatchError
+    from lambdalake.project import load_project
+    from lambdalake.stack.up import open_settings_store
+
+    settings = Settings()
+    project = load_project(settings.project)
+    try:
+        record = erase_subject(settings, project, open_settings_store(settings),
+                               engine_named(engine, None), field, value, by)
+    except BatchError as exc:
+        raise CliError(str(exc)) from None
+    console.print(f"erased {record.events} events from {record.objects} master objects; "
+                  f"serving {record.version} (audit record {record.id})")
 
 
 @app.command()

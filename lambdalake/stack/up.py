@@ -59,6 +59,7 @@ class Stack:
         self.loops = Loops()
         self._stop = threading.Event()
         self._closers: list[Any] = []
+        self.speed: Any = None  # the embedded speed layer, on the embedded bus
 
     def publish_realtime(self, updates: list[CellUpdate], caught_up_at: int) -> None:
         self.realtime.upsert(updates)
@@ -84,6 +85,7 @@ class Stack:
                                   restored=self.realtime.restored)
             speed.start()
             self._closers.append(speed.stop)
+            self.speed = speed
         runtime = LocalRuntime(s, loops=self.loops, on_drained=archive.ON_DRAINED)
         runtime.start()
         self._closers.append(runtime.stop)
@@ -92,6 +94,10 @@ class Stack:
                        max_backoff_s=min(30.0, interval), stuck_after_s=_BATCH_RUN_BOUND_S)
         self.loops.add(batches).start(first_wait_s=interval)
         self._closers.append(lambda: batches.stop(timeout_s=30))
+        upkeep = Loop("maintenance", self._maintenance_step, first_backoff_s=1.0,
+                      max_backoff_s=30.0, stuck_after_s=_BATCH_RUN_BOUND_S)
+        self.loops.add(upkeep).start(first_wait_s=s.compact_interval_seconds)
+        self._closers.append(lambda: upkeep.stop(timeout_s=30))
         if self.produce_rate:
             self._thread(self._produce, "producer")
         return self
@@ -101,11 +107,14 @@ class Stack:
         its realtime topic."""
         import sys
 
-        from lambdalake.kafka_topics import ensure_bus_topics
+        from lambdalake.kafka_topics import ensure_bus_topics, retention_shortfall
         from lambdalake.serving.realtime_feed import RealtimeFeed
         from lambdalake.stack.supervisor import Supervised
 
         ensure_bus_topics(self.settings)
+        shortfall = retention_shortfall(self.settings)
+        if shortfall:
+            log.warning("bus retention too short", extra={"reason": shortfall})
         module = SPEED_WORKERS[self.settings.speed_engine]
         env = {f"LAMBDALAKE_{k.upper()}": str(v) for k, v in self._speed_env().items() if v}
         worker = Supervised("speed", [sys.executable, "-m", module], os.environ | env).start()
@@ -166,6 +175,35 @@ class Stack:
             log.info("batch published", extra={"version": manifest.version, "cut": manifest.cut,
                                                 "seconds": round(time.monotonic() - started, 3)})
         return self.settings.batch_interval_seconds
+
+    def _maintenance_step(self) -> float:
+        """Compaction (skipped while a batch run holds the lease), then retention: the run
+        history, dead letters and, on the embedded bus, the log's segments."""
+        from lambdalake.batch.maintenance import compact, prune_history
+        from lambdalake.batch.run import BatchError
+
+        try:
+            compact(self.settings, self.store)
+        except BatchError as exc:
+            log.info("compaction skipped", extra={"reason": str(exc)})
+        pruned = prune_history(self.settings, self.store)
+        if self.speed is not None:
+            pruned["log_segments"] = self.retain_log()
+        log.info("retention applied", extra=pruned)
+        return self.settings.compact_interval_seconds
+
+    def retain_log(self) -> int:
+        """Delete the embedded log's segments every consumer has read (the archive's committed
+        position, the speed layer's checkpoint) below the cut of the oldest kept version."""
+        from lambdalake.bus import events_topic
+        from lambdalake.catalog import oldest_kept_cut
+        from lambdalake.eventlog import now_ms
+
+        oldest = oldest_kept_cut(self.store)
+        if oldest is None:
+            return 0
+        roll_before = now_ms() - self.settings.log_segment_seconds * 1000
+        return events_topic(self.settings).retain(self.speed.checkpointed, oldest, roll_before)
 
     def banner(self) -> str:
         s = self.settings
