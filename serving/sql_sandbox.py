@@ -348,7 +348,7 @@ def scrub_paths(text: str) -> str:
 @singledispatch
 def jsonable(value: Any) -> Any:
     """An Arrow result value as JSON: timestamps in ISO 8601 UTC, intervals in seconds,
-    bytes in base64, a MAP as [key, value] pairs."""
+    bytes in base64, a MAP as [key, value] pairs, a DECIMAL as a string."""
     return value
 
 
@@ -376,8 +376,10 @@ def _(value: pa.MonthDayNano) -> float:
 
 
 @jsonable.register
-def _(value: Decimal) -> int | float:
-    return int(value) if value == value.to_integral_value() else float(value)
+def _(value: Decimal) -> str:
+    """A DECIMAL as a string with exactly its scale (`"203.86"`): exact, as JSON numbers,
+    read as binary floats by most clients, are not."""
+    return format(value, "f")
 
 
 @jsonable.register
