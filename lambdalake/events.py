@@ -139,7 +139,7 @@ class DecimalType:
                 f"{self.precision - self.scale} before it (decimal({self.precision},{self.scale}))")
 
 
-_NEEDS_TEXT = "a decimal number needs its text"
+_NEEDS_TEXT = "must be a decimal string such as \"203.86\" or a JSON number: a float no longer says its decimals"
 
 
 class JsonNumber(float):
