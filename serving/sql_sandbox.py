@@ -376,10 +376,12 @@ def _(value: pa.MonthDayNano) -> float:
 
 
 @jsonable.register
-def _(value: Decimal) -> str:
-    """A DECIMAL as a string with exactly its scale (`"203.86"`): exact, as JSON numbers,
-    read as binary floats by most clients, are not."""
-    return format(value, "f")
+def _(value: Decimal) -> int | str:
+    """A DECIMAL with a scale as a string with exactly it (`"203.86"`): exact, as JSON
+    numbers, read as binary floats by most clients, are not. Scale 0 (a HUGEINT sum of
+    integers comes through Arrow as decimal(38,0)) is an integer."""
+    exponent = value.as_tuple().exponent
+    return int(value) if exponent == 0 else format(value, "f")
 
 
 @jsonable.register
