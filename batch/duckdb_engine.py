@@ -22,7 +22,8 @@ import pyarrow.dataset as ds
 
 from lambdalake import master, sketch_arrays
 from lambdalake.batch.engine import EXACT_SQL, with_rows_read
-from lambdalake.batch.objects import read_all
+from lambdalake.batch.objects import read_rows
+from lambdalake.events import EventSchema
 from lambdalake.monoids import Monoid
 from lambdalake.project import Project
 from lambdalake.storage import ObjectStore
@@ -79,9 +80,8 @@ class DuckDBEngine:
     def compute(
         self, project: Project, view: View, store: ObjectStore, keys: list[str], cut: int
     ) -> pa.Table:
-        schema = master.arrow_schema(project.schemas[view.event_type])
         columns = [f.name for f in master.META_FIELDS] + sorted(view.fields_read())
-        rows = read_master(store, keys, schema, columns, cut)
+        rows = read_master(store, keys, project.schemas[view.event_type], columns, cut)
         query = compile_view(view)
         with self._database.cursor() as con:
             con.register("master_rows", rows)
@@ -137,15 +137,8 @@ def _sketch_column(metric: Monoid, values: pa.ChunkedArray) -> pa.Array:
 
 
 def read_master(
-    store: ObjectStore, keys: list[str], schema: pa.Schema, columns: list[str], cut: int
+    store: ObjectStore, keys: list[str], schema: EventSchema, columns: list[str], cut: int
 ) -> pa.Table:
-    """The rows with arrival < cut of every object in `keys`, in `columns` of `schema`.
-
-    Columns an older object lacks read as nulls.
-    """
-    below_cut = ds.field("arrival") < cut
-    parts = read_all(
-        store, keys, lambda part: part.to_table(schema=schema, columns=columns, filter=below_cut)
-    )
-    empty = pa.schema([schema.field(c) for c in columns]).empty_table()
-    return pa.concat_tables([empty, *parts])
+    """The rows with arrival < cut of every object in `keys`, in `columns` of the event
+    type's schema today (`objects.read_rows`: old objects cast, renamed, null-filled)."""
+    return read_rows(store, keys, schema, columns, ds.field("arrival") < cut)

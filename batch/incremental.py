@@ -42,10 +42,9 @@ import pyarrow.parquet as pq
 
 from lambdalake import catalog
 from lambdalake.batch.engine import with_rows_read
-from lambdalake.batch.objects import read_all
+from lambdalake.batch.objects import read_all, read_rows
 from lambdalake.catalog import Manifest
 from lambdalake.events import EventSchema
-from lambdalake.master import arrow_schema
 from lambdalake.monoids import Monoid
 from lambdalake.project import Project
 from lambdalake.query import gathered, merge_sql
@@ -106,7 +105,7 @@ def delta_object(
     Yields its key and the master rows read in the window (duplicate copies included).
     Raises `CorruptObject` for a master object that is not readable Parquet.
     """
-    rows, read = delta_rows(store, arrow_schema(schema), keys, window)
+    rows, read = delta_rows(store, schema, keys, window)
     key = f"{catalog.PREFIX}/{SCRATCH}/v={version}/{schema.name}.parquet"
     sink = pa.BufferOutputStream()
     pq.write_table(rows, sink, compression="zstd")
@@ -118,20 +117,19 @@ def delta_object(
 
 
 def delta_rows(
-    store: ObjectStore, schema: pa.Schema, keys: list[str], window: tuple[int, int]
+    store: ObjectStore, schema: EventSchema, keys: list[str], window: tuple[int, int]
 ) -> tuple[pa.Table, int]:
-    """The rows with C1 <= arrival < C2 whose event id has no copy before C1; rows read."""
+    """The rows with C1 <= arrival < C2 whose event id has no copy before C1, in today's
+    schema of the type (older objects adapted); rows read."""
     since, cut = window
     arrival = ds.field("arrival")
-    window_rows = (arrival >= since) & (arrival < cut)
-    rows = read_all(store, keys, lambda part: part.to_table(schema=schema, filter=window_rows))
-    rows = pa.concat_tables([schema.empty_table(), *rows])
-    counted = counted_before(store, schema, keys, since, pc.unique(rows["event_id"]))
+    rows = read_rows(store, keys, schema, where=(arrival >= since) & (arrival < cut))
+    counted = counted_before(store, keys, since, pc.unique(rows["event_id"]))
     return rows.filter(pc.invert(pc.is_in(rows["event_id"], value_set=counted))), rows.num_rows
 
 
 def counted_before(
-    store: ObjectStore, schema: pa.Schema, keys: list[str], since: int, ids: pa.Array
+    store: ObjectStore, keys: list[str], since: int, ids: pa.Array
 ) -> pa.ChunkedArray:
     """Those of `ids` with a copy arriving before `since`.
 
@@ -145,7 +143,7 @@ def counted_before(
         parts = read_all(
             store,
             keys[at : at + ID_GROUP],
-            lambda part: part.to_table(schema=schema, columns=["event_id"], filter=older),
+            lambda part: part.to_table(columns=["event_id"], filter=older),
         )
         column = pa.chunked_array([c for p in parts for c in p["event_id"].chunks], pa.string())
         found += pc.filter(column, pc.is_in(column, value_set=ids)).chunks

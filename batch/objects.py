@@ -1,4 +1,12 @@
-"""Master objects opened as Parquet fragments, a corrupt object told apart from a failed read.
+"""Master objects opened as Parquet fragments, a corrupt object told apart from a failed read,
+and read with today's schema of their event type.
+
+Schema evolution is resolved here, for every engine: an object keeps the columns its event
+type had when it was written, and `read_rows` turns them into today's (`adapt`): a field
+renamed through an alias is read from its old column, a widened one is cast (int to float;
+int or float to decimal: a float64 to the nearest value at the decimal's scale, ties to
+even, which recovers any amount written with at most that many decimals), and a field added
+since reads as null. `lambdalake.evolution` refuses at start-up the changes this cannot read.
 
 pyarrow reports garbled data and a failed network read alike (OSError), and only corruption
 may be skipped: after a failed read the bytes are fetched through the store (its own
@@ -8,14 +16,17 @@ retries; its errors propagate) and parsed again; only if they still fail is the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from lambdalake.batch.engine import CorruptObject
+from lambdalake.events import EventSchema
+from lambdalake.master import arrow_schema
 from lambdalake.storage import ObjectStore
 
 T = TypeVar("T")
@@ -49,3 +60,57 @@ def read_all(
     reader = ObjectReader(store)
     with ThreadPoolExecutor(_READERS) as pool:
         return list(pool.map(lambda key: reader.read(key, scan), keys))
+
+
+def read_rows(
+    store: ObjectStore,
+    keys: list[str],
+    schema: EventSchema,
+    columns: Sequence[str] | None = None,
+    where: ds.Expression | None = None,
+) -> pa.Table:
+    """The rows of every object in `keys` matching `where`, in `columns` (default all) of the
+    event type's schema today, whatever schema each object was written with."""
+    target = arrow_schema(schema)
+    if columns is not None:
+        target = pa.schema([target.field(name) for name in columns])
+    parts = read_all(store, keys, lambda part: adapt(_scan(part, target, schema, where),
+                                                     target, schema))
+    return pa.concat_tables([target.empty_table(), *parts])
+
+
+def _scan(
+    part: ds.ParquetFileFragment, target: pa.Schema, schema: EventSchema,
+    where: ds.Expression | None,
+) -> pa.Table:
+    written = part.physical_schema.names
+    wanted = [source for field in target if (source := _source(field.name, written, schema))]
+    return part.to_table(columns=wanted, filter=where)
+
+
+def _source(name: str, written: Sequence[str], schema: EventSchema) -> str | None:
+    """The column of an object that holds the field `name`: its own, or its old name's."""
+    for candidate in (name, *reversed(schema.old_names(name) if name in schema.fields else [])):
+        if candidate in written:
+            return candidate
+    return None
+
+
+def adapt(table: pa.Table, target: pa.Schema, schema: EventSchema) -> pa.Table:
+    """`table`, read from one object, as the columns of `target`."""
+    if table.schema.remove_metadata() == target:
+        return table
+    columns = []
+    for field in target:
+        source = _source(field.name, table.column_names, schema)
+        if source is None:
+            columns.append(pa.nulls(table.num_rows, field.type))
+        else:
+            columns.append(pc.cast(table[source], field.type))
+    return pa.Table.from_arrays(columns, schema=target)
+
+
+def written_schema(fragment: ds.ParquetFileFragment) -> pa.Schema:
+    """The columns an object was written with (its Parquet footer, read whole)."""
+    fragment.ensure_complete_metadata()
+    return fragment.physical_schema.remove_metadata()

@@ -78,6 +78,7 @@ def run_batch(
     else recompute in full. `progress`: a rich `Progress` (one bar per view) or a callback
     (view, done, total). Raises `BatchError` when there is nothing to do or the run fails.
     """
+    master.check_schemas(store, project)
     run = _Run(settings, project, store, engine, _reporter(progress, list(project.views)))
     with run.leased() as lease:
         cut = next_cut(settings, store)

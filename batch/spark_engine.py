@@ -17,6 +17,11 @@ Every object's Parquet footer is read first, with pyarrow, many at once: Spark s
 file without a word and names no object when one is truncated, and a corrupt object must be
 reported by its key. When Spark fails anyway, every object is read with pyarrow to find one
 whose pages are garbled (`CorruptObject`); if none is, Spark's error propagates.
+
+The footers also tell the objects written with an older schema of the event type: those are
+read through `batch.objects.read_rows` (pyarrow, on the driver), which casts, renames and
+null-fills them exactly as for the DuckDB engine, and joined to Spark's own read of the rest.
+Compacting old objects rewrites them in today's schema and gives Spark the whole read back.
 """
 
 from __future__ import annotations
@@ -29,16 +34,16 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 from py4j.protocol import Py4JJavaError
 from pyspark.errors import PySparkException
 from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.pandas.types import from_arrow_schema
+from pyspark.sql.pandas.types import from_arrow_schema, from_arrow_type
 
 from lambdalake import master
 from lambdalake.batch.engine import EXACT_SQL, with_rows_read
-from lambdalake.batch.objects import read_all
+from lambdalake.batch.objects import read_all, read_rows, written_schema
+from lambdalake.events import EventSchema
 from lambdalake.monoids import Monoid
 from lambdalake.project import Project
 from lambdalake.resources import run_script
@@ -78,6 +83,13 @@ def _exact(sql: str) -> Aggregate:
     return Aggregate(_field, lambda metric, name: F.expr(sql.format(f"`{name}`")))
 
 
+def _summed(column: Column, arrow_type: pa.DataType) -> Column:
+    """A decimal summed at 38 digits, as DuckDB does (Spark would widen by 10 only)."""
+    if pa.types.is_decimal(arrow_type):
+        return column.cast(from_arrow_type(pa.decimal128(38, arrow_type.scale)))
+    return column
+
+
 def sketch_input(column: Column, arrow_type: pa.DataType) -> Column:
     """A value as Spark's hash sketch aggregates must see it to hash as DataSketches (and
     `lambdalake.sketches`) do: integers and booleans as bigint; a double as its canonical
@@ -94,6 +106,7 @@ def sketch_input(column: Column, arrow_type: pa.DataType) -> Column:
 
 _AGGREGATES: dict[str, Aggregate] = {
     **{kind: _exact(sql) for kind, sql in EXACT_SQL.items()},
+    "sum": Aggregate(_summed, _exact(EXACT_SQL["sum"]).aggregate),
     "approx_distinct": Aggregate(
         sketch_input, lambda m, name: F.hll_sketch_agg(F.col(name), m.lg_k)
     ),
@@ -124,32 +137,50 @@ class SparkEngine:
     def compute(
         self, project: Project, view: View, store: ObjectStore, keys: list[str], cut: int
     ) -> pa.Table:
-        schema = master.arrow_schema(project.schemas[view.event_type])
+        event_schema = project.schemas[view.event_type]
+        schema = master.arrow_schema(event_schema)
         target = table_schema(project, view)
         if not keys:
             return with_rows_read(target.empty_table(), 0)
-        read_all(store, keys, _read_footer)
+        written = read_all(store, keys, written_schema)
+        current = [key for key, columns in zip(keys, written, strict=True) if columns == schema]
+        older = [key for key, columns in zip(keys, written, strict=True) if columns != schema]
         try:
-            table, read = self._run(view, store, keys, schema, cut)
+            table, read = self._run(view, store, (current, older), event_schema, cut)
         except (Py4JJavaError, PySparkException):
-            read_all(store, keys, lambda part: part.to_table(schema=schema).num_rows)  # which?
+            read_all(store, keys, lambda part: part.to_table().num_rows)  # which one?
             raise
         order = [(name, "ascending") for name in ("bucket", *view.keys)]
         return with_rows_read(table.cast(target).sort_by(order), read)
 
     def _run(
-        self, view: View, store: ObjectStore, keys: list[str], schema: pa.Schema, cut: int
+        self,
+        view: View,
+        store: ObjectStore,
+        keys: tuple[list[str], list[str]],
+        event_schema: EventSchema,
+        cut: int,
     ) -> tuple[pa.Table, int]:
-        """The view's table as Spark computes it, and the master rows read below the cut."""
+        """The view's table as Spark computes it over the objects in today's schema and
+        those written with an older one, and the master rows read below the cut."""
+        schema = master.arrow_schema(event_schema)
         read = Observation()
-        rows = self._read(store, keys, schema).where(F.col("arrival") < cut)
+        rows = self._read(store, keys, event_schema).where(F.col("arrival") < cut)
         rows = rows.observe(read, F.count(F.lit(1)).alias("rows"))
         return view_frame(view, schema, rows).toArrow(), read.get["rows"]
 
-    def _read(self, store: ObjectStore, keys: list[str], schema: pa.Schema) -> DataFrame:
-        base = store_uri(store)
-        reader = self.spark.read.schema(from_arrow_schema(schema)).options(**s3a_options(store))
-        return reader.parquet(*(f"{base}/{key}" for key in keys))
+    def _read(
+        self, store: ObjectStore, keys: tuple[list[str], list[str]], event_schema: EventSchema
+    ) -> DataFrame:
+        current, older = keys
+        spark_schema = from_arrow_schema(master.arrow_schema(event_schema))
+        frames = []
+        if current:
+            reader = self.spark.read.schema(spark_schema).options(**s3a_options(store))
+            frames.append(reader.parquet(*(f"{store_uri(store)}/{key}" for key in current)))
+        if older:
+            frames.append(self.spark.createDataFrame(read_rows(store, older, event_schema)))
+        return functools.reduce(DataFrame.unionByName, frames)
 
 
 def view_frame(view: View, schema: pa.Schema, rows: DataFrame) -> DataFrame:
@@ -185,10 +216,6 @@ def _aggregate(metric: Monoid) -> Aggregate:
     if aggregate is None:
         raise ValueError(f"the spark engine cannot compute {metric.kind!r} metrics")
     return aggregate
-
-
-def _read_footer(fragment: ds.ParquetFileFragment) -> None:
-    fragment.ensure_complete_metadata()
 
 
 def store_uri(store: ObjectStore) -> str:

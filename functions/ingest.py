@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 from lambdalake.auth import AuthError
 from lambdalake.bus import open_bus
 from lambdalake.eventlog import now_ms
-from lambdalake.events import MAX_EVENT_BYTES, Event, Problem, Validator
+from lambdalake.events import MAX_EVENT_BYTES, Event, JsonNumber, Problem, Validator
 from lambdalake.functions.environment import PerColdStart
 from lambdalake.project import load_project
 from lambdalake.settings import Settings
@@ -141,7 +141,8 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return found
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+# numbers keep their text, which decimal fields read exactly
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_float=JsonNumber)
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 

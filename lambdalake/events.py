@@ -13,19 +13,33 @@ columns, the speed layer, DuckDB and Spark), by one rule on every path:
 - `string`: at most `MAX_STRING_CHARS` characters of valid Unicode (no lone surrogate), no
   C0 control character but tab, line feed and carriage return (NUL ends strings in C
   clients and the PostgreSQL wire protocol); `event_id`: 1 to 256 such characters;
-- `bool`: true or false only.
+- `bool`: true or false only;
+- `decimal(p,s)` (money: exact, never through binary floating point): a JSON string of
+  decimal digits with an optional `-` and `.` (`"203.86"`, no exponent, no spaces) or a JSON
+  number, read exactly from its text (`19.99` is 19.99, never the float64 nearest to it),
+  whose value has at most s digits after the point and p - s before it (1 <= p <= 38,
+  0 <= s <= p). It is held as a `Decimal` with exactly s decimals and written to the bus as
+  a string with exactly them (`"19.90"`).
+
+Schemas evolve (`EventSchema.aliases` renames a field; `lambdalake.evolution` says which
+changes old data can be read with): a renamed field is accepted under its old name too, as
+records already on the bus carry it.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -37,7 +51,6 @@ from pydantic import (
     field_validator,
 )
 
-FieldType = Literal["string", "int", "float", "bool"]
 MAX_EVENT_BYTES = 256 * 1024
 MAX_STRING_CHARS = 64 * 1024
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -60,6 +73,105 @@ _PYTHON_TYPES: dict[str, Any] = {
     "bool": StrictBool,
 }
 ARROW_TYPES = {"string": "string", "int": "int64", "float": "float64", "bool": "bool"}
+MAX_DECIMAL_DIGITS = 38  # what Arrow's decimal128, DuckDB's DECIMAL and Spark's DecimalType hold
+# `decimal(p,s)` as declared; `decimal128(p,s)` as its Arrow type name
+_DECIMAL_TYPE = re.compile(r"^decimal(?:128)?\((\d{1,2}),\s*(\d{1,2})\)$")
+_DECIMAL_TEXT = re.compile(r"^-?[0-9]+(\.[0-9]+)?$")
+
+
+@dataclass(frozen=True, slots=True)
+class DecimalType:
+    """`decimal(p,s)`: at most p digits, s of them after the point."""
+
+    precision: int
+    scale: int
+
+    @classmethod
+    def named(cls, name: str) -> DecimalType | None:
+        """The decimal type a field type or Arrow type name names; None for another type."""
+        match = _DECIMAL_TYPE.match(name)
+        if match is None:
+            return None
+        precision, scale = int(match[1]), int(match[2])
+        if not 1 <= precision <= MAX_DECIMAL_DIGITS or scale > precision:
+            raise ValueError(f"{name}: decimal(p,s) needs 1 <= p <= {MAX_DECIMAL_DIGITS} and "
+                             "0 <= s <= p")
+        return cls(precision, scale)
+
+    @property
+    def arrow_name(self) -> str:
+        """The Arrow type's name, as `lambdalake.tables.arrow_type` reads it."""
+        return f"decimal128({self.precision},{self.scale})"
+
+    @property
+    def quantum(self) -> Decimal:
+        return Decimal(1).scaleb(-self.scale)
+
+    def exact(self, value: Any) -> Decimal:
+        """The value as a Decimal with exactly `scale` decimals, or ValueError naming the rule.
+
+        A JSON number arrives as `JsonNumber` (its text kept) on every path that decodes JSON
+        in Python; pydantic-core's own JSON decoding gives a bare float, whose text is gone:
+        refused here, so `Validator.validate_json` decodes that event again, exactly."""
+        if isinstance(value, str) and _DECIMAL_TEXT.match(value):
+            text = value
+        elif isinstance(value, JsonNumber):
+            text = value.text
+        elif isinstance(value, int) and not isinstance(value, bool):
+            text = str(value)
+        elif isinstance(value, float):
+            raise ValueError(_NEEDS_TEXT)
+        else:
+            raise ValueError(f"must be a decimal string such as \"203.86\" or a JSON number, "
+                             f"with {self.rule}")
+        try:
+            number = Decimal(text)
+            quantized = number.quantize(self.quantum)
+        except InvalidOperation:
+            raise ValueError(f"must have {self.rule}") from None
+        if quantized != number or len(quantized.as_tuple().digits) > self.precision:
+            raise ValueError(f"must have {self.rule}")
+        return quantized.copy_abs() if quantized.is_zero() else quantized
+
+    @property
+    def rule(self) -> str:
+        return (f"at most {self.scale} digits after the point and "
+                f"{self.precision - self.scale} before it (decimal({self.precision},{self.scale}))")
+
+
+_NEEDS_TEXT = ("must be a decimal string such as \"203.86\" or a JSON number: a float no "
+               "longer says its decimals")
+
+
+class JsonNumber(float):
+    """A JSON number with a fraction or exponent, as decoded in Python: a float (what `float`
+    fields take) that keeps its text (what `decimal` fields read, exactly)."""
+
+    __slots__ = ("text",)
+    text: str
+
+    def __new__(cls, text: str) -> JsonNumber:
+        number = super().__new__(cls, text)
+        number.text = text
+        return number
+
+
+def json_loads(value: bytes | str) -> Any:
+    """JSON decoded with numbers kept exactly for decimal fields (`JsonNumber`)."""
+    return json.loads(value, parse_float=JsonNumber)
+
+
+def arrow_type_name(field_type: str) -> str:
+    """The Arrow type name of a declared field type (without its `?`)."""
+    decimal = DecimalType.named(field_type)
+    return decimal.arrow_name if decimal else ARROW_TYPES[field_type]
+
+
+def _python_type(field_type: str) -> Any:
+    decimal = DecimalType.named(field_type)
+    if decimal is None:
+        return _PYTHON_TYPES[field_type]
+    return Annotated[Decimal, BeforeValidator(decimal.exact)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,10 +194,18 @@ class Event:
     def to_json(self) -> bytes:
         """The event's record on the bus. A field without a value is left out, as a client
         may have sent it (validation reads it back as None): a record outgrows what was
-        received only where a number is written differently (`1E15`: 1000000000000000.0)."""
+        received only where a number is written differently (`1E15`: 1000000000000000.0).
+        A decimal is written as a string with exactly its scale."""
         fields = {name: value for name, value in self.fields.items() if value is not None}
         body = {"event_id": self.event_id, "type": self.type, "ts": self.ts, **fields}
-        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False,
+                          default=_decimal_text).encode()
+
+
+def _decimal_text(value: Any) -> str:
+    if isinstance(value, Decimal):
+        return format(value, "f")  # never an exponent: `str` writes 1E-7
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def epoch_ms(value: Any) -> int:
@@ -138,27 +258,51 @@ class _Envelope(BaseModel):
 
 @dataclass(frozen=True)
 class EventSchema:
-    """Declared fields of one event type: name -> type; a trailing `?` marks it optional."""
+    """Declared fields of one event type: name -> type; a trailing `?` marks it optional.
+    Types: string, int, float, bool, decimal(p,s).
+
+    `aliases`: old name -> field, for a renamed field. Events are accepted under the old
+    name too, and master objects written before the rename are read under the new one."""
 
     name: str
     fields: Mapping[str, str]
+    aliases: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for field, declared in self.fields.items():
-            if field in ENVELOPE:
-                raise ValueError(f"{self.name}.{field}: reserved for the envelope")
-            if declared.rstrip("?") not in _PYTHON_TYPES:
-                raise ValueError(f"{self.name}.{field}: unknown type {declared!r}")
+        for name, declared in self.fields.items():
+            if name in ENVELOPE:
+                raise ValueError(f"{self.name}.{name}: reserved for the envelope")
+            try:
+                arrow_type_name(declared.rstrip("?"))
+            except KeyError:
+                raise ValueError(f"{self.name}.{name}: unknown type {declared!r}; use string, "
+                                 "int, float, bool or decimal(p,s)") from None
+            except ValueError as exc:
+                raise ValueError(f"{self.name}.{name}: {exc}") from None
+        for old, new in self.aliases.items():
+            if new not in self.fields or old in self.fields or old in ENVELOPE:
+                raise ValueError(f"{self.name}: alias {old!r} -> {new!r} must rename a "
+                                 "declared field from a name no longer declared")
 
-    def field_type(self, field: str) -> FieldType:
-        return self.fields[field].rstrip("?")  # type: ignore[return-value]
+    def field_type(self, name: str) -> str:
+        return self.fields[name].rstrip("?")
+
+    def optional(self, name: str) -> bool:
+        return self.fields[name].endswith("?")
+
+    def old_names(self, name: str) -> list[str]:
+        """The names a field had before, newest last as declared."""
+        return [old for old, new in self.aliases.items() if new == name]
 
     def model(self) -> type[BaseModel]:
         specs: dict[str, Any] = {"type": (Literal[self.name], ...)}
-        for field, declared in self.fields.items():
-            python_type = _PYTHON_TYPES[declared.rstrip("?")]
-            optional = declared.endswith("?")
-            specs[field] = (python_type | None, None) if optional else (python_type, ...)
+        for name in self.fields:
+            python_type = _python_type(self.field_type(name))
+            names = self.old_names(name)
+            alias = AliasChoices(name, *names) if names else None
+            default = None if self.optional(name) else ...
+            optional = python_type | None if self.optional(name) else python_type
+            specs[name] = (optional, Field(default, validation_alias=alias))
         return create_model(f"{self.name}_event", __base__=_Envelope, **specs)
 
 
@@ -185,7 +329,7 @@ class Validator:
             parsed = self._from_json.validate_json(value)
         except ValidationError:
             try:
-                raw = json.loads(value)
+                raw = json_loads(value)
             except (ValueError, RecursionError) as exc:
                 return [Problem("$", f"not JSON: {exc}", index)]
             return self.validate(raw, now_ms, index, size=len(value))

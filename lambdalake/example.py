@@ -9,7 +9,11 @@ PAGEVIEW = EventSchema(
     "pageview",
     {"url": "string", "user_id": "string", "referrer": "string?", "duration_ms": "int?"},
 )
-PURCHASE = EventSchema("purchase", {"user_id": "string", "sku": "string", "amount": "float"})
+# Money is exact: `amount` was a float before; master data written then is read with a cast
+# to decimal(18,2) (`lambdalake.evolution`).
+PURCHASE = EventSchema(
+    "purchase", {"user_id": "string", "sku": "string", "amount": "decimal(18,2)"}
+)
 
 project = Project.of(
     schemas=[PAGEVIEW, PURCHASE],

@@ -5,6 +5,8 @@ Layout under the store root:
   master/_watermarks/p=<partition>.json   {"next_offset": n, "watermark": ms}
   master/_rewrites/<id>.json              a committed rewrite (compaction, erasure): the
                                           objects it replaces and those standing for them
+  master/_schemas/<type>.json   {"schemas": [fields, ...]}: every schema objects were written
+                                with, oldest first (`lambdalake.evolution` compares them)
 A file is named by its partition and offset range, so a retried archive batch rewrites the
 same object. The watermark says every record of the partition arriving before it has been
 archived; the batch cut is the slice boundary at or below the smallest watermark.
@@ -21,14 +23,18 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lambdalake.events import ARROW_TYPES, Event, EventSchema
-from lambdalake.storage import NotFound, ObjectStore
+from lambdalake.events import Event, EventSchema
+from lambdalake.evolution import refuse_breaking_changes
+from lambdalake.project import Project
+from lambdalake.storage import NotFound, ObjectStore, PreconditionFailed
+from lambdalake.tables import field_arrow_type
 
 PREFIX = "master"
 WATERMARKS = f"{PREFIX}/_watermarks"
 DEAD_LETTER = f"{PREFIX}/_dead_letter"
 MARKERS = f"{PREFIX}/_rewrites"  # committed rewrites (`lambdalake.rewrite`)
 STAGED = ".rw-"  # in the name of an object a rewrite wrote: visible only while a marker names it
+SCHEMAS = f"{PREFIX}/_schemas"
 META_FIELDS = [
     pa.field("event_id", pa.string(), nullable=False),
     pa.field("ts", pa.int64(), nullable=False),
@@ -49,7 +55,7 @@ class Archived:
 
 
 def arrow_schema(schema: EventSchema) -> pa.Schema:
-    fields = [pa.field(n, ARROW_TYPES[schema.field_type(n)]) for n in schema.fields]
+    fields = [pa.field(n, field_arrow_type(schema.field_type(n))) for n in schema.fields]
     return pa.schema(META_FIELDS + fields)
 
 
@@ -137,6 +143,7 @@ def write_batch(
         by_type.setdefault(row.event.type, []).append(row)
     keys, unstorable = [], []
     for event_type, typed in sorted(by_type.items()):
+        record_schema(store, schemas[event_type])
         table, refused = to_table(schemas[event_type], typed)
         unstorable += refused
         if table.num_rows:
@@ -218,3 +225,46 @@ def visible(listed: list[str], committed: list[Marker], prefix: str) -> list[str
     kept = {key for key in listed if not is_staged(key)} | written
     return sorted(kept - replaced)
 
+
+
+_RECORDED: set[tuple[str, str, str]] = set()  # (store, type, fields) this process recorded
+
+
+def record_schema(store: ObjectStore, schema: EventSchema) -> None:
+    """Add the schema to those its type's objects were written with (once per process), by
+    compare-and-swap, so concurrent archivers lose none."""
+    fields = dict(schema.fields)
+    seen = (store.url, schema.name, json.dumps(fields, sort_keys=True))
+    if seen in _RECORDED:
+        return
+    key = f"{SCHEMAS}/{schema.name}.json"
+    while True:
+        try:
+            data, tag = store.get_tagged(key)
+        except NotFound:
+            data, tag = b'{"schemas": []}', None
+        recorded = json.loads(data)["schemas"]
+        if fields in recorded:
+            break
+        body = json.dumps({"schemas": [*recorded, fields]}).encode()
+        try:
+            store.create(key, body) if tag is None else store.replace(key, body, tag)
+            break
+        except PreconditionFailed:
+            continue
+    _RECORDED.add(seen)
+
+
+def written_schemas(store: ObjectStore) -> dict[str, list[dict[str, str]]]:
+    """Event type -> the fields of every schema its master objects were written with."""
+    found = {}
+    for key in store.list(f"{SCHEMAS}/"):
+        event_type = key.rsplit("/", 1)[1].removesuffix(".json")
+        found[event_type] = json.loads(store.get(key))["schemas"]
+    return found
+
+
+def check_schemas(store: ObjectStore, project: Project) -> None:
+    """Refuse (`SchemaChangeRefused`, naming the view and field) a project whose schemas
+    cannot read the master data written before."""
+    refuse_breaking_changes(project, written_schemas(store))

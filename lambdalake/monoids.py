@@ -13,8 +13,10 @@ travel between processes and engines as they are.
 from __future__ import annotations
 
 import base64
+import decimal
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, ClassVar
 
 from datasketches import (
@@ -26,9 +28,15 @@ from datasketches import (
 )
 
 from lambdalake import sketches
+from lambdalake.events import MAX_DECIMAL_DIGITS, DecimalType
 
 LG_K = sketches.LG_K
 DEFAULT_QUANTILES = (0.5, 0.9, 0.99)
+# Decimal sums as DuckDB and Spark keep them (38 digits): exact, or an error, never rounded
+# (the default context rounds past 28 digits).
+_EXACT = decimal.Context(
+    prec=MAX_DECIMAL_DIGITS, traps=[decimal.Inexact, decimal.Overflow, decimal.InvalidOperation]
+)
 
 
 @dataclass(frozen=True)
@@ -37,8 +45,9 @@ class Monoid:
 
     field: str | None = None
     kind: ClassVar[str]
-    numeric: ClassVar[bool] = False  # needs an int or float field
+    numeric: ClassVar[bool] = False  # needs an int, float or decimal field
     ordered: ClassVar[bool] = True  # its answers sort (a query may order by it)
+    hashes: ClassVar[bool] = False  # hashes values (a sketch of distinct values): no decimals
 
     def zero(self) -> Any:
         raise NotImplementedError
@@ -60,7 +69,8 @@ class Monoid:
         return acc
 
     def arrow_type(self, field_type: str | None) -> str:
-        """The accumulator column's Arrow type name, given the field's (None for count)."""
+        """The accumulator column's Arrow type name, given the field's (None for count):
+        an alias pyarrow knows, or `decimal128(p,s)` (`lambdalake.tables.arrow_type`)."""
         if field_type is None:
             raise ValueError(f"a {self.kind} metric reads a field")
         return field_type
@@ -107,6 +117,8 @@ class Count(Monoid):
 
 @dataclass(frozen=True)
 class Sum(Monoid):
+    """An exact sum: of ints as int64, floats as float64, decimal(p,s) as decimal(38,s)."""
+
     kind: ClassVar[str] = "sum"
     numeric: ClassVar[bool] = True
 
@@ -117,10 +129,17 @@ class Sum(Monoid):
         return 0 if value is None else value
 
     def merge(self, left: Any, right: Any) -> Any:
+        if type(left) is Decimal or type(right) is Decimal:
+            return _EXACT.add(left, right)
         return left + right
 
     def add(self, working: Any, value: Any) -> Any:
-        return working if value is None else working + value
+        return working if value is None else self.merge(working, value)
+
+    def arrow_type(self, field_type: str | None) -> str:
+        field_type = super().arrow_type(field_type)
+        decimal = DecimalType.named(field_type)
+        return DecimalType(MAX_DECIMAL_DIGITS, decimal.scale).arrow_name if decimal else field_type
 
 
 @dataclass(frozen=True)
@@ -181,6 +200,7 @@ class ApproxDistinct(_Sketch):
     """
 
     kind: ClassVar[str] = "approx_distinct"
+    hashes: ClassVar[bool] = True
     lg_k: int = LG_K
 
     def zero(self) -> bytes:
@@ -268,6 +288,7 @@ class DistinctSet(_Sketch):
     """
 
     kind: ClassVar[str] = "distinct_set"
+    hashes: ClassVar[bool] = True
     lg_k: int = sketches.THETA_LG_K
 
     def zero(self) -> bytes:

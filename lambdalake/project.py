@@ -6,7 +6,7 @@ import importlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from lambdalake.events import EventSchema
+from lambdalake.events import DecimalType, EventSchema
 from lambdalake.views import View
 
 
@@ -30,9 +30,14 @@ class Project:
             if name not in schema.fields:
                 raise ValueError(f"view {view.name}: {view.event_type} has no field {name!r}")
         for name, metric in view.metrics.items():
-            numeric = metric.field and schema.field_type(metric.field) in ("int", "float")
+            field_type = schema.field_type(metric.field) if metric.field else None
+            decimal = field_type is not None and DecimalType.named(field_type) is not None
+            numeric = field_type in ("int", "float") or decimal
             if metric.numeric and not numeric:
                 raise ValueError(f"view {view.name}: metric {name} needs a numeric field")
+            if metric.hashes and decimal:
+                raise ValueError(f"view {view.name}: metric {name} cannot hash the decimal "
+                                 f"field {metric.field!r}; count distinct values of a string")
 
     def views_of(self, event_type: str) -> list[View]:
         return [v for v in self.views.values() if v.event_type == event_type]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Literal
 
 from lambdalake.events import INSTANT_RANGE, EventSchema, epoch_ms, iso
@@ -212,7 +213,17 @@ def finalize(view: View, query: Query, columns: list[str], rows: list[tuple]) ->
         present = [r for r in answers if r[name] is not None]
         present.sort(key=lambda r: r[name], reverse=descending)
         answers = present + [r for r in answers if r[name] is None]  # nulls last, either way
-    return answers[: query.limit] if query.limit else answers
+    answers = answers[: query.limit] if query.limit else answers
+    for record in answers:
+        for name in view.metrics:
+            if isinstance(record[name], Decimal):
+                record[name] = decimal_text(record[name])
+    return answers
+
+
+def decimal_text(value: Decimal) -> str:
+    """A decimal answer as sent in JSON: a string with exactly its scale (`"203.86"`)."""
+    return format(value, "f")
 
 
 def _q(name: str) -> str:

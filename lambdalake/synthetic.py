@@ -49,7 +49,7 @@ class WebAnalyticsStream:
                 "type": "purchase",
                 "user_id": self._user(),
                 "sku": SKUS[min(int(self.rng.expovariate(0.15)), len(SKUS) - 1)],
-                "amount": round(self.rng.uniform(2, 200), 2),
+                "amount": f"{self.rng.uniform(2, 200):.2f}",
             }
         else:
             body = base | {

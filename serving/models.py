@@ -42,9 +42,20 @@ class ViewList(BaseModel):
     views: list[ViewInfo]
 
 
+# A value in an answer row. A decimal metric (sum, min or max of a `decimal(p,s)` field) is a
+# string with exactly s decimals ("203.86"): exact, as a JSON number read as a float is not.
+Cell = str | bool | int | float | dict[str, float] | None
+_DECIMALS = ('A decimal metric (sum, min or max of a decimal(p,s) field) is a string with '
+             'exactly s decimals, e.g. "203.86".')
+
+
 class ViewAnswer(BaseModel):
     view: str
-    rows: list[dict[str, Any]] = Field(description="bucket (ISO 8601), dimensions, metrics.")
+    rows: list[dict[str, Cell]] = Field(
+        description="bucket (ISO 8601), dimensions, metrics. " + _DECIMALS,
+        examples=[[{"bucket": "2024-05-01T00:00:00Z", "sku": "sku-1", "revenue": "203.86",
+                    "orders": 7}]],
+    )
     freshness: Freshness
 
 
@@ -54,7 +65,10 @@ class SqlRequest(BaseModel):
 
 class SqlAnswer(BaseModel):
     columns: list[str]
-    rows: list[list[Any]]
+    rows: list[list[Any]] = Field(
+        description="Values as JSON; a DECIMAL (a decimal metric, a sum of one) is a string "
+        'with exactly its scale, e.g. "203.86".'
+    )
     truncated: bool = Field(description="True when more rows matched than were returned.")
     freshness: Freshness
 

@@ -348,7 +348,7 @@ def scrub_paths(text: str) -> str:
 @singledispatch
 def jsonable(value: Any) -> Any:
     """An Arrow result value as JSON: timestamps in ISO 8601 UTC, intervals in seconds,
-    bytes in base64, a MAP as [key, value] pairs."""
+    bytes in base64, a MAP as [key, value] pairs, a DECIMAL as a string."""
     return value
 
 
@@ -376,8 +376,12 @@ def _(value: pa.MonthDayNano) -> float:
 
 
 @jsonable.register
-def _(value: Decimal) -> int | float:
-    return int(value) if value == value.to_integral_value() else float(value)
+def _(value: Decimal) -> int | str:
+    """A DECIMAL with a scale as a string with exactly it (`"203.86"`): exact, as JSON
+    numbers, read as binary floats by most clients, are not. Scale 0 (a HUGEINT sum of
+    integers comes through Arrow as decimal(38,0)) is an integer."""
+    exponent = value.as_tuple().exponent
+    return int(value) if exponent == 0 else format(value, "f")
 
 
 @jsonable.register

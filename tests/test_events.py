@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
 
 import pytest
 from hypothesis import example, given, settings
@@ -23,6 +24,7 @@ from lambdalake.events import (
     decode,
     epoch_ms,
     iso,
+    json_loads,
 )
 from lambdalake.example import project
 
@@ -57,7 +59,7 @@ def purchase(**overrides):
         "ts": NOW - 1000,
         "user_id": "u-1",
         "sku": "sku-42",
-        "amount": 19.99,
+        "amount": "19.99",
     }
     body.update(overrides)
     return {k: v for k, v in body.items() if v is not DROP}
@@ -105,12 +107,16 @@ def test_valid_pageview_optional_fields_absent_or_null(validator):
 
 def test_valid_purchase(validator):
     event = validator.validate(purchase(), NOW)
+    amount = Decimal("19.99")
     assert event == Event(
-        "buy-1", "purchase", NOW - 1000, {"user_id": "u-1", "sku": "sku-42", "amount": 19.99}
+        "buy-1", "purchase", NOW - 1000, {"user_id": "u-1", "sku": "sku-42", "amount": amount}
     )
-    whole = validator.validate(purchase(amount=5), NOW)  # a JSON integer is a valid float
+    whole = validator.validate(purchase(amount=5), NOW)  # a JSON integer is a valid decimal
     assert isinstance(whole, Event)
-    assert whole.fields["amount"] == 5.0
+    assert str(whole.fields["amount"]) == "5.00"
+    # a Python float has lost the text a JSON number had: refused, never guessed
+    [problem] = validator.validate(purchase(amount=19.99), NOW)
+    assert problem.field == "amount" and "decimal string" in problem.error
 
 
 @settings(max_examples=200, deadline=None)
@@ -152,9 +158,12 @@ BAD = [
     ("wrong type", pageview(url=3), "url", "valid string"),
     ("int field given a float", pageview(duration_ms=1.5), "duration_ms", "integer"),
     ("int field given a bool", pageview(duration_ms=True), "duration_ms", "integer"),
-    ("float field given a string", purchase(amount="19.99"), "amount", "number"),
-    ("float field given NaN", purchase(amount=float("nan")), "amount", "finite"),
-    ("float field given infinity", purchase(amount=float("inf")), "amount", "finite"),
+    ("decimal field given a list", purchase(amount=[1]), "amount", "decimal string"),
+    ("decimal field past its scale", purchase(amount="19.999"), "amount", "at most 2 digits"),
+    ("decimal field past its precision", purchase(amount="1" * 17), "amount", "16 before it"),
+    ("decimal field given NaN", purchase(amount="NaN"), "amount", "decimal string"),
+    ("decimal field given an exponent", purchase(amount="1e2"), "amount", "decimal string"),
+    ("decimal field given a bool", purchase(amount=True), "amount", "decimal string"),
     ("unknown type", pageview(type="click"), "type", "unknown event type 'click'"),
     ("type not a string", pageview(type=["pageview"]), "type", "unknown event type"),
     ("type missing", pageview(type=DROP), "type", "required"),
@@ -234,7 +243,7 @@ def test_json_bytes_are_judged_as_the_decoded_object_is(raw):
     accepts, into the same event, and refuses the rest with the same problems."""
     data = json.dumps(raw).encode()
     checker = Validator(project.schemas, MAX_FUTURE_MS)
-    decoded = checker.validate(json.loads(data), NOW, size=len(data))
+    decoded = checker.validate(json_loads(data), NOW, size=len(data))
     assert checker.validate_json(data, NOW) == decoded
 
 
@@ -465,3 +474,65 @@ def test_validated_events_round_trip_through_the_wire(event_id, ts, url, user, r
     assert event.ts == ts
     assert checker.validate_json(event.to_json(), NOW) == event
     assert checker.validate(json.loads(event.to_json()), NOW) == event
+
+
+# --- decimal(p,s): exact, never through a binary float --------------------------------------
+
+MONEY = EventSchema("money", {"amount": "decimal(18,2)", "rate": "decimal(38,7)?"})
+
+
+@pytest.fixture(scope="module")
+def money() -> Validator:
+    return Validator({"money": MONEY}, MAX_FUTURE_MS)
+
+
+def money_json(amount: str, rate: str | None = None) -> bytes:
+    extra = f',"rate":{rate}' if rate is not None else ""
+    return f'{{"event_id":"m","type":"money","ts":1,"amount":{amount}{extra}}}'.encode()
+
+
+@pytest.mark.parametrize(("fragment", "held"), [
+    ('"203.86"', "203.86"), ("203.86", "203.86"), ('"19.9"', "19.90"), ("5", "5.00"),
+    ("1e2", "100.00"), ("-0.00", "0.00"), ('"-12.5"', "-12.50"),
+    ('"9999999999999999.99"', "9999999999999999.99"),
+])
+def test_a_decimal_is_held_exactly_at_its_scale(money, fragment, held):
+    for check in (money.validate_json(money_json(fragment), NOW),
+                  money.validate(json_loads(money_json(fragment)), NOW)):
+        assert isinstance(check, Event)
+        assert check.fields["amount"] == Decimal(held)
+        assert format(check.fields["amount"], "f") == held
+        assert json.loads(check.to_json())["amount"] == held  # on the bus: a string, exactly
+        assert money.validate_json(check.to_json(), NOW) == check
+
+
+@pytest.mark.parametrize("fragment", [
+    "19.999999999999999999",  # a float64 would read it as 20.0 and accept it
+    "0.1000000000000000055511151231257827", '"19.999"', '"10000000000000000.00"',
+    '" 19.9"', '"+1"', '".5"', '"1e2"', '"NaN"', '"Infinity"', "true", '"0x10"',
+])
+def test_a_decimal_it_cannot_hold_exactly_is_refused(money, fragment):
+    for check in (money.validate_json(money_json(fragment), NOW),
+                  money.validate(json_loads(money_json(fragment)), NOW)):
+        assert isinstance(check, list) and [p.field for p in check] == ["amount"], check
+
+
+def test_a_small_decimal_is_written_without_an_exponent(money):
+    event = money.validate_json(money_json('"1"', rate='"0.0000001"'), NOW)
+    assert json.loads(event.to_json())["rate"] == "0.0000001"
+
+
+@pytest.mark.parametrize("declared", ["decimal(0,0)", "decimal(39,2)", "decimal(5,6)", "dec(5,2)"])
+def test_an_impossible_decimal_type_is_refused_naming_the_field(declared):
+    with pytest.raises(ValueError, match=r"^money\.amount: "):
+        EventSchema("money", {"amount": declared})
+
+
+def test_a_renamed_field_is_accepted_under_its_old_name_too():
+    schema = EventSchema("purchase", {"buyer": "string"}, aliases={"user_id": "buyer"})
+    check = Validator({"purchase": schema}, MAX_FUTURE_MS)
+    old = b'{"event_id":"a","type":"purchase","ts":1,"user_id":"u1"}'
+    for event in (check.validate_json(old, NOW), check.validate(json.loads(old), NOW)):
+        assert isinstance(event, Event) and dict(event.fields) == {"buyer": "u1"}
+    with pytest.raises(ValueError, match="alias"):
+        EventSchema("purchase", {"buyer": "string"}, aliases={"user_id": "nobody"})

@@ -16,6 +16,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ def pageview(number: int, url: str, user: str, ts: int) -> Event:
     return Event(f"pv-{number}", "pageview", ts, fields)
 
 
-def purchase(number: int, sku: str, amount: float, ts: int) -> Event:
+def purchase(number: int, sku: str, amount: Decimal, ts: int) -> Event:
     return Event(f"buy-{number}", "purchase", ts, {"user_id": "u1", "sku": sku, "amount": amount})
 
 
@@ -74,7 +75,7 @@ def web_traffic(seed: int = 7) -> list[Record]:
         records.append((event, CUT_1 - 10 * MINUTE + rng.randrange(20 * MINUTE)))
     for number in range(40):
         ts = T0 - DAY + rng.randrange(2 * DAY)
-        event = purchase(number, rng.choice(SKUS), rng.randrange(1, 400) / 4, ts)
+        event = purchase(number, rng.choice(SKUS), Decimal(rng.randrange(1, 40_000)) / 100, ts)
         records.append((event, CUT_1 - 10 * MINUTE + rng.randrange(20 * MINUTE)))
     return records
 
@@ -146,13 +147,14 @@ def expected_pageviews(
     return {key: (count, len(users)) for key, (count, users) in groups.items()}
 
 
-def expected_revenue(records: list[Record]) -> dict[str, tuple[float, int]]:
-    totals: dict[str, list] = defaultdict(lambda: [0.0, 0])
+def expected_revenue(records: list[Record]) -> dict[str, tuple[str, int]]:
+    """Python Decimal sums, as the API sends them: strings with exactly two decimals."""
+    totals: dict[str, list] = defaultdict(lambda: [Decimal("0.00"), 0])
     for event, _ in records:
         if event.type == "purchase":
             totals[event.fields["sku"]][0] += event.fields["amount"]
             totals[event.fields["sku"]][1] += 1
-    return {sku: (revenue, orders) for sku, (revenue, orders) in totals.items()}
+    return {sku: (format(revenue, "f"), orders) for sku, (revenue, orders) in totals.items()}
 
 
 def answered(rows: list[dict], total: bool = False) -> dict[tuple, tuple[int, int]]:
@@ -611,7 +613,8 @@ def shoppers(seed: int = 11) -> list[Record]:
         event = Event(f"pv-{number}", "pageview", T0 + rng.randrange(10 * HOUR), fields)
         records.append((event, CUT_1 - 10 * MINUTE + rng.randrange(20 * MINUTE)))
     for number in range(40):
-        fields = {"user_id": f"u{rng.randrange(10, 30)}", "sku": rng.choice(SKUS), "amount": 1.0}
+        fields = {"user_id": f"u{rng.randrange(10, 30)}", "sku": rng.choice(SKUS),
+                  "amount": Decimal("1.00")}
         event = Event(f"buy-{number}", "purchase", T0 + rng.randrange(DAY), fields)
         records.append((event, CUT_1 - 10 * MINUTE + rng.randrange(20 * MINUTE)))
     return records

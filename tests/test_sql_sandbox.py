@@ -208,7 +208,10 @@ def _ingest_until(flow: Flow, stop: float) -> tuple[list[float], list[float]]:
 
 def test_values_are_encoded_exactly(lake: Lake) -> None:
     reply = sql(lake, "SELECT 170141183460469231731687303715884105727::HUGEINT AS h, "
-                "INTERVAL 90 MINUTE AS i, MAP {'k': 1.5} AS m, 'nan'::DOUBLE AS n, 1 AS a, 2 AS a")
+                "INTERVAL 90 MINUTE AS i, MAP {'k': 1.5} AS m, 'nan'::DOUBLE AS n, 1 AS a, 2 AS a, "
+                "203.86::DECIMAL(38,2) + 0.00000001::DECIMAL(18,8) AS d")
     assert reply.status_code == 200, reply.text
-    assert reply.json()["columns"] == ["h", "i", "m", "n", "a", "a"]
-    assert reply.json()["rows"] == [[2**127 - 1, 5400.0, [["k", 1.5]], None, 1, 2]]
+    assert reply.json()["columns"] == ["h", "i", "m", "n", "a", "a", "d"]
+    # a DECIMAL (the literal 1.5 is one) is a string with exactly its scale, never a float
+    assert reply.json()["rows"] == [
+        [2**127 - 1, 5400.0, [["k", "1.5"]], None, 1, 2, "203.86000001"]]

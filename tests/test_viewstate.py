@@ -13,10 +13,10 @@ answer must equal a recompute over every event it covers, each (type, event id) 
 
 from __future__ import annotations
 
-import math
 import pickle
 from collections import defaultdict
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 from datasketches import hll_sketch, kll_doubles_sketch, tgt_hll_type, update_theta_sketch
 from exact import exact_quantiles
@@ -53,7 +53,7 @@ pageview_fields = st.fixed_dictionaries({
 purchase_fields = st.fixed_dictionaries({
     "user_id": st.sampled_from(USERS),
     "sku": st.sampled_from(SKUS),
-    "amount": st.integers(1, 100_000).map(lambda cents: cents / 100),
+    "amount": st.integers(1, 100_000).map(lambda cents: Decimal(cents).scaleb(-2)),
 })
 contents = st.one_of(  # 3 pageviews to 1 purchase
     *[st.tuples(st.just("pageview"), pageview_fields)] * 3,
@@ -133,7 +133,7 @@ def recompute(events: dict[tuple[str, str], Event]) -> dict[str, dict]:
     answers: dict[str, dict] = {}
     for name, view in project.views.items():
         groups: dict = defaultdict(
-            lambda: {"count": 0, "amount": 0.0, "users": set(), "durations": []}
+            lambda: {"count": 0, "amount": Decimal(0), "users": set(), "durations": []}
         )
         for event in events.values():
             if event.type != view.event_type:
@@ -141,7 +141,7 @@ def recompute(events: dict[tuple[str, str], Event]) -> dict[str, dict]:
             bucket = event.ts - event.ts % view.bucket_ms
             group = groups[(bucket, tuple(event.fields[k] for k in view.keys))]
             group["count"] += 1
-            group["amount"] += event.fields.get("amount") or 0.0
+            group["amount"] += event.fields.get("amount") or 0
             group["users"].add(event.fields["user_id"])
             if event.fields.get("duration_ms") is not None:
                 group["durations"].append(event.fields["duration_ms"])
@@ -218,7 +218,7 @@ def assert_exact(answers: dict[str, dict], expected: dict[str, dict]) -> None:
     assert set(revenue) == set(want_rev)
     for cell, group in want_rev.items():
         assert revenue[cell]["orders"] == group["count"], cell
-        assert math.isclose(revenue[cell]["revenue"], group["amount"], rel_tol=1e-9), cell
+        assert revenue[cell]["revenue"] == group["amount"], cell  # exact: Decimal, no tolerance
     durations, buyers = answers["durations_by_url_hour"], answers["buyers_by_sku_day"]
     assert set(durations) == set(want_pv) and set(buyers) == set(want_rev)
     for cell, group in want_pv.items():  # KLL is exact up to k values; theta up to 4096
@@ -372,7 +372,7 @@ def test_apply_reports_duplicates_and_events_below_the_cut():
     assert state.drain() and not state.drain()
 
 
-def purchase(event_id: str, ts: int, amount: float = 9.5) -> Event:
+def purchase(event_id: str, ts: int, amount: Decimal = Decimal("9.50")) -> Event:
     return Event(event_id, "purchase", ts, {"user_id": "u1", "sku": "sku-1", "amount": amount})
 
 
@@ -386,7 +386,7 @@ def test_an_event_id_is_unique_within_its_type_only():
     assert not state.apply(pageview(7, T0), T0 + 4)
     assert state.tracked_ids == 2
     revenue = [u for u in state.everything() if u.view == "revenue_by_sku_day"]
-    assert [u.values for u in revenue] == [(9.5, 1)]
+    assert [u.values for u in revenue] == [(Decimal("9.50"), 1)]
 
 
 def test_a_snapshot_of_untyped_ids_restores_them_for_every_type():

@@ -15,6 +15,7 @@ from rich.progress import Progress
 
 from lambdalake.catalog import Manifest
 from lambdalake.loops import Loop, Loops
+from lambdalake.master import check_schemas
 from lambdalake.project import Project, load_project
 from lambdalake.realtime import RealtimeCells
 from lambdalake.settings import Settings
@@ -55,6 +56,7 @@ class Stack:
         self.settings, self.engine, self.produce_rate = settings, engine, produce_rate
         self.project: Project = load_project(settings.project)
         self.store = open_settings_store(settings)
+        check_schemas(self.store, self.project)
         self.realtime = RealtimeCells(self.project)
         self.loops = Loops()
         self._stop = threading.Event()
