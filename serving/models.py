@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from lambdalake.events import EventSchema
+from lambdalake.views import View
 
 
 class Problem(BaseModel):
@@ -42,12 +46,6 @@ class ViewList(BaseModel):
     views: list[ViewInfo]
 
 
-class ViewAnswer(BaseModel):
-    view: str
-    rows: list[dict[str, Any]] = Field(description="bucket (ISO 8601), dimensions, metrics.")
-    freshness: Freshness
-
-
 class SqlRequest(BaseModel):
     sql: str = Field(min_length=1, max_length=100_000, description="One SELECT or WITH query.")
 
@@ -70,3 +68,66 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     status: str
     batch_version: str | None
+
+
+class Range(BaseModel):
+    """The buckets an answer covers: those starting in [from, to); null is unbounded."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    start: str | None = Field(alias="from", examples=["2026-11-23T11:00:00Z"])
+    end: str | None = Field(alias="to", examples=["2026-11-24T00:00:00Z"])
+
+
+# How an answer shows each kind of metric: serving's table keyed by kind, as /sql's is.
+_ANSWER_TYPES: dict[str, Callable[[Any], Any]] = {
+    "count": lambda field: int,
+    "sum": lambda field: field,
+    "min": lambda field: field | None,
+    "max": lambda field: field | None,
+    "approx_distinct": lambda field: int,
+    "quantiles": lambda field: dict[str, float] | None,
+    "distinct_set": lambda field: int,
+}
+_FIELD_TYPES: dict[str, Any] = {"string": str, "int": int, "float": float, "bool": bool}
+
+
+def row_model(schema: EventSchema, view: View) -> type[BaseModel]:
+    """A view's answer row: bucket, its dimensions typed by the event schema, its metrics."""
+    fields: dict[str, Any] = {"bucket": (str, Field(
+        description="The bucket's start, ISO 8601 (UTC, or local time with its offset "
+        "under tz); a total's is its `from`.", examples=["2026-11-23T10:00:00Z"]))}
+    for key in view.keys:
+        declared = schema.fields[key]
+        python = _FIELD_TYPES[declared.rstrip("?")]
+        fields[key] = (python | None if declared.endswith("?") else python,
+                       Field(None, description=f"Dimension {key} (absent when not grouped by)"))
+    for name, metric in view.metrics.items():
+        field_type = _FIELD_TYPES[schema.field_type(metric.field)] if metric.field else None
+        fields[name] = (_ANSWER_TYPES[metric.kind](field_type),
+                        Field(description=f"{metric.kind}" + (f" of {metric.field}"
+                                                              if metric.field else "")))
+    return create_model(f"{_camel(view.name)}Row", **fields)
+
+
+def answer_model(schema: EventSchema, view: View) -> type[BaseModel]:
+    """A view's answer: its typed rows, the range covered, the next page, freshness."""
+    row = row_model(schema, view)
+    layers = create_model(f"{_camel(view.name)}Layers", batch=(list[row], ...),  # type: ignore[valid-type]
+                          realtime=(list[row], ...))  # type: ignore[valid-type]
+    return create_model(
+        f"{_camel(view.name)}Answer",
+        view=(Literal[view.name], ...),  # type: ignore[valid-type]
+        rows=(list[row], ...),  # type: ignore[valid-type]
+        range=(Range, ...),
+        next_cursor=(str | None, Field(description="Send it as `cursor` (with the same "
+                                       "parameters) for the next page; null on the last.")),
+        truncated=(bool, Field(description="True when more rows follow this page.")),
+        freshness=(Freshness, ...),
+        layers=(layers | None, Field(None, description="With layers=1: the batch part "
+                                     "and the real-time part the rows merge.")),
+    )
+
+
+def _camel(name: str) -> str:
+    return "".join(part.capitalize() for part in name.split("_"))
