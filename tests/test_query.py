@@ -15,15 +15,14 @@ from zoneinfo import ZoneInfo
 import duckdb
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lambdalake.events import iso
 from lambdalake.example import PAGEVIEW, PURCHASE
 from lambdalake.example import project as example
 from lambdalake.monoids import ApproxDistinct, Count, Max, Min, Sum
 from lambdalake.project import Project
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from lambdalake.query import MAX_ROWS, Query, QueryError, finalize, page, parse, plan
 from lambdalake.tables import table_schema
 from lambdalake.views import View
