@@ -842,6 +842,30 @@ def test_tls_when_a_certificate_is_configured(tmp_path: Path) -> None:
         server.stop()
 
 
+def test_tls_on_the_gateway(tmp_path: Path) -> None:
+    from lambdalake.functions import environment
+    from lambdalake.functions.runtime.function import LocalFunction
+    from lambdalake.functions.runtime.gateway import Gateway
+    from lambdalake.functions.runtime.template import load_template
+
+    cert, key = self_signed(tmp_path)
+    settings = Settings(home=tmp_path, tls_certfile=cert, tls_keyfile=key)
+    environment.bind(settings)
+    gateway = Gateway([LocalFunction(load_template().functions["Ingest"])], "127.0.0.1", 0,
+                      tls=settings.tls)
+    gateway.start()
+    try:
+        assert gateway.url.startswith("https://")
+        event = {"event_id": "tls-1", "type": "purchase", "ts": now_ms(), "user_id": "u",
+                 "sku": "A", "amount": 1.0}
+        trusted = ssl.create_default_context(cafile=str(cert))
+        reply = httpx.post(f"{gateway.url}/events", json=event, verify=trusted)
+        assert reply.status_code == 202, reply.text
+    finally:
+        gateway.stop()
+        environment.bind(None)
+
+
 def self_signed(directory: Path) -> tuple[Path, Path]:
     """A certificate for 127.0.0.1 signed by its own key, made with `cryptography`."""
     from cryptography import x509
