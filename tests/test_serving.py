@@ -815,9 +815,9 @@ def test_a_key_past_its_concurrent_sql_gets_429(tmp_path: Path) -> None:
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(lake.client.post, "/sql", json={"sql": slow}, timeout=30)
             time.sleep(0.5)
-            second = lake.sql("SELECT 1")
+            second = lake.client.post("/sql", json={"sql": "SELECT 1"}, timeout=30)
             other = lake.client.post("/sql", json={"sql": "SELECT 1"},
-                                     headers={"X-API-Key": "k2"})
+                                     headers={"X-API-Key": "k2"}, timeout=30)
             first.result()
         assert_errors(second, 429, "sql")
         assert second.headers["retry-after"] == "1"
