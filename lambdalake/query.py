@@ -6,10 +6,17 @@ rows unioned with the real-time cells); the serving layer runs it in DuckDB.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, time, timedelta, tzinfo
 from decimal import Decimal
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import orjson
 
 from lambdalake.events import INSTANT_RANGE, EventSchema, epoch_ms, iso
 from lambdalake.monoids import DEFAULT_QUANTILES, Monoid
@@ -20,6 +27,7 @@ _ORDER = list(BUCKET_MS)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _RULES = {"int": f" between {INT64_MIN} and {INT64_MAX}"}
 MAX_QUANTILES = 20
+MAX_ROWS = 100_000  # rows one answer holds; past them it is paged (`next_cursor`)
 # How DuckDB merges accumulators, by kind (the serving layer's answers, incremental batch
 # runs). A kind not listed (the sketches: DuckDB has no DataSketches here) is gathered into a
 # list and merged by its own `merge_all`, which is right for every kind.
@@ -50,14 +58,52 @@ class QueryError(ValueError):
 
 @dataclass(frozen=True)
 class Query:
-    start: int | None = None  # epoch ms, inclusive
-    end: int | None = None  # epoch ms, exclusive
+    start: int | None = None  # epoch ms, inclusive: buckets starting at or after it
+    end: int | None = None  # epoch ms, exclusive: buckets starting before it
     bucket: Granularity | None = None  # None: the view's own bucket
     group_by: tuple[str, ...] | None = None  # None: every dimension
-    filters: dict[str, Any] = field(default_factory=dict)
+    filters: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # dimension IN values
+    prefixes: dict[str, str] = field(default_factory=dict)  # string dimension starts with
     order_by: str | None = None  # "metric" (descending) or "name:asc" / "name:desc"
-    limit: int | None = None
+    limit: int | None = None  # rows per page
     quantiles: tuple[float, ...] = DEFAULT_QUANTILES  # the ranks quantiles metrics answer
+    tz: str | None = None  # an IANA zone: days are its local days, buckets labelled in it
+    offset: int = 0  # rows skipped: the page a cursor points at
+
+    @property
+    def zone(self) -> tzinfo:
+        return ZoneInfo(self.tz) if self.tz else UTC
+
+    @property
+    def local_days(self) -> bool:
+        """Whether finer buckets are rolled into the zone's local days after the merge."""
+        return self.tz is not None and self.bucket == "day"
+
+    def label(self, ms: int) -> str:
+        """A bucket's start as ISO 8601: UTC, or the local time with its offset under `tz`."""
+        if self.tz is None:
+            return iso(ms)
+        return datetime.fromtimestamp(ms / 1000, self.zone).isoformat(timespec="seconds")
+
+    def covered(self, view: View) -> tuple[int | None, int | None]:
+        """The range the answer covers: from the first bucket starting at or after `start`
+        to the first starting at or after `end` (None: unbounded)."""
+        return _ceil(self.start, view.bucket_ms), _ceil(self.end, view.bucket_ms)
+
+    def fingerprint(self) -> str:
+        """Names the query, whatever page of it: a cursor is valid for this query only."""
+        fields = {**vars(replace(self, offset=0)), "filters": sorted(self.filters.items()),
+                  "prefixes": sorted(self.prefixes.items())}
+        return hashlib.sha256(orjson.dumps(fields, default=repr)).hexdigest()[:16]
+
+    def cursor(self, offset: int) -> str:
+        """An opaque cursor to the page at `offset` of this query."""
+        token = orjson.dumps([offset, self.fingerprint()])
+        return base64.urlsafe_b64encode(token).decode().rstrip("=")
+
+
+def _ceil(ms: int | None, width: int) -> int | None:
+    return None if ms is None else -(-ms // width) * width
 
 
 def parse(
@@ -68,25 +114,33 @@ def parse(
     end: str | None = None,
     bucket: str | None = None,
     group_by: str | None = None,
-    filters: dict[str, str] | None = None,
+    filters: dict[str, list[str]] | None = None,
+    prefixes: dict[str, str] | None = None,
     order_by: str | None = None,
     limit: int | None = None,
     quantiles: str | None = None,
+    tz: str | None = None,
+    cursor: str | None = None,
 ) -> Query:
-    """Check query parameters as they come over HTTP; errors name the parameter and rule."""
+    """Check query parameters as they come over HTTP; errors name the parameter and rule.
+    `filters`: a dimension's values (one or more: IN); `prefixes`: a string dimension's
+    prefix (the parameter `<dimension>.prefix`)."""
     granularity = bucket or view.bucket
     if granularity not in (*BUCKET_MS, "total"):
         raise QueryError("bucket", "must be one of minute, hour, day, total")
     if granularity != "total" and _ORDER.index(granularity) < _ORDER.index(view.bucket):
         raise QueryError("bucket", f"finer than the view's {view.bucket} bucket")
-    bounds = [_instant(name, v, view) for name, v in (("from", start), ("to", end))]
+    bounds = [_instant(name, v) for name, v in (("from", start), ("to", end))]
     if None not in bounds and bounds[0] >= bounds[1]:  # type: ignore[operator]
         raise QueryError("to", "must be after from")
+    _within_max_rows(view, granularity, bounds[0], bounds[1])
     dims = tuple(d for d in (group_by or "").split(",") if d) if group_by is not None else None
     for dim in dims or ():
         if dim not in view.keys:
             raise QueryError("group_by", f"{dim!r} is not a dimension of {view.name}")
-    typed = {name: _typed(name, value, schema, view) for name, value in (filters or {}).items()}
+    typed = {name: tuple(_typed(name, value, schema, view) for value in values)
+             for name, values in (filters or {}).items()}
+    starts = {name: _prefix(name, value, schema, view) for name, value in (prefixes or {}).items()}
     if order_by is not None:
         name, _, direction = order_by.partition(":")
         known = ("bucket", *view.keys, *view.metrics)
@@ -94,10 +148,57 @@ def parse(
             raise QueryError("order_by", "must be a metric, dimension or bucket, optionally :asc")
         if name in view.metrics and not view.metrics[name].ordered:
             raise QueryError("order_by", f"{name} has several values per row: it does not sort")
-    if limit is not None and not 1 <= limit <= 100_000:
-        raise QueryError("limit", "must be between 1 and 100000")
+    if limit is not None and not 1 <= limit <= MAX_ROWS:
+        raise QueryError("limit", f"must be between 1 and {MAX_ROWS}")
     ranks = DEFAULT_QUANTILES if quantiles is None else _ranks(quantiles)
-    return Query(bounds[0], bounds[1], granularity, dims, typed, order_by, limit, ranks)  # type: ignore[arg-type]
+    query = Query(bounds[0], bounds[1], granularity, dims, typed, starts, order_by,  # type: ignore[arg-type]
+                  limit, ranks, _zone(tz, view, granularity))
+    return query if cursor is None else replace(query, offset=_offset(cursor, query))
+
+
+def _within_max_rows(view: View, granularity: str, start: int | None, end: int | None) -> None:
+    if granularity == "total" or start is None or end is None:
+        return
+    buckets = -(-(end - start) // BUCKET_MS[granularity])
+    if buckets > MAX_ROWS:
+        raise QueryError("bucket", f"from..to holds {buckets} {granularity} buckets, more than "
+                         f"the {MAX_ROWS} rows an answer holds: ask for a coarser bucket or a "
+                         "shorter range")
+
+
+def _prefix(name: str, value: str, schema: EventSchema, view: View) -> str:
+    parameter = f"{name}.prefix"
+    if name not in view.keys:
+        raise QueryError(parameter, f"{name!r} is not a dimension of {view.name}")
+    if schema.field_type(name) != "string":
+        raise QueryError(parameter, "only a string dimension takes a prefix")
+    return value
+
+
+def _zone(tz: str | None, view: View, granularity: str) -> str | None:
+    if tz is None:
+        return None
+    try:
+        ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise QueryError("tz", "must be an IANA time zone, e.g. Europe/Paris") from None
+    if granularity == "day" and view.bucket == "day":
+        raise QueryError("tz", f"{view.name} keeps UTC days: only hour and minute views roll "
+                         "into local days")
+    return tz
+
+
+def _offset(cursor: str, query: Query) -> int:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        offset, fingerprint = orjson.loads(base64.urlsafe_b64decode(padded))
+    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
+        raise QueryError("cursor", "not a cursor this API issued") from None
+    if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= 2**53:
+        raise QueryError("cursor", "not a cursor this API issued")
+    if fingerprint != query.fingerprint():
+        raise QueryError("cursor", "issued for another query: send the same parameters with it")
+    return offset
 
 
 def _ranks(text: str) -> tuple[float, ...]:
@@ -112,16 +213,13 @@ def _ranks(text: str) -> tuple[float, ...]:
     return ranks
 
 
-def _instant(name: str, value: str | None, view: View) -> int | None:
+def _instant(name: str, value: str | None) -> int | None:
     if value is None:
         return None
     try:
-        ms = epoch_ms(_epoch_or_iso(value))
+        return epoch_ms(_epoch_or_iso(value))
     except ValueError as exc:
         raise QueryError(name, str(exc)) from None
-    if ms % view.bucket_ms:
-        raise QueryError(name, f"must fall on a {view.bucket} boundary of {view.name}")
-    return ms
 
 
 def _epoch_or_iso(value: str) -> int | str:
@@ -162,20 +260,24 @@ def plan(view: View, query: Query) -> tuple[str, list[Any]]:
     """SQL over `merged` and its parameters."""
     dims = list(view.keys if query.group_by is None else query.group_by)
     total = query.bucket == "total"
-    width = None if total else BUCKET_MS[query.bucket or view.bucket]
+    granularity = view.bucket if query.local_days else query.bucket or view.bucket
+    width = None if total else BUCKET_MS[granularity]
     bucket = "min(bucket)" if total else f"bucket - bucket % {width}"
     select = [f"{bucket} AS bucket", *(f'"{d}"' for d in dims)]
     select += [f"{merge_sql(m, _q(n))} AS {_q(n)}" for n, m in view.metrics.items()]
-    where, params = ["TRUE"], []
+    where, params = ["TRUE"], list[Any]()
     if query.start is not None:
         where.append("bucket >= ?")
         params.append(query.start)
     if query.end is not None:
         where.append("bucket < ?")
         params.append(query.end)
-    for name, value in query.filters.items():
-        where.append(f"{_q(name)} = ?")
-        params.append(value)
+    for name, values in query.filters.items():
+        where.append(f"{_q(name)} IN ({', '.join('?' for _ in values)})")
+        params.extend(values)
+    for name, prefix in query.prefixes.items():
+        where.append(f"starts_with({_q(name)}, ?)")
+        params.append(prefix)
     group = [] if total else ["1"]
     group += [str(i + 2) for i in range(len(dims))]
     sql = f"SELECT {', '.join(select)} FROM merged WHERE {' AND '.join(where)}"
@@ -201,10 +303,12 @@ def merged_records(view: View, query: Query, columns: list[str], rows: list[tupl
 
 
 def finalize(view: View, query: Query, columns: list[str], rows: list[tuple]) -> list[dict]:
-    """Turn merged accumulators into answers; order and limit (sketches are only known here)."""
+    """Turn merged accumulators into answers, in order (sketches are only known here)."""
     answers = merged_records(view, query, columns, rows)
+    if query.local_days:
+        answers = _local_days(view, query, answers)
     for record in answers:
-        record["bucket"] = iso(record["bucket"])
+        record["bucket"] = query.label(record["bucket"])
         for name, metric in view.metrics.items():
             record[name] = metric.result(record[name], query.quantiles)
     if query.order_by:
@@ -213,7 +317,6 @@ def finalize(view: View, query: Query, columns: list[str], rows: list[tuple]) ->
         present = [r for r in answers if r[name] is not None]
         present.sort(key=lambda r: r[name], reverse=descending)
         answers = present + [r for r in answers if r[name] is None]  # nulls last, either way
-    answers = answers[: query.limit] if query.limit else answers
     for record in answers:
         for name in view.metrics:
             if isinstance(record[name], Decimal):
@@ -224,6 +327,46 @@ def finalize(view: View, query: Query, columns: list[str], rows: list[tuple]) ->
 def decimal_text(value: Decimal) -> str:
     """A decimal answer as sent in JSON: a string with exactly its scale (`"203.86"`)."""
     return format(value, "f")
+
+
+@dataclass(frozen=True)
+class Page:
+    rows: list[dict]
+    next_offset: int | None  # None: the last page
+
+
+def page(query: Query, answers: list[dict]) -> Page:
+    """The rows at the query's offset: `limit` of them, at most MAX_ROWS."""
+    end = query.offset + min(query.limit or MAX_ROWS, MAX_ROWS)
+    return Page(answers[query.offset : end], end if end < len(answers) else None)
+
+
+def _local_days(view: View, query: Query, records: list[dict]) -> list[dict]:
+    """Records of the view's own buckets merged into the zone's local days, each labelled by
+    its local midnight. A bucket must lie within one local day: the zone's offset from UTC
+    must be a whole number of buckets at its start."""
+    zone, groups = query.zone, dict[tuple[int, tuple], list[dict]]()
+    metrics = view.metrics.items()
+    for record in records:
+        start = datetime.fromtimestamp(record["bucket"] / 1000, zone)
+        offset = start.utcoffset() or timedelta(0)
+        if offset % timedelta(milliseconds=view.bucket_ms):
+            raise QueryError("tz", f"{query.tz} is {offset} from UTC on {start.date()}: not a "
+                             f"whole number of {view.bucket}s, so {view.bucket} buckets do not "
+                             "fall within its local days")
+        day = round(datetime.combine(start.date(), time(0), zone).timestamp() * 1000)
+        dims = tuple(record[k] for k in record if k != "bucket" and k not in view.metrics)
+        groups.setdefault((day, dims), []).append(record)
+    rolled = []
+    for (day, _), group in sorted(groups.items(), key=_day_then_dimensions):
+        first = {**group[0], "bucket": day}
+        rolled.append(first | {n: m.merge_all(r[n] for r in group) for n, m in metrics})
+    return rolled
+
+
+def _day_then_dimensions(item: tuple[tuple[int, tuple], list[dict]]) -> tuple:
+    (day, dims), _ = item
+    return day, tuple((value is None, value) for value in dims)  # nulls last
 
 
 def _q(name: str) -> str:

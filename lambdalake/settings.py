@@ -59,6 +59,23 @@ class Settings(BaseSettings):
         10.0, gt=0, description="A request's headers and body must arrive within this; "
         "else 408 and the connection is closed.",
     )
+    cors_origins: list[str] = Field(
+        default_factory=list, description='Browser origins allowed to call the API (CORS), '
+        'JSON list, e.g. ["https://grafana.example"]; "*" any. Empty: no CORS headers.',
+    )
+    api_rate_per_key: float = Field(
+        1000.0, ge=0, description="Requests a second each API key (or, with no keys, each "
+        "client address) may make to the API; past it 429 with Retry-After. 0: no limit.",
+    )
+    api_burst_per_key: int = Field(2000, ge=1, description="Requests in a burst past the rate.")
+    sql_concurrency_per_key: int = Field(
+        2, ge=1, le=32, description="POST /sql statements one key may run at once; past it "
+        "429 with Retry-After (sql_concurrency bounds them all).",
+    )
+    tls_certfile: Path | None = Field(
+        None, description="A PEM certificate (chain): the gateway and the API serve HTTPS."
+    )
+    tls_keyfile: Path | None = Field(None, description="The PEM private key of tls_certfile.")
     realtime_stale_ms: int = Field(
         10_000, ge=1, description="Past this real-time lag, answers say `freshness.stale`.",
     )
@@ -156,6 +173,19 @@ class Settings(BaseSettings):
         except ValueError as exc:
             raise ValueError(f"api_keys: {exc}") from None
         return self
+
+    @model_validator(mode="after")
+    def _certificate_with_its_key(self) -> Settings:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("tls_certfile and tls_keyfile: give both, or neither")
+        return self
+
+    @property
+    def tls(self) -> dict[str, str]:
+        """uvicorn's TLS options: empty without a certificate."""
+        if self.tls_certfile is None or self.tls_keyfile is None:
+            return {}
+        return {"ssl_certfile": str(self.tls_certfile), "ssl_keyfile": str(self.tls_keyfile)}
 
     @property
     def keyring(self) -> Keyring:

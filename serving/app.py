@@ -10,18 +10,25 @@ from functools import partial
 from importlib.metadata import version
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response, Security
+import orjson
+from fastapi import APIRouter, Depends, FastAPI, Request, Response, Security
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.security import APIKeyHeader, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
+from swagger_ui_bundle import swagger_ui_path
 
 from lambdalake.auth import KEY_HEADER, AuthError, Keyring, Scope
 from lambdalake.events import iso
+from lambdalake.limits import ConcurrencyLimiter, Limited, RateLimiter
 from lambdalake.loops import Loops
 from lambdalake.project import Project
-from lambdalake.query import parse
+from lambdalake.query import page
 from lambdalake.realtime import RealtimeCells
 from lambdalake.serving.batch_views import BatchViews, Snapshot
 from lambdalake.serving.errors import ApiError, error_response, install_error_handlers
+from lambdalake.serving.formats import arrow_stream, csv_text, flat_table
 from lambdalake.serving.metrics import RequestMetrics, ServingMetrics
 from lambdalake.serving.models import (
     Errors,
@@ -30,21 +37,26 @@ from lambdalake.serving.models import (
     Readiness,
     SqlAnswer,
     SqlRequest,
-    ViewAnswer,
     ViewInfo,
     ViewList,
 )
-from lambdalake.serving.query import SQL_MAX_ROWS, DuckDB, run_sql, sql_answer_json, view_rows
+from lambdalake.serving.query import (
+    SQL_MAX_ROWS,
+    DuckDB,
+    layer_rows,
+    run_sql,
+    sql_answer_json,
+    view_rows,
+)
 from lambdalake.serving.sql_sandbox import SandboxBusy, SandboxLimits, SqlSandbox
+from lambdalake.serving.view_routes import MEDIA_TYPES, ViewRequest, view_router
 from lambdalake.settings import Settings
 from lambdalake.storage import ObjectStore
-from lambdalake.views import View
 
 log = logging.getLogger("lambdalake.serving")
 # Declare the two ways to send a key in the OpenAPI document; `require` checks the key.
 _KEY_SCHEMES = [Security(APIKeyHeader(name=KEY_HEADER, auto_error=False)),
                 Security(HTTPBearer(auto_error=False))]
-_QUERY_PARAMETERS = {"from", "to", "bucket", "group_by", "order_by", "limit", "quantiles"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,8 @@ class Serving:
     loops: Loops
     keyring: Keyring
     sql: SqlSandbox
+    rate: RateLimiter
+    sql_per_key: ConcurrencyLimiter
 
 
 def _serving(request: Request) -> Serving:
@@ -65,21 +79,34 @@ def _serving(request: Request) -> Serving:
 
 ServingDep = Annotated[Serving, Depends(_serving)]
 public = APIRouter(tags=["operations"])
-api = APIRouter(responses={401: {"model": Errors, "description": "No valid API key"},
-                           403: {"model": Errors, "description": "Key lacks the scope"}})
+_GUARDED = {401: {"model": Errors, "description": "No valid API key"},
+            403: {"model": Errors, "description": "Key lacks the scope"},
+            429: {"model": Errors, "description": "Past the key's request rate; see "
+                  "Retry-After"}}
+api = APIRouter(responses=_GUARDED)
 _RESTORING = {503: {"model": Errors, "description": "Restoring state; see Retry-After"}}
 
 
 def require(scope: Scope) -> Callable[[Request, Serving], None]:
-    """A dependency refusing requests without a key holding `scope`: 401 or 403."""
+    """A dependency refusing requests without a key holding `scope` (401 or 403), or past
+    the key's request rate (429). The key's name is kept for per-key limits further on."""
 
     def authorized(request: Request, serving: ServingDep) -> None:
         try:
-            serving.keyring.authorize(request.headers, scope)
+            key = serving.keyring.authorize(request.headers, scope)
         except AuthError as refused:
             raise ApiError(refused.status, refused.header, refused.rule, refused.headers) from None
+        request.state.key = key.label if key else f"client {_client(request)}"
+        try:
+            serving.rate.take(request.state.key)
+        except Limited as limited:
+            raise ApiError(429, "rate", limited.rule, limited.headers) from None
 
     return authorized
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
 
 
 @public.get("/healthz", response_model=Health,
@@ -130,40 +157,44 @@ def list_views(serving: ServingDep) -> ViewList:
     return ViewList(views=infos)
 
 
-@api.get(
-    "/views/{view}",
-    tags=["views"],
-    dependencies=[Depends(require_restored)],
-    responses={400: {"model": Errors}, 404: {"model": Errors, "description": "No such view"},
-               **_RESTORING},
-)
-def query_view(
-    view: str,
-    request: Request,
-    serving: ServingDep,
-    start: Annotated[str | None, Query(alias="from", description="Event time, inclusive: "
-                                       "ISO 8601 or epoch ms on a bucket boundary")] = None,
-    end: Annotated[str | None, Query(alias="to", description="Event time, exclusive")] = None,
-    bucket: Annotated[str | None, Query(description="minute, hour, day or total; "
-                                        "default the view's own")] = None,
-    group_by: Annotated[str | None, Query(description="dim,dim; default every "
-                                          "dimension; empty for none")] = None,
-    order_by: Annotated[str | None, Query(description="metric (descending), or "
-                                          "name:asc / name:desc")] = None,
-    limit: Annotated[int | None, Query(description="At most this many rows")] = None,
-    quantiles: Annotated[str | None, Query(description="Ranks quantiles metrics answer, "
-                                           "e.g. 0.5,0.9,0.99 (the default)")] = None,
-) -> ViewAnswer:
-    """A view's merged answer. Any other query parameter filters a dimension: `url=/home`."""
-    definition = _known_view(serving.project, view)
-    query = parse(
-        definition, serving.project.schemas[definition.event_type], start=start, end=end,
-        bucket=bucket, group_by=group_by, filters=_dimension_filters(request),
-        order_by=order_by, limit=limit, quantiles=quantiles,
-    )
-    reading = serving.views.read([view])
-    rows = view_rows(serving.duck, reading, definition, query)
-    return ViewAnswer(view=view, rows=rows, freshness=freshness(serving, reading.snapshot))
+def answer_view(request: Request, asked: ViewRequest) -> Response:
+    """A view's merged answer (GET /views/<name>): a page of rows, the range covered, the
+    cursor to the next page; in JSON, CSV or Arrow; with layers=1 the two layers too."""
+    serving: Serving = request.app.state.serving
+    require_restored(serving)
+    view, query = asked.view, asked.query
+    reading = serving.views.read([view.name])
+    answered = page(query, view_rows(serving.duck, reading, view, query))
+    if asked.format != "json":
+        return _tabular(asked, answered.rows)
+    start, end = query.covered(view)
+    body = {
+        "view": view.name,
+        "rows": answered.rows,
+        "range": {"from": _maybe_iso(start), "to": _maybe_iso(end)},
+        "next_cursor": None if answered.next_offset is None else query.cursor(
+            answered.next_offset),
+        "truncated": answered.next_offset is not None,
+        "freshness": freshness(serving, reading.snapshot).model_dump(),
+    }
+    if asked.layers:
+        body["layers"] = {name: page(query, rows).rows for name, rows in
+                          layer_rows(serving.duck, reading, view, query).items()}
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+def _maybe_iso(ms: int | None) -> str | None:
+    return None if ms is None else iso(ms)
+
+
+def _tabular(asked: ViewRequest, rows: list[dict]) -> Response:
+    view, query = asked.view, asked.query
+    dims = view.keys if query.group_by is None else query.group_by
+    quantiles = {name for name, metric in view.metrics.items() if metric.kind == "quantiles"}
+    table = flat_table(rows, ["bucket", *dims, *view.metrics], query.quantiles, quantiles,
+                       query.tz)
+    body = arrow_stream(table) if asked.format == "arrow" else csv_text(table)
+    return Response(body, media_type=MEDIA_TYPES[asked.format])
 
 
 @api.post(
@@ -174,16 +205,21 @@ def query_view(
     responses={400: {"model": Errors}, **_RESTORING,
                429: {"model": Errors, "description": "Too many statements at once"}},
 )
-async def sql(body: SqlRequest, serving: ServingDep) -> Response:
+async def sql(body: SqlRequest, request: Request, serving: ServingDep) -> Response:
     """Read-only SQL over tables named after the views: merged rows at each view's bucket
     (`bucket` a UTC timestamp), exact metrics, approx distinct estimates, quantile and
     distinct-set sketches for `kll_quantile`, `kll_merge`, `theta_estimate`, `theta_union`
     and `theta_intersection`; at most 10,000 rows and `sql_max_bytes` bytes, within
     `sql_timeout_seconds` and `sql_memory_mb`."""
+    key = getattr(request.state, "key", None) or f"client {_client(request)}"
     try:
-        result = await serving.sql.run(partial(run_sql, serving.duck, serving.views, body.sql))
+        with serving.sql_per_key.hold(key):
+            result = await serving.sql.run(
+                partial(run_sql, serving.duck, serving.views, body.sql))
     except SandboxBusy as busy:
         raise ApiError(429, "sql", str(busy), headers={"Retry-After": "1"}) from None
+    except Limited as limited:
+        raise ApiError(429, "sql", limited.rule, limited.headers) from None
     answer = sql_answer_json(result, freshness(serving, result.snapshot))
     return Response(answer, media_type="application/json")
 
@@ -199,23 +235,6 @@ def freshness(serving: Serving, snapshot: Snapshot) -> Freshness:
     lag = serving.views.realtime_lag_ms()
     stale = lag is None or lag > serving.settings.realtime_stale_ms
     return Freshness(batch_version=snapshot.version, cut=cut, realtime_lag_ms=lag, stale=stale)
-
-
-def _known_view(project: Project, name: str) -> View:
-    if name not in project.views:
-        known = ", ".join(sorted(project.views))
-        raise ApiError(404, "view", f"no view named {name!r}; known: {known}")
-    return project.views[name]
-
-
-def _dimension_filters(request: Request) -> dict[str, str]:
-    filters: dict[str, str] = {}
-    for name, value in request.query_params.multi_items():
-        if name in filters:
-            raise ApiError(400, name, "given more than once; a filter takes one value")
-        if name not in _QUERY_PARAMETERS:
-            filters[name] = value
-    return filters
 
 
 @asynccontextmanager
@@ -250,14 +269,39 @@ def create_app(
         log.info("API keys", extra={"keys": keyring.described()})
     metrics = ServingMetrics(views, loops)
     sandbox = SqlSandbox(SandboxLimits.of(settings, SQL_MAX_ROWS), metrics.registry)
-    serving = Serving(settings, project, views, DuckDB(), metrics, loops, keyring, sandbox)
+    serving = Serving(settings, project, views, DuckDB(), metrics, loops, keyring, sandbox,
+                      RateLimiter(settings.api_rate_per_key, settings.api_burst_per_key),
+                      ConcurrencyLimiter(settings.sql_concurrency_per_key, "SQL statements"))
     app = FastAPI(title="lambdalake serving API", version=version("lambdalake"),
-                  lifespan=_lifespan)
+                  lifespan=_lifespan, docs_url=None, redoc_url=None)
     app.state.serving = serving
     app.include_router(public)
+    install_docs(app)
     # every route of `api` (the views, /sql and /metrics) needs the `query` scope
-    guard = [] if keyring.open else [*_KEY_SCHEMES, Depends(require("query"))]
+    guard = [*([] if keyring.open else _KEY_SCHEMES), Depends(require("query"))]
     app.include_router(api, dependencies=guard)
+    app.include_router(view_router(project, answer_view, {**_GUARDED, **_RESTORING}),
+                       dependencies=guard)
     install_error_handlers(app)
     app.add_middleware(RequestMetrics, metrics=serving.metrics)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST"], max_age=600,
+                           allow_headers=[KEY_HEADER, "Authorization", "Content-Type"])
     return app
+
+
+_ASSETS = "/docs/assets"
+
+
+def install_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs from the assets shipped in `swagger-ui-bundle`: nothing from a CDN."""
+    app.mount(_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> Response:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} docs",
+            swagger_js_url=f"{_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{_ASSETS}/favicon-32x32.png")

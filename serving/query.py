@@ -62,13 +62,28 @@ def view_rows(duck: DuckDB, reading: Reading, view: View, query: Query) -> list[
     return finalize(view, query, *_merged_rows(duck, reading, view, query))
 
 
+def layer_rows(
+    duck: DuckDB, reading: Reading, view: View, query: Query
+) -> dict[str, list[dict[str, Any]]]:
+    """The answer of each layer alone, from the same reading: `batch` and `realtime`."""
+    layers = {"batch": reading.snapshot.tables[view.name], "realtime": reading.realtime[view.name]}
+    empty = layers["batch"].schema.empty_table()
+    return {name: finalize(view, query, *_rows_of(duck, table, empty, view, query))
+            for name, table in layers.items()}
+
+
 def _merged_rows(
     duck: DuckDB, reading: Reading, view: View, query: Query
 ) -> tuple[list[str], list[tuple]]:
+    return _rows_of(duck, reading.snapshot.tables[view.name], reading.realtime[view.name],
+                    view, query)
+
+
+def _rows_of(
+    duck: DuckDB, batch: pa.Table, cells: pa.Table, view: View, query: Query
+) -> tuple[list[str], list[tuple]]:
     sql, params = plan(view, query)
-    relations = {"batch_rows": reading.snapshot.tables[view.name],
-                 "cells": reading.realtime[view.name]}
-    with duck.cursor(relations) as cursor:
+    with duck.cursor({"batch_rows": batch, "cells": cells}) as cursor:
         cursor.execute(_MERGED)
         result = cursor.execute(sql, params)
         return [column[0] for column in result.description], result.fetchall()

@@ -34,6 +34,7 @@ def build_server(
         port=settings.api_port if port is None else port,
         log_config=None,
         access_log=False,
+        **settings.tls,
         **uvicorn_bounds("api", settings.http_max_connections,
                          settings.http_read_timeout_seconds),
     )
@@ -69,8 +70,9 @@ class ServerThread:
 
     @property
     def url(self) -> str:
-        host = self.server.config.host
-        return f"http://{host}:{self.port if self.server.started else self.server.config.port}"
+        config = self.server.config
+        host, scheme = config.host, "https" if config.ssl_certfile else "http"
+        return f"{scheme}://{host}:{self.port if self.server.started else self.server.config.port}"
 
     def stop(self) -> None:
         self.server.should_exit = True

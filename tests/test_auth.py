@@ -23,6 +23,7 @@ from test_serving import PAGEVIEWS, start_lake
 
 from lambdalake.auth import AuthError, Keyring, credentials, fingerprint
 from lambdalake.eventlog import now_ms
+from lambdalake.example import project as example
 from lambdalake.functions import environment, ingest
 from lambdalake.functions.runtime.function import LocalFunction
 from lambdalake.functions.runtime.gateway import Gateway
@@ -41,7 +42,8 @@ KEYS: list[Any] = [
     {"key": ADMIN, "scopes": ["admin"]},
 ]
 SECRETS = (FULL, INGEST, QUERY, ADMIN)
-OPEN_PATHS = {"/healthz", "/readyz", "/docs", "/redoc", "/openapi.json"}
+OPEN_PATHS = {"/healthz", "/readyz", "/docs", "/docs/assets/swagger-ui-bundle.js",
+              "/openapi.json"}
 
 
 def key(value: str) -> dict[str, str]:
@@ -199,6 +201,20 @@ def assert_no_key_logged(logs: pytest.LogCaptureFixture) -> None:
     assert all(secret not in text for secret in SECRETS)
 
 
+def test_every_serving_route_is_rate_limited_per_key(tmp_path: Path) -> None:
+    keys = [f"rate-limited-key-{number}" for number in range(20)]
+    lake = start_lake(tmp_path, api_keys=keys, api_rate_per_key=0.01, api_burst_per_key=1)
+    with lake, httpx.Client(base_url=lake.server.url) as client:
+        guarded = [op for op in operations(client) if op[1] not in OPEN_PATHS]
+        for number, (method, path) in enumerate(guarded):
+            own = key(keys[number]) if number % 2 else bearer(keys[number])  # a budget each
+            assert call(client, method, path, own).status_code == 200, path
+            limited = call(client, method, path, own)
+            assert limited.status_code == 429, (path, limited.text)
+            assert limited.json()["errors"][0]["field"] == "rate"
+            assert int(limited.headers["retry-after"]) >= 1
+
+
 def operations(client: httpx.Client) -> list[tuple[str, str]]:
     """(method, path) of every operation in the API's OpenAPI document."""
     paths = client.get("/openapi.json").json()["paths"]
@@ -217,7 +233,9 @@ def test_every_serving_route_needs_the_query_scope(
     lake = start_lake(tmp_path, api_keys=KEYS)
     with lake, httpx.Client(base_url=lake.server.url) as client:
         guarded = [op for op in operations(client) if op[1] not in OPEN_PATHS]
-        assert {path for _, path in guarded} >= {"/views", "/views/{view}", "/sql", "/metrics"}
+        views = {f"/views/{name}" for name in example.views}
+        assert {path for _, path in guarded} >= {"/views", "/sql", "/metrics", *views}
+        guarded.append(("GET", "/views/nope"))  # an unknown view: 401/403 before 400
         for method, path in guarded:
             for headers, status, field in [
                 ({}, 401, "X-API-Key"),
@@ -233,7 +251,7 @@ def test_every_serving_route_needs_the_query_scope(
                     assert reply.headers["www-authenticate"] == "Bearer"
             for good in (key(QUERY), bearer(QUERY), key(FULL)):
                 reply = call(client, method, path, good)
-                assert reply.status_code == 200, (path, reply.text)
+                assert reply.status_code == (400 if path.endswith("nope") else 200), reply.text
         for path in OPEN_PATHS:
             assert client.get(path).status_code == 200, path
         reply = client.get("/views", headers=key(INGEST))

@@ -158,8 +158,15 @@ QUERIES = st.fixed_dictionaries({}, optional={
     "order_by": st.tuples(st.sampled_from(NAMES) | TEXT,
                           st.sampled_from(["", ":asc", ":desc", ":up"])).map("".join),
     "limit": (INTEGERS | st.integers(0, 100_001)).map(str) | TEXT,
+    "tz": st.sampled_from(["Europe/Paris", "Asia/Kolkata", "UTC", "../../etc/passwd", "",
+                           "Mars/Olympus"]) | TEXT,
+    "cursor": st.sampled_from(["WzAsIiJd", "WzEwMCwiMDEyMzQ1Njc4OWFiY2RlZiJd", "==", ""])
+    | TEXT,
+    "layers": st.sampled_from(["1", "0", "true", "yes"]) | TEXT,
+    "format": st.sampled_from(["json", "csv", "arrow", "xml"]) | TEXT,
 })
-FILTERS = st.dictionaries(st.sampled_from(NAMES) | TEXT,
+FILTERS = st.dictionaries(st.sampled_from([*NAMES, "url.prefix", "sku.prefix", "x.prefix"])
+                          | TEXT,
                           st.sampled_from(["/home", "A"]) | TEXT | INTEGERS.map(str), max_size=2)
 
 

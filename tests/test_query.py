@@ -11,17 +11,20 @@ import random
 from collections import defaultdict
 from datetime import UTC, datetime
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 import duckdb
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lambdalake.events import iso
 from lambdalake.example import PAGEVIEW, PURCHASE
 from lambdalake.example import project as example
 from lambdalake.monoids import ApproxDistinct, Count, Max, Min, Sum
 from lambdalake.project import Project
-from lambdalake.query import Query, QueryError, finalize, parse, plan
+from lambdalake.query import MAX_ROWS, Query, QueryError, finalize, page, parse, plan
 from lambdalake.tables import table_schema
 from lambdalake.views import View
 
@@ -100,11 +103,21 @@ def db():
 
 
 def run(con, view: View, **params) -> list[dict]:
+    """The first page of the answer."""
+    return run_page(con, view, **params)[0]
+
+
+def run_page(con, view: View, **params) -> tuple[list[dict], str | None]:
+    """A page of the answer and the cursor to the next (None on the last)."""
+    if "filters" in params:  # one value as HTTP sends it once; a list as it sends it repeated
+        params["filters"] = {k: v if isinstance(v, list) else [v]
+                             for k, v in params["filters"].items()}
     query = parse(view, SCHEMA, **params)
     sql, args = plan(view, query)
     cursor = con.execute(sql, args)
     columns = [d[0] for d in cursor.description]
-    return finalize(view, query, columns, cursor.fetchall())
+    answer = page(query, finalize(view, query, columns, cursor.fetchall()))
+    return answer.rows, None if answer.next_offset is None else query.cursor(answer.next_offset)
 
 
 def last(value):
@@ -114,18 +127,25 @@ def last(value):
 
 def expected(
     events, *, start=None, end=None, bucket="hour", dims=("url", "referrer"), filters=None,
-    order_by=None, limit=None,
+    prefixes=None, order_by=None, limit=None, tz=None,
 ) -> list[dict]:
-    """The answer recomputed from the raw events, in plain Python."""
+    """The answer recomputed from the raw events, in plain Python: `filters` a value or a
+    list of values per dimension; `tz` local days labelled by their local midnight."""
     groups: dict = defaultdict(list)
+    allowed = {k: v if isinstance(v, list) else [v] for k, v in (filters or {}).items()}
     for e in events:
         hour = e["ts"] - e["ts"] % HOUR
         if (start is not None and hour < start) or (end is not None and hour >= end):
             continue
-        if any(e[k] != v for k, v in (filters or {}).items()):
+        if any(e[k] not in values for k, values in allowed.items()):
+            continue
+        if any(e[k] is None or not e[k].startswith(p) for k, p in (prefixes or {}).items()):
             continue
         if bucket == "total":
             at = None
+        elif tz is not None:
+            local = datetime.fromtimestamp(e["ts"] / 1000, ZoneInfo(tz))
+            at = local.replace(hour=0, minute=0, second=0, microsecond=0)
         else:
             width = {"hour": HOUR, "day": DAY}[bucket]
             at = e["ts"] - e["ts"] % width
@@ -134,9 +154,13 @@ def expected(
     for (at, key), members in groups.items():
         durations = [m["duration_ms"] for m in members if m["duration_ms"] is not None]
         first_hour = min(m["ts"] - m["ts"] % HOUR for m in members)
-        bucket_ms = at if at is not None else (start if start is not None else first_hour)
+        if isinstance(at, datetime):
+            label, bucket_ms = at.isoformat(), int(at.timestamp() * 1000)
+        else:
+            bucket_ms = at if at is not None else (start if start is not None else first_hour)
+            label = iso(bucket_ms)
         rows.append({
-            "bucket": iso(bucket_ms), **dict(zip(dims, key, strict=True)),
+            "bucket": label, **dict(zip(dims, key, strict=True)),
             "views": len(members),
             "visitors": len({m["user_id"] for m in members}),
             "shortest": min(durations, default=None),
@@ -323,8 +347,20 @@ ERRORS = [
     ("bucket finer than the view's", HOURLY, {"bucket": "minute"}, "bucket", "finer"),
     ("day view asked by hour", DAILY, {"bucket": "hour"}, "bucket", "finer"),
     ("unknown bucket", HOURLY, {"bucket": "week"}, "bucket", "must be one of"),
-    ("from not aligned", HOURLY, {"start": "2024-05-01T12:30:00Z"}, "from", "boundary"),
-    ("to not aligned", DAILY, {"end": "2024-05-01T12:00:00Z"}, "to", "boundary"),
+    ("a range of more buckets than an answer holds", HOURLY,
+     {"start": "2000-01-01", "end": "2020-01-01"}, "bucket", "175320 hour buckets"),
+    ("filter values of the wrong type", BY_DURATION, {"filters": {"duration_ms": ["1", "x"]}},
+     "duration_ms", "must be a int"),
+    ("prefix of a non-dimension", HOURLY, {"prefixes": {"user_id": "u"}}, "user_id.prefix",
+     "not a dimension"),
+    ("prefix of an int dimension", BY_DURATION, {"prefixes": {"duration_ms": "1"}},
+     "duration_ms.prefix", "only a string dimension"),
+    ("unknown zone", HOURLY, {"tz": "Mars/Olympus"}, "tz", "IANA time zone"),
+    ("zone path", HOURLY, {"tz": "../../etc/passwd"}, "tz", "IANA time zone"),
+    ("local days of a day view", DAILY, {"tz": "Europe/Paris", "bucket": "day"}, "tz",
+     "keeps UTC days"),
+    ("cursor not base64 JSON", HOURLY, {"cursor": "%%%"}, "cursor", "not a cursor"),
+    ("cursor of a negative offset", HOURLY, {"cursor": "Wy0xLCIiXQ"}, "cursor", "not a cursor"),
     ("from garbage", HOURLY, {"start": "yesterday"}, "from", "ISO 8601"),
     ("to equal to from", HOURLY,
      {"start": "2024-05-01T12:00:00Z", "end": "2024-05-01T12:00:00Z"}, "to", "after from"),
@@ -357,11 +393,96 @@ def test_parse_errors_name_the_parameter(view, params, field, rule):
 def test_parse_accepts_and_types_parameters():
     query = parse(
         BY_DURATION, PAGEVIEW, start="2024-05-01T00:00:00Z", end=str(START + 2 * DAY),
-        bucket="total", group_by="duration_ms", filters={"duration_ms": "250"},
+        bucket="total", group_by="duration_ms", filters={"duration_ms": ["250", "7"]},
         order_by="views:asc", limit=100_000,
     )
     assert query == Query(START, START + 2 * DAY, "total", ("duration_ms",),
-                          {"duration_ms": 250}, "views:asc", 100_000)
+                          {"duration_ms": (250, 7)}, {}, "views:asc", 100_000)
     assert parse(HOURLY, PAGEVIEW) == Query(bucket="hour")
     assert parse(HOURLY, PAGEVIEW, bucket="day", group_by="").group_by == ()
     assert parse(DAILY, PURCHASE, start="2024-05-01").start == at("2024-05-01T00:00:00")
+
+
+# --- ranges, IN and prefix filters, local days, pages ------------------------------------
+
+
+@settings(max_examples=60)
+@given(start=st.integers(START - DAY, START + 4 * DAY), width=st.integers(1, 4 * DAY))
+def test_any_instants_cover_the_buckets_starting_within_them(db, start, width):
+    """Grafana's raw range: the answer covers the buckets whose start is in [from, to)."""
+    end = start + width
+    rows = run(db, PAGES, start=str(start), end=iso(end))
+    assert rows == expected(EVENTS, start=start, end=end)
+    query = parse(PAGES, SCHEMA, start=str(start), end=str(end))
+    first, last = query.covered(PAGES)
+    assert first - HOUR < start <= first and last - HOUR < end <= last
+    assert all(first <= at(r["bucket"].rstrip("Z")) < last for r in rows)
+
+
+def test_in_and_prefix_filters(db):
+    rows = run(db, PAGES, bucket="day", filters={"url": ["/docs", "/pricing"]})
+    assert rows == expected(EVENTS, bucket="day", filters={"url": ["/docs", "/pricing"]})
+    assert {r["url"] for r in rows} == {"/docs", "/pricing"}
+    rows = run(db, PAGES, bucket="total", prefixes={"referrer": "a."}, group_by="referrer")
+    assert rows == expected(EVENTS, bucket="total", prefixes={"referrer": "a."},
+                            dims=("referrer",))
+    assert [r["referrer"] for r in rows] == ["a.example"]
+    assert run(db, PAGES, prefixes={"url": "%"}) == []  # a prefix is text, not a pattern
+
+
+@pytest.mark.parametrize("tz", ["Europe/Paris", "America/Los_Angeles", "Pacific/Kiritimati",
+                                "Australia/Sydney", "UTC"])
+def test_tz_rolls_hours_into_local_days(db, tz):
+    rows = run(db, PAGES, bucket="day", group_by="url", tz=tz)
+    assert rows == expected(EVENTS, bucket="day", dims=("url",), tz=tz)
+    assert sum(r["views"] for r in rows) == len(EVENTS)
+
+
+def test_tz_needs_whole_buckets_of_offset():
+    """Asia/Kolkata is +05:30: hour buckets straddle its midnights, so it is refused."""
+    con = duckdb.connect()
+    con.register("merged", partial_rows(PAGES, EVENTS, parts=2))
+    with pytest.raises(QueryError) as refused:
+        run(con, PAGES, bucket="day", tz="Asia/Kolkata")
+    assert refused.value.field == "tz" and "5:30:00" in refused.value.rule
+    con.close()
+
+
+def test_tz_labels_hours_in_local_time(db):
+    rows = run(db, PAGES, group_by="", tz="Europe/Paris")  # May: UTC+2
+    assert rows[0]["bucket"] == "2024-05-01T02:00:00+02:00"
+
+
+@pytest.mark.parametrize("order_by", [None, "views", "url:desc"])
+def test_pages_join_into_the_whole_answer(db, order_by):
+    whole = run(db, PAGES, order_by=order_by)
+    pages, cursor = [], None
+    while True:
+        rows, cursor = run_page(db, PAGES, order_by=order_by, limit=17, cursor=cursor)
+        pages += rows
+        if cursor is None:
+            break
+    assert pages == whole and len(whole) > 17
+
+
+def test_an_answer_is_capped_at_max_rows_and_paged():
+    con = duckdb.connect()
+    events = [{"ts": START + i * HOUR, "url": f"/{i % 2}", "referrer": None, "user_id": "u",
+               "duration_ms": None} for i in range(MAX_ROWS + 2)]
+    con.register("merged", partial_rows(PAGES, events, parts=1))
+    rows, cursor = run_page(con, PAGES)
+    assert len(rows) == MAX_ROWS and cursor is not None
+    rest, last = run_page(con, PAGES, cursor=cursor)
+    assert len(rest) == 2 and last is None
+    con.close()
+
+
+def test_a_cursor_is_bound_to_its_query(db):
+    _, cursor = run_page(db, PAGES, limit=5)
+    with pytest.raises(QueryError) as refused:
+        run_page(db, PAGES, limit=5, bucket="day", cursor=cursor)
+    assert refused.value.field == "cursor" and "another query" in refused.value.rule
+    forged = cursor[:-2] + ("A" if cursor[-2] != "A" else "B") + cursor[-1]
+    with pytest.raises(QueryError) as refused:
+        run_page(db, PAGES, limit=5, cursor=forged)
+    assert refused.value.field == "cursor"

@@ -10,15 +10,21 @@ from the kernel's ViewState fed the same events with their arrival times.
 
 from __future__ import annotations
 
+import ipaddress
 import random
+import re
+import ssl
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import boto3
 import httpx
@@ -464,17 +470,23 @@ def test_batch_views_load_from_s3(s3_server: str, tmp_path: Path, traffic: list[
 @pytest.mark.parametrize(
     ("params", "field", "rule"),
     [
-        ({"from": "2026-11-23T10:30:00Z"}, "from", "boundary"),
         ({"to": "yesterday"}, "to", "ISO 8601"),
         ({"from": "2026-11-23T10:00:00Z", "to": "2026-11-23T09:00:00Z"}, "to", "after"),
-        ({"bucket": "week"}, "bucket", "one of"),
-        ({"bucket": "minute"}, "bucket", "finer"),
+        ({"bucket": "week"}, "bucket", "'hour', 'day' or 'total'"),
+        ({"bucket": "minute"}, "bucket", "'hour', 'day' or 'total'"),
+        ({"from": "2000-01-01", "to": "2030-01-01"}, "bucket", "more than the 100000 rows"),
         ({"group_by": "url,country"}, "group_by", "country"),
         ({"country": "NZ"}, "country", "not a dimension"),
-        ({"order_by": "revenue"}, "order_by", "metric"),
-        ({"limit": "0"}, "limit", "between"),
+        ({"order_by": "revenue"}, "order_by", "'pageviews:desc'"),
+        ({"limit": "0"}, "limit", "greater than or equal to 1"),
+        ({"limit": "100001"}, "limit", "less than or equal to 100000"),
         ({"limit": "ten"}, "limit", "integer"),
-        ([("url", "/home"), ("url", "/docs")], "url", "more than once"),
+        ([("url.prefix", "/h"), ("url.prefix", "/d")], "url.prefix", "more than once"),
+        ({"country.prefix": "N"}, "country.prefix", "not a dimension"),
+        ({"tz": "Mars/Olympus"}, "tz", "IANA"),
+        ({"cursor": "bm90IGEgY3Vyc29y"}, "cursor", "not a cursor"),
+        ({"format": "xml"}, "format", "'json', 'csv' or 'arrow'"),
+        ({"format": "csv", "layers": "1"}, "layers", "JSON"),
     ],
 )
 def test_bad_query_parameters_are_400_naming_the_field(
@@ -484,8 +496,8 @@ def test_bad_query_parameters_are_400_naming_the_field(
     assert rule in assert_errors(reply, 400, field)
 
 
-def test_unknown_view_and_path_are_404(lake: Lake) -> None:
-    error = assert_errors(lake.get("/views/nope"), 404, "view")
+def test_unknown_view_is_400_and_unknown_path_404(lake: Lake) -> None:
+    error = assert_errors(lake.get("/views/nope"), 400, "view")
     assert PAGEVIEWS.name in error  # names the views there are
     assert_errors(lake.get("/nope"), 404, "path")
     assert_errors(lake.client.delete("/views"), 405, "method")
@@ -529,8 +541,9 @@ def test_metrics_count_requests_by_route_and_status(served: Lake) -> None:
     served.get("/views/nope")
     served.get(f"/views/{PAGEVIEWS.name}", limit="0")
     route = {"method": "GET", "route": "/views/{view}"}
+    assert metric(served, "lambdalake_serving_requests_total", **route, status="400") == 1
+    route = {"method": "GET", "route": f"/views/{PAGEVIEWS.name}"}
     assert metric(served, "lambdalake_serving_requests_total", **route, status="200") >= 1
-    assert metric(served, "lambdalake_serving_requests_total", **route, status="404") == 1
     assert metric(served, "lambdalake_serving_requests_total", **route, status="400") == 1
     count = metric(served, "lambdalake_serving_request_seconds_count", **route, status="200")
     assert count >= 1
@@ -672,3 +685,279 @@ def test_sql_intersects_distinct_sets_and_reads_quantile_sketches(shopping) -> N
     )
     assert reply.status_code == 200, reply.text
     assert reply.json()["rows"] == [[len(viewers & buyers), exact_quantiles(every)["0.9"]]]
+
+
+# --- dashboards: raw ranges, formats, layers, tz, pages, CORS, docs ---------------------------
+
+
+def test_grafana_raw_range_covers_the_buckets_starting_within_it(
+    served: Lake, traffic: list[Record]
+) -> None:
+    start, end = T0 + 2 * HOUR + 12_345, T0 + 5 * HOUR + 1  # ${__from} / ${__to} as sent
+    reply = served.get(f"/views/{PAGEVIEWS.name}", **{"from": str(start), "to": str(end)})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["range"] == {"from": iso(T0 + 3 * HOUR), "to": iso(T0 + 6 * HOUR)}
+    assert answered(body["rows"]) == expected_pageviews(traffic, HOUR, start=T0 + 3 * HOUR,
+                                                        end=T0 + 6 * HOUR)
+
+
+def test_in_and_prefix_filters_over_http(served: Lake, traffic: list[Record]) -> None:
+    rows = served.client.get(f"/views/{PAGEVIEWS.name}",
+                             params=[("url", "/home"), ("url", "/docs"), ("bucket", "total")])
+    assert {r["url"] for r in rows.json()["rows"]} == {"/home", "/docs"}
+    rows = served.rows(bucket="total", **{"url.prefix": "/p"})
+    assert answered(rows, total=True) == {k: v for k, v in expected_pageviews(traffic, None)
+                                          .items() if k[1] == "/pricing"}
+
+
+def test_csv_and_arrow_answers_equal_the_json_one(served: Lake) -> None:
+    rows = served.rows(bucket="total")
+    csv_reply = served.get(f"/views/{PAGEVIEWS.name}", bucket="total", format="csv")
+    assert csv_reply.headers["content-type"].startswith("text/csv")
+    lines = csv_reply.text.splitlines()
+    assert lines[0] == '"bucket","url","pageviews","visitors"' and len(lines) == len(rows) + 1
+    arrow = served.client.get(f"/views/{PAGEVIEWS.name}", params={"bucket": "total"},
+                              headers={"Accept": "application/vnd.apache.arrow.stream"})
+    table = pa.ipc.open_stream(arrow.content).read_all()
+    assert table.column("url").to_pylist() == [r["url"] for r in rows]
+    assert table.column("pageviews").to_pylist() == [r["pageviews"] for r in rows]
+    assert table.schema.field("bucket").type == pa.timestamp("ms", tz="UTC")
+    quantiles = served.get("/views/durations_by_url_hour", format="arrow", quantiles="0.5,0.9")
+    names = pa.ipc.open_stream(quantiles.content).read_all().column_names
+    assert names == ["bucket", "url", "duration_ms.0.5", "duration_ms.0.9", "viewers"]
+
+
+def test_layers_show_the_batch_and_real_time_parts(served: Lake, traffic: list[Record]) -> None:
+    body = served.get(f"/views/{PAGEVIEWS.name}", layers="1").json()
+    batch = [r for r in traffic if r[1] < CUT_1]
+    realtime = [r for r in traffic if r[1] >= CUT_1]
+    assert answered(body["layers"]["batch"]) == expected_pageviews(batch, HOUR)
+    assert answered(body["layers"]["realtime"]) == expected_pageviews(realtime, HOUR)
+    assert answered(body["rows"]) == expected_pageviews(traffic, HOUR)
+
+
+def test_tz_rolls_hours_into_local_days_over_http(served: Lake, traffic: list[Record]) -> None:
+    rows = served.rows(bucket="day", tz="America/New_York", group_by="")
+    by_day: dict[str, int] = defaultdict(int)
+    for event, _ in traffic:
+        if event.type == "pageview":
+            local = datetime.fromtimestamp(event.ts / 1000, ZoneInfo("America/New_York"))
+            by_day[local.replace(hour=0, minute=0, second=0, microsecond=0).isoformat()] += 1
+    assert {r["bucket"]: r["pageviews"] for r in rows} == by_day
+    assert set(by_day) == {"2026-11-22T00:00:00-05:00", "2026-11-23T00:00:00-05:00"}
+
+
+def test_cursor_pages_over_http(served: Lake) -> None:
+    whole = served.rows(order_by="pageviews")
+    pages, cursor = [], None
+    while True:
+        params = {"order_by": "pageviews", "limit": "7", **({"cursor": cursor} if cursor else {})}
+        body = served.get(f"/views/{PAGEVIEWS.name}", **params).json()
+        pages += body["rows"]
+        cursor = body["next_cursor"]
+        assert body["truncated"] is (cursor is not None)
+        if cursor is None:
+            break
+    assert pages == whole and len(whole) > 7
+    reply = served.get(f"/views/{PAGEVIEWS.name}", limit="7", cursor=cursor or "x")
+    assert_errors(reply, 400, "cursor")
+
+
+def test_cors_is_configurable(tmp_path: Path) -> None:
+    origin = "https://grafana.example"
+    with start_lake(tmp_path, cors_origins=[origin]) as lake:
+        preflight = lake.client.options(
+            f"/views/{PAGEVIEWS.name}",
+            headers={"Origin": origin, "Access-Control-Request-Method": "GET",
+                     "Access-Control-Request-Headers": "x-api-key"})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == origin
+        reply = lake.client.get("/views", headers={"Origin": origin})
+        assert reply.headers["access-control-allow-origin"] == origin
+        other = lake.client.get("/views", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_docs_load_only_local_assets(lake: Lake) -> None:
+    page = lake.get("/docs").text
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert assets and all(url.startswith("/docs/assets/") for url in assets), assets
+    for url in assets:
+        assert lake.get(url).status_code == 200, url
+    doc = lake.get("/openapi.json").json()
+    query = doc["paths"][f"/views/{PAGEVIEWS.name}"]["get"]
+    params = {p["name"]: p for p in query["parameters"]}
+    assert params["bucket"]["schema"]["anyOf"][0]["enum"] == ["hour", "day", "total"]
+    assert params["url"]["schema"] == {"type": "array", "items": {"type": "string"}}
+    assert "url.prefix" in params and params["from"]["schema"]["examples"]
+    row = doc["components"]["schemas"]["PageviewsByUrlHourRow"]["properties"]
+    assert row["pageviews"]["type"] == "integer" and row["visitors"]["type"] == "integer"
+
+
+# --- limits per key and TLS -------------------------------------------------------------------
+
+
+def test_a_key_past_its_rate_gets_429_with_retry_after(tmp_path: Path) -> None:
+    with start_lake(tmp_path, api_keys=["k1", "k2"], api_rate_per_key=1,
+                    api_burst_per_key=3) as lake:
+        replies = [lake.get("/views") for _ in range(5)]  # readiness polls spend none
+        assert [r.status_code for r in replies][:3] == [200, 200, 200]
+        limited = replies[-1]
+        assert_errors(limited, 429, "rate")
+        assert int(limited.headers["retry-after"]) >= 1
+        other = lake.client.get(f"/views/{PAGEVIEWS.name}", headers={"X-API-Key": "k2"})
+        assert other.status_code == 200  # another key has its own budget
+        assert lake.get("/healthz").status_code == 200  # health is never limited
+
+
+def test_a_key_past_its_concurrent_sql_gets_429(tmp_path: Path) -> None:
+    with start_lake(tmp_path, api_keys=["k1", "k2"], sql_concurrency_per_key=1,
+                    sql_concurrency=4, sql_timeout_seconds=3) as lake:
+        slow = "SELECT count(*) FROM range(3000000000000)"  # stopped by the time limit
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(lake.client.post, "/sql", json={"sql": slow}, timeout=30)
+            time.sleep(0.5)
+            second = lake.client.post("/sql", json={"sql": "SELECT 1"}, timeout=30)
+            other = lake.client.post("/sql", json={"sql": "SELECT 1"},
+                                     headers={"X-API-Key": "k2"}, timeout=30)
+            first.result()
+        assert_errors(second, 429, "sql")
+        assert second.headers["retry-after"] == "1"
+        assert other.status_code == 200
+
+
+def test_tls_when_a_certificate_is_configured(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    settings = Settings(home=tmp_path, tls_certfile=cert, tls_keyfile=key)
+    realtime = RealtimeCells(project)
+    realtime.restored.set()
+    server = ServerThread(build_server(settings, project, FileStore(tmp_path / "lake"),
+                                       realtime, port=0, poll_seconds=0.02)).start()
+    try:
+        assert server.url.startswith("https://")
+        trusted = ssl.create_default_context(cafile=str(cert))
+        with httpx.Client(base_url=server.url, verify=trusted) as client:
+            assert client.get("/healthz").status_code == 200
+        with pytest.raises(httpx.RemoteProtocolError):
+            httpx.get(server.url.replace("https", "http") + "/healthz")
+    finally:
+        server.stop()
+
+
+def test_tls_on_the_gateway(tmp_path: Path) -> None:
+    from lambdalake.functions import environment
+    from lambdalake.functions.runtime.function import LocalFunction
+    from lambdalake.functions.runtime.gateway import Gateway
+    from lambdalake.functions.runtime.template import load_template
+
+    cert, key = self_signed(tmp_path)
+    settings = Settings(home=tmp_path, tls_certfile=cert, tls_keyfile=key)
+    environment.bind(settings)
+    gateway = Gateway([LocalFunction(load_template().functions["Ingest"])], "127.0.0.1", 0,
+                      tls=settings.tls)
+    gateway.start()
+    try:
+        assert gateway.url.startswith("https://")
+        event = {"event_id": "tls-1", "type": "purchase", "ts": now_ms(), "user_id": "u",
+                 "sku": "A", "amount": 1.0}
+        trusted = ssl.create_default_context(cafile=str(cert))
+        reply = httpx.post(f"{gateway.url}/events", json=event, verify=trusted)
+        assert reply.status_code == 202, reply.text
+    finally:
+        gateway.stop()
+        environment.bind(None)
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by its own key, made with `cryptography`."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=1)).not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+# --- freshness under change -------------------------------------------------------------------
+
+
+def test_swaps_never_mix_versions_nor_block_queries(lake: Lake, traffic: list[Record]) -> None:
+    """Each answer's layers match the version it names: batch = arrivals before its cut,
+    real time = the rest; and no query waits on a version's load."""
+    lake.realtime.upsert(speed_layer(traffic).drain())
+    cuts = {f"v{step:02}": CUT_1 - 10 * MINUTE + step * MINUTE for step in range(12)}
+    wrong: list[str] = []
+    slowest = [0.0]
+
+    def ask() -> None:
+        with httpx.Client(base_url=lake.server.url) as client:
+            while not done.is_set():
+                began = time.monotonic()
+                reply = client.get(f"/views/{PAGEVIEWS.name}",
+                                   params={"bucket": "total", "layers": "1"})
+                slowest[0] = max(slowest[0], time.monotonic() - began)
+                if reply.status_code != 200:
+                    wrong.append(reply.text)
+                    continue
+                body = reply.json()
+                cut = cuts.get(body["freshness"]["batch_version"], 0)
+                batch = [r for r in traffic if r[1] < cut]
+                if (answered(body["layers"]["batch"], total=True)
+                        != expected_pageviews(batch, None)
+                        or answered(body["rows"], total=True)
+                        != expected_pageviews(traffic, None)):
+                    wrong.append(body)
+
+    done = threading.Event()
+    askers = [threading.Thread(target=ask) for _ in range(4)]
+    for asker in askers:
+        asker.start()
+    for version, cut in cuts.items():
+        publish(lake.store, version, cut, traffic)
+        lake.wait_for_version(version)
+    done.set()
+    for asker in askers:
+        asker.join()
+    assert not wrong, wrong[0]
+    assert slowest[0] < 2.0, slowest
+
+
+class NoMasterStore(FileStore):
+    """A store whose master dataset cannot be read: a restart must not need it."""
+
+    def get(self, key: str) -> bytes:
+        assert not key.startswith("master/"), key
+        return super().get(key)
+
+    def list(self, prefix: str = "") -> Any:
+        assert not prefix.startswith("master"), prefix
+        return super().list(prefix)
+
+
+def test_a_restarted_server_serves_from_published_views_and_speed_output(
+    tmp_path: Path, traffic: list[Record]
+) -> None:
+    with start_lake(tmp_path) as first:
+        publish(first.store, "v1", CUT_1, traffic)
+        first.wait_for_version("v1")
+    store = NoMasterStore(tmp_path / "lake")
+    with start_lake(tmp_path, store=store, ready=False) as restarted:
+        restarted.realtime.upsert(speed_layer(traffic).drain())  # the speed layer's output
+        restarted.wait_for_version("v1")
+        assert answered(restarted.rows()) == expected_pageviews(traffic, HOUR)

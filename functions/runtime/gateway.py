@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import uvicorn
@@ -46,19 +46,21 @@ class PayloadTooLarge(Exception):
 class Gateway:
     def __init__(self, functions: Iterable[LocalFunction], host: str, port: int,
                  payload_limit: int = PAYLOAD_LIMIT_BYTES, max_connections: int = 1000,
-                 read_timeout_s: float = 10.0):
+                 read_timeout_s: float = 10.0, tls: Mapping[str, str] | None = None):
+        """`tls`: uvicorn's `ssl_certfile` and `ssl_keyfile` to serve HTTPS (Settings.tls)."""
         self.routes = {route.key: f for f in functions for route in f.spec.routes}
         self.host, self.port, self.payload_limit = host, port, payload_limit
         app = Starlette(routes=[Route("/{path:path}", self.handle, methods=METHODS)])
+        self.scheme = "https" if tls else "http"
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=5,
+                                timeout_graceful_shutdown=5, **(tls or {}),
                                 **uvicorn_bounds("gateway", max_connections, read_timeout_s))
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def start(self, timeout: float = 10) -> None:
         """Listen (port 0: any free port) and serve from a background thread."""

@@ -39,7 +39,8 @@ class LocalRuntime:
         self.gateway = Gateway(self.functions.values(), settings.gateway_host,
                                settings.gateway_port,
                                max_connections=settings.http_max_connections,
-                               read_timeout_s=settings.http_read_timeout_seconds)
+                               read_timeout_s=settings.http_read_timeout_seconds,
+                               tls=settings.tls)
         self.mappings = [
             StreamMapping(function, source, self._topic(source), self.folder,
                           on_drained.get(function.spec.handler), loops=loops)
