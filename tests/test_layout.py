@@ -54,3 +54,17 @@ def test_the_ingest_handler_loads_no_engine() -> None:
                           cwd=REPO / "tests", timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_the_shipped_template_is_the_repository_template_and_its_handlers_import() -> None:
+    """The local runtime reads the template shipped in the package; SAM reads the one at the
+    top. A stale copy named handlers that no longer import, and every ingest answered 500."""
+    import importlib
+
+    from lambdalake.functions.runtime.template import load_template
+
+    shipped = (REPO / "functions" / "template.yaml").read_text()
+    assert shipped == (REPO / "template.yaml").read_text()
+    for spec in load_template().functions.values():
+        module, _, attribute = spec.handler.rpartition(".")
+        assert callable(getattr(importlib.import_module(module), attribute)), spec.handler
