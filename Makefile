@@ -19,6 +19,8 @@ $(VENV)/.test-deps: pyproject.toml $(SCRIPTS)/kafka_fetch.sh $(SCRIPTS)/spark_ja
 	$(BIN)/pip install -q -e '.[dev,kafka,spark]'
 	bash $(SCRIPTS)/kafka_fetch.sh >/dev/null
 	PYTHON=$(BIN)/python bash $(SCRIPTS)/spark_jars.sh >/dev/null
+	# the dashboard test drives Debian's chromium; Playwright never downloads a browser
+	test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium)
 	touch $@
 
 ## run: the whole flow on the embedded default, with a synthetic producer

@@ -8,10 +8,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from importlib.metadata import version
+from importlib.resources import files
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response, Security
+from fastapi.responses import HTMLResponse
 from fastapi.security import APIKeyHeader, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from lambdalake.auth import KEY_HEADER, AuthError, Keyring, Scope
@@ -44,6 +47,7 @@ log = logging.getLogger("lambdalake.serving")
 # Declare the two ways to send a key in the OpenAPI document; `require` checks the key.
 _KEY_SCHEMES = [Security(APIKeyHeader(name=KEY_HEADER, auto_error=False)),
                 Security(HTTPBearer(auto_error=False))]
+STATIC = files("lambdalake.serving") / "static"
 _QUERY_PARAMETERS = {"from", "to", "bucket", "group_by", "order_by", "limit", "quantiles"}
 
 
@@ -80,6 +84,13 @@ def require(scope: Scope) -> Callable[[Request, Serving], None]:
             raise ApiError(refused.status, refused.header, refused.rule, refused.headers) from None
 
     return authorized
+
+
+@public.get("/", response_class=HTMLResponse, tags=["dashboard"])
+def dashboard() -> HTMLResponse:
+    """The live dashboard. The page holds no data: it asks the views API for it, with the key
+    it prompts for when the API needs one."""
+    return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
 
 
 @public.get("/healthz", response_model=Health,
@@ -255,6 +266,7 @@ def create_app(
                   lifespan=_lifespan)
     app.state.serving = serving
     app.include_router(public)
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     # every route of `api` (the views, /sql and /metrics) needs the `query` scope
     guard = [] if keyring.open else [*_KEY_SCHEMES, Depends(require("query"))]
     app.include_router(api, dependencies=guard)
