@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint bench-speed bench-batch clean
+.PHONY: run test lint bench-speed bench-batch bench-serving clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,9 @@ bench-speed: $(VENV)/.test-deps
 
 bench-batch: $(VENV)/.test-deps
 	$(BIN)/python bench/batch.py
+
+bench-serving: $(VENV)/.test-deps
+	$(BIN)/python bench/serving.py
 
 clean:
 	rm -rf $(VENV) .lambdalake
