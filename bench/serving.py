@@ -238,7 +238,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0)
     args = parser.parse_args()
-    home = Path(tempfile.mkdtemp(prefix="lambdalake-bench-serving-"))
+    with tempfile.TemporaryDirectory(prefix="lambdalake-bench-serving-") as home:
+        run(Path(home), args.seconds)
+
+
+def run(home: Path, seconds: float) -> None:
     gateway_port, api_port = free_ports(2)
     os.environ.update({"LAMBDALAKE_HOME": str(home), "LAMBDALAKE_GATEWAY_PORT": str(gateway_port),
                        "LAMBDALAKE_API_PORT": str(api_port),
@@ -259,11 +263,11 @@ def main() -> None:
             time.sleep(0.2)
         print(f"served: {table.num_rows:,} batch rows, {REALTIME_CELLS:,} real-time cells; "
               f"{CLIENTS} query clients + ingestion at {INGEST_RATE:,} events/s "
-              f"for {args.seconds:.0f} s", flush=True)
-        queries, ingest = under_load(api, gateway, cut, args.seconds)
-    served = summary(queries, args.seconds)
-    ingested = summary(ingest, args.seconds)
-    reference = summary(direct(premerged(table, updates), cut, args.seconds), args.seconds)
+              f"for {seconds:.0f} s", flush=True)
+        queries, ingest = under_load(api, gateway, cut, seconds)
+    served = summary(queries, seconds)
+    ingested = summary(ingest, seconds)
+    reference = summary(direct(premerged(table, updates), cut, seconds), seconds)
     ratio = round(served["p50_ms"] / reference["p50_ms"], 2)
     print(f"API, {CLIENTS} clients:            p50 {served['p50_ms']} ms, p99 "
           f"{served['p99_ms']} ms, {served['qps']} queries/s")
