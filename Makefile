@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint bench-speed bench-batch clean
+.PHONY: run test lint bench-speed bench-batch bench-serving clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,8 @@ $(VENV)/.test-deps: pyproject.toml $(SCRIPTS)/kafka_fetch.sh $(SCRIPTS)/spark_ja
 	$(BIN)/pip install -q -e '.[dev,kafka,spark]'
 	bash $(SCRIPTS)/kafka_fetch.sh >/dev/null
 	PYTHON=$(BIN)/python bash $(SCRIPTS)/spark_jars.sh >/dev/null
+	# the dashboard test drives Debian's chromium; Playwright never downloads a browser
+	test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium)
 	touch $@
 
 ## run: the whole flow on the embedded default, with a synthetic producer
@@ -43,6 +45,9 @@ bench-speed: $(VENV)/.test-deps
 
 bench-batch: $(VENV)/.test-deps
 	$(BIN)/python bench/batch.py
+
+bench-serving: $(VENV)/.test-deps
+	$(BIN)/python bench/serving.py
 
 clean:
 	rm -rf $(VENV) .lambdalake

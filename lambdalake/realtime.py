@@ -25,18 +25,27 @@ class RealtimeCells:
         # at start; until then an answer would undercount.
         self.restored = threading.Event()
         self._cells: dict[str, dict[CellKey, tuple[Any, ...]]] = {n: {} for n in project.views}
+        # A view's table, built once per change of its cells and shared by every query until
+        # the next: building it from Python objects holds the GIL, so per query it starved
+        # ingestion and serialized the queries.
+        self._tables: dict[tuple[str, int], pa.Table] = {}
         self._lock = threading.Lock()
 
     def upsert(self, updates: Iterable[CellUpdate]) -> None:
         with self._lock:
+            changed = set()
             for u in updates:
                 if u.slice >= self.cut:
                     self._cells[u.view][(u.slice, u.bucket, u.key)] = u.values
+                    changed.add(u.view)
+            for cached in [c for c in self._tables if c[0] in changed]:
+                del self._tables[cached]
 
     def drop_below(self, cut: int) -> None:
         """Forget cells below `cut`; called once the serving layer serves a batch with it."""
         with self._lock:
             self.cut = max(self.cut, cut)
+            self._tables.clear()
             for cells in self._cells.values():
                 for cell in [c for c in cells if c[0] < self.cut]:
                     del cells[cell]
@@ -44,7 +53,13 @@ class RealtimeCells:
     def table(self, view: View, schema: pa.Schema, cut: int) -> pa.Table:
         """The view's cells at or past `cut` (the serving batch version's), as table rows."""
         with self._lock:
-            cells = [(c, v) for c, v in self._cells[view.name].items() if c[0] >= cut]
+            cached = self._tables.get((view.name, cut))
+            if cached is None:
+                cached = self._tables[view.name, cut] = self._build(view, schema, cut)
+            return cached
+
+    def _build(self, view: View, schema: pa.Schema, cut: int) -> pa.Table:
+        cells = [(c, v) for c, v in self._cells[view.name].items() if c[0] >= cut]
         columns: dict[str, list[Any]] = {"bucket": [c[1] for c, _ in cells]}
         for i, key in enumerate(view.keys):
             columns[key] = [c[2][i] for c, _ in cells]

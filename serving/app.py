@@ -8,12 +8,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from importlib.metadata import version
+from importlib.resources import files
 from typing import Annotated
 
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request, Response, Security
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
 from fastapi.security import APIKeyHeader, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -57,6 +59,7 @@ log = logging.getLogger("lambdalake.serving")
 # Declare the two ways to send a key in the OpenAPI document; `require` checks the key.
 _KEY_SCHEMES = [Security(APIKeyHeader(name=KEY_HEADER, auto_error=False)),
                 Security(HTTPBearer(auto_error=False))]
+STATIC = files("lambdalake.serving") / "static"
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,13 @@ def require(scope: Scope) -> Callable[[Request, Serving], None]:
 
 def _client(request: Request) -> str:
     return request.client.host if request.client else "unknown"
+
+
+@public.get("/", response_class=HTMLResponse, tags=["dashboard"])
+def dashboard() -> HTMLResponse:
+    """The live dashboard. The page holds no data: it asks the views API for it, with the key
+    it prompts for when the API needs one."""
+    return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
 
 
 @public.get("/healthz", response_model=Health,
@@ -277,6 +287,7 @@ def create_app(
     app.state.serving = serving
     app.include_router(public)
     install_docs(app)
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     # every route of `api` (the views, /sql and /metrics) needs the `query` scope
     guard = [*([] if keyring.open else _KEY_SCHEMES), Depends(require("query"))]
     app.include_router(api, dependencies=guard)

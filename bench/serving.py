@@ -1,0 +1,284 @@
+"""Serving under load: dashboard queries and ingestion at once, on the embedded default.
+
+`lambdalake up`'s stack (gateway, embedded log, speed layer and serving API in one process)
+over a published batch version of `pageviews_by_url_hour` with 1M rows (30 days of hourly
+buckets x 1,389 urls) and 100k real-time cells. Then, in one run:
+- 8 query clients (processes) send the two typical dashboard queries, alternately, for a
+  random url: 30 days of hourly buckets for one key, and the top 20 keys for a day;
+  p50, p99 and queries/s;
+- the same queries run directly in DuckDB on a pre-merged table (one row per bucket and url,
+  the metrics final) by 8 threads: the reference for the overhead ratio (p50 over p50);
+- while the API queries run, one producer process sends 2,000 events/s to the gateway in
+  batches of 50: ingestion's p99 under query load.
+
+    .venv/bin/python bench/serving.py [--seconds 20]
+
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import random
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import httpx
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lambdalake import catalog
+from lambdalake.eventlog import now_ms
+from lambdalake.events import iso
+from lambdalake.example import project
+from lambdalake.sketch_arrays import build_sketch_array
+from lambdalake.synthetic import WebAnalyticsStream
+from lambdalake.tables import table_schema
+from lambdalake.testing import free_ports
+from lambdalake.viewstate import CellUpdate
+
+HOUR, DAY = 3_600_000, 86_400_000
+VIEW = project.views["pageviews_by_url_hour"]
+URLS = 1_389  # x 720 hours = 1,000,080 batch rows
+REALTIME_CELLS = 100_000
+CLIENTS = 8
+INGEST_RATE, INGEST_BATCH = 2_000, 50
+
+
+def urls() -> list[str]:
+    return [f"/page/{number}" for number in range(URLS)]
+
+
+def batch_table(cut: int) -> pa.Table:
+    """30 days of hourly rows for every url before `cut`; visitors are real HLL sketches."""
+    rng = np.random.default_rng(1)
+    hours = np.arange(cut // HOUR * HOUR - 30 * DAY, cut // HOUR * HOUR, HOUR)
+    bucket = np.repeat(hours, URLS)
+    url = np.tile(np.array(urls(), dtype=object), len(hours))
+    pageviews = rng.integers(1, 50, len(bucket))
+    # each row's sketch over 1-4 users out of 2,000: real sketches to merge, built in bulk
+    users_per_row = rng.integers(1, 5, len(bucket))
+    groups = np.repeat(np.arange(len(bucket)), users_per_row)
+    users = rng.integers(0, 2_000, len(groups)).astype(str)
+    visitors = build_sketch_array(groups, users, num_groups=len(bucket))
+    columns = {"bucket": bucket, "url": url, "pageviews": pageviews, "visitors": visitors}
+    return pa.Table.from_pydict(columns, schema=table_schema(project, VIEW))
+
+
+def publish(store_root: Path, table: pa.Table, cut: int) -> None:
+    from lambdalake.storage import open_store
+
+    store = open_store(store_root.as_uri())
+    version = "bench-1"
+    key = catalog.data_key(VIEW.name, version)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    store.put(key, sink.getvalue().to_pybytes())
+    files = {VIEW.name: catalog.ViewFiles(files=[key], rows=table.num_rows)}
+    manifest = catalog.Manifest(version=version, cut=cut, created=iso(now_ms()), engine="bench",
+                                rows_read=table.num_rows, views=files)
+    catalog.write_manifest(store, manifest)
+    catalog.publish(store, version)
+
+
+def realtime_updates(cut: int) -> list[CellUpdate]:
+    """100k cells in 1 s slices past the cut, spread over the last hours and every url."""
+    metric = VIEW.metrics["visitors"]
+    sketches = [metric.lift(f"u{n}") for n in range(64)]
+    rng = random.Random(2)
+    names = urls()
+    updates = []
+    for number in range(REALTIME_CELLS):
+        slice_start = cut + (number // URLS) * 1000
+        bucket = (cut // HOUR - rng.randrange(3)) * HOUR
+        values = (rng.randrange(1, 20), sketches[number % 64])
+        updates.append(CellUpdate(VIEW.name, slice_start, bucket, (names[number % URLS],), values))
+    return updates
+
+
+def dashboard_queries(cut: int) -> list[tuple[str, dict[str, Any]]]:
+    """The two queries, for a random url / day: 30 days hourly for one key; top 20 of a day."""
+    end = (cut // HOUR + 1) * HOUR
+    day = (cut // DAY - random.randrange(1, 29)) * DAY
+    return [
+        ("series", {"url": random.choice(urls()), "from": end - 30 * DAY, "to": end}),
+        ("top", {"from": day, "to": day + DAY, "bucket": "total", "order_by": "pageviews",
+                 "limit": 20}),
+    ]
+
+
+def started_together(ready: Any, go: Any, seconds: float) -> float:
+    """Say ready, wait for every other process; the wall-clock time to stop at."""
+    ready.put(os.getpid())
+    go.wait()
+    return time.time() + seconds
+
+
+def api_client(api: str, cut: int, seconds: float, sync: tuple[Any, Any, Any]) -> None:
+    """One query client: the two dashboard queries in turn for `seconds`."""
+    ready, go, out = sync
+    latencies: list[float] = []
+    with httpx.Client(base_url=api, timeout=60) as client:
+        until = started_together(ready, go, seconds)
+        while time.time() < until:
+            for _, params in dashboard_queries(cut):
+                started = time.perf_counter()
+                client.get(f"/views/{VIEW.name}", params=params).raise_for_status()
+                latencies.append(time.perf_counter() - started)
+    out.put(("query", latencies))
+
+
+def ingest_client(gateway: str, seconds: float, sync: tuple[Any, Any, Any]) -> None:
+    """2,000 events/s in batches of 50, one request every 25 ms on its schedule."""
+    ready, go, out = sync
+    stream, latencies = WebAnalyticsStream(seed=5), []
+    interval = INGEST_BATCH / INGEST_RATE
+    with httpx.Client(timeout=60) as client:
+        until = started_together(ready, go, seconds)
+        next_at = time.perf_counter()
+        while time.time() < until:
+            batch = [stream.event(now_ms()) for _ in range(INGEST_BATCH)]
+            started = time.perf_counter()
+            reply = client.post(gateway, json={"events": batch})
+            latencies.append(time.perf_counter() - started)
+            assert reply.status_code == 202, reply.text
+            next_at += interval
+            time.sleep(max(0.0, next_at - time.perf_counter()))
+    out.put(("ingest", latencies))
+
+
+def under_load(api: str, gateway: str, cut: int, seconds: float) -> tuple[list[float], list[float]]:
+    context = multiprocessing.get_context("spawn")
+    sync = (ready, go, out) = (context.Queue(), context.Event(), context.Queue())
+    ingest = context.Process(target=ingest_client, args=(gateway, seconds, sync))
+    clients = [context.Process(target=api_client, args=(api, cut, seconds, sync))
+               for _ in range(CLIENTS)]
+    for process in [ingest, *clients]:
+        process.start()
+    for _ in range(CLIENTS + 1):
+        ready.get()
+    go.set()
+    results: dict[str, list[float]] = {"query": [], "ingest": []}
+    for _ in range(CLIENTS + 1):
+        kind, latencies = out.get()
+        results[kind] += latencies
+    for process in [ingest, *clients]:
+        process.join()
+    return results["query"], results["ingest"]
+
+
+def premerged(table: pa.Table, updates: list[CellUpdate]) -> duckdb.DuckDBPyConnection:
+    """The reference: one row per bucket and url, the metrics final (visitors as estimates)."""
+    metric = VIEW.metrics["visitors"]
+    realtime = pa.Table.from_pydict({
+        "bucket": [u.bucket for u in updates], "url": [u.key[0] for u in updates],
+        "pageviews": [u.values[0] for u in updates],
+        "visitors": [metric.result(u.values[1]) for u in updates],
+    })
+    batch = table.set_column(3, "visitors", pa.array(
+        [metric.result(s) for s in table.column("visitors").to_pylist()], pa.int64()))
+    connection = duckdb.connect()
+    connection.register("batch_part", batch)
+    connection.register("realtime_part", realtime)
+    connection.execute(
+        "CREATE TABLE merged AS SELECT make_timestamp(bucket * 1000) AS bucket, url, "
+        "sum(pageviews) AS pageviews, max(visitors) AS visitors FROM (SELECT * FROM batch_part "
+        "UNION ALL SELECT * FROM realtime_part) GROUP BY ALL")
+    return connection
+
+
+DIRECT_SQL = {
+    "series": "SELECT bucket, pageviews, visitors FROM merged WHERE url = ? AND bucket >= "
+              "make_timestamp(? * 1000) AND bucket < make_timestamp(? * 1000) ORDER BY bucket",
+    "top": "SELECT url, sum(pageviews) AS pageviews, max(visitors) AS visitors FROM merged "
+           "WHERE bucket >= make_timestamp(? * 1000) AND bucket < make_timestamp(? * 1000) "
+           "GROUP BY url ORDER BY pageviews DESC LIMIT 20",
+}
+
+
+def direct(connection: duckdb.DuckDBPyConnection, cut: int, seconds: float) -> list[float]:
+    latencies: list[float] = []
+    until = time.time() + seconds
+
+    def client() -> None:
+        cursor = connection.cursor()
+        while time.time() < until:
+            for name, params in dashboard_queries(cut):
+                args = ([params["url"]] if name == "series" else []) + [params["from"],
+                                                                        params["to"]]
+                started = time.perf_counter()
+                cursor.execute(DIRECT_SQL[name], args).fetchall()
+                latencies.append(time.perf_counter() - started)
+
+    threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return latencies
+
+
+def summary(latencies: list[float], seconds: float) -> dict[str, float]:
+    ms = sorted(x * 1000 for x in latencies)
+    return {"p50_ms": round(statistics.median(ms), 2),
+            "p99_ms": round(ms[min(len(ms) - 1, int(len(ms) * 0.99))], 2),
+            "qps": round(len(ms) / seconds, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=20.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="lambdalake-bench-serving-") as home:
+        run(Path(home), args.seconds)
+
+
+def run(home: Path, seconds: float) -> None:
+    gateway_port, api_port = free_ports(2)
+    os.environ.update({"LAMBDALAKE_HOME": str(home), "LAMBDALAKE_GATEWAY_PORT": str(gateway_port),
+                       "LAMBDALAKE_API_PORT": str(api_port),
+                       "LAMBDALAKE_BATCH_INTERVAL_SECONDS": "3600"})
+    from lambdalake.settings import Settings
+    from lambdalake.stack.up import Stack
+
+    settings = Settings()
+    cut = now_ms() - 60_000
+    print(f"building 1M batch rows and {REALTIME_CELLS:,} real-time cells ...", flush=True)
+    table = batch_table(cut)
+    publish(Path(settings.store_url.removeprefix("file://")), table, cut)
+    updates = realtime_updates(cut)
+    api, gateway = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{gateway_port}/events"
+    with Stack(settings) as stack:
+        stack.realtime.upsert(updates)
+        while httpx.get(f"{api}/readyz").status_code != 200:
+            time.sleep(0.2)
+        print(f"served: {table.num_rows:,} batch rows, {REALTIME_CELLS:,} real-time cells; "
+              f"{CLIENTS} query clients + ingestion at {INGEST_RATE:,} events/s "
+              f"for {seconds:.0f} s", flush=True)
+        queries, ingest = under_load(api, gateway, cut, seconds)
+    served = summary(queries, seconds)
+    ingested = summary(ingest, seconds)
+    reference = summary(direct(premerged(table, updates), cut, seconds), seconds)
+    ratio = round(served["p50_ms"] / reference["p50_ms"], 2)
+    print(f"API, {CLIENTS} clients:            p50 {served['p50_ms']} ms, p99 "
+          f"{served['p99_ms']} ms, {served['qps']} queries/s")
+    print(f"DuckDB pre-merged, {CLIENTS} threads: p50 {reference['p50_ms']} ms, p99 "
+          f"{reference['p99_ms']} ms, {reference['qps']} queries/s (reference)")
+    print(f"overhead ratio (p50 over p50): {ratio} (target <= 2)")
+    print(f"ingestion under query load: p50 {ingested['p50_ms']} ms, p99 {ingested['p99_ms']} ms"
+          f" per batch of {INGEST_BATCH} at {INGEST_RATE:,} events/s (target p99 < 1,000 ms)")
+    print(json.dumps({**served, "overhead_ratio": ratio,
+                      "ingest_p99_ms_under_query_load": ingested["p99_ms"]}))
+
+
+if __name__ == "__main__":
+    main()
