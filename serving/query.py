@@ -82,7 +82,7 @@ class SqlResult:
 
 def run_sql(
     duck: DuckDB, views: BatchViews, sql: str, worker: Worker, *,
-    params: Sequence[Any] = (), row_format: str = "json",
+    params: Sequence[Any] = (), row_format: str = "json", describe: bool = False,
 ) -> SqlResult:
     """Read-only SQL over tables named after the views: merged rows at each view's own bucket,
     `bucket` a UTC timestamp, each metric as `_SQL_COLUMNS` shows it. Every view is a table,
@@ -95,8 +95,8 @@ def run_sql(
     tables = {name: _sql_table(duck, reading, views, defined[name]) if name in named
               else sql_schema(views.schemas[name], defined[name]).empty_table()
               for name in defined}
-    return SqlResult(worker.run(sql, tables, params=params, row_format=row_format),
-                     reading.snapshot)
+    rows = worker.run(sql, tables, params=params, row_format=row_format, describe=describe)
+    return SqlResult(rows, reading.snapshot)
 
 
 def sql_answer_json(result: SqlResult, freshness: Freshness) -> bytes:

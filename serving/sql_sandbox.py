@@ -160,13 +160,14 @@ class Worker:
 
     def run(
         self, sql: str, tables: Mapping[str, pa.Table], *, params: Sequence[Any] = (),
-        row_format: str = "json",
+        row_format: str = "json", describe: bool = False,
     ) -> EncodedRows:
         """The statement's answer (its rows in the named RowFormat), or QueryError naming the
-        rule it broke. `params` fill the statement's `$1`, `$2`, ..."""
+        rule it broke. `params` fill the statement's `$1`, `$2`, ...; `describe`: its columns
+        and types only, the statement not run."""
         connection = self._started()
         request = {"sql": sql, "tables": list(tables), "params": list(params),
-                   "format": row_format}
+                   "format": row_format, "describe": describe}
         try:
             connection.send_bytes(orjson.dumps(request, default=str))
             for table in tables.values():
@@ -300,14 +301,16 @@ def answer(
     """`{"columns", "types", "rows", "truncated"}` or `{"error": rule}`, a newline, the rows
     in the request's format."""
     cursor = database.cursor()
+    filled: list[str] = []
     try:
         sql = request["sql"]
         _check_read_only(cursor, sql)
-        for name, table in tables.items():
-            cursor.register(name, table)
+        _fill_views(cursor, tables, filled)
         relation = cursor.sql(sql, params=request.get("params") or None)
         header: dict[str, Any] = {"columns": relation.columns,
                                   "types": [str(kind) for kind in relation.types]}
+        if request.get("describe"):  # the answer's shape only: nothing runs
+            return orjson.dumps(header | {"rows": 0, "truncated": False}) + b"\n"
         budget = limits.max_bytes - len(orjson.dumps(header)) - 64  # the count and flag
         row_format = ROW_FORMATS[request.get("format", "json")]
         rows, header["rows"], header["truncated"] = encode_rows(
@@ -320,7 +323,29 @@ def answer(
             return _error(limits.memory_rule)
         return _error(scrub_paths(str(exc)))
     finally:
+        _empty_views(cursor, filled)
         cursor.close()
+
+
+def _fill_views(
+    cursor: duckdb.DuckDBPyConnection, tables: Mapping[str, pa.Table], filled: list[str],
+) -> None:
+    """Each view a table of the worker's database, created on its first statement and filled
+    with the rows the server sent: tables, so that catalogs list them as tools expect (psql's
+    `\\dt`), and lasting, so that their OIDs (the same in every worker, created in the same
+    order) hold from one catalog query to the next (psql's `\\d view`)."""
+    for name, table in tables.items():
+        cursor.register("incoming", table)
+        cursor.execute(f'CREATE TABLE IF NOT EXISTS "{name}" AS FROM incoming LIMIT 0')
+        if table.num_rows:
+            filled.append(name)
+            cursor.execute(f'INSERT INTO "{name}" FROM incoming')
+        cursor.unregister("incoming")
+
+
+def _empty_views(cursor: duckdb.DuckDBPyConnection, filled: list[str]) -> None:
+    for name in filled:
+        cursor.execute(f'DELETE FROM "{name}"')
 
 
 def _check_read_only(cursor: duckdb.DuckDBPyConnection, sql: str) -> None:

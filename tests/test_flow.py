@@ -37,6 +37,7 @@ class Flow:
             "LAMBDALAKE_HOME": str(home),
             "LAMBDALAKE_GATEWAY_PORT": str(free_port()),
             "LAMBDALAKE_API_PORT": str(free_port()),
+            "LAMBDALAKE_PG_PORT": str(free_port()),
             "LAMBDALAKE_SLICE_SECONDS": "1",
             "LAMBDALAKE_BATCH_INTERVAL_SECONDS": "3600",
         }
