@@ -19,6 +19,7 @@ $(VENV)/.test-deps: pyproject.toml $(SCRIPTS)/kafka_fetch.sh $(SCRIPTS)/spark_ja
 	$(BIN)/pip install -q -e '.[dev,kafka,spark]'
 	bash $(SCRIPTS)/kafka_fetch.sh >/dev/null
 	PYTHON=$(BIN)/python bash $(SCRIPTS)/spark_jars.sh >/dev/null
+	command -v psql >/dev/null || { apt-get update -qq && apt-get install -y -qq postgresql-client >/dev/null; }
 	touch $@
 
 ## run: the whole flow on the embedded default, with a synthetic producer

@@ -16,6 +16,7 @@ Authentication: any user name, an API key with the `query` scope as the password
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import secrets
@@ -192,10 +193,8 @@ class PgWireServer:
         async with server:
             while not self._loop.stopping.is_set():
                 self._loop.beat()  # the event loop turns: not stuck
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopped.wait(), _HEARTBEAT_SECONDS)
-                except TimeoutError:
-                    pass
 
     async def _connection(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
@@ -211,6 +210,8 @@ class PgWireServer:
         except PgError as error:
             await session.send_now(error.response())
         except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:  # the server stops: the connection ends with it
             pass
         except Exception:  # a bug: this connection ends, the server and the others go on
             log.exception("postgres session failed")

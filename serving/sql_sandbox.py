@@ -44,8 +44,8 @@ import pyarrow as pa
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from lambdalake.query import QueryError
-from lambdalake.serving.pg_text import data_row
 from lambdalake.serving.pg_catalog import register_postgres_functions
+from lambdalake.serving.pg_text import data_row
 from lambdalake.serving.sketch_functions import register_sketch_functions
 from lambdalake.settings import Settings
 
