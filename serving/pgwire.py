@@ -70,7 +70,7 @@ from lambdalake.loops import Loop, Loops
 from lambdalake.query import QueryError
 from lambdalake.serving.app import Serving, restoring_problem
 from lambdalake.serving.pg_catalog import SERVER_VERSION, postgres_spelling
-from lambdalake.serving.pg_text import TEXT_OID, type_oid
+from lambdalake.serving.pg_text import TEXT_OID, data_row, type_oid
 from lambdalake.serving.query import run_sql
 from lambdalake.serving.sql_sandbox import EncodedRows, SandboxBusy
 
@@ -434,7 +434,7 @@ class Session:
             return Answer(command)
         setting = shown_setting(sql)
         if setting is not None:
-            return Answer("SHOW", [setting], ["VARCHAR"], data_row_text(SETTINGS[setting]))
+            return Answer("SHOW", [setting], ["VARCHAR"], data_row((SETTINGS[setting],)))
         rows = await self._run(postgres_spelling(sql), params, describe)
         self.server.count("ok")
         return Answer.of(rows)
@@ -464,12 +464,6 @@ def _sqlstate(rule: str, serving: Serving) -> str:
     if "read-only" in rule:
         return "25006"  # read_only_sql_transaction
     return "42000"  # syntax_error_or_access_rule_violation
-
-
-def data_row_text(value: str) -> bytes:
-    encoded = value.encode()
-    body = struct.pack("!hi", 1, len(encoded)) + encoded
-    return b"D" + struct.pack("!i", len(body) + 4) + body
 
 
 def session_command(sql: str) -> str | None:

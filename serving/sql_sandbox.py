@@ -262,7 +262,7 @@ def serve(connection: Connection) -> None:
     """Answer statements until the server closes the socket."""
     os.nice(10)  # the server's own threads (ingestion, health) come first on a busy machine
     limits = SandboxLimits(**orjson.loads(connection.recv_bytes()))
-    database = sandbox_database(limits.memory_mb)
+    database, views = sandbox_database(limits.memory_mb), ViewTables()
     connection.send_bytes(b"ready")
     while True:
         try:
@@ -270,7 +270,7 @@ def serve(connection: Connection) -> None:
             tables = {name: _table(connection.recv_bytes()) for name in request["tables"]}
         except EOFError:
             return
-        connection.send_bytes(answer(database, request, tables, limits))
+        connection.send_bytes(answer(database, request, tables, limits, views))
 
 
 def sandbox_database(memory_mb: int) -> duckdb.DuckDBPyConnection:
@@ -296,7 +296,7 @@ def sandbox_database(memory_mb: int) -> duckdb.DuckDBPyConnection:
 
 def answer(
     database: duckdb.DuckDBPyConnection, request: Mapping[str, Any],
-    tables: Mapping[str, pa.Table], limits: SandboxLimits,
+    tables: Mapping[str, pa.Table], limits: SandboxLimits, views: ViewTables,
 ) -> bytes:
     """`{"columns", "types", "rows", "truncated"}` or `{"error": rule}`, a newline, the rows
     in the request's format."""
@@ -305,7 +305,7 @@ def answer(
     try:
         sql = request["sql"]
         _check_read_only(cursor, sql)
-        _fill_views(cursor, tables, filled)
+        views.fill(cursor, tables, filled)
         relation = cursor.sql(sql, params=request.get("params") or None)
         header: dict[str, Any] = {"columns": relation.columns,
                                   "types": [str(kind) for kind in relation.types]}
@@ -323,29 +323,38 @@ def answer(
             return _error(limits.memory_rule)
         return _error(scrub_paths(str(exc)))
     finally:
-        _empty_views(cursor, filled)
+        views.empty(cursor, filled)
         cursor.close()
 
 
-def _fill_views(
-    cursor: duckdb.DuckDBPyConnection, tables: Mapping[str, pa.Table], filled: list[str],
-) -> None:
+class ViewTables:
     """Each view a table of the worker's database, created on its first statement and filled
-    with the rows the server sent: tables, so that catalogs list them as tools expect (psql's
-    `\\dt`), and lasting, so that their OIDs (the same in every worker, created in the same
-    order) hold from one catalog query to the next (psql's `\\d view`)."""
-    for name, table in tables.items():
-        cursor.register("incoming", table)
-        cursor.execute(f'CREATE TABLE IF NOT EXISTS "{name}" AS FROM incoming LIMIT 0')
-        if table.num_rows:
-            filled.append(name)
-            cursor.execute(f'INSERT INTO "{name}" FROM incoming')
-        cursor.unregister("incoming")
+    for each statement with the rows the server sent: tables, so that catalogs list them as
+    tools expect (psql's `dt`), and lasting, so that their OIDs (the same in every worker,
+    created in the same order) hold from one catalog query to the next (psql's `d view`)."""
 
+    def __init__(self) -> None:
+        self._created: set[str] = set()
 
-def _empty_views(cursor: duckdb.DuckDBPyConnection, filled: list[str]) -> None:
-    for name in filled:
-        cursor.execute(f'DELETE FROM "{name}"')
+    def fill(self, cursor: duckdb.DuckDBPyConnection, tables: Mapping[str, pa.Table],
+             filled: list[str]) -> None:
+        """Create and fill the tables; `filled` names those holding rows, to `empty` after."""
+        for name, table in tables.items():
+            if name in self._created and not table.num_rows:
+                continue
+            cursor.register("incoming", table)
+            if name not in self._created:
+                cursor.execute(f'CREATE TABLE "{name}" AS FROM incoming LIMIT 0')
+                self._created.add(name)
+            if table.num_rows:
+                filled.append(name)
+                cursor.execute(f'INSERT INTO "{name}" FROM incoming')
+            cursor.unregister("incoming")
+
+    @staticmethod
+    def empty(cursor: duckdb.DuckDBPyConnection, filled: list[str]) -> None:
+        for name in filled:
+            cursor.execute(f'DELETE FROM "{name}"')
 
 
 def _check_read_only(cursor: duckdb.DuckDBPyConnection, sql: str) -> None:
