@@ -22,12 +22,12 @@ import re
 import secrets
 import struct
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from prometheus_client import Counter, Gauge
 from pygwire import ConnectionPhase, FrontendMessageDecoder, PygwireError
 from pygwire.constants import TransactionStatus
 from pygwire.messages import (
@@ -152,22 +152,20 @@ class PgWireServer:
         self._loop: Loop | None = None
         self._asyncio_loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Event | None = None
-        registry = serving.metrics.registry
-        self._connections = Gauge("lambdalake_serving_pg_connections",
-                                  "Open PostgreSQL wire-protocol connections",
-                                  registry=registry)
-        self._statements = Counter("lambdalake_serving_pg_statements",
-                                   "PostgreSQL wire-protocol statements, by outcome",
-                                   ["outcome"], registry=registry)
+        self._connections = serving.metrics.pg_connections
+        self._statements = serving.metrics.pg_statements
         self._open = 0
 
     def start(self, loops: Loops, timeout: float = 30.0) -> PgWireServer:
         self._loop = loops.add(Loop("pgwire", self._serve_step, stuck_after_s=10.0,
                                     max_backoff_s=5.0))
         self._loop.start()
-        if not self._listening.wait(timeout):
-            raise RuntimeError(f"the PostgreSQL endpoint did not start on "
-                               f"{self.host}:{self.requested_port}: {self._loop.last_error}")
+        deadline = time.monotonic() + timeout
+        while not self._listening.wait(0.05):
+            if self._loop.last_error or time.monotonic() > deadline:  # a port taken, say
+                self.stop()
+                raise RuntimeError(f"the PostgreSQL endpoint did not start on "
+                                   f"{self.host}:{self.requested_port}: {self._loop.last_error}")
         return self
 
     def stop(self) -> None:
@@ -175,7 +173,8 @@ class PgWireServer:
             return
         self._loop.stopping.set()
         if self._asyncio_loop is not None and self._stopped is not None:
-            self._asyncio_loop.call_soon_threadsafe(self._stopped.set)
+            with contextlib.suppress(RuntimeError):  # its loop has ended already
+                self._asyncio_loop.call_soon_threadsafe(self._stopped.set)
         self._loop.stop(timeout_s=10)
 
     def _serve_step(self) -> float:

@@ -34,7 +34,16 @@ from pygwire.messages import (
     StartupMessage,
     Sync,
 )
-from test_serving import CUT_1, PAGEVIEWS, Lake, publish, speed_layer, start_lake, web_traffic
+from test_serving import (
+    CUT_1,
+    PAGEVIEWS,
+    Lake,
+    metric,
+    publish,
+    speed_layer,
+    start_lake,
+    web_traffic,
+)
 
 from lambdalake.example import project
 from lambdalake.serving.pgwire import PgWireServer
@@ -382,8 +391,8 @@ def test_the_sandbox_limits_hold_on_the_wire(tmp_path: Path) -> None:
                 connection.execute("SELECT 1")
             busy.join()
             assert connection.execute("SELECT 3").fetchone() == (3,)
-        problems = endpoint.lake.get("/healthz").json()
-        assert problems["loops"]["pgwire"] == "ok"
+        assert lake.get("/healthz").json()["loops"]["pgwire"] == "ok"
+        assert metric(lake, "lambdalake_serving_pg_statements_total", outcome="error") == 2
 
 
 def test_the_endpoint_says_so_while_state_is_restoring(tmp_path: Path) -> None:
@@ -405,3 +414,14 @@ def test_data_rows_are_postgres_text(endpoint: Endpoint) -> None:
     assert row[:8] == (True, b"x", [1, 2], ["a", None], Decimal("1.50"), float("inf"),
                        timedelta(minutes=90), date(2026, 11, 23))
     assert row[8] == datetime(2026, 11, 23, 10) and row[9] == {"a": 1}
+
+
+def test_a_taken_port_stops_start_up_at_once_saying_so(endpoint: Endpoint) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started_at = time.monotonic()
+        with pytest.raises(RuntimeError, match=f"127.0.0.1:{port}: .*address already in use"):
+            start_postgres(endpoint.lake.server.server, port=port)
+        assert time.monotonic() - started_at < 5
