@@ -21,6 +21,7 @@ $(VENV)/.test-deps: pyproject.toml $(SCRIPTS)/kafka_fetch.sh $(SCRIPTS)/spark_ja
 	PYTHON=$(BIN)/python bash $(SCRIPTS)/spark_jars.sh >/dev/null
 	# the dashboard test drives Debian's chromium; Playwright never downloads a browser
 	test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium)
+	command -v psql >/dev/null || { apt-get update -qq && apt-get install -y -qq postgresql-client >/dev/null; }
 	touch $@
 
 ## run: the whole flow on the embedded default, with a synthetic producer

@@ -111,6 +111,16 @@ class Settings(BaseSettings):
     speed_metrics_port: int = Field(
         0, ge=0, description="A Kafka speed worker's /metrics and /healthz; 0: none."
     )
+    pg_host: str = Field("127.0.0.1", description="Host of the PostgreSQL wire endpoint.")
+    pg_port: int = Field(
+        5433, ge=0, le=65_535, description="Port of the PostgreSQL wire endpoint that `up` "
+        "and `serve` start beside the API (user: any; password: an API key with the query "
+        "scope); 0: none.",
+    )
+    pg_max_connections: int = Field(
+        100, ge=1, description="Open PostgreSQL wire connections; past it a new one is "
+        "refused (53300 too_many_connections).",
+    )
     sql_concurrency: int = Field(
         2, ge=1, le=32, description="POST /sql statements run at once, each in a sandbox "
         "worker process of its own; past it the API answers 429 with Retry-After.",

@@ -149,13 +149,20 @@ def _loop_problems(serving: Serving) -> list[tuple[str, str]]:
 
 def require_restored(serving: ServingDep) -> None:
     """Answers only from whole state: a partial one would undercount."""
-    retry = {"Retry-After": "1"}
+    problem = restoring_problem(serving)
+    if problem:
+        header = "batch" if not serving.views.ready else "realtime"
+        raise ApiError(503, header, problem, headers={"Retry-After": "1"})
+
+
+def restoring_problem(serving: Serving) -> str | None:
+    """Why the state is not whole yet, or None."""
     if not serving.views.ready:
-        raise ApiError(503, "batch", "the published batch views have not been loaded yet",
-                       headers=retry)
+        return "the published batch views have not been loaded yet"
     if not serving.views.realtime.restored.is_set():
-        raise ApiError(503, "realtime", "the real-time state is being restored (speed "
-                       "checkpoint and log replay); retry shortly", headers=retry)
+        return ("the real-time state is being restored (speed checkpoint and log replay); "
+                "retry shortly")
+    return None
 
 
 @api.get("/views", tags=["views"], dependencies=[Depends(require_restored)],

@@ -28,6 +28,12 @@ class ServingMetrics:
                                 _LABELS, registry=self.registry)
         self.latency = Histogram("lambdalake_serving_request_seconds", "Time to answer a request",
                                  _LABELS, registry=self.registry)
+        self.pg_connections = Gauge("lambdalake_serving_pg_connections",
+                                    "Open PostgreSQL wire-protocol connections",
+                                    registry=self.registry)
+        self.pg_statements = Counter("lambdalake_serving_pg_statements",
+                                     "PostgreSQL wire-protocol statements, by outcome",
+                                     ["outcome"], registry=self.registry)
         self._gauge("lambdalake_serving_batch_version_age_seconds",
                     "Since the served batch version was created", views.version_age_seconds)
         self._gauge("lambdalake_serving_realtime_cells",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -95,22 +95,30 @@ class SqlResult:
     snapshot: Snapshot
 
 
-def run_sql(duck: DuckDB, views: BatchViews, sql: str, worker: Worker) -> SqlResult:
+def run_sql(
+    duck: DuckDB, views: BatchViews, sql: str, worker: Worker, *,
+    params: Sequence[Any] = (), row_format: str = "json", describe: bool = False,
+) -> SqlResult:
     """Read-only SQL over tables named after the views: merged rows at each view's own bucket,
-    `bucket` a UTC timestamp, each metric as `_SQL_COLUMNS` shows it. The statement runs in a
-    sandbox worker, which bounds its time, memory and answer."""
+    `bucket` a UTC timestamp, each metric as `_SQL_COLUMNS` shows it. Every view is a table,
+    so catalog queries (information_schema, DESCRIBE, pg_catalog) see them all; only those
+    the statement names are filled. The statement runs in a sandbox worker, which bounds its
+    time, memory and answer."""
     defined = views.project.views
     named = [name for name in defined if re.search(rf"\b{name}\b", sql, re.IGNORECASE)]
     reading = views.read(named)
-    tables = {name: _sql_table(duck, reading, views, defined[name]) for name in named}
-    return SqlResult(worker.run(sql, tables), reading.snapshot)
+    tables = {name: _sql_table(duck, reading, views, defined[name]) if name in named
+              else sql_schema(views.schemas[name], defined[name]).empty_table()
+              for name in defined}
+    rows = worker.run(sql, tables, params=params, row_format=row_format, describe=describe)
+    return SqlResult(rows, reading.snapshot)
 
 
 def sql_answer_json(result: SqlResult, freshness: Freshness) -> bytes:
     """The SqlAnswer body, its rows spliced in as the worker encoded them."""
     rows = result.rows
     return b"".join([
-        b'{"columns":', orjson.dumps(rows.columns), b',"rows":', rows.rows_json,
+        b'{"columns":', orjson.dumps(rows.columns), b',"rows":', rows.rows,
         b',"truncated":', orjson.dumps(rows.truncated),
         b',"freshness":', freshness.model_dump_json().encode(), b"}",
     ])

@@ -12,6 +12,7 @@ from lambdalake.loops import Loops
 from lambdalake.project import Project
 from lambdalake.realtime import RealtimeCells
 from lambdalake.serving.app import create_app
+from lambdalake.serving.pgwire import PgWireServer
 from lambdalake.settings import Settings
 from lambdalake.storage import ObjectStore
 
@@ -44,8 +45,25 @@ def build_server(
 def serve(
     settings: Settings, project: Project, store: ObjectStore, realtime: RealtimeCells
 ) -> None:
-    """Serve in the foreground until interrupted."""
-    build_server(settings, project, store, realtime).run()
+    """Serve in the foreground until interrupted, the PostgreSQL endpoint beside."""
+    server = build_server(settings, project, store, realtime)
+    postgres = start_postgres(server)
+    try:
+        server.run()
+    finally:
+        if postgres is not None:
+            postgres.stop()
+
+
+def start_postgres(server: uvicorn.Server, port: int | None = None) -> PgWireServer | None:
+    """The PostgreSQL wire endpoint of the API `server` builds, on settings.pg_host and `port`
+    (default settings.pg_port; 0 there: none), sharing its views and SQL sandbox."""
+    serving = server.config.app.state.serving
+    if port is None:
+        if not serving.settings.pg_port:
+            return None
+        port = serving.settings.pg_port
+    return PgWireServer(serving, serving.settings.pg_host, port).start(serving.loops)
 
 
 class ServerThread:

@@ -28,7 +28,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
@@ -44,6 +44,8 @@ import pyarrow as pa
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from lambdalake.query import QueryError
+from lambdalake.serving.pg_catalog import register_postgres_functions
+from lambdalake.serving.pg_text import data_row
 from lambdalake.serving.sketch_functions import register_sketch_functions
 from lambdalake.settings import Settings
 
@@ -86,8 +88,21 @@ class SandboxLimits:
 @dataclass(frozen=True)
 class EncodedRows:
     columns: list[str]
-    rows_json: bytes  # a JSON array of row arrays
+    types: list[str]  # DuckDB's type names
+    rows: bytes  # a JSON array of row arrays, or DataRow messages (RowFormat)
+    row_count: int
     truncated: bool
+
+
+@dataclass(frozen=True)
+class RowFormat:
+    """How an answer's rows are encoded: each row, and the bytes around and between them."""
+
+    name: str
+    row: Callable[[tuple], bytes]
+    opening: bytes
+    separator: bytes
+    closing: bytes
 
 
 class SqlSandbox:
@@ -143,11 +158,18 @@ class Worker:
         self._process: subprocess.Popen | None = None
         self._connection: Connection | None = None
 
-    def run(self, sql: str, tables: Mapping[str, pa.Table]) -> EncodedRows:
-        """The statement's answer, or QueryError naming the rule it broke."""
+    def run(
+        self, sql: str, tables: Mapping[str, pa.Table], *, params: Sequence[Any] = (),
+        row_format: str = "json", describe: bool = False,
+    ) -> EncodedRows:
+        """The statement's answer (its rows in the named RowFormat), or QueryError naming the
+        rule it broke. `params` fill the statement's `$1`, `$2`, ...; `describe`: its columns
+        and types only, the statement not run."""
         connection = self._started()
+        request = {"sql": sql, "tables": list(tables), "params": list(params),
+                   "format": row_format, "describe": describe}
         try:
-            connection.send_bytes(orjson.dumps({"sql": sql, "tables": list(tables)}))
+            connection.send_bytes(orjson.dumps(request, default=str))
             for table in tables.values():
                 connection.send_bytes(_ipc(table))
             self._wait_for_answer(connection)
@@ -155,11 +177,12 @@ class Worker:
         except (EOFError, OSError):
             self.stop()
             raise QueryError("sql", "stopped its sandbox process before answering") from None
-        header, rows_json = reply.split(b"\n", 1)
+        header, rows = reply.split(b"\n", 1)
         answer = orjson.loads(header)
         if "error" in answer:
             raise QueryError("sql", answer["error"])
-        return EncodedRows(answer["columns"], rows_json, answer["truncated"])
+        return EncodedRows(answer["columns"], answer["types"], rows, answer["rows"],
+                           answer["truncated"])
 
     def _wait_for_answer(self, connection: Connection) -> None:
         deadline = time.monotonic() + self.limits.timeout_seconds
@@ -239,7 +262,7 @@ def serve(connection: Connection) -> None:
     """Answer statements until the server closes the socket."""
     os.nice(10)  # the server's own threads (ingestion, health) come first on a busy machine
     limits = SandboxLimits(**orjson.loads(connection.recv_bytes()))
-    database = sandbox_database(limits.memory_mb)
+    database, views = sandbox_database(limits.memory_mb), ViewTables()
     connection.send_bytes(b"ready")
     while True:
         try:
@@ -247,7 +270,7 @@ def serve(connection: Connection) -> None:
             tables = {name: _table(connection.recv_bytes()) for name in request["tables"]}
         except EOFError:
             return
-        connection.send_bytes(answer(database, request["sql"], tables, limits))
+        connection.send_bytes(answer(database, request, tables, limits, views))
 
 
 def sandbox_database(memory_mb: int) -> duckdb.DuckDBPyConnection:
@@ -265,26 +288,34 @@ def sandbox_database(memory_mb: int) -> duckdb.DuckDBPyConnection:
     }
     database = duckdb.connect(config=config)
     register_sketch_functions(database)
+    register_postgres_functions(database)
     database.execute("SET TimeZone = 'UTC'")
     database.execute("SET lock_configuration = true")
     return database
 
 
 def answer(
-    database: duckdb.DuckDBPyConnection, sql: str, tables: Mapping[str, pa.Table],
-    limits: SandboxLimits,
+    database: duckdb.DuckDBPyConnection, request: Mapping[str, Any],
+    tables: Mapping[str, pa.Table], limits: SandboxLimits, views: ViewTables,
 ) -> bytes:
-    """`{"columns": [...], "truncated": bool}` or `{"error": rule}`, a newline, the rows."""
+    """`{"columns", "types", "rows", "truncated"}` or `{"error": rule}`, a newline, the rows
+    in the request's format."""
     cursor = database.cursor()
+    filled: list[str] = []
     try:
+        sql = request["sql"]
         _check_read_only(cursor, sql)
-        for name, table in tables.items():
-            cursor.register(name, table)
-        relation = cursor.sql(sql)
-        header: dict[str, Any] = {"columns": relation.columns}
-        budget = limits.max_bytes - len(orjson.dumps(header))
-        rows_json, header["truncated"] = encode_rows(_rows(relation), limits.max_rows, budget)
-        return orjson.dumps(header) + b"\n" + rows_json
+        views.fill(cursor, tables, filled)
+        relation = cursor.sql(sql, params=request.get("params") or None)
+        header: dict[str, Any] = {"columns": relation.columns,
+                                  "types": [str(kind) for kind in relation.types]}
+        if request.get("describe"):  # the answer's shape only: nothing runs
+            return orjson.dumps(header | {"rows": 0, "truncated": False}) + b"\n"
+        budget = limits.max_bytes - len(orjson.dumps(header)) - 64  # the count and flag
+        row_format = ROW_FORMATS[request.get("format", "json")]
+        rows, header["rows"], header["truncated"] = encode_rows(
+            _rows(relation), limits.max_rows, budget, row_format)
+        return orjson.dumps(header) + b"\n" + rows
     except QueryError as exc:
         return _error(exc.rule)
     except (duckdb.Error, pa.ArrowException, OSError) as exc:  # Arrow's, raised mid-stream
@@ -292,7 +323,38 @@ def answer(
             return _error(limits.memory_rule)
         return _error(scrub_paths(str(exc)))
     finally:
+        views.empty(cursor, filled)
         cursor.close()
+
+
+class ViewTables:
+    """Each view a table of the worker's database, created on its first statement and filled
+    for each statement with the rows the server sent: tables, so that catalogs list them as
+    tools expect (psql's `dt`), and lasting, so that their OIDs (the same in every worker,
+    created in the same order) hold from one catalog query to the next (psql's `d view`)."""
+
+    def __init__(self) -> None:
+        self._created: set[str] = set()
+
+    def fill(self, cursor: duckdb.DuckDBPyConnection, tables: Mapping[str, pa.Table],
+             filled: list[str]) -> None:
+        """Create and fill the tables; `filled` names those holding rows, to `empty` after."""
+        for name, table in tables.items():
+            if name in self._created and not table.num_rows:
+                continue
+            cursor.register("incoming", table)
+            if name not in self._created:
+                cursor.execute(f'CREATE TABLE "{name}" AS FROM incoming LIMIT 0')
+                self._created.add(name)
+            if table.num_rows:
+                filled.append(name)
+                cursor.execute(f'INSERT INTO "{name}" FROM incoming')
+            cursor.unregister("incoming")
+
+    @staticmethod
+    def empty(cursor: duckdb.DuckDBPyConnection, filled: list[str]) -> None:
+        for name in filled:
+            cursor.execute(f'DELETE FROM "{name}"')
 
 
 def _check_read_only(cursor: duckdb.DuckDBPyConnection, sql: str) -> None:
@@ -307,17 +369,20 @@ def _rows(relation: duckdb.DuckDBPyRelation) -> Iterator[tuple]:
         yield from zip(*(column.to_pylist() for column in batch.columns), strict=True)
 
 
-def encode_rows(rows: Iterator[tuple], max_rows: int, max_bytes: int) -> tuple[bytes, bool]:
-    """The rows as a JSON array, up to max_rows rows and max_bytes bytes; True if cut short."""
+def encode_rows(
+    rows: Iterator[tuple], max_rows: int, max_bytes: int, row_format: RowFormat,
+) -> tuple[bytes, int, bool]:
+    """The rows encoded, up to max_rows rows and max_bytes bytes; how many; True if cut
+    short."""
     encoded: list[bytes] = []
-    size = 2  # the brackets
+    size = len(row_format.opening) + len(row_format.closing)
     for row in rows:
-        item = encode_row(row)
-        size += len(item) + (1 if encoded else 0)
+        item = row_format.row(row)
+        size += len(item) + (len(row_format.separator) if encoded else 0)
         if len(encoded) == max_rows or size > max_bytes:
-            return _array(encoded), True
+            return _joined(encoded, row_format), len(encoded), True
         encoded.append(item)
-    return _array(encoded), False
+    return _joined(encoded, row_format), len(encoded), False
 
 
 def encode_row(row: tuple) -> bytes:
@@ -328,8 +393,14 @@ def encode_row(row: tuple) -> bytes:
         return json.dumps(values, default=str, separators=(",", ":")).encode()
 
 
-def _array(items: list[bytes]) -> bytes:
-    return b"[" + b",".join(items) + b"]"
+def _joined(items: list[bytes], row_format: RowFormat) -> bytes:
+    return row_format.opening + row_format.separator.join(items) + row_format.closing
+
+
+ROW_FORMATS = {
+    "json": RowFormat("json", encode_row, b"[", b",", b"]"),
+    "pg": RowFormat("pg", data_row, b"", b"", b""),  # PostgreSQL DataRow messages
+}
 
 
 def _error(rule: str) -> bytes:

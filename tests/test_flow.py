@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 
 from lambdalake.eventlog import now_ms
@@ -37,6 +38,7 @@ class Flow:
             "LAMBDALAKE_HOME": str(home),
             "LAMBDALAKE_GATEWAY_PORT": str(free_port()),
             "LAMBDALAKE_API_PORT": str(free_port()),
+            "LAMBDALAKE_PG_PORT": str(free_port()),
             "LAMBDALAKE_SLICE_SECONDS": "1",
             "LAMBDALAKE_BATCH_INTERVAL_SECONDS": "3600",
         }
@@ -154,6 +156,14 @@ def test_events_show_up_within_a_second_and_survive_a_batch_run(flow: Flow) -> N
     answer = batch_run(flow)
     assert {r["url"]: r["pageviews"] for r in answer["rows"]} == pageviews
     assert flow.wait_for(dict(orders), "revenue_by_sku_day", "sku", "orders") == orders
+
+    # the PostgreSQL endpoint `up` starts beside the API answers the same, its loop healthy
+    with psycopg.connect(host="127.0.0.1", port=int(flow.env["LAMBDALAKE_PG_PORT"]),
+                         user="anyone", dbname="lambdalake", autocommit=True) as connection:
+        rows = connection.execute("SELECT url, sum(pageviews) FROM pageviews_by_url_hour "
+                                  "GROUP BY url").fetchall()
+    assert {url: int(total) for url, total in rows} == pageviews
+    assert httpx.get(f"{flow.api}/healthz").json()["loops"]["pgwire"] == "ok"
 
 
 @pytest.mark.kafka

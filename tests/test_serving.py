@@ -583,6 +583,24 @@ def test_sql_sees_buckets_as_timestamps_and_joins_views(served: Lake) -> None:
     assert body["rows"] == [["2026-11-23T00:00:00Z", "2026-11-23T01:00:00Z", 40]]
 
 
+def test_sql_catalog_shows_every_view_whether_or_not_named(served: Lake) -> None:
+    """information_schema and DESCRIBE see every view, typed as /sql reads it."""
+    body = served.sql("SELECT table_name, column_name, data_type FROM information_schema.columns"
+                      " ORDER BY table_name, ordinal_position").json()
+    shown: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for table, column, data_type in body["rows"]:
+        shown[table].append((column, data_type))
+    assert set(shown) == set(project.views)
+    for view in project.views.values():
+        assert [column for column, _ in shown[view.name]] == \
+            ["bucket", *view.keys, *view.metrics]
+        assert shown[view.name][0] == ("bucket", "TIMESTAMP WITH TIME ZONE")
+    tables = served.sql("SELECT table_name FROM information_schema.tables").json()["rows"]
+    assert sorted(name for (name,) in tables) == sorted(project.views)
+    described = served.sql(f"DESCRIBE {PAGEVIEWS.name}").json()["rows"]
+    assert [row[:2] for row in described] == [list(pair) for pair in shown[PAGEVIEWS.name]]
+
+
 def test_sql_caps_rows(served: Lake) -> None:
     body = served.sql("SELECT range AS n FROM range(20000)").json()
     assert len(body["rows"]) == 10_000 and body["truncated"] is True

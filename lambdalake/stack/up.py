@@ -72,13 +72,16 @@ class Stack:
         from lambdalake.bus import events_topic
         from lambdalake.functions import archive
         from lambdalake.functions.runtime.local import LocalRuntime
-        from lambdalake.serving.server import ServerThread, build_server
+        from lambdalake.serving.server import ServerThread, build_server, start_postgres
         from lambdalake.speed.embedded import EmbeddedSpeed
 
         s = self.settings
         server = ServerThread(build_server(s, self.project, self.store, self.realtime,
                                            loops=self.loops)).start()
         self._closers.append(server.stop)
+        postgres = start_postgres(server.server)
+        if postgres is not None:
+            self._closers.append(postgres.stop)
         if s.bus == "kafka":
             self._kafka_speed()
         else:
@@ -217,5 +220,7 @@ class Stack:
             f"  query:   curl 'http://{s.api_host}:{s.api_port}/views/pageviews_by_url_hour"
             "?bucket=total&order_by=pageviews&limit=5'\n"
             f"  docs:    http://{s.api_host}:{s.api_port}/docs\n"
+            + (f"  sql:     psql -h {s.pg_host} -p {s.pg_port} -U me lambdalake "
+               "(password: a query key, if keys are set)\n" if s.pg_port else "") +
             f"  batch:   every {s.batch_interval_seconds} s; or `.venv/bin/lambdalake batch run`"
         )
