@@ -7,7 +7,8 @@ alone, so a partition moves between workers with its state. What a transaction w
   value of every cell changed since the last transaction (`ViewState.drain`), tombstones for
   cells dropped below the lowest cut of a kept batch version (kept down to it so that a
   rollback to any kept version is exact at once), and `[partition]` -> when the partition
-  was last read to its end. This compacted topic is both the serving layer's feed and the cell state.
+  was last read to its end. This compacted topic is both the serving layer's feed and the
+  cell state.
 - to `<topic>.speed-changelog`: `[partition, "ids", seq]` -> the [type, event_id, arrival]
   ids read since the last transaction, hundreds a record (tombstoned once past the dedup
   window; records written before dedup was by type hold [event_id, arrival] pairs, restored
