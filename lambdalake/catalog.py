@@ -11,6 +11,10 @@ never see a half-written version; a failed run never moves the pointer.
 The pointer moves by compare-and-swap (a write conditional on the pointer read), so two
 publishers never overwrite each other unseen: `publish` moves it only past the serving cut,
 `point_at` (a rollback) only from the version it was asked to replace.
+
+A rollback can serve any kept version, so the real-time layers keep every slice at or past
+the lowest cut of the kept versions (`KeptVersions.floor`), not only those past the serving
+cut: a rollback is then exact at once.
 """
 
 from __future__ import annotations
@@ -148,15 +152,32 @@ def versions(store: ObjectStore) -> list[str]:
     return [k.rsplit("/", 1)[1].removesuffix(".json") for k in store.list(f"{VERSIONS}/")]
 
 
+class KeptVersions:
+    """The kept versions' cuts, read again on each call (a manifest, immutable once written,
+    is read once)."""
+
+    def __init__(self, store: ObjectStore):
+        self.store = store
+        self._cuts: dict[str, int] = {}
+
+    def floor(self) -> int:
+        """The lowest cut of a kept version (0: none): no rollback goes back further, so
+        real-time slices below it may be dropped."""
+        cuts = {}
+        for version in versions(self.store):
+            cut = self._cuts.get(version)
+            if cut is None:
+                manifest = _manifest_if_any(self.store, version)
+                if manifest is None:
+                    continue  # deleted since listed
+                cut = manifest.cut
+            cuts[version] = cut
+        self._cuts = cuts
+        return min(cuts.values(), default=0)
+
+
 def record_run(store: ObjectStore, run: dict[str, Any]) -> None:
     store.put(f"{RUNS}/{run['version']}.json", json.dumps(run).encode())
-
-
-def oldest_kept_cut(store: ObjectStore) -> int | None:
-    """The cut of the oldest kept version (None: none kept): a rollback may need everything
-    that arrived since."""
-    kept = (_manifest_if_any(store, version) for version in versions(store))
-    return min((manifest.cut for manifest in kept if manifest is not None), default=None)
 
 
 def runs(store: ObjectStore) -> list[dict[str, Any]]:

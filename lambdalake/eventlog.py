@@ -10,6 +10,9 @@ Every record gets an arrival time that never decreases within its partition:
 `max(previous arrival, floor, now)`. `seal` raises the floor to now and returns the end
 offset, which lets a reader that has consumed up to that offset say "every later record
 arrives at or after this time", which is what the batch cut needs from idle partitions.
+The floor is written durably (the partition's `floor.json`) before `seal` returns it, so a
+wall clock that steps back across a restart never gives a record an arrival below a seal
+(nor below a cut chosen from one).
 Consumer groups keep independent committed positions.
 
 Retention deletes whole segments: `roll_older_than` closes the open segment once its first
@@ -95,7 +98,8 @@ class Partition:
         self._lock = threading.Lock()
         self._segments = [_Segment(p, int(p.stem)) for p in sorted(folder.glob("*.log"))]
         self._arrival = max([s.recover() for s in self._segments], default=0)
-        self._floor = 0
+        self._floor_path = folder / "floor.json"
+        self._floor = self._read_floor()
         if not self._segments:
             self._roll(0)
         self._out = open(self._segments[-1].path, "ab")
@@ -137,10 +141,22 @@ class Partition:
             return acks
 
     def seal(self) -> tuple[int, int]:
-        """(end offset, t): every record at or past the end offset arrives at t or later."""
+        """(end offset, t): every record at or past the end offset arrives at t or later,
+        across restarts too."""
         with self._lock:
-            self._floor = max(self._arrival, self._floor, now_ms())
-            return self.end, self._floor
+            floor = max(self._arrival, self._floor, now_ms())
+            if floor > self._floor:
+                _replace_durably(self._floor_path, json.dumps({"floor": floor}).encode())
+                self._floor = floor
+            return self.end, floor
+
+    def _read_floor(self) -> int:
+        try:
+            return int(json.loads(self._floor_path.read_bytes())["floor"])
+        except FileNotFoundError:
+            return 0
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RuntimeError(f"{self._floor_path}: unreadable seal floor ({exc!r})") from None
 
     def roll_older_than(self, arrival: int) -> bool:
         """Close the open segment if its first record arrived before `arrival`."""
@@ -241,17 +257,27 @@ class Topic:
 
     def commit(self, group: str, positions: dict[int, int]) -> None:
         merged = self.committed(group) | positions
-        path = self._positions / f"{group}.json"
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as out:
-            json.dump({str(k): v for k, v in merged.items()}, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
+        body = json.dumps({str(k): v for k, v in merged.items()}).encode()
+        _replace_durably(self._positions / f"{group}.json", body)
 
     def close(self) -> None:
         for partition in self.partitions:
             partition.close()
+
+
+def _replace_durably(path: Path, data: bytes) -> None:
+    """Replace the file whole: a crash leaves the old content or the new, never a mix."""
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself
+    finally:
+        os.close(folder)
 
 
 class EventLog:

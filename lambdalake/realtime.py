@@ -19,7 +19,7 @@ from lambdalake.viewstate import CellKey, CellUpdate
 class RealtimeCells:
     def __init__(self, project: Project):
         self.project = project
-        self.cut = 0
+        self.cut = 0  # cells below it are dropped: the lowest cut of a kept batch version
         self.caught_up_at = 0  # when the speed layer last reported having read everything
         # Set by the speed layer (or the feed of it) once these cells hold everything it had
         # at start; until then an answer would undercount.
@@ -42,7 +42,8 @@ class RealtimeCells:
                 del self._tables[cached]
 
     def drop_below(self, cut: int) -> None:
-        """Forget cells below `cut`; called once the serving layer serves a batch with it."""
+        """Forget cells below `cut`, the lowest cut of a kept batch version: a rollback to
+        any kept version finds the cells past its cut here."""
         with self._lock:
             self.cut = max(self.cut, cut)
             self._tables.clear()

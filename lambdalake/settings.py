@@ -88,7 +88,11 @@ class Settings(BaseSettings):
         "are forgotten before the window ends.",
     )
     max_future_seconds: int = Field(300, ge=0, description="How far ahead of now `ts` may be.")
-    versions_kept: int = Field(5, ge=1)
+    versions_kept: int = Field(
+        5, ge=1,
+        description="Batch versions kept for rollback; the real-time layers keep their slices "
+        "down to the oldest one's cut, so a rollback is exact at once.",
+    )
     on_corrupt: Literal["fail", "skip"] = Field(
         "fail", description="A corrupt master object: fail the batch run, or skip it."
     )

@@ -1,8 +1,10 @@
 """The speed layer's view state: pure, engine-free, shared by every speed driver.
 
 State is kept per arrival slice: cell = (slice, bucket, key) -> one working accumulator per
-metric. The serving layer answers `batch(cut) + cells with slice >= cut`, so when a batch
-version with cut C is published, slices below C are dropped here and there.
+metric. The serving layer answers `batch(cut) + cells with slice >= cut`. Slices are kept down
+to the lowest cut of the kept batch versions (`catalog.KeptVersions.floor`), so that a
+rollback to any of them is exact at once; `drop_below` drops those below it, here and in the
+serving layer, as versions are pruned.
 
 Dedup: an event is identified by its type and `event_id` (an id is unique within its type,
 as in the batch layer, which reads each type's master objects alone), and counted once while
@@ -80,7 +82,7 @@ class ViewState:
         self.max_ids = max_ids
         self.forgotten_early = 0  # ids forgotten inside the window, to stay within max_ids
         self._forgotten_upto = 0  # the newest arrival among them
-        self.cut = 0
+        self.cut = 0  # slices below it are dropped: the lowest cut of a kept batch version
         self._views = {name: _ViewFold(view) for name, view in project.views.items()}
         self.cells: dict[str, dict[CellKey, list[Any]]] = {
             name: fold.cells for name, fold in self._views.items()
@@ -96,7 +98,7 @@ class ViewState:
         self._newest = 0
 
     def apply(self, event: Event, arrival: int) -> bool:
-        """Fold one event in; False when it is a duplicate or already covered by the batch."""
+        """Fold one event in; False when it is a duplicate or covered by every kept batch."""
         if self._duplicate(event.type, event.event_id, arrival) or arrival < self.cut:
             return False
         slice_start = arrival - arrival % self.slice_ms
@@ -147,6 +149,8 @@ class ViewState:
         return max(self._newest - self.dedup_window_ms, self._forgotten_upto)
 
     def drop_below(self, cut: int) -> None:
+        """Drop the slices below `cut`: the lowest cut of a kept batch version (the floor),
+        never the serving one's, or a rollback would miss the slices between the two."""
         if cut <= self.cut:
             return
         self.cut = cut

@@ -1,9 +1,10 @@
 """The published batch views, held in memory as one immutable snapshot per version.
 
 `BatchViews` follows `catalog.current(store)`. When the published version changes it reads
-every view's Parquet files listed in the manifest, swaps the new snapshot in whole, then
-drops the real-time cells the new cut covers. Queries take the snapshot and the real-time
-cells at or past its cut together (`read`), so a swap can never leave a slice in neither.
+every view's Parquet files listed in the manifest and swaps the new snapshot in whole.
+Queries take the snapshot and the real-time cells at or past its cut together (`read`), so a
+swap can never leave a slice in neither. Real-time cells are kept down to the lowest cut of
+the kept versions (`catalog.KeptVersions`), so a rollback to any of them is exact at once.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class BatchViews:
         loops: Loops | None = None,
     ):
         self.project, self.store, self.realtime = project, store, realtime
+        self.kept = catalog.KeptVersions(store)
         self.poll_seconds = poll_seconds
         self.schemas = {name: table_schema(project, v) for name, v in project.views.items()}
         empty = {name: schema.empty_table() for name, schema in self.schemas.items()}
@@ -94,17 +96,22 @@ class BatchViews:
             swapped = manifest is not None and manifest.version != self._snapshot.version
             if swapped:
                 self._swap_in(Snapshot(manifest, MappingProxyType(self._load(manifest))))
+            floor = self.kept.floor()
+            with self._swap:
+                # Never past the served cut: a version published, and the served one pruned,
+                # since `current` was read leave the floor above it until the next refresh.
+                self.realtime.drop_below(min(floor, self._snapshot.cut))
             self.ready = True
             return swapped
 
     def _swap_in(self, snapshot: Snapshot) -> None:
-        if snapshot.cut < self._snapshot.cut:
-            log.warning("serving a batch version with an earlier cut: real-time slices between "
-                        "the two cuts are gone until the next batch run",
-                        extra={"version": snapshot.version, "cut": snapshot.cut})
+        if snapshot.cut < self.realtime.cut:
+            log.warning("serving a batch version with a cut below the real-time cells kept: "
+                        "the events between the two are missing until the next batch run",
+                        extra={"version": snapshot.version, "cut": snapshot.cut,
+                               "kept_from": self.realtime.cut})
         with self._swap:
             self._snapshot = snapshot
-            self.realtime.drop_below(snapshot.cut)
         log.info("batch version served", extra={"version": snapshot.version, "cut": snapshot.cut})
 
     def _load(self, manifest: Manifest) -> dict[str, pa.Table]:

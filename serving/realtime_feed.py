@@ -7,8 +7,9 @@ value of every partition. `[partition]` records say when that partition was last
 its end; `caught_up_at` is the oldest of them once every partition has reported.
 `cells.restored` is set once every partition of the topic was read to its end: the cells
 then hold at least everything the speed layer had committed when the feed started.
-Tombstones (cells the speed layer dropped below a batch cut) change nothing here: those
-cells leave when the serving layer serves that batch (`RealtimeCells.drop_below`).
+Tombstones (cells the speed layer dropped below the lowest cut of a kept batch version)
+change nothing here: those cells leave when the serving layer's own floor passes them
+(`RealtimeCells.drop_below`).
 
     feed = RealtimeFeed(settings.kafka_bootstrap, settings.topic, cells)
     feed.start()    # a loop (`lambdalake.loops`) in a daemon thread
@@ -114,7 +115,7 @@ class RealtimeFeed:
         return CellUpdate(update.view, *cell, values)
 
     def _prune(self) -> None:
-        """Forget partition values of slices the served batch covers."""
+        """Forget partition values of slices every kept batch version covers."""
         cut = self.cells.cut
         if cut > self._pruned_below:
             self._pruned_below = cut

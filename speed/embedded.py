@@ -53,6 +53,7 @@ class EmbeddedSpeed:
         self.dedup_gauges = DedupGauges("all")
         self.positions = {p.index: 0 for p in topic.partitions}
         self.checkpointed = dict(self.positions)  # what a restart resumes from: log retention
+        self.kept = catalog.KeptVersions(store)
         self.checkpoint_path = settings.home / "speed" / "checkpoint.pickle"
         self.checkpoint_seconds = checkpoint_seconds
         self.restored = restored or threading.Event()
@@ -116,9 +117,8 @@ class EmbeddedSpeed:
         APPLIED.labels("counted" if self.state.apply(event, arrival) else "skipped").inc()
 
     def follow_batch(self) -> None:
-        manifest = catalog.current(self.store)
-        if manifest:
-            self.state.drop_below(manifest.cut)
+        """Drop the slices no kept batch version needs (below the lowest kept cut)."""
+        self.state.drop_below(self.kept.floor())
 
     def step(self) -> float:
         """Read, publish, follow the batch, checkpoint; the seconds until the next step."""

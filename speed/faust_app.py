@@ -81,7 +81,8 @@ class FaustSpeed:
                        "state": changelog_topic(settings.topic),
                        "dead": dlq_topic(settings.topic)}
         self.parts: dict[int, PartitionState] = {}
-        self.cut = 0
+        self.kept = catalog.KeptVersions(store)
+        self.floor = 0  # the lowest cut of a kept batch version: slices below it are dropped
         self._sent: list[Any] = []  # the current batch's sends, awaited before its commit
         self._rewound: dict[int, float] = {}  # partition -> when it was last rewound
         events = self.app.topic(settings.topic, acks=False, **RAW)
@@ -182,13 +183,13 @@ class FaustSpeed:
 
     async def follow_batch(self) -> None:
         try:
-            manifest = await asyncio.to_thread(catalog.current, self.store)
+            floor = await asyncio.to_thread(self.kept.floor)
         except Exception:  # an unreachable store delays the drop; it never stops the layer
             log.warning("cannot read the batch catalog", exc_info=True)
             return
-        self.cut = max(self.cut, manifest.cut if manifest else 0)
+        self.floor = max(self.floor, floor)
         for part in self.parts.values():
-            part.follow(self.cut)
+            part.follow(self.floor)
 
     async def revoked(self, app: Any, revoked: Any, **_: Any) -> None:
         """Forget revoked partitions (a batch in flight for one is fenced by its new owner)."""
@@ -204,7 +205,7 @@ class FaustSpeed:
         fresh = [n for n in numbers if n not in self.parts]
         # Blocks the loop on purpose: no record of these partitions may be folded meanwhile
         # (the consumer, and its heartbeats, run on Faust's consumer thread).
-        self.parts.update(restore_partitions(self.settings, self.project, fresh, self.cut))
+        self.parts.update(restore_partitions(self.settings, self.project, fresh, self.floor))
         log.info("partitions assigned, state restored", extra={"partitions": numbers})
 
 

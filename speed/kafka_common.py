@@ -5,8 +5,10 @@ One `PartitionState` per event-topic partition: the kernel's view state for that
 alone, so a partition moves between workers with its state. What a transaction writes:
 - to `<topic>.realtime`, keyed `[partition, view, slice, bucket, key]`: the whole current
   value of every cell changed since the last transaction (`ViewState.drain`), tombstones for
-  cells dropped below a batch cut, and `[partition]` -> when the partition was last read to
-  its end. This compacted topic is both the serving layer's feed and the cell state.
+  cells dropped below the lowest cut of a kept batch version (kept down to it so that a
+  rollback to any kept version is exact at once), and `[partition]` -> when the partition
+  was last read to its end. This compacted topic is both the serving layer's feed and the
+  cell state.
 - to `<topic>.speed-changelog`: `[partition, "ids", seq]` -> the [type, event_id, arrival]
   ids read since the last transaction, hundreds a record (tombstoned once past the dedup
   window; records written before dedup was by type hold [event_id, arrival] pairs, restored
@@ -110,7 +112,8 @@ class PartitionState:
         self._dedup_gauges.report(self.view)
 
     def follow(self, cut: int) -> None:
-        """Drop the slices a published batch (cut) covers, remembering their keys."""
+        """Drop the slices every kept batch version covers (below `cut`, the lowest kept
+        cut), remembering their keys."""
         if cut <= self.view.cut:
             return
         self._dropped += [
@@ -181,7 +184,7 @@ def restore_partitions(
     settings: Settings, project: Project, numbers: list[int], cut: int
 ) -> dict[int, PartitionState]:
     """The view states of these event partitions, rebuilt from what their last committed
-    transactions wrote, with the slices below the batch cut dropped."""
+    transactions wrote, with the slices below `cut` (the lowest kept cut) dropped."""
     realtime, changelog = realtime_topic(settings.topic), changelog_topic(settings.topic)
     latest = read_compacted(
         settings.kafka_bootstrap, [(t, p) for t in (realtime, changelog) for p in numbers]

@@ -80,7 +80,8 @@ class QuixSpeed:
             },
         )
         self.parts: dict[int, PartitionState] = {}
-        self.cut = 0
+        self.kept = catalog.KeptVersions(store)
+        self.floor = 0  # the lowest cut of a kept batch version: slices below it are dropped
         self._changed = False
         self._last_commit = self._last_catalog = 0.0
 
@@ -129,18 +130,17 @@ class QuixSpeed:
         part.next_offset = message.offset() + 1
 
     def follow_batch(self) -> None:
-        """Drop what the published batch covers (the store may be briefly unavailable)."""
+        """Drop what every kept batch version covers (the store may be briefly unavailable)."""
         self._last_catalog = time.monotonic()
         try:
-            manifest = catalog.current(self.store)
+            floor = self.kept.floor()
         except Exception:  # an unreachable store delays the drop; it never stops the layer
             log.warning("cannot read the batch catalog", exc_info=True)
             return
-        cut = manifest.cut if manifest else 0
-        if cut > self.cut:
-            self.cut, self._changed = cut, True
+        if floor > self.floor:
+            self.floor, self._changed = floor, True
             for part in self.parts.values():
-                part.follow(cut)
+                part.follow(floor)
 
     def commit(self) -> None:
         """One transaction: what every partition's state changed, with the consumed offsets."""
@@ -168,7 +168,7 @@ class QuixSpeed:
         # state read below is the state those offsets were committed with.
         self.consumer.committed(partitions, KAFKA_TIMEOUT_S)
         numbers = [tp.partition for tp in partitions]
-        self.parts.update(restore_partitions(self.settings, self.project, numbers, self.cut))
+        self.parts.update(restore_partitions(self.settings, self.project, numbers, self.floor))
         log.info("partitions assigned, state restored", extra={"partitions": numbers})
 
     def _revoke(self, _consumer: object, partitions: list[TopicPartition]) -> None:

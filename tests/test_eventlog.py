@@ -96,9 +96,10 @@ def test_offsets_increase_and_arrival_never_decreases(script, segment_bytes):
         assert [(r.offset, r.arrival, r.value) for r in records] == written
         arrivals = [r.arrival for r in records]
         assert arrivals == sorted(arrivals)
-        clock.now = 0  # the clock went back across the restart: arrival still never decreases
+        clock.now = 0  # the clock went back across the restart: arrival still never
+        # decreases, nor falls below a seal
         [(offset, again)] = reopened.topic("events").partitions[0].append([b"after"])
-        assert (offset, again) == (len(written), max([0, *arrivals]))
+        assert (offset, again) == (len(written), max([floor, *arrivals]))
         reopened.close()
 
 
@@ -206,6 +207,37 @@ def test_seal_floor_holds_for_later_appends(tmp_path, clock):
     clock.now = 12_000
     assert partition.append([b"d"]) == [(3, 12_000)]
     log.close()
+
+
+@pytest.mark.parametrize("records_before", [0, 2])
+def test_the_seal_floor_survives_a_restart_with_the_clock_stepped_back(
+    tmp_path, clock, records_before
+):
+    log = EventLog(tmp_path)
+    partition = log.topic("events", 2).partitions[0]
+    clock.now = 5_000
+    partition.append([b"x"] * records_before)
+    clock.now = 9_000
+    assert partition.seal() == (records_before, 9_000)  # a cut may be chosen at 9_000 now
+    log.close()
+    clock.now = 6_000  # the wall clock steps back across the restart
+    reopened = EventLog(tmp_path)
+    partitions = reopened.topic("events").partitions
+    assert partitions[0].seal() == (records_before, 9_000)
+    assert partitions[0].append([b"late"]) == [(records_before, 9_000)]
+    assert partitions[1].append([b"never sealed"]) == [(0, 6_000)]
+    reopened.close()
+
+
+def test_an_unreadable_seal_floor_stops_the_open_naming_the_file(tmp_path):
+    log = EventLog(tmp_path)
+    log.topic("events").partitions[0].seal()
+    log.close()
+    (tmp_path / "events" / "p0000" / "floor.json").write_text("{")
+    reopened = EventLog(tmp_path)
+    with pytest.raises(RuntimeError, match="floor.json: unreadable seal floor"):
+        reopened.topic("events")
+    reopened.close()
 
 
 def test_seal_with_the_real_clock(tmp_path):

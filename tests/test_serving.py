@@ -36,6 +36,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lambdalake import catalog
+from lambdalake.batch.run import prune_versions, rollback
 from lambdalake.eventlog import now_ms
 from lambdalake.events import Event, epoch_ms, iso
 from lambdalake.example import project
@@ -374,16 +375,36 @@ def test_answers_past_the_lag_bound_say_stale_and_stay_ready(served: Lake) -> No
     assert view["freshness"]["batch_version"] == "v1" and view["freshness"]["realtime_lag_ms"]
 
 
-def test_a_new_version_drops_the_cells_below_its_cut(served: Lake, traffic: list[Record]) -> None:
+def test_a_new_version_keeps_the_cells_a_kept_version_needs(
+    served: Lake, traffic: list[Record]
+) -> None:
     state = speed_layer(traffic)
     publish(served.store, "v2", CUT_2, traffic)
     assert served.wait_for_version("v2")["cut"] == iso(CUT_2)
-    assert served.realtime.cut == CUT_2
+    assert served.realtime.cut == CUT_1  # v1 is kept: a rollback to it needs them
     past_cut = sum(1 for cells in state.cells.values() for cell in cells if cell[0] >= CUT_2)
     assert metric(served, "lambdalake_serving_realtime_cells") == past_cut
     assert answered(served.rows()) == expected_pageviews(traffic, HOUR)
+    prune_versions(served.store, 1, [])  # v1 is deleted: no version needs the cells below CUT_2
+    deadline = time.monotonic() + 10
+    while served.realtime.cut != CUT_2:
+        assert time.monotonic() < deadline, "the cells below the kept cuts were never dropped"
+        time.sleep(0.02)
+    assert answered(served.rows()) == expected_pageviews(traffic, HOUR)
     served.realtime.upsert(state.everything())  # a late resend of slices the batch covers
     assert answered(served.rows()) == expected_pageviews(traffic, HOUR)
+
+
+def test_a_rollback_is_exact_at_once(served: Lake, traffic: list[Record], tmp_path: Path) -> None:
+    """Back to v1 after v2: its first answer holds the events between the two cuts."""
+    publish(served.store, "v2", CUT_2, traffic)
+    served.wait_for_version("v2")
+    assert any(CUT_1 <= arrival < CUT_2 for _, arrival in traffic)
+    rollback(Settings(home=tmp_path), served.store, "v1")
+    assert served.wait_for_version("v1")["cut"] == iso(CUT_1)
+    assert answered(served.rows()) == expected_pageviews(traffic, HOUR)
+    rows = served.rows(REVENUE.name, bucket="total")
+    assert {r["sku"]: (r["revenue"], r["orders"]) for r in rows} == expected_revenue(traffic)
 
 
 def test_a_version_that_fails_to_load_leaves_the_last_one_serving(served: Lake) -> None:

@@ -5,7 +5,8 @@ the same event id, and events of another type reusing an earlier event's id) arr
 partitions with non-decreasing arrival times. The speed side is the kernel's ViewState fed each
 partition in order, the partitions interleaved at random, publishing into RealtimeCells; batch
 runs at random cuts are modelled by an independent plain-Python recompute of the events with
-arrival < cut, deduplicated by (type, event id). Speed workers crash and restart from
+arrival < cut, deduplicated by (type, event id), and published through the real catalog:
+runs overlap, and rollbacks serve any kept version. Speed workers crash and restart from
 checkpoints. Whenever the speed layer has caught up with what it had read before, every view
 answer must equal a recompute over every event it covers, each (type, event id) counted once
 (invariants 1, 2 and 6 of DESIGN.md).
@@ -14,18 +15,27 @@ answer must equal a recompute over every event it covers, each (type, event id) 
 from __future__ import annotations
 
 import pickle
+import tempfile
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
+from pathlib import Path
+from typing import Any
 
 from datasketches import hll_sketch, kll_doubles_sketch, tgt_hll_type, update_theta_sketch
 from exact import exact_quantiles
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lambdalake import catalog
+from lambdalake.batch.run import prune_versions, rollback
 from lambdalake.events import Event
 from lambdalake.example import project
 from lambdalake.realtime import RealtimeCells
+from lambdalake.settings import Settings
+from lambdalake.storage import FileStore, ObjectStore
 from lambdalake.tables import table_schema
 from lambdalake.viewstate import ViewState
 
@@ -38,6 +48,7 @@ USERS = [f"u{i}" for i in range(6)]
 SKUS = ["sku-1", "sku-2"]
 
 Record = tuple[Event, int]  # (event, arrival)
+SETTINGS = Settings()
 
 
 # --- the random world --------------------------------------------------------------------
@@ -100,8 +111,9 @@ streams = st.builds(
 )
 
 
-CONTROL = ["flush", "flush", "batch", "batch", "batch", "follow", "checkpoint", "checkpoint",
-           "crash"]
+# "batch": a run alone, served at once; "start" and "finish": runs that overlap.
+CONTROL = ["flush", "flush", "batch", "batch", "start", "finish", "serve", "follow", "rollback",
+           "rollback", "checkpoint", "crash"]
 # Rounds of reads (partition numbers) each followed by one control op.
 ops = st.lists(
     st.tuples(
@@ -233,20 +245,34 @@ def assert_exact(answers: dict[str, dict], expected: dict[str, dict]) -> None:
 
 @dataclass
 class World:
+    """The speed layer (ViewState), the serving layer's real-time cells, and batch runs
+    published through the real catalog (`catalog.publish`, `rollback`, `prune_versions`):
+    runs overlap (each picks its cut when it starts, publishes when it finishes, refused
+    when superseded), rollbacks go to any kept version, and the serving and speed layers
+    learn of each at their own pace."""
+
     partitions: list[list[Record]]
+    store: ObjectStore
+    versions_kept: int = 5
     dedup_window_ms: int = DAY
     state: ViewState = field(init=False)
     realtime: RealtimeCells = field(init=False)
+    kept: catalog.KeptVersions = field(init=False)
     positions: list[int] = field(init=False)
     high_water: list[int] = field(init=False)
-    cut: int = 0
-    batch: dict = field(default_factory=dict)
+    cut: int = 0  # the serving version's
+    floor: int = 0  # the serving layer's: it keeps real-time cells at or past it
+    batch: dict = field(default_factory=dict)  # the serving version's rows
+    runs: list[tuple[str, int]] = field(default_factory=list)  # started: (version, cut)
+    started: int = 0
+    rows: dict[str, dict] = field(default_factory=dict)  # version -> its batch rows
     checkpoint: tuple[bytes, list[int]] | None = None
     checks: int = 0
 
     def __post_init__(self) -> None:
         self.state = ViewState(project, SLICE, self.dedup_window_ms)
         self.realtime = RealtimeCells(project)
+        self.kept = catalog.KeptVersions(self.store)
         self.positions = [0] * len(self.partitions)
         self.high_water = [0] * len(self.partitions)
 
@@ -267,19 +293,63 @@ class World:
         if self.positions == self.high_water:
             self.check()
 
-    def run_batch(self, slices: int) -> None:
-        """A batch run at a slice boundary past the last cut, published to serving."""
+    def start_run(self, slices: int) -> tuple[str, int] | None:
+        """A batch run picks its cut at a slice boundary past the published one, if any."""
         top = max(a for _, a in self.records)
         ceiling = top - top % SLICE + SLICE
-        cut = min(max(self.cut, T0) + slices * SLICE, ceiling)
-        if cut <= self.cut:
+        published = catalog.current(self.store)
+        published_cut = published.cut if published else 0
+        cut = min(max(published_cut, T0) + slices * SLICE, ceiling)
+        if cut <= published_cut:
+            return None
+        self.started += 1
+        self.runs.append((f"v{self.started:04d}", cut))
+        return self.runs[-1]
+
+    def finish_run(self, which: int) -> None:
+        if self.runs:
+            self.finish(self.runs.pop(which % len(self.runs)))
+
+    def finish(self, run: tuple[str, int]) -> None:
+        """Publish by compare-and-swap (refused once superseded), then keep the newest
+        versions, as `batch.run` does."""
+        version, cut = run
+        self.rows[version] = batch_rows(self.records, cut)
+        manifest = catalog.Manifest(version=version, cut=cut, created="", engine="model",
+                                    rows_read=0, views={})
+        catalog.write_manifest(self.store, manifest)
+        try:
+            catalog.publish(self.store, version)
+        except catalog.Superseded:
+            self.store.delete(f"{catalog.VERSIONS}/{version}.json")
             return
-        self.cut, self.batch = cut, batch_rows(self.records, cut)
-        self.realtime.drop_below(cut)
+        prune_versions(self.store, self.versions_kept, [])
+
+    def roll_back(self, which: int) -> None:
+        kept = catalog.versions(self.store)
+        if kept:
+            rollback(SETTINGS, self.store, kept[which % len(kept)])
+
+    def serve(self) -> None:
+        """The serving layer follows the published version, as `BatchViews.refresh` does."""
+        published = catalog.current(self.store)
+        if published is not None:
+            self.cut, self.batch = published.cut, self.rows[published.version]
+        self.floor = min(self.kept.floor(), self.cut)
+        self.realtime.drop_below(self.floor)
+
+    def run_batch(self, slices: int) -> None:
+        """A batch run on its own, served at once."""
+        run = self.start_run(slices)
+        if run:
+            self.runs.remove(run)
+            self.finish(run)
+        self.serve()
 
     def follow(self) -> None:
-        """The speed layer learns of the published batch (some time after serving does)."""
-        self.state.drop_below(self.cut)
+        """The speed layer drops the slices below the lowest kept cut, some time after the
+        serving layer did."""
+        self.state.drop_below(self.floor)
 
     def save(self) -> None:
         self.checkpoint = (self.state.snapshot(), list(self.positions))
@@ -308,8 +378,10 @@ class World:
     def run(self, script) -> None:
         actions = {
             "step": self.step, "flush": lambda _: self.flush(), "batch": self.run_batch,
-            "follow": lambda _: self.follow(), "checkpoint": lambda _: self.save(),
-            "crash": lambda _: self.crash(),
+            "start": self.start_run,
+            "finish": self.finish_run, "serve": lambda _: self.serve(),
+            "rollback": self.roll_back, "follow": lambda _: self.follow(),
+            "checkpoint": lambda _: self.save(), "crash": lambda _: self.crash(),
         }
         for op, arg in script:
             actions[op](arg)
@@ -320,23 +392,34 @@ class World:
         assert self.positions == [len(p) for p in self.partitions]
 
 
+@contextmanager
+def world_of(partitions: list[list[Record]], **options: Any) -> Iterator[World]:
+    """A World whose catalog is a store in a fresh folder (on tmpfs when there is one)."""
+    shm = Path("/dev/shm")
+    with tempfile.TemporaryDirectory(dir=shm if shm.is_dir() else None) as folder:
+        yield World(partitions, FileStore(Path(folder)), **options)
+
+
 @settings(max_examples=200, deadline=None)
-@given(streams, ops)
-def test_merged_answers_equal_a_recompute_of_every_event(partitions, script):
-    world = World(partitions)
-    world.run(script)
-    # Caught up: every event ever ingested, each event id once, whatever the cuts.
-    final = serve(world.batch, world.realtime, world.cut)
-    assert_exact(final, recompute(dedup(world.records)))
-    # And once more after a last batch run that covers everything.
-    world.run_batch(10**6)
-    world.follow()
-    world.flush()
-    assert not world.realtime.table(
-        project.views["pageviews_by_url_hour"],
-        table_schema(project, project.views["pageviews_by_url_hour"]),
-        world.cut,
-    ).num_rows
+@given(streams, ops, st.integers(1, 3))
+def test_merged_answers_equal_a_recompute_of_every_event(partitions, script, versions_kept):
+    """Whatever runs overlap, whatever kept version a rollback serves, whenever the serving
+    and speed layers learn of either: exact at every check."""
+    with world_of(partitions, versions_kept=versions_kept) as world:
+        world.run(script)
+        # Caught up: every event ever ingested, each event id once, whatever the cuts.
+        world.serve()
+        final = serve(world.batch, world.realtime, world.cut)
+        assert_exact(final, recompute(dedup(world.records)))
+        # And once more after a last batch run that covers everything.
+        world.run_batch(10**6)
+        world.follow()
+        world.flush()
+        assert not world.realtime.table(
+            project.views["pageviews_by_url_hour"],
+            table_schema(project, project.views["pageviews_by_url_hour"]),
+            world.cut,
+        ).num_rows
 
 
 # --- targeted cases ----------------------------------------------------------------------
@@ -350,13 +433,13 @@ def pageview(number: int, ts: int, user: str = "u1", url: str = "/") -> Event:
 def test_a_retry_straddling_the_cut_is_counted_once():
     first, retry = (pageview(1, T0 - HOUR), T0 + 10_000), (pageview(1, T0 - HOUR), T0 + 70_000)
     other = (pageview(2, T0 - HOUR, user="u2"), T0 + 80_000)
-    world = World([[first, retry, other]])
-    world.run([("step", 0), ("step", 0), ("step", 0), ("flush", 0)])
-    world.run_batch(1)  # cut at T0 + 60 s: the first copy is in the batch, the retry is not
-    assert world.cut == T0 + SLICE
-    world.follow()
-    world.flush()
-    answers = serve(world.batch, world.realtime, world.cut)["pageviews_by_url_hour"]
+    with world_of([[first, retry, other]]) as world:
+        world.run([("step", 0), ("step", 0), ("step", 0), ("flush", 0)])
+        world.run_batch(1)  # cut at T0 + 60 s: the first copy is in the batch, the retry is not
+        assert world.cut == T0 + SLICE
+        world.follow()
+        world.flush()
+        answers = serve(world.batch, world.realtime, world.cut)["pageviews_by_url_hour"]
     assert answers == {(T0 - HOUR, ("/",)): {"pageviews": 2, "visitors": 2}}
 
 
@@ -496,13 +579,15 @@ def test_merge_without_duplicates_is_exact_for_many_distinct_users():
         event = pageview(i, arrival - (i * 7_919) % (3 * HOUR), user=f"u{i % 250}",
                          url=URLS[i % 3])
         partitions[i % 3].append((event, arrival))
-    world = World(partitions)
     script = []
     for i in range(3_000):
         script.append(("step", (i * 2) % 3 if i % 5 else 1))
         if i % 400 == 399:
             script += [("flush", 0), ("batch", 3), ("follow", 0)]
-    world.run(script)
-    assert world.checks >= 1
-    final = serve(world.batch, world.realtime, world.cut)
+    script.append(("rollback", 1))  # 7 runs, 5 kept: back to the second oldest kept, 4 back
+    with world_of(partitions) as world:
+        world.run(script)
+        world.serve()
+        assert world.checks >= 1 and world.cut == T0 + 12 * SLICE
+        final = serve(world.batch, world.realtime, world.cut)
     assert_exact(final, recompute(dedup(world.records)))

@@ -201,11 +201,11 @@ class Stack:
         """Delete the embedded log's segments every consumer has read (the archive's committed
         position, the speed layer's checkpoint) below the cut of the oldest kept version."""
         from lambdalake.bus import events_topic
-        from lambdalake.catalog import oldest_kept_cut
+        from lambdalake.catalog import KeptVersions
         from lambdalake.eventlog import now_ms
 
-        oldest = oldest_kept_cut(self.store)
-        if oldest is None:
+        oldest = KeptVersions(self.store).floor()
+        if not oldest:  # no version kept yet: everything may still be needed
             return 0
         roll_before = now_ms() - self.settings.log_segment_seconds * 1000
         return events_topic(self.settings).retain(self.speed.checkpointed, oldest, roll_before)
