@@ -216,8 +216,9 @@ def test_the_event_size_limit_counts_the_bytes_received(settings: Settings, gate
 def test_an_event_whose_record_outgrows_the_limit_on_the_bus_is_refused(
     settings: Settings, gateway: str
 ):
-    """`1E15` is written 1000000000000000.0 on the bus, 14 bytes more: the record, read back
-    by the speed layer and the archiver, must fit the same limit."""
+    """A decimal `1E15` is written "1000000000000000.00" on the bus (exactly its scale), 17
+    bytes more: the record, read back by the speed layer and the archiver, must fit the same
+    limit."""
     def purchase_of(event_id: str, size: int) -> bytes:
         body = compact({**purchase(event_id), "ts": now_ms(), "user_id": "", "amount": 0})
         body = body.replace(b'"amount":0', b'"amount":1E15')
@@ -225,10 +226,10 @@ def test_an_event_whose_record_outgrows_the_limit_on_the_bus_is_refused(
         user = ("\U0001f600" * (room // 4) + "u" * (room % 4)).encode()
         return body.replace(b'"user_id":""', b'"user_id":"' + user + b'"')
 
-    assert httpx.post(gateway, content=purchase_of("fits", MAX_EVENT_BYTES - 14)).status_code == 202
+    assert httpx.post(gateway, content=purchase_of("fits", MAX_EVENT_BYTES - 17)).status_code == 202
     [record] = [r for p in events_topic(settings).partitions for r in p.read(0, 10)]
     assert len(record.value) == MAX_EVENT_BYTES
-    reply = httpx.post(gateway, content=purchase_of("grows", MAX_EVENT_BYTES - 13))
+    reply = httpx.post(gateway, content=purchase_of("grows", MAX_EVENT_BYTES - 16))
     assert reply.status_code == 400
     assert reply.json()["rejected"][0]["error"].endswith("bytes on the bus")
 

@@ -202,7 +202,8 @@ EVENTS = st.fixed_dictionaries(
     {"type": st.sampled_from(["pageview", "purchase"]) | TEXT},
     optional={"event_id": TEXT | JSON, "ts": TIMESTAMPS, "url": TEXT | JSON,
               "user_id": TEXT | JSON, "referrer": TEXT | st.none(), "sku": TEXT | JSON,
-              "duration_ms": INTEGERS | JSON, "amount": st.floats() | INTEGERS | JSON},
+              "duration_ms": INTEGERS | JSON, "amount": st.floats() | INTEGERS | JSON
+              | st.decimals(allow_nan=False, allow_infinity=False).map(str)},
 )
 BODIES = st.one_of(
     EVENTS.map(json.dumps),

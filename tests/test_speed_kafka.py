@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +105,8 @@ def recompute(events: list[dict[str, Any]]) -> Answer:
         else:
             bucket = event["ts"] - event["ts"] % BUCKET_MS["day"]
             row = answer.setdefault(("revenue_by_sku_day", bucket, (event["sku"],)),
-                                    {"revenue": 0.0, "orders": 0})
-            row["revenue"] += event["amount"]
+                                    {"revenue": Decimal(0), "orders": 0})
+            row["revenue"] += Decimal(event["amount"])  # amount is decimal(18,2): exact
             row["orders"] += 1
             row = answer.setdefault(("buyers_by_sku_day", bucket, (event["sku"],)),
                                     {"buyers": set()})
@@ -397,7 +398,7 @@ def test_ids_are_held_by_type_and_an_untyped_changelog_still_restores() -> None:
     t0 = int(time.time() * 1000)
     pageview = {"event_id": "x1", "type": "pageview", "ts": t0, "url": "/", "user_id": "u"}
     purchase = {"event_id": "x1", "type": "purchase", "ts": t0, "user_id": "u", "sku": "s",
-                "amount": 2.5}
+                "amount": "2.50"}
     first = PartitionState(0, project, s)
     assert first.take(json.dumps(pageview).encode(), t0, validator) is None
     changelog = dict(first.changelog_records())
@@ -455,7 +456,7 @@ def to_events(drawn: list[dict[str, Any]], now: int) -> list[dict[str, Any]]:
                                   "user_id": f"u{d['user']}"})
         else:
             events.append(base | {"type": "purchase", "user_id": f"u{d['user']}",
-                                  "sku": d["sku"], "amount": d["cents"] / 100})
+                                  "sku": d["sku"], "amount": str(Decimal(d["cents"]).scaleb(-2))})
     return events
 
 
