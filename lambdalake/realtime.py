@@ -30,11 +30,13 @@ class RealtimeCells:
     def upsert(self, updates: Iterable[CellUpdate]) -> None:
         with self._lock:
             for u in updates:
-                if u.slice >= self.cut:
-                    self._cells[u.view][(u.slice, u.bucket, u.key)] = u.values
+                cells = self._cells.get(u.view)  # None: a view since removed from the project
+                if cells is not None and u.slice >= self.cut:
+                    cells[(u.slice, u.bucket, u.key)] = u.values
 
     def drop_below(self, cut: int) -> None:
-        """Forget cells below `cut`; called once the serving layer serves a batch with it."""
+        """Forget cells below `cut`; called once the serving layer serves a batch whose
+        `catalog.realtime_floor` it is."""
         with self._lock:
             self.cut = max(self.cut, cut)
             for cells in self._cells.values():
@@ -42,7 +44,8 @@ class RealtimeCells:
                     del cells[cell]
 
     def table(self, view: View, schema: pa.Schema, cut: int) -> pa.Table:
-        """The view's cells at or past `cut` (the serving batch version's), as table rows."""
+        """The view's cells at or past `cut` (the serving batch version's for this view,
+        `catalog.view_cuts`), as table rows."""
         with self._lock:
             cells = [(c, v) for c, v in self._cells[view.name].items() if c[0] >= cut]
         columns: dict[str, list[Any]] = {"bucket": [c[1] for c, _ in cells]}
@@ -53,16 +56,22 @@ class RealtimeCells:
         return pa.Table.from_pydict(columns, schema=schema)
 
 
-def encode_update(update: CellUpdate, view: View) -> bytes:
-    """JSON for the wire (each metric as its kind encodes it), for buses between processes."""
-    metrics = view.metrics.values()
+def encode_update(update: CellUpdate, project: Project) -> bytes:
+    """JSON for the wire (each metric as its kind encodes it), for buses between processes,
+    with the view's definition fingerprint: a reader with another definition ignores it."""
+    metrics = project.views[update.view].metrics.values()
     values = [m.encode(v) for m, v in zip(metrics, update.values, strict=True)]
-    body = [update.view, update.slice, update.bucket, list(update.key), values]
+    fingerprint = project.fingerprints[update.view]
+    body = [update.view, update.slice, update.bucket, list(update.key), values, fingerprint]
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def decode_update(data: bytes, project: Project) -> CellUpdate:
-    name, slice_start, bucket, key, values = json.loads(data)
+def decode_update(data: bytes, project: Project) -> CellUpdate | None:
+    """The update, or None when it is of a view the project does not define as it was
+    written (removed, changed, or written before updates named their definition)."""
+    name, slice_start, bucket, key, values, *fingerprint = json.loads(data)
+    if fingerprint != [project.fingerprints.get(name)]:
+        return None
     metrics = project.views[name].metrics.values()
     decoded = tuple(m.decode(v) for m, v in zip(metrics, values, strict=True))
     return CellUpdate(name, slice_start, bucket, tuple(key), decoded)

@@ -204,8 +204,19 @@ class FaustSpeed:
         fresh = [n for n in numbers if n not in self.parts]
         # Blocks the loop on purpose: no record of these partitions may be folded meanwhile
         # (the consumer, and its heartbeats, run on Faust's consumer thread).
-        self.parts.update(restore_partitions(self.settings, self.project, fresh, self.cut))
+        restored = restore_partitions(self.settings, self.project, fresh, self.cut)
+        self.parts.update(restored)
+        await self._publish_restored([p for p in restored.values() if p.next_offset is not None])
         log.info("partitions assigned, state restored", extra={"partitions": numbers})
+
+    async def _publish_restored(self, parts: list[PartitionState]) -> None:
+        """Commit what restoring changed (views rebuilt or dropped since the last transaction,
+        and a heartbeat naming today's views), without waiting for a partition's next record."""
+        self._sent = []
+        for part in parts:
+            await self._write(part)
+        await asyncio.gather(*self._sent)
+        await self._commit(parts)
 
 
 def main(argv: list[str] | None = None) -> None:
