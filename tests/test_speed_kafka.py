@@ -240,8 +240,10 @@ def wait_until(condition: Callable[[], bool], timeout: float = 60) -> None:
 def publish_cut(settings: Settings, cut: int) -> None:
     store = open_store(settings.store_url)
     version = catalog.new_version()
+    covered = {name: catalog.ViewFiles(files=[], rows=0) for name in project.views}
     catalog.write_manifest(store, catalog.Manifest(
-        version=version, cut=cut, created="test", engine="test", rows_read=0, views={}))
+        version=version, cut=cut, created="test", engine="test", rows_read=0, views=covered,
+        fingerprints=project.fingerprints))
     catalog.publish(store, version)
 
 

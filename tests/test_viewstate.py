@@ -18,6 +18,7 @@ import pickle
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import pytest
 from datasketches import hll_sketch, kll_doubles_sketch, tgt_hll_type, update_theta_sketch
 from exact import exact_quantiles
 from hypothesis import given, settings
@@ -27,7 +28,7 @@ from lambdalake.events import Event
 from lambdalake.example import project
 from lambdalake.realtime import RealtimeCells
 from lambdalake.tables import table_schema
-from lambdalake.viewstate import ViewState
+from lambdalake.viewstate import UnreadableSnapshot, ViewState
 
 SLICE = 60_000
 HOUR = 3_600_000
@@ -389,12 +390,11 @@ def test_an_event_id_is_unique_within_its_type_only():
     assert [u.values for u in revenue] == [(9.5, 1)]
 
 
-def test_a_snapshot_of_untyped_ids_restores_them_for_every_type():
-    """A checkpoint written when dedup was by id alone holds (id, arrival) pairs: each is held
-    for every type, the old rule, so no copy it had skipped is counted after the upgrade."""
-    old = pickle.dumps((0, T0 + 5, [], [("pv-1", T0 + 5)]), protocol=5)
+def test_untyped_ids_restore_for_every_type():
+    """A Kafka changelog written when dedup was by id alone holds (id, arrival) pairs: each is
+    held for every type, the old rule, so no copy it had skipped is counted after the upgrade."""
     state = ViewState(project, SLICE, DAY)
-    state.restore(old)
+    state.load(0, T0 + 5, [], [("pv-1", T0 + 5)])
     assert not state.apply(pageview(1, T0), T0 + 6)
     assert not state.apply(purchase("pv-1", T0), T0 + 6)
     assert state.apply(purchase("pv-2", T0), T0 + 7)
@@ -403,6 +403,12 @@ def test_a_snapshot_of_untyped_ids_restores_them_for_every_type():
     assert again.held_ids() == state.held_ids() == [
         ("pageview", "pv-1", T0 + 5), ("purchase", "pv-1", T0 + 5), ("purchase", "pv-2", T0 + 7)
     ]
+
+
+def test_a_pickled_snapshot_of_earlier_versions_is_refused_not_misread():
+    old = pickle.dumps((0, T0 + 5, [], [("pv-1", T0 + 5)]), protocol=5)
+    with pytest.raises(UnreadableSnapshot):
+        ViewState(project, SLICE, DAY).restore(old)
 
 
 def test_snapshot_restore_round_trip_mid_stream():
