@@ -186,7 +186,7 @@ class FaustSpeed:
         except Exception:  # an unreachable store delays the drop; it never stops the layer
             log.warning("cannot read the batch catalog", exc_info=True)
             return
-        self.cut = max(self.cut, manifest.cut if manifest else 0)
+        self.cut = max(self.cut, catalog.realtime_floor(manifest, self.project))
         for part in self.parts.values():
             part.follow(self.cut)
 

@@ -136,7 +136,7 @@ class QuixSpeed:
         except Exception:  # an unreachable store delays the drop; it never stops the layer
             log.warning("cannot read the batch catalog", exc_info=True)
             return
-        cut = manifest.cut if manifest else 0
+        cut = catalog.realtime_floor(manifest, self.project)
         if cut > self.cut:
             self.cut, self._changed = cut, True
             for part in self.parts.values():
