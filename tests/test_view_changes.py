@@ -16,12 +16,13 @@ import operator
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from test_flow import Flow, batch_run, flow, send_synthetic  # noqa: F401 (a fixture)
+from test_flow import Flow, batch_run, send_synthetic
 
 from lambdalake.events import epoch_ms
 from lambdalake.views import BUCKET_MS
@@ -69,6 +70,13 @@ project = Project.of([PAGEVIEW, PURCHASE], [
 ])
 '''
 OPS = {"<": operator.lt, ">=": operator.ge}
+
+
+@pytest.fixture
+def flow(tmp_path: Path) -> Iterator[Flow]:
+    flow = Flow(tmp_path)
+    yield flow
+    flow.stop()
 
 
 def write_project(folder: Path, specs: dict[str, Spec]) -> None:

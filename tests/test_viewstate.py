@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import pickle
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 from datasketches import hll_sketch, kll_doubles_sketch, tgt_hll_type, update_theta_sketch
@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from lambdalake.events import Event
 from lambdalake.example import project
+from lambdalake.project import Project
 from lambdalake.realtime import RealtimeCells
 from lambdalake.tables import table_schema
 from lambdalake.viewstate import UnreadableSnapshot, ViewState
@@ -512,3 +513,28 @@ def test_merge_without_duplicates_is_exact_for_many_distinct_users():
     assert world.checks >= 1
     final = serve(world.batch, world.realtime, world.cut)
     assert_exact(final, recompute(dedup(world.records)))
+
+
+def test_a_restore_keeps_unchanged_views_and_names_the_changed_and_added_ones():
+    """A snapshot restored under another project: a removed view's cells are dropped (no
+    KeyError), a changed or added view is returned to be rebuilt, the rest is restored."""
+    events = [(pageview(i, T0 + i * 1_000, user=f"u{i % 3}", url=URLS[i % 3]), T0 + i)
+              for i in range(20)] + [(purchase(f"p{i}", T0), T0 + 30 + i) for i in range(3)]
+    before = ViewState(project, SLICE, DAY)
+    before.apply_all(events)
+    pageviews, revenue, *rest = project.views.values()
+    changed = replace(pageviews, keys=("url", "user_id"))
+    added = replace(revenue, name="revenue_by_sku_hour", bucket="hour")
+    after_project = Project.of(project.schemas.values(), [changed, added, *rest])
+    after = ViewState(after_project, SLICE, DAY)
+    assert after.restore(before.snapshot()) == {changed.name, added.name}
+    kept = {u for u in before.everything() if u.view in {v.name for v in rest}}
+    assert set(map(repr, after.everything())) == set(map(repr, kept))
+    rebuilt = after.for_views({changed.name, added.name}, 0)
+    rebuilt.apply_all(events)
+    after.adopt(rebuilt)
+    straight = ViewState(after_project, SLICE, DAY)
+    straight.apply_all(events)
+    assert sorted(map(repr, after.drain())) == sorted(
+        map(repr, (u for u in straight.everything() if u.view in rebuilt.cells)))
+    assert sorted(map(repr, after.everything())) == sorted(map(repr, straight.everything()))
