@@ -145,10 +145,10 @@ def served(cells: RealtimeCells, batch: list[dict[str, Any]], cut: int) -> Answe
 def recompute_accumulators(events: list[dict[str, Any]]) -> dict[Any, tuple[Any, ...]]:
     """The by-hand batch as accumulators (sketches folded from each cell's first copies)."""
     cells: dict[Any, list[dict[str, Any]]] = {}
-    seen: set[str] = set()
+    seen: set[tuple[str, str]] = set()
     for event in events:
-        if event["event_id"] not in seen:
-            seen.add(event["event_id"])
+        if (event["type"], event["event_id"]) not in seen:  # the dedup rule: type and id
+            seen.add((event["type"], event["event_id"]))
             for view in project.views_of(event["type"]):
                 bucket = view.bucket_of(event["ts"])
                 key = tuple(event[k] for k in view.keys)
