@@ -22,9 +22,9 @@ the ordinary `Engine.compute` (which dedups within the delta). It is deleted onc
 are computed; a killed run's is deleted as an orphan by `prune_versions`.
 
 A base is used only if it covers the whole master dataset below its cut (its run skipped no
-corrupt object) and has every view of the project with today's columns; otherwise the run
-recomputes in full. A view whose definition changed without changing its columns (a filter)
-is not detected: recompute in full after changing a view.
+corrupt object) and has every view of the project computed with today's definition (its
+fingerprint in the manifest, `Manifest.covers`: keys, bucket, filter, metrics, field types);
+otherwise the run recomputes in full, so a changed view is rebuilt from the master dataset.
 """
 
 from __future__ import annotations
@@ -71,12 +71,9 @@ def usable_base(store: ObjectStore, project: Project) -> Manifest | None:
 def _unusable(store: ObjectStore, project: Project, base: Manifest) -> str | None:
     if _skipped(store, base.version):
         return f"{base.version} left corrupt master objects out"
-    for name, view in project.views.items():
-        files = base.views.get(name)
-        if files is None:
-            return f"{base.version} has no view {name}"
-        if any(_schema(store, key) != table_schema(project, view) for key in files.files):
-            return f"{base.version} has other columns for view {name}"
+    for name in project.views:
+        if not base.covers(project, name):
+            return f"{base.version} has no view {name} as defined now"
     return None
 
 
@@ -86,10 +83,6 @@ def _skipped(store: ObjectStore, version: str) -> bool:
     except NotFound:  # a run whose record failed to write: it may have skipped objects
         return True
     return bool(run.get("skipped"))
-
-
-def _schema(store: ObjectStore, key: str) -> pa.Schema:
-    return pq.read_schema(pa.BufferReader(store.get(key))).remove_metadata()
 
 
 @contextmanager

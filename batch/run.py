@@ -304,6 +304,7 @@ class _Run:
             rows_read=self.rows_read,
             views=self.views,
             base_version=self.base.version if self.base else None,
+            fingerprints=self.project.fingerprints,
         )
         if lease.lost:
             raise BatchError("the batch lease expired and was taken over while computing")

@@ -8,6 +8,11 @@ Layout under the store root:
 Readers follow `_current.json` to a manifest and read only the files it lists, so they
 never see a half-written version; a failed run never moves the pointer.
 
+A manifest names each view's definition fingerprint (`Project.fingerprints`). A version
+covers a view only under the definition it was computed with: a view changed or added since
+is absent from it (`view_cuts`), answered from the real-time layer alone, which holds it
+from the start of the bus until a version computed with the new definition is published.
+
 The pointer moves by compare-and-swap (a write conditional on the pointer read), so two
 publishers never overwrite each other unseen: `publish` moves it only past the serving cut,
 `point_at` (a rollback) only from the version it was asked to replace.
@@ -26,6 +31,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from lambdalake.events import iso
+from lambdalake.project import Project
 from lambdalake.storage import NotFound, ObjectStore, PreconditionFailed
 
 PREFIX = "views"
@@ -56,6 +62,27 @@ class Manifest(BaseModel):
     rows_read: int
     views: dict[str, ViewFiles]
     base_version: str | None = None  # set by incremental runs
+    # view -> `Project.fingerprints` when computed; a view without one is covered by nothing
+    fingerprints: dict[str, str] = {}
+
+    def covers(self, project: Project, view: str) -> bool:
+        """Whether this version holds `view` as the project defines it now."""
+        fingerprint = self.fingerprints.get(view)
+        return view in self.views and fingerprint == project.fingerprints[view]
+
+
+def view_cuts(manifest: Manifest | None, project: Project) -> dict[str, int]:
+    """Per view, the arrival below which the batch version answers it: its cut when the
+    version covers the view, else 0 (the real-time layer answers it all)."""
+    return {
+        name: manifest.cut if manifest and manifest.covers(project, name) else 0
+        for name in project.views
+    }
+
+
+def realtime_floor(manifest: Manifest | None, project: Project) -> int:
+    """The lowest arrival slice the real-time layer must keep to answer every view."""
+    return min(view_cuts(manifest, project).values(), default=manifest.cut if manifest else 0)
 
 
 def new_version(now: datetime | None = None) -> str:
@@ -156,13 +183,14 @@ class KeptVersions:
     """The kept versions' cuts, read again on each call (a manifest, immutable once written,
     is read once)."""
 
-    def __init__(self, store: ObjectStore):
-        self.store = store
+    def __init__(self, store: ObjectStore, project: Project | None = None):
+        self.store, self.project = store, project
         self._cuts: dict[str, int] = {}
 
     def floor(self) -> int:
-        """The lowest cut of a kept version (0: none): no rollback goes back further, so
-        real-time slices below it may be dropped."""
+        """The real-time floor: the lowest cut of a kept version (0: none; no rollback goes
+        back further) and, given the project, of the serving version for each view
+        (`realtime_floor`: 0 for a view it does not cover). Slices below it may be dropped."""
         cuts = {}
         for version in versions(self.store):
             cut = self._cuts.get(version)
@@ -173,7 +201,10 @@ class KeptVersions:
                 cut = manifest.cut
             cuts[version] = cut
         self._cuts = cuts
-        return min(cuts.values(), default=0)
+        lowest = min(cuts.values(), default=0)
+        if self.project is None:
+            return lowest
+        return min(lowest, realtime_floor(current(self.store), self.project))
 
 
 def record_run(store: ObjectStore, run: dict[str, Any]) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 from lambdalake.events import DecimalType, EventSchema
 from lambdalake.views import View
@@ -41,6 +45,39 @@ class Project:
 
     def views_of(self, event_type: str) -> list[View]:
         return [v for v in self.views.values() if v.event_type == event_type]
+
+    @cached_property
+    def fingerprints(self) -> dict[str, str]:
+        """view name -> a digest of everything its rows depend on: the event type, keys,
+        bucket, filter, metrics (kind, field, parameters, in order) and the declared types of
+        the fields it reads. Equal digests: a table computed under one definition is valid
+        under the other. Stable across processes and versions (no Python `hash`)."""
+        return {name: self._fingerprint(view) for name, view in self.views.items()}
+
+    @cached_property
+    def digest(self) -> str:
+        """One digest of every view's fingerprint: which definitions a state reflects."""
+        return _digest(sorted(self.fingerprints.items()))
+
+    def only(self, names: Iterable[str]) -> Project:
+        """This project with only the views named (same schemas)."""
+        return Project(self.schemas, {name: self.views[name] for name in names})
+
+    def _fingerprint(self, view: View) -> str:
+        schema = self.schemas[view.event_type]
+        return _digest({
+            "event_type": view.event_type,
+            "keys": list(view.keys),
+            "bucket": view.bucket,
+            "where": [[c.field, c.op, type(c.value).__name__, c.value] for c in view.where],
+            "metrics": [[name, m.kind, dataclasses.asdict(m)] for name, m in view.metrics.items()],
+            "types": {f: schema.fields[f] for f in sorted(view.fields_read())},
+        })
+
+
+def _digest(definition: object) -> str:
+    canonical = json.dumps(definition, sort_keys=True, separators=(",", ":"), default=repr)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 class ProjectError(ValueError):

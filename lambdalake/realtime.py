@@ -35,15 +35,17 @@ class RealtimeCells:
         with self._lock:
             changed = set()
             for u in updates:
-                if u.slice >= self.cut:
-                    self._cells[u.view][(u.slice, u.bucket, u.key)] = u.values
+                cells = self._cells.get(u.view)  # None: a view since removed from the project
+                if cells is not None and u.slice >= self.cut:
+                    cells[(u.slice, u.bucket, u.key)] = u.values
                     changed.add(u.view)
             for cached in [c for c in self._tables if c[0] in changed]:
                 del self._tables[cached]
 
     def drop_below(self, cut: int) -> None:
-        """Forget cells below `cut`, the lowest cut of a kept batch version: a rollback to
-        any kept version finds the cells past its cut here."""
+        """Forget cells below `cut`, the real-time floor (`catalog.KeptVersions.floor`): a
+        rollback to any kept version, and every view the serving version does not cover,
+        find their cells here."""
         with self._lock:
             self.cut = max(self.cut, cut)
             self._tables.clear()
@@ -52,7 +54,8 @@ class RealtimeCells:
                     del cells[cell]
 
     def table(self, view: View, schema: pa.Schema, cut: int) -> pa.Table:
-        """The view's cells at or past `cut` (the serving batch version's), as table rows."""
+        """The view's cells at or past `cut` (the serving batch version's for this view,
+        `catalog.view_cuts`), as table rows."""
         with self._lock:
             cached = self._tables.get((view.name, cut))
             if cached is None:
@@ -69,16 +72,22 @@ class RealtimeCells:
         return pa.Table.from_pydict(columns, schema=schema)
 
 
-def encode_update(update: CellUpdate, view: View) -> bytes:
-    """JSON for the wire (each metric as its kind encodes it), for buses between processes."""
-    metrics = view.metrics.values()
+def encode_update(update: CellUpdate, project: Project) -> bytes:
+    """JSON for the wire (each metric as its kind encodes it), for buses between processes,
+    with the view's definition fingerprint: a reader with another definition ignores it."""
+    metrics = project.views[update.view].metrics.values()
     values = [m.encode(v) for m, v in zip(metrics, update.values, strict=True)]
-    body = [update.view, update.slice, update.bucket, list(update.key), values]
+    fingerprint = project.fingerprints[update.view]
+    body = [update.view, update.slice, update.bucket, list(update.key), values, fingerprint]
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def decode_update(data: bytes, project: Project) -> CellUpdate:
-    name, slice_start, bucket, key, values = json.loads(data)
+def decode_update(data: bytes, project: Project) -> CellUpdate | None:
+    """The update, or None when it is of a view the project does not define as it was
+    written (removed, changed, or written before updates named their definition)."""
+    name, slice_start, bucket, key, values, *fingerprint = json.loads(data)
+    if fingerprint != [project.fingerprints.get(name)]:
+        return None
     metrics = project.views[name].metrics.values()
     decoded = tuple(m.decode(v) for m, v in zip(metrics, values, strict=True))
     return CellUpdate(name, slice_start, bucket, tuple(key), decoded)

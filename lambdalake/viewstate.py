@@ -17,22 +17,35 @@ every copy of an event_id being on one partition (the bus keys records by event_
 the copy read first is the one with the earliest arrival, the one the batch layer keeps.
 Copies on different partitions, read out of arrival order, can be counted by both layers
 until a batch cut passes both copies.
+
+Views change across restarts. A snapshot is versioned JSON (`SNAPSHOT_FORMAT`) naming each
+view's definition fingerprint (`Project.fingerprints`); `restore` keeps only the views whose
+definition is unchanged and returns the others, which the driver rebuilds from the bus into
+a state of just those views (`for_views`) and then `adopt`s. A removed view's cells are
+dropped; a snapshot of an older format is refused (`UnreadableSnapshot`): rebuild it all.
 """
 
 from __future__ import annotations
 
-import pickle
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from lambdalake.events import Event
+from lambdalake.monoids import Monoid
 from lambdalake.project import Project
 from lambdalake.settings import DEDUP_MAX_IDS
 from lambdalake.views import View
 
 CellKey = tuple[int, int, tuple[Any, ...]]  # (slice, bucket, key)
+SNAPSHOT_FORMAT = 1
+
+
+class UnreadableSnapshot(ValueError):
+    """A snapshot this version cannot read (an older format): rebuild from the bus instead."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,16 +211,71 @@ class ViewState:
                     self._hold(ids, event_id, arrival)
         self._forget_oldest()  # the cap may be lower than when the ids were written
 
-    def snapshot(self) -> bytes:
-        cells = [(u.view, u.slice, u.bucket, u.key, u.values) for u in self.everything()]
-        return pickle.dumps((self.cut, self._newest, cells, self.held_ids()), protocol=5)
+    def for_views(self, names: Iterable[str], cut: int) -> ViewState:
+        """An empty state like this one for only the views named, folding arrivals >= `cut`:
+        to rebuild them from the bus, then `adopt` them."""
+        state = ViewState(self.project.only(names), self.slice_ms, self.dedup_window_ms,
+                          self.max_ids)
+        state.cut = cut
+        return state
 
-    def restore(self, data: bytes) -> None:
-        self.cut, self._newest, cells, held = pickle.loads(data)
+    def adopt(self, rebuilt: ViewState) -> None:
+        """Hold the cells of `rebuilt`'s views instead of this state's, all to be published."""
+        for name, cells in rebuilt.cells.items():
+            fold = self._views[name]
+            fold.cells.clear()
+            fold.cells.update(cells)
+            fold.dirty.clear()
+            fold.dirty.update(cells)
+
+    def snapshot(self) -> bytes:
+        """Versioned JSON: the cut, the ids held, each view's fingerprint and cells (every
+        accumulator as its kind encodes it for the wire)."""
+        views = {
+            name: {"fingerprint": self.project.fingerprints[name],
+                   "cells": [self._saved(name, cell) for cell in fold.cells]}
+            for name, fold in self._views.items()
+        }
+        return orjson.dumps({"format": SNAPSHOT_FORMAT, "cut": self.cut, "newest": self._newest,
+                             "views": views, "held": self.held_ids()})
+
+    def restore(self, data: bytes) -> set[str]:
+        """Restore a `snapshot`; the views it does not hold as defined now (to rebuild).
+        Raises `UnreadableSnapshot` for anything but this format."""
+        try:
+            saved = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            saved = None
+        if not isinstance(saved, dict) or saved.get("format") != SNAPSHOT_FORMAT:
+            raise UnreadableSnapshot("the speed state was saved in an older format")
+        fingerprints = self.project.fingerprints
+        kept = {name: view for name, view in saved["views"].items()
+                if fingerprints.get(name) == view["fingerprint"]}
+        cells = [
+            CellUpdate(name, s, b, tuple(key), _decoded(self._views[name].metrics, values))
+            for name, view in kept.items() for s, b, key, values in view["cells"]
+        ]
+        self.load(saved["cut"], saved["newest"], cells, saved["held"])
+        return set(self.project.views) - set(kept)
+
+    def load(
+        self, cut: int, newest: int, cells: Iterable[CellUpdate], held: Iterable[tuple[Any, ...]]
+    ) -> None:
+        """Hold these cells (of views of the project) and ids, as a restored state."""
+        self.cut, self._newest = cut, newest
         self.hold_all(held)
-        for name, slice_start, bucket, key, values in cells:
-            metrics = self.project.views[name].metrics.values()
-            thawed = [m.thaw(v) for m, v in zip(metrics, values, strict=True)]
-            self.cells[name][(slice_start, bucket, key)] = thawed
+        for u in cells:
+            metrics = self._views[u.view].metrics
+            thawed = [m.thaw(v) for m, v in zip(metrics, u.values, strict=True)]
+            self.cells[u.view][(u.slice, u.bucket, u.key)] = thawed
         for fold in self._views.values():
             fold.dirty.clear()
+
+    def _saved(self, name: str, cell: CellKey) -> list[Any]:
+        u = self._update(name, cell)
+        values = [m.encode(v) for m, v in zip(self._views[name].metrics, u.values, strict=True)]
+        return [u.slice, u.bucket, u.key, values]
+
+
+def _decoded(metrics: Iterable[Monoid], values: Iterable[Any]) -> tuple[Any, ...]:
+    return tuple(m.decode(v) for m, v in zip(metrics, values, strict=True))

@@ -5,6 +5,9 @@ every view's Parquet files listed in the manifest and swaps the new snapshot in 
 Queries take the snapshot and the real-time cells at or past its cut together (`read`), so a
 swap can never leave a slice in neither. Real-time cells are kept down to the lowest cut of
 the kept versions (`catalog.KeptVersions`), so a rollback to any of them is exact at once.
+
+A view the version does not hold as defined now (changed or added since it was computed,
+`catalog.view_cuts`) is served as absent from it: no batch rows, and every real-time cell.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class Snapshot:
 
     manifest: Manifest | None
     tables: Mapping[str, pa.Table]
+    cuts: Mapping[str, int]  # per view: real-time cells at or past it join the batch rows
 
     @property
     def version(self) -> str | None:
@@ -65,11 +69,11 @@ class BatchViews:
         loops: Loops | None = None,
     ):
         self.project, self.store, self.realtime = project, store, realtime
-        self.kept = catalog.KeptVersions(store)
+        self.kept = catalog.KeptVersions(store, project)
         self.poll_seconds = poll_seconds
         self.schemas = {name: table_schema(project, v) for name, v in project.views.items()}
         empty = {name: schema.empty_table() for name, schema in self.schemas.items()}
-        self._snapshot = Snapshot(None, MappingProxyType(empty))
+        self._snapshot = Snapshot(None, MappingProxyType(empty), catalog.view_cuts(None, project))
         self._swap = threading.Lock()
         self._refreshing = threading.Lock()
         # A store outage keeps the current snapshot serving; the loop retries with backoff.
@@ -86,7 +90,8 @@ class BatchViews:
         views = self.project.views
         with self._swap:
             snapshot = self._snapshot
-            cells = {n: self.realtime.table(views[n], self.schemas[n], snapshot.cut) for n in names}
+            cells = {n: self.realtime.table(views[n], self.schemas[n], snapshot.cuts[n])
+                     for n in names}
         return Reading(snapshot, cells)
 
     def refresh(self) -> bool:
@@ -95,12 +100,15 @@ class BatchViews:
             manifest = catalog.current(self.store)
             swapped = manifest is not None and manifest.version != self._snapshot.version
             if swapped:
-                self._swap_in(Snapshot(manifest, MappingProxyType(self._load(manifest))))
+                cuts = catalog.view_cuts(manifest, self.project)
+                tables = MappingProxyType(self._load(manifest))
+                self._swap_in(Snapshot(manifest, tables, MappingProxyType(cuts)))
             floor = self.kept.floor()
             with self._swap:
-                # Never past the served cut: a version published, and the served one pruned,
-                # since `current` was read leave the floor above it until the next refresh.
-                self.realtime.drop_below(min(floor, self._snapshot.cut))
+                # Never past the served version's own floor: a version published, and the
+                # served one pruned, since `current` was read leave the floor above it.
+                served = catalog.realtime_floor(self._snapshot.manifest, self.project)
+                self.realtime.drop_below(min(floor, served))
             self.ready = True
             return swapped
 
@@ -112,13 +120,18 @@ class BatchViews:
                                "kept_from": self.realtime.cut})
         with self._swap:
             self._snapshot = snapshot
+        absent = sorted(name for name, cut in snapshot.cuts.items() if cut < snapshot.cut)
+        if absent:
+            log.warning("views not in the batch version as defined now: answered from the "
+                        "real-time layer alone until a batch run computes them",
+                        extra={"version": snapshot.version, "views": absent})
         log.info("batch version served", extra={"version": snapshot.version, "cut": snapshot.cut})
 
     def _load(self, manifest: Manifest) -> dict[str, pa.Table]:
         filesystem, root = self.store.arrow()
         tables = {}
         for name, schema in self.schemas.items():
-            listed = manifest.views.get(name)
+            listed = manifest.views[name] if manifest.covers(self.project, name) else None
             paths = [f"{root}/{key}" for key in listed.files] if listed else []
             dataset = ds.dataset(paths, schema=schema, format="parquet", filesystem=filesystem)
             tables[name] = dataset.to_table()

@@ -5,11 +5,14 @@ The speed layer publishes the whole value of a cell per event partition (key
 `[partition, view, slice, bucket, key]`); the value served is the monoid merge of the latest
 value of every partition. `[partition]` records say when that partition was last read to
 its end; `caught_up_at` is the oldest of them once every partition has reported.
-`cells.restored` is set once every partition of the topic was read to its end: the cells
-then hold at least everything the speed layer had committed when the feed started.
-Tombstones (cells the speed layer dropped below the lowest cut of a kept batch version)
-change nothing here: those cells leave when the serving layer's own floor passes them
-(`RealtimeCells.drop_below`).
+`cells.restored` is set once every partition of the topic was read to its end and each
+one's latest heartbeat (if it has one) names this project's views as defined now
+(`Project.digest`): the cells then hold at least everything the speed layer had committed
+when the feed started, computed with today's view definitions (after a view changed, the
+speed layer's first transaction, with the rebuilt views, brings that heartbeat). Cells of a
+view defined otherwise (changed or removed) are ignored.
+Tombstones (cells the speed layer dropped below the real-time floor) change nothing here:
+those cells leave when the serving layer's own floor passes them (`RealtimeCells.drop_below`).
 
     feed = RealtimeFeed(settings.kafka_bootstrap, settings.topic, cells)
     feed.start()    # a loop (`lambdalake.loops`) in a daemon thread
@@ -48,6 +51,7 @@ class RealtimeFeed:
         })
         self._parts: dict[tuple[str, CellKey], dict[int, tuple[Any, ...]]] = {}
         self._heartbeats: dict[int, int] = {}
+        self._digests: dict[int, str | None] = {}  # partition -> views its heartbeat names
         self._partitions: list[int] = []
         self._at_end: set[int] = set()
         self._pruned_below = 0
@@ -89,18 +93,28 @@ class RealtimeFeed:
                 self._read(message.key(), message.value(), updates)
         self.cells.upsert(updates)
         self._prune()
-        if len(self._at_end) == len(self._partitions):
+        digest = self.cells.project.digest
+        current = all(d == digest for d in self._digests.values())
+        if len(self._at_end) == len(self._partitions) and current:
             self.cells.restored.set()
         return len(messages)
 
     def _read(self, key: bytes, value: bytes | None, updates: list[CellUpdate]) -> None:
         decoded = orjson.loads(key)
         if len(decoded) == 1:
-            self._heartbeats[decoded[0]] = orjson.loads(value) if value else 0
-            if len(self._heartbeats) >= len(self._partitions):
-                self.cells.caught_up_at = min(self._heartbeats.values())
+            self._heartbeat(decoded[0], orjson.loads(value) if value else None)
         elif value is not None:
-            updates.append(self._merged(decoded[0], decode_update(value, self.cells.project)))
+            update = decode_update(value, self.cells.project)
+            if update is not None:
+                updates.append(self._merged(decoded[0], update))
+
+    def _heartbeat(self, partition: int, beat: Any) -> None:
+        """`{"caught_up_at": ms, "views": digest}`, or a bare ms from before views changed."""
+        beat = beat if isinstance(beat, dict) else {"caught_up_at": beat or 0}
+        self._heartbeats[partition] = beat["caught_up_at"]
+        self._digests[partition] = beat.get("views")
+        if len(self._heartbeats) >= len(self._partitions):
+            self.cells.caught_up_at = min(self._heartbeats.values())
 
     def _merged(self, source: int, update: CellUpdate) -> CellUpdate:
         cell = (update.slice, update.bucket, update.key)

@@ -5,16 +5,23 @@ atomically replaced file, so a restart resumes from a consistent pair and replay
 `restored` is set once the checkpoint is restored and the log replayed to the end it had at
 start: before that, the real-time state is partial. The loop survives transient errors
 (`lambdalake.loops`): a failed step is retried from the positions it left, nothing skipped.
+
+The checkpoint is a JSON header line (format, positions) and the view state's versioned
+snapshot. Views changed or added since it was written are rebuilt at start from the log's
+beginning up to the checkpoint's positions (arrivals below the batch cut that covers them
+only feed dedup); removed views are dropped. A checkpoint of an older format (the pickle of
+earlier versions) is discarded and the whole state rebuilt from the log.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import pickle
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+
+import orjson
 
 from lambdalake import catalog
 from lambdalake.eventlog import Topic, now_ms
@@ -24,12 +31,13 @@ from lambdalake.project import Project
 from lambdalake.settings import Settings
 from lambdalake.speed.metrics import APPLIED, DedupGauges
 from lambdalake.storage import ObjectStore
-from lambdalake.viewstate import CellUpdate, ViewState
+from lambdalake.viewstate import CellUpdate, UnreadableSnapshot, ViewState
 
 log = logging.getLogger("lambdalake.speed")
 Sink = Callable[[list[CellUpdate], int], None]  # (updates, caught_up_at ms)
 
 READ_BATCH = 5_000
+CHECKPOINT_FORMAT = 1
 
 
 class EmbeddedSpeed:
@@ -53,8 +61,9 @@ class EmbeddedSpeed:
         self.dedup_gauges = DedupGauges("all")
         self.positions = {p.index: 0 for p in topic.partitions}
         self.checkpointed = dict(self.positions)  # what a restart resumes from: log retention
-        self.kept = catalog.KeptVersions(store)
-        self.checkpoint_path = settings.home / "speed" / "checkpoint.pickle"
+        self.kept = catalog.KeptVersions(store, project)
+        self.checkpoint_path = settings.home / "speed" / "checkpoint.json"
+        self.legacy_checkpoint = settings.home / "speed" / "checkpoint.pickle"
         self.checkpoint_seconds = checkpoint_seconds
         self.restored = restored or threading.Event()
         self._replay_to: dict[int, int] = {}
@@ -75,22 +84,65 @@ class EmbeddedSpeed:
         self.checkpoint()
 
     def restore(self) -> None:
-        if self.checkpoint_path.exists():
-            positions, snapshot = pickle.loads(self.checkpoint_path.read_bytes())
-            self.positions.update(positions)
-            self.checkpointed = dict(self.positions)
-            self.state.restore(snapshot)
-            log.info("speed state restored", extra={"positions": positions})
+        """The checkpointed state, less removed views, with changed and added views rebuilt
+        from the log up to its positions."""
+        stale = self._read_checkpoint()
+        floor = self.kept.floor()
+        self.state.drop_below(floor)
+        if stale and any(self.positions.values()):
+            self._rebuild(stale, floor)
+
+    def _read_checkpoint(self) -> set[str]:
+        """Restore the checkpoint if it is readable; the views it does not hold as defined."""
+        if not self.checkpoint_path.exists():
+            if self.legacy_checkpoint.exists():
+                log.warning("speed checkpoint of an older format discarded: the state is "
+                            "rebuilt from the log", extra={"path": str(self.legacy_checkpoint)})
+            return set(self.project.views)
+        header, _, snapshot = self.checkpoint_path.read_bytes().partition(b"\n")
+        saved = orjson.loads(header)
+        try:
+            if saved.get("format") != CHECKPOINT_FORMAT:
+                raise UnreadableSnapshot(f"checkpoint format {saved.get('format')!r}")
+            stale = self.state.restore(snapshot)
+        except UnreadableSnapshot as exc:
+            log.warning("speed checkpoint unreadable, the state is rebuilt from the log",
+                        extra={"reason": str(exc)})
+            return set(self.project.views)
+        self.positions.update({int(p): offset for p, offset in saved["positions"].items()})
+        self.checkpointed = dict(self.positions)
+        log.info("speed state restored", extra={"positions": self.positions,
+                                                "views_to_rebuild": sorted(stale)})
+        return stale
+
+    def _rebuild(self, names: Iterable[str], cut: int) -> None:
+        """Fold the records before the restored positions into the views named, afresh."""
+        rebuilt = self.state.for_views(names, cut)
+        for partition in self.topic.partitions:
+            offset, end = 0, self.positions[partition.index]
+            while offset < end:
+                records = partition.read(offset, min(READ_BATCH, end - offset))
+                for record in records:
+                    event = self.validator.validate_json(record.value, record.arrival)
+                    if isinstance(event, Event):
+                        rebuilt.apply(event, record.arrival)
+                offset = records[-1].offset + 1 if records else end
+        self.state.adopt(rebuilt)
+        log.info("views rebuilt from the log", extra={"views": sorted(rebuilt.cells),
+                                                      "positions": self.positions})
 
     def checkpoint(self) -> None:
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.checkpoint_path.with_suffix(".tmp")
         positions = dict(self.positions)
+        header = orjson.dumps({"format": CHECKPOINT_FORMAT, "positions": positions},
+                              option=orjson.OPT_NON_STR_KEYS)
         with open(tmp, "wb") as out:
-            pickle.dump((positions, self.state.snapshot()), out, protocol=5)
+            out.write(header + b"\n" + self.state.snapshot())
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, self.checkpoint_path)
+        self.legacy_checkpoint.unlink(missing_ok=True)
         self.checkpointed = positions
 
     def poll_once(self) -> bool:
@@ -117,7 +169,7 @@ class EmbeddedSpeed:
         APPLIED.labels("counted" if self.state.apply(event, arrival) else "skipped").inc()
 
     def follow_batch(self) -> None:
-        """Drop the slices no kept batch version needs (below the lowest kept cut)."""
+        """Drop the slices no kept batch version and no view needs (`KeptVersions.floor`)."""
         self.state.drop_below(self.kept.floor())
 
     def step(self) -> float:

@@ -81,7 +81,7 @@ class FaustSpeed:
                        "state": changelog_topic(settings.topic),
                        "dead": dlq_topic(settings.topic)}
         self.parts: dict[int, PartitionState] = {}
-        self.kept = catalog.KeptVersions(store)
+        self.kept = catalog.KeptVersions(store, project)
         self.floor = 0  # the lowest cut of a kept batch version: slices below it are dropped
         self._sent: list[Any] = []  # the current batch's sends, awaited before its commit
         self._rewound: dict[int, float] = {}  # partition -> when it was last rewound
@@ -205,8 +205,19 @@ class FaustSpeed:
         fresh = [n for n in numbers if n not in self.parts]
         # Blocks the loop on purpose: no record of these partitions may be folded meanwhile
         # (the consumer, and its heartbeats, run on Faust's consumer thread).
-        self.parts.update(restore_partitions(self.settings, self.project, fresh, self.floor))
+        restored = restore_partitions(self.settings, self.project, fresh, self.floor)
+        self.parts.update(restored)
+        await self._publish_restored([p for p in restored.values() if p.next_offset is not None])
         log.info("partitions assigned, state restored", extra={"partitions": numbers})
+
+    async def _publish_restored(self, parts: list[PartitionState]) -> None:
+        """Commit what restoring changed (views rebuilt or dropped since the last transaction,
+        and a heartbeat naming today's views), without waiting for a partition's next record."""
+        self._sent = []
+        for part in parts:
+            await self._write(part)
+        await asyncio.gather(*self._sent)
+        await self._commit(parts)
 
 
 def main(argv: list[str] | None = None) -> None:

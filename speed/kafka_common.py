@@ -13,15 +13,20 @@ alone, so a partition moves between workers with its state. What a transaction w
   ids read since the last transaction, hundreds a record (tombstoned once past the dedup
   window; records written before dedup was by type hold [event_id, arrival] pairs, restored
   as held for every type), and
-  `[partition, "meta"]` -> arrival, cut, and the event-topic offset after the last record
-  folded (the offset the same transaction commits).
+  `[partition, "meta"]` -> arrival, cut, the event-topic offset after the last record
+  folded (the offset the same transaction commits), and each view's definition fingerprint.
 A restarted or rebalanced worker rebuilds the view state from both topics, read committed.
+Cells carry their view's fingerprint (`lambdalake.realtime.encode_update`). A view changed or
+added since the partition's last transaction is rebuilt from the event partition's beginning
+up to that transaction's offset, and its old cells, like those of a removed view, are
+tombstoned. The heartbeat names the project's digest, so the serving layer knows when every
+partition's cells reflect the views as defined now (`serving.realtime_feed`).
 """
 
 from __future__ import annotations
 
-import pickle
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -33,7 +38,7 @@ from lambdalake.project import Project
 from lambdalake.realtime import decode_update, encode_update
 from lambdalake.settings import Settings
 from lambdalake.speed.metrics import APPLIED, DEAD_LETTERS, DedupGauges
-from lambdalake.viewstate import CellKey, ViewState
+from lambdalake.viewstate import CellKey, CellUpdate, ViewState
 
 MAX_REASON = 1_000
 IDS_PER_RECORD = 768  # ids a record: < 300 KB with 256-char ids and 64-char types
@@ -127,12 +132,14 @@ class PartitionState:
     def realtime_records(self) -> list[Record]:
         records: list[Record] = [
             (cell_key(self.partition, u.view, (u.slice, u.bucket, u.key)),
-             encode_update(u, self.project.views[u.view]))
+             encode_update(u, self.project))
             for u in self.view.drain()
         ]
-        records += [(key, None) for key in self._dropped]
+        # tombstones first: a rebuilt cell may have the key of one it replaces
+        records = [(key, None) for key in self._dropped] + records
         self._dropped = []
-        records.append((heartbeat_key(self.partition), orjson.dumps(self.caught_up_at)))
+        heartbeat = {"caught_up_at": self.caught_up_at, "views": self.project.digest}
+        records.append((heartbeat_key(self.partition), orjson.dumps(heartbeat)))
         return records
 
     def changelog_records(self) -> list[Record]:
@@ -148,28 +155,46 @@ class PartitionState:
         for seq in [s for s, newest in self._chunks.items() if newest < horizon]:
             records.append((ids_key(self.partition, seq), None))
             del self._chunks[seq]
-        meta = {"arrival": self.arrival, "cut": self.view.cut, "offset": self.next_offset}
+        meta = {"arrival": self.arrival, "cut": self.view.cut, "offset": self.next_offset,
+                "views": self.project.fingerprints}
         records.append((meta_key(self.partition), orjson.dumps(meta)))
         return records
 
-    def restore(self, realtime: dict[bytes, bytes], changelog: dict[bytes, bytes]) -> None:
-        """Rebuild from the latest committed records of this partition (tombstones removed)."""
-        cells = []
+    def restore(self, realtime: dict[bytes, bytes], changelog: dict[bytes, bytes]) -> set[str]:
+        """Rebuild from the latest committed records of this partition (tombstones removed);
+        the views they do not hold as defined now, to rebuild from the event partition."""
+        meta = orjson.loads(changelog.get(meta_key(self.partition), b'{"arrival":0,"cut":0}'))
+        fingerprints = self.project.fingerprints
+        kept = {name for name, fp in meta.get("views", {}).items() if fingerprints.get(name) == fp}
+        cells: list[CellUpdate] = []
         for key, value in realtime.items():
             decoded = orjson.loads(key)
             if len(decoded) == 5 and decoded[0] == self.partition:
-                u = decode_update(value, self.project)
-                cells.append((u.view, u.slice, u.bucket, u.key, u.values))
-        meta = orjson.loads(changelog.get(meta_key(self.partition), b'{"arrival":0,"cut":0}'))
+                update = decode_update(value, self.project) if decoded[1] in kept else None
+                if update is None:
+                    self._dropped.append(key)  # a removed or changed view's
+                else:
+                    cells.append(update)
         held: list[list[Any]] = []
         for seq, ids in self._id_chunks(changelog):
             self._chunks[seq] = ids[-1][-1] if ids else 0
             held += ids
         self.arrival, self.next_offset = meta["arrival"], meta.get("offset")
         newest = max((entry[-1] for entry in held), default=0)
-        # ViewState.snapshot()'s format; tests/test_speed_kafka.py checks the round trip.
-        snapshot = (meta["cut"], newest, cells, held)
-        self.view.restore(pickle.dumps(snapshot, protocol=5))
+        self.view.load(meta["cut"], newest, cells, held)
+        return set(fingerprints) - kept
+
+    def rebuild(self, names: Iterable[str], cut: int,
+                records: Iterable[tuple[bytes | None, int]], validator: Validator) -> None:
+        """Fold the partition's records up to the restored offset, (value, timestamp) in
+        offset order, into the views named, afresh."""
+        rebuilt, arrival = self.view.for_views(names, cut), 0
+        for value, timestamp in records:
+            arrival = next_arrival(arrival, timestamp)
+            event = validator.validate_json(value, arrival) if value is not None else None
+            if isinstance(event, Event):
+                rebuilt.apply(event, arrival)
+        self.view.adopt(rebuilt)
 
     def _id_chunks(self, changelog: dict[bytes, bytes]) -> list[tuple[int, list[Any]]]:
         chunks = []
@@ -184,17 +209,57 @@ def restore_partitions(
     settings: Settings, project: Project, numbers: list[int], cut: int
 ) -> dict[int, PartitionState]:
     """The view states of these event partitions, rebuilt from what their last committed
-    transactions wrote, with the slices below `cut` (the lowest kept cut) dropped."""
+    transactions wrote, with the slices below `cut` dropped (the real-time floor:
+    `catalog.KeptVersions.floor`), and the views changed since rebuilt from the event topic."""
     realtime, changelog = realtime_topic(settings.topic), changelog_topic(settings.topic)
     latest = read_compacted(
         settings.kafka_bootstrap, [(t, p) for t in (realtime, changelog) for p in numbers]
     )
+    validator = Validator(project.schemas, settings.max_future_seconds * 1000)
     parts = {}
     for number in numbers:
         part = parts[number] = PartitionState(number, project, settings)
-        part.restore(latest[(realtime, number)], latest[(changelog, number)])
+        stale = part.restore(latest[(realtime, number)], latest[(changelog, number)])
         part.follow(cut)
+        if stale and part.next_offset:
+            records = read_partition(settings.kafka_bootstrap, settings.topic, number,
+                                     part.next_offset)
+            part.rebuild(stale, cut, records, validator)
     return parts
+
+
+def read_partition(
+    bootstrap: str, topic: str, partition: int, end: int, timeout_s: float = 300.0
+) -> Iterable[tuple[bytes | None, int]]:
+    """(value, timestamp) of the committed records of one partition before offset `end`,
+    from the beginning of what the broker retains."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException
+    from confluent_kafka import TopicPartition as Tp
+
+    consumer = Consumer({
+        "bootstrap.servers": bootstrap,
+        "group.id": "lambdalake-rebuild",
+        "enable.auto.commit": False,
+        "enable.partition.eof": True,
+        "isolation.level": "read_committed",
+    })
+    deadline = time.monotonic() + timeout_s
+    try:
+        consumer.assign([Tp(topic, partition, OFFSET_BEGINNING)])
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rebuilding views: {topic}/{partition} not read in time")
+            for message in consumer.consume(10_000, 0.5):
+                error = message.error()
+                if error is not None and error.code() == KafkaError._PARTITION_EOF:
+                    return  # `end` was committed, so the records before it are all read
+                if error is not None:
+                    raise KafkaException(error)
+                if message.offset() >= end:
+                    return
+                yield message.value(), message.timestamp()[1]
+    finally:
+        consumer.close()
 
 
 def read_compacted(

@@ -80,7 +80,7 @@ class QuixSpeed:
             },
         )
         self.parts: dict[int, PartitionState] = {}
-        self.kept = catalog.KeptVersions(store)
+        self.kept = catalog.KeptVersions(store, project)
         self.floor = 0  # the lowest cut of a kept batch version: slices below it are dropped
         self._changed = False
         self._last_commit = self._last_catalog = 0.0

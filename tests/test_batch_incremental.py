@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from lambdalake.master import Archived
 from lambdalake.project import Project
 from lambdalake.stack.cli import app
 from lambdalake.storage import FileStore, ObjectStore
+from lambdalake.views import Condition
 
 SCRATCH_DIR = "/dev/shm" if Path("/dev/shm").is_dir() else None
 ENGINE = DuckDBEngine()
@@ -142,7 +144,32 @@ def test_a_base_without_a_view_of_the_project_is_not_built_on(store, caplog):
     run(store, fewer, incremental=False)
     lake.round()
     assert run(store).base_version is None
-    assert reasons(caplog)[-1].endswith(f"has no view {list(PROJECT.views)[2]}")
+    assert reasons(caplog)[-1].endswith(f"has no view {list(PROJECT.views)[2]} as defined now")
+
+
+@pytest.mark.parametrize("change", [
+    {"where": (Condition("duration_ms", ">=", 200),)},  # the same columns, other rows
+    {"bucket": "hour"},
+    {"keys": ("referrer", "url")},
+])
+def test_a_base_computed_with_another_definition_of_a_view_is_not_built_on(
+    store, caplog, change
+):
+    """A changed view is recomputed from the master dataset, even when its columns are the
+    same as before (a filter): merging the old rows would mix two definitions."""
+    lake = Lake(store)
+    lake.round()
+    run(store, incremental=False)
+    lake.round()
+    name = "durations_by_referrer_minute"
+    changed = Project.of(PROJECT.schemas.values(), [
+        replace(v, **change) if v.name == name else v for v in PROJECT.views.values()
+    ])
+    caplog.set_level(logging.WARNING, "lambdalake.batch")
+    manifest = run(store, changed)
+    assert manifest.base_version is None
+    assert reasons(caplog)[-1].endswith(f"has no view {name} as defined now")
+    assert manifest.fingerprints == changed.fingerprints != PROJECT.fingerprints
 
 
 def test_a_retry_of_an_event_counted_before_the_cut_is_not_counted_again(store):

@@ -118,7 +118,8 @@ def publish(store: ObjectStore, version: str, cut: int, records: list[Record]) -
             store.put(key, parquet(batch_rows(view, half)))
         views[view.name] = catalog.ViewFiles(files=keys, rows=len(covered))
     manifest = catalog.Manifest(version=version, cut=cut, created=iso(now_ms()),
-                                engine="test", rows_read=len(covered), views=views)
+                                engine="test", rows_read=len(covered), views=views,
+                                fingerprints=project.fingerprints)
     catalog.write_manifest(store, manifest)
     catalog.publish(store, version)
 

@@ -19,11 +19,12 @@ import tempfile
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pytest
 from datasketches import hll_sketch, kll_doubles_sketch, tgt_hll_type, update_theta_sketch
 from exact import exact_quantiles
 from hypothesis import given, settings
@@ -33,11 +34,12 @@ from lambdalake import catalog
 from lambdalake.batch.run import prune_versions, rollback
 from lambdalake.events import Event
 from lambdalake.example import project
+from lambdalake.project import Project
 from lambdalake.realtime import RealtimeCells
 from lambdalake.settings import Settings
 from lambdalake.storage import FileStore, ObjectStore
 from lambdalake.tables import table_schema
-from lambdalake.viewstate import ViewState
+from lambdalake.viewstate import UnreadableSnapshot, ViewState
 
 SLICE = 60_000
 HOUR = 3_600_000
@@ -472,12 +474,11 @@ def test_an_event_id_is_unique_within_its_type_only():
     assert [u.values for u in revenue] == [(Decimal("9.50"), 1)]
 
 
-def test_a_snapshot_of_untyped_ids_restores_them_for_every_type():
-    """A checkpoint written when dedup was by id alone holds (id, arrival) pairs: each is held
-    for every type, the old rule, so no copy it had skipped is counted after the upgrade."""
-    old = pickle.dumps((0, T0 + 5, [], [("pv-1", T0 + 5)]), protocol=5)
+def test_untyped_ids_restore_for_every_type():
+    """A Kafka changelog written when dedup was by id alone holds (id, arrival) pairs: each is
+    held for every type, the old rule, so no copy it had skipped is counted after the upgrade."""
     state = ViewState(project, SLICE, DAY)
-    state.restore(old)
+    state.load(0, T0 + 5, [], [("pv-1", T0 + 5)])
     assert not state.apply(pageview(1, T0), T0 + 6)
     assert not state.apply(purchase("pv-1", T0), T0 + 6)
     assert state.apply(purchase("pv-2", T0), T0 + 7)
@@ -486,6 +487,12 @@ def test_a_snapshot_of_untyped_ids_restores_them_for_every_type():
     assert again.held_ids() == state.held_ids() == [
         ("pageview", "pv-1", T0 + 5), ("purchase", "pv-1", T0 + 5), ("purchase", "pv-2", T0 + 7)
     ]
+
+
+def test_a_pickled_snapshot_of_earlier_versions_is_refused_not_misread():
+    old = pickle.dumps((0, T0 + 5, [], [("pv-1", T0 + 5)]), protocol=5)
+    with pytest.raises(UnreadableSnapshot):
+        ViewState(project, SLICE, DAY).restore(old)
 
 
 def test_snapshot_restore_round_trip_mid_stream():
@@ -591,3 +598,28 @@ def test_merge_without_duplicates_is_exact_for_many_distinct_users():
         assert world.checks >= 1 and world.cut == T0 + 12 * SLICE
         final = serve(world.batch, world.realtime, world.cut)
     assert_exact(final, recompute(dedup(world.records)))
+
+
+def test_a_restore_keeps_unchanged_views_and_names_the_changed_and_added_ones():
+    """A snapshot restored under another project: a removed view's cells are dropped (no
+    KeyError), a changed or added view is returned to be rebuilt, the rest is restored."""
+    events = [(pageview(i, T0 + i * 1_000, user=f"u{i % 3}", url=URLS[i % 3]), T0 + i)
+              for i in range(20)] + [(purchase(f"p{i}", T0), T0 + 30 + i) for i in range(3)]
+    before = ViewState(project, SLICE, DAY)
+    before.apply_all(events)
+    pageviews, revenue, *rest = project.views.values()
+    changed = replace(pageviews, keys=("url", "user_id"))
+    added = replace(revenue, name="revenue_by_sku_hour", bucket="hour")
+    after_project = Project.of(project.schemas.values(), [changed, added, *rest])
+    after = ViewState(after_project, SLICE, DAY)
+    assert after.restore(before.snapshot()) == {changed.name, added.name}
+    kept = {u for u in before.everything() if u.view in {v.name for v in rest}}
+    assert set(map(repr, after.everything())) == set(map(repr, kept))
+    rebuilt = after.for_views({changed.name, added.name}, 0)
+    rebuilt.apply_all(events)
+    after.adopt(rebuilt)
+    straight = ViewState(after_project, SLICE, DAY)
+    straight.apply_all(events)
+    assert sorted(map(repr, after.drain())) == sorted(
+        map(repr, (u for u in straight.everything() if u.view in rebuilt.cells)))
+    assert sorted(map(repr, after.everything())) == sorted(map(repr, straight.everything()))

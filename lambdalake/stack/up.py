@@ -204,7 +204,7 @@ class Stack:
         from lambdalake.catalog import KeptVersions
         from lambdalake.eventlog import now_ms
 
-        oldest = KeptVersions(self.store).floor()
+        oldest = KeptVersions(self.store, self.project).floor()
         if not oldest:  # no version kept yet: everything may still be needed
             return 0
         roll_before = now_ms() - self.settings.log_segment_seconds * 1000
