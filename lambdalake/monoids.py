@@ -116,11 +116,24 @@ class Count(Monoid):
 
 
 @dataclass(frozen=True)
-class Sum(Monoid):
+class _Numeric(Monoid):
+    """A metric over a numeric field. A decimal accumulator travels (checkpoints, the realtime
+    topic) as its exact text, never through a binary float."""
+
+    numeric: ClassVar[bool] = True
+
+    def encode(self, acc: Any) -> Any:
+        return str(acc) if isinstance(acc, Decimal) else acc
+
+    def decode(self, value: Any) -> Any:
+        return Decimal(value) if isinstance(value, str) else value
+
+
+@dataclass(frozen=True)
+class Sum(_Numeric):
     """An exact sum: of ints as int64, floats as float64, decimal(p,s) as decimal(38,s)."""
 
     kind: ClassVar[str] = "sum"
-    numeric: ClassVar[bool] = True
 
     def zero(self) -> int:
         return 0
@@ -143,9 +156,8 @@ class Sum(Monoid):
 
 
 @dataclass(frozen=True)
-class _Extremum(Monoid):
+class _Extremum(_Numeric):
     pick: ClassVar[Any]
-    numeric: ClassVar[bool] = True
 
     def zero(self) -> None:
         return None

@@ -35,7 +35,7 @@ from lambdalake.batch.run import prune_versions, rollback
 from lambdalake.events import Event
 from lambdalake.example import project
 from lambdalake.project import Project
-from lambdalake.realtime import RealtimeCells
+from lambdalake.realtime import RealtimeCells, decode_update, encode_update
 from lambdalake.settings import Settings
 from lambdalake.storage import FileStore, ObjectStore
 from lambdalake.tables import table_schema
@@ -623,3 +623,21 @@ def test_a_restore_keeps_unchanged_views_and_names_the_changed_and_added_ones():
     assert sorted(map(repr, after.drain())) == sorted(
         map(repr, (u for u in straight.everything() if u.view in rebuilt.cells)))
     assert sorted(map(repr, after.everything())) == sorted(map(repr, straight.everything()))
+
+
+def test_decimal_sums_survive_a_snapshot_and_the_realtime_feed_exactly():
+    """A decimal accumulator travels as its exact text: the checkpoint and the realtime
+    topic's records (both JSON) once refused it, and the speed loop failed on every step."""
+    state = ViewState(project, SLICE, DAY)
+    amounts = [Decimal("0.10"), Decimal("0.20"), Decimal("203.56")]
+    for i, amount in enumerate(amounts):
+        state.apply(purchase(f"d{i}", T0, amount), T0 + i)
+    restored = ViewState(project, SLICE, DAY)
+    restored.restore(state.snapshot())
+    revenue = [u for u in restored.everything() if u.view == "revenue_by_sku_day"]
+    assert [u.values[0] for u in revenue] == [Decimal("203.86")]
+    realtime = RealtimeCells(project)
+    for update in revenue:
+        realtime.upsert([decode_update(encode_update(update, project), project)])
+    assert serve({}, realtime, 0)["revenue_by_sku_day"][(T0 - T0 % 86_400_000, ("sku-1",))][
+        "revenue"] == Decimal("203.86")
