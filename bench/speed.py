@@ -42,8 +42,8 @@ from typing import Any
 
 import httpx
 import orjson
-from confluent_kafka import Consumer, Producer, TopicPartition
-from kafka.admin import KafkaAdminClient
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from lambdalake.example import project
 from lambdalake.kafka_topics import ensure_bus_topics, topic_specs
@@ -214,14 +214,19 @@ def noop_faust_eps(settings: Settings, n: int, run: int) -> float:
 def reset_speed_state(settings: Settings, group: str) -> None:
     """No committed offsets for the driver's group, fresh realtime, changelog and dead-letter
     topics: the driver starts from no state and reads the topic from its start."""
-    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    try:
-        if group in {g for g, *_ in admin.list_consumer_groups()}:
-            admin.delete_consumer_groups([group])
-        companions = [t for t in topic_specs(settings.topic, PARTITIONS) if t != settings.topic]
-        admin.delete_topics([t for t in companions if t in admin.list_topics()])
-    finally:
-        admin.close()
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    for future in admin.delete_consumer_groups([group], request_timeout=30).values():
+        try:
+            future.result()
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.GROUP_ID_NOT_FOUND:
+                raise
+    existing = admin.list_topics(timeout=30).topics
+    companions = [t for t in topic_specs(settings.topic, PARTITIONS)
+                  if t != settings.topic and t in existing]
+    if companions:
+        for future in admin.delete_topics(companions, operation_timeout=30).values():
+            future.result()
     time.sleep(2)
     ensure_bus_topics(settings)
 

@@ -178,11 +178,14 @@ class ViewState:
         Which were counted: False for a duplicate or one the batch covers already."""
         kinds, ids = events["type"].to_pylist(), events["event_id"].to_pylist()
         arrivals = events[ARRIVAL].to_pylist()
-        cut, duplicate = self.cut, self._duplicate
-        counted = np.array([
-            not duplicate(kind, event_id, arrival) and arrival >= cut
-            for kind, event_id, arrival in zip(kinds, ids, arrivals, strict=True)
-        ], bool)
+        if self._forgets_nothing(arrivals):
+            counted = self._hold_batch(kinds, ids, arrivals)
+        else:
+            cut, duplicate = self.cut, self._duplicate
+            counted = np.array([
+                not duplicate(kind, event_id, arrival) and arrival >= cut
+                for kind, event_id, arrival in zip(kinds, ids, arrivals, strict=True)
+            ], bool)
         if not counted.any():
             return counted
         fresh = events.filter(counted)
@@ -192,6 +195,35 @@ class ViewState:
             rows, its_slices = fresh.filter(of_type), pc.filter(slices, of_type)
             for fold in folds:
                 fold.fold_columns(rows, its_slices)
+        return counted
+
+    def _forgets_nothing(self, arrivals: list[int]) -> bool:
+        """Whether `_duplicate` would forget no id while taking these arrivals: neither the
+        window nor the cap moves past an id held or taken among them."""
+        if not arrivals or self._held + len(arrivals) > self.max_ids:
+            return False
+        horizon = max(self._newest, max(arrivals)) - self.dedup_window_ms
+        oldest = self._arrivals[0][0] if self._arrivals else min(arrivals)
+        return min(oldest, min(arrivals)) >= horizon
+
+    def _hold_batch(self, kinds: list[str], ids: list[str], arrivals: list[int]) -> np.ndarray:
+        """`_duplicate` for each record in order, when it forgets nothing meanwhile; which were
+        counted (neither a duplicate nor below the cut)."""
+        seen, held, cut, newest = self._seen, self._arrivals, self.cut, self._newest
+        before = len(held)
+        counted = np.zeros(len(ids), bool)
+        for i, (kind, event_id, arrival) in enumerate(zip(kinds, ids, arrivals, strict=True)):
+            of_kind = seen.get(kind)
+            if of_kind is None:
+                of_kind = seen[kind] = {}
+            elif event_id in of_kind:
+                continue
+            of_kind[event_id] = arrival
+            held.append((arrival, of_kind, event_id))
+            counted[i] = arrival >= cut
+            newest = arrival if arrival > newest else newest
+        self._held += len(held) - before
+        self._newest = newest
         return counted
 
     def _duplicate(self, event_type: str, event_id: str, arrival: int) -> bool:

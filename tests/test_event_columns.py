@@ -145,12 +145,16 @@ def test_a_partition_folds_batches_as_it_folds_records(
     assert by_batch.changelog_records() == by_record.changelog_records()
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.lists(st.lists(valid_events, min_size=1, max_size=60), min_size=1, max_size=4),
-       st.integers(0, 2))
-def test_apply_batch_leaves_the_state_apply_leaves(batches: list[list[dict]], cut: int) -> None:
+       st.integers(0, 2), st.sampled_from([1_000, 20_000, 86_400_000]),
+       st.sampled_from([8, 50, 10_000]))
+def test_apply_batch_leaves_the_state_apply_leaves(
+    batches: list[list[dict]], cut: int, window_ms: int, max_ids: int
+) -> None:
+    """Also while the dedup window or the id cap forgets ids in the middle of a batch."""
     validator = Validator(project.schemas, MAX_FUTURE_MS)
-    by_batch, by_event = (ViewState(project, SLICE_MS, 86_400_000) for _ in range(2))
+    by_batch, by_event = (ViewState(project, SLICE_MS, window_ms, max_ids) for _ in range(2))
     for state in (by_batch, by_event):
         state.drop_below(T0 + cut * SLICE_MS)
     offset = 0
@@ -166,4 +170,7 @@ def test_apply_batch_leaves_the_state_apply_leaves(batches: list[list[dict]], cu
         ]
         offset += len(values)
     assert state_of(by_batch) == state_of(by_event)
+    assert by_batch.held_ids() == by_event.held_ids()
+    assert (by_batch.forgotten_early, by_batch.dedup_horizon) == (
+        by_event.forgotten_early, by_event.dedup_horizon)
     assert {d.view: d.key for d in by_batch.drain()} == {d.view: d.key for d in by_event.drain()}
