@@ -1,14 +1,23 @@
 """Speed-layer throughput and freshness on a real Kafka broker (started here).
 
 One topic of N events (the example project's synthetic stream, 4 partitions), read by:
-- the reference: a raw aiokafka loop that only reads and JSON-decodes;
-- the Quix driver (speed/quix.py) with the example project's views, exactly once;
-- the Faust driver (speed/faust_app.py), exactly once, and a Faust agent that only counts.
-Each as events/s and as a ratio. Then freshness of the default driver: p50 and p99 ms from the
-ingest acknowledgement (`KafkaBus.publish` returning) to the event being in the serving
-layer's real-time cells, under a steady 5,000 events/s.
+- the reference: the faster of two plain Python loops that only read and decode (orjson)
+  every record: confluent-kafka (librdkafka, as the Quix driver) consuming 10,000 at a time,
+  and aiokafka's `getmany`;
+- the Quix driver (speed/quix.py) folding the whole example project (its 4 views: counts,
+  sums, HLL, KLL and Theta sketches) exactly once;
+- the Faust driver (speed/faust_app.py), exactly once, and a Faust agent that only counts,
+  each over the first `--faust-events` (100,000) of them;
+Each as events/s and as a ratio. Then freshness as a user sees it: `lambdalake up` on this
+broker (the default speed driver), a steady 5,000 events/s sent to the gateway over HTTP,
+and a probe event every 50 ms: from the gateway's 202 for `POST /events` to the first
+`GET /views/pageviews_by_url_hour` answer on the API that counts it. A probe never counted
+is a miss, an infinite delay in the percentiles (so p99 is infinite, null in the JSON,
+above 1% misses).
 
-    .venv/bin/python bench/speed.py [--events 500000]
+Every figure is the median of 3 runs (`--runs`), with its min and max under `runs`.
+
+    .venv/bin/python bench/speed.py [--events 500000] [--runs 3] [--faust-events 100000]
 
 The last line printed is one JSON object with every figure.
 """
@@ -18,7 +27,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -26,17 +37,17 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, Producer, TopicPartition
-from kafka.admin import KafkaAdminClient
+import httpx
+import orjson
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
-from lambdalake.bus import KafkaBus
-from lambdalake.events import Event
 from lambdalake.example import project
 from lambdalake.kafka_topics import ensure_bus_topics, topic_specs
-from lambdalake.realtime import RealtimeCells
 from lambdalake.settings import Settings
 from lambdalake.storage import open_store
 from lambdalake.synthetic import WebAnalyticsStream
@@ -45,13 +56,17 @@ from lambdalake.testing.kafka import KafkaBroker
 DEFAULT_ENGINE = "quix"
 PARTITIONS = 4
 FRESHNESS_RATE = 5_000
-FRESHNESS_SECONDS = 20
+FRESHNESS_SECONDS = 15  # per run
+PROBE_EVERY_S = 0.05
+VISIBLE_WITHIN_S = 10.0  # a probe not counted by then is a miss
+PROBED_VIEW = "pageviews_by_url_hour"
 NOOP_FAUST = '''
 import json, sys, time
 import faust
-bootstrap, topic, n, datadir = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+bootstrap, topic, n, datadir, app_id = sys.argv[1:6]
+n = int(n)
 sys.argv = [sys.argv[0], "worker", "--without-web", "--loglevel", "warn"]
-app = faust.App(f"{topic}.noop", broker=f"kafka://{bootstrap}", web_enabled=False,
+app = faust.App(app_id, broker=f"kafka://{bootstrap}", web_enabled=False,
                 topic_allow_declare=False, topic_disable_leader=True,
                 consumer_auto_offset_reset="earliest", datadir=datadir)
 seen = {"n": 0, "first": 0.0}
@@ -86,29 +101,59 @@ def produce(bootstrap: str, topic: str, n: int) -> None:
     producer.flush(120)
 
 
+# -- the references: read and decode, nothing else --------------------------------------------
+
+
+def raw_confluent(bootstrap: str, topic: str, n: int) -> float:
+    """librdkafka in batches, with the Quix driver's fetch settings."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": uuid.uuid4().hex,
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False,
+                         "fetch.wait.max.ms": 50, "max.partition.fetch.bytes": 8 << 20})
+    consumer.subscribe([topic])
+    read, started = 0, 0.0
+    loads = orjson.loads
+    while read < n:
+        messages = consumer.consume(10_000, 1.0)
+        if messages and not started:
+            started = time.perf_counter()
+        for message in messages:
+            loads(message.value())
+        read += len(messages)
+    elapsed = time.perf_counter() - started
+    consumer.close()
+    return n / elapsed
+
+
 async def raw_aiokafka(bootstrap: str, topic: str, n: int) -> float:
     from aiokafka import AIOKafkaConsumer
 
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=uuid.uuid4().hex,
-                                auto_offset_reset="earliest", enable_auto_commit=False)
+                                auto_offset_reset="earliest", enable_auto_commit=False,
+                                max_partition_fetch_bytes=8 << 20)
     await consumer.start()
-    read, started = 0, None
+    read, started = 0, 0.0
+    loads = orjson.loads
     while read < n:
         batches = await consumer.getmany(timeout_ms=1000, max_records=10_000)
-        started = started or (time.perf_counter() if batches else None)
+        if batches and not started:
+            started = time.perf_counter()
         for records in batches.values():
             for record in records:
-                json.loads(record.value)
+                loads(record.value)
             read += len(records)
     elapsed = time.perf_counter() - started
     await consumer.stop()
     return n / elapsed
 
 
-def quix_eps(settings: Settings, n: int) -> float:
-    from lambdalake.speed.quix import QuixSpeed
+# -- the drivers ------------------------------------------------------------------------------
 
-    speed = QuixSpeed(settings, project, open_store(settings.store_url), "bench")
+
+def quix_eps(settings: Settings, n: int, run: int) -> float:
+    from lambdalake.speed.quix import QuixSpeed, group_id
+
+    reset_speed_state(settings, group_id(settings))
+    speed = QuixSpeed(settings, project, open_store(settings.store_url), f"bench-{run}")
     stop = threading.Event()
     thread = threading.Thread(target=speed.run, args=(stop,))
     thread.start()
@@ -132,11 +177,12 @@ def committed(watcher: Consumer, topic: str) -> int:
 
 def faust_eps(settings: Settings, n: int, env: dict[str, str]) -> float:
     """The Faust driver commits after every batch: its progress is its committed offsets."""
+    group = f"{settings.topic}.speed-faust"
+    reset_speed_state(settings, group)
     worker = subprocess.Popen([sys.executable, "-m", "lambdalake.speed.faust_app"], env=env,
                               cwd=settings.home, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-    watcher = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
-                        "group.id": f"{settings.topic}.speed-faust"})
+    watcher = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group})
     try:
         while (first := committed(watcher, settings.topic)) == 0:
             time.sleep(0.2)
@@ -150,11 +196,11 @@ def faust_eps(settings: Settings, n: int, env: dict[str, str]) -> float:
         worker.wait(60)
 
 
-def noop_faust_eps(settings: Settings, n: int) -> float:
+def noop_faust_eps(settings: Settings, n: int, run: int) -> float:
     """A plain Faust agent that counts; it prints (Faust logs it) how long n events took."""
     agent = subprocess.Popen(
         [sys.executable, "-c", NOOP_FAUST, settings.kafka_bootstrap, settings.topic, str(n),
-         str(settings.home / "noop")],
+         str(settings.home / f"noop-{run}"), f"{settings.topic}.noop-{run}"],
         cwd=settings.home, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -166,99 +212,183 @@ def noop_faust_eps(settings: Settings, n: int) -> float:
     return n / json.loads(line[line.index("{"): line.rindex("}") + 1])["seconds"]
 
 
-class ProbedCells(RealtimeCells):
-    """Real-time cells that note when each probe url first becomes visible."""
-
-    def __init__(self) -> None:
-        super().__init__(project)
-        self.visible: dict[str, float] = {}
-
-    def upsert(self, updates: Any) -> None:
-        updates = list(updates)
-        super().upsert(updates)
-        now = time.perf_counter()
-        for u in updates:
-            if u.view == "pageviews_by_url_hour" and str(u.key[0]).startswith("/probe/"):
-                self.visible.setdefault(u.key[0], now)
-
-
-def freshness(settings: Settings) -> tuple[float, float]:
-    from lambdalake.serving.realtime_feed import RealtimeFeed
-    from lambdalake.speed.quix import QuixSpeed
-
-    cells = ProbedCells()
-    feed = RealtimeFeed(settings.kafka_bootstrap, settings.topic, cells)
-    feed.start()
-    speed = QuixSpeed(settings, project, open_store(settings.store_url), "fresh")
-    stop = threading.Event()
-    worker = threading.Thread(target=speed.run, args=(stop,))
-    worker.start()
-    time.sleep(8)  # the worker joins its group and reads the backlog
-    load = threading.Thread(target=steady_load, args=(settings, stop))
-    load.start()
-    acked = probe(settings)
+def reset_speed_state(settings: Settings, group: str) -> None:
+    """No committed offsets for the driver's group, fresh realtime, changelog and dead-letter
+    topics: the driver starts from no state and reads the topic from its start."""
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    for future in admin.delete_consumer_groups([group], request_timeout=30).values():
+        try:
+            future.result()
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.GROUP_ID_NOT_FOUND:
+                raise
+    existing = admin.list_topics(timeout=30).topics
+    companions = [t for t in topic_specs(settings.topic, PARTITIONS)
+                  if t != settings.topic and t in existing]
+    if companions:
+        for future in admin.delete_topics(companions, operation_timeout=30).values():
+            future.result()
     time.sleep(2)
-    stop.set()
-    worker.join()
-    load.join()
-    feed.stop()
-    delays = sorted((cells.visible[url] - t) * 1000 for url, t in acked.items()
-                    if url in cells.visible)
-    if len(delays) < len(acked):
-        say(f"{len(acked) - len(delays)} of {len(acked)} probes never became visible")
-    return statistics.median(delays), delays[int(len(delays) * 0.99) - 1]
+    ensure_bus_topics(settings)
 
 
-def steady_load(settings: Settings, stop: threading.Event) -> None:
+# -- freshness over HTTP ----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Lambdalake:
+    """`lambdalake up` on the broker, in its own process: gateway, default speed driver, API."""
+
+    def __init__(self, broker: KafkaBroker, home: Path):
+        self.gateway, self.api = free_port(), free_port()
+        env = dict(os.environ, LAMBDALAKE_HOME=str(home), LAMBDALAKE_TOPIC="bench.fresh",
+                   LAMBDALAKE_PARTITIONS=str(PARTITIONS), LAMBDALAKE_STORE=(home / "lake").as_uri(),
+                   LAMBDALAKE_GATEWAY_PORT=str(self.gateway), LAMBDALAKE_API_PORT=str(self.api),
+                   LAMBDALAKE_SPEED_METRICS_PORT=str(free_port()))
+        home.mkdir(parents=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "from lambdalake.stack.cli import main; main()", "up",
+             "--bus", "kafka", "--bootstrap", broker.bootstrap, "--batch-every", "86400"],
+            env=env, cwd=home, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            stderr=open(home / "up.log", "wb"),
+        )
+
+    def __enter__(self) -> Lambdalake:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url(self.api, "/readyz"), timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("lambdalake up did not become ready in 120 s")
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        self.process.wait(120)
+
+    @staticmethod
+    def url(port: int, path: str) -> str:
+        return f"http://127.0.0.1:{port}{path}"
+
+
+def steady_load(events_url: str, stop: threading.Event, sent: list[int]) -> None:
+    """FRESHNESS_RATE events/s to the gateway in batches of 250 (20 requests/s)."""
     stream = WebAnalyticsStream(seed=2)
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 5,
-                         "enable.idempotence": True})
-    started, sent = time.perf_counter(), 0
-    while not stop.is_set():
-        for _ in range(50):
-            event = stream.event(int(time.time() * 1000))
-            producer.produce(settings.topic, json.dumps(event).encode(), event["event_id"].encode())
-        sent += 50
-        producer.poll(0)
-        ahead = sent / FRESHNESS_RATE - (time.perf_counter() - started)
-        if ahead > 0:
-            time.sleep(ahead)
-    producer.flush(30)
+    batch = 250
+    with httpx.Client(timeout=30) as client:
+        started = time.perf_counter()
+        while not stop.is_set():
+            events = [stream.event(int(time.time() * 1000)) for _ in range(batch)]
+            client.post(events_url, json={"events": events}).raise_for_status()
+            sent[0] += batch
+            ahead = sent[0] / FRESHNESS_RATE - (time.perf_counter() - started)
+            if ahead > 0:
+                time.sleep(ahead)
 
 
-def probe(settings: Settings) -> dict[str, float]:
-    """One probe event every 50 ms through the ingest path; the time each was acknowledged."""
-    bus = KafkaBus(settings.kafka_bootstrap, settings.topic)
+def probe(events_url: str, seconds: float, run: int) -> dict[str, float]:
+    """One probe pageview every 50 ms through the gateway; when each was acknowledged."""
     acked: dict[str, float] = {}
-    deadline = time.perf_counter() + FRESHNESS_SECONDS
-    i = 0
-    while time.perf_counter() < deadline:
-        url = f"/probe/{i}"
-        bus.publish([Event(uuid.uuid4().hex, "pageview", int(time.time() * 1000),
-                           {"url": url, "user_id": "probe"})])
-        acked[url] = time.perf_counter()
-        i += 1
-        time.sleep(0.05)
-    bus.close()
+    deadline = time.perf_counter() + seconds
+    with httpx.Client(timeout=30) as client:
+        i = 0
+        while time.perf_counter() < deadline:
+            url = f"/probe/{run}/{i}"
+            event = {"event_id": uuid.uuid4().hex, "type": "pageview",
+                     "ts": int(time.time() * 1000), "url": url, "user_id": "probe"}
+            reply = client.post(events_url, json=event)
+            if reply.status_code == 202:
+                acked[url] = time.perf_counter()
+            i += 1
+            time.sleep(PROBE_EVERY_S)
     return acked
 
 
-def reset_state_topics(settings: Settings) -> None:
-    """Fresh realtime, changelog and dead-letter topics, so drivers start from no state."""
-    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    companions = [t for t in topic_specs(settings.topic, PARTITIONS) if t != settings.topic]
-    admin.delete_topics(companions)
-    admin.close()
-    time.sleep(2)
-    ensure_bus_topics(settings)
+def watch(view_url: str, stop: threading.Event, visible: dict[str, float]) -> None:
+    """Query the view over and over; when each probe url is first counted in an answer."""
+    with httpx.Client(timeout=30) as client:
+        while not stop.is_set():
+            reply = client.get(view_url, params={"bucket": "total", "group_by": "url"})
+            answered = time.perf_counter()
+            for row in reply.json()["rows"]:
+                if row["url"].startswith("/probe/") and row["pageviews"] >= 1:
+                    visible.setdefault(row["url"], answered)
+
+
+def freshness_run(stack: Lambdalake, run: int, visible: dict[str, float]) -> dict[str, float]:
+    acked = probe(stack.url(stack.gateway, "/events"), FRESHNESS_SECONDS, run)
+    deadline = time.perf_counter() + VISIBLE_WITHIN_S
+    while time.perf_counter() < deadline and not all(url in visible for url in acked):
+        time.sleep(0.1)
+    delays = sorted((visible[url] - t) * 1000 if url in visible else math.inf
+                    for url, t in acked.items())
+    misses = sum(math.isinf(d) for d in delays)
+    p99 = delays[math.ceil(len(delays) * 0.99) - 1]
+    say(f"freshness run {run + 1}: p50 {statistics.median(delays):.0f} ms, p99 {p99:.0f} ms, "
+        f"{misses} of {len(delays)} probes never counted")
+    return {"p50": statistics.median(delays), "p99": p99, "misses": misses,
+            "probes": len(delays)}
+
+
+def freshness(broker: KafkaBroker, home: Path, runs: int) -> tuple[list[dict[str, float]], float]:
+    """Freshness runs on one running stack under the steady load; the load achieved (events/s)."""
+    with Lambdalake(broker, home) as stack:
+        stop, sent, visible = threading.Event(), [0], {}
+        load = threading.Thread(target=steady_load,
+                                args=(stack.url(stack.gateway, "/events"), stop, sent))
+        watcher = threading.Thread(
+            target=watch, args=(stack.url(stack.api, f"/views/{PROBED_VIEW}"), stop, visible))
+        started = time.perf_counter()
+        load.start()
+        time.sleep(5)  # the speed worker joins its group and the load settles
+        watcher.start()
+        results = [freshness_run(stack, run, visible) for run in range(runs)]
+        stop.set()
+        load.join()
+        watcher.join()
+        return results, sent[0] / (time.perf_counter() - started)
+
+
+# -- figures ----------------------------------------------------------------------------------
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    finite = [v for v in values if math.isfinite(v)]
+    median = statistics.median(values)
+    return {"median": rounded(median), "min": rounded(min(values)), "max": rounded(max(values)),
+            "all": [rounded(v) for v in values]} if finite else {"median": None, "all": []}
+
+
+def rounded(value: float) -> float | None:
+    return None if not math.isfinite(value) else round(value, 3 if value < 10 else None)
+
+
+def measured(name: str, runs: int, measure: Callable[[int], float]) -> list[float]:
+    values = []
+    for run in range(runs):
+        values.append(measure(run))
+        say(f"{name} run {run + 1}: {values[-1]:,.0f} events/s")
+    return values
 
 
 def main() -> None:
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # bench/speed.py shadows `speed`
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=500_000)
-    n = parser.parse_args().events
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--faust-events", type=int, default=100_000,
+                        help="events the Faust driver and the no-op agent read (Faust is slow)")
+    args = parser.parse_args()
+    n, runs, faust_n = args.events, args.runs, min(args.faust_events, args.events)
     home = Path(tempfile.mkdtemp(prefix="lambdalake-bench-"))
+    say(f"load before: {os.getloadavg()}")
     with KafkaBroker(heap="1g") as broker:
         settings = Settings(bus="kafka", kafka_bootstrap=broker.bootstrap, topic="bench.events",
                             partitions=PARTITIONS, home=home, store=(home / "lake").as_uri())
@@ -268,26 +398,48 @@ def main() -> None:
         ensure_bus_topics(settings)
         say(f"producing {n} events")
         produce(broker.bootstrap, settings.topic, n)
-        raw = asyncio.run(raw_aiokafka(broker.bootstrap, settings.topic, n))
-        say(f"raw aiokafka read + json: {raw:,.0f} events/s")
-        quix = quix_eps(settings, n)
-        say(f"quix driver: {quix:,.0f} events/s ({quix / raw:.2f} of raw)")
-        reset_state_topics(settings)
-        faust = faust_eps(settings, n, env)
-        say(f"faust driver: {faust:,.0f} events/s ({faust / raw:.2f} of raw)")
-        noop = noop_faust_eps(settings, n)
-        say(f"faust agent that only counts: {noop:,.0f} events/s")
-        fresh_settings = settings.model_copy(update={"topic": "bench.fresh"})
-        ensure_bus_topics(fresh_settings)
-        p50, p99 = freshness(fresh_settings)
-        say(f"freshness at {FRESHNESS_RATE}/s ({DEFAULT_ENGINE}): p50 {p50:.0f} ms, "
-            f"p99 {p99:.0f} ms")
-    print(json.dumps({
-        "raw_eps": round(raw), "default_engine": DEFAULT_ENGINE, "default_eps": round(quix),
-        "default_ratio": round(quix / raw, 3), "faust_eps": round(faust),
-        "faust_ratio_to_noop_faust": round(faust / noop, 3),
-        "freshness_p50_ms": round(p50), "freshness_p99_ms": round(p99),
-    }))
+        figures = {
+            "raw_confluent_eps": measured(
+                "raw confluent-kafka + orjson", runs,
+                lambda _: raw_confluent(broker.bootstrap, settings.topic, n)),
+            "raw_aiokafka_eps": measured(
+                "raw aiokafka + orjson", runs,
+                lambda _: asyncio.run(raw_aiokafka(broker.bootstrap, settings.topic, n))),
+            "default_eps": measured("quix driver", runs, lambda run: quix_eps(settings, n, run)),
+            "faust_eps": measured("faust driver", runs,
+                                  lambda _: faust_eps(settings, faust_n, env)),
+            "noop_faust_eps": measured("faust agent that only counts", runs,
+                                       lambda run: noop_faust_eps(settings, faust_n, run)),
+        }
+        fresh, load_eps = freshness(broker, home / "fresh", runs)
+    say(f"load after: {os.getloadavg()}")
+    print(json.dumps(report(figures, fresh, load_eps, runs)))
+
+
+def report(figures: dict[str, list[float]], fresh: list[dict[str, float]], load_eps: float,
+           runs: int) -> dict[str, Any]:
+    median = {name: statistics.median(values) for name, values in figures.items()}
+    raw_client = max(("confluent", "aiokafka"), key=lambda c: median[f"raw_{c}_eps"])
+    raw = median[f"raw_{raw_client}_eps"]
+    p50s, p99s = [f["p50"] for f in fresh], [f["p99"] for f in fresh]
+    p99 = statistics.median(p99s)
+    return {
+        "raw_eps": round(raw), "raw_client": raw_client, "default_engine": DEFAULT_ENGINE,
+        "default_eps": round(median["default_eps"]),
+        "default_ratio": round(median["default_eps"] / raw, 3),
+        "faust_eps": round(median["faust_eps"]),
+        "faust_ratio_to_noop_faust": round(median["faust_eps"] / median["noop_faust_eps"], 3),
+        "freshness_p50_ms": rounded(statistics.median(p50s)),
+        "freshness_p99_ms": rounded(p99),  # null: infinite (more than 1% of probes missed)
+        "freshness_misses": sum(int(f["misses"]) for f in fresh),
+        "freshness_probes": sum(int(f["probes"]) for f in fresh),
+        "freshness_load_eps": round(load_eps),
+        "runs": {"count": runs, **{name: spread(values) for name, values in figures.items()},
+                 "freshness_p50_ms": spread(p50s), "freshness_p99_ms": spread(p99s),
+                 "freshness_misses": [int(f["misses"]) for f in fresh]},
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "views": sorted(project.views),
+    }
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, ClassVar
 
+import numpy as np
 from datasketches import (
     compact_theta_sketch,
     hll_sketch,
@@ -79,6 +80,12 @@ class Monoid:
         """Fold one raw value into a working accumulator (which may be mutated)."""
         return self.merge(working, self.lift(value))
 
+    def add_many(self, working: Any, values: Sequence[Any]) -> Any:
+        """Fold raw values into a working accumulator, in order: the same as `add` one by one."""
+        for value in values:
+            working = self.add(working, value)
+        return working
+
     def thaw(self, acc: Any) -> Any:
         """A working accumulator from a transportable one."""
         return acc
@@ -110,6 +117,9 @@ class Count(Monoid):
 
     def add(self, working: int, value: Any) -> int:
         return working + 1
+
+    def add_many(self, working: int, values: Sequence[Any]) -> int:
+        return working + len(values)
 
     def arrow_type(self, field_type: str | None) -> str:
         return "int64"
@@ -229,6 +239,9 @@ class ApproxDistinct(_Sketch):
             working.update(value)
         return working
 
+    def add_many(self, working: hll_sketch, values: Sequence[Any]) -> hll_sketch:
+        return _add_distinct(self, working, values)
+
     def thaw(self, acc: bytes) -> hll_sketch:
         return hll_sketch.deserialize(acc)
 
@@ -271,6 +284,12 @@ class Quantiles(_Sketch):
     def add(self, working: kll_doubles_sketch, value: Any) -> kll_doubles_sketch:
         if value is not None:
             working.update(float(value))
+        return working
+
+    def add_many(self, working: kll_doubles_sketch, values: Sequence[Any]) -> kll_doubles_sketch:
+        floats = np.array([v for v in values if v is not None], np.float64)
+        if len(floats):
+            working.update(floats)
         return working
 
     def thaw(self, acc: bytes) -> kll_doubles_sketch:
@@ -321,11 +340,21 @@ class DistinctSet(_Sketch):
             working.fresh.update(value)
         return working
 
+    def add_many(self, working: _ThetaWorking, values: Sequence[Any]) -> _ThetaWorking:
+        return _add_distinct(self, working, values)
+
     def thaw(self, acc: bytes) -> _ThetaWorking:
         return _ThetaWorking(acc, update_theta_sketch(self.lg_k))
 
     def freeze(self, working: _ThetaWorking) -> bytes:
         return self.merge_all((working.base, working.fresh.compact()))
+
+
+def _add_distinct(monoid: Monoid, working: Any, values: Sequence[Any]) -> Any:
+    """A set sketch sees each distinct value once: a repeat changes nothing."""
+    for value in dict.fromkeys(values):
+        working = monoid.add(working, value)
+    return working
 
 
 def _theta(acc: bytes | compact_theta_sketch) -> compact_theta_sketch:

@@ -32,8 +32,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
 
+from lambdalake.event_columns import ARRIVAL
 from lambdalake.events import Event
 from lambdalake.monoids import Monoid
 from lambdalake.project import Project
@@ -85,6 +89,66 @@ class _ViewFold:
             accs[i] = add(accs[i], fields.get(field) if field else None)
         self.dirty.add(cell)
 
+    def fold_columns(self, rows: pa.Table, slices: pa.Array) -> None:
+        """Fold many events at once: `rows` counted events of this view's type, in order (a
+        table of `event_columns.decode_batch`), `slices` their arrival slices. The same cells
+        as folding them one by one: a group-by per cell, then each metric folds its values in
+        order (`Monoid.add_many`)."""
+        view = self.view
+        if view.where:
+            rows, slices = _matching(rows, slices, view)
+        if rows.num_rows == 0:
+            return
+        columns = {"__slice": slices, "__bucket": _floor(rows["ts"], self.bucket_ms)}
+        for i, key in enumerate(self.keys):
+            columns[f"__key{i}"] = rows[key]
+        fields = sorted({m.field for m in self.metrics if m.field})
+        for field in fields:
+            columns[field] = rows[field]
+        columns["__row"] = pa.array(np.arange(rows.num_rows))
+        groups = pa.table(columns).group_by(
+            ["__slice", "__bucket", *[f"__key{i}" for i in range(len(self.keys))]],
+            use_threads=False,
+        ).aggregate([("__row", "count"), *[(field, "list") for field in fields]])
+        self._fold_groups(groups, fields)
+
+    def _fold_groups(self, groups: pa.Table, fields: list[str]) -> None:
+        slices = groups["__slice"].to_pylist()
+        buckets = groups["__bucket"].to_pylist()
+        keys = list(zip(*[groups[f"__key{i}"].to_pylist() for i in range(len(self.keys))],
+                        strict=True)) if self.keys else [()] * len(slices)
+        counts = groups["__row_count"].to_pylist()
+        values = {field: groups[f"{field}_list"].to_pylist() for field in fields}
+        for g, cell in enumerate(zip(slices, buckets, keys, strict=True)):
+            accs = self.cells.get(cell)
+            if accs is None:
+                accs = self.cells[cell] = [m.thaw(m.zero()) for m in self.metrics]
+            for i, metric in enumerate(self.metrics):
+                folded = values[metric.field][g] if metric.field else [None] * counts[g]
+                accs[i] = metric.add_many(accs[i], folded)
+            self.dirty.add(cell)
+
+
+_ARROW_OPERATORS = {
+    "==": pc.equal, "!=": pc.not_equal, "<": pc.less, "<=": pc.less_equal, ">": pc.greater,
+    ">=": pc.greater_equal,
+}
+
+
+def _floor(column: pa.ChunkedArray, step: int) -> pa.ChunkedArray:
+    """`value - value % step` for non-negative int64 values."""
+    return pc.multiply(pc.divide(column, step), step)
+
+
+def _matching(rows: pa.Table, slices: pa.Array, view: View) -> tuple[pa.Table, pa.Array]:
+    """The rows a view's filter keeps: every condition holds, a null never matches."""
+    keep = None
+    for condition in view.where:
+        compare = _ARROW_OPERATORS[condition.op]
+        holds = compare(rows[condition.field], condition.value).fill_null(False)
+        keep = holds if keep is None else pc.and_(keep, holds)
+    return rows.filter(keep), pc.filter(slices, keep)
+
 
 class ViewState:
     def __init__(
@@ -121,6 +185,60 @@ class ViewState:
 
     def apply_all(self, records: Iterable[tuple[Event, int]]) -> int:
         return sum(self.apply(event, arrival) for event, arrival in records)
+
+    def apply_batch(self, events: pa.Table) -> np.ndarray:
+        """Fold a batch of valid events in at once (a table of `event_columns.decode_batch`,
+        with each event's arrival), to exactly the state `apply` leaves folding them in order.
+        Which were counted: False for a duplicate or one the batch covers already."""
+        kinds, ids = events["type"].to_pylist(), events["event_id"].to_pylist()
+        arrivals = events[ARRIVAL].to_pylist()
+        if self._forgets_nothing(arrivals):
+            counted = self._hold_batch(kinds, ids, arrivals)
+        else:
+            cut, duplicate = self.cut, self._duplicate
+            counted = np.array([
+                not duplicate(kind, event_id, arrival) and arrival >= cut
+                for kind, event_id, arrival in zip(kinds, ids, arrivals, strict=True)
+            ], bool)
+        if not counted.any():
+            return counted
+        fresh = events.filter(counted)
+        slices = _floor(fresh[ARRIVAL], self.slice_ms)
+        for event_type, folds in self._folds.items():
+            of_type = pc.equal(fresh["type"], event_type)
+            rows, its_slices = fresh.filter(of_type), pc.filter(slices, of_type)
+            for fold in folds:
+                fold.fold_columns(rows, its_slices)
+        return counted
+
+    def _forgets_nothing(self, arrivals: list[int]) -> bool:
+        """Whether `_duplicate` would forget no id while taking these arrivals: neither the
+        window nor the cap moves past an id held or taken among them."""
+        if not arrivals or self._held + len(arrivals) > self.max_ids:
+            return False
+        horizon = max(self._newest, max(arrivals)) - self.dedup_window_ms
+        oldest = self._arrivals[0][0] if self._arrivals else min(arrivals)
+        return min(oldest, min(arrivals)) >= horizon
+
+    def _hold_batch(self, kinds: list[str], ids: list[str], arrivals: list[int]) -> np.ndarray:
+        """`_duplicate` for each record in order, when it forgets nothing meanwhile; which were
+        counted (neither a duplicate nor below the cut)."""
+        seen, held, cut, newest = self._seen, self._arrivals, self.cut, self._newest
+        before = len(held)
+        counted = np.zeros(len(ids), bool)
+        for i, (kind, event_id, arrival) in enumerate(zip(kinds, ids, arrivals, strict=True)):
+            of_kind = seen.get(kind)
+            if of_kind is None:
+                of_kind = seen[kind] = {}
+            elif event_id in of_kind:
+                continue
+            of_kind[event_id] = arrival
+            held.append((arrival, of_kind, event_id))
+            counted[i] = arrival >= cut
+            newest = arrival if arrival > newest else newest
+        self._held += len(held) - before
+        self._newest = newest
+        return counted
 
     def _duplicate(self, event_type: str, event_id: str, arrival: int) -> bool:
         ids = self._seen.get(event_type)

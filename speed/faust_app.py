@@ -43,6 +43,7 @@ from faust.transport.consumer import TopicPartitionGroup
 from mode.supervisors import CrashingSupervisor
 
 from lambdalake import catalog
+from lambdalake.event_columns import BatchDecoder
 from lambdalake.eventlog import now_ms
 from lambdalake.events import Validator
 from lambdalake.kafka_topics import changelog_topic, dlq_topic, realtime_topic
@@ -62,6 +63,7 @@ class FaustSpeed:
     def __init__(self, settings: Settings, project: Project, store: ObjectStore):
         self.settings, self.project, self.store = settings, project, store
         self.validator = Validator(project.schemas, settings.max_future_seconds * 1000)
+        self.decoder = BatchDecoder(project.schemas, settings.max_future_seconds * 1000)
         self.flush_s = settings.flush_interval_ms / 1000
         self.app = faust.App(
             f"{settings.topic}.speed-faust",
@@ -103,8 +105,9 @@ class FaustSpeed:
             await self._commit(touched)
 
     async def _fold(self, batch: list[Any]) -> list[PartitionState]:
-        """Fold a batch into its partitions' states; the partitions it touched."""
-        touched = {}
+        """Fold a batch into its partitions' states, column-wise where it can (`take_all`);
+        the partitions it touched."""
+        taken: dict[int, tuple[PartitionState, list[Any]]] = {}
         for event in batch:
             message = event.message
             part = self.parts.get(message.partition)
@@ -114,12 +117,14 @@ class FaustSpeed:
                 if message.offset > part.next_offset:
                     await self._rewind(part)
                 continue  # a record folded already, or one after records Faust skipped
-            touched[message.partition] = part
-            reason = part.take(message.value, round(message.timestamp * 1000), self.validator)
-            if reason is not None:
-                await self._dead_letter(message, reason)
+            taken.setdefault(message.partition, (part, []))[1].append(message)
             part.next_offset = message.offset + 1
-        return list(touched.values())
+        for part, messages in taken.values():
+            values = [m.value for m in messages]
+            stamps = [round(m.timestamp * 1000) for m in messages]
+            for i, reason in part.take_all(values, stamps, self.decoder, self.validator):
+                await self._dead_letter(messages[i], reason)
+        return [part for part, _ in taken.values()]
 
     async def _rewind(self, part: PartitionState) -> None:
         """Read again from the first record Faust skipped (it can drop some it had fetched

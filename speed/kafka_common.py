@@ -29,8 +29,10 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import orjson
 
+from lambdalake.event_columns import BatchDecoder
 from lambdalake.events import Event, Problem, Validator
 from lambdalake.kafka_topics import arrival as next_arrival
 from lambdalake.kafka_topics import changelog_topic, realtime_topic
@@ -105,6 +107,26 @@ class PartitionState:
         self._fresh_ids.append((event.type, event.event_id, arrival))
         self._outcomes["counted" if self.view.apply(event, arrival) else "skipped"] += 1
         return None
+
+    def take_all(
+        self, values: list[bytes | None], timestamps: list[int], decoder: BatchDecoder,
+        validator: Validator,
+    ) -> list[tuple[int, Poison]]:
+        """Fold records in, in order: column-wise when the whole batch is valid, else one by
+        one. The poison among them: (index, reason)."""
+        start = np.array([self.arrival, *timestamps], np.int64)
+        arrivals = np.maximum.accumulate(start)[1:]
+        events = decoder.decode_batch(values, arrivals)
+        if events is None:
+            taken = (self.take(v, ts, validator) for v, ts in zip(values, timestamps, strict=True))
+            return [(i, reason) for i, reason in enumerate(taken) if reason is not None]
+        self.arrival = int(arrivals[-1])
+        self._fresh_ids += zip(events["type"].to_pylist(), events["event_id"].to_pylist(),
+                               arrivals.tolist(), strict=True)
+        counted = int(self.view.apply_batch(events).sum())
+        self._outcomes["counted"] += counted
+        self._outcomes["skipped"] += len(values) - counted
+        return []
 
     def flush_metrics(self) -> None:
         """Add the outcomes counted since the last call to the Prometheus counters; set the

@@ -27,6 +27,7 @@ from confluent_kafka import KafkaException, Message, TopicPartition
 from quixstreams.kafka import Consumer, Producer
 
 from lambdalake import catalog
+from lambdalake.event_columns import BatchDecoder
 from lambdalake.eventlog import now_ms
 from lambdalake.events import Validator
 from lambdalake.kafka_topics import changelog_topic, dlq_topic, realtime_topic
@@ -53,6 +54,7 @@ class QuixSpeed:
     def __init__(self, settings: Settings, project: Project, store: ObjectStore, worker_id: str):
         self.settings, self.project, self.store = settings, project, store
         self.validator = Validator(project.schemas, settings.max_future_seconds * 1000)
+        self.decoder = BatchDecoder(project.schemas, settings.max_future_seconds * 1000)
         self.topic = settings.topic
         self.flush_s = settings.flush_interval_ms / 1000
         bootstrap = settings.kafka_bootstrap
@@ -101,8 +103,7 @@ class QuixSpeed:
         started = now_ms()
         wait = self.flush_s - (time.monotonic() - self._last_commit)
         messages = self.consumer.consume(BATCH, min(max(wait, MIN_WAIT_S), 0.1))
-        for message in messages:
-            self._take(message)
+        self._take_all(messages)
         if len(messages) < BATCH:
             for part in self.parts.values():
                 part.caught_up_at = started
@@ -117,17 +118,25 @@ class QuixSpeed:
         if since >= due and (self._changed or since >= IDLE_COMMIT_S):
             self.commit()
 
-    def _take(self, message: Message) -> None:
-        if message.error() is not None:
-            raise KafkaException(message.error())
-        part = self.parts[message.partition()]
-        value = message.value()
-        reason = part.take(value, message.timestamp()[1], self.validator)
-        if reason is not None:
-            source = f"{self.topic}/{message.partition()}/{message.offset()}"
-            headers = [("reason", reason.encode()), ("source", source.encode())]
-            self.producer.produce(dlq_topic(self.topic), value, message.key(), headers=headers)
-        part.next_offset = message.offset() + 1
+    def _take_all(self, messages: list[Message]) -> None:
+        """Fold a consumed batch in, partition by partition, each in its order."""
+        by_partition: dict[int, list[Message]] = {}
+        for message in messages:
+            if message.error() is not None:
+                raise KafkaException(message.error())
+            by_partition.setdefault(message.partition(), []).append(message)
+        for number, taken in by_partition.items():
+            part = self.parts[number]
+            values = [m.value() for m in taken]
+            poison = part.take_all(values, [m.timestamp()[1] for m in taken], self.decoder,
+                                   self.validator)
+            for i, reason in poison:
+                message = taken[i]
+                source = f"{self.topic}/{number}/{message.offset()}"
+                headers = [("reason", reason.encode()), ("source", source.encode())]
+                self.producer.produce(dlq_topic(self.topic), values[i], message.key(),
+                                      headers=headers)
+            part.next_offset = taken[-1].offset() + 1
 
     def follow_batch(self) -> None:
         """Drop what every kept batch version covers (the store may be briefly unavailable)."""

@@ -1,0 +1,188 @@
+"""Many events at once, column-wise: decode a batch of JSON records with `pyarrow.json` against
+the declared schemas and check them with vectorized rules, the rules of `events.Validator`.
+
+`decode_batch` answers a table of the whole batch only when it is sure that every record is
+one the Validator accepts, with the same values; otherwise None, and the caller validates
+record by record (which also names what is wrong with each bad record). It refuses a batch,
+never a record: a record that is bad, or merely unusual, sends its whole batch down the
+per-record path, so the order of the records, and with it dedup, is always kept.
+
+What it is sure of, per rule of `lambdalake.events`:
+- one JSON object per record, no newline inside (pyarrow reads a line per row), at most
+  `MAX_EVENT_BYTES`; valid UTF-8; no control
+  character in the bytes but tab, nor an escape that decodes to one (`\\b`, `\\f`, `\\u`):
+  so no string holds one but tab, LF and CR;
+- `type` one of the schemas; the envelope present; `ts` an epoch-ms integer in range and not
+  too far past the record's arrival (an ISO string sends the batch down the per-record path);
+- declared fields of the record's type only: pyarrow refuses names no schema declares, and a
+  name declared only by other types must not appear in the record at all (`"sku": null` is
+  an extra field of a pageview). A batch with a `\\u` escape is not decoded here, so every
+  name pyarrow saw is in the bytes literally;
+- types as pydantic's strict mode checks them: pyarrow refuses a float for an int, a
+  number out of int64, a string for a number, anything but true/false for a bool; floats
+  must be finite (pyarrow reads `NaN`);
+- required fields not null; strings within `MAX_STRING_CHARS` characters; `event_id` 1 to
+  256 characters.
+A schema whose field name is declared with two different types sends every batch down the
+per-record path (one column cannot hold both).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pj
+
+from lambdalake.events import (
+    ARROW_TYPES,
+    MAX_EVENT_BYTES,
+    MAX_MS,
+    MAX_STRING_CHARS,
+    EventSchema,
+)
+
+ARRIVAL = "__arrival"  # the column decode_batch adds: each record's arrival
+_CONTROL_BYTES = bytes(b for b in range(0x20) if b != ord("\t"))
+_BLOCK = 1 << 20  # pyarrow.json parses blocks in parallel: 1 MB is the fastest here
+_MAX_EVENT_ID = 256
+
+
+class BatchDecoder:
+    """Decodes batches of event records for one set of schemas."""
+
+    def __init__(self, schemas: Mapping[str, EventSchema], max_future_ms: int):
+        self.max_future_ms = max_future_ms
+        self.schemas = dict(schemas)
+        declared: dict[str, str] = {}
+        conflict = False
+        # types with a field these column checks do not cover (a decimal's exact text): their
+        # records always take the per-record validation
+        self._unchecked = sorted(name for name, schema in schemas.items()
+                                 if any(schema.field_type(f) not in ARROW_TYPES
+                                        for f in schema.fields))
+        for name, schema in schemas.items():
+            if name in self._unchecked:
+                continue
+            for field in schema.fields:
+                arrow = ARROW_TYPES[schema.field_type(field)]
+                conflict |= declared.setdefault(field, arrow) != arrow
+        self.usable = not conflict
+        columns = [("event_id", pa.string()), ("type", pa.string()), ("ts", pa.int64())]
+        columns += [(name, pa.type_for_alias(arrow)) for name, arrow in declared.items()]
+        self._options = pj.ParseOptions(
+            explicit_schema=pa.schema(columns), unexpected_field_behavior="error",
+            newlines_in_values=False,
+        )
+        # per type: the names only other types declare (must not appear), its required fields
+        checked = {name: s for name, s in schemas.items() if name not in self._unchecked}
+        self._foreign = {
+            name: [f for f in declared if f not in schema.fields] for name, schema in
+            checked.items()
+        }
+        self._required = {
+            name: [f for f, t in schema.fields.items() if not t.endswith("?")]
+            for name, schema in checked.items()
+        }
+        self._foreign_names = sorted({f for names in self._foreign.values() for f in names})
+        self._strings = ["event_id", "type"] + [
+            f for f, arrow in declared.items() if arrow == "string"
+        ]
+        self._floats = [f for f, arrow in declared.items() if arrow == "float64"]
+
+    def decode_batch(self, values: Sequence[bytes | None], arrivals: np.ndarray) -> pa.Table | None:
+        """The batch as a table (with its arrivals in `ARRIVAL`), or None when any record needs
+        the per-record validation."""
+        if not self.usable or not values or any(v is None for v in values):
+            return None
+        data = b"\n".join(values)  # type: ignore[arg-type]
+        if not _plain(data, len(values)) or max(map(len, values)) > MAX_EVENT_BYTES:  # type: ignore[arg-type]
+            return None
+        try:
+            table = pj.read_json(pa.py_buffer(data), parse_options=self._options,
+                                 read_options=pj.ReadOptions(block_size=_BLOCK))
+        except pa.ArrowInvalid:
+            return None
+        if table.num_rows != len(values):  # two objects on one line
+            return None
+        table = table.append_column(ARRIVAL, pa.array(arrivals, pa.int64()))
+        named = {field: data.count(f'"{field}"'.encode()) for field in self._foreign_names}
+        return table if self._valid(table, data, values, named) else None
+
+    def _valid(
+        self, table: pa.Table, data: bytes, values: Sequence[bytes | None], named: dict[str, int]
+    ) -> bool:
+        checked = [name for name in self.schemas if name not in self._unchecked]
+        known = pc.is_in(table["type"], value_set=pa.array(checked, pa.string()))
+        if not pc.all(known.fill_null(False)).as_py():
+            return False
+        if table["event_id"].null_count or table["ts"].null_count:
+            return False
+        ids = pc.utf8_length(table["event_id"])
+        if pc.min(ids).as_py() < 1 or pc.max(ids).as_py() > _MAX_EVENT_ID:
+            return False
+        return (
+            self._times_valid(table)
+            and self._strings_short(table, data)
+            and self._floats_finite(table)
+            and all(self._fields_valid(table, values, name, named) for name in checked)
+        )
+
+    def _times_valid(self, table: pa.Table) -> bool:
+        ts, arrival = table["ts"], table[ARRIVAL]
+        latest = pc.add(arrival, self.max_future_ms)
+        ok = pc.and_(pc.and_(pc.greater_equal(ts, 0), pc.less_equal(ts, MAX_MS)),
+                     pc.less_equal(ts, latest))
+        return bool(pc.all(ok).as_py())
+
+    def _strings_short(self, table: pa.Table, data: bytes) -> bool:
+        """No string longer than `MAX_STRING_CHARS` (none can be in a shorter batch)."""
+        if len(data) <= MAX_STRING_CHARS:
+            return True
+        return all(
+            (pc.max(pc.utf8_length(table[name])).as_py() or 0) <= MAX_STRING_CHARS
+            for name in self._strings
+        )
+
+    def _floats_finite(self, table: pa.Table) -> bool:
+        return all(
+            pc.all(pc.is_finite(table[name])).as_py() in (True, None) for name in self._floats
+        )
+
+    def _fields_valid(
+        self, table: pa.Table, values: Sequence[bytes | None], name: str, named: dict[str, int]
+    ) -> bool:
+        """The records of type `name` hold their required fields and no field of another
+        type, not even as null (`named`: how often each such field's name is in the bytes)."""
+        rows = pc.equal(table["type"], name)
+        if not pc.any(rows).as_py():
+            return True
+        for field in self._required[name]:
+            if pc.any(pc.and_(rows, pc.is_null(table[field]))).as_py():
+                return False
+        for field in self._foreign[name]:
+            column = table[field]
+            if pc.any(pc.and_(rows, pc.is_valid(column))).as_py():
+                return False
+            # A name in the bytes as often as it has values names no foreign field; else look
+            # in the records of this type.
+            if named[field] != len(column) - column.null_count:
+                records = pc.filter(pa.array(values, pa.binary()), rows)
+                if pc.any(pc.match_substring(records, f'"{field}"')).as_py():
+                    return False
+        return True
+
+
+def _plain(data: bytes, records: int) -> bool:
+    """Valid UTF-8; no control character in the bytes but tab and the newlines between the
+    records; no escape that decodes to a control character or could spell a field name."""
+    if len(data) - len(data.translate(None, _CONTROL_BYTES)) != records - 1:
+        return False
+    if not data.isascii():
+        try:  # pyarrow.json does not check that strings are UTF-8
+            data.decode()
+        except UnicodeDecodeError:
+            return False
+    return b"\\" not in data or not any(e in data for e in (b"\\u", b"\\b", b"\\f"))
