@@ -122,10 +122,10 @@ def test_an_int_dimension_past_int64_is_a_400_naming_it(value: str) -> None:
     schema = EventSchema("click", {"button": "int"})
     view = View("clicks", "click", ("button",), "hour", {"clicks": Count()})
     with pytest.raises(QueryError) as refused:
-        parse(view, schema, filters={"button": value})
+        parse(view, schema, filters={"button": [value]})
     assert refused.value.field == "button" and str(INT64 - 1) in refused.value.rule
-    assert parse(view, schema, filters={"button": str(INT64 - 1)}).filters == {
-        "button": INT64 - 1}
+    assert parse(view, schema, filters={"button": [str(INT64 - 1)]}).filters == {
+        "button": (INT64 - 1,)}
 
 
 # ---------------------------------------------------------------- GET /views/{view}
