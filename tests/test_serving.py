@@ -413,6 +413,7 @@ def test_a_version_that_fails_to_load_leaves_the_last_one_serving(served: Lake) 
     broken = catalog.Manifest(
         version="v2", cut=CUT_2, created=iso(now_ms()), engine="test", rows_read=0,
         views={PAGEVIEWS.name: catalog.ViewFiles(files=["views/missing.parquet"], rows=0)},
+        fingerprints=project.fingerprints,  # it holds the view as defined now: it must load
     )
     catalog.write_manifest(served.store, broken)
     catalog.publish(served.store, "v2")
