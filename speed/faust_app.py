@@ -212,7 +212,10 @@ class FaustSpeed:
         # (the consumer, and its heartbeats, run on Faust's consumer thread).
         restored = restore_partitions(self.settings, self.project, fresh, self.floor)
         self.parts.update(restored)
-        await self._publish_restored([p for p in restored.values() if p.next_offset is not None])
+        # only after a view changed: an eager transaction in the middle of a rebalance, when
+        # nothing changed, races the batch in flight
+        await self._publish_restored(
+            [p for p in restored.values() if p.next_offset is not None and p.redefined])
         log.info("partitions assigned, state restored", extra={"partitions": numbers})
 
     async def _publish_restored(self, parts: list[PartitionState]) -> None:

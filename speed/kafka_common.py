@@ -92,6 +92,7 @@ class PartitionState:
         self._fresh_ids: list[tuple[str, str, int]] = []  # (type, event id, arrival)
         self._chunks: dict[int, int] = {}  # ids chunk seq -> newest arrival in it
         self._dropped: list[bytes] = []
+        self.redefined = False  # set by `restore`: the committed state names other views
         self._outcomes = {"counted": 0, "skipped": 0, "json": 0, "schema": 0}
 
     def take(self, value: bytes | None, timestamp: int, validator: Validator) -> Poison | None:
@@ -188,6 +189,9 @@ class PartitionState:
         meta = orjson.loads(changelog.get(meta_key(self.partition), b'{"arrival":0,"cut":0}'))
         fingerprints = self.project.fingerprints
         kept = {name for name, fp in meta.get("views", {}).items() if fingerprints.get(name) == fp}
+        # the committed state names other views (added, changed, removed): it must be written
+        # again, with a heartbeat naming today's, before the serving layer may answer
+        self.redefined = meta.get("views", {}) != fingerprints
         cells: list[CellUpdate] = []
         for key, value in realtime.items():
             decoded = orjson.loads(key)
