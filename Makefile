@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint bench-speed bench-batch bench-serving clean
+.PHONY: run test test-long lint bench-speed bench-batch bench-serving clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,11 @@ run: $(VENV)/.run-deps
 
 ## test: lint, then every suite against the real services it starts itself
 test: lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not long"
+
+## test-long: the cases too long for `make test` (clusters, soak, large loads)
+test-long: $(VENV)/.test-deps
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m long
 
 ## lint: ruff, the type check, and the import contracts, checked on the package as installed
 ## (the parts' folders install under lambdalake.*, which only an install lays out)
