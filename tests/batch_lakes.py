@@ -186,3 +186,42 @@ def assert_same_view(view: View, left: pa.Table, right: pa.Table) -> None:
             assert all(math.isclose(x, y, rel_tol=1e-12, abs_tol=1e-9) for x, y in pairs), name
         else:
             assert a == b, f"{view.name}.{name}: {a} != {b}"
+
+
+class FaultyStore(ObjectStore):
+    """A real store with a fault hook: `before_change(op, key)` runs before every put, create,
+    replace and delete, and may raise as a failing disk or a killed process would."""
+
+    def __init__(self, inner: ObjectStore):
+        self.inner, self.url = inner, inner.url
+
+    def before_change(self, op: str, key: str) -> None:
+        raise NotImplementedError
+
+    def put(self, key: str, data: bytes) -> None:
+        self.before_change("put", key)
+        self.inner.put(key, data)
+
+    def create(self, key: str, data: bytes) -> str:
+        self.before_change("create", key)
+        return self.inner.create(key, data)
+
+    def replace(self, key: str, data: bytes, tag: str) -> str:
+        self.before_change("replace", key)
+        return self.inner.replace(key, data, tag)
+
+    def delete(self, key: str) -> None:
+        self.before_change("delete", key)
+        self.inner.delete(key)
+
+    def get(self, key: str) -> bytes:
+        return self.inner.get(key)
+
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        return self.inner.get_tagged(key)
+
+    def list(self, prefix: str) -> list[str]:
+        return self.inner.list(prefix)
+
+    def arrow(self) -> Any:
+        return self.inner.arrow()

@@ -26,7 +26,7 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
-from batch_lakes import SLICE_MS, URLS, events, published
+from batch_lakes import SLICE_MS, URLS, FaultyStore, events, published
 from exact import exact_quantiles
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -315,43 +315,17 @@ def _event(event_id: str, i: int) -> Event:
     return Event(event_id, "pageview", i * 60_000, fields)
 
 
-class FlakyStore(ObjectStore):
-    """A store whose `fail_at`-th write (put, create or replace; counting from 1) raises, once."""
+class FlakyStore(FaultyStore):
+    """A store whose `fail_at`-th change (put, create, replace or delete; from 1) raises, once."""
 
     def __init__(self, inner: ObjectStore, fail_at: int):
-        self.inner, self.fail_at, self.writes, self.url = inner, fail_at, 0, inner.url
+        super().__init__(inner)
+        self.fail_at, self.writes = fail_at, 0
 
-    def _write(self, key: str) -> None:
+    def before_change(self, op: str, key: str) -> None:
         self.writes += 1
         if self.writes == self.fail_at:
             raise OSError(f"injected failure writing {key}")
-
-    def put(self, key: str, data: bytes) -> None:
-        self._write(key)
-        self.inner.put(key, data)
-
-    def create(self, key: str, data: bytes) -> str:
-        self._write(key)
-        return self.inner.create(key, data)
-
-    def replace(self, key: str, data: bytes, tag: str) -> str:
-        self._write(key)
-        return self.inner.replace(key, data, tag)
-
-    def get(self, key: str) -> bytes:
-        return self.inner.get(key)
-
-    def get_tagged(self, key: str) -> tuple[bytes, str]:
-        return self.inner.get_tagged(key)
-
-    def list(self, prefix: str) -> list[str]:
-        return self.inner.list(prefix)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
-
-    def arrow(self) -> Any:
-        return self.inner.arrow()
 
 
 @pytest.fixture
