@@ -296,46 +296,42 @@ def test_an_empty_range_answers_no_rows(db):
     assert run(db, PAGES, start=iso(later), end=iso(later + DAY), bucket="total") == []
 
 
-def test_the_example_views_plan_and_run():
+def revenue_totals(columns: dict[str, list]) -> list[dict]:
+    """The example's revenue view over a merged table of these columns, one total per sku,
+    ordered by revenue."""
     con = duckdb.connect()
     view = example.views["revenue_by_sku_day"]
-    table = pa.Table.from_pydict(
-        {"bucket": [START, START, START + DAY], "sku": ["a", "a", "b"],
-         "revenue": [Decimal("10.50"), Decimal("4.25"), Decimal("1")], "orders": [2, 1, 1]},
-        schema=table_schema(example, view),
-    )
-    con.register("merged", table)
+    con.register("merged", pa.Table.from_pydict(columns, schema=table_schema(example, view)))
     query = parse(view, PURCHASE, bucket="total", order_by="revenue")
     sql, args = plan(view, query)
     cursor = con.execute(sql, args)
     rows = finalize(view, query, [d[0] for d in cursor.description], cursor.fetchall())
+    con.close()
+    return rows
+
+
+def test_the_example_views_plan_and_run():
+    rows = revenue_totals(
+        {"bucket": [START, START, START + DAY], "sku": ["a", "a", "b"],
+         "revenue": [Decimal("10.50"), Decimal("4.25"), Decimal("1")], "orders": [2, 1, 1]}
+    )
     assert rows == [
         {"bucket": iso(START), "sku": "a", "revenue": "14.75", "orders": 3},
         {"bucket": iso(START + DAY), "sku": "b", "revenue": "1.00", "orders": 1},
     ]
-    con.close()
 
 
 def test_a_decimal_sum_merges_exactly_and_orders_as_a_number():
     """0.10 + 0.20 as float64 is 0.30000000000000004 (and the issue's revenue came back as
     203.85999999999999): decimal cells merge exactly, answer as strings at their scale, and
     sort by value, not as text ("10.00" above "9.00")."""
-    con = duckdb.connect()
-    view = example.views["revenue_by_sku_day"]
     cents = ["0.10", "0.20", "101.93", "101.93", "9.00", "10.00"]
-    table = pa.Table.from_pydict(
+    rows = revenue_totals(
         {"bucket": [START] * 6, "sku": ["a", "a", "b", "b", "c", "d"],
-         "revenue": [Decimal(c) for c in cents], "orders": [1] * 6},
-        schema=table_schema(example, view),
+         "revenue": [Decimal(c) for c in cents], "orders": [1] * 6}
     )
-    con.register("merged", table)
-    query = parse(view, PURCHASE, bucket="total", order_by="revenue")
-    sql, args = plan(view, query)
-    cursor = con.execute(sql, args)
-    rows = finalize(view, query, [d[0] for d in cursor.description], cursor.fetchall())
     assert [(r["sku"], r["revenue"]) for r in rows] == [
         ("b", "203.86"), ("d", "10.00"), ("c", "9.00"), ("a", "0.30")]
-    con.close()
 
 
 # --- parse: each error names the parameter -----------------------------------------------
