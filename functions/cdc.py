@@ -45,7 +45,8 @@ PURCHASE_FIELDS = ("user_id", "sku", "amount")
 CHANGES = Counter("lambdalake_cdc_changes_total", "Stream changes, by outcome", ["outcome"])
 
 log = logging.getLogger("lambdalake.functions.cdc")
-processor = BatchProcessor(event_type=EventType.DynamoDBStreams)
+# every record failing is answered as such (not raised): the same answer, one shape
+processor = BatchProcessor(event_type=EventType.DynamoDBStreams, raise_on_entire_batch_failure=False)
 lake = PerColdStart(lambda settings: open_store(settings.store_url, settings.s3_endpoint_url))
 
 

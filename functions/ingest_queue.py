@@ -33,7 +33,8 @@ MESSAGES = Counter("lambdalake_ingest_queue_messages_total", "Queue messages, by
                    ["outcome"])
 
 log = logging.getLogger("lambdalake.functions.ingest_queue")
-processor = BatchProcessor(event_type=EventType.SQS)
+# every record failing is answered as such (not raised): the same answer, one shape
+processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
 
 class MessageRefused(ValueError):

@@ -3,6 +3,11 @@
 The runtime binds its settings for the handlers it runs (`functions.environment`), so both
 agree on the event log and the store; the template's `Environment` is for AWS only. Stream
 mappings poll the embedded log, or the Kafka topic with the Kafka bus (`kafka_source`).
+`S3` events: a watched folder when the landing store is `file://` (`folder_watch`), else the
+bucket's notifications through a queue. `SQS` and `DynamoDB` events run against an
+AWS-compatible endpoint (`aws_endpoint_url`, else `s3_endpoint_url`: moto here), and only with
+one: there is nothing to poll on the embedded default. Schedules are `up`'s (its batch and
+maintenance loops, and the drain hook that is the watermark heartbeat here).
 """
 
 from __future__ import annotations
@@ -10,16 +15,29 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
+from urllib.parse import urlparse
 
 from lambdalake.bus import embedded_log
 from lambdalake.eventlog import Topic
 from lambdalake.functions import environment
+from lambdalake.functions.runtime.folder_watch import FolderWatch
 from lambdalake.functions.runtime.function import LocalFunction
 from lambdalake.functions.runtime.gateway import Gateway
 from lambdalake.functions.runtime.mapping import DrainHook, StreamMapping
+from lambdalake.functions.runtime.queues import (
+    QueueMapping,
+    Queues,
+    notify_queue,
+    s3_delivery,
+    sqs_delivery,
+)
+from lambdalake.functions.runtime.table_streams import TableStreamMapping
 from lambdalake.functions.runtime.template import StreamSource, Template, load_template
 from lambdalake.loops import Loops
 from lambdalake.settings import Settings
+
+Poller = StreamMapping | FolderWatch | QueueMapping | TableStreamMapping
 
 
 class LocalRuntime:
@@ -41,12 +59,56 @@ class LocalRuntime:
                                max_connections=settings.http_max_connections,
                                read_timeout_s=settings.http_read_timeout_seconds,
                                tls=settings.tls)
-        self.mappings = [
+        self.loops = loops
+        self.mappings: list[Poller] = [
             StreamMapping(function, source, self._topic(source), self.folder,
                           on_drained.get(function.spec.handler), loops=loops)
             for function in self.functions.values()
             for source in function.spec.streams
         ]
+        self.endpoint = settings.aws_endpoint_url or settings.s3_endpoint_url
+        self.mappings += self._landing()
+        if self.endpoint:
+            self.mappings += self._queues() + self._table_streams()
+
+    def _client(self, service: str) -> Any:
+        import boto3
+
+        return boto3.client(service, endpoint_url=self.endpoint)
+
+    def _landing(self) -> list[Poller]:
+        """A folder watch for a `file://` landing store, else the bucket's notifications
+        through a queue (only with an endpoint to create it on)."""
+        url = urlparse(self.settings.landing_store_url)
+        sources = [(f, s) for f in self.functions.values() for s in f.spec.buckets]
+        if url.scheme == "file":
+            return [FolderWatch(f, s, Path(url.path), loops=self.loops) for f, s in sources]
+        if not sources or not self.endpoint:
+            return []
+        queues = Queues(self._client("sqs"), {})
+        pollers: list[Poller] = []
+        for function, source in sources:
+            name = notify_queue(self._client("s3"), queues, function, source, url.netloc)
+            pollers.append(QueueMapping(function, queues.client, queues.urls[name],
+                                        queues.arns[name], 10, s3_delivery(function),
+                                        loops=self.loops))
+        return pollers
+
+    def _queues(self) -> list[Poller]:
+        sources = [(f, s) for f in self.functions.values() for s in f.spec.queues]
+        if not sources:
+            return []
+        queues = Queues(self._client("sqs"), self.template.queues)
+        return [QueueMapping(f, queues.client, queues.urls[s.resource], queues.arns[s.resource],
+                             s.batch_size, sqs_delivery(f, s, queues.arns[s.resource]),
+                             loops=self.loops)
+                for f, s in sources]
+
+    def _table_streams(self) -> list[Poller]:
+        return [TableStreamMapping(f, s, self.template.tables[s.resource],
+                                   self._client("dynamodb"), self._client("dynamodbstreams"),
+                                   self.folder, loops=self.loops)
+                for f in self.functions.values() for s in f.spec.tables]
 
     def _topic(self, source: StreamSource) -> Topic:
         """The bus topic a stream source names: the template's is AWS's, here it's settings'."""

@@ -1,0 +1,167 @@
+"""SQS event-source mappings on an AWS-compatible endpoint (moto here), as AWS Lambda polls a queue.
+
+The template's queues are created as declared (visibility timeout, redrive policy to a
+dead-letter queue with its `maxReceiveCount`). A mapping receives up to `BatchSize` messages,
+invokes the function with the SQS event, and deletes what succeeded: with
+`ReportBatchItemFailures`, every message but those the answer's `batchItemFailures` names;
+without it, all or (the invocation failed) none. A message not deleted becomes visible again
+after the visibility timeout and is received again; the queue itself moves it to its dead-letter
+queue once received `maxReceiveCount` times, as SQS does.
+
+An S3 event notification reaches a function the same way here: the runtime points the bucket's
+notifications at a queue of its own (`<function>-s3`, retried twice as AWS retries an
+asynchronous invocation, then kept in `<function>-s3-failed`) and invokes the function with
+each message's S3 event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from lambdalake.functions.runtime.context import REGION
+from lambdalake.functions.runtime.function import FunctionError, LocalFunction, Throttled
+from lambdalake.functions.runtime.template import BucketSource, Queue, QueueSource
+from lambdalake.loops import Loop, Loops
+
+log = logging.getLogger("lambdalake.functions.queues")
+_WAIT_SECONDS = 1  # long polling: an idle queue costs one request a second
+ASYNC_ATTEMPTS = 3  # an asynchronous invocation: the first, and AWS's two retries
+
+
+class Queues:
+    """The template's queues, created on the endpoint: logical id -> (url, arn)."""
+
+    def __init__(self, client: Any, queues: dict[str, Queue]):
+        self.client, self.urls, self.arns = client, {}, {}
+        for queue in sorted(queues.values(), key=lambda q: q.dead_letter_queue is not None):
+            attributes = {"VisibilityTimeout": str(queue.visibility_timeout_seconds)}
+            if queue.dead_letter_queue is not None:
+                attributes["RedrivePolicy"] = json.dumps({
+                    "deadLetterTargetArn": self.arns[queue.dead_letter_queue],
+                    "maxReceiveCount": queue.max_receive_count})
+            self.create(queue.name, attributes)
+
+    def create(self, name: str, attributes: dict[str, str]) -> str:
+        url = self.client.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+        self.urls[name] = url
+        self.arns[name] = self.client.get_queue_attributes(
+            QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        return url
+
+
+def sqs_record(message: dict[str, Any], arn: str) -> dict[str, Any]:
+    """A received message as the SQS event's record."""
+    return {
+        "messageId": message["MessageId"],
+        "receiptHandle": message["ReceiptHandle"],
+        "body": message["Body"],
+        "attributes": message.get("Attributes", {}),
+        "messageAttributes": {
+            name: {"stringValue": value.get("StringValue"), "binaryValue": value.get("BinaryValue"),
+                   "stringListValues": [], "binaryListValues": [],
+                   "dataType": value["DataType"]}
+            for name, value in message.get("MessageAttributes", {}).items()
+        },
+        "md5OfBody": message["MD5OfBody"],
+        "eventSource": "aws:sqs",
+        "eventSourceARN": arn,
+        "awsRegion": REGION,
+    }
+
+
+Deliver = Callable[[list[dict[str, Any]]], set[str]]  # messages -> ids of those that failed
+
+
+class QueueMapping:
+    def __init__(self, function: LocalFunction, client: Any, url: str, arn: str,
+                 batch_size: int, deliver: Deliver, loops: Loops | None = None):
+        self.function, self.client, self.url, self.arn = function, client, url, arn
+        self.batch_size, self.deliver = min(batch_size, 10), deliver
+        self.loop = Loop(f"queue-{function.name}", self._step, first_backoff_s=0.5,
+                         max_backoff_s=30.0, stuck_after_s=900.0)
+        if loops is not None:
+            loops.add(self.loop)
+
+    def start(self) -> None:
+        self.loop.start()
+
+    def stop(self) -> None:
+        self.loop.stop()
+
+    def _step(self) -> float:
+        return 0.0 if self.poll_once() else 0.05
+
+    def poll_once(self) -> int:
+        """Receive one batch, deliver it, delete what succeeded; the messages received."""
+        messages = self.client.receive_message(
+            QueueUrl=self.url, MaxNumberOfMessages=self.batch_size, WaitTimeSeconds=_WAIT_SECONDS,
+            AttributeNames=["All"], MessageAttributeNames=["All"]).get("Messages", [])
+        if not messages:
+            return 0
+        failed = self.deliver(messages)
+        done = [m for m in messages if m["MessageId"] not in failed]
+        for start in range(0, len(done), 10):
+            self.client.delete_message_batch(QueueUrl=self.url, Entries=[
+                {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
+                for i, m in enumerate(done[start:start + 10])])
+        return len(messages)
+
+
+def sqs_delivery(function: LocalFunction, source: QueueSource, arn: str) -> Deliver:
+    """Deliver a batch as one SQS event; the ids the function reports failed."""
+
+    def deliver(messages: list[dict[str, Any]]) -> set[str]:
+        every = {m["MessageId"] for m in messages}
+        try:
+            result = function.invoke({"Records": [sqs_record(m, arn) for m in messages]})
+        except (FunctionError, Throttled) as error:
+            log.warning("queue batch failed; redelivered after the visibility timeout",
+                        extra={"function": function.name, "error": str(error)})
+            return every
+        if not source.partial_failures:
+            return set()
+        failures = (result or {}).get("batchItemFailures", [])
+        return {f["itemIdentifier"] for f in failures} & every
+
+    return deliver
+
+
+def s3_delivery(function: LocalFunction) -> Deliver:
+    """Deliver each message's S3 event notification as its own invocation."""
+
+    def deliver(messages: list[dict[str, Any]]) -> set[str]:
+        failed = set()
+        for message in messages:
+            event = json.loads(message["Body"])
+            if event.get("Event") == "s3:TestEvent":  # sent once, when notifications are set
+                continue
+            try:
+                function.invoke(event)
+            except (FunctionError, Throttled) as error:
+                log.warning("S3 notification failed; retried", extra={
+                    "function": function.name, "error": str(error)})
+                failed.add(message["MessageId"])
+        return failed
+
+    return deliver
+
+
+def notify_queue(s3: Any, queues: Queues, function: LocalFunction, source: BucketSource,
+                 bucket: str) -> str:
+    """Point `bucket`'s notifications at a queue of the function's; the queue's name."""
+    name = f"{function.name}-s3"
+    queues.create(f"{name}-failed", {})
+    queues.create(name, {"VisibilityTimeout": "5", "RedrivePolicy": json.dumps({
+        "deadLetterTargetArn": queues.arns[f"{name}-failed"],
+        "maxReceiveCount": ASYNC_ATTEMPTS})})
+    events = [source.events] if isinstance(source.events, str) else source.events
+    configuration: dict[str, Any] = {"Id": f"lambdalake-{function.name}",
+                                     "QueueArn": queues.arns[name], "Events": events}
+    if source.filter:
+        configuration["Filter"] = {"Key": {"FilterRules": source.filter["S3Key"]["Rules"]}}
+    s3.put_bucket_notification_configuration(
+        Bucket=bucket, NotificationConfiguration={"QueueConfigurations": [configuration]})
+    return name

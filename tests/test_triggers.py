@@ -1,0 +1,347 @@
+"""The triggers of the AWS Lambda model: S3 landing, SQS webhooks, DynamoDB Streams CDC, the
+schedules, and API Gateway routing; each through the AWS event shape (the stored
+`sam local generate-event` samples in tests/events/) and through the local runtime reading the
+shipped template, against the real moto server where AWS services are involved."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lambdalake import master
+from lambdalake.batch.run import BatchRefused, next_cut
+from lambdalake.bus import events_topic
+from lambdalake.events import decode
+from lambdalake.example import project
+from lambdalake.functions import archive, cdc, compaction, environment, heartbeat, ingest
+from lambdalake.functions import ingest_queue, landing
+from lambdalake.functions.runtime.folder_watch import FolderWatch
+from lambdalake.functions.runtime.function import LocalFunction
+from lambdalake.functions.runtime.local import LocalRuntime
+from lambdalake.functions.runtime.mapping import kafka_event
+from lambdalake.functions.runtime.template import Template, load_template
+from lambdalake.settings import Settings
+from lambdalake.storage import open_store
+from lambdalake.viewstate import ViewState
+
+EVENTS = Path(__file__).parent / "events"
+TEMPLATE = load_template()
+
+
+def sample(name: str) -> dict[str, Any]:
+    return json.loads((EVENTS / f"{name}.json").read_text())
+
+
+def bound(settings: Settings) -> Iterator[Settings]:
+    environment.bind(settings)
+    yield settings
+    environment.bind(None)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Iterator[Settings]:
+    yield from bound(Settings(home=tmp_path / "home", gateway_port=0))
+
+
+@pytest.fixture
+def aws(tmp_path: Path, s3_server: str) -> Iterator[Settings]:
+    """Settings whose lake, landing bucket, queues and tables are on the moto server."""
+    suffix = uuid.uuid4().hex[:8]
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    for bucket in (f"lake-{suffix}", f"landing-{suffix}"):
+        s3.create_bucket(Bucket=bucket)
+    yield from bound(Settings(home=tmp_path / "home", gateway_port=0,
+                              store=f"s3://lake-{suffix}/lake", s3_endpoint_url=s3_server,
+                              landing_url=f"s3://landing-{suffix}", aws_endpoint_url=s3_server))
+
+
+def on_the_bus(settings: Settings) -> list[tuple[str, str]]:
+    """(type, event_id) of every record on the embedded log, repeats included."""
+    found = []
+    for partition in events_topic(settings).partitions:
+        found += [(e.type, e.event_id) for e in
+                  (decode(r.value) for r in partition.read(0, 1_000_000))]
+    return sorted(found)
+
+
+def counted_once(settings: Settings) -> int:
+    """Events the speed layer's fold counts: the dedup rule, (type, event_id), applied."""
+    state = ViewState(project, settings.slice_ms, settings.dedup_window_ms)
+    return state.apply_all((decode(r.value), r.arrival) for p in events_topic(settings).partitions
+                           for r in p.read(0, 1_000_000))
+
+
+def until(condition: Callable[[], Any], timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (found := condition()):
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+    return found
+
+
+def only(*names: str, **queue_settings: Any) -> Template:
+    """The shipped template's functions `names`, with its queues (their properties changed
+    by `queue_settings`: {logical id: {field: value}}) and tables."""
+    queues = {name: queue.model_copy(update=queue_settings.get(name, {}))
+              for name, queue in TEMPLATE.queues.items()}
+    return Template(functions={n: TEMPLATE.functions[n] for n in names}, queues=queues,
+                    tables=TEMPLATE.tables)
+
+
+def pageview_line(event_id: str, **fields: Any) -> str:
+    return json.dumps({"event_id": event_id, "type": "pageview", "ts": "2026-11-23T10:00:00Z",
+                       "url": "/home", "user_id": "u1", **fields})
+
+
+# ---------------------------------------------------------------- API Gateway routing
+
+
+def test_ingest_routes_on_the_route_key_on_every_stage_and_domain(settings: Settings):
+    named_stage = sample("apigateway-http-api-proxy-prod-events")
+    assert named_stage["rawPath"] == "/prod/events"
+    assert ingest.handler(named_stage, None)["statusCode"] == 202  # $default route, stage prod
+    named_route = named_stage | {"routeKey": "POST /events"}
+    assert json.loads(ingest.handler(named_route, None)["body"])["accepted"] == 1
+    custom_domain = named_route | {"rawPath": "/analytics/v1/events"}
+    custom_domain["requestContext"] = named_route["requestContext"] | {
+        "domainName": "ingest.example.com"}
+    assert ingest.handler(custom_domain, None)["statusCode"] == 202
+    health = named_stage | {"rawPath": "/prod/healthz"}
+    health["requestContext"] = named_stage["requestContext"] | {
+        "http": named_stage["requestContext"]["http"] | {"method": "GET"}}
+    assert ingest.handler(health, None)["statusCode"] == 200
+    assert on_the_bus(settings) == [("pageview", "sam-pv-1")] * 3
+    assert counted_once(settings) == 1
+
+
+def test_ingest_answers_the_default_samples_and_wrong_shapes_without_failing(settings: Settings):
+    default = ingest.handler(sample("apigateway-http-api-proxy"), None)
+    assert default["statusCode"] == 404  # POST /path/to/resource: no such route
+    wrong = ingest.handler(sample("sqs-receive-message"), None)
+    assert wrong["statusCode"] == 400
+    assert "not an API Gateway HTTP API event" in json.loads(wrong["body"])["rejected"][0]["error"]
+
+
+# ---------------------------------------------------------------- S3 landing
+
+
+def put(aws: Settings, key: str, data: bytes) -> None:
+    boto3.client("s3", endpoint_url=aws.s3_endpoint_url).put_object(
+        Bucket=aws.landing_store_url.removeprefix("s3://"), Key=key, Body=data)
+
+
+def rejects(settings: Settings, key: str) -> list[dict[str, Any]]:
+    text = open_store(settings.store_url, settings.s3_endpoint_url).get(
+        f"{landing.REJECTS}/{key}.jsonl")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_landed_files_are_imported_once_through_bucket_notifications(aws: Settings):
+    lines = [pageview_line(f"pv-{i}") for i in range(3)]
+    body = "\n".join([lines[0], '{"event_id": "x", "type": "pageview", "ts": 1}',
+                      "not json at all", *lines[1:]]).encode()
+    with LocalRuntime(aws, only("Landing")):
+        put(aws, "landing/partner/day-1.jsonl", body)
+        until(lambda: len(on_the_bus(aws)) == 3)
+        put(aws, "landing/partner/day-1-again.jsonl", body)  # the same file, uploaded again
+        changed = body + b"\n" + pageview_line("pv-3").encode()
+        put(aws, "landing/partner/day-1.jsonl", changed)  # fixed and uploaded again
+        until(lambda: len(on_the_bus(aws)) == 7)
+        time.sleep(1.5)  # what a second upload or notification would have published by now
+    assert len(on_the_bus(aws)) == 7  # the same file twice: once; the changed one: again
+    assert counted_once(aws) == 4  # ... and every event counts once
+    found = rejects(aws, "landing/partner/day-1.jsonl")
+    bucket = aws.landing_store_url.removeprefix("s3://")
+    assert [(r["file"], r["line"]) for r in found[:1]] == [
+        (f"s3://{bucket}/landing/partner/day-1.jsonl", 2)]
+    assert {r["field"] for r in found if r["line"] == 2} == {"url", "user_id"}
+    assert [(r["line"], r["field"]) for r in found if r["line"] == 3] == [(3, "$")]
+    assert next(r for r in found if r["line"] == 3)["rule"].startswith("not JSON")
+    redelivered = sample("s3-put-landing")
+    redelivered["Records"][0]["s3"]["bucket"]["name"] = bucket
+    redelivered["Records"][0]["s3"]["object"]["key"] = "landing%2Fpartner%2Fday-1-again.jsonl"
+    [again] = landing.handler(redelivered, None)["files"]
+    assert (again["published"], again["already_imported"]) == (0, True)
+    assert len(on_the_bus(aws)) == 7
+
+
+def parquet_file(rows: list[dict[str, Any]]) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), sink)
+    return sink.getvalue()
+
+
+def test_a_watched_folder_imports_jsonl_gz_and_parquet_and_rejects_what_it_cannot_read(
+    settings: Settings,
+):
+    root = Path(settings.landing_store_url.removeprefix("file://"))
+    folder = root / "landing" / "partner"
+    folder.mkdir(parents=True)
+    (folder / "a.jsonl.gz").write_bytes(gzip.compress(pageview_line("gz-1").encode()))
+    (folder / "b.parquet").write_bytes(parquet_file([
+        {"event_id": "pq-1", "type": "purchase", "ts": "2026-11-23T10:00:00Z", "user_id": "u",
+         "sku": "s", "amount": "9.99", "url": None},
+        {"event_id": "pq-2", "type": "purchase", "ts": "2026-11-23T10:00:00Z", "user_id": "u",
+         "sku": "s", "amount": "1.001", "url": None}]))
+    (folder / "c.csv").write_text("event_id,type\n")
+    (folder / "d.jsonl.gz").write_bytes(b"not gzip")
+    (root / "elsewhere.jsonl").write_text(pageview_line("ignored"))
+    function = LocalFunction(TEMPLATE.functions["Landing"])
+    watch = FolderWatch(function, TEMPLATE.functions["Landing"].buckets[0], root)
+    assert watch.scan() == []  # seen once: maybe still being written
+    assert len(watch.scan()) == 4
+    assert watch.scan() == []
+    assert on_the_bus(settings) == [("pageview", "gz-1"), ("purchase", "pq-1")]
+    [amount] = rejects(settings, "landing/partner/b.parquet")
+    assert (amount["line"], amount["field"]) == (2, "amount")
+    [csv] = rejects(settings, "landing/partner/c.csv")
+    assert (csv["line"], csv["field"]) == (None, "key") and "unknown format" in csv["rule"]
+    [gz] = rejects(settings, "landing/partner/d.jsonl.gz")
+    assert gz["rule"].startswith("not a gzip file")
+    [outside] = landing.handler(sample("s3-put"), None)["files"]  # key test/key
+    assert outside["rejected"] == 1
+    assert "not under the landing prefix" in rejects(settings, "test/key")[0]["rule"]
+
+
+def test_landing_refuses_an_event_of_another_shape_naming_it(settings: Settings):
+    with pytest.raises(ValueError, match="S3 event notification"):
+        landing.handler(sample("sqs-receive-message"), None)
+
+
+# ---------------------------------------------------------------- SQS webhooks
+
+
+def test_queue_messages_fail_alone_and_reach_the_dead_letter_queue(aws: Settings):
+    fast = {"IngestQueue": {"visibility_timeout_seconds": 1,
+                            "redrive": {"deadLetterTargetArn": {"Ref": "IngestDeadLetterQueue"},
+                                        "maxReceiveCount": 2}}}
+    suffix = uuid.uuid4().hex[:6]
+    template = only("IngestQueueFunction", **fast)
+    template = template.model_copy(update={"queues": {
+        name: q.model_copy(update={"name": f"{q.name}-{suffix}"})
+        for name, q in template.queues.items()}})
+    sqs = boto3.client("sqs", endpoint_url=aws.aws_endpoint_url)
+    bodies = [pageview_line("q-1"), json.dumps({"events": [json.loads(pageview_line("q-2")),
+                                                           {"type": "pageview"}]}),
+              "{not json", json.dumps({"events": [json.loads(pageview_line("q-3"))]})]
+    with LocalRuntime(aws, template) as runtime:
+        [mapping] = [m for m in runtime.mappings if m.function.name == "IngestQueueFunction"]
+        for body in bodies:
+            sqs.send_message(QueueUrl=mapping.url, MessageBody=body)
+        dead_letters = mapping.client.get_queue_url(
+            QueueName=f"IngestDeadLetterQueue-{suffix}")["QueueUrl"]
+
+        def in_dead_letter_queue() -> list[str]:
+            return [m["Body"] for m in sqs.receive_message(
+                QueueUrl=dead_letters, MaxNumberOfMessages=10,
+                VisibilityTimeout=30).get("Messages", [])]
+
+        dead: list[str] = []
+        until(lambda: dead.extend(in_dead_letter_queue()) or len(dead) == 2, timeout=30)
+    assert sorted(dead) == sorted(bodies[1:3])
+    assert on_the_bus(aws) == [("pageview", "q-1"), ("pageview", "q-3")]  # once: never redelivered
+
+
+def test_the_queue_handler_answers_partial_batch_failures_naming_the_message(
+    settings: Settings,
+):
+    good = sample("sqs-receive-message-webhook")
+    bad = sample("sqs-receive-message")  # "Hello from SQS!"
+    bad["Records"][0]["messageId"] = "bad-1"
+    answer = ingest_queue.handler({"Records": good["Records"] + bad["Records"]}, None)
+    assert answer == {"batchItemFailures": [{"itemIdentifier": "bad-1"}]}
+    assert on_the_bus(settings) == [("pageview", "sam-pv-1")]
+    with pytest.raises(ingest_queue.MessageRefused, match="message bad-1: \\$: malformed JSON"):
+        ingest_queue.ingest_message(ingest_queue.SQSRecord(bad["Records"][0]))
+
+
+# ---------------------------------------------------------------- DynamoDB Streams CDC
+
+
+def test_an_order_paid_is_one_purchase_through_replays_and_later_changes(aws: Settings):
+    suffix = uuid.uuid4().hex[:6]
+    orders = TEMPLATE.tables["OrdersTable"].model_copy(update={"name": f"orders-{suffix}"})
+    template = only("Cdc").model_copy(update={"tables": {"OrdersTable": orders}})
+    table = boto3.resource("dynamodb", endpoint_url=aws.aws_endpoint_url)
+    runtime = LocalRuntime(aws, template)
+    [stream] = runtime.mappings
+    stream.poll_once()  # creates the table as the template declares it
+    items = table.Table(orders.name)
+    order = {"order_id": "o-1", "user_id": "u1", "sku": "sku-1", "amount": "19.90"}
+    items.put_item(Item=order | {"status": "new"})
+    items.put_item(Item=order | {"status": "paid"})
+    items.put_item(Item=order | {"status": "shipped"})  # later modifications
+    items.put_item(Item=order | {"status": "paid", "note": "paid twice"})
+    items.put_item(Item=order | {"order_id": "o-2", "status": "paid"})  # inserted paid
+    items.put_item(Item={"order_id": "o-3", "status": "paid", "user_id": "u3"})  # no sku
+    while stream.poll_once():
+        pass
+    paid = [("purchase", "orders/order_id=o-1/paid"), ("purchase", "orders/order_id=o-2/paid")]
+    assert sorted(set(on_the_bus(aws))) == paid
+    assert counted_once(aws) == 2
+    stream.state.delete(f"{stream.shards()[0]}.json")  # replay the stream from its start
+    while stream.poll_once():
+        pass
+    assert sorted(set(on_the_bus(aws))) == paid and counted_once(aws) == 2
+    lake = open_store(aws.store_url, aws.s3_endpoint_url)
+    [rejected] = [json.loads(lake.get(key)) for key in lake.list(f"{cdc.REJECTS}/")][:1]
+    assert rejected["reason"] == "NewImage.amount: field required; NewImage.sku: field required"
+    assert rejected["sequence_number"]
+
+
+def test_the_cdc_handler_takes_the_sample_update_and_ignores_what_is_no_payment(
+    settings: Settings,
+):
+    assert cdc.handler(sample("dynamodb-update"), None) == {"batchItemFailures": []}
+    assert on_the_bus(settings) == []
+    with pytest.raises(ValueError, match="DynamoDB Streams event"):
+        cdc.handler(sample("cloudwatch-scheduled-event"), None)
+
+
+# ---------------------------------------------------------------- schedules
+
+
+def test_the_heartbeat_advances_idle_partitions_so_the_cut_moves(settings: Settings):
+    topic = events_topic(settings)
+    topic.partitions[3].append([pageview_line("only").encode()])
+    archive.handler(kafka_event(settings.topic, topic.partitions[3].read(0, 10)), None)
+    store = open_store(settings.store_url)
+    with pytest.raises(BatchRefused, match=r"partition\(s\) 0, 1, 2"):
+        next_cut(settings, store)
+    topic.partitions[2].append([pageview_line("not-archived").encode()])
+    advanced = heartbeat.handler(sample("cloudwatch-scheduled-event"), None)["advanced"]
+    assert advanced == [0, 1, 3]  # partition 2 has a record the archive has not taken yet
+    archive.handler(kafka_event(settings.topic, topic.partitions[2].read(0, 10)), None)
+    marks = master.watermarks(store)
+    assert sorted(marks) == [0, 1, 2, 3]
+    assert next_cut(settings, store) > 0
+    with pytest.raises(ValueError, match="Scheduled Event"):
+        heartbeat.handler(sample("sqs-receive-message"), None)
+
+
+def test_scheduled_compaction_runs_from_the_sample_schedule_event(settings: Settings):
+    summary = compaction.handler(sample("cloudwatch-scheduled-event"), None)
+    assert summary["compaction"] == {"objects_before": 0, "objects_after": 0}
+    assert summary["pruned"] == {"runs": 0, "dead_letters": 0}
+
+
+def test_the_ingestion_handlers_load_no_engine() -> None:
+    probe = ("import sys, lambdalake.functions.ingest_queue, lambdalake.functions.cdc; "
+             "print(sorted(m for m in ('pyarrow', 'duckdb', 'pyspark') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          cwd=Path(__file__).parent, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
