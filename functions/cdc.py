@@ -46,7 +46,8 @@ CHANGES = Counter("lambdalake_cdc_changes_total", "Stream changes, by outcome", 
 
 log = logging.getLogger("lambdalake.functions.cdc")
 # every record failing is answered as such (not raised): the same answer, one shape
-processor = BatchProcessor(event_type=EventType.DynamoDBStreams, raise_on_entire_batch_failure=False)
+processor = BatchProcessor(event_type=EventType.DynamoDBStreams,
+                           raise_on_entire_batch_failure=False)
 lake = PerColdStart(lambda settings: open_store(settings.store_url, settings.s3_endpoint_url))
 
 
@@ -88,11 +89,11 @@ def purchase_of(record: DynamoDBRecord) -> Event | None:
     missing = [name for name in PURCHASE_FIELDS if name not in new]
     if missing:
         raise ChangeRefused([Problem(f"NewImage.{name}", "field required") for name in missing])
-    at = change.approximate_creation_date_time
+    at = change.approximate_creation_date_time  # epoch seconds: the same on every delivery
     raw = {
         "event_id": transition_id(change.keys or {}, PAID),
         "type": "purchase",
-        "ts": int(at.timestamp() * 1000) if at else now_ms(),
+        "ts": at * 1000 if at else now_ms(),
         **{name: _plain(new[name]) for name in PURCHASE_FIELDS},
     }
     result = bus_sized(validator().validate(raw, now_ms()))

@@ -36,20 +36,23 @@ class Queues:
 
     def __init__(self, client: Any, queues: dict[str, Queue]):
         self.client, self.urls, self.arns = client, {}, {}
-        for queue in sorted(queues.values(), key=lambda q: q.dead_letter_queue is not None):
+        dead_letter_queues_first = sorted(queues.items(),
+                                          key=lambda item: item[1].dead_letter_queue is not None)
+        for resource, queue in dead_letter_queues_first:
             attributes = {"VisibilityTimeout": str(queue.visibility_timeout_seconds)}
             if queue.dead_letter_queue is not None:
                 attributes["RedrivePolicy"] = json.dumps({
                     "deadLetterTargetArn": self.arns[queue.dead_letter_queue],
                     "maxReceiveCount": queue.max_receive_count})
-            self.create(queue.name, attributes)
+            self.create(resource, attributes, queue.name)
 
-    def create(self, name: str, attributes: dict[str, str]) -> str:
-        url = self.client.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
-        self.urls[name] = url
-        self.arns[name] = self.client.get_queue_attributes(
+    def create(self, resource: str, attributes: dict[str, str], name: str = "") -> None:
+        """Create the queue (`name`, by default its logical id `resource`) if missing."""
+        url = self.client.create_queue(QueueName=name or resource,
+                                       Attributes=attributes)["QueueUrl"]
+        self.urls[resource] = url
+        self.arns[resource] = self.client.get_queue_attributes(
             QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-        return url
 
 
 def sqs_record(message: dict[str, Any], arn: str) -> dict[str, Any]:
