@@ -175,8 +175,9 @@ class Settings(BaseSettings):
         "rejected.",
     )
     aws_endpoint_url: str | None = Field(
-        None, description="An AWS-compatible endpoint (moto, LocalStack) for the local "
-        "runtime's SQS queues and DynamoDB streams; None: AWS itself.",
+        None, description="An AWS-compatible endpoint (moto, LocalStack) serving S3, SQS and "
+        "DynamoDB Streams: the local runtime runs the template's queue, stream and bucket "
+        "notification triggers on it. None: they do not run locally.",
     )
 
     @classmethod

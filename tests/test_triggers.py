@@ -227,6 +227,16 @@ def test_a_watched_folder_imports_jsonl_gz_and_parquet_and_rejects_what_it_canno
     assert "not under the landing prefix" in rejects(settings, "test/key")[0]["rule"]
 
 
+def test_the_runtime_that_up_starts_watches_the_landing_folder(
+    settings: Settings,
+):
+    with LocalRuntime(settings, on_drained=archive.ON_DRAINED) as runtime:
+        assert {type(m).__name__ for m in runtime.mappings} == {"StreamMapping", "FolderWatch"}
+        drop = Path(settings.landing_store_url.removeprefix("file://")) / "landing"
+        (drop / "today.jsonl").write_text(pageview_line("dropped") + "\n")
+        until(lambda: on_the_bus(settings) == [("pageview", "dropped")])
+
+
 def test_landing_refuses_an_event_of_another_shape_naming_it(settings: Settings):
     with pytest.raises(ValueError, match="S3 event notification"):
         landing.handler(sample("sqs-receive-message"), None)

@@ -60,6 +60,7 @@ class FolderWatch:
             loops.add(self.loop)
 
     def start(self) -> None:
+        (self.root / self.source.prefix).mkdir(parents=True, exist_ok=True)  # where to drop
         self.loop.start()
 
     def stop(self) -> None:

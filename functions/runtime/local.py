@@ -4,10 +4,10 @@ The runtime binds its settings for the handlers it runs (`functions.environment`
 agree on the event log and the store; the template's `Environment` is for AWS only. Stream
 mappings poll the embedded log, or the Kafka topic with the Kafka bus (`kafka_source`).
 `S3` events: a watched folder when the landing store is `file://` (`folder_watch`), else the
-bucket's notifications through a queue. `SQS` and `DynamoDB` events run against an
-AWS-compatible endpoint (`aws_endpoint_url`, else `s3_endpoint_url`: moto here), and only with
-one: there is nothing to poll on the embedded default. Schedules are `up`'s (its batch and
-maintenance loops, and the drain hook that is the watermark heartbeat here).
+bucket's notifications through a queue. The queues, the notifications' queue and the tables'
+streams are on `aws_endpoint_url` (moto here), and run only with one: there is nothing to
+poll on the embedded default, nor on an S3-only endpoint such as MinIO. Schedules are `up`'s
+(its batch and maintenance loops, and the drain hook that is the watermark heartbeat here).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeAlias
 from urllib.parse import urlparse
 
 from lambdalake.bus import embedded_log
@@ -37,7 +37,7 @@ from lambdalake.functions.runtime.template import StreamSource, Template, load_t
 from lambdalake.loops import Loops
 from lambdalake.settings import Settings
 
-Poller = StreamMapping | FolderWatch | QueueMapping | TableStreamMapping
+Poller: TypeAlias = StreamMapping | FolderWatch | QueueMapping | TableStreamMapping
 
 
 class LocalRuntime:
@@ -66,7 +66,7 @@ class LocalRuntime:
             for function in self.functions.values()
             for source in function.spec.streams
         ]
-        self.endpoint = settings.aws_endpoint_url or settings.s3_endpoint_url
+        self.endpoint = settings.aws_endpoint_url
         self.mappings += self._landing()
         if self.endpoint:
             self.mappings += self._queues() + self._table_streams()

@@ -35,7 +35,9 @@ class Queues:
     """The template's queues, created on the endpoint: logical id -> (url, arn)."""
 
     def __init__(self, client: Any, queues: dict[str, Queue]):
-        self.client, self.urls, self.arns = client, {}, {}
+        self.client = client
+        self.urls: dict[str, str] = {}
+        self.arns: dict[str, str] = {}
         dead_letter_queues_first = sorted(queues.items(),
                                           key=lambda item: item[1].dead_letter_queue is not None)
         for resource, queue in dead_letter_queues_first:
