@@ -22,11 +22,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
-from aws_lambda_powertools.utilities.batch import (
-    BatchProcessor,
-    EventType,
-    process_partial_response,
-)
+from aws_lambda_powertools.utilities.batch import EventType
 from aws_lambda_powertools.utilities.data_classes.dynamo_db_stream_event import (
     DynamoDBRecord,
 )
@@ -34,6 +30,7 @@ from prometheus_client import Counter
 
 from lambdalake.eventlog import now_ms
 from lambdalake.events import Event, Problem
+from lambdalake.functions.batches import partial_batch_response, processor_of
 from lambdalake.functions.environment import PerColdStart
 from lambdalake.functions.ingest import bus, bus_sized, validator
 from lambdalake.storage import ObjectStore, open_store
@@ -45,9 +42,7 @@ PURCHASE_FIELDS = ("user_id", "sku", "amount")
 CHANGES = Counter("lambdalake_cdc_changes_total", "Stream changes, by outcome", ["outcome"])
 
 log = logging.getLogger("lambdalake.functions.cdc")
-# every record failing is answered as such (not raised): the same answer, one shape
-processor = BatchProcessor(event_type=EventType.DynamoDBStreams,
-                           raise_on_entire_batch_failure=False)
+processor = processor_of(EventType.DynamoDBStreams)
 lake = PerColdStart(lambda settings: open_store(settings.store_url, settings.s3_endpoint_url))
 
 
@@ -57,10 +52,8 @@ class ChangeRefused(ValueError):
 
 
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    if not isinstance(event, dict) or not isinstance(event.get("Records"), list):
-        raise ValueError("cdc takes a DynamoDB Streams event (Records[] of stream records)")
-    return process_partial_response(event=event, record_handler=capture,
-                                     processor=processor, context=context)
+    return partial_batch_response(event, processor, capture, context,
+                                  "cdc takes a DynamoDB Streams event")
 
 
 def capture(record: DynamoDBRecord) -> str:

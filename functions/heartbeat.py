@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from lambdalake import master
-from lambdalake.functions.environment import current_settings
+from lambdalake.functions.environment import PerColdStart
 from lambdalake.functions.schedule import require_scheduled
 from lambdalake.settings import Settings
 from lambdalake.storage import NotFound, ObjectStore, PreconditionFailed, open_store
@@ -59,12 +59,14 @@ SEALABLE_PARTITIONS: dict[str, Callable[[Settings], Iterable[Sealable]]] = {
 }
 
 
+# built once per cold start: a warm environment keeps its bus clients between beats
+partitions = PerColdStart(lambda settings: list(SEALABLE_PARTITIONS[settings.bus](settings)))
+store = PerColdStart(lambda settings: open_store(settings.store_url, settings.s3_endpoint_url))
+
+
 def handler(event: dict[str, Any], context: object) -> dict[str, Any]:
     require_scheduled(event, "watermark_heartbeat")
-    settings = current_settings()
-    store = open_store(settings.store_url, settings.s3_endpoint_url)
-    partitions = SEALABLE_PARTITIONS[settings.bus](settings)
-    advanced = [p.index for p in partitions if advance_if_drained(store, p)]
+    advanced = [p.index for p in partitions() if advance_if_drained(store(), p)]
     log.info("watermark heartbeat", extra={"advanced": advanced})
     return {"advanced": advanced}
 

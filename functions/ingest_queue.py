@@ -17,24 +17,20 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from aws_lambda_powertools.utilities.batch import (
-    BatchProcessor,
-    EventType,
-    process_partial_response,
-)
+from aws_lambda_powertools.utilities.batch import EventType
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from prometheus_client import Counter
 
 from lambdalake.eventlog import now_ms
 from lambdalake.events import Event, Problem
+from lambdalake.functions.batches import partial_batch_response, processor_of
 from lambdalake.functions.ingest import Refused, bus, bus_sized, parse_events, validator
 
 MESSAGES = Counter("lambdalake_ingest_queue_messages_total", "Queue messages, by outcome",
                    ["outcome"])
 
 log = logging.getLogger("lambdalake.functions.ingest_queue")
-# every record failing is answered as such (not raised): the same answer, one shape
-processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
+processor = processor_of(EventType.SQS)
 
 
 class MessageRefused(ValueError):
@@ -42,10 +38,8 @@ class MessageRefused(ValueError):
 
 
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    if not isinstance(event, dict) or not isinstance(event.get("Records"), list):
-        raise ValueError("ingest_queue takes an SQS event (Records[] of messages)")
-    return process_partial_response(event=event, record_handler=ingest_message,
-                                     processor=processor, context=context)
+    return partial_batch_response(event, processor, ingest_message, context,
+                                  "ingest_queue takes an SQS event")
 
 
 def ingest_message(record: SQSRecord) -> int:

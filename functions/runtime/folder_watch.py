@@ -18,8 +18,9 @@ from urllib.parse import quote_plus
 from lambdalake.events import iso
 from lambdalake.functions.runtime.context import REGION
 from lambdalake.functions.runtime.function import FunctionError, LocalFunction, Throttled
+from lambdalake.functions.runtime.polling import Polling
 from lambdalake.functions.runtime.template import BucketSource
-from lambdalake.loops import Loop, Loops
+from lambdalake.loops import Loops
 
 log = logging.getLogger("lambdalake.functions.folder_watch")
 
@@ -47,28 +48,21 @@ def s3_put_event(bucket: str, key: str, size: int) -> dict[str, Any]:
     }]}
 
 
-class FolderWatch:
+class FolderWatch(Polling):
     def __init__(self, function: LocalFunction, source: BucketSource, root: Path,
                  poll_seconds: float = 1.0, loops: Loops | None = None):
         self.function, self.source, self.root = function, source, root
-        self.poll_seconds = poll_seconds
         self._seen: dict[str, Signature] = {}
         self._delivered: dict[str, Signature] = {}
-        self.loop = Loop(f"folder-{function.name}", self._step, first_backoff_s=1.0,
-                         max_backoff_s=30.0, stuck_after_s=900.0)
-        if loops is not None:
-            loops.add(self.loop)
+        self.idle_seconds = poll_seconds
+        super().__init__(f"folder-{function.name}", loops, backoff_seconds=1.0)
 
     def start(self) -> None:
         (self.root / self.source.prefix).mkdir(parents=True, exist_ok=True)  # where to drop
-        self.loop.start()
+        super().start()
 
-    def stop(self) -> None:
-        self.loop.stop()
-
-    def _step(self) -> float:
-        self.scan()
-        return self.poll_seconds
+    def poll_once(self) -> int:
+        return len(self.scan())
 
     def scan(self) -> list[str]:
         """Deliver the files written whole since the last scan; their keys."""

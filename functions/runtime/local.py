@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeAlias
+from typing import Any
 from urllib.parse import urlparse
 
 from lambdalake.bus import embedded_log
@@ -25,6 +25,7 @@ from lambdalake.functions.runtime.folder_watch import FolderWatch
 from lambdalake.functions.runtime.function import LocalFunction
 from lambdalake.functions.runtime.gateway import Gateway
 from lambdalake.functions.runtime.mapping import DrainHook, StreamMapping
+from lambdalake.functions.runtime.polling import Polling
 from lambdalake.functions.runtime.queues import (
     QueueMapping,
     Queues,
@@ -36,8 +37,6 @@ from lambdalake.functions.runtime.table_streams import TableStreamMapping
 from lambdalake.functions.runtime.template import StreamSource, Template, load_template
 from lambdalake.loops import Loops
 from lambdalake.settings import Settings
-
-Poller: TypeAlias = StreamMapping | FolderWatch | QueueMapping | TableStreamMapping
 
 
 class LocalRuntime:
@@ -60,7 +59,7 @@ class LocalRuntime:
                                read_timeout_s=settings.http_read_timeout_seconds,
                                tls=settings.tls)
         self.loops = loops
-        self.mappings: list[Poller] = [
+        self.mappings: list[Polling] = [
             StreamMapping(function, source, self._topic(source), self.folder,
                           on_drained.get(function.spec.handler), loops=loops)
             for function in self.functions.values()
@@ -76,7 +75,7 @@ class LocalRuntime:
 
         return boto3.client(service, endpoint_url=self.endpoint)
 
-    def _landing(self) -> list[Poller]:
+    def _landing(self) -> list[Polling]:
         """A folder watch for a `file://` landing store, else the bucket's notifications
         through a queue (only with an endpoint to create it on)."""
         url = urlparse(self.settings.landing_store_url)
@@ -86,7 +85,7 @@ class LocalRuntime:
         if not sources or not self.endpoint:
             return []
         queues = Queues(self._client("sqs"), {})
-        pollers: list[Poller] = []
+        pollers: list[Polling] = []
         for function, source in sources:
             name = notify_queue(self._client("s3"), queues, function, source, url.netloc)
             pollers.append(QueueMapping(function, queues.client, queues.urls[name],
@@ -94,7 +93,7 @@ class LocalRuntime:
                                         loops=self.loops))
         return pollers
 
-    def _queues(self) -> list[Poller]:
+    def _queues(self) -> list[Polling]:
         sources = [(f, s) for f in self.functions.values() for s in f.spec.queues]
         if not sources:
             return []
@@ -104,7 +103,7 @@ class LocalRuntime:
                              loops=self.loops)
                 for f, s in sources]
 
-    def _table_streams(self) -> list[Poller]:
+    def _table_streams(self) -> list[Polling]:
         return [TableStreamMapping(f, s, self.template.tables[s.resource],
                                    self._client("dynamodb"), self._client("dynamodbstreams"),
                                    self.folder, loops=self.loops)

@@ -23,8 +23,9 @@ from typing import Any
 
 from lambdalake.functions.runtime.context import REGION
 from lambdalake.functions.runtime.function import FunctionError, LocalFunction, Throttled
+from lambdalake.functions.runtime.polling import Polling
 from lambdalake.functions.runtime.template import BucketSource, Queue, QueueSource
-from lambdalake.loops import Loop, Loops
+from lambdalake.loops import Loops
 
 log = logging.getLogger("lambdalake.functions.queues")
 _WAIT_SECONDS = 1  # long polling: an idle queue costs one request a second
@@ -80,24 +81,12 @@ def sqs_record(message: dict[str, Any], arn: str) -> dict[str, Any]:
 Deliver = Callable[[list[dict[str, Any]]], set[str]]  # messages -> ids of those that failed
 
 
-class QueueMapping:
+class QueueMapping(Polling):
     def __init__(self, function: LocalFunction, client: Any, url: str, arn: str,
                  batch_size: int, deliver: Deliver, loops: Loops | None = None):
         self.function, self.client, self.url, self.arn = function, client, url, arn
         self.batch_size, self.deliver = min(batch_size, 10), deliver
-        self.loop = Loop(f"queue-{function.name}", self._step, first_backoff_s=0.5,
-                         max_backoff_s=30.0, stuck_after_s=900.0)
-        if loops is not None:
-            loops.add(self.loop)
-
-    def start(self) -> None:
-        self.loop.start()
-
-    def stop(self) -> None:
-        self.loop.stop()
-
-    def _step(self) -> float:
-        return 0.0 if self.poll_once() else 0.05
+        super().__init__(f"queue-{function.name}", loops)
 
     def poll_once(self) -> int:
         """Receive one batch, deliver it, delete what succeeded; the messages received."""

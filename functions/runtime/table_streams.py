@@ -22,8 +22,9 @@ from lambdalake.eventlog import now_ms
 from lambdalake.events import iso
 from lambdalake.functions.runtime.context import REGION
 from lambdalake.functions.runtime.function import FunctionError, LocalFunction, Throttled
+from lambdalake.functions.runtime.polling import Polling
 from lambdalake.functions.runtime.template import Table, TableStreamSource
-from lambdalake.loops import Loop, Loops
+from lambdalake.loops import Loops
 from lambdalake.storage import FileStore, NotFound
 
 log = logging.getLogger("lambdalake.functions.table_streams")
@@ -52,7 +53,9 @@ def lambda_record(record: dict[str, Any], stream_arn: str) -> dict[str, Any]:
             "eventSourceARN": stream_arn}
 
 
-class TableStreamMapping:
+class TableStreamMapping(Polling):
+    idle_seconds = 0.2
+
     def __init__(self, function: LocalFunction, source: TableStreamSource, table: Table,
                  dynamodb: Any, streams: Any, folder: Path, loops: Loops | None = None,
                  backoff_seconds: float = 0.5):
@@ -63,20 +66,7 @@ class TableStreamMapping:
         self.backoff_seconds = backoff_seconds
         self.stream_arn = ""
         self._failures: dict[str, int] = {}  # shard -> failed deliveries of its batch
-        self.loop = Loop(f"table-stream-{function.name}", self._step,
-                         first_backoff_s=backoff_seconds, max_backoff_s=30.0,
-                         stuck_after_s=900.0)
-        if loops is not None:
-            loops.add(self.loop)
-
-    def start(self) -> None:
-        self.loop.start()
-
-    def stop(self) -> None:
-        self.loop.stop()
-
-    def _step(self) -> float:
-        return 0.0 if self.poll_once() else 0.2
+        super().__init__(f"table-stream-{function.name}", loops, backoff_seconds)
 
     def poll_once(self) -> int:
         """One pass over the stream's shards; the records delivered."""
