@@ -20,6 +20,9 @@ import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from lambdalake import master
 from lambdalake.batch.run import BatchRefused, next_cut
@@ -36,7 +39,7 @@ from lambdalake.functions import (
     ingest_queue,
     landing,
 )
-from lambdalake.functions.runtime.folder_watch import FolderWatch
+from lambdalake.functions.runtime.folder_watch import FolderWatch, s3_put_event
 from lambdalake.functions.runtime.function import LocalFunction
 from lambdalake.functions.runtime.local import LocalRuntime
 from lambdalake.functions.runtime.mapping import kafka_event
@@ -235,6 +238,38 @@ def test_the_runtime_that_up_starts_watches_the_landing_folder(
         drop = Path(settings.landing_store_url.removeprefix("file://")) / "landing"
         (drop / "today.jsonl").write_text(pageview_line("dropped") + "\n")
         until(lambda: on_the_bus(settings) == [("pageview", "dropped")])
+
+
+LINES = st.sampled_from([f"e{i}" for i in range(6)] + ["not json", '{"type": "pageview"}'])
+
+
+@given(files=st.lists(st.lists(LINES, min_size=1, max_size=5), min_size=1, max_size=3),
+       deliveries=st.lists(st.tuples(st.integers(0, 2), st.booleans()), min_size=1,
+                           max_size=6))
+@hypothesis_settings(max_examples=25)
+def test_any_deliveries_and_uploads_publish_each_file_once_and_count_each_event_once(
+    tmp_path_factory: pytest.TempPathFactory, files: list[list[str]],
+    deliveries: list[tuple[int, bool]],
+):
+    """Files landed, notified again and uploaded again under new names, in any order: each
+    content is published once, and each valid (type, event_id) counted once."""
+    home = tmp_path_factory.mktemp("landing")
+    for settings in bound(Settings(home=home)):
+        root = Path(settings.landing_store_url.removeprefix("file://"))
+        contents = ["\n".join(pageview_line(line) if line.startswith("e") else line
+                               for line in lines) for lines in files]
+        delivered: set[str] = set()
+        for step, (index, new_name) in enumerate(deliveries):
+            content = contents[index % len(contents)]
+            key = f"landing/{'upload-' + str(step) if new_name else index % len(contents)}.jsonl"
+            (root / key).parent.mkdir(parents=True, exist_ok=True)
+            (root / key).write_text(content)
+            landing.handler(s3_put_event("landing", key, len(content)), None)
+            delivered.add(content)
+        valid = [[line for line in files[contents.index(c)] if line.startswith("e")]
+                 for c in delivered]
+        assert len(on_the_bus(settings)) == sum(len(lines) for lines in valid)
+        assert counted_once(settings) == len({line for lines in valid for line in lines})
 
 
 def test_landing_refuses_an_event_of_another_shape_naming_it(settings: Settings):

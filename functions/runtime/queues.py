@@ -129,12 +129,12 @@ def s3_delivery(function: LocalFunction) -> Deliver:
     def deliver(messages: list[dict[str, Any]]) -> set[str]:
         failed = set()
         for message in messages:
-            event = json.loads(message["Body"])
-            if event.get("Event") == "s3:TestEvent":  # sent once, when notifications are set
-                continue
             try:
+                event = json.loads(message["Body"])
+                if event.get("Event") == "s3:TestEvent":  # sent once, as notifications are set
+                    continue
                 function.invoke(event)
-            except (FunctionError, Throttled) as error:
+            except (FunctionError, Throttled, ValueError, AttributeError) as error:
                 log.warning("S3 notification failed; retried", extra={
                     "function": function.name, "error": str(error)})
                 failed.add(message["MessageId"])
