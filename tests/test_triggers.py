@@ -367,6 +367,22 @@ def test_the_cdc_handler_takes_the_sample_update_and_ignores_what_is_no_payment(
         cdc.handler(sample("cloudwatch-scheduled-event"), None)
 
 
+@pytest.mark.parametrize(("handler", "said"), [
+    (ingest_queue.handler, "ingest_queue takes an SQS event: Records[0] comes from 'aws:kinesis'"),
+    (cdc.handler, "cdc takes a DynamoDB Streams event: Records[0] comes from 'aws:kinesis'"),
+    (landing.handler, "landing takes an S3 event notification"),
+    (heartbeat.handler, "watermark_heartbeat takes an EventBridge Scheduled Event"),
+    (compaction.handler, "compaction takes an EventBridge Scheduled Event"),
+])
+def test_an_event_of_another_trigger_is_refused_naming_what_was_expected(
+    settings: Settings, handler: Callable[[Any, Any], Any], said: str,
+):
+    with pytest.raises(ValueError) as refused:
+        handler(sample("kinesis-get-records"), None)
+    assert str(refused.value).startswith(said)
+    assert on_the_bus(settings) == []
+
+
 # ---------------------------------------------------------------- schedules
 
 
