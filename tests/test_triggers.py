@@ -20,12 +20,13 @@ import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from batch_lakes import published
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from lambdalake import master
-from lambdalake.batch.run import BatchRefused, next_cut
+from lambdalake.batch.run import BatchRefused, next_cut, run_from_settings
 from lambdalake.bus import events_topic
 from lambdalake.events import decode
 from lambdalake.example import project
@@ -238,6 +239,31 @@ def test_the_runtime_that_up_starts_watches_the_landing_folder(
         drop = Path(settings.landing_store_url.removeprefix("file://")) / "landing"
         (drop / "today.jsonl").write_text(pageview_line("dropped") + "\n")
         until(lambda: on_the_bus(settings) == [("pageview", "dropped")])
+
+
+def test_a_landed_file_uploaded_again_changed_counts_once_in_the_batch_view(tmp_path: Path):
+    """The whole flow: landing, the bus, the archive, the heartbeat, a batch run."""
+    for settings in bound(Settings(home=tmp_path / "home", slice_seconds=1)):
+        root = Path(settings.landing_store_url.removeprefix("file://")) / "landing"
+        root.mkdir(parents=True)
+        purchases = [json.dumps({"event_id": f"buy-{i}", "type": "purchase", "user_id": "u",
+                                 "ts": "2026-11-23T10:00:00Z", "sku": f"sku-{i % 2}",
+                                 "amount": "2.50"}) for i in range(5)]
+        for count in (3, 5):  # the first three, then the file again with two more
+            (root / "orders.jsonl").write_text("\n".join(purchases[:count]))
+            landing.handler(s3_put_event("landing", "landing/orders.jsonl", 0), None)
+        topic = events_topic(settings)
+        for partition in topic.partitions:
+            if partition.end:
+                archive.handler(kafka_event(settings.topic, partition.read(0, 100)), None)
+        time.sleep(1.1)  # past the slice of the last arrival
+        heartbeat.handler(sample("cloudwatch-scheduled-event"), None)
+        store = open_store(settings.store_url)
+        manifest = run_from_settings(settings, "duckdb")
+        view = published(store, manifest)["revenue_by_sku_day"].to_pylist()
+    assert len(on_the_bus(settings)) == 8
+    assert sorted((row["sku"], row["orders"], str(row["revenue"])) for row in view) == [
+        ("sku-0", 3, "7.50"), ("sku-1", 2, "5.00")]
 
 
 LINES = st.sampled_from([f"e{i}" for i in range(6)] + ["not json", '{"type": "pageview"}'])
