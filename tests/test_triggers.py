@@ -430,6 +430,15 @@ def test_the_heartbeat_advances_idle_partitions_so_the_cut_moves(settings: Setti
         heartbeat.handler(sample("sqs-receive-message"), None)
 
 
+def test_the_runtime_runs_the_template_rate_schedules(settings: Settings):
+    with LocalRuntime(settings, only("WatermarkHeartbeat", "Compaction", "NightlyBatch"),
+                      run_schedules=True) as runtime:
+        assert sorted(m.function.name for m in runtime.mappings) == [
+            "Compaction", "WatermarkHeartbeat"]  # a cron(...) schedule is up's
+        store = open_store(settings.store_url)
+        until(lambda: sorted(master.watermarks(store)) == [0, 1, 2, 3])
+
+
 def test_scheduled_compaction_runs_from_the_sample_schedule_event(settings: Settings):
     summary = compaction.handler(sample("cloudwatch-scheduled-event"), None)
     assert summary["compaction"] == {"objects_before": 0, "objects_after": 0}

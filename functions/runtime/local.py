@@ -6,8 +6,9 @@ mappings poll the embedded log, or the Kafka topic with the Kafka bus (`kafka_so
 `S3` events: a watched folder when the landing store is `file://` (`folder_watch`), else the
 bucket's notifications through a queue. The queues, the notifications' queue and the tables'
 streams are on `aws_endpoint_url` (moto here), and run only with one: there is nothing to
-poll on the embedded default, nor on an S3-only endpoint such as MinIO. Schedules are `up`'s
-(its batch and maintenance loops, and the drain hook that is the watermark heartbeat here).
+poll on the embedded default, nor on an S3-only endpoint such as MinIO. `rate(...)` schedules
+run with `run_schedules` (`schedules`); `up` leaves it off: its batch and maintenance loops,
+and the drain hook that is the watermark heartbeat here, do that work.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from lambdalake.functions.runtime.queues import (
     s3_delivery,
     sqs_delivery,
 )
+from lambdalake.functions.runtime.schedules import ScheduleMapping, rate_seconds
 from lambdalake.functions.runtime.table_streams import TableStreamMapping
 from lambdalake.functions.runtime.template import StreamSource, Template, load_template
 from lambdalake.loops import Loops
@@ -46,6 +48,7 @@ class LocalRuntime:
         template: Template | None = None,
         loops: Loops | None = None,
         on_drained: Mapping[str, DrainHook] = MappingProxyType({}),
+        run_schedules: bool = False,
     ):
         """`on_drained`: by handler path, what hears that a partition is drained and sealed
         (the archiver advances an idle partition's watermark)."""
@@ -69,6 +72,8 @@ class LocalRuntime:
         self.mappings += self._landing()
         if self.endpoint:
             self.mappings += self._queues() + self._table_streams()
+        if run_schedules:
+            self.mappings += self._schedules()
 
     def _client(self, service: str) -> Any:
         import boto3
@@ -102,6 +107,10 @@ class LocalRuntime:
                              s.batch_size, sqs_delivery(f, s, queues.arns[s.resource]),
                              loops=self.loops)
                 for f, s in sources]
+
+    def _schedules(self) -> list[Polling]:
+        periods = [(f, rate_seconds(s)) for f in self.functions.values() for s in f.spec.schedules]
+        return [ScheduleMapping(f, period, loops=self.loops) for f, period in periods if period]
 
     def _table_streams(self) -> list[Polling]:
         return [TableStreamMapping(f, s, self.template.tables[s.resource],
