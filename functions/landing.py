@@ -39,6 +39,7 @@ from lambdalake.eventlog import now_ms
 from lambdalake.events import Event, Problem, Validator, iso
 from lambdalake.functions.environment import PerColdStart, current_settings
 from lambdalake.functions.ingest import bus, bus_sized, validator
+from lambdalake.settings import Settings
 from lambdalake.storage import NotFound, ObjectStore, open_store
 
 FORMATS = (".jsonl.gz", ".jsonl", ".parquet")
@@ -77,7 +78,7 @@ class Stores:
     landing_url: str
 
 
-def _stores(settings: Any) -> Stores:
+def _stores(settings: Settings) -> Stores:
     url = settings.landing_store_url
     return Stores(open_store(url, settings.s3_endpoint_url),
                   open_store(settings.store_url, settings.s3_endpoint_url), url.rstrip("/"))
