@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_plus
 
 import boto3
 import pyarrow as pa
@@ -191,6 +192,19 @@ def test_landed_files_are_imported_once_through_bucket_notifications(aws: Settin
     [again] = landing.handler(redelivered, None)["files"]
     assert (again["published"], again["already_imported"]) == (0, True)
     assert len(on_the_bus(aws)) == 7
+
+
+def test_a_landed_file_that_keeps_failing_ends_in_the_on_failure_queue(aws: Settings):
+    unavailable = aws.model_copy(update={"store": f"s3://no-such-bucket-{uuid.uuid4().hex}/x"})
+    sqs = boto3.client("sqs", endpoint_url=aws.aws_endpoint_url)
+    with LocalRuntime(unavailable, only("Landing")):
+        failed = sqs.get_queue_url(QueueName="LandingFailures")["QueueUrl"]
+        sqs.purge_queue(QueueUrl=failed)
+        put(aws, "landing/stuck.jsonl", pageview_line("stuck").encode())
+        [kept] = until(lambda: sqs.receive_message(QueueUrl=failed).get("Messages"))
+    [record] = json.loads(kept["Body"])["Records"]
+    assert unquote_plus(record["s3"]["object"]["key"]) == "landing/stuck.jsonl"
+    assert on_the_bus(aws) == []  # the lake store, where imports are recorded, is down
 
 
 def parquet_file(rows: list[dict[str, Any]]) -> bytes:

@@ -89,7 +89,9 @@ class LocalRuntime:
             return [FolderWatch(f, s, Path(url.path), loops=self.loops) for f, s in sources]
         if not sources or not self.endpoint:
             return []
-        queues = Queues(self._client("sqs"), {})
+        failed = {f.spec.asynchronous.on_failure_queue for f, _ in sources}
+        queues = Queues(self._client("sqs"), {name: queue for name, queue in
+                                              self.template.queues.items() if name in failed})
         pollers: list[Polling] = []
         for function, source in sources:
             name = notify_queue(self._client("s3"), queues, function, source, url.netloc)

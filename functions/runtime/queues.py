@@ -9,9 +9,10 @@ after the visibility timeout and is received again; the queue itself moves it to
 queue once received `maxReceiveCount` times, as SQS does.
 
 An S3 event notification reaches a function the same way here: the runtime points the bucket's
-notifications at a queue of its own (`<function>-s3`, retried twice as AWS retries an
-asynchronous invocation, then kept in `<function>-s3-failed`) and invokes the function with
-each message's S3 event.
+notifications at a queue of its own (`<function>-s3`) and invokes the function with each
+message's S3 event; a notification that fails is retried as AWS retries an asynchronous
+invocation (`EventInvokeConfig.MaximumRetryAttempts`, 2), then kept in the on-failure queue the
+template names (else `<function>-s3-failed`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from lambdalake.loops import Loops
 
 log = logging.getLogger("lambdalake.functions.queues")
 _WAIT_SECONDS = 1  # long polling: an idle queue costs one request a second
-ASYNC_ATTEMPTS = 3  # an asynchronous invocation: the first, and AWS's two retries
 
 
 class Queues:
@@ -147,10 +147,13 @@ def notify_queue(s3: Any, queues: Queues, function: LocalFunction, source: Bucke
                  bucket: str) -> str:
     """Point `bucket`'s notifications at a queue of the function's; the queue's name."""
     name = f"{function.name}-s3"
-    queues.create(f"{name}-failed", {})
-    queues.create(name, {"VisibilityTimeout": "5", "RedrivePolicy": json.dumps({
-        "deadLetterTargetArn": queues.arns[f"{name}-failed"],
-        "maxReceiveCount": ASYNC_ATTEMPTS})})
+    invocation = function.spec.asynchronous
+    failed = invocation.on_failure_queue or f"{name}-failed"
+    if failed not in queues.arns:
+        queues.create(failed, {})
+    queues.create(name, {"VisibilityTimeout": "1", "RedrivePolicy": json.dumps({
+        "deadLetterTargetArn": queues.arns[failed],
+        "maxReceiveCount": invocation.max_retries + 1})})
     events = [source.events] if isinstance(source.events, str) else source.events
     configuration: dict[str, Any] = {"Id": f"lambdalake-{function.name}",
                                      "QueueArn": queues.arns[name], "Events": events}

@@ -136,6 +136,18 @@ class Table(_Spec):
     stream: dict[str, str] = Field({}, alias="StreamSpecification")
 
 
+class AsyncInvocation(_Spec):
+    """`EventInvokeConfig`: how an asynchronous invocation (an S3 notification) is retried."""
+
+    max_retries: int = Field(2, alias="MaximumRetryAttempts", ge=0, le=2)
+    destinations: dict[str, Any] = Field({}, alias="DestinationConfig")
+
+    @property
+    def on_failure_queue(self) -> str | None:
+        on_failure = self.destinations.get("OnFailure")
+        return logical_id(on_failure["Destination"]) if on_failure else None
+
+
 class FunctionSpec(_Spec):
     name: str
     handler: str = Field(alias="Handler", pattern=r"^[\w.]+\.\w+$")
@@ -145,6 +157,7 @@ class FunctionSpec(_Spec):
     routes: list[HttpRoute] = []
     streams: list[StreamSource] = []
     schedules: list[Schedule] = []
+    asynchronous: AsyncInvocation = Field(AsyncInvocation(), alias="EventInvokeConfig")
     buckets: list[BucketSource] = []
     queues: list[QueueSource] = []
     tables: list[TableStreamSource] = []
