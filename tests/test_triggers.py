@@ -444,6 +444,18 @@ def test_the_heartbeat_advances_idle_partitions_so_the_cut_moves(settings: Setti
         heartbeat.handler(sample("sqs-receive-message"), None)
 
 
+@pytest.mark.kafka
+def test_the_heartbeat_reads_kafka_partitions_ends(kafka_broker: Any, tmp_path: Path):
+    for _ in bound(Settings(home=tmp_path, bus="kafka", partitions=2,
+                            kafka_bootstrap=kafka_broker.bootstrap,
+                            topic=f"heartbeat-{uuid.uuid4().hex[:8]}")):
+        ingest.handler(sample("apigateway-http-api-proxy-prod-events"), None)
+        ends = {p.index: p.end for p in heartbeat.partitions()}
+        assert sorted(ends.values()) == [0, 1]
+        advanced = heartbeat.handler(sample("cloudwatch-scheduled-event"), None)["advanced"]
+        assert advanced == [p for p, end in ends.items() if end == 0]  # not the unarchived one
+
+
 def test_the_runtime_runs_the_template_rate_schedules(settings: Settings):
     with LocalRuntime(settings, only("WatermarkHeartbeat", "Compaction", "NightlyBatch"),
                       run_schedules=True) as runtime:
