@@ -398,6 +398,48 @@ def test_an_order_paid_is_one_purchase_through_replays_and_later_changes(aws: Se
     assert rejected["sequence_number"]
 
 
+def stream_records(changes: list[tuple[int, str]]) -> list[dict[str, Any]]:
+    """The DynamoDB Streams records of orders' status changes, in order."""
+    records, current = [], {}
+    for sequence, (order, status) in enumerate(changes, start=1):
+        key = {"order_id": {"S": f"o-{order}"}}
+        new = key | {"status": {"S": status}, "user_id": {"S": "u"}, "sku": {"S": "s"},
+                     "amount": {"N": "4.25"}}
+        change = {"Keys": key, "NewImage": new, "SequenceNumber": str(sequence),
+                  "ApproximateCreationDateTime": 1_796_000_000 + sequence,
+                  "StreamViewType": "NEW_AND_OLD_IMAGES"}
+        if order in current:
+            change["OldImage"] = current[order]
+        current[order] = new
+        records.append({"eventID": str(sequence), "eventSource": "aws:dynamodb",
+                        "eventName": "MODIFY" if "OldImage" in change else "INSERT",
+                        "eventVersion": "1.1", "awsRegion": "us-east-1", "dynamodb": change})
+    return records
+
+
+@given(changes=st.lists(st.tuples(st.integers(0, 3),
+                                  st.sampled_from(["new", "paid", "shipped", "refunded"])),
+                        min_size=1, max_size=12),
+       replay_from=st.integers(0, 12), batch_size=st.integers(1, 5))
+@hypothesis_settings(max_examples=30)
+def test_replays_and_later_changes_never_count_an_order_twice(
+    tmp_path_factory: pytest.TempPathFactory, changes: list[tuple[int, str]],
+    replay_from: int, batch_size: int,
+):
+    """Each order that ever became paid is one purchase, however its stream is delivered:
+    in batches of any size, then replayed from any point."""
+    records = stream_records(changes)
+    delivered = records + records[min(replay_from, len(records)):]
+    for settings in bound(Settings(home=tmp_path_factory.mktemp("cdc"))):
+        for start in range(0, len(delivered), batch_size):
+            answer = cdc.handler({"Records": delivered[start:start + batch_size]}, None)
+            assert answer == {"batchItemFailures": []}
+        paid = {f"orders/order_id=o-{order}/paid" for order, status in changes
+                if status == "paid"}
+        assert {event_id for _, event_id in on_the_bus(settings)} == paid
+        assert counted_once(settings) == len(paid)
+
+
 def test_the_cdc_handler_takes_the_sample_update_and_ignores_what_is_no_payment(
     settings: Settings,
 ):
