@@ -45,6 +45,7 @@ from lambdalake.functions.runtime.folder_watch import FolderWatch, s3_put_event
 from lambdalake.functions.runtime.function import LocalFunction
 from lambdalake.functions.runtime.local import LocalRuntime
 from lambdalake.functions.runtime.mapping import kafka_event
+from lambdalake.functions.runtime.table_streams import TableStreamMapping
 from lambdalake.functions.runtime.template import Template, load_template
 from lambdalake.settings import Settings
 from lambdalake.storage import open_store
@@ -396,6 +397,34 @@ def test_an_order_paid_is_one_purchase_through_replays_and_later_changes(aws: Se
     [rejected] = [json.loads(lake.get(key)) for key in lake.list(f"{cdc.REJECTS}/")]
     assert rejected["reason"] == "NewImage.sku: field required; NewImage.amount: field required"
     assert rejected["sequence_number"]
+
+
+def test_a_change_the_function_keeps_failing_on_is_bisected_out_to_the_on_failure_file(
+    aws: Settings,
+):
+    def fails_on_poison(event: dict[str, Any], context: Any) -> None:
+        if any("poison" in r["dynamodb"]["NewImage"] for r in event["Records"]):
+            raise RuntimeError("poisoned change")
+        seen.extend(r["dynamodb"]["Keys"]["order_id"]["S"] for r in event["Records"])
+
+    seen: list[str] = []
+    orders = TEMPLATE.tables["OrdersTable"].model_copy(update={"name": uuid.uuid4().hex})
+    spec = TEMPLATE.functions["Cdc"]
+    source = spec.tables[0].model_copy(update={"max_retries": 1})
+    clients = [boto3.client(s, endpoint_url=aws.aws_endpoint_url)
+               for s in ("dynamodb", "dynamodbstreams")]
+    stream = TableStreamMapping(LocalFunction(spec, fails_on_poison), source, orders, *clients,
+                                aws.home / "runtime", backoff_seconds=0.001)
+    stream.poll_once()
+    items = boto3.resource("dynamodb", endpoint_url=aws.aws_endpoint_url).Table(orders.name)
+    for i in range(6):
+        items.put_item(Item={"order_id": f"o-{i}"} | ({"poison": True} if i == 3 else {}))
+    while stream.poll_once():
+        pass
+    assert seen == ["o-0", "o-1", "o-2", "o-4", "o-5"]
+    [failed] = [json.loads(stream.failures.get(k)) for k in stream.failures.list("")]
+    assert failed["DDBStreamBatchInfo"]["batchSize"] == 1
+    assert failed["error"].endswith("RuntimeError: poisoned change")
 
 
 def stream_records(changes: list[tuple[int, str]]) -> list[dict[str, Any]]:

@@ -5,9 +5,10 @@ from the last sequence number processed (kept in a file under the runtime's fold
 `StartingPosition`: up to `BatchSize` records, delivered as the DynamoDB Streams event.
 Success moves the position past the batch; with `ReportBatchItemFailures`, a partial answer
 moves it to just before the first failed record, from which the next delivery starts. A batch
-that keeps failing is retried `MaximumRetryAttempts` times (-1: until it succeeds), then sent,
-with its error, to the on-failure destination (a JSON file under the runtime's folder) and
-the shard moves on.
+that fails is halved first with `BisectBatchOnFunctionError` (the next delivery is its first
+half, and so on down to the failing record); a batch that cannot be halved and keeps failing
+is retried `MaximumRetryAttempts` times (-1: until it succeeds), then sent, with its error, to
+the on-failure destination (a JSON file under the runtime's folder) and the shard moves on.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class TableStreamMapping(Polling):
         self.backoff_seconds = backoff_seconds
         self.stream_arn = ""
         self._failures: dict[str, int] = {}  # shard -> failed deliveries of its batch
+        self._limits: dict[str, int] = {}  # shard -> records of its next batch, once bisected
         super().__init__(f"table-stream-{function.name}", loops, backoff_seconds)
 
     def poll_once(self) -> int:
@@ -91,8 +93,8 @@ class TableStreamMapping(Polling):
                                  {"ShardIteratorType": self.source.starting_position})
         iterator = self.streams.get_shard_iterator(StreamArn=self.stream_arn, ShardId=shard,
                                                    **where)["ShardIterator"]
-        records = self.streams.get_records(ShardIterator=iterator,
-                                           Limit=self.source.batch_size)["Records"]
+        limit = self._limits.get(shard, self.source.batch_size)
+        records = self.streams.get_records(ShardIterator=iterator, Limit=limit)["Records"]
         if records:
             self._deliver(shard, [lambda_record(r, self.stream_arn) for r in records])
         return len(records)
@@ -103,13 +105,18 @@ class TableStreamMapping(Polling):
             self._commit(shard, done[-1])
         if error is None:
             self._failures.pop(shard, None)
+            self._limits.pop(shard, None)
+            return
+        rest = records[len(done):]
+        if self.source.bisect_on_error and len(rest) > 1:
+            self._limits[shard] = len(rest) // 2  # the next delivery: its first half
             return
         failures = self._failures[shard] = self._failures.get(shard, 0) + 1
         if 0 <= self.source.max_retries < failures:
-            rest = records[len(done):]
             self._send_on_failure(shard, rest, error)
             self._commit(shard, rest[-1])
             self._failures.pop(shard)
+            self._limits.pop(shard, None)
         else:
             self.loop.wait(min(self.backoff_seconds * 2 ** (failures - 1), 30.0))
 
