@@ -47,8 +47,38 @@ class Refused(Exception):
         self.status, self.problem = status, Problem(field, error)
 
 
+ROUTES = ("POST /events", "GET /healthz")
+
+
+class WrongShape(ValueError):
+    """Not an API Gateway HTTP API (payload format 2.0) event."""
+
+
+def route_of(event: Any) -> str | None:
+    """The route a request takes. API Gateway names it in `routeKey` (`POST /events`), also on
+    a named stage (rawPath `/prod/events`) and behind a custom domain's API mapping; on the
+    `$default` route it is the method and the path, whose end is the route's path (a stage or
+    a mapping's base path may stand in front of it)."""
+    try:
+        method = event["requestContext"]["http"]["method"]
+        path = event.get("rawPath") or event["requestContext"]["http"]["path"]
+    except (KeyError, TypeError):
+        raise WrongShape("not an API Gateway HTTP API event (payload format 2.0): "
+                         "requestContext.http.method and rawPath are required") from None
+    if event.get("routeKey") in ROUTES:
+        return str(event["routeKey"])
+    for route in ROUTES:
+        route_method, _, route_path = route.partition(" ")
+        if method == route_method and str(path).endswith(route_path):
+            return route
+    return None
+
+
 def handler(event: dict[str, Any], context: object) -> dict[str, Any]:
-    route = f"{event['requestContext']['http']['method']} {event['rawPath']}"
+    try:
+        route = route_of(event)
+    except WrongShape as wrong:
+        return response(400, {"accepted": 0, "rejected": [Problem("$", str(wrong)).as_dict()]})
     if route == "GET /healthz":
         return response(200, {"status": "ok"})
     if route != "POST /events":
@@ -211,17 +241,21 @@ class _BodyReader:
         return len(self.text[start : self.pos].encode())
 
 
+def bus_sized(result: Event | list[Problem], index: int | None = None) -> Event | list[Problem]:
+    """A valid event, unless its record outgrows the limit on the bus: a record can outgrow
+    what was sent (1E5 is written 100000.0), and every reader of the bus holds records to the
+    same limit."""
+    if isinstance(result, Event) and len(result.to_json()) > MAX_EVENT_BYTES:
+        return [Problem("$", f"event larger than {MAX_EVENT_BYTES} bytes on the bus", index)]
+    return result
+
+
 def ingest(received: list[Received], timeout_s: float | None = None) -> dict[str, Any]:
     now, check = now_ms(), validator()
     valid: list[Event] = []
     rejected: list[dict[str, Any]] = []
     for index, (raw, size) in enumerate(received):
-        result = check.validate(raw, now, index, size)
-        if isinstance(result, Event) and len(result.to_json()) > MAX_EVENT_BYTES:
-            # Its record can outgrow what was sent (1E5 is written 100000.0), and every
-            # reader of the bus holds records to the same limit.
-            result = [Problem("$", f"event larger than {MAX_EVENT_BYTES} bytes on the bus",
-                              index)]
+        result = bus_sized(check.validate(raw, now, index, size), index)
         if isinstance(result, Event):
             valid.append(result)
         else:

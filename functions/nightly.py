@@ -16,16 +16,13 @@ from typing import Any
 from lambdalake.batch.run import run_from_settings
 from lambdalake.events import iso
 from lambdalake.functions.environment import current_settings
-
-SCHEDULED = ("aws.events", "Scheduled Event")
+from lambdalake.functions.schedule import require_scheduled
 
 log = logging.getLogger("lambdalake.functions.nightly")
 
 
 def handler(event: dict[str, Any], context: object) -> dict[str, Any]:
-    shape = (event.get("source"), event.get("detail-type"))
-    if shape != SCHEDULED:
-        raise ValueError(f"nightly_batch takes an EventBridge Scheduled Event, not {shape}")
+    require_scheduled(event, "nightly_batch")
     settings = current_settings()
     started = time.monotonic()
     manifest = run_from_settings(settings, settings.batch_engine, master=settings.spark_master)

@@ -166,6 +166,19 @@ class Settings(BaseSettings):
     )
     archive_batch_size: int = Field(10_000, ge=1)
     archive_window_ms: int = Field(1_000, ge=0)
+    landing_url: str = Field(
+        "", description="Where partners drop files of events for bulk import: s3://bucket or "
+        "file:///folder (watched by `lambdalake up`); empty: <home>/landing.",
+    )
+    landing_prefix: str = Field(
+        "landing/", description="Keys under which landed files are imported; others are "
+        "rejected.",
+    )
+    aws_endpoint_url: str | None = Field(
+        None, description="An AWS-compatible endpoint (moto, LocalStack) serving S3, SQS and "
+        "DynamoDB Streams: the local runtime runs the template's queue, stream and bucket "
+        "notification triggers on it. None: they do not run locally.",
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -208,6 +221,10 @@ class Settings(BaseSettings):
     @property
     def store_url(self) -> str:
         return self.store or (self.home.resolve() / "lake").as_uri()
+
+    @property
+    def landing_store_url(self) -> str:
+        return self.landing_url or (self.home.resolve() / "landing").as_uri()
 
     @property
     def slice_ms(self) -> int:

@@ -21,10 +21,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-import pyarrow.fs as pafs
+if TYPE_CHECKING:  # imported where Parquet is read: a store's writers never need pyarrow
+    import pyarrow.fs as pafs
 
 
 class NotFound(KeyError):
@@ -166,6 +167,8 @@ class FileStore(ObjectStore):
         self._path(key).unlink(missing_ok=True)
 
     def arrow(self) -> tuple[pafs.FileSystem, str]:
+        import pyarrow.fs as pafs
+
         return pafs.LocalFileSystem(), str(self.root)
 
 
@@ -233,6 +236,8 @@ class S3Store(ObjectStore):
         return self.client._request_signer._credentials.get_frozen_credentials()
 
     def arrow(self) -> tuple[pafs.FileSystem, str]:
+        import pyarrow.fs as pafs
+
         credentials = self.credentials()
         endpoint = urlparse(self.endpoint_url) if self.endpoint_url else None
         fs = pafs.S3FileSystem(

@@ -3,6 +3,12 @@
 The runtime binds its settings for the handlers it runs (`functions.environment`), so both
 agree on the event log and the store; the template's `Environment` is for AWS only. Stream
 mappings poll the embedded log, or the Kafka topic with the Kafka bus (`kafka_source`).
+`S3` events: a watched folder when the landing store is `file://` (`folder_watch`), else the
+bucket's notifications through a queue. The queues, the notifications' queue and the tables'
+streams are on `aws_endpoint_url` (moto here), and run only with one: there is nothing to
+poll on the embedded default, nor on an S3-only endpoint such as MinIO. `rate(...)` schedules
+run with `run_schedules` (`schedules`); `up` leaves it off: its batch and maintenance loops,
+and the drain hook that is the watermark heartbeat here, do that work.
 """
 
 from __future__ import annotations
@@ -10,13 +16,26 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
+from urllib.parse import urlparse
 
 from lambdalake.bus import embedded_log
 from lambdalake.eventlog import Topic
 from lambdalake.functions import environment
+from lambdalake.functions.runtime.folder_watch import FolderWatch
 from lambdalake.functions.runtime.function import LocalFunction
 from lambdalake.functions.runtime.gateway import Gateway
 from lambdalake.functions.runtime.mapping import DrainHook, StreamMapping
+from lambdalake.functions.runtime.polling import Polling
+from lambdalake.functions.runtime.queues import (
+    QueueMapping,
+    Queues,
+    notify_queue,
+    s3_delivery,
+    sqs_delivery,
+)
+from lambdalake.functions.runtime.schedules import ScheduleMapping, rate_seconds
+from lambdalake.functions.runtime.table_streams import TableStreamMapping
 from lambdalake.functions.runtime.template import StreamSource, Template, load_template
 from lambdalake.loops import Loops
 from lambdalake.settings import Settings
@@ -29,6 +48,7 @@ class LocalRuntime:
         template: Template | None = None,
         loops: Loops | None = None,
         on_drained: Mapping[str, DrainHook] = MappingProxyType({}),
+        run_schedules: bool = False,
     ):
         """`on_drained`: by handler path, what hears that a partition is drained and sealed
         (the archiver advances an idle partition's watermark)."""
@@ -41,12 +61,64 @@ class LocalRuntime:
                                max_connections=settings.http_max_connections,
                                read_timeout_s=settings.http_read_timeout_seconds,
                                tls=settings.tls)
-        self.mappings = [
+        self.loops = loops
+        self.mappings: list[Polling] = [
             StreamMapping(function, source, self._topic(source), self.folder,
                           on_drained.get(function.spec.handler), loops=loops)
             for function in self.functions.values()
             for source in function.spec.streams
         ]
+        self.endpoint = settings.aws_endpoint_url
+        self.mappings += self._landing()
+        if self.endpoint:
+            self.mappings += self._queues() + self._table_streams()
+        if run_schedules:
+            self.mappings += self._schedules()
+
+    def _client(self, service: str) -> Any:
+        import boto3
+
+        return boto3.client(service, endpoint_url=self.endpoint)
+
+    def _landing(self) -> list[Polling]:
+        """A folder watch for a `file://` landing store, else the bucket's notifications
+        through a queue (only with an endpoint to create it on)."""
+        url = urlparse(self.settings.landing_store_url)
+        sources = [(f, s) for f in self.functions.values() for s in f.spec.buckets]
+        if url.scheme == "file":
+            return [FolderWatch(f, s, Path(url.path), loops=self.loops) for f, s in sources]
+        if not sources or not self.endpoint:
+            return []
+        failed = {f.spec.asynchronous.on_failure_queue for f, _ in sources}
+        queues = Queues(self._client("sqs"), {name: queue for name, queue in
+                                              self.template.queues.items() if name in failed})
+        pollers: list[Polling] = []
+        for function, source in sources:
+            name = notify_queue(self._client("s3"), queues, function, source, url.netloc)
+            pollers.append(QueueMapping(function, queues.client, queues.urls[name],
+                                        queues.arns[name], 10, s3_delivery(function),
+                                        loops=self.loops))
+        return pollers
+
+    def _queues(self) -> list[Polling]:
+        sources = [(f, s) for f in self.functions.values() for s in f.spec.queues]
+        if not sources:
+            return []
+        queues = Queues(self._client("sqs"), self.template.queues)
+        return [QueueMapping(f, queues.client, queues.urls[s.resource], queues.arns[s.resource],
+                             s.batch_size, sqs_delivery(f, s, queues.arns[s.resource]),
+                             loops=self.loops)
+                for f, s in sources]
+
+    def _schedules(self) -> list[Polling]:
+        periods = [(f, rate_seconds(s)) for f in self.functions.values() for s in f.spec.schedules]
+        return [ScheduleMapping(f, period, loops=self.loops) for f, period in periods if period]
+
+    def _table_streams(self) -> list[Polling]:
+        return [TableStreamMapping(f, s, self.template.tables[s.resource],
+                                   self._client("dynamodb"), self._client("dynamodbstreams"),
+                                   self.folder, loops=self.loops)
+                for f in self.functions.values() for s in f.spec.tables]
 
     def _topic(self, source: StreamSource) -> Topic:
         """The bus topic a stream source names: the template's is AWS's, here it's settings'."""

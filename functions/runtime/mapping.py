@@ -32,8 +32,9 @@ from typing import Any
 from lambdalake.eventlog import Partition, Record, Topic, now_ms
 from lambdalake.events import iso
 from lambdalake.functions.runtime.function import FunctionError, LocalFunction, Throttled
+from lambdalake.functions.runtime.polling import Polling
 from lambdalake.functions.runtime.template import StreamSource
-from lambdalake.loops import Loop, Loops
+from lambdalake.loops import Loops
 from lambdalake.storage import FileStore
 
 DrainHook = Callable[[int, int, int], None]  # (partition, end offset, t)
@@ -82,7 +83,7 @@ def within_payload(records: list[Record]) -> list[Record]:
     return records
 
 
-class StreamMapping:
+class StreamMapping(Polling):
     def __init__(
         self,
         function: LocalFunction,
@@ -99,25 +100,13 @@ class StreamMapping:
         )
         self.group = source.consumer_group or f"{function.name}-{source.topic}"
         self.failures = FileStore(folder / "on_failure" / function.name)
-        self.backoff_seconds, self.poll_seconds = backoff_seconds, poll_seconds
+        self.backoff_seconds = backoff_seconds
         self.positions = topic.committed(self.group)
         self._waiting_since: dict[int, float] = {}
         self._next_drain: dict[int, float] = {}
-        self.loop = Loop(f"mapping-{function.name}", self._step,
-                         first_backoff_s=backoff_seconds, max_backoff_s=_MAX_BACKOFF_SECONDS,
-                         stuck_after_s=_STUCK_AFTER_SECONDS)
-        if loops is not None:
-            loops.add(self.loop)
-
-    def start(self) -> None:
-        self.loop.start()
-
-    def stop(self) -> None:
-        """Stop after the invocation under way (a batch not delivered is redelivered later)."""
-        self.loop.stop()
-
-    def _step(self) -> float:
-        return 0.0 if self.poll_once() else self.poll_seconds
+        self.idle_seconds = poll_seconds
+        super().__init__(f"mapping-{function.name}", loops, backoff_seconds,
+                         _STUCK_AFTER_SECONDS)
 
     def poll_once(self) -> int:
         """One pass over the partitions; the number of records delivered."""

@@ -2,8 +2,10 @@
 
 Read is what the local runtime acts on: each `AWS::Serverless::Function`'s handler, memory,
 timeout and reserved concurrency (over `Globals.Function`, over SAM's defaults), and its
-`HttpApi`, `SelfManagedKafka` / `MSK` and `Schedule` events. CloudFormation's short tags
-(`!Ref`, `!Sub`, ...) load as their long form.
+`HttpApi`, `SelfManagedKafka` / `MSK`, `Schedule`, `S3`, `SQS` and `DynamoDB` events; and the
+queues (`AWS::SQS::Queue`, with their redrive policy) and tables (`AWS::DynamoDB::Table`, with
+their stream) those events name, which the local runtime creates on an AWS-compatible endpoint.
+CloudFormation's short tags (`!Ref`, `!Sub`, ...) load as their long form.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 STREAM_EVENTS = ("SelfManagedKafka", "MSK")
 
@@ -50,6 +52,102 @@ class Schedule(_Spec):
     expression: str = Field(alias="Schedule")
 
 
+def logical_id(reference: Any) -> str:
+    """The resource a `!Ref X`, `!GetAtt X.Arn` or `!GetAtt X.StreamArn` names."""
+    if isinstance(reference, dict) and "Ref" in reference:
+        return str(reference["Ref"])
+    if isinstance(reference, dict) and "Fn::GetAtt" in reference:
+        target = reference["Fn::GetAtt"]
+        return str(target[0] if isinstance(target, list) else target.split(".")[0])
+    raise ValueError(f"expected !Ref or !GetAtt of a resource of the template, not {reference!r}")
+
+
+class _Reference(_Spec):
+    @field_validator("resource", mode="before", check_fields=False)
+    @classmethod
+    def _resource(cls, value: Any) -> str:
+        return logical_id(value)
+
+
+class BucketSource(_Reference):
+    """An `S3` event: objects created in a bucket, under a key prefix."""
+
+    resource: str = Field(alias="Bucket")
+    events: list[str] | str = Field(alias="Events")
+    filter: dict[str, Any] = Field({}, alias="Filter")
+
+    @property
+    def prefix(self) -> str:
+        rules = self.filter.get("S3Key", {}).get("Rules", [])
+        return next((r["Value"] for r in rules if r.get("Name", "").lower() == "prefix"), "")
+
+
+class QueueSource(_Reference):
+    """An `SQS` event: batches of a queue's messages."""
+
+    resource: str = Field(alias="Queue")
+    batch_size: int = Field(10, alias="BatchSize", ge=1, le=10_000)
+    batching_window_seconds: float = Field(0, alias="MaximumBatchingWindowInSeconds", ge=0,
+                                           le=300)
+    response_types: list[str] = Field([], alias="FunctionResponseTypes")
+
+    @property
+    def partial_failures(self) -> bool:
+        return "ReportBatchItemFailures" in self.response_types
+
+
+class TableStreamSource(_Reference):
+    """A `DynamoDB` event: a table's stream, shard by shard."""
+
+    resource: str = Field(alias="Stream")
+    batch_size: int = Field(100, alias="BatchSize", ge=1, le=10_000)
+    starting_position: str = Field("TRIM_HORIZON", alias="StartingPosition")
+    max_retries: int = Field(-1, alias="MaximumRetryAttempts", ge=-1, description="-1: forever")
+    bisect_on_error: bool = Field(False, alias="BisectBatchOnFunctionError")
+    response_types: list[str] = Field([], alias="FunctionResponseTypes")
+
+    @property
+    def partial_failures(self) -> bool:
+        return "ReportBatchItemFailures" in self.response_types
+
+
+class Queue(_Spec):
+    """An `AWS::SQS::Queue`: its visibility timeout and dead-letter queue."""
+
+    name: str
+    visibility_timeout_seconds: int = Field(30, alias="VisibilityTimeout", ge=0, le=43_200)
+    redrive: dict[str, Any] | None = Field(None, alias="RedrivePolicy")
+
+    @property
+    def dead_letter_queue(self) -> str | None:
+        return logical_id(self.redrive["deadLetterTargetArn"]) if self.redrive else None
+
+    @property
+    def max_receive_count(self) -> int | None:
+        return int(self.redrive["maxReceiveCount"]) if self.redrive else None
+
+
+class Table(_Spec):
+    """An `AWS::DynamoDB::Table` with its stream."""
+
+    name: str
+    key_schema: list[dict[str, str]] = Field(alias="KeySchema")
+    attributes: list[dict[str, str]] = Field(alias="AttributeDefinitions")
+    stream: dict[str, str] = Field({}, alias="StreamSpecification")
+
+
+class AsyncInvocation(_Spec):
+    """`EventInvokeConfig`: how an asynchronous invocation (an S3 notification) is retried."""
+
+    max_retries: int = Field(2, alias="MaximumRetryAttempts", ge=0, le=2)
+    destinations: dict[str, Any] = Field({}, alias="DestinationConfig")
+
+    @property
+    def on_failure_queue(self) -> str | None:
+        on_failure = self.destinations.get("OnFailure")
+        return logical_id(on_failure["Destination"]) if on_failure else None
+
+
 class FunctionSpec(_Spec):
     name: str
     handler: str = Field(alias="Handler", pattern=r"^[\w.]+\.\w+$")
@@ -59,10 +157,16 @@ class FunctionSpec(_Spec):
     routes: list[HttpRoute] = []
     streams: list[StreamSource] = []
     schedules: list[Schedule] = []
+    asynchronous: AsyncInvocation = Field(AsyncInvocation(), alias="EventInvokeConfig")
+    buckets: list[BucketSource] = []
+    queues: list[QueueSource] = []
+    tables: list[TableStreamSource] = []
 
 
 class Template(_Spec):
     functions: dict[str, FunctionSpec]
+    queues: dict[str, Queue] = {}
+    tables: dict[str, Table] = {}
 
 
 class _CloudFormationLoader(yaml.SafeLoader):
@@ -88,12 +192,21 @@ def load_template(path: Path | None = None) -> Template:
     text = (path or shipped).read_text()
     document = yaml.load(text, Loader=_CloudFormationLoader)
     defaults = document.get("Globals", {}).get("Function", {})
+    resources = document.get("Resources", {})
+
+    def of_type(kind: str) -> dict[str, dict[str, Any]]:
+        return {name: resource.get("Properties", {}) for name, resource in resources.items()
+                if resource.get("Type") == kind}
+
     functions = {
-        name: function_spec(name, defaults | resource.get("Properties", {}))
-        for name, resource in document.get("Resources", {}).items()
-        if resource.get("Type") == "AWS::Serverless::Function"
+        name: function_spec(name, defaults | properties)
+        for name, properties in of_type("AWS::Serverless::Function").items()
     }
-    return Template(functions=functions)
+    queues = {name: Queue.model_validate(properties | {"name": name})
+              for name, properties in of_type("AWS::SQS::Queue").items()}
+    tables = {name: Table.model_validate(properties | {"name": name})
+              for name, properties in of_type("AWS::DynamoDB::Table").items()}
+    return Template(functions=functions, queues=queues, tables=tables)
 
 
 def function_spec(name: str, properties: dict[str, Any]) -> FunctionSpec:
@@ -109,5 +222,8 @@ def function_spec(name: str, properties: dict[str, Any]) -> FunctionSpec:
             "routes": of("HttpApi"),
             "streams": of(*STREAM_EVENTS),
             "schedules": of("Schedule", "ScheduleV2"),
+            "buckets": of("S3"),
+            "queues": of("SQS"),
+            "tables": of("DynamoDB"),
         }
     )

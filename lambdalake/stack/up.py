@@ -220,6 +220,9 @@ class Stack:
             f"  query:   curl 'http://{s.api_host}:{s.api_port}/views/pageviews_by_url_hour"
             "?bucket=total&order_by=pageviews&limit=5'\n"
             f"  docs:    http://{s.api_host}:{s.api_port}/docs\n"
+            + (f"  import:  drop .jsonl, .jsonl.gz or .parquet files of events in "
+               f"{s.landing_store_url.removeprefix('file://')}/{s.landing_prefix}\n"
+               if s.landing_store_url.startswith("file:") else "")
             + (f"  sql:     psql -h {s.pg_host} -p {s.pg_port} -U me lambdalake "
                "(password: a query key, if keys are set)\n" if s.pg_port else "") +
             f"  batch:   every {s.batch_interval_seconds} s; or `.venv/bin/lambdalake batch run`"
