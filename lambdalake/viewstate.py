@@ -102,30 +102,47 @@ class _ViewFold:
         columns = {"__slice": slices, "__bucket": _floor(rows["ts"], self.bucket_ms)}
         for i, key in enumerate(self.keys):
             columns[f"__key{i}"] = rows[key]
-        fields = sorted({m.field for m in self.metrics if m.field})
-        for field in fields:
+        aggregates = self._aggregates(rows.schema)
+        read = sorted({(field, how) for field, how in aggregates if field})
+        for field, _ in read:
             columns[field] = rows[field]
         columns["__row"] = pa.array(np.arange(rows.num_rows))
         groups = pa.table(columns).group_by(
             ["__slice", "__bucket", *[f"__key{i}" for i in range(len(self.keys))]],
             use_threads=False,
-        ).aggregate([("__row", "count"), *[(field, "list") for field in fields]])
-        self._fold_groups(groups, fields)
+        ).aggregate([("__row", "count"), *read])
+        self._fold_groups(groups, aggregates)
 
-    def _fold_groups(self, groups: pa.Table, fields: list[str]) -> None:
+    def _aggregates(self, schema: pa.Schema) -> list[tuple[str, str]]:
+        """Per metric (in order), the field it reads and how a group's values of it are
+        aggregated: its own Arrow aggregate, else listed for `add_many`; ("", "") for a
+        count."""
+        return [
+            (m.field, m.column_aggregate(str(schema.field(m.field).type)) or "list")
+            if m.field else ("", "")
+            for m in self.metrics
+        ]
+
+    def _fold_groups(self, groups: pa.Table, aggregates: list[tuple[str, str]]) -> None:
         slices = groups["__slice"].to_pylist()
         buckets = groups["__bucket"].to_pylist()
         keys = list(zip(*[groups[f"__key{i}"].to_pylist() for i in range(len(self.keys))],
                         strict=True)) if self.keys else [()] * len(slices)
         counts = groups["__row_count"].to_pylist()
-        values = {field: groups[f"{field}_list"].to_pylist() for field in fields}
+        values = {(field, how): groups[f"{field}_{how}"].to_pylist()
+                  for field, how in set(aggregates) if field}
         for g, cell in enumerate(zip(slices, buckets, keys, strict=True)):
             accs = self.cells.get(cell)
             if accs is None:
                 accs = self.cells[cell] = [m.thaw(m.zero()) for m in self.metrics]
-            for i, metric in enumerate(self.metrics):
-                folded = values[metric.field][g] if metric.field else [None] * counts[g]
-                accs[i] = metric.add_many(accs[i], folded)
+            for i, (metric, (field, how)) in enumerate(zip(self.metrics, aggregates,
+                                                           strict=True)):
+                if how == "list":
+                    accs[i] = metric.add_many(accs[i], values[field, how][g])
+                elif field:
+                    accs[i] = metric.add(accs[i], values[field, how][g])
+                else:
+                    accs[i] = metric.add_many(accs[i], [None] * counts[g])
             self.dirty.add(cell)
 
 
