@@ -28,6 +28,7 @@ dropped; a snapshot of an older format is refused (`UnreadableSnapshot`): rebuil
 from __future__ import annotations
 
 from collections import deque
+from itertools import compress
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -203,11 +204,14 @@ class ViewState:
     def apply_all(self, records: Iterable[tuple[Event, int]]) -> int:
         return sum(self.apply(event, arrival) for event, arrival in records)
 
-    def apply_batch(self, events: pa.Table) -> np.ndarray:
+    def apply_batch(
+        self, events: pa.Table, named: tuple[list[str], list[str]] | None = None
+    ) -> np.ndarray:
         """Fold a batch of valid events in at once (a table of `event_columns.decode_batch`,
         with each event's arrival), to exactly the state `apply` leaves folding them in order.
-        Which were counted: False for a duplicate or one the batch covers already."""
-        kinds, ids = events["type"].to_pylist(), events["event_id"].to_pylist()
+        Which were counted: False for a duplicate or one the batch covers already.
+        `named`: the events' types and ids as lists, when the caller has them already."""
+        kinds, ids = named or (events["type"].to_pylist(), events["event_id"].to_pylist())
         arrivals = events[ARRIVAL].to_pylist()
         if self._forgets_nothing(arrivals):
             counted = self._hold_batch(kinds, ids, arrivals)
@@ -237,24 +241,32 @@ class ViewState:
         oldest = self._arrivals[0][0] if self._arrivals else min(arrivals)
         return min(oldest, min(arrivals)) >= horizon
 
-    def _hold_batch(self, kinds: list[str], ids: list[str], arrivals: list[int]) -> np.ndarray:
-        """`_duplicate` for each record in order, when it forgets nothing meanwhile; which were
+    def _hold_batch(self, kinds: list[str], ids: list[str], arrivals: list[int]
+                    ) -> np.ndarray:
+        """`_duplicate` for each record in order, when it forgets nothing meanwhile, in
+        whole-batch set and dict operations rather than a step per record; which were
         counted (neither a duplicate nor below the cut)."""
-        seen, held, cut, newest = self._seen, self._arrivals, self.cut, self._newest
-        before = len(held)
-        counted = np.zeros(len(ids), bool)
-        for i, (kind, event_id, arrival) in enumerate(zip(kinds, ids, arrivals, strict=True)):
-            of_kind = seen.get(kind)
-            if of_kind is None:
-                of_kind = seen[kind] = {}
-            elif event_id in of_kind:
-                continue
-            of_kind[event_id] = arrival
-            held.append((arrival, of_kind, event_id))
-            counted[i] = arrival >= cut
-            newest = arrival if arrival > newest else newest
-        self._held += len(held) - before
-        self._newest = newest
+        seen, named = self._seen, set(ids)
+        keys = list(zip(kinds, ids, strict=True))
+        # each (type, id) to where it first is (of equal keys, a dict keeps the last given)
+        first = dict(zip(reversed(keys), range(len(keys) - 1, -1, -1), strict=True))
+        for kind in set(kinds):
+            for event_id in seen.setdefault(kind, {}).keys() & named:  # held: a retry
+                first.pop((kind, event_id), None)
+        order = sorted(first.values())
+        if len(order) < len(keys):
+            kinds, ids, arrivals = ([column[i] for i in order] for column in (kinds, ids,
+                                                                                arrivals))
+        counted = np.zeros(len(keys), bool)
+        if not order:
+            return counted
+        for kind in set(kinds):
+            of_kind = [kind == k for k in kinds]
+            seen[kind].update(zip(compress(ids, of_kind), compress(arrivals, of_kind)))
+        self._arrivals.extend(zip(arrivals, map(seen.__getitem__, kinds), ids, strict=True))
+        self._held += len(ids)
+        self._newest = max(self._newest, max(arrivals))
+        counted[order] = np.asarray(arrivals, np.int64) >= self.cut
         return counted
 
     def _duplicate(self, event_type: str, event_id: str, arrival: int) -> bool:
