@@ -28,9 +28,9 @@ dropped; a snapshot of an older format is refused (`UnreadableSnapshot`): rebuil
 from __future__ import annotations
 
 from collections import deque
-from itertools import compress
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import compress
 from typing import Any
 
 import numpy as np
@@ -262,7 +262,8 @@ class ViewState:
             return counted
         for kind in set(kinds):
             of_kind = [kind == k for k in kinds]
-            seen[kind].update(zip(compress(ids, of_kind), compress(arrivals, of_kind)))
+            seen[kind].update(zip(compress(ids, of_kind), compress(arrivals, of_kind),
+                                  strict=True))
         self._arrivals.extend(zip(arrivals, map(seen.__getitem__, kinds), ids, strict=True))
         self._held += len(ids)
         self._newest = max(self._newest, max(arrivals))
