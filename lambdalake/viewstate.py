@@ -255,8 +255,8 @@ class ViewState:
                 first.pop((kind, event_id), None)
         order = sorted(first.values())
         if len(order) < len(keys):
-            kinds, ids, arrivals = ([column[i] for i in order] for column in (kinds, ids,
-                                                                                arrivals))
+            kinds, ids = [kinds[i] for i in order], [ids[i] for i in order]
+            arrivals = [arrivals[i] for i in order]
         counted = np.zeros(len(keys), bool)
         if not order:
             return counted
