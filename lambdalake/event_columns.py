@@ -50,7 +50,10 @@ from lambdalake.events import (
 
 ARRIVAL = "__arrival"  # the column decode_batch adds: each record's arrival
 _CONTROL_BYTES = bytes(b for b in range(0x20) if b != ord("\t"))
-_BLOCK = 1 << 20  # pyarrow.json parses blocks in parallel: 1 MB is the fastest here
+# A partition's share of a micro-batch is one block or two: parsed in the calling thread, as
+# handing them to Arrow's thread pool costs a wake-up per batch (milliseconds when the cores
+# are busy) for no parallelism.
+_BLOCK = 1 << 20
 _MAX_EVENT_ID = 256
 # `events._DECIMAL_TEXT` in RE2, whose `$` is the very end (Python's also takes a final "\n")
 _DECIMAL_TEXT = r"^-?[0-9]+(\.[0-9]+)?$"
@@ -104,7 +107,7 @@ class BatchDecoder:
             return None
         try:
             table = pj.read_json(pa.py_buffer(data), parse_options=self._options,
-                                 read_options=pj.ReadOptions(block_size=_BLOCK))
+                                 read_options=pj.ReadOptions(block_size=_BLOCK, use_threads=False))
         except pa.ArrowInvalid:
             return None
         if table.num_rows != len(values):  # two objects on one line
