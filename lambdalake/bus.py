@@ -113,9 +113,9 @@ class KafkaBus:
                 time.sleep(0.01)
 
     def close(self) -> None:
-        self.producer.flush(self.timeout_s)
         self._closed.set()
-        self._poller.join()
+        self._poller.join()  # then the reports left are served here alone
+        self.producer.flush(self.timeout_s)
 
 
 class _Deliveries:
