@@ -1,18 +1,22 @@
 """The event bus seen by producers: publish validated events, durable when the call returns.
 
 The embedded default appends to the embedded event log; Kafka is the bus past one machine:
-records keyed by `event_id`, produced with acks=all by the idempotent producer.
+records keyed by `event_id`, produced with acks=all by librdkafka's idempotent producer.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from functools import lru_cache
-from typing import Protocol
+from typing import Any, Protocol
 
 from lambdalake.eventlog import EventLog, Topic
 from lambdalake.events import Event
 from lambdalake.settings import Settings
+
+log = logging.getLogger("lambdalake.bus")
 
 
 class Bus(Protocol):
@@ -51,44 +55,84 @@ def events_topic(settings: Settings) -> Topic:
 
 
 class KafkaBus:
-    """Kafka: `publish` returns once the broker acknowledged every event (acks=all)."""
+    """Kafka through librdkafka (confluent-kafka): `publish` returns once the broker
+    acknowledged every event (acks=all, idempotent). Records are keyed by `event_id` and
+    partitioned by murmur2 of the key, as the Java client and kafka-python do, so a retried
+    event lands where its first copy did whoever produced it. Delivery reports are served by
+    one polling thread; each request waits for its own records only."""
 
     def __init__(self, bootstrap: str, topic: str, timeout_s: float = 30.0):
-        from kafka import KafkaProducer
+        from confluent_kafka import Producer
 
         self.topic, self.timeout_s = topic, timeout_s
-        self.producer = KafkaProducer(
-            bootstrap_servers=bootstrap,
-            client_id="lambdalake-bus",
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=2,
-            request_timeout_ms=10_000,
-            delivery_timeout_ms=int(timeout_s * 1000),
-            max_block_ms=int(timeout_s * 1000),
-        )
+        self.producer = Producer({
+            "bootstrap.servers": bootstrap,
+            "client.id": "lambdalake-bus",
+            "enable.idempotence": True,  # and so acks=all
+            "linger.ms": 2,
+            "partitioner": "murmur2_random",
+            "request.timeout.ms": 10_000,
+            "message.timeout.ms": int(timeout_s * 1000),
+        }, logger=log)  # the client's own log lines go through logging, not raw to stderr
+        self._closed = threading.Event()
+        self._poller = threading.Thread(target=self._serve_reports, name="lambdalake-bus",
+                                        daemon=True)
+        self._poller.start()
+
+    def _serve_reports(self) -> None:
+        while not self._closed.is_set():
+            self.producer.poll(0.1)
 
     def publish(self, events: list[Event], timeout_s: float | None = None) -> None:
-        from kafka.errors import KafkaError
+        from confluent_kafka import KafkaException
 
         wait = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
         deadline = time.monotonic() + wait
+        delivered = _Deliveries(len(events))
         try:
-            futures = [
-                self.producer.send(self.topic, key=e.event_id.encode(), value=e.to_json())
-                for e in events
-            ]
-            # Each request waits for its own records only (flush would wait for every
-            # request's), for no longer than its caller can.
-            for future in futures:
-                future.get(timeout=max(0.0, deadline - time.monotonic()))
-        except KafkaError as exc:
-            raise BusError(
-                f"Kafka topic {self.topic} did not acknowledge the events: {exc}"
-            ) from exc
+            for event in events:
+                self._produce(event, delivered, deadline)
+        except KafkaException as exc:
+            raise BusError(f"Kafka topic {self.topic} refused the events: {exc}") from exc
+        if not delivered.done.wait(max(0.0, deadline - time.monotonic())):
+            raise BusError(f"Kafka topic {self.topic} did not acknowledge the events "
+                           f"within {wait:.1f} s")
+        if delivered.error is not None:
+            raise BusError(f"Kafka topic {self.topic} did not acknowledge the events: "
+                           f"{delivered.error}")
+
+    def _produce(self, event: Event, delivered: _Deliveries, deadline: float) -> None:
+        while True:
+            try:
+                self.producer.produce(self.topic, event.to_json(), event.event_id.encode(),
+                                      on_delivery=delivered.report)
+                return
+            except BufferError:  # the client's queue is full: the polling thread drains it
+                if time.monotonic() > deadline:
+                    raise BusError(f"Kafka topic {self.topic}: producer queue full") from None
+                time.sleep(0.01)
 
     def close(self) -> None:
-        self.producer.close(timeout=self.timeout_s)
+        self._closed.set()
+        self._poller.join()  # then the reports left are served here alone
+        self.producer.flush(self.timeout_s)
+
+
+class _Deliveries:
+    """One request's delivery reports, all served by the bus's polling thread."""
+
+    def __init__(self, expected: int):
+        self.pending, self.error = expected, None
+        self.done = threading.Event()
+        if expected == 0:
+            self.done.set()
+
+    def report(self, error: Any, _message: Any) -> None:
+        if error is not None and self.error is None:
+            self.error = error
+        self.pending -= 1
+        if self.pending == 0:
+            self.done.set()
 
 
 @lru_cache(maxsize=4)

@@ -21,6 +21,9 @@ What it is sure of, per rule of `lambdalake.events`:
 - types as pydantic's strict mode checks them: pyarrow refuses a float for an int, a
   number out of int64, a string for a number, anything but true/false for a bool; floats
   must be finite (pyarrow reads `NaN`);
+- a `decimal(p,s)` as the bus writes it, a string of digits with an optional `-` and `.`,
+  cast to Arrow's decimal128(p,s) only when no digit is lost and at most p remain (a JSON
+  number there, which the Validator reads from its text, sends the batch down);
 - required fields not null; strings within `MAX_STRING_CHARS` characters; `event_id` 1 to
   256 characters.
 A schema whose field name is declared with two different types sends every batch down the
@@ -37,17 +40,23 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 
 from lambdalake.events import (
-    ARROW_TYPES,
     MAX_EVENT_BYTES,
     MAX_MS,
     MAX_STRING_CHARS,
+    DecimalType,
     EventSchema,
+    arrow_type_name,
 )
 
 ARRIVAL = "__arrival"  # the column decode_batch adds: each record's arrival
 _CONTROL_BYTES = bytes(b for b in range(0x20) if b != ord("\t"))
-_BLOCK = 1 << 20  # pyarrow.json parses blocks in parallel: 1 MB is the fastest here
+# A partition's share of a micro-batch is one block or two: parsed in the calling thread, as
+# handing them to Arrow's thread pool costs a wake-up per batch (milliseconds when the cores
+# are busy) for no parallelism.
+_BLOCK = 1 << 20
 _MAX_EVENT_ID = 256
+# `events._DECIMAL_TEXT` in RE2, whose `$` is the very end (Python's also takes a final "\n")
+_DECIMAL_TEXT = r"^-?[0-9]+(\.[0-9]+)?$"
 
 
 class BatchDecoder:
@@ -58,33 +67,29 @@ class BatchDecoder:
         self.schemas = dict(schemas)
         declared: dict[str, str] = {}
         conflict = False
-        # types with a field these column checks do not cover (a decimal's exact text): their
-        # records always take the per-record validation
-        self._unchecked = sorted(name for name, schema in schemas.items()
-                                 if any(schema.field_type(f) not in ARROW_TYPES
-                                        for f in schema.fields))
-        for name, schema in schemas.items():
-            if name in self._unchecked:
-                continue
+        for schema in schemas.values():
             for field in schema.fields:
-                arrow = ARROW_TYPES[schema.field_type(field)]
+                arrow = arrow_type_name(schema.field_type(field))
                 conflict |= declared.setdefault(field, arrow) != arrow
         self.usable = not conflict
+        # a decimal is read as its text, then made exact by its own rule (`_exact_decimals`)
+        self._decimals = {field: pa.decimal128(d.precision, d.scale) for field, arrow in
+                          declared.items() if (d := DecimalType.named(arrow))}
         columns = [("event_id", pa.string()), ("type", pa.string()), ("ts", pa.int64())]
-        columns += [(name, pa.type_for_alias(arrow)) for name, arrow in declared.items()]
+        columns += [(name, pa.string() if name in self._decimals else pa.type_for_alias(arrow))
+                    for name, arrow in declared.items()]
         self._options = pj.ParseOptions(
             explicit_schema=pa.schema(columns), unexpected_field_behavior="error",
             newlines_in_values=False,
         )
         # per type: the names only other types declare (must not appear), its required fields
-        checked = {name: s for name, s in schemas.items() if name not in self._unchecked}
         self._foreign = {
             name: [f for f in declared if f not in schema.fields] for name, schema in
-            checked.items()
+            schemas.items()
         }
         self._required = {
             name: [f for f, t in schema.fields.items() if not t.endswith("?")]
-            for name, schema in checked.items()
+            for name, schema in schemas.items()
         }
         self._foreign_names = sorted({f for names in self._foreign.values() for f in names})
         self._strings = ["event_id", "type"] + [
@@ -102,19 +107,36 @@ class BatchDecoder:
             return None
         try:
             table = pj.read_json(pa.py_buffer(data), parse_options=self._options,
-                                 read_options=pj.ReadOptions(block_size=_BLOCK))
+                                 read_options=pj.ReadOptions(block_size=_BLOCK, use_threads=False))
         except pa.ArrowInvalid:
             return None
         if table.num_rows != len(values):  # two objects on one line
             return None
         table = table.append_column(ARRIVAL, pa.array(arrivals, pa.int64()))
         named = {field: data.count(f'"{field}"'.encode()) for field in self._foreign_names}
-        return table if self._valid(table, data, values, named) else None
+        if not self._valid(table, data, values, named):
+            return None
+        return self._exact_decimals(table)
+
+    def _exact_decimals(self, table: pa.Table) -> pa.Table | None:
+        """Each decimal field's text as its exact value (Arrow's decimal128: a scaled
+        integer), or None when any text is not a value `DecimalType.exact` reads. A JSON
+        number there never gets this far: pyarrow refuses a number in a string column."""
+        for field, decimal in self._decimals.items():
+            text = table[field]
+            if pc.all(pc.match_substring_regex(text, _DECIMAL_TEXT)).as_py() is False:
+                return None
+            try:  # refuses more decimals than the scale (but zeros) or digits than the precision
+                exact = pc.cast(text, decimal)
+            except pa.ArrowInvalid:
+                return None
+            table = table.set_column(table.schema.get_field_index(field), field, exact)
+        return table
 
     def _valid(
         self, table: pa.Table, data: bytes, values: Sequence[bytes | None], named: dict[str, int]
     ) -> bool:
-        checked = [name for name in self.schemas if name not in self._unchecked]
+        checked = list(self.schemas)
         known = pc.is_in(table["type"], value_set=pa.array(checked, pa.string()))
         if not pc.all(known.fill_null(False)).as_py():
             return False

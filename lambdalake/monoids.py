@@ -35,6 +35,7 @@ LG_K = sketches.LG_K
 DEFAULT_QUANTILES = (0.5, 0.9, 0.99)
 # Decimal sums as DuckDB and Spark keep them (38 digits): exact, or an error, never rounded
 # (the default context rounds past 28 digits).
+_ARROW_SUMMED_DIGITS = MAX_DECIMAL_DIGITS - 10
 _EXACT = decimal.Context(
     prec=MAX_DECIMAL_DIGITS, traps=[decimal.Inexact, decimal.Overflow, decimal.InvalidOperation]
 )
@@ -85,6 +86,12 @@ class Monoid:
         for value in values:
             working = self.add(working, value)
         return working
+
+    def column_aggregate(self, arrow_type: str) -> str | None:
+        """An Arrow hash aggregate whose result for a group, folded in with `add`, leaves the
+        accumulator `add_many` leaves over the group's values of this Arrow type; None:
+        `add_many` folds the values themselves."""
+        return None
 
     def thaw(self, acc: Any) -> Any:
         """A working accumulator from a transportable one."""
@@ -158,6 +165,13 @@ class Sum(_Numeric):
 
     def add(self, working: Any, value: Any) -> Any:
         return working if value is None else self.merge(working, value)
+
+    def column_aggregate(self, arrow_type: str) -> str | None:
+        """Decimals sum exactly in any order: Arrow's sum (as decimal(38,s)) cannot overflow
+        for values of up to `_ARROW_SUMMED_DIGITS` digits in any batch of fewer than 10^10.
+        Floats are not summed in Arrow: its order of additions is not `add`'s."""
+        decimal = DecimalType.named(arrow_type.replace(" ", ""))
+        return "sum" if decimal and decimal.precision <= _ARROW_SUMMED_DIGITS else None
 
     def arrow_type(self, field_type: str | None) -> str:
         field_type = super().arrow_type(field_type)

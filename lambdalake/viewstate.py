@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import compress
 from typing import Any
 
 import numpy as np
@@ -102,30 +103,47 @@ class _ViewFold:
         columns = {"__slice": slices, "__bucket": _floor(rows["ts"], self.bucket_ms)}
         for i, key in enumerate(self.keys):
             columns[f"__key{i}"] = rows[key]
-        fields = sorted({m.field for m in self.metrics if m.field})
-        for field in fields:
+        aggregates = self._aggregates(rows.schema)
+        read = sorted({(field, how) for field, how in aggregates if field})
+        for field, _ in read:
             columns[field] = rows[field]
         columns["__row"] = pa.array(np.arange(rows.num_rows))
         groups = pa.table(columns).group_by(
             ["__slice", "__bucket", *[f"__key{i}" for i in range(len(self.keys))]],
             use_threads=False,
-        ).aggregate([("__row", "count"), *[(field, "list") for field in fields]])
-        self._fold_groups(groups, fields)
+        ).aggregate([("__row", "count"), *read])
+        self._fold_groups(groups, aggregates)
 
-    def _fold_groups(self, groups: pa.Table, fields: list[str]) -> None:
+    def _aggregates(self, schema: pa.Schema) -> list[tuple[str, str]]:
+        """Per metric (in order), the field it reads and how a group's values of it are
+        aggregated: its own Arrow aggregate, else listed for `add_many`; ("", "") for a
+        count."""
+        return [
+            (m.field, m.column_aggregate(str(schema.field(m.field).type)) or "list")
+            if m.field else ("", "")
+            for m in self.metrics
+        ]
+
+    def _fold_groups(self, groups: pa.Table, aggregates: list[tuple[str, str]]) -> None:
         slices = groups["__slice"].to_pylist()
         buckets = groups["__bucket"].to_pylist()
         keys = list(zip(*[groups[f"__key{i}"].to_pylist() for i in range(len(self.keys))],
                         strict=True)) if self.keys else [()] * len(slices)
         counts = groups["__row_count"].to_pylist()
-        values = {field: groups[f"{field}_list"].to_pylist() for field in fields}
+        values = {(field, how): groups[f"{field}_{how}"].to_pylist()
+                  for field, how in set(aggregates) if field}
         for g, cell in enumerate(zip(slices, buckets, keys, strict=True)):
             accs = self.cells.get(cell)
             if accs is None:
                 accs = self.cells[cell] = [m.thaw(m.zero()) for m in self.metrics]
-            for i, metric in enumerate(self.metrics):
-                folded = values[metric.field][g] if metric.field else [None] * counts[g]
-                accs[i] = metric.add_many(accs[i], folded)
+            for i, (metric, (field, how)) in enumerate(zip(self.metrics, aggregates,
+                                                           strict=True)):
+                if how == "list":
+                    accs[i] = metric.add_many(accs[i], values[field, how][g])
+                elif field:
+                    accs[i] = metric.add(accs[i], values[field, how][g])
+                else:
+                    accs[i] = metric.add_many(accs[i], [None] * counts[g])
             self.dirty.add(cell)
 
 
@@ -186,11 +204,14 @@ class ViewState:
     def apply_all(self, records: Iterable[tuple[Event, int]]) -> int:
         return sum(self.apply(event, arrival) for event, arrival in records)
 
-    def apply_batch(self, events: pa.Table) -> np.ndarray:
+    def apply_batch(
+        self, events: pa.Table, named: tuple[list[str], list[str]] | None = None
+    ) -> np.ndarray:
         """Fold a batch of valid events in at once (a table of `event_columns.decode_batch`,
         with each event's arrival), to exactly the state `apply` leaves folding them in order.
-        Which were counted: False for a duplicate or one the batch covers already."""
-        kinds, ids = events["type"].to_pylist(), events["event_id"].to_pylist()
+        Which were counted: False for a duplicate or one the batch covers already.
+        `named`: the events' types and ids as lists, when the caller has them already."""
+        kinds, ids = named or (events["type"].to_pylist(), events["event_id"].to_pylist())
         arrivals = events[ARRIVAL].to_pylist()
         if self._forgets_nothing(arrivals):
             counted = self._hold_batch(kinds, ids, arrivals)
@@ -220,24 +241,33 @@ class ViewState:
         oldest = self._arrivals[0][0] if self._arrivals else min(arrivals)
         return min(oldest, min(arrivals)) >= horizon
 
-    def _hold_batch(self, kinds: list[str], ids: list[str], arrivals: list[int]) -> np.ndarray:
-        """`_duplicate` for each record in order, when it forgets nothing meanwhile; which were
+    def _hold_batch(self, kinds: list[str], ids: list[str], arrivals: list[int]
+                    ) -> np.ndarray:
+        """`_duplicate` for each record in order, when it forgets nothing meanwhile, in
+        whole-batch set and dict operations rather than a step per record; which were
         counted (neither a duplicate nor below the cut)."""
-        seen, held, cut, newest = self._seen, self._arrivals, self.cut, self._newest
-        before = len(held)
-        counted = np.zeros(len(ids), bool)
-        for i, (kind, event_id, arrival) in enumerate(zip(kinds, ids, arrivals, strict=True)):
-            of_kind = seen.get(kind)
-            if of_kind is None:
-                of_kind = seen[kind] = {}
-            elif event_id in of_kind:
-                continue
-            of_kind[event_id] = arrival
-            held.append((arrival, of_kind, event_id))
-            counted[i] = arrival >= cut
-            newest = arrival if arrival > newest else newest
-        self._held += len(held) - before
-        self._newest = newest
+        seen, named = self._seen, set(ids)
+        keys = list(zip(kinds, ids, strict=True))
+        # each (type, id) to where it first is (of equal keys, a dict keeps the last given)
+        first = dict(zip(reversed(keys), range(len(keys) - 1, -1, -1), strict=True))
+        for kind in set(kinds):
+            for event_id in seen.setdefault(kind, {}).keys() & named:  # held: a retry
+                first.pop((kind, event_id), None)
+        order = sorted(first.values())
+        if len(order) < len(keys):
+            kinds, ids = [kinds[i] for i in order], [ids[i] for i in order]
+            arrivals = [arrivals[i] for i in order]
+        counted = np.zeros(len(keys), bool)
+        if not order:
+            return counted
+        for kind in set(kinds):
+            of_kind = [kind == k for k in kinds]
+            seen[kind].update(zip(compress(ids, of_kind), compress(arrivals, of_kind),
+                                  strict=True))
+        self._arrivals.extend(zip(arrivals, map(seen.__getitem__, kinds), ids, strict=True))
+        self._held += len(ids)
+        self._newest = max(self._newest, max(arrivals))
+        counted[order] = np.asarray(arrivals, np.int64) >= self.cut
         return counted
 
     def _duplicate(self, event_type: str, event_id: str, arrival: int) -> bool:

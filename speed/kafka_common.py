@@ -122,9 +122,9 @@ class PartitionState:
             taken = (self.take(v, ts, validator) for v, ts in zip(values, timestamps, strict=True))
             return [(i, reason) for i, reason in enumerate(taken) if reason is not None]
         self.arrival = int(arrivals[-1])
-        self._fresh_ids += zip(events["type"].to_pylist(), events["event_id"].to_pylist(),
-                               arrivals.tolist(), strict=True)
-        counted = int(self.view.apply_batch(events).sum())
+        kinds, ids = events["type"].to_pylist(), events["event_id"].to_pylist()
+        self._fresh_ids += zip(kinds, ids, arrivals.tolist(), strict=True)
+        counted = int(self.view.apply_batch(events, (kinds, ids)).sum())
         self._outcomes["counted"] += counted
         self._outcomes["skipped"] += len(values) - counted
         return []
