@@ -41,8 +41,8 @@ DrainHook = Callable[[int, int, int], None]  # (partition, end offset, t)
 R = TypeVar("R")
 MAX_PAYLOAD_BYTES = 6 * 1024 * 1024
 _RECORD_JSON_BYTES = 160  # a record's JSON beyond its base64 value
-_MAX_BACKOFF_SECONDS = 30.0
-_STUCK_AFTER_SECONDS = 300.0  # an invocation's own timeout is at most 900 s on AWS
+MAX_BACKOFF_SECONDS = 30.0
+STUCK_AFTER_SECONDS = 300.0  # an invocation's own timeout is at most 900 s on AWS
 _DRAIN_EVERY_SECONDS = 1.0
 
 log = logging.getLogger("lambdalake.functions.mapping")
@@ -151,7 +151,7 @@ class Delivery(Generic[R]):
             log.warning("batch failed; retrying", extra={
                 "function": self.function.name, "records": len(records),
                 "failures": failures, "error": str(error)})
-            self.loop.wait(min(self.backoff_seconds * 2 ** (failures - 1), _MAX_BACKOFF_SECONDS))
+            self.loop.wait(min(self.backoff_seconds * 2 ** (failures - 1), MAX_BACKOFF_SECONDS))
 
     def _exhausted(self, feed: Feed[R], records: list[R], error: FunctionError) -> None:
         if self.batching.bisect_on_error and len(records) > 1:
@@ -241,8 +241,8 @@ class StreamMapping:
         self._waiting_since: dict[int, float] = {}
         self._next_drain: dict[int, float] = {}
         self.loop = Loop(f"mapping-{function.name}", self._step,
-                         first_backoff_s=backoff_seconds, max_backoff_s=_MAX_BACKOFF_SECONDS,
-                         stuck_after_s=_STUCK_AFTER_SECONDS)
+                         first_backoff_s=backoff_seconds, max_backoff_s=MAX_BACKOFF_SECONDS,
+                         stuck_after_s=STUCK_AFTER_SECONDS)
         self.delivery: Delivery[Record] = Delivery(function, source, folder, self.loop,
                                                    backoff_seconds)
         self.feed = _KafkaFeed(self)
