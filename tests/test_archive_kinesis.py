@@ -144,3 +144,215 @@ def test_events_on_the_bus_are_archived_once_per_shard_with_watermarks(settings:
     for key in store.list("master/type="):
         first, last = key.rsplit("/", 1)[1].removesuffix(".parquet").split("-")
         assert int(first) <= int(last)  # named by the shard's sequence range
+
+
+# ---------------------------------------------------------------- the handler on Kinesis events
+
+
+def put_values(settings: Settings, values: list[tuple[str, bytes]]) -> None:
+    client(settings).put_records(StreamName=settings.kinesis_stream, Records=[
+        {"PartitionKey": key, "Data": data} for key, data in values])
+
+
+def one_shard_stream(settings: Settings) -> Settings:
+    settings = settings.model_copy(update={"partitions": 1})
+    kinesis.ensure_stream(client(settings), settings.kinesis_stream, 1)
+    return settings
+
+
+def object_bytes(store: ObjectStore) -> dict[str, bytes]:
+    return {key: store.get(key) for key in store.list("master/type=")}
+
+
+def test_a_retried_batch_rewrites_the_same_objects_and_a_redelivered_one_none(
+        settings: Settings, tmp_path: Path):
+    settings = one_shard_stream(settings.model_copy(update={"store": ""}))  # a file store
+    events = valid_events(8)
+    put_values(settings, [(e.event_id, e.to_json()) for e in events] + [("bad", b"not json")])
+    records = shard_records(settings, "shardId-000000000000")
+    event = kinesis_event(stream_arn(settings), records)
+    store = store_of(settings)
+    environment.bind(settings)
+    try:
+        archive.handler(kinesis_event(stream_arn(settings), records[:2]), None)  # shard known
+        span = master.sequence_span(records[2].sequence_number, records[-1].sequence_number)
+        blocked = tmp_path / "lake" / master.DEAD_LETTER / "p=0" / f"{span}.jsonl"
+        (blocked / "in-the-way").mkdir(parents=True)  # the store fails past the objects
+        answer = archive.handler(event, None)
+        assert answer["batchItemFailures"] == [{"itemIdentifier": records[2].sequence_number}]
+        written = object_bytes(store)
+        assert master.watermarks(store)[0]["sequence"] == records[1].sequence_number
+
+        (blocked / "in-the-way").rmdir()
+        blocked.rmdir()
+        retried = archive.handler(kinesis_event(stream_arn(settings), records[2:]), None)
+        assert retried["batchItemFailures"] == []
+        assert object_bytes(store) == written  # the same objects, nothing beside them
+        again = archive.handler(event, None)  # redelivered whole: its checkpoint was lost
+        assert (again["archived"], again["objects"]) == (0, [])
+    finally:
+        environment.bind(None)
+    assert object_bytes(store) == written
+    assert sorted(r["event_id"] for r in archived(store)) == sorted(e.event_id for e in events)
+    [letter] = dead_letters(store)
+    assert letter["sequenceNumber"] == records[-1].sequence_number
+
+
+def test_poison_records_are_dead_lettered_counted_and_never_block_the_shard(
+        bound: Settings):
+    settings = one_shard_stream(bound)
+    good = valid_events(3)
+    poison = [("p1", b"not json at all"), ("p2", b'{"type": "pageview", "event_id": "x"}'),
+              ("p3", b"[1, 2]")]
+    put_values(settings, [(good[0].event_id, good[0].to_json()), *poison,
+                          *((e.event_id, e.to_json()) for e in good[1:])])
+    records = shard_records(settings, "shardId-000000000000")
+    event = kinesis_event(stream_arn(settings), records)
+    not_base64 = json.loads(json.dumps(event["Records"][1]))
+    not_base64["kinesis"]["data"] = "%%% not base64 %%%"
+    event["Records"][1] = not_base64
+    before = counter("dead_letter")
+    answer = archive.handler(event, None)
+    store = store_of(settings)
+    assert answer["batchItemFailures"] == []
+    assert (answer["archived"], answer["dead_lettered"]) == (3, 3)
+    assert counter("dead_letter") - before == 3
+    letters = {letter["sequenceNumber"]: letter for letter in dead_letters(store)}
+    assert sorted(letters) == sorted(r.sequence_number for r in records[1:4])
+    for letter in letters.values():
+        assert letter["shardId"] == "shardId-000000000000" and letter["reason"]
+    assert "not base64" in letters[records[1].sequence_number]["reason"]
+    assert "event_id" in letters[records[2].sequence_number]["reason"] or \
+        "ts" in letters[records[2].sequence_number]["reason"]
+    assert master.watermarks(store)[0]["sequence"] == records[-1].sequence_number
+
+
+def test_arrival_never_decreases_within_a_shard_and_children_start_at_their_parents(
+        bound: Settings):
+    settings = one_shard_stream(bound)
+    events = valid_events(4)
+    put_values(settings, [(e.event_id, e.to_json()) for e in events])
+    records = shard_records(settings, "shardId-000000000000")
+    event = kinesis_event(stream_arn(settings), records)
+    t = 1_900_000_000_000
+    stamps = [t, t - 5_000, t + 10, t + 5]  # the service's approximate times step back
+    for record, stamp in zip(event["Records"], stamps, strict=True):
+        record["kinesis"]["approximateArrivalTimestamp"] = stamp / 1000
+    archive.handler(event, None)
+    store = store_of(settings)
+    by_offset = sorted((r["offset"], r["arrival"]) for r in archived(store))
+    assert [arrival for _, arrival in by_offset] == [t, t, t + 10, t + 10]
+    assert master.watermarks(store)[0]["arrival"] == t + 10
+
+    [shard] = kinesis.list_shards(client(settings), settings.kinesis_stream)
+    client(settings).split_shard(StreamName=settings.kinesis_stream, ShardToSplit=shard.shard_id,
+                                 NewStartingHashKey=str(2**127))
+    late = valid_events(2, seed=5)
+    put_values(settings, [(e.event_id, e.to_json()) for e in late])
+    child = next(s for s in kinesis.list_shards(client(settings), settings.kinesis_stream)
+                 if s.parents and shard_records(settings, s.shard_id))
+    archive.handler(kinesis_event(stream_arn(settings), shard_records(settings, child.shard_id)),
+                    None)
+    marks = master.watermarks(store)
+    assert marks[0]["finished"] and child.shard_id in marks[0]["children"]
+    assert all(r["arrival"] >= t + 10 for r in archived(store) if r["partition"] == child.index)
+
+
+# ---------------------------------------------------------------- the mapping's AWS semantics
+
+
+def source(**options: Any) -> KinesisSource:
+    defaults = {"StartingPosition": "TRIM_HORIZON", "BatchSize": 10,
+                "MaximumBatchingWindowInSeconds": 0, "MaximumRetryAttempts": 2,
+                "FunctionResponseTypes": ["ReportBatchItemFailures"]}
+    return KinesisSource.model_validate(defaults | options)
+
+
+def recording_mapping(settings: Settings, answer: Callable[[list[str]], Any],
+                      kinesis_source: KinesisSource) -> tuple[KinesisMapping, list[list[str]]]:
+    """A mapping of a function that records the sequence numbers it is given and answers
+    `answer(sequence numbers)` (raising what it raises)."""
+    calls: list[list[str]] = []
+
+    def handler(event: dict[str, Any], context: object) -> Any:
+        sequences = [r["kinesis"]["sequenceNumber"] for r in event["Records"]]
+        calls.append(sequences)
+        return answer(sequences)
+
+    function = LocalFunction(FunctionSpec(name="Recorder", handler="tests.handler"), handler)
+    mapping = KinesisMapping(function, kinesis_source, client(settings),
+                             settings.kinesis_stream, settings.home / "runtime",
+                             backoff_seconds=0.001)
+    return mapping, calls
+
+
+def deliver_all(mapping: KinesisMapping, rounds: int = 5) -> None:
+    for _ in range(rounds):
+        mapping.poll_once()
+
+
+def test_report_batch_item_failures_retries_only_from_the_failed_record_on(settings: Settings):
+    settings = one_shard_stream(settings)
+    put_values(settings, [(f"k{i}", b"{}") for i in range(10)])
+    failed_once: set[str] = set()
+
+    def answer(sequences: list[str]) -> dict[str, Any]:
+        if len(sequences) == 10 and not failed_once:  # the 7th and the 4th fail, once
+            failed_once.update(sequences[3:])
+            return {"batchItemFailures": [{"itemIdentifier": sequences[6]},
+                                          {"itemIdentifier": sequences[3]}]}
+        return {"batchItemFailures": []}
+
+    mapping, calls = recording_mapping(settings, answer, source())
+    deliver_all(mapping)
+    everything = calls[0]
+    assert calls == [everything, everything[3:]]
+    assert mapping._checkpoint_of("shardId-000000000000")["sequence"] == everything[-1]
+
+
+def test_an_answer_naming_no_record_fails_the_whole_batch_then_bisects_to_on_failure(
+        settings: Settings):
+    settings = one_shard_stream(settings)
+    put_values(settings, [(f"k{i}", b"{}") for i in range(4)])
+
+    def answer(sequences: list[str]) -> dict[str, Any]:
+        if sequences[0] == "1":  # every batch holding the first record fails as a whole
+            return {"batchItemFailures": [{"itemIdentifier": "no such record"}]}
+        return {"batchItemFailures": []}
+
+    kinesis_source = source(MaximumRetryAttempts=1, BisectBatchOnFunctionError=True)
+    mapping, calls = recording_mapping(settings, answer, kinesis_source)
+    deliver_all(mapping)
+    assert calls == [["1", "2", "3", "4"]] * 2 + [["1", "2"]] * 2 + [["1"]] * 2 + [["2"]] + \
+        [["3", "4"]]
+    [key] = mapping.failures.list("")
+    failure = json.loads(mapping.failures.get(key))
+    assert failure["condition"] == "RetryAttemptsExhausted"
+    info = failure["KinesisBatchInfo"]
+    assert (info["shardId"], info["startSequenceNumber"], info["batchSize"]) == (
+        "shardId-000000000000", "1", 1)
+    assert mapping._checkpoint_of("shardId-000000000000")["sequence"] == "4"
+
+
+def test_records_past_their_maximum_age_go_to_on_failure_unretried(settings: Settings):
+    settings = one_shard_stream(settings)
+    put_values(settings, [("k", b"{}")])
+    time.sleep(1.1)
+    mapping, calls = recording_mapping(settings, lambda _: {}, source(MaximumRecordAgeInSeconds=1))
+    deliver_all(mapping, 2)
+    assert calls == []
+    [key] = mapping.failures.list("")
+    assert json.loads(mapping.failures.get(key))["condition"] == "RecordAgeExceeded"
+
+
+def test_latest_starts_at_the_mapping_creation_even_after_a_restart(settings: Settings):
+    settings = one_shard_stream(settings)
+    put_values(settings, [("old", b"{}")])
+    time.sleep(0.05)
+    mapping, _ = recording_mapping(settings, lambda _: {}, source(StartingPosition="LATEST"))
+    time.sleep(0.05)
+    put_values(settings, [("new", b"{}")])
+    restarted, calls = recording_mapping(settings, lambda _: {},
+                                         source(StartingPosition="LATEST"))
+    deliver_all(restarted, 2)
+    assert calls == [["2"]]
