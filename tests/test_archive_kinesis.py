@@ -6,7 +6,6 @@ letters, arrival), and the batch cut and answers through a split and a merge mid
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from collections.abc import Callable
@@ -356,3 +355,108 @@ def test_latest_starts_at_the_mapping_creation_even_after_a_restart(settings: Se
                                          source(StartingPosition="LATEST"))
     deliver_all(restarted, 2)
     assert calls == [["2"]]
+
+
+# ---------------------------------------------------------------- resharding, the cut, answers
+
+
+def stream_arrivals(settings: Settings) -> dict[str, int]:
+    """Each event id's first arrival, read apart from the archiver: every shard in lineage
+    order from TRIM_HORIZON, from its parents' last arrival (the rule of lambdalake.kinesis)."""
+    last: dict[str, int] = {}
+    arrivals: dict[str, int] = {}
+    kinesis_client = client(settings)
+    for shard in kinesis.in_lineage_order(kinesis.list_shards(kinesis_client,
+                                                              settings.kinesis_stream)):
+        floor = max((last.get(parent, 0) for parent in shard.parents), default=0)
+        reader = kinesis.ShardReader(kinesis_client, settings.kinesis_stream, shard,
+                                     kinesis.Position.trim_horizon(), floor)
+        for record in kinesis.read_until_quiet(reader):
+            event_id = json.loads(record.data)["event_id"]
+            arrivals[event_id] = min(arrivals.get(event_id, record.arrival_ms),
+                                     record.arrival_ms)
+        last[shard.shard_id] = reader.arrival
+    return arrivals
+
+
+def current_cut(settings: Settings, store: ObjectStore) -> int:
+    try:
+        return master.choose_cut(master.cut_bounds(store, settings), settings.slice_ms)
+    except master.NoWatermark:
+        return 0
+
+
+def view_answers(store: ObjectStore, manifest: Any) -> dict[str, dict[tuple, dict[str, Any]]]:
+    answers = {}
+    for name, table in published(store, manifest).items():
+        view = project.views[name]
+        answers[name] = {
+            (row["bucket"], *(row[k] for k in view.keys)):
+                {metric: view.metrics[metric].result(row[metric]) for metric in ("pageviews",
+                 "revenue", "orders") if metric in view.metrics}
+            for row in table.to_pylist()}
+    return {name: answers[name] for name in ("pageviews_by_url_hour", "revenue_by_sku_day")}
+
+
+def recomputed(events: list[Event]) -> dict[str, dict[tuple, dict[str, Any]]]:
+    """The two views, by hand: each (type, event id) once."""
+    pageviews: dict[tuple, dict[str, Any]] = {}
+    revenue: dict[tuple, dict[str, Any]] = {}
+    for event in {(e.type, e.event_id): e for e in events}.values():
+        if event.type == "pageview":
+            key = (event.ts - event.ts % 3_600_000, event.fields["url"])
+            pageviews.setdefault(key, {"pageviews": 0})["pageviews"] += 1
+        else:
+            key = (event.ts - event.ts % 86_400_000, event.fields["sku"])
+            cell = revenue.setdefault(key, {"revenue": Decimal(0), "orders": 0})
+            cell["revenue"] += Decimal(str(event.fields["amount"]))
+            cell["orders"] += 1
+    return {"pageviews_by_url_hour": pageviews, "revenue_by_sku_day": revenue}
+
+
+def test_the_cut_holds_through_a_split_and_a_merge_and_the_batch_equals_a_recompute(
+        settings: Settings):
+    store, events = store_of(settings), valid_events(900, seed=4)
+    events += events[:30]  # producer retries: the same events again
+    seen: list[tuple[int, set[str]]] = []
+
+    read: dict[str, list[str]] = {}  # objects by key: written once (a rewrite is the same)
+
+    def look() -> None:  # the cut first, then what is archived: never less than it covers
+        cut = current_cut(settings, store)
+        fs, root = store.arrow()
+        for key in store.list("master/type="):
+            if key not in read:
+                table = pq.read_table(f"{root}/{key}", filesystem=fs, columns=["event_id"])
+                read[key] = table[0].to_pylist()
+        seen.append((cut, {event_id for ids in read.values() for event_id in ids}))
+
+    def publish(part: list[Event]) -> None:
+        for start in range(0, len(part), 50):
+            open_bus(settings).publish(part[start:start + 50])
+            look()
+        published = now_ms()  # then the cut passes it, looked at all along
+        wait_for(lambda: look() or current_cut(settings, store) > published)
+
+    kinesis_client = client(settings)
+    with LocalRuntime(settings, on_shard=archive.ON_SHARD):
+        publish(events[:300])
+        kinesis_client.split_shard(StreamName=settings.kinesis_stream,
+                                   ShardToSplit="shardId-000000000000",
+                                   NewStartingHashKey=str(2**126))
+        publish(events[300:600])
+        kinesis_client.merge_shards(StreamName=settings.kinesis_stream,
+                                    ShardToMerge="shardId-000000000002",
+                                    AdjacentShardToMerge="shardId-000000000003")
+        publish(events[600:])
+        arrivals = stream_arrivals(settings)
+    assert {s.shard_id for s in kinesis.list_shards(kinesis_client, settings.kinesis_stream)
+            if s.parents} == {"shardId-000000000002", "shardId-000000000003",
+                              "shardId-000000000004"}
+    assert len({row["partition"] for row in archived(store)}) == 5  # every shard carried some
+    assert len({cut for cut, _ in seen if cut}) >= 3  # it moved while shards changed
+    for cut, ids in seen:
+        assert {e for e, arrival in arrivals.items() if arrival < cut} <= ids
+    manifest = run_batch(settings, project, store, DuckDBEngine())
+    assert manifest.cut > max(arrivals.values())
+    assert view_answers(store, manifest) == recomputed(events)
