@@ -36,15 +36,13 @@ from lambdalake import kinesis
 from lambdalake.eventlog import now_ms
 from lambdalake.functions.runtime.function import LocalFunction
 from lambdalake.functions.runtime.mapping import (
-    MAX_BACKOFF_SECONDS,
     MAX_PAYLOAD_BYTES,
-    STUCK_AFTER_SECONDS,
     BadBatchResponse,
-    Delivery,
+    Polling,
 )
 from lambdalake.functions.runtime.template import KinesisSource
 from lambdalake.kinesis import KinesisRecord, Position, Shard, ShardReader
-from lambdalake.loops import Loop, Loops
+from lambdalake.loops import Loops
 from lambdalake.storage import FileStore, NotFound
 
 SEAL_MARGIN_MS = 2_000
@@ -143,7 +141,7 @@ class _Shard:
         self.next_idle = 0.0
 
 
-class KinesisMapping:
+class KinesisMapping(Polling[KinesisRecord]):
     def __init__(
         self,
         function: LocalFunction,
@@ -156,33 +154,16 @@ class KinesisMapping:
         poll_seconds: float = 0.2,
         loops: Loops | None = None,
     ):
-        self.function, self.source, self.kinesis = function, source, kinesis_client
-        self.stream, self.hooks, self.poll_seconds = stream, hooks, poll_seconds
+        super().__init__(function, source, folder, backoff_seconds, poll_seconds, loops)
+        self.source, self.kinesis, self.stream, self.hooks = (
+            source, kinesis_client, stream, hooks)
         summary = kinesis_client.describe_stream_summary(StreamName=stream)
         self.stream_arn: str = summary["StreamDescriptionSummary"]["StreamARN"]
         self.checkpoints = FileStore(folder / "kinesis" / function.name / stream)
-        self.loop = Loop(f"mapping-{function.name}", self._step,
-                         first_backoff_s=backoff_seconds, max_backoff_s=MAX_BACKOFF_SECONDS,
-                         stuck_after_s=STUCK_AFTER_SECONDS)
-        self.delivery: Delivery[KinesisRecord] = Delivery(function, source, folder,
-                                                          self.loop, backoff_seconds)
         self.shards: dict[str, _Shard] = {}
         self.listed: list[Shard] = []
         self._next_listing = 0.0
         self.created = self._created()
-        if loops is not None:
-            loops.add(self.loop)
-
-    @property
-    def failures(self) -> FileStore:
-        return self.delivery.failures
-
-    def start(self) -> None:
-        self.loop.start()
-
-    def stop(self) -> None:
-        """Stop after the invocation under way (a batch not delivered is redelivered later)."""
-        self.loop.stop()
 
     # ------------------------------------------------------------ checkpoints
 
@@ -227,18 +208,15 @@ class KinesisMapping:
 
     # ------------------------------------------------------------ polling
 
-    def _step(self) -> float:
+    def poll_once(self) -> int:
+        """One pass over the readable shards; the number of records delivered."""
         try:
-            return 0.0 if self.poll_once() else self.poll_seconds
+            if time.monotonic() >= self._next_listing:
+                self._list()
+            return sum(self._poll(shard) for shard in list(self.shards.values()))
         except Exception:
             self.shards.clear()  # read again from the checkpoints: nothing skipped
             raise
-
-    def poll_once(self) -> int:
-        """One pass over the readable shards; the number of records delivered."""
-        if time.monotonic() >= self._next_listing:
-            self._list()
-        return sum(self._poll(shard) for shard in list(self.shards.values()))
 
     def _list(self) -> None:
         self._next_listing = time.monotonic() + _LIST_EVERY_SECONDS
