@@ -122,6 +122,7 @@ class Stack:
         yet (the speed half of issue 14). Until it is, answers are the batch views only."""
         log.warning("no speed layer on Kinesis yet: answers are the batch views alone, as "
                     "fresh as the last batch run", extra={"bus": "kinesis"})
+        self.realtime.restored.set()  # no real-time state: the empty one is whole
 
     def _kafka_speed(self) -> None:
         """The speed driver on Kafka (restarted if it exits), and the serving layer following
