@@ -20,6 +20,7 @@ The API (what the archive mapping and the speed driver build on):
   clamped), `millis_behind` (MillisBehindLatest), `finished` once a
   closed shard is read to its end, `arrival` the shard's running arrival, `position` where a
   reader resumes after what was returned.
+  `read_until_quiet(reader)` reads a shard to its end or until it stays empty (tests, tools).
 - `KinesisRecord`: shard id, sequence number (decimal text), sub-sequence (the index of a
   user record inside a KPL aggregate; 0 for a plain record), partition key, data bytes,
   the service's `approximate_arrival_ms` and the clamped `arrival_ms`.

@@ -307,6 +307,10 @@ def test_report_batch_item_failures_retries_only_from_the_failed_record_on(setti
     everything = calls[0]
     assert calls == [everything, everything[3:]]
     assert mapping._checkpoint_of("shardId-000000000000")["sequence"] == everything[-1]
+    put_values(settings, [("later", b"{}")])
+    restarted, again = recording_mapping(settings, answer, source())
+    deliver_all(restarted, 2)
+    assert again == [[str(int(everything[-1]) + 1)]]  # from its checkpoint, nothing again
 
 
 def test_an_answer_naming_no_record_fails_the_whole_batch_then_bisects_to_on_failure(
