@@ -128,18 +128,15 @@ class Archiver:
             return self._start_shard(stream, shard_id)
 
     def _start_shard(self, stream: str, shard_id: str) -> dict[str, Any]:
-        listed = kinesis.list_shards(self.kinesis_client(), stream)
-        shard = next((s for s in listed if s.shard_id == shard_id), None)
+        listed = {s.shard_id: s for s in kinesis.list_shards(self.kinesis_client(), stream)}
+        marks = {m["shard"]: m for m in master.watermarks(self.store).values() if "shard" in m}
+        shard = listed.get(shard_id)
         parents = list(shard.parents) if shard else []
-        floor = 0
         for parent in parents:
-            try:
-                mark = json.loads(self.store.get(_mark_key(parent)))
-            except NotFound:
-                continue  # never archived (empty, or past the retention)
-            floor = max(floor, mark["arrival"])
-            self.put_mark(mark | {"finished": True,
-                                  "children": kinesis.children(listed, parent)})
+            if parent in marks:  # Lambda finishes a parent before it hands out a child
+                self.put_mark(marks[parent] | {"finished": True, "children": kinesis.children(
+                    listed.values(), parent)})
+        floor = (master.shard_floor(shard, listed, marks) if shard else None) or 0
         mark = {"shard": shard_id, "parents": parents, "next_offset": 0, "watermark": floor,
                 "arrival": floor, "sequence": None}
         self.put_mark(mark)

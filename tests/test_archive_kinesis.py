@@ -17,6 +17,9 @@ import boto3
 import pyarrow.parquet as pq
 import pytest
 from batch_lakes import published
+from hypothesis import given
+from hypothesis import settings as examples
+from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from lambdalake import kinesis, master
@@ -491,3 +494,102 @@ def test_up_on_kinesis_archives_what_the_gateway_took_and_a_batch_run_answers_it
         assert {r["sku"]: r["orders"] for r in totals} == orders
     finally:
         flow.stop()
+
+
+# ---------------------------------------------------------------- the cut over shards, as logic
+
+
+class Lineage:
+    """A stream resharded at random with an archiver following the rules of the Kinesis
+    mapping and archive handler: the marks `master.shard_bounds` reads, and the truth."""
+
+    def __init__(self, roots: int):
+        self.t, self.records = 0, {}  # shard index -> arrivals, in order
+        self.shards: dict[int, kinesis.Shard] = {}
+        self.archived: dict[int, int] = {}  # shard index -> records archived
+        self.marks: dict[int, dict[str, Any]] = {}
+        for _ in range(roots):
+            self._new(())
+
+    def _new(self, parents: tuple[int, ...]) -> None:
+        index = len(self.shards)
+        ids = tuple(self.shards[p].shard_id for p in parents)
+        self.shards[index] = kinesis.Shard(f"shardId-{index:012d}", ids, "0", None)
+        self.records[index] = []
+
+    def open(self) -> list[int]:
+        return [i for i, s in self.shards.items() if not s.closed]
+
+    def readable(self) -> list[int]:
+        finished = {m["shard"] for m in self.marks.values() if m.get("finished")}
+        return [s.index for s in kinesis.readable(self.shards.values(), finished)]
+
+    def put(self, shard: int, step: int) -> None:
+        self.t += step
+        self.records[shard].append(self.t)  # arrivals grow: the clamp made them so
+
+    def close(self, parents: list[int], children: int) -> None:
+        for p in parents:
+            self.shards[p] = kinesis.Shard(self.shards[p].shard_id, self.shards[p].parents,
+                                           "0", "9")
+        for _ in range(children):
+            self._new(tuple(parents))
+
+    def _mark(self, shard: int) -> dict[str, Any]:
+        if shard not in self.marks:  # the first batch or idle seal of a shard starts it
+            parents = [p.index for p in self.shards.values()
+                       if p.shard_id in self.shards[shard].parents]
+            floor = max((self.marks[p]["arrival"] for p in parents if p in self.marks),
+                        default=0)
+            self.marks[shard] = {"shard": self.shards[shard].shard_id, "watermark": floor,
+                                 "arrival": floor}
+        return self.marks[shard]
+
+    def archive(self, shard: int, count: int) -> None:
+        mark, done = self._mark(shard), self.archived.get(shard, 0)
+        taken = self.records[shard][done:done + count]
+        self.archived[shard] = done + len(taken)
+        if taken:
+            mark["arrival"] = taken[-1]
+            mark["watermark"] = max(mark["watermark"], taken[-1])
+        if self.shards[shard].closed and self.archived[shard] == len(self.records[shard]):
+            mark["finished"] = True
+            mark["children"] = kinesis.children(self.shards.values(),
+                                                self.shards[shard].shard_id)
+
+    def seal(self, shard: int) -> None:  # an open shard read to its end, idle
+        if self.archived.get(shard, 0) == len(self.records[shard]):
+            mark = self._mark(shard)
+            mark["watermark"] = max(mark["watermark"], self.t)
+
+    def unarchived(self) -> list[int]:
+        return [a for i, arrivals in self.records.items()
+                for a in arrivals[self.archived.get(i, 0):]]
+
+
+@examples(max_examples=100)
+@given(st.integers(1, 3), st.data())
+def test_a_cut_never_passes_a_record_a_shard_has_not_archived(roots: int, data: st.DataObject):
+    stream = Lineage(roots)
+    for _ in range(data.draw(st.integers(1, 60))):
+        action = data.draw(st.sampled_from(["put", "put", "reshard", "archive", "seal"]))
+        if action == "put":
+            stream.put(data.draw(st.sampled_from(stream.open())), data.draw(st.integers(0, 3)))
+        elif action == "reshard":
+            opened = stream.open()
+            parents = data.draw(st.lists(st.sampled_from(opened), min_size=1, max_size=2,
+                                         unique=True))
+            stream.close(parents, 2 if len(parents) == 1 else 1)
+        elif action in ("archive", "seal"):
+            shard = data.draw(st.sampled_from(stream.readable()))
+            if action == "archive":
+                stream.archive(shard, data.draw(st.integers(0, 5)))
+            else:
+                stream.seal(shard)
+        try:
+            cut = master.choose_cut(master.shard_bounds(
+                {index: dict(mark) for index, mark in stream.marks.items()},
+                stream.shards.values()), 1)
+        except master.NoWatermark:
+            continue
+        assert all(arrival >= cut for arrival in stream.unarchived())
