@@ -309,7 +309,7 @@ def test_report_batch_item_failures_retries_only_from_the_failed_record_on(setti
     deliver_all(mapping)
     everything = calls[0]
     assert calls == [everything, everything[3:]]
-    assert mapping._checkpoint_of("shardId-000000000000")["sequence"] == everything[-1]
+    assert mapping.checkpoint_of("shardId-000000000000")["sequence"] == everything[-1]
     put_values(settings, [("later", b"{}")])
     restarted, again = recording_mapping(settings, answer, source())
     deliver_all(restarted, 2)
@@ -337,7 +337,7 @@ def test_an_answer_naming_no_record_fails_the_whole_batch_then_bisects_to_on_fai
     info = failure["KinesisBatchInfo"]
     assert (info["shardId"], info["startSequenceNumber"], info["batchSize"]) == (
         "shardId-000000000000", "1", 1)
-    assert mapping._checkpoint_of("shardId-000000000000")["sequence"] == "4"
+    assert mapping.checkpoint_of("shardId-000000000000")["sequence"] == "4"
 
 
 def test_records_past_their_maximum_age_go_to_on_failure_unretried(settings: Settings):

@@ -182,7 +182,7 @@ class KinesisMapping(Polling[KinesisRecord]):
         body = {"sequence": sequence, "finished": finished}
         self.checkpoints.put(f"shards/{shard_id}.json", json.dumps(body).encode())
 
-    def _checkpoint_of(self, shard_id: str) -> dict[str, Any] | None:
+    def checkpoint_of(self, shard_id: str) -> dict[str, Any] | None:
         try:
             return dict(json.loads(self.checkpoints.get(f"shards/{shard_id}.json")))
         except NotFound:
@@ -194,7 +194,7 @@ class KinesisMapping(Polling[KinesisRecord]):
                 if json.loads(self.checkpoints.get(key))["finished"]}
 
     def _start_position(self, shard_id: str) -> Position:
-        checkpoint = self._checkpoint_of(shard_id)
+        checkpoint = self.checkpoint_of(shard_id)
         if checkpoint is not None and checkpoint["sequence"] is not None:
             return Position.after(checkpoint["sequence"])
         if shard_id not in self.created["initial_shards"]:
@@ -259,7 +259,7 @@ class KinesisMapping(Polling[KinesisRecord]):
         read just found empty, with nothing behind, is idle as of `sealed_at`."""
         reader, shard_id = shard.reader, shard.reader.shard.shard_id
         if reader.finished:
-            last = self._checkpoint_of(shard_id)
+            last = self.checkpoint_of(shard_id)
             self.checkpoint(shard_id, last["sequence"] if last else None, finished=True)
             if self.hooks is not None:
                 self.hooks.finished(self.stream, shard_id,
