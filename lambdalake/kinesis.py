@@ -11,7 +11,7 @@ The API (what the archive mapping and the speed driver build on):
 - `readable(shards, finished)`: the shards to read now. A child is read only once each of
   its parents is finished, i.e. closed and read to its end; a parent no longer listed (past
   the stream's retention) counts as finished. `in_lineage_order(shards)` orders a whole
-  listing parents first.
+  listing parents first; `children(shards, shard_id)` the shards it was split or merged into.
 - `Position`: where a reader starts (`Position.trim_horizon()`, `.latest()`,
   `.at_timestamp(ms)`, `.after(sequence)`, `.at(sequence)`); `shard_iterator(...)` turns one
   into a shard iterator.
