@@ -30,10 +30,17 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = None
     project: str = Field("lambdalake.example:project", description="module:attribute")
 
-    bus: Literal["embedded", "kafka"] = "embedded"
+    bus: Literal["embedded", "kafka", "kinesis"] = "embedded"
     partitions: int = Field(4, ge=1, le=256)
     kafka_bootstrap: str = "127.0.0.1:9092"
     topic: str = "lambdalake.events"
+    kinesis_stream: str = Field(
+        "lambdalake-events", description="The Kinesis data stream of the kinesis bus (created "
+        "by `lambdalake up` with `partitions` shards when missing).",
+    )
+    kinesis_endpoint_url: str | None = Field(
+        None, description="The Kinesis endpoint (e.g. a moto server); None: AWS's."
+    )
     speed_engine: Literal["quix", "faust"] = Field(
         "quix", description="The speed driver on Kafka (see the README's benchmark)."
     )

@@ -16,8 +16,13 @@ settings.load_profile("lambdalake")
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3 API (moto's server) on 127.0.0.1; yields its endpoint URL."""
+    """A real S3 API (moto's server) on 127.0.0.1; yields its endpoint URL. It serves
+    Kinesis too, resharding as the service does (`lambdalake.testing.moto_kinesis`)."""
     from moto.server import ThreadedMotoServer
+
+    from lambdalake.testing.moto_kinesis import as_on_kinesis
+
+    as_on_kinesis()
 
     port = free_port()
     with pytest.MonkeyPatch.context() as env:

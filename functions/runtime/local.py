@@ -2,7 +2,9 @@
 
 The runtime binds its settings for the handlers it runs (`functions.environment`), so both
 agree on the event log and the store; the template's `Environment` is for AWS only. Stream
-mappings poll the embedded log, or the Kafka topic with the Kafka bus (`kafka_source`).
+mappings poll the embedded log, or the Kafka topic with the Kafka bus (`kafka_source`); with
+the Kinesis bus the functions' `Kinesis` events poll the settings' stream (`kinesis_source`)
+and their Kafka events are left out, as on AWS, where the template deploys one or the other.
 `S3` events: a watched folder when the landing store is `file://` (`folder_watch`), else the
 bucket's notifications through a queue. The queues, the notifications' queue and the tables'
 streams are on `aws_endpoint_url` (moto here), and run only with one: there is nothing to
@@ -25,6 +27,7 @@ from lambdalake.functions import environment
 from lambdalake.functions.runtime.folder_watch import FolderWatch
 from lambdalake.functions.runtime.function import LocalFunction
 from lambdalake.functions.runtime.gateway import Gateway
+from lambdalake.functions.runtime.kinesis_source import KinesisMapping, ShardHooks
 from lambdalake.functions.runtime.mapping import DrainHook, StreamMapping
 from lambdalake.functions.runtime.polling import Polling
 from lambdalake.functions.runtime.queues import (
@@ -49,9 +52,11 @@ class LocalRuntime:
         loops: Loops | None = None,
         on_drained: Mapping[str, DrainHook] = MappingProxyType({}),
         run_schedules: bool = False,
+        on_shard: Mapping[str, tuple[Any, Any]] = MappingProxyType({}),
     ):
         """`on_drained`: by handler path, what hears that a partition is drained and sealed
-        (the archiver advances an idle partition's watermark)."""
+        (the archiver advances an idle partition's watermark); `on_shard`, on Kinesis, that
+        a shard is idle or finished (`kinesis_source.ShardHooks`' fields)."""
         self.settings = settings
         self.template = template or load_template()
         self.folder: Path = settings.home / "runtime"
@@ -62,12 +67,16 @@ class LocalRuntime:
                                read_timeout_s=settings.http_read_timeout_seconds,
                                tls=settings.tls)
         self.loops = loops
-        self.mappings: list[Polling] = [
-            StreamMapping(function, source, self._topic(source), self.folder,
-                          on_drained.get(function.spec.handler), loops=loops)
-            for function in self.functions.values()
-            for source in function.spec.streams
-        ]
+        self.mappings: list[Polling] = []
+        if settings.bus == "kinesis":
+            self.mappings += self._kinesis_mappings(on_shard, loops)
+        else:
+            self.mappings += [
+                StreamMapping(function, source, self._topic(source), self.folder,
+                              on_drained.get(function.spec.handler), loops=loops)
+                for function in self.functions.values()
+                for source in function.spec.streams
+            ]
         self.endpoint = settings.aws_endpoint_url
         self.mappings += self._landing()
         if self.endpoint:
@@ -119,6 +128,22 @@ class LocalRuntime:
                                    self._client("dynamodb"), self._client("dynamodbstreams"),
                                    self.folder, loops=self.loops)
                 for f in self.functions.values() for s in f.spec.tables]
+
+    def _kinesis_mappings(self, on_shard: Mapping[str, tuple[Any, Any]],
+                          loops: Loops | None) -> list[KinesisMapping]:
+        from lambdalake import kinesis
+
+        settings, found = self.settings, []
+        sources = [(f, s) for f in self.functions.values() for s in f.spec.kinesis]
+        if sources:
+            client = kinesis.client(settings.kinesis_endpoint_url)
+            kinesis.ensure_stream(client, settings.kinesis_stream, settings.partitions)
+        for function, source in sources:
+            hooks = on_shard.get(function.spec.handler)
+            found.append(KinesisMapping(function, source, client, settings.kinesis_stream,
+                                        self.folder, ShardHooks(*hooks) if hooks else None,
+                                        loops=loops))
+        return found
 
     def _topic(self, source: StreamSource) -> Topic:
         """The bus topic a stream source names: the template's is AWS's, here it's settings'."""

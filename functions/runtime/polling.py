@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from lambdalake.loops import Loop, Loops
 
-_MAX_BACKOFF_SECONDS = 30.0
+MAX_BACKOFF_SECONDS = 30.0
 _STUCK_AFTER_SECONDS = 900.0  # an invocation's own timeout is at most 900 s on AWS
 
 
@@ -16,7 +16,7 @@ class Polling:
     def __init__(self, name: str, loops: Loops | None, backoff_seconds: float = 0.5,
                  stuck_after_seconds: float = _STUCK_AFTER_SECONDS):
         self.loop = Loop(name, self._step, first_backoff_s=backoff_seconds,
-                         max_backoff_s=_MAX_BACKOFF_SECONDS, stuck_after_s=stuck_after_seconds)
+                         max_backoff_s=MAX_BACKOFF_SECONDS, stuck_after_s=stuck_after_seconds)
         if loops is not None:
             loops.add(self.loop)
 
