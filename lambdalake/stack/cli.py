@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 import time
 from importlib.metadata import version
+from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
@@ -22,6 +23,9 @@ from lambdalake.settings import Settings
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 batch_app = typer.Typer(no_args_is_help=True, help="Run, inspect and roll back batch views.")
 app.add_typer(batch_app, name="batch")
+functions_app = typer.Typer(no_args_is_help=True,
+                            help="Package, deploy, roll back and meter the functions.")
+app.add_typer(functions_app, name="functions")
 console = Console()
 progress_console = Console(stderr=True)  # bars on stderr, with the logs printed above them
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -256,6 +260,33 @@ def status(
         table.add_row(view["name"], view["bucket"], ",".join(view["dimensions"]),
                       ",".join(view["metrics"]), str(fresh["batch_version"]), str(fresh["cut"]),
                       str(fresh["realtime_lag_ms"]))
+    console.print(table)
+
+
+@functions_app.command("package")
+def functions_package(
+    out: Annotated[Path, typer.Option(help="Where the artifacts go (the template's CodeUri "
+                                           "and DockerContext paths are build/functions)")]
+    = Path("build/functions"),
+    only: Annotated[list[str] | None, typer.Option(help="Only this function, repeatable")] = None,
+    template: Annotated[Path | None, typer.Option(help="A SAM template (default: the "
+                                                       "shipped one)")] = None,
+) -> None:
+    """Build one artifact per function of the template for the AWS Lambda runtime: a zip
+    (ingestion) or a Docker context (PackageType: Image), holding what its handler imports."""
+    from lambdalake.functions.runtime.template import load_template
+    from lambdalake.stack.package import PackageError, package
+
+    try:
+        artifacts = package(load_template(template), out, Settings().project, only)
+    except PackageError as exc:
+        raise CliError(str(exc)) from None
+    table = _table("function", "type", "artifact", "MB unzipped", "MB zipped")
+    for artifact in artifacts:
+        zipped = artifact.zipped_bytes
+        table.add_row(artifact.function, artifact.package_type, str(artifact.path),
+                      f"{artifact.unzipped_bytes / 2**20:.1f}",
+                      "-" if zipped is None else f"{zipped / 2**20:.1f}")
     console.print(table)
 
 
