@@ -18,6 +18,7 @@ from lambdalake.functions.runtime.function import LocalFunction
 from lambdalake.functions.runtime.gateway import Gateway
 from lambdalake.functions.runtime.mapping import DrainHook, StreamMapping
 from lambdalake.functions.runtime.template import StreamSource, Template, load_template
+from lambdalake.functions.runtime.versions import FunctionVersions
 from lambdalake.loops import Loops
 from lambdalake.settings import Settings
 
@@ -35,7 +36,11 @@ class LocalRuntime:
         self.settings = settings
         self.template = template or load_template()
         self.folder: Path = settings.home / "runtime"
-        self.functions = {n: LocalFunction(spec) for n, spec in self.template.functions.items()}
+        self.functions = {
+            name: LocalFunction(spec, versions=FunctionVersions(self.versions_folder(settings),
+                                                                name, spec.handler))
+            for name, spec in self.template.functions.items()
+        }
         self.gateway = Gateway(self.functions.values(), settings.gateway_host,
                                settings.gateway_port,
                                max_connections=settings.http_max_connections,
@@ -47,6 +52,11 @@ class LocalRuntime:
             for function in self.functions.values()
             for source in function.spec.streams
         ]
+
+    @staticmethod
+    def versions_folder(settings: Settings) -> Path:
+        """Where `lambdalake functions deploy` keeps the functions' versions and aliases."""
+        return settings.home / "functions"
 
     def _topic(self, source: StreamSource) -> Topic:
         """The bus topic a stream source names: the template's is AWS's, here it's settings'."""
