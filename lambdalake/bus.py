@@ -12,6 +12,7 @@ from typing import Protocol
 
 from lambdalake.eventlog import EventLog, Topic
 from lambdalake.events import Event
+from lambdalake.kafka_security import PLAINTEXT, KafkaSecurity, kafka_security
 from lambdalake.settings import Settings
 
 
@@ -53,7 +54,8 @@ def events_topic(settings: Settings) -> Topic:
 class KafkaBus:
     """Kafka: `publish` returns once the broker acknowledged every event (acks=all)."""
 
-    def __init__(self, bootstrap: str, topic: str, timeout_s: float = 30.0):
+    def __init__(self, bootstrap: str, topic: str, timeout_s: float = 30.0,
+                 security: KafkaSecurity = PLAINTEXT):
         from kafka import KafkaProducer
 
         self.topic, self.timeout_s = topic, timeout_s
@@ -66,6 +68,7 @@ class KafkaBus:
             request_timeout_ms=10_000,
             delivery_timeout_ms=int(timeout_s * 1000),
             max_block_ms=int(timeout_s * 1000),
+            **security.kafka_python(),
         )
 
     def publish(self, events: list[Event], timeout_s: float | None = None) -> None:
@@ -92,15 +95,17 @@ class KafkaBus:
 
 
 @lru_cache(maxsize=4)
-def kafka_bus(bootstrap: str, topic: str, partitions: int) -> KafkaBus:
+def kafka_bus(bootstrap: str, topic: str, partitions: int,
+              security: KafkaSecurity = PLAINTEXT) -> KafkaBus:
     """The process's one producer for a topic (created with its companions if missing)."""
     from lambdalake.kafka_topics import ensure_topics
 
-    ensure_topics(bootstrap, topic, partitions)
-    return KafkaBus(bootstrap, topic)
+    ensure_topics(bootstrap, topic, partitions, security)
+    return KafkaBus(bootstrap, topic, security=security)
 
 
 def open_bus(settings: Settings) -> Bus:
     if settings.bus == "embedded":
         return EmbeddedBus(events_topic(settings))
-    return kafka_bus(settings.kafka_bootstrap, settings.topic, settings.partitions)
+    return kafka_bus(settings.kafka_bootstrap, settings.topic, settings.partitions,
+                     kafka_security(settings))

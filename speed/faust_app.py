@@ -46,6 +46,7 @@ from lambdalake import catalog
 from lambdalake.event_columns import BatchDecoder
 from lambdalake.eventlog import now_ms
 from lambdalake.events import Validator
+from lambdalake.kafka_security import kafka_security
 from lambdalake.kafka_topics import changelog_topic, dlq_topic, realtime_topic
 from lambdalake.project import Project
 from lambdalake.settings import Settings
@@ -68,6 +69,7 @@ class FaustSpeed:
         self.app = faust.App(
             f"{settings.topic}.speed-faust",
             broker=f"kafka://{settings.kafka_bootstrap}",
+            broker_credentials=kafka_security(settings).faust(),
             processing_guarantee="exactly_once",
             topic_partitions=settings.partitions,
             topic_allow_declare=False,  # the bus's topics are made by ensure_bus_topics

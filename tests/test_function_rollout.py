@@ -68,8 +68,8 @@ def test_a_canary_routes_its_weight_and_a_rollback_restores_the_previous_version
 ):
     function, versions = versioned
     assert versions.deploy(code_answering("one")).version == 1
-    assert function.invoke({}) == {"code": "one", "version": "1",
-                                   "arn": "arn:aws:lambda:us-east-1:123456789012:function:Echo:live"}
+    arn = "arn:aws:lambda:us-east-1:123456789012:function:Echo:live"
+    assert function.invoke({}) == {"code": "one", "version": "1", "arn": arn}
 
     canary = versions.deploy(code_answering("two"), canary=0.2)
     assert (canary.version, canary.additional, canary.weight) == (1, 2, 0.2)

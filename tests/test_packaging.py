@@ -24,6 +24,7 @@ from lambdalake.eventlog import now_ms
 from lambdalake.functions.runtime.template import load_template
 from lambdalake.settings import Settings
 from lambdalake.stack.package import (
+    BASE_IMAGE,
     MAX_UNZIPPED_BYTES,
     MAX_ZIPPED_BYTES,
     PackageError,
@@ -149,7 +150,7 @@ def test_image_functions_install_as_their_dockerfile_says_and_run(tmp_path: Path
     roots = {}
     for artifact in artifacts:
         dockerfile = (artifact.path / "Dockerfile").read_text()
-        assert dockerfile.startswith("# Generated") and "public.ecr.aws/lambda/python:3.11" in dockerfile
+        assert dockerfile.startswith("# Generated") and BASE_IMAGE in dockerfile
         assert "pyspark" not in (artifact.path / "requirements.txt").read_text()
         roots[artifact.function] = tmp_path / f"{artifact.function}-root"
         install_image(artifact.path, roots[artifact.function])

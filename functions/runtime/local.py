@@ -62,10 +62,12 @@ class LocalRuntime:
         """The bus topic a stream source names: the template's is AWS's, here it's settings'."""
         if self.settings.bus == "kafka":  # kafka-python is the `kafka` extra: imported here
             from lambdalake.functions.runtime.kafka_source import KafkaTopic
+            from lambdalake.kafka_security import kafka_security
             from lambdalake.kafka_topics import ensure_bus_topics
 
             ensure_bus_topics(self.settings)
-            return KafkaTopic(self.settings.kafka_bootstrap, self.settings.topic)
+            return KafkaTopic(self.settings.kafka_bootstrap, self.settings.topic,
+                              security=kafka_security(self.settings))
         log = embedded_log(str(self.settings.home.resolve()))
         return log.topic(self.settings.topic, self.settings.partitions)
 
