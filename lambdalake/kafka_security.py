@@ -40,21 +40,18 @@ class KafkaSecurity:
         return self.protocol.endswith("SSL")
 
     def kafka_python(self) -> dict[str, Any]:
-        options: dict[str, Any] = {"security_protocol": self.protocol}
-        if self.sasl:
-            options |= {"sasl_mechanism": self.mechanism, "sasl_plain_username": self.username,
-                        "sasl_plain_password": self.password}
-        if self.tls and self.ca_file:
-            options["ssl_cafile"] = self.ca_file
-        return options
+        return self._options(_KAFKA_PYTHON, self.protocol)
 
     def librdkafka(self) -> dict[str, Any]:
-        options: dict[str, Any] = {"security.protocol": self.protocol.lower()}
+        return self._options(_LIBRDKAFKA, self.protocol.lower())
+
+    def _options(self, names: dict[str, str], protocol: str) -> dict[str, Any]:
+        options: dict[str, Any] = {names["protocol"]: protocol}
         if self.sasl:
-            options |= {"sasl.mechanism": self.mechanism, "sasl.username": self.username,
-                        "sasl.password": self.password}
+            options |= {names[part]: getattr(self, part)
+                        for part in ("mechanism", "username", "password")}
         if self.tls and self.ca_file:
-            options["ssl.ca.location"] = self.ca_file
+            options[names["ca_file"]] = self.ca_file
         return options
 
     def faust(self) -> Any:
@@ -69,6 +66,13 @@ class KafkaSecurity:
 
 
 PLAINTEXT = KafkaSecurity()
+# each client library's names for the parts of a KafkaSecurity
+_KAFKA_PYTHON = {"protocol": "security_protocol", "mechanism": "sasl_mechanism",
+                 "username": "sasl_plain_username", "password": "sasl_plain_password",
+                 "ca_file": "ssl_cafile"}
+_LIBRDKAFKA = {"protocol": "security.protocol", "mechanism": "sasl.mechanism",
+               "username": "sasl.username", "password": "sasl.password",
+               "ca_file": "ssl.ca.location"}
 
 
 def kafka_security(settings: Settings) -> KafkaSecurity:
