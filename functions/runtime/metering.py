@@ -10,7 +10,8 @@ phase is billed with it (as AWS bills the init of functions on managed runtimes 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -79,6 +80,8 @@ _COUNTS = {"memory_mb", "invocations", "errors", "throttles", "cold_starts", "co
 
 
 def _usage(function: str, values: dict[str, float]) -> Usage:
-    fields = {_FIELDS[name]: value for name, value in values.items()}
-    usage = Usage(function)
-    return replace(usage, **{k: round(v) if k in _COUNTS else v for k, v in fields.items()})
+    fields: dict[str, Any] = {}
+    for name, value in values.items():
+        field = _FIELDS[name]
+        fields[field] = round(value) if field in _COUNTS else value
+    return Usage(function, **fields)
