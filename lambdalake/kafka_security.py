@@ -7,15 +7,15 @@ names (the SASL/SCRAM secret format of MSK and of Lambda's Kafka event-source ma
 `{"username": ..., "password": ...}`), read once per process. This covers Amazon MSK, Confluent
 Cloud (SASL_SSL, PLAIN) and self-managed clusters.
 
-Dialects: `kafka_python()` (the bus's producer, admin, the local mapping's consumers),
-`librdkafka()` (confluent-kafka and Quix Streams: the speed layer, the serving feed) and
-`faust()` (Faust's `broker_credentials`).
+Dialects: `kafka_python()` (the bus's producer, admin, the local mapping's consumers) and
+`librdkafka()` (confluent-kafka and Quix Streams: the speed layer, the serving feed); the
+Faust driver builds its `broker_credentials` from the same fields. No client library is
+imported here: ingestion's package holds only the one it uses.
 """
 
 from __future__ import annotations
 
 import json
-import ssl
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -53,16 +53,6 @@ class KafkaSecurity:
         if self.tls and self.ca_file:
             options[names["ca_file"]] = self.ca_file
         return options
-
-    def faust(self) -> Any:
-        """Faust's `broker_credentials` (None: plaintext)."""
-        import faust
-
-        context = ssl.create_default_context(cafile=self.ca_file) if self.tls else None
-        if self.sasl:
-            return faust.SASLCredentials(username=self.username, password=self.password,
-                                         mechanism=self.mechanism, ssl_context=context)
-        return faust.SSLCredentials(context) if context else None
 
 
 PLAINTEXT = KafkaSecurity()

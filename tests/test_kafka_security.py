@@ -21,6 +21,7 @@ from lambdalake.events import Event
 from lambdalake.functions.runtime.kafka_source import KafkaTopic
 from lambdalake.kafka_security import KafkaSecurity, kafka_security, secret_credentials
 from lambdalake.settings import Settings
+from lambdalake.speed.faust_app import broker_credentials
 from lambdalake.speed.kafka_common import read_partition
 from lambdalake.testing.kafka import KafkaBroker, read_topic
 
@@ -62,7 +63,7 @@ def test_each_client_dialect_carries_the_settings():
     assert security.librdkafka() == {
         "security.protocol": "sasl_ssl", "sasl.mechanism": "SCRAM-SHA-256",
         "sasl.username": "u", "sasl.password": "pw-42", "ssl.ca.location": ca}
-    credentials = security.faust()
+    credentials = broker_credentials(security)
     assert (credentials.username, credentials.password) == ("u", "pw-42")
     assert "pw-42" not in repr(security)  # the password never reaches a log line
     assert kafka_security(Settings()).kafka_python() == {"security_protocol": "PLAINTEXT"}

@@ -10,7 +10,8 @@ Each function gets what its handler imports, and nothing else:
   installed with their dependencies as wheels for the Lambda runtime
   (`pip install --platform manylinux2014_x86_64 --only-binary=:all: --python-version 3.11`).
 
-`PackageType: Zip` functions become `<out>/<Name>.zip` (their template `CodeUri`), refused
+`PackageType: Zip` functions become `<out>/<Name>.zip` (their template `CodeUri`; the AWS
+SDK left to the runtime, which has it), refused
 when they reach an engine (pyarrow, DuckDB, Spark) or outgrow Lambda's limits (250 MB
 unzipped, 50 MB zipped). `PackageType: Image` functions become a Docker context
 `<out>/<Name>/` (their template `Metadata.DockerContext`): a Dockerfile on the AWS Lambda
@@ -43,6 +44,9 @@ ENGINES = ("pyarrow", "duckdb", "pyspark")
 # A function never runs Spark (it submits Spark work): the Spark engine's lazy import of
 # pyspark is left out of every artifact.
 NEVER_PACKAGED = frozenset({"pyspark", "py4j"})
+# Lambda's python3.11 runtime has the AWS SDK (1.34 or later); a zip leaves it out (botocore
+# alone would double its size). Images keep it, at the version the requirements pick.
+RUNTIME_PROVIDED = frozenset({"boto3", "botocore", "s3transfer", "jmespath"})
 MAX_UNZIPPED_BYTES = 250 * 2**20
 MAX_ZIPPED_BYTES = 50 * 2**20
 LAMBDA_WHEELS = ("--platform", "manylinux2014_x86_64", "--only-binary=:all:",
@@ -224,7 +228,8 @@ def package_zip(spec: FunctionSpec, closure: Closure, out: Path) -> Artifact:
     shutil.rmtree(code, ignore_errors=True)
     copy_modules(closure.modules, code)
     target = out / f"{spec.name}.zip"
-    unzipped = write_zip([dependencies(closure.requirements, out), code], target)
+    requirements = tuple(r for r in closure.requirements if _name(r) not in RUNTIME_PROVIDED)
+    unzipped = write_zip([dependencies(requirements, out), code], target)
     artifact = Artifact(spec.name, "Zip", target, unzipped, target.stat().st_size)
     if unzipped > MAX_UNZIPPED_BYTES or target.stat().st_size > MAX_ZIPPED_BYTES:
         raise PackageError(f"{spec.name}: {unzipped / 2**20:.0f} MB unzipped, "
