@@ -35,6 +35,8 @@ from lambdalake.stack.package import (
 from lambdalake.storage import open_store
 
 PROJECT = "lambdalake.example:project"
+# installed dependency sets, kept across runs (pip's cache keeps the wheels)
+DEPS = Path(__file__).resolve().parents[1] / "build" / "functions" / ".deps"
 KEYS = json.dumps([{"key": "ingest-key", "scopes": ["ingest"]},
                    {"key": "query-key", "scopes": ["query"]}])
 
@@ -99,7 +101,8 @@ def test_each_closure_holds_its_handler_and_no_other_part():
 
 
 def test_zip_functions_fit_lambda_and_run_from_their_zip_in_a_clean_venv(tmp_path: Path):
-    artifacts = package(load_template(), tmp_path / "build", PROJECT, ["Ingest", "Authorizer"])
+    artifacts = package(load_template(), tmp_path / "build", PROJECT, ["Ingest", "Authorizer"],
+                        DEPS)
     python, home = clean_python(tmp_path), tmp_path / "home"
     for artifact in artifacts:
         assert artifact.zipped_bytes is not None and artifact.zipped_bytes < MAX_ZIPPED_BYTES

@@ -186,10 +186,10 @@ def install_requirements(requirements: Iterable[str], target: Path) -> None:
         raise PackageError(f"pip could not install the Lambda wheels: {error}")
 
 
-def dependencies(requirements: tuple[str, ...], out: Path) -> Path:
-    """The installed dependency set of `requirements`, installed once per set."""
+def dependencies(requirements: tuple[str, ...], deps: Path) -> Path:
+    """The installed dependency set of `requirements`, installed once per set under `deps`."""
     digest = hashlib.sha256("\n".join(requirements).encode()).hexdigest()[:16]
-    folder = out / ".deps" / digest
+    folder = deps / digest
     if not (folder / ".complete").exists():
         shutil.rmtree(folder, ignore_errors=True)
         install_requirements(requirements, folder)
@@ -219,7 +219,7 @@ def write_zip(folders: Iterable[Path], target: Path) -> int:
     return unzipped
 
 
-def package_zip(spec: FunctionSpec, closure: Closure, out: Path) -> Artifact:
+def package_zip(spec: FunctionSpec, closure: Closure, out: Path, deps: Path) -> Artifact:
     heavy = sorted(name for name in map(_name, closure.requirements) if name in ENGINES)
     if heavy:
         raise PackageError(f"{spec.name}: its handler {spec.handler} imports {', '.join(heavy)}; "
@@ -229,7 +229,7 @@ def package_zip(spec: FunctionSpec, closure: Closure, out: Path) -> Artifact:
     copy_modules(closure.modules, code)
     target = out / f"{spec.name}.zip"
     requirements = tuple(r for r in closure.requirements if _name(r) not in RUNTIME_PROVIDED)
-    unzipped = write_zip([dependencies(requirements, out), code], target)
+    unzipped = write_zip([dependencies(requirements, deps), code], target)
     artifact = Artifact(spec.name, "Zip", target, unzipped, target.stat().st_size)
     if unzipped > MAX_UNZIPPED_BYTES or target.stat().st_size > MAX_ZIPPED_BYTES:
         raise PackageError(f"{spec.name}: {unzipped / 2**20:.0f} MB unzipped, "
@@ -247,7 +247,8 @@ def dockerfile(handler: str) -> str:
             f'CMD ["{handler}"]\n')
 
 
-def package_image(spec: FunctionSpec, closure: Closure, out: Path) -> Artifact:
+def package_image(spec: FunctionSpec, closure: Closure, out: Path, deps: Path) -> Artifact:
+    """The image's Docker context (`deps` unused: the image's build installs them)."""
     context = out / spec.name
     shutil.rmtree(context, ignore_errors=True)
     copy_modules(closure.modules, context / "app")
@@ -265,9 +266,10 @@ def install_image(context: Path, target: Path) -> None:
     shutil.copytree(context / "app", target, dirs_exist_ok=True)
 
 
-def package(template: Template, out: Path, project: str,
-            only: Iterable[str] | None = None) -> list[Artifact]:
-    """Package every function of the template (or those named in `only`)."""
+def package(template: Template, out: Path, project: str, only: Iterable[str] | None = None,
+            deps: Path | None = None) -> list[Artifact]:
+    """Package every function of the template (or those named in `only`); installed
+    dependency sets are kept in `deps` (default `<out>/.deps`)."""
     wanted = set(only or template.functions)
     unknown = sorted(wanted - template.functions.keys())
     if unknown:
@@ -278,5 +280,5 @@ def package(template: Template, out: Path, project: str,
         spec = template.functions[name]
         closure = handler_closure(spec, project)
         build = package_image if spec.package_type == "Image" else package_zip
-        artifacts.append(build(spec, closure, out))
+        artifacts.append(build(spec, closure, out, deps or out / ".deps"))
     return artifacts
