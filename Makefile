@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test test-long lint bench-speed bench-batch bench-serving clean
+.PHONY: run test test-long lint bench-speed bench-batch bench-serving bench-functions clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,8 @@ $(VENV)/.test-deps: pyproject.toml $(SCRIPTS)/kafka_fetch.sh $(SCRIPTS)/spark_ja
 	# the dashboard test drives Debian's chromium; Playwright never downloads a browser
 	test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium)
 	command -v psql >/dev/null || { apt-get update -qq && apt-get install -y -qq postgresql-client >/dev/null; }
+	# SAM CLI in a venv of its own: it pins a click that import-linter refuses
+	test -x .venv-sam/bin/sam || { $(PYTHON) -m venv .venv-sam && .venv-sam/bin/pip install -q 'aws-sam-cli>=1.120,<2'; }
 	touch $@
 
 ## run: the whole flow on the embedded default, with a synthetic producer
@@ -54,5 +56,8 @@ bench-batch: $(VENV)/.test-deps
 bench-serving: $(VENV)/.test-deps
 	$(BIN)/python bench/serving.py
 
+bench-functions: $(VENV)/.test-deps
+	$(BIN)/python bench/functions.py
+
 clean:
-	rm -rf $(VENV) .lambdalake
+	rm -rf $(VENV) .venv-sam .lambdalake

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from lambdalake.eventlog import EventLog, Topic
 from lambdalake.events import Event
+from lambdalake.kafka_security import PLAINTEXT, KafkaSecurity, kafka_security
 from lambdalake.settings import Settings
 
 log = logging.getLogger("lambdalake.bus")
@@ -65,7 +66,8 @@ class KafkaBus:
     event lands where its first copy did whoever produced it. Delivery reports are served by
     one polling thread; each request waits for its own records only."""
 
-    def __init__(self, bootstrap: str, topic: str, timeout_s: float = 30.0):
+    def __init__(self, bootstrap: str, topic: str, timeout_s: float = 30.0,
+                 security: KafkaSecurity = PLAINTEXT):
         from confluent_kafka import Producer
 
         self.topic, self.timeout_s = topic, timeout_s
@@ -77,6 +79,7 @@ class KafkaBus:
             "partitioner": "murmur2_random",
             "request.timeout.ms": 10_000,
             "message.timeout.ms": int(timeout_s * 1000),
+            **security.librdkafka(),
         }, logger=log)  # the client's own log lines go through logging, not raw to stderr
         self._closed = threading.Event()
         self._poller = threading.Thread(target=self._serve_reports, name="lambdalake-bus",
@@ -140,12 +143,13 @@ class _Deliveries:
 
 
 @lru_cache(maxsize=4)
-def kafka_bus(bootstrap: str, topic: str, partitions: int) -> KafkaBus:
+def kafka_bus(bootstrap: str, topic: str, partitions: int,
+              security: KafkaSecurity = PLAINTEXT) -> KafkaBus:
     """The process's one producer for a topic (created with its companions if missing)."""
     from lambdalake.kafka_topics import ensure_topics
 
-    ensure_topics(bootstrap, topic, partitions)
-    return KafkaBus(bootstrap, topic)
+    ensure_topics(bootstrap, topic, partitions, security)
+    return KafkaBus(bootstrap, topic, security=security)
 
 
 PutRecords = Callable[[list[dict[str, Any]]], dict[str, Any]]  # entries -> the API's answer
@@ -230,4 +234,5 @@ def open_bus(settings: Settings) -> Bus:
     if settings.bus == "kinesis":
         return kinesis_bus(settings.kinesis_stream, settings.kinesis_endpoint_url,
                            settings.partitions)
-    return kafka_bus(settings.kafka_bootstrap, settings.topic, settings.partitions)
+    return kafka_bus(settings.kafka_bootstrap, settings.topic, settings.partitions,
+                     kafka_security(settings))

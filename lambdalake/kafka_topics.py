@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lambdalake.kafka_security import PLAINTEXT, KafkaSecurity, kafka_security
 from lambdalake.settings import Settings
 
 TOPIC_EXISTS = 36  # Kafka error code TOPIC_ALREADY_EXISTS
@@ -59,11 +60,13 @@ def topic_specs(topic: str, partitions: int) -> dict[str, dict[str, Any]]:
     }
 
 
-def ensure_topics(bootstrap: str, topic: str, partitions: int) -> None:
+def ensure_topics(bootstrap: str, topic: str, partitions: int,
+                  security: KafkaSecurity = PLAINTEXT) -> None:
     """Create the bus's topics where missing (existing ones are left as they are)."""
     from kafka.admin import KafkaAdminClient
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="lambdalake-admin")
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="lambdalake-admin",
+                             **security.kafka_python())
     try:
         result = admin.create_topics(
             topic_specs(topic, partitions), raise_errors=False, wait_for_metadata=True
@@ -79,7 +82,8 @@ def ensure_topics(bootstrap: str, topic: str, partitions: int) -> None:
 
 
 def ensure_bus_topics(settings: Settings) -> None:
-    ensure_topics(settings.kafka_bootstrap, settings.topic, settings.partitions)
+    ensure_topics(settings.kafka_bootstrap, settings.topic, settings.partitions,
+                  kafka_security(settings))
 
 
 def retention_needed_ms(settings: Settings) -> int:
@@ -88,11 +92,12 @@ def retention_needed_ms(settings: Settings) -> int:
     return (settings.versions_kept + 1) * settings.batch_interval_seconds * 1000
 
 
-def retention_ms(bootstrap: str, topic: str) -> int:
+def retention_ms(bootstrap: str, topic: str, security: KafkaSecurity = PLAINTEXT) -> int:
     """The topic's `retention.ms` (-1: forever)."""
     from kafka.admin import ConfigResource, KafkaAdminClient
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="lambdalake-admin")
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="lambdalake-admin",
+                             **security.kafka_python())
     try:
         wanted = ConfigResource("TOPIC", topic, {"retention.ms": None})
         found = admin.describe_configs([wanted], config_filter="all")
@@ -103,7 +108,7 @@ def retention_ms(bootstrap: str, topic: str) -> int:
 
 def retention_shortfall(settings: Settings) -> str | None:
     """Why the events topic may delete records a rollback or rebuild needs (None: it won't)."""
-    kept = retention_ms(settings.kafka_bootstrap, settings.topic)
+    kept = retention_ms(settings.kafka_bootstrap, settings.topic, kafka_security(settings))
     needed = retention_needed_ms(settings)
     if 0 <= kept < needed:
         return (f"topic {settings.topic} keeps records {kept} ms (retention.ms), less than the "

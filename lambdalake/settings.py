@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -185,6 +185,27 @@ class Settings(BaseSettings):
         None, description="An AWS-compatible endpoint (moto, LocalStack) serving S3, SQS and "
         "DynamoDB Streams: the local runtime runs the template's queue, stream and bucket "
         "notification triggers on it. None: they do not run locally.",
+    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="How every Kafka client connects (MSK and Confluent Cloud: "
+        "SASL_SSL).",
+    )
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
+    kafka_username: str | None = None
+    kafka_password: SecretStr | None = None
+    kafka_secret_arn: str | None = Field(
+        None, description="A Secrets Manager secret {\"username\", \"password\"} (MSK's "
+        "SASL/SCRAM format) the Kafka credentials are read from, over kafka_username/password.",
+    )
+    kafka_ca_file: Path | None = Field(
+        None, description="PEM CA bundle verifying the brokers' TLS certificates (default: the "
+        "system's).",
+    )
+    function_price_per_gb_second: float = Field(
+        0.0000166667, ge=0, description="`lambdalake functions stats`: USD per GB-second.",
+    )
+    function_price_per_million_requests: float = Field(
+        0.20, ge=0, description="`lambdalake functions stats`: USD per million requests.",
     )
 
     @classmethod

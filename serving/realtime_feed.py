@@ -14,7 +14,8 @@ view defined otherwise (changed or removed) are ignored.
 Tombstones (cells the speed layer dropped below the real-time floor) change nothing here:
 those cells leave when the serving layer's own floor passes them (`RealtimeCells.drop_below`).
 
-    feed = RealtimeFeed(settings.kafka_bootstrap, settings.topic, cells)
+    feed = RealtimeFeed(settings.kafka_bootstrap, settings.topic, cells,
+                        security=kafka_security(settings))
     feed.start()    # a loop (`lambdalake.loops`) in a daemon thread
 """
 
@@ -27,6 +28,7 @@ from typing import Any
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
+from lambdalake.kafka_security import PLAINTEXT, KafkaSecurity
 from lambdalake.kafka_topics import realtime_topic
 from lambdalake.loops import Loop, Loops
 from lambdalake.monoids import merge_all
@@ -39,7 +41,7 @@ BATCH = 10_000
 
 class RealtimeFeed:
     def __init__(self, bootstrap: str, topic: str, cells: RealtimeCells,
-                 loops: Loops | None = None):
+                 loops: Loops | None = None, security: KafkaSecurity = PLAINTEXT):
         self.cells, self.topic = cells, realtime_topic(topic)
         self.consumer = Consumer({
             "bootstrap.servers": bootstrap,
@@ -48,6 +50,7 @@ class RealtimeFeed:
             "enable.partition.eof": True,
             "isolation.level": "read_committed",
             "fetch.wait.max.ms": 50,
+            **security.librdkafka(),
         })
         self._parts: dict[tuple[str, CellKey], dict[int, tuple[Any, ...]]] = {}
         self._heartbeats: dict[int, int] = {}

@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import logging
 import os
+import ssl
 import time
 from typing import Any
 
@@ -46,6 +47,7 @@ from lambdalake import catalog
 from lambdalake.event_columns import BatchDecoder
 from lambdalake.eventlog import now_ms
 from lambdalake.events import Validator
+from lambdalake.kafka_security import KafkaSecurity, kafka_security
 from lambdalake.kafka_topics import changelog_topic, dlq_topic, realtime_topic
 from lambdalake.project import Project
 from lambdalake.settings import Settings
@@ -59,6 +61,15 @@ RAW = {"key_serializer": "raw", "value_serializer": "raw"}
 REWIND_AFTER_S = 1.0
 
 
+def broker_credentials(security: KafkaSecurity) -> Any:
+    """Faust's `broker_credentials` for the bus's Kafka security (None: plaintext)."""
+    context = ssl.create_default_context(cafile=security.ca_file) if security.tls else None
+    if security.sasl:
+        return faust.SASLCredentials(username=security.username, password=security.password,
+                                     mechanism=security.mechanism, ssl_context=context)
+    return faust.SSLCredentials(context) if context else None
+
+
 class FaustSpeed:
     def __init__(self, settings: Settings, project: Project, store: ObjectStore):
         self.settings, self.project, self.store = settings, project, store
@@ -68,6 +79,7 @@ class FaustSpeed:
         self.app = faust.App(
             f"{settings.topic}.speed-faust",
             broker=f"kafka://{settings.kafka_bootstrap}",
+            broker_credentials=broker_credentials(kafka_security(settings)),
             processing_guarantee="exactly_once",
             topic_partitions=settings.partitions,
             topic_allow_declare=False,  # the bus's topics are made by ensure_bus_topics

@@ -34,6 +34,7 @@ import orjson
 
 from lambdalake.event_columns import BatchDecoder
 from lambdalake.events import Event, Problem, Validator
+from lambdalake.kafka_security import PLAINTEXT, KafkaSecurity, kafka_security
 from lambdalake.kafka_topics import arrival as next_arrival
 from lambdalake.kafka_topics import changelog_topic, realtime_topic
 from lambdalake.project import Project
@@ -238,8 +239,10 @@ def restore_partitions(
     transactions wrote, with the slices below `cut` dropped (the real-time floor:
     `catalog.KeptVersions.floor`), and the views changed since rebuilt from the event topic."""
     realtime, changelog = realtime_topic(settings.topic), changelog_topic(settings.topic)
+    security = kafka_security(settings)
     latest = read_compacted(
-        settings.kafka_bootstrap, [(t, p) for t in (realtime, changelog) for p in numbers]
+        settings.kafka_bootstrap, [(t, p) for t in (realtime, changelog) for p in numbers],
+        security=security,
     )
     validator = Validator(project.schemas, settings.max_future_seconds * 1000)
     parts = {}
@@ -249,13 +252,14 @@ def restore_partitions(
         part.follow(cut)
         if stale and part.next_offset:
             records = read_partition(settings.kafka_bootstrap, settings.topic, number,
-                                     part.next_offset)
+                                     part.next_offset, security=security)
             part.rebuild(stale, cut, records, validator)
     return parts
 
 
 def read_partition(
-    bootstrap: str, topic: str, partition: int, end: int, timeout_s: float = 300.0
+    bootstrap: str, topic: str, partition: int, end: int, timeout_s: float = 300.0,
+    security: KafkaSecurity = PLAINTEXT,
 ) -> Iterable[tuple[bytes | None, int]]:
     """(value, timestamp) of the committed records of one partition before offset `end`,
     from the beginning of what the broker retains."""
@@ -268,6 +272,7 @@ def read_partition(
         "enable.auto.commit": False,
         "enable.partition.eof": True,
         "isolation.level": "read_committed",
+        **security.librdkafka(),
     })
     deadline = time.monotonic() + timeout_s
     try:
@@ -289,7 +294,8 @@ def read_partition(
 
 
 def read_compacted(
-    bootstrap: str, topic_partitions: list[tuple[str, int]], timeout_s: float = 120.0
+    bootstrap: str, topic_partitions: list[tuple[str, int]], timeout_s: float = 120.0,
+    security: KafkaSecurity = PLAINTEXT,
 ) -> dict[tuple[str, int], dict[bytes, bytes]]:
     """The latest committed value of every key of each topic partition, read to its end."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException
@@ -301,6 +307,7 @@ def read_compacted(
         "enable.auto.commit": False,
         "enable.partition.eof": True,
         "isolation.level": "read_committed",
+        **security.librdkafka(),
     })
     latest: dict[tuple[str, int], dict[bytes, bytes]] = {tp: {} for tp in topic_partitions}
     pending = set(topic_partitions)

@@ -30,6 +30,7 @@ from lambdalake import catalog
 from lambdalake.event_columns import BatchDecoder
 from lambdalake.eventlog import now_ms
 from lambdalake.events import Validator
+from lambdalake.kafka_security import kafka_security
 from lambdalake.kafka_topics import changelog_topic, dlq_topic, realtime_topic
 from lambdalake.project import Project, load_project
 from lambdalake.settings import Settings
@@ -57,7 +58,7 @@ class QuixSpeed:
         self.decoder = BatchDecoder(project.schemas, settings.max_future_seconds * 1000)
         self.topic = settings.topic
         self.flush_s = settings.flush_interval_ms / 1000
-        bootstrap = settings.kafka_bootstrap
+        bootstrap, security = settings.kafka_bootstrap, kafka_security(settings).librdkafka()
         self.consumer = Consumer(
             bootstrap,
             consumer_group=group_id(settings),
@@ -70,6 +71,7 @@ class QuixSpeed:
                 # a worker killed with -9 holds its partitions until this expires
                 "session.timeout.ms": 10_000,
                 "heartbeat.interval.ms": 2_000,
+                **security,
             },
         )
         self.producer = Producer(
@@ -79,6 +81,7 @@ class QuixSpeed:
                 "transactional.id": f"{group_id(settings)}.{worker_id}",
                 "transaction.timeout.ms": 10_000,
                 "linger.ms": 5,
+                **security,
             },
         )
         self.parts: dict[int, PartitionState] = {}

@@ -20,14 +20,17 @@ class LambdaContext:
     function_version: str = "$LATEST"
 
     @classmethod
-    def start(cls, function_name: str, memory_mb: int, timeout_seconds: float) -> LambdaContext:
-        """The context of an invocation starting now."""
+    def start(cls, function_name: str, memory_mb: int, timeout_seconds: float,
+              version: str = "$LATEST", alias: str | None = None) -> LambdaContext:
+        """The context of an invocation starting now (through `alias`, running `version`)."""
+        arn = f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{function_name}"
         return cls(
             function_name=function_name,
             memory_limit_in_mb=memory_mb,
-            invoked_function_arn=f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{function_name}",
+            invoked_function_arn=f"{arn}:{alias}" if alias else arn,
             aws_request_id=str(uuid.uuid4()),
             deadline=time.monotonic() + timeout_seconds,
+            function_version=version,
         )
 
     def get_remaining_time_in_millis(self) -> int:

@@ -9,6 +9,7 @@ next invocation starts cold; the worker thread cannot be killed and runs on, det
 from __future__ import annotations
 
 import importlib
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from typing import Any
 from lambdalake.functions.runtime.context import LambdaContext
 from lambdalake.functions.runtime.metrics import FunctionMetrics
 from lambdalake.functions.runtime.template import FunctionSpec
+from lambdalake.functions.runtime.versions import ALIAS, FunctionVersions
 
 Handler = Callable[[Any, LambdaContext], Any]
 
@@ -35,9 +37,12 @@ class FunctionTimeout(FunctionError):
 
 
 class LocalFunction:
-    def __init__(self, spec: FunctionSpec, handler: Handler | None = None):
+    def __init__(self, spec: FunctionSpec, handler: Handler | None = None,
+                 versions: FunctionVersions | None = None):
+        """`versions`: the function's published versions; once it is deployed, each
+        invocation runs the version its `live` alias routes it to."""
         self.spec, self.name = spec, spec.name
-        self._handler = handler
+        self._handler, self.versions = handler, versions
         limit = spec.reserved_concurrency
         self._slots = None if limit is None else threading.BoundedSemaphore(limit)
         self._lock = threading.Lock()
@@ -64,29 +69,48 @@ class LocalFunction:
     def _in_environment(self, event: Any) -> Any:
         with self._lock:
             cold, self._idle = self._idle == 0, max(self._idle - 1, 0)
-        started = time.perf_counter()
+        self.metrics.started()
+        init_s, started = 0.0, time.perf_counter()
         try:
-            result = self._run(event)
+            version, handler = self._load()  # a new environment's init: its module loaded
+            if cold:
+                init_s, started = time.perf_counter() - started, time.perf_counter()
+            result = self._run(version, handler, event)
         except FunctionError as error:
-            self._finish(started, cold, error)
+            self._finish(started, cold, init_s, error)
             raise
-        self._finish(started, cold, None)
+        self._finish(started, cold, init_s, None)
         return result
 
-    def _finish(self, started: float, cold: bool, error: FunctionError | None) -> None:
-        self.metrics.invoked(time.perf_counter() - started, cold, error is not None)
+    def _load(self) -> tuple[str, Handler]:
+        """The version an invocation runs (by the alias's weights), and its handler."""
+        try:
+            alias = self.versions.alias() if self.versions is not None else None
+            if alias is None or self.versions is None:
+                return "$LATEST", self.handler()
+            number = alias.pick(random.random())
+            return str(number), self.versions.handler(number)
+        except Exception as exc:  # as on AWS: an init error fails the invocation
+            raise FunctionError(f"{self.name}: init failed: {type(exc).__name__}: {exc}") from exc
+
+    def _finish(self, started: float, cold: bool, init_s: float,
+                error: FunctionError | None) -> None:
+        self.metrics.invoked(time.perf_counter() - started, cold, error is not None, init_s)
         if not isinstance(error, FunctionTimeout):
             with self._lock:
                 self._idle += 1
 
-    def _run(self, event: Any) -> Any:
+    def _run(self, version: str, handler: Handler, event: Any) -> Any:
         spec = self.spec
-        context = LambdaContext.start(spec.name, spec.memory_mb, spec.timeout_seconds)
+        alias = None if version == "$LATEST" else ALIAS
+        context = LambdaContext.start(spec.name, spec.memory_mb, spec.timeout_seconds,
+                                      version, alias)
+        self.metrics.ran(version)
         future: Future[Any] = Future()
 
         def work() -> None:
             try:
-                future.set_result(self.handler()(event, context))
+                future.set_result(handler(event, context))
             except BaseException as exc:  # delivered to the invoker, whatever it is
                 future.set_exception(exc)
 

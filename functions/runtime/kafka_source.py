@@ -12,18 +12,21 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
 from lambdalake.eventlog import Record, now_ms
+from lambdalake.kafka_security import PLAINTEXT, KafkaSecurity
 from lambdalake.kafka_topics import arrival
 
 POLL_TIMEOUT_MS = 500
 
 
 class KafkaPartition:
-    def __init__(self, bootstrap: str, topic: str, index: int, clock_skew_ms: int):
+    def __init__(self, bootstrap: str, topic: str, index: int, clock_skew_ms: int,
+                 security: KafkaSecurity = PLAINTEXT):
         self.index, self.clock_skew_ms = index, clock_skew_ms
         self.tp = TopicPartition(topic, index)
         self.consumer = KafkaConsumer(
             bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
             auto_offset_reset="earliest", isolation_level="read_committed",
+            **security.kafka_python(),
         )
         self.consumer.assign([self.tp])
         self._arrival = 0
@@ -53,20 +56,23 @@ class KafkaPartition:
 
 
 class KafkaTopic:
-    def __init__(self, bootstrap: str, topic: str, clock_skew_ms: int = 1_000):
-        self.bootstrap, self.name = bootstrap, topic
-        probe = KafkaConsumer(bootstrap_servers=bootstrap)
+    def __init__(self, bootstrap: str, topic: str, clock_skew_ms: int = 1_000,
+                 security: KafkaSecurity = PLAINTEXT):
+        self.bootstrap, self.name, self.security = bootstrap, topic, security
+        probe = KafkaConsumer(bootstrap_servers=bootstrap, **security.kafka_python())
         count = len(probe.partitions_for_topic(topic) or ())
         probe.close()
         if not count:
             raise RuntimeError(f"Kafka topic {topic} does not exist on {bootstrap}")
-        self.partitions = [KafkaPartition(bootstrap, topic, i, clock_skew_ms) for i in range(count)]
+        self.partitions = [KafkaPartition(bootstrap, topic, i, clock_skew_ms, security)
+                           for i in range(count)]
         self._groups: dict[str, KafkaConsumer] = {}
 
     def _group(self, group: str) -> KafkaConsumer:
         if group not in self._groups:
             self._groups[group] = KafkaConsumer(
-                bootstrap_servers=self.bootstrap, group_id=group, enable_auto_commit=False
+                bootstrap_servers=self.bootstrap, group_id=group, enable_auto_commit=False,
+                **self.security.kafka_python(),
             )
         return self._groups[group]
 

@@ -40,6 +40,7 @@ from lambdalake.functions.runtime.queues import (
 from lambdalake.functions.runtime.schedules import ScheduleMapping, rate_seconds
 from lambdalake.functions.runtime.table_streams import TableStreamMapping
 from lambdalake.functions.runtime.template import StreamSource, Template, load_template
+from lambdalake.functions.runtime.versions import FunctionVersions
 from lambdalake.loops import Loops
 from lambdalake.settings import Settings
 
@@ -60,7 +61,11 @@ class LocalRuntime:
         self.settings = settings
         self.template = template or load_template()
         self.folder: Path = settings.home / "runtime"
-        self.functions = {n: LocalFunction(spec) for n, spec in self.template.functions.items()}
+        self.functions = {
+            name: LocalFunction(spec, versions=FunctionVersions(self.versions_folder(settings),
+                                                                name, spec.handler))
+            for name, spec in self.template.functions.items()
+        }
         self.gateway = Gateway(self.functions.values(), settings.gateway_host,
                                settings.gateway_port,
                                max_connections=settings.http_max_connections,
@@ -145,14 +150,21 @@ class LocalRuntime:
                                         loops=loops))
         return found
 
+    @staticmethod
+    def versions_folder(settings: Settings) -> Path:
+        """Where `lambdalake functions deploy` keeps the functions' versions and aliases."""
+        return settings.home / "functions"
+
     def _topic(self, source: StreamSource) -> Topic:
         """The bus topic a stream source names: the template's is AWS's, here it's settings'."""
         if self.settings.bus == "kafka":  # kafka-python is the `kafka` extra: imported here
             from lambdalake.functions.runtime.kafka_source import KafkaTopic
+            from lambdalake.kafka_security import kafka_security
             from lambdalake.kafka_topics import ensure_bus_topics
 
             ensure_bus_topics(self.settings)
-            return KafkaTopic(self.settings.kafka_bootstrap, self.settings.topic)
+            return KafkaTopic(self.settings.kafka_bootstrap, self.settings.topic,
+                              security=kafka_security(self.settings))
         log = embedded_log(str(self.settings.home.resolve()))
         return log.topic(self.settings.topic, self.settings.partitions)
 

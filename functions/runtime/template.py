@@ -1,6 +1,7 @@
 """The functions and their triggers, read from the AWS SAM template (`template.yaml`).
 
-Read is what the local runtime acts on: each `AWS::Serverless::Function`'s handler, memory,
+Read is what the local runtime acts on: each `AWS::Serverless::Function`'s handler (an image
+function's is its `ImageConfig.Command`), package type, memory,
 timeout and reserved concurrency (over `Globals.Function`, over SAM's defaults), and its
 `HttpApi`, `SelfManagedKafka` / `MSK`, `Kinesis`, `Schedule`, `S3`, `SQS` and `DynamoDB` events;
 and the queues (`AWS::SQS::Queue`, with their redrive policy) and tables (`AWS::DynamoDB::Table`,
@@ -181,6 +182,7 @@ class FunctionSpec(_Spec):
     memory_mb: int = Field(128, alias="MemorySize", ge=128, le=10_240)
     timeout_seconds: float = Field(3, alias="Timeout", gt=0, le=900)
     reserved_concurrency: int | None = Field(None, alias="ReservedConcurrentExecutions", ge=0)
+    package_type: Literal["Zip", "Image"] = Field("Zip", alias="PackageType")
     routes: list[HttpRoute] = []
     streams: list[StreamSource] = []
     kinesis: list[KinesisSource] = []
@@ -243,8 +245,11 @@ def function_spec(name: str, properties: dict[str, Any]) -> FunctionSpec:
     def of(*types: str) -> list[dict[str, Any]]:
         return [e.get("Properties", {}) for e in events if e["Type"] in types]
 
+    # an image function names its handler as the image's command
+    command = properties.get("ImageConfig", {}).get("Command") or [None]
     return FunctionSpec.model_validate(
-        properties
+        {"Handler": command[0]}
+        | properties
         | {
             "name": name,
             "routes": of("HttpApi"),

@@ -5,9 +5,11 @@ Errors are one line on stderr with a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from importlib.metadata import version
+from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
@@ -22,6 +24,9 @@ from lambdalake.settings import Settings
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 batch_app = typer.Typer(no_args_is_help=True, help="Run, inspect and roll back batch views.")
 app.add_typer(batch_app, name="batch")
+functions_app = typer.Typer(no_args_is_help=True,
+                            help="Package, deploy, roll back and meter the functions.")
+app.add_typer(functions_app, name="functions")
 console = Console()
 progress_console = Console(stderr=True)  # bars on stderr, with the logs printed above them
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -256,6 +261,131 @@ def status(
         table.add_row(view["name"], view["bucket"], ",".join(view["dimensions"]),
                       ",".join(view["metrics"]), str(fresh["batch_version"]), str(fresh["cut"]),
                       str(fresh["realtime_lag_ms"]))
+    console.print(table)
+
+
+@functions_app.command("package")
+def functions_package(
+    out: Annotated[Path, typer.Option(help="Where the artifacts go (the template's CodeUri "
+                                           "and DockerContext paths are build/functions)")]
+    = Path("build/functions"),
+    only: Annotated[list[str] | None, typer.Option(help="Only this function, repeatable")] = None,
+    template: Annotated[Path | None, typer.Option(help="A SAM template (default: the "
+                                                       "shipped one)")] = None,
+) -> None:
+    """Build one artifact per function of the template for the AWS Lambda runtime: a zip
+    (ingestion) or a Docker context (PackageType: Image), holding what its handler imports."""
+    from lambdalake.functions.runtime.template import load_template
+    from lambdalake.stack.package import PackageError, package
+
+    try:
+        artifacts = package(load_template(template), out, Settings().project, only)
+    except PackageError as exc:
+        raise CliError(str(exc)) from None
+    table = _table("function", "type", "artifact", "MB unzipped", "MB zipped")
+    for artifact in artifacts:
+        zipped = artifact.zipped_bytes
+        table.add_row(artifact.function, artifact.package_type, str(artifact.path),
+                      f"{artifact.unzipped_bytes / 2**20:.1f}",
+                      "-" if zipped is None else f"{zipped / 2**20:.1f}")
+    console.print(table)
+
+
+def _versions(function: str, template: Path | None = None) -> Any:
+    from lambdalake.functions.runtime.local import LocalRuntime
+    from lambdalake.functions.runtime.template import load_template
+    from lambdalake.functions.runtime.versions import FunctionVersions
+
+    functions = load_template(template).functions
+    if function not in functions:
+        raise CliError(f"no function {function} in the template (it has {', '.join(functions)})")
+    folder = LocalRuntime.versions_folder(Settings())
+    return FunctionVersions(folder, function, functions[function].handler)
+
+
+@functions_app.command("deploy")
+def functions_deploy(
+    function: str,
+    code: Annotated[Path | None, typer.Option(help="A zip or folder holding the handler's "
+                                                   "module (default: the installed one)")] = None,
+    canary: Annotated[float | None, typer.Option(help="Send this share (0-1) of invocations "
+                                                      "to the new version, the rest stay")] = None,
+) -> None:
+    """Publish FUNCTION's code as a new numbered version and point its live alias at it, at
+    once or as a canary; the local runtime routes invocations by the alias's weights."""
+    from lambdalake.functions.runtime.versions import VersionError, read_code
+
+    versions = _versions(function)
+    try:
+        alias = versions.deploy(read_code(versions.handler_path, code), canary)
+    except VersionError as exc:
+        raise CliError(str(exc)) from None
+    console.print(f"{function}: {alias.describe()}")
+
+
+@functions_app.command("shift")
+def functions_shift(
+    function: str,
+    weight: Annotated[float, typer.Argument(help="Share of the new version (1: all)")],
+) -> None:
+    """Move a canary deployment's traffic to the new version by WEIGHT."""
+    from lambdalake.functions.runtime.versions import VersionError
+
+    try:
+        alias = _versions(function).shift(weight)
+    except VersionError as exc:
+        raise CliError(str(exc)) from None
+    console.print(f"{function}: {alias.describe()}")
+
+
+@functions_app.command("rollback")
+def functions_rollback(function: str) -> None:
+    """Stop a deployment under way (all traffic back on the version it started from), or
+    point the live alias at the version before the one it points at."""
+    from lambdalake.functions.runtime.versions import VersionError
+
+    try:
+        alias = _versions(function).rollback()
+    except VersionError as exc:
+        raise CliError(str(exc)) from None
+    console.print(f"{function}: {alias.describe()}")
+
+
+@functions_app.command("stats")
+def functions_stats(
+    url: Annotated[str | None, typer.Option(help="Prometheus metrics of the process running "
+                                                  "the functions (default: the API's)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON list of the functions")]
+    = False,
+) -> None:
+    """Per function, as the cloud bills it: invocations, errors, throttles, durations,
+    billed GB-seconds, concurrency, cold starts and init, and the cost at the settings'
+    prices (function_price_per_gb_second, function_price_per_million_requests)."""
+    from lambdalake.functions.runtime.metering import Prices, Usage
+
+    settings = Settings()
+    target = url or f"http://{settings.api_host}:{settings.api_port}/metrics"
+    try:
+        reply = httpx.get(target, timeout=10)
+    except httpx.TransportError:
+        raise CliError(f"no metrics at {target}; is `lambdalake up` running?") from None
+    if reply.status_code != 200:
+        raise CliError(f"{target} answered {reply.status_code}")
+    prices = Prices(settings.function_price_per_gb_second,
+                    settings.function_price_per_million_requests)
+    usages = Usage.from_prometheus(reply.text).values()
+    rows = [{**dataclasses.asdict(u), "cost_usd": u.cost(prices)} for u in usages]
+    if as_json:
+        console.print_json(data=rows)
+        return
+    table = _table("function", "MB", "invocations", "errors", "throttles", "duration s",
+                   "billed s", "GB-s", "max concurrent", "cold starts", "init s", "cost USD")
+    for row in rows:
+        table.add_row(row["function"], str(row["memory_mb"]), str(row["invocations"]),
+                      str(row["errors"]), str(row["throttles"]), f"{row['duration_s']:.3f}",
+                      f"{row['billed_duration_s']:.3f}", f"{row['gb_seconds']:.4f}",
+                      str(row["concurrent_max"]), str(row["cold_starts"]),
+                      f"{row['init_duration_s']:.3f}", f"{row['cost_usd']:.8f}")
     console.print(table)
 
 

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from lambdalake.catalog import Manifest
+from lambdalake.kafka_security import kafka_security
 from lambdalake.loops import Loop, Loops
 from lambdalake.master import check_schemas
 from lambdalake.project import Project, load_project
@@ -142,7 +143,7 @@ class Stack:
         worker = Supervised("speed", [sys.executable, "-m", module], os.environ | env).start()
         self._closers.append(worker.stop)
         feed = RealtimeFeed(self.settings.kafka_bootstrap, self.settings.topic, self.realtime,
-                            self.loops)
+                            self.loops, kafka_security(self.settings))
         feed.start()
         self._closers.append(feed.stop)
 
@@ -154,7 +155,16 @@ class Stack:
                 "kinesis_stream": s.kinesis_stream,
                 "kinesis_endpoint_url": s.kinesis_endpoint_url,
                 "speed_metrics_host": s.speed_metrics_host,
-                "speed_metrics_port": s.speed_metrics_port, "supervised": True}
+                "speed_metrics_port": s.speed_metrics_port, "supervised": True,
+                **self._kafka_security_env()}
+
+    def _kafka_security_env(self) -> dict[str, Any]:
+        s = self.settings
+        password = s.kafka_password.get_secret_value() if s.kafka_password else None
+        return {"kafka_security_protocol": s.kafka_security_protocol,
+                "kafka_sasl_mechanism": s.kafka_sasl_mechanism,
+                "kafka_username": s.kafka_username, "kafka_password": password,
+                "kafka_secret_arn": s.kafka_secret_arn, "kafka_ca_file": s.kafka_ca_file}
 
     def _thread(self, target: Any, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)

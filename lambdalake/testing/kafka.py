@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lambdalake.kafka_security import PLAINTEXT, KafkaSecurity
 from lambdalake.resources import run_script
 from lambdalake.testing import free_ports
 
@@ -80,8 +81,13 @@ class KafkaBroker:
         startup_timeout: float = 120.0,
         heap: str = "512m",
         partitions: int = 4,
+        scram_users: dict[str, str] | None = None,
     ) -> None:
+        """`scram_users`: name -> password of a second listener, SASL_PLAINTEXT with
+        SCRAM-SHA-512 (`sasl_bootstrap`), as MSK and Confluent Cloud authenticate clients."""
         self.version = version
+        self.scram_users = dict(scram_users or {})
+        self.sasl_port = 0
         self.startup_timeout = startup_timeout
         self.heap = heap
         self.partitions = partitions
@@ -97,6 +103,12 @@ class KafkaBroker:
         if not self.port:
             raise RuntimeError("KafkaBroker is not started")
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def sasl_bootstrap(self) -> str:
+        if not self.sasl_port:
+            raise RuntimeError("KafkaBroker has no SASL listener (give scram_users)")
+        return f"127.0.0.1:{self.sasl_port}"
 
     @property
     def running(self) -> bool:
@@ -122,7 +134,8 @@ class KafkaBroker:
         classpath = str(self.fetch() / "*")
         self.workdir = Path(tempfile.mkdtemp(prefix="lambdalake-kafka-"))
         try:
-            self.port, self.controller_port = free_ports(2)
+            self.port, self.controller_port, sasl_port = free_ports(3)
+            self.sasl_port = sasl_port if self.scram_users else 0
             props = self._write_config()
             self.log_path = self.workdir / "kafka.log"
             self._log = open(self.log_path, "ab")
@@ -137,7 +150,9 @@ class KafkaBroker:
                 classpath,
             ]
             fmt = subprocess.run(
-                [*jvm, "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(props)],
+                [*jvm, "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(props),
+                 *(arg for name, password in self.scram_users.items()
+                   for arg in ("--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]"))],
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
             )
@@ -185,6 +200,17 @@ class KafkaBroker:
             "log.segment.bytes": 16 * 1024 * 1024,
             "log.cleaner.dedupe.buffer.size": 16 * 1024 * 1024,
         }
+        if self.sasl_port:
+            sasl = f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}"
+            config |= {
+                "listeners": f"{config['listeners']},{sasl}",
+                "advertised.listeners": f"{config['advertised.listeners']},{sasl}",
+                "listener.security.protocol.map":
+                    f"{config['listener.security.protocol.map']},SASL_PLAINTEXT:SASL_PLAINTEXT",
+                "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+                "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config":
+                    "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+            }
         (self.workdir / "log4j2.properties").write_text(LOG4J2)
         props = self.workdir / "server.properties"
         props.write_text("".join(f"{k}={v}\n" for k, v in config.items()))
@@ -245,15 +271,15 @@ class KafkaBroker:
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
-        self.port = self.controller_port = 0
+        self.port = self.controller_port = self.sasl_port = 0
 
 
-def read_topic(bootstrap: str, topic: str) -> list[Any]:
+def read_topic(bootstrap: str, topic: str, security: KafkaSecurity = PLAINTEXT) -> list[Any]:
     """Every record of `topic` now (confluent-kafka messages), in offset order per partition."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": uuid.uuid4().hex,
-                         "enable.partition.eof": True})
+                         "enable.partition.eof": True, **security.librdkafka()})
     partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
     found, ended = [], set()

@@ -1,0 +1,159 @@
+"""Ingestion through the functions beside the bus alone: the gateway's cost, measured.
+
+On a real Kafka broker (KRaft, started here), in one run:
+- gateway: clients POST the events in batches of 500 (`{"events": [...]}`) to the local
+  HTTP gateway, which invokes the template's `Ingest` function (API Gateway event, parse,
+  validate, publish with acks=all, 202 once durable); 4 requests in flight at a time. The
+  gateway runs in a process of its own, as a server does; the clients in this one.
+- raw: the same events written straight to the bus by a raw producer: kafka-python with the
+  bus's settings (idempotent, acks=all), every event sent, then flushed, in a process of
+  its own too.
+Each is run 3 times, alternately, on fresh topics; each figure is the median over the runs,
+with its min and max beside it. The target: gateway / raw >= 0.5.
+
+    .venv/bin/python bench/functions.py [--events 20000] [--runs 3]
+
+The last line printed is one JSON object: {"gateway_eps", "raw_eps", "ratio", "runs"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from lambdalake.eventlog import now_ms
+from lambdalake.kafka_topics import ensure_topics
+from lambdalake.testing.kafka import KafkaBroker
+
+BATCH, IN_FLIGHT, PARTITIONS = 500, 4, 4
+
+
+def events(count: int, run: str) -> list[dict[str, Any]]:
+    ts = now_ms()
+    return [{"event_id": f"{run}-{n}", "type": "pageview", "ts": ts, "url": f"/page/{n % 97}",
+             "user_id": f"u{n % 1013}", "referrer": "https://example.com/",
+             "duration_ms": n % 5000} for n in range(count)]
+
+
+def serve_gateway(bootstrap: str, topic: str, home: str, ready: Any, stop: Any) -> None:
+    """The template's Ingest function behind the gateway (a child process)."""
+    from lambdalake.functions import environment
+    from lambdalake.functions.runtime.function import LocalFunction
+    from lambdalake.functions.runtime.gateway import Gateway
+    from lambdalake.functions.runtime.template import load_template
+    from lambdalake.settings import Settings
+
+    settings = Settings(bus="kafka", kafka_bootstrap=bootstrap, topic=topic, home=Path(home),
+                        partitions=PARTITIONS)
+    environment.bind(settings)
+    gateway = Gateway([LocalFunction(load_template().functions["Ingest"])], "127.0.0.1", 0)
+    gateway.start()
+    ready.send(gateway.url)
+    stop.wait()
+    gateway.stop()
+
+
+def gateway_eps(url: str, batch_events: list[dict[str, Any]]) -> float:
+    bodies = [json.dumps({"events": batch_events[i:i + BATCH]}).encode()
+              for i in range(0, len(batch_events), BATCH)]
+    headers = {"content-type": "application/json"}
+    with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=IN_FLIGHT)) as client:
+        def post(body: bytes) -> int:
+            reply = client.post(f"{url}/events", content=body, headers=headers)
+            assert reply.status_code == 202, reply.text
+            return int(reply.json()["accepted"])
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(IN_FLIGHT) as pool:
+            accepted = sum(pool.map(post, bodies))
+        elapsed = time.perf_counter() - started
+    assert accepted == len(batch_events), accepted
+    return accepted / elapsed
+
+
+def raw_producer(bootstrap: str, topic: str, batch_events: list[dict[str, Any]],
+                 answer: Any) -> None:
+    """The bus's producer settings, no gateway (a child process)."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
+                             linger_ms=2)
+    records = [(e["event_id"].encode(), json.dumps(e).encode()) for e in batch_events]
+    producer.partitions_for(topic)  # metadata first: time only the writes
+    started = time.perf_counter()
+    for key, value in records:
+        producer.send(topic, key=key, value=value)
+    producer.flush()
+    answer.send(len(records) / (time.perf_counter() - started))
+    producer.close()
+
+
+def run_raw(bootstrap: str, topic: str, batch_events: list[dict[str, Any]]) -> float:
+    receive, send = multiprocessing.Pipe(duplex=False)
+    child = multiprocessing.Process(target=raw_producer,
+                                    args=(bootstrap, topic, batch_events, send))
+    child.start()
+    eps = float(receive.recv())
+    child.join()
+    return eps
+
+
+def run_gateway(bootstrap: str, topic: str, batch_events: list[dict[str, Any]]) -> float:
+    receive, send = multiprocessing.Pipe(duplex=False)
+    stop = multiprocessing.Event()
+    with tempfile.TemporaryDirectory() as home:
+        child = multiprocessing.Process(target=serve_gateway,
+                                        args=(bootstrap, topic, home, send, stop))
+        child.start()
+        url = receive.recv()
+        gateway_eps(url, batch_events[:BATCH])  # warm: the function's cold start, the producer
+        try:
+            return gateway_eps(url, batch_events[BATCH:])
+        finally:
+            stop.set()
+            child.join()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    multiprocessing.set_start_method("spawn")
+    runs = []
+    with KafkaBroker(partitions=PARTITIONS) as broker:
+        for run in range(args.runs):
+            gateway_topic, raw_topic = f"bench.gateway.{run}", f"bench.raw.{run}"
+            for topic in (gateway_topic, raw_topic):
+                ensure_topics(broker.bootstrap, topic, PARTITIONS)
+            batch = events(args.events + BATCH, f"r{run}")
+            gateway = run_gateway(broker.bootstrap, gateway_topic, batch)
+            raw = run_raw(broker.bootstrap, raw_topic, batch[BATCH:])
+            runs.append({"gateway_eps": round(gateway), "raw_eps": round(raw),
+                         "ratio": round(gateway / raw, 3)})
+            print(f"run {run + 1}: gateway {gateway:,.0f} events/s, raw producer "
+                  f"{raw:,.0f} events/s, ratio {gateway / raw:.2f}", file=sys.stderr, flush=True)
+    print(json.dumps(summary(runs, args.events)))
+
+
+def summary(runs: list[dict[str, Any]], events: int) -> dict[str, Any]:
+    """Each figure's median over the runs, with its min and max."""
+    keys = ("gateway_eps", "raw_eps", "ratio")
+    figures = {key: statistics.median(r[key] for r in runs) for key in keys}
+    spread = {f"{key}_{edge}": fold(r[key] for r in runs)
+              for key in keys for edge, fold in (("min", min), ("max", max))}
+    return {**figures, **spread, "events": events, "batch": BATCH, "runs": runs}
+
+
+if __name__ == "__main__":
+    main()
