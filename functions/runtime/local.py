@@ -8,8 +8,10 @@ mappings poll the embedded log, or the Kafka topic with the Kafka bus (`kafka_so
 from __future__ import annotations
 
 from collections.abc import Mapping
+from importlib.metadata import version
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 from lambdalake.bus import embedded_log
 from lambdalake.eventlog import Topic
@@ -17,8 +19,10 @@ from lambdalake.functions import environment
 from lambdalake.functions.runtime.function import LocalFunction
 from lambdalake.functions.runtime.gateway import Gateway
 from lambdalake.functions.runtime.mapping import DrainHook, StreamMapping
+from lambdalake.functions.runtime.openapi import ingest_openapi
 from lambdalake.functions.runtime.template import StreamSource, Template, load_template
 from lambdalake.loops import Loops
+from lambdalake.project import load_project
 from lambdalake.settings import Settings
 
 
@@ -40,13 +44,20 @@ class LocalRuntime:
                                settings.gateway_port,
                                max_connections=settings.http_max_connections,
                                read_timeout_s=settings.http_read_timeout_seconds,
-                               tls=settings.tls)
+                               tls=settings.tls, openapi=self._openapi())
         self.mappings = [
             StreamMapping(function, source, self._topic(source), self.folder,
                           on_drained.get(function.spec.handler), loops=loops)
             for function in self.functions.values()
             for source in function.spec.streams
         ]
+
+    def _openapi(self) -> dict[str, Any] | None:
+        """The gateway's OpenAPI document, when a function takes `POST /events`."""
+        if not any(route.key == "POST /events" for function in self.functions.values()
+                   for route in function.spec.routes):
+            return None
+        return ingest_openapi(load_project(self.settings.project).schemas, version("lambdalake"))
 
     def _topic(self, source: StreamSource) -> Topic:
         """The bus topic a stream source names: the template's is AWS's, here it's settings'."""
