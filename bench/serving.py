@@ -83,9 +83,13 @@ def publish(store_root: Path, table: pa.Table, cut: int) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     store.put(key, sink.getvalue().to_pybytes())
-    files = {VIEW.name: catalog.ViewFiles(files=[key], rows=table.num_rows)}
+    # every view as defined now (fingerprints), or serving would take it as absent
+    files = {name: catalog.ViewFiles(files=[key] if name == VIEW.name else [],
+                                     rows=table.num_rows if name == VIEW.name else 0)
+             for name in project.views}
     manifest = catalog.Manifest(version=version, cut=cut, created=iso(now_ms()), engine="bench",
-                                rows_read=table.num_rows, views=files)
+                                rows_read=table.num_rows, views=files,
+                                fingerprints=dict(project.fingerprints))
     catalog.write_manifest(store, manifest)
     catalog.publish(store, version)
 
