@@ -1,17 +1,20 @@
-"""Serving under load: dashboard queries and ingestion at once, on the embedded default.
+"""Serving under load: dashboard queries and ingestion at once.
 
-`lambdalake up`'s stack (gateway, embedded log, speed layer and serving API in one process)
-over a published batch version of `pageviews_by_url_hour` with 1M rows (30 days of hourly
-buckets x 1,389 urls) and 100k real-time cells. Then, in one run:
-- 8 query clients (processes) send the two typical dashboard queries, alternately, for a
-  random url: 30 days of hourly buckets for one key, and the top 20 keys for a day;
-  p50, p99 and queries/s;
+`lambdalake up`'s stack over a published batch version of `pageviews_by_url_hour` with 1M
+rows (30 days of hourly buckets x 1,389 urls) and 100k real-time cells, served by
+`--replicas` (default 2) `lambdalake serve` processes on a real Kafka broker (the cells on
+the realtime topic, as the speed layer publishes them; `up` holds the gateway, the archiver,
+the speed worker), or with `--replicas 0` by the API inside `up` on the embedded bus (one
+process: gateway, embedded log, speed layer, API). Then, in one run:
+- 8 query clients (processes, spread over the replicas) send the two typical dashboard
+  queries, alternately, for a random url: 30 days of hourly buckets for one key, and the
+  top 20 keys for a day; p50, p99 and queries/s;
 - the same queries run directly in DuckDB on a pre-merged table (one row per bucket and url,
   the metrics final) by 8 threads: the reference for the overhead ratio (p50 over p50);
 - while the API queries run, one producer process sends 2,000 events/s to the gateway in
   batches of 50: ingestion's p99 under query load.
 
-    .venv/bin/python bench/serving.py [--seconds 15] [--runs 3]
+    .venv/bin/python bench/serving.py [--seconds 15] [--runs 3] [--replicas 2]
 
 Before the load, the API's answers to both queries are checked against the reference (the
 pageviews of every row): the API serves the batch view and the real-time cells merged. Each
@@ -27,6 +30,8 @@ import multiprocessing
 import os
 import random
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -163,12 +168,15 @@ def ingest_client(gateway: str, seconds: float, sync: tuple[Any, Any, Any]) -> N
     out.put(("ingest", latencies))
 
 
-def under_load(api: str, gateway: str, cut: int, seconds: float) -> tuple[list[float], list[float]]:
+def under_load(
+    apis: list[str], gateway: str, cut: int, seconds: float
+) -> tuple[list[float], list[float]]:
+    """The query clients, spread over the serving replicas `apis`, and the producer."""
     context = multiprocessing.get_context("spawn")
     sync = (ready, go, out) = (context.Queue(), context.Event(), context.Queue())
     ingest = context.Process(target=ingest_client, args=(gateway, seconds, sync))
-    clients = [context.Process(target=api_client, args=(api, cut, seconds, sync))
-               for _ in range(CLIENTS)]
+    clients = [context.Process(target=api_client, args=(apis[n % len(apis)], cut, seconds, sync))
+               for n in range(CLIENTS)]
     for process in [ingest, *clients]:
         process.start()
     for _ in range(CLIENTS + 1):
@@ -245,9 +253,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=15.0, help="per run")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--replicas", type=int, default=2,
+                        help="`lambdalake serve` processes on Kafka answering the queries; 0: "
+                             "the API inside `up` on the embedded bus")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="lambdalake-bench-serving-") as home:
-        run(Path(home), args.seconds, args.runs)
+        run(Path(home), args.seconds, args.runs, args.replicas)
 
 
 def check_answers(api: str, reference: duckdb.DuckDBPyConnection, cut: int) -> None:
@@ -264,31 +275,100 @@ def check_answers(api: str, reference: duckdb.DuckDBPyConnection, cut: int) -> N
         assert served == expected, f"{name}: the API answers {served[:5]}..., not {expected[:5]}"
 
 
-def run(home: Path, seconds: float, runs: int) -> None:
-    gateway_port, api_port = free_ports(2)
+def run(home: Path, seconds: float, runs: int, replicas: int) -> None:
+    gateway_port, api_port, metrics_port = free_ports(3)
     os.environ.update({"LAMBDALAKE_HOME": str(home), "LAMBDALAKE_GATEWAY_PORT": str(gateway_port),
-                       "LAMBDALAKE_API_PORT": str(api_port),
+                       "LAMBDALAKE_API_PORT": str(api_port), "LAMBDALAKE_PG_PORT": "0",
+                       "LAMBDALAKE_SPEED_METRICS_PORT": str(metrics_port),
                        "LAMBDALAKE_BATCH_INTERVAL_SECONDS": "3600"})
+    if not replicas:
+        measure(home, seconds, runs, [])
+        return
+    from lambdalake.testing.kafka import KafkaBroker
+
+    with KafkaBroker() as broker:
+        os.environ.update({"LAMBDALAKE_BUS": "kafka", "LAMBDALAKE_TOPIC": "bench.serving",
+                           "LAMBDALAKE_KAFKA_BOOTSTRAP": broker.bootstrap})
+        measure(home, seconds, runs, free_ports(replicas))
+
+
+def publish_cells(settings: Any, updates: list[CellUpdate]) -> None:
+    """The real-time cells on the compacted realtime topic, as the speed layer publishes them
+    (one source partition per cell), for the replicas' feeds to read."""
+    from confluent_kafka import Producer
+
+    from lambdalake.kafka_topics import ensure_bus_topics, realtime_topic
+    from lambdalake.realtime import encode_update
+    from lambdalake.speed.kafka_common import cell_key
+
+    ensure_bus_topics(settings)
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 50})
+    topic = realtime_topic(settings.topic)
+    for number, u in enumerate(updates):
+        partition = number % settings.partitions
+        producer.produce(topic, encode_update(u, project), partition=partition,
+                         key=cell_key(partition, u.view, (u.slice, u.bucket, u.key)))
+        if number % 10_000 == 0:
+            producer.flush()
+    producer.flush()
+
+
+def serve_replicas(home: Path, ports: list[int]) -> list[subprocess.Popen[bytes]]:
+    command = [sys.executable, "-c", "from lambdalake.stack.cli import main; main()", "serve",
+               "--pg-port", "0", "--port"]
+    return [subprocess.Popen([*command, str(port)], env=os.environ, cwd=home,
+                             stdout=subprocess.DEVNULL,
+                             stderr=open(home / f"serve-{port}.log", "wb"))
+            for port in ports]
+
+
+def wait_ready(api: str) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{api}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{api} did not become ready")
+
+
+def measure(home: Path, seconds: float, runs: int, replica_ports: list[int]) -> None:
     from lambdalake.settings import Settings
     from lambdalake.stack.up import Stack
 
     settings = Settings()
+    api_port = settings.api_port
+    gateway_port = settings.gateway_port
     cut = now_ms() - 60_000
     print(f"building 1M batch rows and {REALTIME_CELLS:,} real-time cells ...", flush=True)
     table = batch_table(cut)
     publish(Path(settings.store_url.removeprefix("file://")), table, cut)
     updates = realtime_updates(cut)
     reference = premerged(table, updates)
-    api, gateway = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{gateway_port}/events"
+    gateway = f"http://127.0.0.1:{gateway_port}/events"
+    apis = [f"http://127.0.0.1:{port}" for port in replica_ports or [api_port]]
+    if replica_ports:
+        publish_cells(settings, updates)
     with Stack(settings) as stack:
-        stack.realtime.upsert(updates)
-        while httpx.get(f"{api}/readyz").status_code != 200:
-            time.sleep(0.2)
-        check_answers(api, reference, cut)
-        print(f"served: {table.num_rows:,} batch rows, {REALTIME_CELLS:,} real-time cells "
-              f"(answers checked); {CLIENTS} query clients + ingestion at {INGEST_RATE:,} "
-              f"events/s, {runs} runs of {seconds:.0f} s", flush=True)
-        loaded = [under_load(api, gateway, cut, seconds) for _ in range(runs)]
+        replicas = serve_replicas(home, replica_ports)
+        try:
+            if not replica_ports:
+                stack.realtime.upsert(updates)
+            for api in apis:
+                wait_ready(api)
+                check_answers(api, reference, cut)
+            where = (f"{len(apis)} `lambdalake serve` replicas on Kafka" if replica_ports
+                     else "the API inside `up`, on the embedded bus")
+            print(f"served by {where}: {table.num_rows:,} batch rows, {REALTIME_CELLS:,} "
+                  f"real-time cells (answers checked); {CLIENTS} query clients + ingestion at "
+                  f"{INGEST_RATE:,} events/s, {runs} runs of {seconds:.0f} s", flush=True)
+            loaded = [under_load(apis, gateway, cut, seconds) for _ in range(runs)]
+        finally:
+            for replica in replicas:
+                replica.terminate()
+                replica.wait(60)
     results = []
     for number, (queries, ingest) in enumerate(loaded, 1):
         served, ingested = summary(queries, seconds), summary(ingest, seconds)
