@@ -109,6 +109,8 @@ def replicas(tmp_path: Path, kafka_broker) -> Iterator[tuple[Flow, list[Replica]
 
 def test_replicas_answer_alike_and_one_killed_leaves_the_other_answering(replicas) -> None:
     flow, (first, second) = replicas
+    document = httpx.get(flow.gateway.replace("/events", "/openapi.json")).json()
+    assert "/events" in document["paths"]  # `up`'s gateway documents its route
     events = send_synthetic(flow, 600, seed=21)
     pageviews = dict(recompute(events)[0])
     assert first.wait_for(pageviews) == pageviews
