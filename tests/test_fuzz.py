@@ -266,7 +266,7 @@ def test_the_gateway_keeps_its_openapi_document(gateway: httpx.Client) -> None:
     operation = next(iter(schema.get_all_operations())).ok()
     cases = st.one_of(*(operation.as_strategy(generation_mode=mode) for mode in GenerationMode))
 
-    @settings(max_examples=12, suppress_health_check=list(HealthCheck), database=None)
+    @settings(max_examples=8, suppress_health_check=list(HealthCheck), database=None)
     @given(case=cases, keyed=st.booleans())
     def conforms(case: Any, keyed: bool) -> None:
         case.call_and_validate(base_url=str(gateway.base_url), checks=checks,

@@ -14,6 +14,10 @@ from lambdalake.settings import Settings
 from lambdalake.stack.up import open_settings_store
 
 
+class BusUnreachable(RuntimeError):
+    """The bus did not answer: the CLI says so in one line."""
+
+
 def serve_replica(settings: Settings) -> None:
     """Serve in the foreground until interrupted; the bus topics made if `up` has not yet."""
     from lambdalake.serving.server import serve
@@ -21,5 +25,10 @@ def serve_replica(settings: Settings) -> None:
     project = load_project(settings.project)
     store = open_settings_store(settings)
     check_schemas(store, project)
-    ensure_bus_topics(settings)
+    from kafka.errors import KafkaError
+
+    try:
+        ensure_bus_topics(settings)
+    except KafkaError as exc:
+        raise BusUnreachable(f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc}") from None
     serve(settings, project, store)
