@@ -1,19 +1,25 @@
-"""Serving under load: dashboard queries and ingestion at once, on the embedded default.
+"""Serving under load: dashboard queries and ingestion at once.
 
-`lambdalake up`'s stack (gateway, embedded log, speed layer and serving API in one process)
-over a published batch version of `pageviews_by_url_hour` with 1M rows (30 days of hourly
-buckets x 1,389 urls) and 100k real-time cells. Then, in one run:
-- 8 query clients (processes) send the two typical dashboard queries, alternately, for a
-  random url: 30 days of hourly buckets for one key, and the top 20 keys for a day;
-  p50, p99 and queries/s;
+`lambdalake up`'s stack over a published batch version of `pageviews_by_url_hour` with 1M
+rows (30 days of hourly buckets x 1,389 urls) and 100k real-time cells, served by
+`--replicas` (default 2) `lambdalake serve` processes on a real Kafka broker (the cells on
+the realtime topic, as the speed layer publishes them; `up` holds the gateway, the archiver,
+the speed worker), or with `--replicas 0` by the API inside `up` on the embedded bus (one
+process: gateway, embedded log, speed layer, API). Then, in one run:
+- 8 query clients (processes, spread over the replicas) send the two typical dashboard
+  queries, alternately, for a random url: 30 days of hourly buckets for one key, and the
+  top 20 keys for a day; p50, p99 and queries/s;
 - the same queries run directly in DuckDB on a pre-merged table (one row per bucket and url,
   the metrics final) by 8 threads: the reference for the overhead ratio (p50 over p50);
 - while the API queries run, one producer process sends 2,000 events/s to the gateway in
   batches of 50: ingestion's p99 under query load.
 
-    .venv/bin/python bench/serving.py [--seconds 20]
+    .venv/bin/python bench/serving.py [--seconds 15] [--runs 3] [--replicas 2]
 
-The last line printed is one JSON object.
+Before the load, the API's answers to both queries are checked against the reference (the
+pageviews of every row): the API serves the batch view and the real-time cells merged. Each
+figure is the median of the runs (min and max printed beside); the last line printed is one
+JSON object, its `runs` each run's own figures.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import multiprocessing
 import os
 import random
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -83,9 +91,13 @@ def publish(store_root: Path, table: pa.Table, cut: int) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     store.put(key, sink.getvalue().to_pybytes())
-    files = {VIEW.name: catalog.ViewFiles(files=[key], rows=table.num_rows)}
+    # every view as defined now (fingerprints), or serving would take it as absent
+    files = {name: catalog.ViewFiles(files=[key] if name == VIEW.name else [],
+                                     rows=table.num_rows if name == VIEW.name else 0)
+             for name in project.views}
     manifest = catalog.Manifest(version=version, cut=cut, created=iso(now_ms()), engine="bench",
-                                rows_read=table.num_rows, views=files)
+                                rows_read=table.num_rows, views=files,
+                                fingerprints=dict(project.fingerprints))
     catalog.write_manifest(store, manifest)
     catalog.publish(store, version)
 
@@ -156,12 +168,15 @@ def ingest_client(gateway: str, seconds: float, sync: tuple[Any, Any, Any]) -> N
     out.put(("ingest", latencies))
 
 
-def under_load(api: str, gateway: str, cut: int, seconds: float) -> tuple[list[float], list[float]]:
+def under_load(
+    apis: list[str], gateway: str, cut: int, seconds: float
+) -> tuple[list[float], list[float]]:
+    """The query clients, spread over the serving replicas `apis`, and the producer."""
     context = multiprocessing.get_context("spawn")
     sync = (ready, go, out) = (context.Queue(), context.Event(), context.Queue())
     ingest = context.Process(target=ingest_client, args=(gateway, seconds, sync))
-    clients = [context.Process(target=api_client, args=(api, cut, seconds, sync))
-               for _ in range(CLIENTS)]
+    clients = [context.Process(target=api_client, args=(apis[n % len(apis)], cut, seconds, sync))
+               for n in range(CLIENTS)]
     for process in [ingest, *clients]:
         process.start()
     for _ in range(CLIENTS + 1):
@@ -236,48 +251,153 @@ def summary(latencies: list[float], seconds: float) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--seconds", type=float, default=15.0, help="per run")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--replicas", type=int, default=2,
+                        help="`lambdalake serve` processes on Kafka answering the queries; 0: "
+                             "the API inside `up` on the embedded bus")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="lambdalake-bench-serving-") as home:
-        run(Path(home), args.seconds)
+        run(Path(home), args.seconds, args.runs, args.replicas)
 
 
-def run(home: Path, seconds: float) -> None:
-    gateway_port, api_port = free_ports(2)
+def check_answers(api: str, reference: duckdb.DuckDBPyConnection, cut: int) -> None:
+    """The API's pageviews equal the pre-merged table's, row by row, for both queries."""
+    cursor = reference.cursor()
+    for name, params in dashboard_queries(cut):
+        reply = httpx.get(f"{api}/views/{VIEW.name}", params=params, timeout=60)
+        reply.raise_for_status()
+        served = [row["pageviews"] for row in reply.json()["rows"]]
+        args = ([params["url"]] if name == "series" else []) + [params["from"], params["to"]]
+        expected = [row[1] for row in cursor.execute(DIRECT_SQL[name], args).fetchall()]
+        if name == "top":  # ties may be listed in any order
+            served, expected = sorted(served), sorted(expected)
+        assert served == expected, f"{name}: the API answers {served[:5]}..., not {expected[:5]}"
+
+
+def run(home: Path, seconds: float, runs: int, replicas: int) -> None:
+    gateway_port, api_port, metrics_port = free_ports(3)
     os.environ.update({"LAMBDALAKE_HOME": str(home), "LAMBDALAKE_GATEWAY_PORT": str(gateway_port),
-                       "LAMBDALAKE_API_PORT": str(api_port),
+                       "LAMBDALAKE_API_PORT": str(api_port), "LAMBDALAKE_PG_PORT": "0",
+                       "LAMBDALAKE_SPEED_METRICS_PORT": str(metrics_port),
                        "LAMBDALAKE_BATCH_INTERVAL_SECONDS": "3600"})
+    if not replicas:
+        measure(home, seconds, runs, [])
+        return
+    from lambdalake.testing.kafka import KafkaBroker
+
+    with KafkaBroker() as broker:
+        os.environ.update({"LAMBDALAKE_BUS": "kafka", "LAMBDALAKE_TOPIC": "bench.serving",
+                           "LAMBDALAKE_KAFKA_BOOTSTRAP": broker.bootstrap})
+        measure(home, seconds, runs, free_ports(replicas))
+
+
+def publish_cells(settings: Any, updates: list[CellUpdate]) -> None:
+    """The real-time cells on the compacted realtime topic, as the speed layer publishes them
+    (one source partition per cell), for the replicas' feeds to read."""
+    from confluent_kafka import Producer
+
+    from lambdalake.kafka_topics import ensure_bus_topics, realtime_topic
+    from lambdalake.realtime import encode_update
+    from lambdalake.speed.kafka_common import cell_key
+
+    ensure_bus_topics(settings)
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 50})
+    topic = realtime_topic(settings.topic)
+    for number, u in enumerate(updates):
+        partition = number % settings.partitions
+        producer.produce(topic, encode_update(u, project), partition=partition,
+                         key=cell_key(partition, u.view, (u.slice, u.bucket, u.key)))
+        if number % 10_000 == 0:
+            producer.flush()
+    producer.flush()
+
+
+def serve_replicas(home: Path, ports: list[int]) -> list[subprocess.Popen[bytes]]:
+    command = [sys.executable, "-c", "from lambdalake.stack.cli import main; main()", "serve",
+               "--pg-port", "0", "--port"]
+    return [subprocess.Popen([*command, str(port)], env=os.environ, cwd=home,
+                             stdout=subprocess.DEVNULL,
+                             stderr=open(home / f"serve-{port}.log", "wb"))
+            for port in ports]
+
+
+def wait_ready(api: str) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{api}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{api} did not become ready")
+
+
+def measure(home: Path, seconds: float, runs: int, replica_ports: list[int]) -> None:
     from lambdalake.settings import Settings
     from lambdalake.stack.up import Stack
 
     settings = Settings()
+    api_port = settings.api_port
+    gateway_port = settings.gateway_port
     cut = now_ms() - 60_000
     print(f"building 1M batch rows and {REALTIME_CELLS:,} real-time cells ...", flush=True)
     table = batch_table(cut)
     publish(Path(settings.store_url.removeprefix("file://")), table, cut)
     updates = realtime_updates(cut)
-    api, gateway = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{gateway_port}/events"
+    reference = premerged(table, updates)
+    gateway = f"http://127.0.0.1:{gateway_port}/events"
+    apis = [f"http://127.0.0.1:{port}" for port in replica_ports or [api_port]]
+    if replica_ports:
+        publish_cells(settings, updates)
     with Stack(settings) as stack:
-        stack.realtime.upsert(updates)
-        while httpx.get(f"{api}/readyz").status_code != 200:
-            time.sleep(0.2)
-        print(f"served: {table.num_rows:,} batch rows, {REALTIME_CELLS:,} real-time cells; "
-              f"{CLIENTS} query clients + ingestion at {INGEST_RATE:,} events/s "
-              f"for {seconds:.0f} s", flush=True)
-        queries, ingest = under_load(api, gateway, cut, seconds)
-    served = summary(queries, seconds)
-    ingested = summary(ingest, seconds)
-    reference = summary(direct(premerged(table, updates), cut, seconds), seconds)
-    ratio = round(served["p50_ms"] / reference["p50_ms"], 2)
-    print(f"API, {CLIENTS} clients:            p50 {served['p50_ms']} ms, p99 "
-          f"{served['p99_ms']} ms, {served['qps']} queries/s")
-    print(f"DuckDB pre-merged, {CLIENTS} threads: p50 {reference['p50_ms']} ms, p99 "
-          f"{reference['p99_ms']} ms, {reference['qps']} queries/s (reference)")
-    print(f"overhead ratio (p50 over p50): {ratio} (target <= 2)")
-    print(f"ingestion under query load: p50 {ingested['p50_ms']} ms, p99 {ingested['p99_ms']} ms"
-          f" per batch of {INGEST_BATCH} at {INGEST_RATE:,} events/s (target p99 < 1,000 ms)")
-    print(json.dumps({**served, "overhead_ratio": ratio,
-                      "ingest_p99_ms_under_query_load": ingested["p99_ms"]}))
+        replicas = serve_replicas(home, replica_ports)
+        try:
+            if not replica_ports:
+                stack.realtime.upsert(updates)
+            for api in apis:
+                wait_ready(api)
+                check_answers(api, reference, cut)
+            where = (f"{len(apis)} `lambdalake serve` replicas on Kafka" if replica_ports
+                     else "the API inside `up`, on the embedded bus")
+            print(f"served by {where}: {table.num_rows:,} batch rows, {REALTIME_CELLS:,} "
+                  f"real-time cells (answers checked); {CLIENTS} query clients + ingestion at "
+                  f"{INGEST_RATE:,} events/s, {runs} runs of {seconds:.0f} s", flush=True)
+            loaded = [under_load(apis, gateway, cut, seconds) for _ in range(runs)]
+        finally:
+            for replica in replicas:
+                replica.terminate()
+                replica.wait(60)
+    results = []
+    for number, (queries, ingest) in enumerate(loaded, 1):
+        served, ingested = summary(queries, seconds), summary(ingest, seconds)
+        direct_ = summary(direct(reference, cut, seconds), seconds)
+        results.append({**served, "overhead_ratio": round(served["p50_ms"] / direct_["p50_ms"], 2),
+                        "ingest_p99_ms_under_query_load": ingested["p99_ms"],
+                        "reference_p50_ms": direct_["p50_ms"],
+                        "reference_p99_ms": direct_["p99_ms"]})
+        print(f"run {number}: {json.dumps(results[-1])}", flush=True)
+    median = {name: round(statistics.median(r[name] for r in results), 2) for name in results[0]}
+    spread = {name: (min(r[name] for r in results), max(r[name] for r in results))
+              for name in results[0]}
+
+    def line(label: str, name: str, unit: str = " ms") -> str:
+        low, high = spread[name]
+        return f"{label}: {median[name]}{unit} (min {low}, max {high})"
+
+    print(f"API, {CLIENTS} clients (median of {runs}):")
+    print("  " + line("p50", "p50_ms") + "; " + line("p99", "p99_ms") + "; "
+          + line("queries/s", "qps", ""))
+    print(f"DuckDB on a pre-merged table, {CLIENTS} threads (reference):")
+    print("  " + line("p50", "reference_p50_ms") + "; " + line("p99", "reference_p99_ms"))
+    print(line("overhead ratio, p50 over p50 (target <= 2)", "overhead_ratio", ""))
+    print(line(f"ingestion p99 under query load, batches of {INGEST_BATCH} at "
+               f"{INGEST_RATE:,} events/s (target < 1,000 ms)", "ingest_p99_ms_under_query_load"))
+    print(json.dumps({**{name: median[name] for name in ("p50_ms", "p99_ms", "qps",
+                                                        "overhead_ratio",
+                                                        "ingest_p99_ms_under_query_load")},
+                      "runs": results}))
 
 
 if __name__ == "__main__":

@@ -50,6 +50,8 @@ class Monoid:
     numeric: ClassVar[bool] = False  # needs an int, float or decimal field
     ordered: ClassVar[bool] = True  # its answers sort (a query may order by it)
     hashes: ClassVar[bool] = False  # hashes values (a sketch of distinct values): no decimals
+    # Whether one accumulator answers as its own merge (`merge_all([a])`), so answers skip it
+    lone_is_merged: ClassVar[bool] = False
 
     def zero(self) -> Any:
         raise NotImplementedError
@@ -237,6 +239,7 @@ class ApproxDistinct(_Sketch):
 
     kind: ClassVar[str] = "approx_distinct"
     hashes: ClassVar[bool] = True
+    lone_is_merged: ClassVar[bool] = True  # a union keeps its coupons, which `estimate` reads
     lg_k: int = LG_K
 
     def zero(self) -> bytes:

@@ -47,7 +47,11 @@ def gathered(metric: Monoid) -> bool:
 
 def merged(metric: Monoid, value: Any) -> Any:
     """The merged accumulator from what `merge_sql` returned."""
-    return metric.merge_all(value) if gathered(metric) else value
+    if not gathered(metric):
+        return value
+    if metric.lone_is_merged and len(value) == 1 and value[0] is not None:
+        return value[0]
+    return metric.merge_all(value)
 
 
 class QueryError(ValueError):
@@ -283,8 +287,52 @@ def plan(view: View, query: Query) -> tuple[str, list[Any]]:
     sql = f"SELECT {', '.join(select)} FROM merged WHERE {' AND '.join(where)}"
     if group:
         sql += f" GROUP BY {', '.join(group)}"
-    sql += f" ORDER BY {', '.join(str(i + 1) for i in range(len(dims) + 1))}"
+    sql += f" ORDER BY {_natural_order(query, len(dims))}"
     return sql, params
+
+
+def _natural_order(query: Query, dimensions: int) -> str:
+    """The answer's order before `order_by`: by bucket then dimensions, as positions in the
+    SELECT. Every row of a `total` from a given start is dated from it: by dimensions alone."""
+    first = 1 if query.bucket != "total" or query.start is None or not dimensions else 2
+    return ", ".join(str(i) for i in range(first, dimensions + 2))
+
+
+def paged_plan(view: View, query: Query) -> tuple[str, list[Any]] | None:
+    """`plan`'s SQL with the query's order and page taken in DuckDB, each row counting the
+    rows of the whole answer (`PAGE_TOTAL`); None when only `finalize` can order it: by a
+    sketch's answer, by local labels, or when local days are rolled up after the merge."""
+    if query.tz is not None:
+        return None
+    sql, params = plan(view, query)
+    dims = view.keys if query.group_by is None else query.group_by
+    order = positions = _natural_order(query, len(dims))
+    if query.order_by:
+        name, _, direction = query.order_by.partition(":")
+        metric = view.metrics.get(name)
+        by_sketch = metric is not None and gathered(metric)
+        if by_sketch or (name == "bucket" and query.bucket == "total"):
+            return None
+        descending = direction == "desc" or (not direction and metric is not None)
+        order = f"{_q(name)} {'DESC' if descending else 'ASC'} NULLS LAST, {positions}"
+    end = query.offset + min(query.limit or MAX_ROWS, MAX_ROWS)
+    body = sql[: sql.rindex(" ORDER BY ")]
+    paged = (f"SELECT *, count(*) OVER () AS {PAGE_TOTAL} FROM ({body}) "
+             f"ORDER BY {order} LIMIT ? OFFSET ?")
+    return paged, [*params, end - query.offset, query.offset]
+
+
+PAGE_TOTAL = "__rows_in_answer"
+
+
+def finalize_page(view: View, query: Query, columns: list[str], rows: list[tuple]) -> Page:
+    """`paged_plan`'s rows as a page of answers."""
+    total = rows[0][columns.index(PAGE_TOTAL)] if rows else 0
+    keep = [i for i, name in enumerate(columns) if name != PAGE_TOTAL]
+    answers = finalize(view, query, [columns[i] for i in keep],
+                       [tuple(row[i] for i in keep) for row in rows])
+    end = query.offset + min(query.limit or MAX_ROWS, MAX_ROWS)
+    return Page(answers, end if end < total else None)
 
 
 def merged_records(view: View, query: Query, columns: list[str], rows: list[tuple]) -> list[dict]:

@@ -13,7 +13,9 @@ import pyarrow as pa
 
 from lambdalake.project import Project
 from lambdalake.views import View
-from lambdalake.viewstate import CellKey, CellUpdate
+from lambdalake.viewstate import CellUpdate
+
+Cell = tuple[int, tuple[Any, ...]]  # (bucket, key) within an arrival slice
 
 
 class RealtimeCells:
@@ -24,10 +26,13 @@ class RealtimeCells:
         # Set by the speed layer (or the feed of it) once these cells hold everything it had
         # at start; until then an answer would undercount.
         self.restored = threading.Event()
-        self._cells: dict[str, dict[CellKey, tuple[Any, ...]]] = {n: {} for n in project.views}
-        # A view's table, built once per change of its cells and shared by every query until
-        # the next: building it from Python objects holds the GIL, so per query it starved
-        # ingestion and serialized the queries.
+        # view -> arrival slice -> cell -> values: the speed layer changes the newest slices
+        self._cells: dict[str, dict[int, dict[Cell, tuple[Any, ...]]]] = {
+            n: {} for n in project.views}
+        # Arrow tables built from Python objects (which holds the GIL) once per change: a
+        # slice's when a cell of it changes, a view's (its slices' tables put together, no
+        # copy) when any does. Rebuilding every cell at each publish starved ingestion.
+        self._slices: dict[tuple[str, int], pa.Table] = {}
         self._tables: dict[tuple[str, int], pa.Table] = {}
         self._lock = threading.Lock()
 
@@ -35,11 +40,14 @@ class RealtimeCells:
         with self._lock:
             changed = set()
             for u in updates:
-                cells = self._cells.get(u.view)  # None: a view since removed from the project
-                if cells is not None and u.slice >= self.cut:
-                    cells[(u.slice, u.bucket, u.key)] = u.values
-                    changed.add(u.view)
-            for cached in [c for c in self._tables if c[0] in changed]:
+                slices = self._cells.get(u.view)  # None: a view since removed from the project
+                if slices is not None and u.slice >= self.cut:
+                    slices.setdefault(u.slice, {})[(u.bucket, u.key)] = u.values
+                    changed.add((u.view, u.slice))
+            for view_slice in changed:
+                self._slices.pop(view_slice, None)
+            views = {view for view, _ in changed}
+            for cached in [c for c in self._tables if c[0] in views]:
                 del self._tables[cached]
 
     def drop_below(self, cut: int) -> None:
@@ -49,9 +57,10 @@ class RealtimeCells:
         with self._lock:
             self.cut = max(self.cut, cut)
             self._tables.clear()
-            for cells in self._cells.values():
-                for cell in [c for c in cells if c[0] < self.cut]:
-                    del cells[cell]
+            for view, slices in self._cells.items():
+                for old in [start for start in slices if start < self.cut]:
+                    del slices[old]
+                    self._slices.pop((view, old), None)
 
     def table(self, view: View, schema: pa.Schema, cut: int) -> pa.Table:
         """The view's cells at or past `cut` (the serving batch version's for this view,
@@ -59,16 +68,27 @@ class RealtimeCells:
         with self._lock:
             cached = self._tables.get((view.name, cut))
             if cached is None:
-                cached = self._tables[view.name, cut] = self._build(view, schema, cut)
+                parts = [self._slice(view, schema, start)
+                         for start in sorted(self._cells[view.name]) if start >= cut]
+                cached = pa.concat_tables(parts) if parts else schema.empty_table()
+                self._tables[view.name, cut] = cached
             return cached
 
-    def _build(self, view: View, schema: pa.Schema, cut: int) -> pa.Table:
-        cells = [(c, v) for c, v in self._cells[view.name].items() if c[0] >= cut]
-        columns: dict[str, list[Any]] = {"bucket": [c[1] for c, _ in cells]}
+    def _slice(self, view: View, schema: pa.Schema, start: int) -> pa.Table:
+        built = self._slices.get((view.name, start))
+        if built is None:
+            built = self._slices[view.name, start] = self._build(
+                view, schema, self._cells[view.name][start])
+        return built
+
+    @staticmethod
+    def _build(view: View, schema: pa.Schema, cells: dict[Cell, tuple[Any, ...]]) -> pa.Table:
+        columns: dict[str, list[Any]] = {"bucket": [bucket for bucket, _ in cells]}
         for i, key in enumerate(view.keys):
-            columns[key] = [c[2][i] for c, _ in cells]
+            columns[key] = [key_values[i] for _, key_values in cells]
+        values = list(cells.values())
         for i, metric in enumerate(view.metrics):
-            columns[metric] = [v[i] for _, v in cells]
+            columns[metric] = [v[i] for v in values]
         return pa.Table.from_pydict(columns, schema=schema)
 
 

@@ -48,7 +48,7 @@ from lambdalake.serving.query import (
     layer_rows,
     run_sql,
     sql_answer_json,
-    view_rows,
+    view_page,
 )
 from lambdalake.serving.sql_sandbox import SandboxBusy, SandboxLimits, SqlSandbox
 from lambdalake.serving.view_routes import MEDIA_TYPES, ViewRequest, view_router
@@ -181,7 +181,7 @@ def answer_view(request: Request, asked: ViewRequest) -> Response:
     require_restored(serving)
     view, query = asked.view, asked.query
     reading = serving.views.read([view.name])
-    answered = page(query, view_rows(serving.duck, reading, view, query))
+    answered = view_page(serving.duck, reading, view, query)
     if asked.format != "json":
         return _tabular(asked, answered.rows)
     start, end = query.covered(view)
@@ -278,7 +278,8 @@ def create_app(
     """The serving API; it follows the published batch version while it runs. `loops`: the
     process's long-running loops, which /healthz reports (the view refresh joins them)."""
     loops = Loops() if loops is None else loops
-    views = BatchViews(project, store, realtime, poll_seconds, loops)
+    duck = DuckDB()
+    views = BatchViews(project, store, realtime, poll_seconds, loops, prepare=duck.cache)
     keyring = settings.keyring
     if keyring.open:
         log.warning("no API keys configured: the API is open to anyone")
@@ -286,7 +287,7 @@ def create_app(
         log.info("API keys", extra={"keys": keyring.described()})
     metrics = ServingMetrics(views, loops)
     sandbox = SqlSandbox(SandboxLimits.of(settings, SQL_MAX_ROWS), metrics.registry)
-    serving = Serving(settings, project, views, DuckDB(), metrics, loops, keyring, sandbox,
+    serving = Serving(settings, project, views, duck, metrics, loops, keyring, sandbox,
                       RateLimiter(settings.api_rate_per_key, settings.api_burst_per_key),
                       ConcurrencyLimiter(settings.sql_concurrency_per_key, "SQL statements"))
     app = FastAPI(title="lambdalake serving API", version=version("lambdalake"),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -67,8 +67,11 @@ class BatchViews:
         realtime: RealtimeCells,
         poll_seconds: float = 1.0,
         loops: Loops | None = None,
+        prepare: Callable[[Snapshot], None] | None = None,
     ):
+        """`prepare`: called with each version's snapshot before it is served."""
         self.project, self.store, self.realtime = project, store, realtime
+        self.prepare = prepare
         self.kept = catalog.KeptVersions(store, project)
         self.poll_seconds = poll_seconds
         self.schemas = {name: table_schema(project, v) for name, v in project.views.items()}
@@ -102,7 +105,10 @@ class BatchViews:
             if swapped:
                 cuts = catalog.view_cuts(manifest, self.project)
                 tables = MappingProxyType(self._load(manifest))
-                self._swap_in(Snapshot(manifest, tables, MappingProxyType(cuts)))
+                snapshot = Snapshot(manifest, tables, MappingProxyType(cuts))
+                if self.prepare is not None:
+                    self.prepare(snapshot)
+                self._swap_in(snapshot)
             floor = self.kept.floor()
             with self._swap:
                 # Never past the served version's own floor: a version published, and the

@@ -9,8 +9,10 @@ reading (SET, BEGIN, COMMIT, SHOW of a setting, DISCARD) it is answered here, an
 nothing. A session's errors end its statement, or its own connection when the protocol
 itself is broken; never another's.
 
-Authentication: any user name, an API key with the `query` scope as the password
-(cleartext password exchange: use it on a trusted network or behind TLS termination).
+Authentication: any user name, an API key with the `query` scope as the password, in a
+cleartext password exchange. With a certificate configured (`tls_certfile`, `tls_keyfile`,
+as for the API) a client's SSLRequest is answered 'S' and the connection wrapped in TLS
+before the startup (`sslmode=require`); without one it is answered 'N'.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import contextlib
 import logging
 import re
 import secrets
+import ssl
 import struct
 import threading
 import time
@@ -152,6 +155,7 @@ class PgWireServer:
         self._loop: Loop | None = None
         self._asyncio_loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Event | None = None
+        self.tls = _tls_context(serving.settings.tls)
         self._connections = serving.metrics.pg_connections
         self._statements = serving.metrics.pg_statements
         self._open = 0
@@ -224,6 +228,16 @@ class PgWireServer:
         self._statements.labels(outcome).inc()
 
 
+def _tls_context(tls: dict[str, str]) -> ssl.SSLContext | None:
+    """The server side of TLS from uvicorn's options (`Settings.tls`); None without a
+    certificate."""
+    if not tls:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls["ssl_certfile"], tls["ssl_keyfile"])
+    return context
+
+
 class Session:
     """One client connection: startup, authentication, then statements."""
 
@@ -236,6 +250,7 @@ class Session:
         self.portals: dict[str, Portal] = {}
         self.status = TransactionStatus.IDLE
         self.skipping = False  # after an error in an extended-query batch, until Sync
+        self.encrypted = False
 
     async def run(self) -> None:
         timeout = self.serving.settings.http_read_timeout_seconds
@@ -255,8 +270,11 @@ class Session:
     async def _start(self) -> None:
         while True:
             message = await self._next()
+            if isinstance(message, SSLRequest) and self.server.tls and not self.encrypted:
+                await self._start_tls(self.server.tls)
+                continue
             if isinstance(message, SSLRequest | GSSEncRequest):
-                self.writer.write(b"N")  # no TLS here: the client goes on in the clear
+                self.writer.write(b"N")  # not (or no more) encryption: go on as it is
                 continue
             if isinstance(message, CancelRequest):
                 raise ConnectionError("cancel requests are not supported")
@@ -273,6 +291,18 @@ class Session:
         self.decoder.phase = ConnectionPhase.READY
         self.send(ReadyForQuery(status=self.status))
         await self.writer.drain()
+
+    async def _start_tls(self, context: ssl.SSLContext) -> None:
+        if self.decoder.buffered:  # bytes sent in the clear must not pass for encrypted ones
+            raise PgError("08P01", "protocol violation: data after SSLRequest, before the "
+                          "TLS handshake", "FATAL")
+        self.writer.write(b"S")
+        await self.writer.drain()
+        try:
+            await self.writer.start_tls(context)
+        except (ssl.SSLError, OSError) as failed:
+            raise ConnectionError(f"TLS handshake failed: {failed}") from None
+        self.encrypted = True
 
     async def _authenticate(self, keyring: Keyring) -> None:
         if keyring.open:

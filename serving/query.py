@@ -20,7 +20,16 @@ import orjson
 import pyarrow as pa
 
 from lambdalake.monoids import Monoid
-from lambdalake.query import Query, finalize, merged_records, plan
+from lambdalake.query import (
+    Page,
+    Query,
+    finalize,
+    finalize_page,
+    merged_records,
+    page,
+    paged_plan,
+    plan,
+)
 from lambdalake.serving.batch_views import BatchViews, Reading, Snapshot
 from lambdalake.serving.models import Freshness
 from lambdalake.serving.sql_sandbox import EncodedRows, Worker
@@ -28,8 +37,15 @@ from lambdalake.views import View
 
 SQL_MAX_ROWS = 10_000
 _MERGED = (
-    "CREATE TEMP VIEW merged AS SELECT * FROM batch_rows UNION ALL BY NAME SELECT * FROM cells"
+    "CREATE TEMP VIEW merged AS SELECT * FROM {batch} UNION ALL BY NAME SELECT * FROM cells"
 )
+
+
+@dataclass
+class _BatchTable:
+    name: str
+    readers: int = 0
+    retired: bool = False
 
 
 class DuckDB:
@@ -39,6 +55,61 @@ class DuckDB:
         self._connection.execute("SET TimeZone = 'UTC'")
         self._connection.execute("SET lock_configuration = true")
         self._lock = threading.Lock()
+        self._batch: dict[tuple[str, str], _BatchTable] = {}
+        self._tables_made = 0
+
+    def cache(self, snapshot: Snapshot) -> None:
+        """Copy a batch version's views into DuckDB tables ordered by their keys, before it is
+        served: queries then filter native, ordered columns rather than scan Arrow each time.
+        The tables of the versions it replaces go once no query reads them."""
+        if snapshot.version is None:
+            return
+        for view, table in snapshot.tables.items():
+            key = (snapshot.version, view)
+            with self._lock:
+                known = key in self._batch
+                self._tables_made += not known
+                name = f"batch_{self._tables_made}"
+            if not known:
+                self._create(name, table)
+                with self._lock:
+                    self._batch[key] = _BatchTable(name)
+        with self._lock:
+            for key, held in list(self._batch.items()):
+                held.retired = key[0] != snapshot.version
+                self._drop_unread(key)
+
+    def _create(self, name: str, table: pa.Table) -> None:
+        order = ", ".join(f'"{column}"' for column in [*table.column_names[1:], "bucket"]
+                          if not pa.types.is_binary(table.schema.field(column).type)
+                          and not pa.types.is_large_binary(table.schema.field(column).type))
+        with self.cursor({"source": table}) as cursor:
+            cursor.execute(f'CREATE TABLE "{name}" AS SELECT * FROM source ORDER BY {order}')
+
+    def _drop_unread(self, key: tuple[str, str]) -> None:
+        held = self._batch[key]
+        if held.retired and not held.readers:
+            del self._batch[key]
+            self._connection.execute(f'DROP TABLE "{held.name}"')
+
+    @contextmanager
+    def batch_table(self, snapshot: Snapshot, view: str) -> Iterator[str | pa.Table]:
+        """The view's batch part of `snapshot`: its cached table's name while the caller reads
+        it, or the Arrow table when it is not cached."""
+        key = (snapshot.version or "", view)
+        with self._lock:
+            held = self._batch.get(key)
+            if held is not None:
+                held.readers += 1
+        if held is None:
+            yield snapshot.tables[view]
+            return
+        try:
+            yield held.name
+        finally:
+            with self._lock:
+                held.readers -= 1
+                self._drop_unread(key)
 
     @contextmanager
     def cursor(
@@ -57,9 +128,13 @@ class DuckDB:
         self._connection.close()
 
 
-def view_rows(duck: DuckDB, reading: Reading, view: View, query: Query) -> list[dict[str, Any]]:
-    """One view's answer to a query: merged accumulators, finalized by the kernel."""
-    return finalize(view, query, *_merged_rows(duck, reading, view, query))
+def view_page(duck: DuckDB, reading: Reading, view: View, query: Query) -> Page:
+    """One view's answer to a query, the page asked for: ordered and paged in DuckDB when it
+    can be (the kernel's `paged_plan`), so only that page's sketches are merged here."""
+    paged = paged_plan(view, query)
+    if paged is None:
+        return page(query, finalize(view, query, *_merged_rows(duck, reading, view, query)))
+    return finalize_page(view, query, *_merged_rows(duck, reading, view, query, paged))
 
 
 def layer_rows(
@@ -68,24 +143,28 @@ def layer_rows(
     """The answer of each layer alone, from the same reading: `batch` and `realtime`."""
     layers = {"batch": reading.snapshot.tables[view.name], "realtime": reading.realtime[view.name]}
     empty = layers["batch"].schema.empty_table()
-    return {name: finalize(view, query, *_rows_of(duck, table, empty, view, query))
+    return {name: finalize(view, query, *_rows_of(duck, table, empty, plan(view, query)))
             for name, table in layers.items()}
 
 
 def _merged_rows(
-    duck: DuckDB, reading: Reading, view: View, query: Query
+    duck: DuckDB, reading: Reading, view: View, query: Query,
+    planned: tuple[str, list[Any]] | None = None,
 ) -> tuple[list[str], list[tuple]]:
-    return _rows_of(duck, reading.snapshot.tables[view.name], reading.realtime[view.name],
-                    view, query)
+    with duck.batch_table(reading.snapshot, view.name) as batch:
+        return _rows_of(duck, batch, reading.realtime[view.name], planned or plan(view, query))
 
 
 def _rows_of(
-    duck: DuckDB, batch: pa.Table, cells: pa.Table, view: View, query: Query
+    duck: DuckDB, batch: str | pa.Table, cells: pa.Table, planned: tuple[str, list[Any]]
 ) -> tuple[list[str], list[tuple]]:
-    sql, params = plan(view, query)
-    with duck.cursor({"batch_rows": batch, "cells": cells}) as cursor:
-        cursor.execute(_MERGED)
-        result = cursor.execute(sql, params)
+    """Rows of the planned SQL over batch (a cached table's name, or Arrow) ⊕ cells."""
+    relations = {"cells": cells} if isinstance(batch, str) else {"batch_rows": batch,
+                                                                  "cells": cells}
+    with duck.cursor(relations) as cursor:
+        cursor.execute(_MERGED.format(batch=f'"{batch}"' if isinstance(batch, str)
+                                      else "batch_rows"))
+        result = cursor.execute(*planned)
         return [column[0] for column in result.description], result.fetchall()
 
 

@@ -13,6 +13,7 @@ from lambdalake.project import Project
 from lambdalake.realtime import RealtimeCells
 from lambdalake.serving.app import create_app
 from lambdalake.serving.pgwire import PgWireServer
+from lambdalake.serving.realtime_feed import RealtimeFeed
 from lambdalake.settings import Settings
 from lambdalake.storage import ObjectStore
 
@@ -42,17 +43,23 @@ def build_server(
     return uvicorn.Server(config)
 
 
-def serve(
-    settings: Settings, project: Project, store: ObjectStore, realtime: RealtimeCells
-) -> None:
-    """Serve in the foreground until interrupted, the PostgreSQL endpoint beside."""
-    server = build_server(settings, project, store, realtime)
+def serve(settings: Settings, project: Project, store: ObjectStore) -> None:
+    """One stateless serving replica in the foreground until interrupted (SIGINT, SIGTERM):
+    the API and the PostgreSQL endpoint over the batch views published in `store` and the
+    speed layer's real-time feed on Kafka. It keeps nothing another replica lacks, so any
+    number answer alike, and one restarted rebuilds from the two, not the master dataset."""
+    loops = Loops()
+    realtime = RealtimeCells(project)
+    feed = RealtimeFeed(settings.kafka_bootstrap, settings.topic, realtime, loops)
+    server = build_server(settings, project, store, realtime, loops=loops)
+    feed.start()
     postgres = start_postgres(server)
     try:
         server.run()
     finally:
         if postgres is not None:
             postgres.stop()
+        feed.stop()
 
 
 def start_postgres(server: uvicorn.Server, port: int | None = None) -> PgWireServer | None:

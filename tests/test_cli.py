@@ -69,3 +69,10 @@ def test_history_as_json(tmp_path: Path) -> None:
 def test_a_bad_setting_is_one_line(tmp_path: Path) -> None:
     line = one_line_error(cli("batch", "history", home=tmp_path, LAMBDALAKE_PARTITIONS="zero"))
     assert "partitions" in line
+
+
+@pytest.mark.long  # the Kafka client gives up on bootstrapping after 30 s
+def test_serve_without_kafka_is_one_line(tmp_path: Path) -> None:
+    bootstrap = f"127.0.0.1:{free_port()}"
+    line = one_line_error(cli("serve", "--bootstrap", bootstrap, "--port", "0", home=tmp_path))
+    assert f"cannot reach Kafka at {bootstrap}" in line

@@ -36,9 +36,11 @@ from test_serving import (
 
 from lambdalake.eventlog import now_ms
 from lambdalake.events import INSTANT_RANGE, MAX_MS, MIN_MS, epoch_ms, iso
+from lambdalake.example import project
 from lambdalake.functions import environment
 from lambdalake.functions.runtime.function import LocalFunction
 from lambdalake.functions.runtime.gateway import Gateway
+from lambdalake.functions.runtime.openapi import ingest_openapi
 from lambdalake.functions.runtime.template import load_template
 from lambdalake.settings import Settings
 
@@ -63,7 +65,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     """The template's Ingest function behind the gateway on the embedded bus."""
     home = tmp_path_factory.mktemp("gateway")
     environment.bind(Settings(home=home, api_keys=[KEY]))
-    server = Gateway([LocalFunction(load_template().functions["Ingest"])], "127.0.0.1", 0)
+    server = Gateway([LocalFunction(load_template().functions["Ingest"])], "127.0.0.1", 0,
+                     openapi=ingest_openapi(project.schemas, "test"))
     server.start()
     with httpx.Client(base_url=server.url, headers=HEADERS, timeout=30) as client:
         yield client
@@ -241,3 +244,32 @@ def test_the_serving_api_keeps_its_openapi_document(lake: Lake) -> None:
             case.call_and_validate(base_url=lake.server.url, headers=HEADERS, checks=checks)
 
         conforms()
+
+
+def test_the_gateway_keeps_its_openapi_document(gateway: httpx.Client) -> None:
+    """POST /events as documented per event type: every example is accepted, and generated
+    bodies, valid and not, are answered as the document says; Swagger UI is served locally."""
+    document = gateway.get("/openapi.json").json()
+    examples = document["paths"]["/events"]["post"]["requestBody"]["content"][
+        "application/json"]["examples"]
+    assert set(examples) == {*project.schemas, "batch"}
+    for example in examples.values():
+        reply = gateway.post("/events", json=example["value"])
+        assert reply.status_code == 202 and not reply.json()["rejected"], reply.text
+    page = gateway.get("/docs")
+    assert page.status_code == 200 and "/docs/assets/swagger-ui-bundle.js" in page.text
+    assert "cdn" not in page.text.lower()
+    assert gateway.get("/docs/assets/swagger-ui-bundle.js").status_code == 200
+    schema = schemathesis.openapi.from_url(f"{gateway.base_url}/openapi.json")
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance,
+              response_schema_conformance]
+    operation = next(iter(schema.get_all_operations())).ok()
+    cases = st.one_of(*(operation.as_strategy(generation_mode=mode) for mode in GenerationMode))
+
+    @settings(max_examples=8, suppress_health_check=list(HealthCheck), database=None)
+    @given(case=cases, keyed=st.booleans())
+    def conforms(case: Any, keyed: bool) -> None:
+        case.call_and_validate(base_url=str(gateway.base_url), checks=checks,
+                               headers=HEADERS if keyed else {})
+
+    conforms()

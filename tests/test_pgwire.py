@@ -40,6 +40,7 @@ from test_serving import (
     Lake,
     metric,
     publish,
+    self_signed,
     speed_layer,
     start_lake,
     web_traffic,
@@ -63,11 +64,12 @@ class Endpoint:
                                dbname="lambdalake", password=password, connect_timeout=10,
                                **options)
 
-    def psql(self, command: str) -> subprocess.CompletedProcess[str]:
+    def psql(self, command: str, sslmode: str = "prefer") -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             ["psql", "-X", "-h", "127.0.0.1", "-p", str(self.server.port), "-U", "someone",
              "-v", "ON_ERROR_STOP=1", "-c", command, "lambdalake"],
-            env=os.environ | {"PGPASSWORD": KEY, "PGCONNECT_TIMEOUT": "10"},
+            env=os.environ | {"PGPASSWORD": KEY, "PGCONNECT_TIMEOUT": "10",
+                              "PGSSLMODE": sslmode},
             capture_output=True, text=True, timeout=60)
 
     def sql(self, statement: str) -> list[list[Any]]:
@@ -425,3 +427,31 @@ def test_a_taken_port_stops_start_up_at_once_saying_so(endpoint: Endpoint) -> No
         with pytest.raises(RuntimeError, match=f"127.0.0.1:{port}: .*address already in use"):
             start_postgres(endpoint.lake.server.server, port=port)
         assert time.monotonic() - started_at < 5
+
+
+# --- TLS -----------------------------------------------------------------------------------
+
+
+def test_tls_with_a_certificate_and_n_without(tmp_path: Path) -> None:
+    """With a certificate the SSLRequest of sslmode=require is answered 'S' and the session
+    runs encrypted (psycopg, psql); without one it is answered 'N', which require refuses."""
+    cert, key = self_signed(tmp_path)
+    with start_lake(tmp_path, api_keys=KEYS, ready=False, tls_certfile=cert,
+                    tls_keyfile=key) as lake, started(lake) as endpoint:
+        with endpoint.connect(sslmode="require") as connection:
+            assert connection.pgconn.ssl_in_use
+            counted = connection.execute(f"SELECT count(*) FROM {PAGEVIEWS.name}")
+            assert counted.fetchone() == (0,)
+        with endpoint.connect(sslmode="verify-full", sslrootcert=str(cert)) as connection:
+            assert connection.pgconn.ssl_in_use  # and the certificate checked
+        done = endpoint.psql("\\conninfo", sslmode="require")
+        assert done.returncode == 0, done.stderr
+        assert "SSL connection" in done.stdout
+        with RawClient(endpoint.server.port) as client:  # clear bytes must not pass as TLS ones
+            client.socket.sendall(BROKEN_STARTUPS[0] + b"\x00\x00\x00\x08\x00\x03\x00\x00")
+            assert client.socket.recv(1) == b"E"
+            assert b"data after SSLRequest" in client.socket.recv(4096)
+    with start_lake(tmp_path / "clear", api_keys=KEYS, ready=False) as lake, \
+            started(lake) as endpoint, \
+            pytest.raises(psycopg.OperationalError, match="does not support SSL"):
+        endpoint.connect(sslmode="require")

@@ -24,7 +24,17 @@ from lambdalake.example import PAGEVIEW, PURCHASE
 from lambdalake.example import project as example
 from lambdalake.monoids import ApproxDistinct, Count, Max, Min, Sum
 from lambdalake.project import Project
-from lambdalake.query import MAX_ROWS, Query, QueryError, finalize, page, parse, plan
+from lambdalake.query import (
+    MAX_ROWS,
+    Query,
+    QueryError,
+    finalize,
+    finalize_page,
+    page,
+    paged_plan,
+    parse,
+    plan,
+)
 from lambdalake.tables import table_schema
 from lambdalake.views import View
 
@@ -482,3 +492,59 @@ def test_a_cursor_is_bound_to_its_query(db):
     with pytest.raises(QueryError) as refused:
         run_page(db, PAGES, limit=5, cursor=forged)
     assert refused.value.field == "cursor"
+
+
+# --- paged in DuckDB: order and page taken in SQL, only the page's sketches merged --------
+
+
+def run_paged(con, view: View, **params) -> tuple[list[dict], str | None]:
+    """A page as the serving layer answers it when DuckDB can order and page (`paged_plan`)."""
+    query = parse(view, SCHEMA, **params)
+    planned = paged_plan(view, query)
+    if planned is None:
+        return run_page(con, view, **params)
+    cursor = con.execute(*planned)
+    answer = finalize_page(view, query, [d[0] for d in cursor.description], cursor.fetchall())
+    return answer.rows, None if answer.next_offset is None else query.cursor(answer.next_offset)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    parts=st.integers(1, 4),
+    bucket=st.sampled_from(["hour", "day", "total"]),
+    dims=st.sampled_from([(), ("url",), ("referrer",), ("url", "referrer")]),
+    order_by=st.sampled_from([None, "views", "shortest:asc", "longest:desc", "total_ms",
+                              "url", "referrer:desc", "bucket:desc", "visitors"]),
+    limit=st.integers(1, 30),
+    window=st.sampled_from([None, (5, 30), (0, 2)]),
+)
+def test_paged_in_duckdb_equals_the_recompute(seed, parts, bucket, dims, order_by, limit,
+                                              window):
+    """Every page, followed by its cursors, joins into the recomputed answer, whichever of
+    the two ways (in DuckDB or in `finalize`) the query is ordered and paged."""
+    if order_by and order_by.partition(":")[0] not in ("bucket", *PAGES.metrics, *dims):
+        order_by = None
+    events = make_events(seed, count=120)
+    con = duckdb.connect()
+    con.register("merged", partial_rows(PAGES, events, parts=parts, seed=seed))
+    bounds = {} if window is None else {"start": iso(START + window[0] * HOUR),
+                                        "end": iso(START + window[1] * HOUR)}
+    params = dict(bucket=bucket, group_by=",".join(dims), order_by=order_by, limit=limit,
+                  **bounds)
+    rows, cursor = run_paged(con, PAGES, **params)
+    while cursor is not None:
+        more, cursor = run_paged(con, PAGES, cursor=cursor, **params)
+        assert more
+        rows += more
+    window_ms = {} if window is None else {"start": START + window[0] * HOUR,
+                                           "end": START + window[1] * HOUR}
+    assert rows == expected(events, bucket=bucket, dims=dims, order_by=order_by, **window_ms)
+    con.close()
+
+
+def test_only_sketch_orders_and_local_days_are_left_to_finalize():
+    assert paged_plan(PAGES, parse(PAGES, SCHEMA, order_by="views", limit=5)) is not None
+    assert paged_plan(PAGES, parse(PAGES, SCHEMA, order_by="visitors")) is None
+    assert paged_plan(PAGES, parse(PAGES, SCHEMA, bucket="day", tz="Europe/Paris")) is None
+    assert paged_plan(PAGES, parse(PAGES, SCHEMA, bucket="total", order_by="bucket")) is None

@@ -23,7 +23,8 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from lambdalake.connections import uvicorn_bounds
 from lambdalake.functions.runtime.context import ACCOUNT
@@ -46,11 +47,15 @@ class PayloadTooLarge(Exception):
 class Gateway:
     def __init__(self, functions: Iterable[LocalFunction], host: str, port: int,
                  payload_limit: int = PAYLOAD_LIMIT_BYTES, max_connections: int = 1000,
-                 read_timeout_s: float = 10.0, tls: Mapping[str, str] | None = None):
-        """`tls`: uvicorn's `ssl_certfile` and `ssl_keyfile` to serve HTTPS (Settings.tls)."""
+                 read_timeout_s: float = 10.0, tls: Mapping[str, str] | None = None,
+                 openapi: Mapping[str, Any] | None = None):
+        """`tls`: uvicorn's `ssl_certfile` and `ssl_keyfile` to serve HTTPS (Settings.tls).
+        `openapi`: the routes' OpenAPI document, served at /openapi.json with Swagger UI at
+        /docs (`functions.runtime.openapi`)."""
         self.routes = {route.key: f for f in functions for route in f.spec.routes}
         self.host, self.port, self.payload_limit = host, port, payload_limit
-        app = Starlette(routes=[Route("/{path:path}", self.handle, methods=METHODS)])
+        docs = [] if openapi is None else docs_routes(openapi)
+        app = Starlette(routes=[*docs, Route("/{path:path}", self.handle, methods=METHODS)])
         self.scheme = "https" if tls else "http"
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=5, **(tls or {}),
@@ -103,6 +108,31 @@ class Gateway:
                       extra={"function": function.name, "route": route_key})
             return JSONResponse({"message": "Internal Server Error"}, 500)
         return http_response(result)
+
+
+_ASSETS = "/docs/assets"
+
+
+def docs_routes(openapi: Mapping[str, Any]) -> list[BaseRoute]:
+    """GET /openapi.json, and Swagger UI at /docs from the assets of `swagger-ui-bundle`."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from swagger_ui_bundle import swagger_ui_path
+
+    document = dict(openapi)
+
+    def schema(request: Request) -> Response:
+        return JSONResponse(document)
+
+    def swagger(request: Request) -> Response:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json", title=f"{document['info']['title']} docs",
+            swagger_js_url=f"{_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{_ASSETS}/favicon-32x32.png")
+
+    return [Route("/openapi.json", schema, methods=["GET"]),
+            Route("/docs", swagger, methods=["GET"]),
+            Mount(_ASSETS, StaticFiles(directory=str(swagger_ui_path)))]
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -16,6 +16,7 @@ and the drain hook that is the watermark heartbeat here, do that work.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from importlib.metadata import version
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -29,6 +30,7 @@ from lambdalake.functions.runtime.function import LocalFunction
 from lambdalake.functions.runtime.gateway import Gateway
 from lambdalake.functions.runtime.kinesis_source import KinesisMapping, ShardHooks
 from lambdalake.functions.runtime.mapping import DrainHook, StreamMapping
+from lambdalake.functions.runtime.openapi import ingest_openapi
 from lambdalake.functions.runtime.polling import Polling
 from lambdalake.functions.runtime.queues import (
     QueueMapping,
@@ -42,6 +44,7 @@ from lambdalake.functions.runtime.table_streams import TableStreamMapping
 from lambdalake.functions.runtime.template import StreamSource, Template, load_template
 from lambdalake.functions.runtime.versions import FunctionVersions
 from lambdalake.loops import Loops
+from lambdalake.project import load_project
 from lambdalake.settings import Settings
 
 
@@ -70,7 +73,7 @@ class LocalRuntime:
                                settings.gateway_port,
                                max_connections=settings.http_max_connections,
                                read_timeout_s=settings.http_read_timeout_seconds,
-                               tls=settings.tls)
+                               tls=settings.tls, openapi=self._openapi())
         self.loops = loops
         self.mappings: list[Polling] = []
         if settings.bus == "kinesis":
@@ -154,6 +157,13 @@ class LocalRuntime:
     def versions_folder(settings: Settings) -> Path:
         """Where `lambdalake functions deploy` keeps the functions' versions and aliases."""
         return settings.home / "functions"
+
+    def _openapi(self) -> dict[str, Any] | None:
+        """The gateway's OpenAPI document, when a function takes `POST /events`."""
+        if not any(route.key == "POST /events" for function in self.functions.values()
+                   for route in function.spec.routes):
+            return None
+        return ingest_openapi(load_project(self.settings.project).schemas, version("lambdalake"))
 
     def _topic(self, source: StreamSource) -> Topic:
         """The bus topic a stream source names: the template's is AWS's, here it's settings'."""

@@ -1,4 +1,4 @@
-"""The `lambdalake` command: up, produce, batch, compact, erase, query, status.
+"""The `lambdalake` command: up, serve, produce, batch, compact, erase, query, status.
 
 Errors are one line on stderr with a non-zero exit, never a traceback.
 """
@@ -77,6 +77,22 @@ def up(
     with Stack(settings, engine=engine, produce_rate=produce) as stack:
         console.print(stack.banner(), soft_wrap=True)
         stack.wait()
+
+
+@app.command()
+def serve(
+    bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap HOST:PORT")] = None,
+    port: Annotated[int | None, typer.Option(help="The API's port (0: any free one)")] = None,
+    pg_port: Annotated[int | None, typer.Option(help="The PostgreSQL endpoint's port; 0: none",
+                                                )] = None,
+) -> None:
+    """Run one more serving replica (API and PostgreSQL endpoint) beside `up --bus kafka`:
+    stateless, over the published batch views and the speed layer's real-time feed."""
+    from lambdalake.stack.replica import serve_replica
+
+    settings = settings_with(bus="kafka", kafka_bootstrap=bootstrap, api_port=port,
+                             pg_port=pg_port)
+    serve_replica(settings)
 
 
 @app.command("produce")
