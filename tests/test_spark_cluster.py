@@ -28,6 +28,7 @@ from lambdalake.batch.spark_engine import SparkEngine
 from lambdalake.events import Event
 from lambdalake.functions import emr
 from lambdalake.master import Archived
+from lambdalake.project import Project
 from lambdalake.settings import Settings
 from lambdalake.storage import S3Store
 from lambdalake.testing.spark import SparkCluster, SparkConnect, spark_submit
@@ -92,9 +93,15 @@ def s3_lake(s3_server: str, bucket: str, seed: int) -> tuple[S3Store, Lake]:
     return store, lake
 
 
-def job_settings(store: S3Store, lake: Lake) -> dict[str, object]:
-    return {"store": store.url, "s3_endpoint_url": store.endpoint_url, "project":
-            "test_batch:PROJECT", "partitions": lake.partitions, "slice_seconds": 1}
+# Two of test_batch's views, one per event type (a filter, sketches, sums): the smoke test's.
+SMOKE = Project.of(PROJECT.schemas.values(), [
+    PROJECT.views["pageviews_by_url_hour"], PROJECT.views["big_purchases_by_user_day"]
+])
+
+
+def job_settings(store: S3Store, lake: Lake, project: str = "test_batch:PROJECT") -> dict:
+    return {"store": store.url, "s3_endpoint_url": store.endpoint_url, "project": project,
+            "partitions": lake.partitions, "slice_seconds": 1}
 
 
 def submit_entry_point(cluster: SparkCluster, script: Path, arguments: list[str]):
@@ -102,14 +109,16 @@ def submit_entry_point(cluster: SparkCluster, script: Path, arguments: list[str]
     return spark_submit(cluster, [str(script), *arguments], env={"PYTHONPATH": str(TESTS)})
 
 
-def assert_equals_duckdb_and_the_recompute(store: S3Store, lake: Lake) -> catalog.Manifest:
+def assert_equals_duckdb_and_the_recompute(
+    store: S3Store, lake: Lake, project: Project = PROJECT
+) -> catalog.Manifest:
     manifest = catalog.current(store)
     assert manifest is not None and manifest.engine == "spark"
     assert_views_equal(store, manifest, lake.records)
     settings = Settings(partitions=lake.partitions, slice_seconds=1)
     store_copy = S3Store(f"{store.url}-duckdb", store.endpoint_url)
     write_lake(store_copy, lake)
-    by_duckdb = run_batch(settings, PROJECT, store_copy, DuckDBEngine())
+    by_duckdb = run_batch(settings, project, store_copy, DuckDBEngine())
     assert by_duckdb.cut == manifest.cut and by_duckdb.rows_read == manifest.rows_read
     assert_views_equal(store_copy, by_duckdb, lake.records)
     return manifest
@@ -123,10 +132,12 @@ def test_the_batch_job_on_a_standalone_cluster_equals_duckdb(cluster, s3_server,
     """The EMR entry point, spark-submitted to a master and two workers: its executors (other
     JVMs) read the master dataset from the S3 server through s3a."""
     store, lake = s3_lake(s3_server, bucket, seed=1)
-    done = submit_entry_point(cluster, ENTRY_POINT, [json.dumps(job_settings(store, lake))])
+    settings = job_settings(store, lake, "test_spark_cluster:SMOKE")
+    done = submit_entry_point(cluster, ENTRY_POINT, [json.dumps(settings)])
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
-    manifest = assert_equals_duckdb_and_the_recompute(store, lake)
+    manifest = assert_equals_duckdb_and_the_recompute(store, lake, SMOKE)
+    assert set(manifest.views) == set(SMOKE.views)
     assert summary["version"] == manifest.version and summary["engine"] == "spark"
     status = cluster.status() or {}
     [app] = status["completedapps"]  # the job ran on the cluster's executors
