@@ -15,14 +15,13 @@ from typing import Any
 import boto3
 import pytest
 from batch_lakes import PROJECT
-from test_batch_spark import SCHEDULED_EVENT, write_pageviews
+from test_batch_spark import invoke_nightly, write_pageviews
 
 from lambdalake import catalog, master
 from lambdalake.batch.duckdb_engine import DuckDBEngine
 from lambdalake.batch.run import run_batch
-from lambdalake.functions import emr, environment
-from lambdalake.functions.runtime.function import FunctionError, LocalFunction
-from lambdalake.functions.runtime.template import load_template
+from lambdalake.functions import emr
+from lambdalake.functions.runtime.function import FunctionError
 from lambdalake.settings import Settings
 from lambdalake.storage import S3Store
 
@@ -36,9 +35,15 @@ def emr_client(s3_server: str) -> Any:
 
 
 @pytest.fixture
-def application(emr_client: Any) -> str:
-    created = emr_client.create_application(name=f"lake-{uuid.uuid4().hex[:6]}",
-                                            releaseLabel="emr-7.9.0", type="SPARK")
+def application(s3_server: str) -> str:
+    return new_application(s3_server)
+
+
+def new_application(endpoint: str) -> str:
+    """A Spark application on moto's EMR Serverless."""
+    client = boto3.client("emr-serverless", endpoint_url=endpoint)
+    created = client.create_application(name=f"lake-{uuid.uuid4().hex[:6]}",
+                                        releaseLabel="emr-7.9.0", type="SPARK")
     return created["applicationId"]
 
 
@@ -56,20 +61,13 @@ def lake(s3_server: str) -> S3Store:
 
 def emr_settings(store: S3Store, application: str, **overrides: Any) -> Settings:
     return Settings(**{
-        "store": store.url, "s3_endpoint_url": store.endpoint_url, "partitions": 1, "slice_seconds": 1,
+        "store": store.url, "s3_endpoint_url": store.endpoint_url, "partitions": 1,
+        "slice_seconds": 1,
         "project": "batch_lakes:PROJECT", "batch_engine": "spark",
         "spark_master": "emr-serverless", "emr_application_id": application,
         "emr_execution_role_arn": ROLE, "emr_endpoint_url": store.endpoint_url,
         "emr_spark_parameters": PARAMETERS, "emr_poll_seconds": 0.1, **overrides,
     })
-
-
-def nightly(settings: Settings) -> dict[str, Any]:
-    environment.bind(settings)
-    try:
-        return LocalFunction(load_template().functions["NightlyBatch"]).invoke(SCHEDULED_EVENT)
-    finally:
-        environment.bind(None)
 
 
 def job_runs(client: Any, application: str) -> list[dict[str, Any]]:
@@ -79,7 +77,7 @@ def job_runs(client: Any, application: str) -> list[dict[str, Any]]:
 def test_the_nightly_function_submits_the_spark_job_to_emr_serverless(
     lake, application, emr_client
 ):
-    summary = nightly(emr_settings(lake, application))
+    summary = invoke_nightly(emr_settings(lake, application))
     [listed] = job_runs(emr_client, application)
     run = emr_client.get_job_run(applicationId=application, jobRunId=listed["id"])["jobRun"]
     assert summary["job_run_id"] == run["jobRunId"]
@@ -106,7 +104,7 @@ def test_a_reinvocation_resumes_the_run_in_flight_instead_of_starting_another(
     started = emr_client.start_job_run(**emr.job_request(emr_settings(lake, application), "t1"))
     lake.put(emr.IN_FLIGHT, json.dumps({"applicationId": application,
                                         "jobRunId": started["jobRunId"]}).encode())
-    summary = nightly(emr_settings(lake, application))
+    summary = invoke_nightly(emr_settings(lake, application))
     assert summary["job_run_id"] == started["jobRunId"]
     assert len(job_runs(emr_client, application)) == 1
     assert not lake.exists(emr.IN_FLIGHT)
@@ -118,17 +116,17 @@ def test_a_cancelled_job_run_fails_the_invocation_naming_it(lake, application, e
     lake.put(emr.IN_FLIGHT, json.dumps({"applicationId": application,
                                         "jobRunId": started["jobRunId"]}).encode())
     with pytest.raises(FunctionError, match=f"job run {started['jobRunId']} ended CANCELLED"):
-        nightly(emr_settings(lake, application))
+        invoke_nightly(emr_settings(lake, application))
     assert not lake.exists(emr.IN_FLIGHT)  # the next night starts a new run
 
 
 @pytest.mark.parametrize("missing", ["emr_application_id", "emr_execution_role_arn"])
 def test_emr_serverless_without_its_application_or_role_is_refused(lake, missing):
     with pytest.raises(FunctionError, match=f"needs {missing} set"):
-        nightly(emr_settings(lake, "app", **{missing: ""}))
+        invoke_nightly(emr_settings(lake, "app", **{missing: ""}))
 
 
 @pytest.mark.parametrize("master_url", ["local[2]", "spark://spark-master:7077"])
 def test_the_nightly_function_never_runs_a_spark_driver_itself(lake, master_url):
     with pytest.raises(FunctionError, match="never runs a Spark driver itself"):
-        nightly(emr_settings(lake, "app", spark_master=master_url))
+        invoke_nightly(emr_settings(lake, "app", spark_master=master_url))

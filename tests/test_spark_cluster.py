@@ -20,11 +20,13 @@ from pathlib import Path
 import boto3
 import pytest
 from test_batch import PROJECT, Lake, assert_views_equal, write_lake
+from test_batch_spark import invoke_nightly
+from test_emr_serverless import emr_settings, new_application
 
 from lambdalake import catalog
 from lambdalake.batch.duckdb_engine import DuckDBEngine
 from lambdalake.batch.run import run_batch
-from lambdalake.batch.spark_engine import SparkEngine
+from lambdalake.batch.spark_engine import spark_session
 from lambdalake.events import Event
 from lambdalake.functions import emr
 from lambdalake.master import Archived
@@ -162,17 +164,18 @@ def test_a_refused_job_exits_1_with_one_line(cluster, s3_server, bucket):
 
 @pytest.mark.long
 @pytest.mark.spark
-def test_the_batch_through_spark_connect_equals_duckdb(cluster, s3_server, bucket):
-    """A Spark Connect server driving the cluster; the engine is its `sc://` client."""
+def test_the_nightly_batch_through_spark_connect_equals_duckdb(cluster, s3_server, bucket):
+    """The nightly function as a Spark Connect client (`sc://`): every job runs on the
+    server's cluster, none in the function."""
     store, lake = s3_lake(s3_server, bucket, seed=3)
+    settings = Settings(**job_settings(store, lake), batch_engine="spark")
     with SparkConnect(cluster) as connect:
-        engine = SparkEngine(connect.url)
         try:
-            settings = Settings(partitions=lake.partitions, slice_seconds=1)
-            run_batch(settings, PROJECT, store, engine)
+            summary = invoke_nightly(settings.model_copy(update={"spark_master": connect.url}))
         finally:
-            engine.spark.stop()
-    assert_equals_duckdb_and_the_recompute(store, lake)
+            spark_session(connect.url).stop()
+    manifest = assert_equals_duckdb_and_the_recompute(store, lake)
+    assert summary["version"] == manifest.version and summary["engine"] == "spark"
 
 
 @pytest.mark.long
@@ -216,11 +219,9 @@ def test_the_job_the_nightly_function_submits_runs_on_the_cluster(cluster, s3_se
     """The request moto's EMR Serverless recorded, spark-submitted as it is: the script object
     it names on S3, its arguments, its spark-submit parameters."""
     store, lake = s3_lake(s3_server, bucket, seed=5)
-    settings = Settings(store=store.url, s3_endpoint_url=s3_server, project="test_batch:PROJECT",
-                        partitions=lake.partitions, slice_seconds=1, batch_engine="spark",
-                        spark_master="emr-serverless", emr_application_id=application(s3_server),
-                        emr_execution_role_arn=ROLE, emr_endpoint_url=s3_server,
-                        emr_spark_parameters="--conf spark.executor.memory=512m")
+    settings = emr_settings(store, new_application(s3_server), project="test_batch:PROJECT",
+                            partitions=lake.partitions,
+                            emr_spark_parameters="--conf spark.executor.memory=512m")
     job = emr.EmrBatch(settings, store)
     job_run_id = job.submit(uuid.uuid4().hex)
     recorded = job.client.get_job_run(applicationId=settings.emr_application_id,
@@ -232,12 +233,3 @@ def test_the_job_the_nightly_function_submits_runs_on_the_cluster(cluster, s3_se
                         env={"PYTHONPATH": str(TESTS)})
     assert done.returncode == 0, done.stderr[-3000:]
     assert_equals_duckdb_and_the_recompute(store, lake)
-
-
-ROLE = "arn:aws:iam::123456789012:role/lambdalake-batch"
-
-
-def application(endpoint: str) -> str:
-    client = boto3.client("emr-serverless", endpoint_url=endpoint)
-    return client.create_application(name="lambdalake", releaseLabel="emr-7.9.0",
-                                     type="SPARK")["applicationId"]
