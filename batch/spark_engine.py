@@ -169,7 +169,7 @@ class SparkEngine:
         """The view's table as Spark computes it over the objects in today's schema and
         those written with an older one, and the master rows read below the cut."""
         schema = master.arrow_schema(event_schema)
-        read = Observation()
+        read = observation(self.spark)
         rows = self._read(store, keys, event_schema).where(F.col("arrival") < cut)
         rows = rows.observe(read, F.count(F.lit(1)).alias("rows"))
         return view_frame(view, schema, rows).toArrow(), read.get["rows"]
@@ -186,6 +186,16 @@ class SparkEngine:
         if older:
             frames.append(self.spark.createDataFrame(read_rows(store, older, event_schema)))
         return functools.reduce(lambda one, other: one.unionByName(other), frames)
+
+
+def observation(spark: SparkSession) -> Observation:
+    """An `Observation` of the session's kind: a Spark Connect session takes only its own,
+    which `Observation()` gives only in a process started in Connect mode."""
+    if type(spark).__module__.startswith("pyspark.sql.connect"):
+        from pyspark.sql.connect.observation import Observation as ConnectObservation
+
+        return ConnectObservation()
+    return Observation()
 
 
 def view_frame(view: View, schema: pa.Schema, rows: DataFrame) -> DataFrame:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -33,7 +35,7 @@ from lambdalake.master import Archived
 from lambdalake.project import Project
 from lambdalake.settings import Settings
 from lambdalake.storage import S3Store
-from lambdalake.testing.spark import SparkCluster, SparkConnect, spark_submit
+from lambdalake.testing.spark import SparkCluster, SparkConnect, spark_env, spark_submit
 
 TESTS = Path(__file__).parent
 ENTRY_POINT = Path(emr.__file__).parent.parent / "batch" / "emr_entry.py"
@@ -164,6 +166,23 @@ def test_a_refused_job_exits_1_with_one_line(cluster, s3_server, bucket):
 
 @pytest.mark.long
 @pytest.mark.spark
+def test_the_cli_batch_drives_the_cluster_from_here(cluster, s3_server, bucket):
+    """`lambdalake batch run --engine spark --master spark://…`: the driver in the CLI's
+    process, the s3a jars shipped to the executors in `spark.jars`."""
+    store, lake = s3_lake(s3_server, bucket, seed=7)
+    settings = job_settings(store, lake)
+    env = spark_env({f"LAMBDALAKE_{name.upper()}": str(value) for name, value in settings.items()}
+                    | {"PYTHONPATH": str(TESTS)})
+    command = [sys.executable, "-m", "lambdalake.stack.cli", "batch", "run", "--engine", "spark",
+               "--master", cluster.master_url]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "published" in done.stdout
+    assert_equals_duckdb_and_the_recompute(store, lake)
+
+
+@pytest.mark.long
+@pytest.mark.spark
 def test_the_nightly_batch_through_spark_connect_equals_duckdb(cluster, s3_server, bucket):
     """The nightly function as a Spark Connect client (`sc://`): every job runs on the
     server's cluster, none in the function."""
@@ -180,23 +199,29 @@ def test_the_nightly_batch_through_spark_connect_equals_duckdb(cluster, s3_serve
 
 @pytest.mark.long
 @pytest.mark.spark
-def test_the_master_killed_mid_run_then_a_rerun_succeeds(cluster, s3_server, bucket):
-    """kill -9 of the master while the job runs: the run either completes (the executors
-    it already has carry on) or fails with one line, and publishes nothing half-done;
-    with the master back, a rerun publishes the exact answer."""
+def test_the_master_killed_mid_run_then_down_then_back(cluster, s3_server, bucket):
+    """kill -9 of the master while a job runs: the job keeps the executors it was given (the
+    master is not on the data path) and publishes the exact answer. A job submitted while
+    the master is down fails with one line and publishes nothing (after Spark's three
+    20 s registration attempts); with the master back, its rerun publishes the exact answer."""
     store, lake = s3_lake(s3_server, bucket, seed=4)
-    arguments = [json.dumps(job_settings(store, lake))]
     killer = threading.Thread(target=kill_master_once_running, args=(cluster,))
     killer.start()
-    first = submit_entry_point(cluster, ENTRY_POINT, arguments)
+    running = submit_entry_point(cluster, ENTRY_POINT, [json.dumps(job_settings(store, lake))])
     killer.join()
+    assert running.returncode == 0, running.stdout[-3000:]
+    assert_equals_duckdb_and_the_recompute(store, lake)
+
+    store, lake = s3_lake(s3_server, bucket, seed=6)
+    arguments = [json.dumps(job_settings(store, lake))]
+    refused = submit_entry_point(cluster, ENTRY_POINT, arguments)
+    assert refused.returncode == 1
+    [line] = [ln for ln in refused.stdout.splitlines() if ln.startswith("lambdalake batch job:")]
+    assert "failed" in line and catalog.current(store) is None
     cluster.start_master()
     cluster.wait_for_workers()
-    if first.returncode != 0:
-        assert "lambdalake batch job:" in first.stdout + first.stderr
-        assert catalog.current(store) is None
-        done = submit_entry_point(cluster, ENTRY_POINT, arguments)
-        assert done.returncode == 0, done.stderr[-3000:]
+    done = submit_entry_point(cluster, ENTRY_POINT, arguments)
+    assert done.returncode == 0, done.stdout[-3000:]
     assert_equals_duckdb_and_the_recompute(store, lake)
 
 

@@ -33,6 +33,8 @@ from lambdalake.testing import free_port
 
 CONNECT_SERVER = "org.apache.spark.sql.connect.service.SparkConnectServer"
 QUICK_JVM = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
+# The master's and workers' heap (spark-submit takes it for a Connect server too: not there).
+DAEMON = {"SPARK_DAEMON_MEMORY": "256m"}
 
 
 def s3a_jars() -> list[str]:
@@ -52,7 +54,6 @@ def spark_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return os.environ | {
         "SPARK_HOME": str(spark_home()),
         "SPARK_LOCAL_IP": "127.0.0.1",
-        "SPARK_DAEMON_MEMORY": "256m",  # master and worker JVMs; executors are sized apart
         "SPARK_DAEMON_JAVA_OPTS": QUICK_JVM,
         "PYSPARK_PYTHON": sys.executable,
         "PYSPARK_DRIVER_PYTHON": sys.executable,
@@ -66,12 +67,14 @@ def conf_args(conf: dict[str, str]) -> list[str]:
 class SparkProcess:
     """One JVM started by a Spark script, in a session of its own, logging to a file."""
 
-    def __init__(self, name: str, command: Sequence[str], folder: Path):
+    def __init__(
+        self, name: str, command: Sequence[str], folder: Path, env: dict[str, str] | None = None
+    ):
         self.name, self.log_path = name, folder / f"{name}.log"
         self._log: IO[bytes] = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             list(command), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=spark_env(), cwd=folder, start_new_session=True,
+            env=spark_env(env), cwd=folder, start_new_session=True,
         )
 
     @property
@@ -180,7 +183,7 @@ class SparkCluster:
             str(spark_home() / "bin" / "spark-class"), "org.apache.spark.deploy.master.Master",
             "--host", "127.0.0.1", "--port", str(self.port), "--webui-port", str(self.ui_port),
         ]
-        self.master = SparkProcess("master", command, self.folder)
+        self.master = SparkProcess("master", command, self.folder, DAEMON)
         self.master.wait_for(lambda: self.status() is not None, self.startup_timeout)
 
     def kill_master(self) -> None:
@@ -194,7 +197,7 @@ class SparkCluster:
             "--cores", str(self.worker_cores), "--memory", self.worker_memory,
             "--work-dir", str(self.folder / f"worker-{n}"), self.master_url,
         ]
-        return SparkProcess(f"worker-{n}", command, self.folder)
+        return SparkProcess(f"worker-{n}", command, self.folder, DAEMON)
 
     def status(self) -> dict | None:
         """The master's JSON status (workers, applications), None while it does not answer."""
@@ -249,7 +252,7 @@ class SparkConnect:
         conf |= {
             "spark.connect.grpc.binding.address": "127.0.0.1",
             "spark.connect.grpc.binding.port": str(self.port),
-            "spark.driver.memory": "512m",
+            "spark.driver.memory": "768m",  # Spark refuses a driver under 450 MB
         }
         command = submit_command(master, conf, ["--class", CONNECT_SERVER, "spark-internal"])
         self.process = SparkProcess("connect", command, self.folder)
