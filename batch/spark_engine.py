@@ -3,7 +3,9 @@ server (`sc://…`) or the driver spark-submit started (`SUBMITTED`: EMR Serverl
 entry point `batch/emr_entry.py`); master Parquet read over `file://` or `s3a://`.
 
 The engine uses DataFrame APIs only (no RDD, no SparkContext), so a Spark Connect session
-runs it unchanged; the s3a jars are then the server's (`lambdalake.testing.spark`).
+runs it unchanged; the s3a jars are then the server's (`lambdalake.testing.spark`). pyspark
+turns the whole process to Connect mode with its first Connect session (the environment
+variable `SPARK_CONNECT_MODE_ENABLED`): a process holds Connect sessions or classic ones.
 
 Each view becomes one DataFrame job translated from its definition: the event type's objects
 (an S3 store's endpoint and credentials passed as s3a read options), arrival < cut, one copy

@@ -183,9 +183,14 @@ def test_the_cli_batch_drives_the_cluster_from_here(cluster, s3_server, bucket):
 
 @pytest.mark.long
 @pytest.mark.spark
-def test_the_nightly_batch_through_spark_connect_equals_duckdb(cluster, s3_server, bucket):
+def test_the_nightly_batch_through_spark_connect_equals_duckdb(
+    cluster, s3_server, bucket, monkeypatch
+):
     """The nightly function as a Spark Connect client (`sc://`): every job runs on the
     server's cluster, none in the function."""
+    # pyspark turns the whole process to Connect mode (this variable) with the first Connect
+    # session: set here, it is removed at the end, so later tests get classic sessions again.
+    monkeypatch.setenv("SPARK_CONNECT_MODE_ENABLED", "1")
     store, lake = s3_lake(s3_server, bucket, seed=3)
     settings = Settings(**job_settings(store, lake), batch_engine="spark")
     with SparkConnect(cluster) as connect:

@@ -33,6 +33,7 @@ from lambdalake.testing import free_port
 
 CONNECT_SERVER = "org.apache.spark.sql.connect.service.SparkConnectServer"
 QUICK_JVM = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
+CONNECT_MODE = ("SPARK_CONNECT_MODE_ENABLED", "SPARK_REMOTE", "SPARK_LOCAL_REMOTE")
 # The master's and workers' heap (spark-submit takes it for a Connect server too: not there).
 DAEMON = {"SPARK_DAEMON_MEMORY": "256m"}
 
@@ -50,8 +51,11 @@ def spark_home() -> Path:
 
 
 def spark_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of every Spark process: loopback only, this interpreter for Python."""
-    return os.environ | {
+    """The environment of every Spark process: loopback only, this interpreter for Python,
+    and never Spark Connect mode (pyspark sets it in the environment of a process that opened
+    a Connect session; a driver inheriting it would look for a Connect server)."""
+    inherited = {k: v for k, v in os.environ.items() if k not in CONNECT_MODE}
+    return inherited | {
         "SPARK_HOME": str(spark_home()),
         "SPARK_LOCAL_IP": "127.0.0.1",
         "SPARK_DAEMON_JAVA_OPTS": QUICK_JVM,
