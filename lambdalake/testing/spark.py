@@ -149,7 +149,7 @@ class SparkCluster:
             "spark.driver.host": "127.0.0.1",
             "spark.driver.bindAddress": "127.0.0.1",
             "spark.ui.enabled": "false",
-            "spark.sql.shuffle.partitions": str(2 * self.workers),
+            "spark.sql.shuffle.partitions": str(self.workers),
             # The s3a jars from this machine's disk (every worker is here): shipping the AWS
             # SDK bundle (700 MB) to each executor would cost more than the job.
             "spark.executor.extraClassPath": os.pathsep.join(s3a_jars()),
