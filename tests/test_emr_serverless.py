@@ -15,6 +15,7 @@ from typing import Any
 import boto3
 import pytest
 from batch_lakes import PROJECT
+from moto.emrserverless.models import emrserverless_backends
 from test_batch_spark import invoke_nightly, write_pageviews
 
 from lambdalake import catalog, master
@@ -130,3 +131,23 @@ def test_emr_serverless_without_its_application_or_role_is_refused(lake, missing
 def test_the_nightly_function_never_runs_a_spark_driver_itself(lake, master_url):
     with pytest.raises(FunctionError, match="never runs a Spark driver itself"):
         invoke_nightly(emr_settings(lake, "app", spark_master=master_url))
+
+
+def test_a_run_still_going_when_time_runs_out_is_resumed_by_the_next_invocation(
+    lake, application, emr_client
+):
+    """The S3 server runs in this process: its EMR Serverless holds the run RUNNING (moto's
+    runs are SUCCESS at once otherwise), as a long batch would be."""
+    settings = emr_settings(lake, application)
+    started = emr_client.start_job_run(**emr.job_request(settings, "t3"))["jobRunId"]
+    lake.put(emr.IN_FLIGHT, json.dumps({"applicationId": application,
+                                        "jobRunId": started}).encode())
+    held = emrserverless_backends["123456789012"]["us-east-1"].get_job_run(application, started)
+    held.state = "RUNNING"
+    with pytest.raises(emr.JobRunInFlight, match=f"{started} is still RUNNING"):
+        emr.EmrBatch(settings, lake).run("t4", lambda: emr.MARGIN_SECONDS)  # no time left
+    assert lake.exists(emr.IN_FLIGHT)
+    held.state = "SUCCESS"
+    job_run = emr.EmrBatch(settings, lake).run("t4", lambda: 600.0)
+    assert job_run["jobRunId"] == started and not lake.exists(emr.IN_FLIGHT)
+    assert len(job_runs(emr_client, application)) == 1
