@@ -184,6 +184,7 @@ def test_the_cli_batch_drives_the_cluster_from_here(cluster, s3_server, bucket):
 
 @pytest.mark.long
 @pytest.mark.spark
+@pytest.mark.timeout(900)  # 3-5 minutes on this machine under load
 def test_the_nightly_batch_through_spark_connect_equals_duckdb(
     cluster, s3_server, bucket, monkeypatch
 ):
@@ -247,6 +248,7 @@ def kill_master_once_running(cluster: SparkCluster, timeout: float = 120.0) -> N
 
 @pytest.mark.long
 @pytest.mark.spark
+@pytest.mark.timeout(900)  # 3-5 minutes on this machine under load
 def test_the_job_the_nightly_function_submits_runs_on_the_cluster(cluster, s3_server, bucket):
     """The request moto's EMR Serverless recorded, spark-submitted as it is: the script object
     it names on S3, its arguments, its spark-submit parameters."""
