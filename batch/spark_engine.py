@@ -275,12 +275,14 @@ def spark_session(master_url: str = "local[*]", conf: Mapping[str, str] | None =
     A Spark Connect URL (`sc://host:port`) opens a remote session: the server has its jars.
     `SUBMITTED` joins the session of a driver spark-submit (or EMR Serverless) started.
     """
-    builder = SparkSession.builder
+    builder, defaults = SparkSession.builder, DEFAULT_CONF
     if master_url.startswith(CONNECT):
         builder = builder.remote(master_url)
+        # a session on a server takes runtime SQL settings only; the server set its own
+        defaults = {name: v for name, v in DEFAULT_CONF.items() if name.startswith("spark.sql.")}
     elif master_url != SUBMITTED:
         builder = builder.master(master_url).config(map=_classpath(master_url))
-    for name, value in (DEFAULT_CONF | dict(conf or {})).items():
+    for name, value in (defaults | dict(conf or {})).items():
         builder = builder.config(name, value)
     return builder.getOrCreate()
 
