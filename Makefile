@@ -16,7 +16,7 @@ $(VENV)/.run-deps: pyproject.toml | $(BIN)/python
 SCRIPTS := lambdalake/scripts
 
 $(VENV)/.test-deps: pyproject.toml $(SCRIPTS)/kafka_fetch.sh $(SCRIPTS)/spark_jars.sh | $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev,kafka,spark]'
+	$(BIN)/pip install -q -e '.[dev,kafka,spark,spark-connect]'
 	bash $(SCRIPTS)/kafka_fetch.sh >/dev/null
 	PYTHON=$(BIN)/python bash $(SCRIPTS)/spark_jars.sh >/dev/null
 	# the dashboard test drives Debian's chromium; Playwright never downloads a browser

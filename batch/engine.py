@@ -16,6 +16,9 @@ from lambdalake.storage import ObjectStore
 from lambdalake.views import View
 
 ROWS_READ = b"lambdalake.rows_read"
+# The Spark "master" of a driver that spark-submit (or EMR Serverless) started: the session
+# it set up, with its master and jars (`batch/emr_entry.py`).
+SUBMITTED = "submitted"
 # The exact kinds as SQL aggregates over a quoted column, which DuckDB and Spark SQL read
 # alike; each engine's table of kinds takes them from here.
 EXACT_SQL = {

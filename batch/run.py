@@ -106,6 +106,18 @@ def run_from_settings(
     return run_batch(settings, project, store, engine, incremental=incremental, progress=progress)
 
 
+def summarize(manifest: Manifest) -> dict[str, Any]:
+    """A published version in brief: what a schedule or a job reports."""
+    return {
+        "version": manifest.version,
+        "cut": iso(manifest.cut),
+        "engine": manifest.engine,
+        "rows_read": manifest.rows_read,
+        "rows_written": sum(files.rows for files in manifest.views.values()),
+        "views": {name: files.rows for name, files in manifest.views.items()},
+    }
+
+
 def batch_lease(settings: Settings, store: ObjectStore, owner: str) -> Lease:
     return Lease(store, catalog.LEASE, owner, settings.batch_lease_seconds)
 

@@ -1,5 +1,11 @@
-"""The Spark batch engine: PySpark on `local[*]` or any cluster master, master Parquet read over
-`file://` or `s3a://`.
+"""The Spark batch engine: PySpark on `local[*]`, a cluster master (`spark://…`), a Spark Connect
+server (`sc://…`) or the driver spark-submit started (`SUBMITTED`: EMR Serverless, the job's
+entry point `batch/emr_entry.py`); master Parquet read over `file://` or `s3a://`.
+
+The engine uses DataFrame APIs only (no RDD, no SparkContext), so a Spark Connect session
+runs it unchanged; the s3a jars are then the server's (`lambdalake.testing.spark`). pyspark
+turns the whole process to Connect mode with its first Connect session (the environment
+variable `SPARK_CONNECT_MODE_ENABLED`): a process holds Connect sessions or classic ones.
 
 Each view becomes one DataFrame job translated from its definition: the event type's objects
 (an S3 store's endpoint and credentials passed as s3a read options), arrival < cut, one copy
@@ -41,7 +47,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema, from_arrow_type
 
 from lambdalake import master
-from lambdalake.batch.engine import EXACT_SQL, with_rows_read
+from lambdalake.batch.engine import EXACT_SQL, SUBMITTED, with_rows_read
 from lambdalake.batch.objects import read_all, read_rows, written_schema
 from lambdalake.events import EventSchema
 from lambdalake.monoids import Monoid
@@ -60,6 +66,7 @@ DEFAULT_CONF = {
         "org.apache.spark.sql.execution.adaptive.AQEPropagateEmptyRelation",
 }
 DEDUP_ORDER = ("arrival", "partition", "offset")
+CONNECT = "sc://"
 _S3A_PROVIDERS = {
     False: "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider",
     True: "org.apache.hadoop.fs.s3a.TemporaryAWSCredentialsProvider",
@@ -164,7 +171,7 @@ class SparkEngine:
         """The view's table as Spark computes it over the objects in today's schema and
         those written with an older one, and the master rows read below the cut."""
         schema = master.arrow_schema(event_schema)
-        read = Observation()
+        read = observation(self.spark)
         rows = self._read(store, keys, event_schema).where(F.col("arrival") < cut)
         rows = rows.observe(read, F.count(F.lit(1)).alias("rows"))
         return view_frame(view, schema, rows).toArrow(), read.get["rows"]
@@ -180,7 +187,17 @@ class SparkEngine:
             frames.append(reader.parquet(*(f"{store_uri(store)}/{key}" for key in current)))
         if older:
             frames.append(self.spark.createDataFrame(read_rows(store, older, event_schema)))
-        return functools.reduce(DataFrame.unionByName, frames)
+        return functools.reduce(lambda one, other: one.unionByName(other), frames)
+
+
+def observation(spark: SparkSession) -> Observation:
+    """An `Observation` of the session's kind: a Spark Connect session takes only its own,
+    which `Observation()` gives only in a process started in Connect mode."""
+    if type(spark).__module__.startswith("pyspark.sql.connect"):
+        from pyspark.sql.connect.observation import Observation as ConnectObservation
+
+        return ConnectObservation()
+    return Observation()
 
 
 def view_frame(view: View, schema: pa.Schema, rows: DataFrame) -> DataFrame:
@@ -255,16 +272,26 @@ def spark_session(master_url: str = "local[*]", conf: Mapping[str, str] | None =
 
     On `local[...]` the jars go on the driver's class path; for a cluster in `spark.jars`,
     which ships them to the executors (the AWS SDK bundle is large: copied per session).
+    A Spark Connect URL (`sc://host:port`) opens a remote session: the server has its jars.
+    `SUBMITTED` joins the session of a driver spark-submit (or EMR Serverless) started.
     """
-    jars = hadoop_aws_jars()
-    if master_url.startswith("local"):
-        classpath = {"spark.driver.extraClassPath": os.pathsep.join(jars)}
-    else:
-        classpath = {"spark.jars": ",".join(jars)}
-    builder = SparkSession.builder.master(master_url)
-    for name, value in (DEFAULT_CONF | classpath | dict(conf or {})).items():
+    builder, defaults = SparkSession.builder, DEFAULT_CONF
+    if master_url.startswith(CONNECT):
+        builder = builder.remote(master_url)
+        # a session on a server takes runtime SQL settings only; the server set its own
+        defaults = {name: v for name, v in DEFAULT_CONF.items() if name.startswith("spark.sql.")}
+    elif master_url != SUBMITTED:
+        builder = builder.master(master_url).config(map=_classpath(master_url))
+    for name, value in (defaults | dict(conf or {})).items():
         builder = builder.config(name, value)
     return builder.getOrCreate()
+
+
+def _classpath(master_url: str) -> dict[str, str]:
+    jars = hadoop_aws_jars()
+    if master_url.startswith("local"):
+        return {"spark.driver.extraClassPath": os.pathsep.join(jars)}
+    return {"spark.jars": ",".join(jars)}
 
 
 @functools.cache

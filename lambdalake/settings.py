@@ -113,7 +113,27 @@ class Settings(BaseSettings):
     batch_engine: Literal["duckdb", "spark"] = Field(
         "duckdb", description="Engine of the scheduled batch run (the nightly function)."
     )
-    spark_master: str = Field("local[*]", description="Spark master URL of the spark engine.")
+    spark_master: str = Field(
+        "local[*]", description="Where the spark engine runs: local[N], a cluster master "
+        "(spark://host:7077), a Spark Connect server (sc://host:15002), or emr-serverless "
+        "(the nightly function submits the job to the EMR Serverless application).",
+    )
+    emr_application_id: str = Field("", description="EMR Serverless application of the job.")
+    emr_execution_role_arn: str = Field(
+        "", description="IAM role the EMR Serverless job runs as (reads and writes the store)."
+    )
+    emr_spark_parameters: str = Field(
+        "--conf spark.executor.cores=4 --conf spark.executor.memory=16g "
+        "--conf spark.dynamicAllocation.maxExecutors=20",
+        description="sparkSubmitParameters of the EMR Serverless job: executor sizing, and "
+        "the packed virtualenv holding lambdalake (spark.archives, PYSPARK_PYTHON).",
+    )
+    emr_endpoint_url: str | None = Field(
+        None, description="The EMR Serverless API's endpoint; none: AWS's for the region."
+    )
+    emr_poll_seconds: float = Field(
+        15.0, gt=0, description="How often the nightly function asks for the job run's state."
+    )
     flush_interval_ms: int = Field(200, ge=10, description="Speed layer publish cadence.")
     supervised: bool = Field(
         False, description="A worker started by `lambdalake up`: it exits when `up` does."

@@ -30,6 +30,7 @@ from lambdalake.functions.runtime.function import FunctionError, LocalFunction
 from lambdalake.functions.runtime.template import load_template
 from lambdalake.master import Archived
 from lambdalake.monoids import ApproxDistinct
+from lambdalake.settings import Settings
 from lambdalake.storage import FileStore, ObjectStore, S3Store
 from lambdalake.views import View
 from lambdalake.viewstate import ViewState
@@ -271,25 +272,16 @@ def nightly(lake: FileStore, event: dict, **overrides: str) -> dict:
     config = History(1, [], [], []).settings(
         store=lake.url, project="batch_lakes:PROJECT", **overrides
     )
-    environment.bind(config)
+    return invoke_nightly(config, event)
+
+
+def invoke_nightly(settings: Settings, event: dict = SCHEDULED_EVENT) -> dict:
+    """The template's NightlyBatch function invoked on `event` with `settings`."""
+    environment.bind(settings)
     try:
         return LocalFunction(load_template().functions["NightlyBatch"]).invoke(event)
     finally:
         environment.bind(None)
-
-
-@pytest.mark.spark
-def test_the_nightly_function_publishes_a_spark_run(spark, lake):
-    assert spark.spark is not None  # the session the function's engine joins (`getOrCreate`)
-    write_pageviews(lake, ["a", "b", "a"])
-    master.write_watermark(lake, 0, 3, 5_000)
-    summary = nightly(lake, SCHEDULED_EVENT, batch_engine="spark", spark_master="local[2]")
-    current = catalog.current(lake)
-    assert current is not None and summary["version"] == current.version
-    assert summary["engine"] == current.engine == "spark"
-    assert summary["cut"] == "1970-01-01T00:00:05Z" and summary["rows_read"] == 3
-    assert summary["views"]["pageviews_by_url_hour"] == 1
-    assert summary["scheduled"] == SCHEDULED_EVENT["time"]
 
 
 def test_the_nightly_function_fails_when_there_is_nothing_to_run(lake):
