@@ -47,9 +47,10 @@ NEVER_PACKAGED = frozenset({"pyspark", "py4j"})
 # Lambda's python3.11 runtime has the AWS SDK (1.34 or later); a zip leaves it out (botocore
 # alone would double its size). Images keep it, at the version the requirements pick.
 RUNTIME_PROVIDED = frozenset({"boto3", "botocore", "s3transfer", "jmespath"})
-# Imports (importing module, imported top-level name) a zip leaves out: those the slim contract
-# of the import-linter ignores (pyproject.toml): a store imports pyarrow only in `arrow()`, which readers of Parquet
-# call; a zip function writes to the store (the cdc its rejects) and never reads Parquet.
+# Imports (importing module, imported top-level name) a zip leaves out: those the
+# import-linter's slim contract ignores (pyproject.toml). A store imports pyarrow only in
+# `arrow()`, which readers of Parquet call; a zip function writes to the store (the cdc
+# its rejects) and never reads Parquet.
 ZIP_IGNORED_IMPORTS = frozenset({("lambdalake.storage", "pyarrow")})
 MAX_UNZIPPED_BYTES = 250 * 2**20
 MAX_ZIPPED_BYTES = 50 * 2**20
