@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,15 @@ from lambdalake import master
 from lambdalake.auth import KEY_HEADER
 from lambdalake.bus import events_topic
 from lambdalake.eventlog import now_ms
+from lambdalake.functions import cdc
 from lambdalake.functions.runtime.template import load_template
 from lambdalake.settings import Settings
 from lambdalake.stack.package import (
     BASE_IMAGE,
+    ENGINES,
     MAX_UNZIPPED_BYTES,
     MAX_ZIPPED_BYTES,
+    ZIP_IGNORED_IMPORTS,
     PackageError,
     handler_closure,
     install_image,
@@ -35,8 +39,9 @@ from lambdalake.stack.package import (
 from lambdalake.storage import open_store
 
 PROJECT = "lambdalake.example:project"
+ROOT = Path(__file__).resolve().parents[1]
 # installed dependency sets, kept across runs (pip's cache keeps the wheels)
-DEPS = Path(__file__).resolve().parents[1] / "build" / "functions" / ".deps"
+DEPS = ROOT / "build" / "functions" / ".deps"
 KEYS = json.dumps([{"key": "ingest-key", "scopes": ["ingest"]},
                    {"key": "query-key", "scopes": ["query"]}])
 
@@ -78,6 +83,10 @@ def lambda_env(home: Path) -> dict[str, str]:
     return {"LAMBDALAKE_HOME": str(home), "LAMBDALAKE_API_KEYS": KEYS, "PATH": "/usr/bin"}
 
 
+def requirement_names(requirements: tuple[str, ...]) -> set[str]:
+    return {r.split("<")[0].split(">")[0].split("=")[0] for r in requirements}
+
+
 def test_a_zip_function_reaching_an_engine_is_refused(tmp_path: Path):
     spec = load_template().functions["Archive"].model_copy(update={"package_type": "Zip"})
     template = load_template().model_copy(update={"functions": {"Archive": spec}})
@@ -93,16 +102,41 @@ def test_each_closure_holds_its_handler_and_no_other_part():
     assert not any(m.startswith(("lambdalake.batch", "lambdalake.serving", "lambdalake.speed",
                                  "lambdalake.stack", "lambdalake.functions.runtime"))
                    for m in ingest.modules)
-    names = {r.split("<")[0].split(">")[0] for r in ingest.requirements}
+    names = requirement_names(ingest.requirements)
     assert {"kafka-python", "pydantic"} <= names and not names & {"pyarrow", "duckdb"}
     nightly = handler_closure(functions["NightlyBatch"], PROJECT)
     assert "lambdalake.batch.run" in nightly.modules
     assert not any(r.startswith(("pyspark", "py4j")) for r in nightly.requirements)
 
 
+def test_every_zip_function_of_the_template_reaches_no_engine():
+    zips = {n: s for n, s in load_template().functions.items() if s.package_type == "Zip"}
+    assert {"Ingest", "Authorizer", "IngestQueueFunction", "Cdc"} <= zips.keys()
+    for name, spec in zips.items():
+        assert not requirement_names(handler_closure(spec, PROJECT).requirements) & {*ENGINES}, name
+
+
+def test_a_zip_leaves_out_only_what_the_slim_contract_ignores():
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    [slim] = [c for c in contracts["contracts"] if c["name"].startswith("Ingestion stays slim")]
+    assert {tuple(i.split(" -> ")) for i in slim["ignore_imports"]} == ZIP_IGNORED_IMPORTS
+    image = load_template().functions["Cdc"].model_copy(update={"package_type": "Image"})
+    assert "pyarrow" in requirement_names(handler_closure(image, PROJECT).requirements)
+
+
+def paid_order(sequence: int, **image: dict[str, str]) -> dict[str, Any]:
+    """A DynamoDB Streams record: an order inserted paid."""
+    new = {"order_id": {"S": f"o-{sequence}"}, "status": {"S": "paid"}} | image
+    return {"eventID": str(sequence), "eventSource": "aws:dynamodb", "eventName": "INSERT",
+            "eventVersion": "1.1", "awsRegion": "us-east-1",
+            "dynamodb": {"Keys": {"order_id": new["order_id"]}, "NewImage": new,
+                         "SequenceNumber": str(sequence), "StreamViewType": "NEW_AND_OLD_IMAGES",
+                         "ApproximateCreationDateTime": 1_796_000_000 + sequence}}
+
+
 def test_zip_functions_fit_lambda_and_run_from_their_zip_in_a_clean_venv(tmp_path: Path):
-    artifacts = package(load_template(), tmp_path / "build", PROJECT, ["Ingest", "Authorizer"],
-                        DEPS)
+    artifacts = package(load_template(), tmp_path / "build", PROJECT,
+                        ["Ingest", "Authorizer", "Cdc"], DEPS)
     python, home = clean_python(tmp_path), tmp_path / "home"
     for artifact in artifacts:
         assert artifact.zipped_bytes is not None and artifact.zipped_bytes < MAX_ZIPPED_BYTES
@@ -133,6 +167,20 @@ def test_zip_functions_fit_lambda_and_run_from_their_zip_in_a_clean_venv(tmp_pat
         for key in ("ingest-key", "query-key", "nope")])
     assert [a["isAuthorized"] for a in authorized] == [True, False, False]
     assert "lacks the 'ingest' scope" in authorized[1]["context"]["reason"]
+
+    # without pyarrow in its zip, the cdc still writes its rejects to the store (its own
+    # home: this process holds the embedded log of the first one open)
+    order = {"user_id": {"S": "u"}, "sku": {"S": "s"}, "amount": {"N": "4.25"}}
+    cdc_home = tmp_path / "cdc-home"
+    [captured] = invoke(python, tmp_path / "Cdc", lambda_env(cdc_home), [
+        ("lambdalake.functions.cdc.handler", {"Records": [paid_order(1, **order),
+                                                          paid_order(2, user_id={"S": "u"})]})])
+    assert captured == {"batchItemFailures": []}
+    logged = [json.loads(r.value) for p in events_topic(Settings(home=cdc_home)).partitions
+              for r in p.read(0, 100)]
+    assert [e["event_id"] for e in logged] == ["orders/order_id=o-1/paid"]
+    store = open_store(Settings(home=cdc_home).store_url)
+    assert store.list(f"{cdc.REJECTS}/") == [f"{cdc.REJECTS}/2.json"]
 
 
 def kafka_batch(partition: int, offset: int, event: dict[str, Any], arrival: int

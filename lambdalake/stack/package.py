@@ -47,6 +47,11 @@ NEVER_PACKAGED = frozenset({"pyspark", "py4j"})
 # Lambda's python3.11 runtime has the AWS SDK (1.34 or later); a zip leaves it out (botocore
 # alone would double its size). Images keep it, at the version the requirements pick.
 RUNTIME_PROVIDED = frozenset({"boto3", "botocore", "s3transfer", "jmespath"})
+# Imports (importing module, imported top-level name) a zip leaves out: those the
+# import-linter's slim contract ignores (pyproject.toml). A store imports pyarrow only in
+# `arrow()`, which readers of Parquet call; a zip function writes to the store (the cdc
+# its rejects) and never reads Parquet.
+ZIP_IGNORED_IMPORTS = frozenset({("lambdalake.storage", "pyarrow")})
 MAX_UNZIPPED_BYTES = 250 * 2**20
 MAX_ZIPPED_BYTES = 50 * 2**20
 LAMBDA_WHEELS = ("--platform", "manylinux2014_x86_64", "--only-binary=:all:",
@@ -112,8 +117,10 @@ def _imported_names(module: str, is_package: bool, tree: ast.AST) -> Iterator[st
         yield from (f"{base}.{alias.name}" for alias in node.names)
 
 
-def import_closure(roots: Iterable[str]) -> Closure:
-    """The first-party modules `roots` reach and the distributions of the rest."""
+def import_closure(roots: Iterable[str],
+                   ignored: frozenset[tuple[str, str]] = frozenset()) -> Closure:
+    """The first-party modules `roots` reach and the distributions of the rest, but for the
+    `ignored` imports (importing module, imported top-level name)."""
     first_party = {root.partition(".")[0] for root in roots} | {FIRST_PARTY}
     modules: set[str] = set()
     third_party: set[str] = set()
@@ -130,6 +137,8 @@ def import_closure(roots: Iterable[str]) -> Closure:
         tree = ast.parse(Path(spec.origin).read_text(), spec.origin)
         for imported in _imported_names(name, spec.submodule_search_locations is not None, tree):
             top = imported.partition(".")[0]
+            if (name, top) in ignored:
+                continue
             if top in first_party:
                 if imported not in modules and _is_module(imported):
                     todo.append(imported)
@@ -159,7 +168,8 @@ def _name(requirement: str) -> str:
 
 
 def handler_closure(spec: FunctionSpec, project: str) -> Closure:
-    return import_closure([spec.handler.rpartition(".")[0], project.partition(":")[0]])
+    ignored = ZIP_IGNORED_IMPORTS if spec.package_type == "Zip" else frozenset()
+    return import_closure([spec.handler.rpartition(".")[0], project.partition(":")[0]], ignored)
 
 
 def copy_modules(modules: Iterable[str], target: Path) -> None:
