@@ -35,12 +35,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from lambdalake import catalog
+from lambdalake.batch import id_index
 from lambdalake.batch.engine import with_rows_read
 from lambdalake.batch.objects import read_all, read_rows
 from lambdalake.catalog import Manifest
@@ -99,6 +101,7 @@ def delta_object(
     Raises `CorruptObject` for a master object that is not readable Parquet.
     """
     rows, read = delta_rows(store, schema, keys, window)
+    id_index.prune(store, schema.name, keys)
     key = f"{catalog.PREFIX}/{SCRATCH}/v={version}/{schema.name}.parquet"
     sink = pa.BufferOutputStream()
     pq.write_table(rows, sink, compression="zstd")
@@ -126,21 +129,31 @@ def counted_before(
 ) -> pa.ChunkedArray:
     """Those of `ids` with a copy arriving before `since`.
 
-    The older ids are read `ID_GROUP` objects at a time and each group looked up at once:
-    `is_in` builds its hash set of `ids` per call, so one call per object would build it
-    hundreds of times, and one call for all history would hold every id in memory.
+    The id index (`batch.id_index`) names the objects that may hold one of `ids`; only
+    those are read, their `event_id` column below `since`, and looked up exactly.
     """
+    candidates = _holding(store, keys, ids) if len(ids) else []
     older = ds.field("arrival") < since
-    found = []
-    for at in range(0, len(keys) if len(ids) else 0, ID_GROUP):
-        parts = read_all(
-            store,
-            keys[at : at + ID_GROUP],
-            lambda part: part.to_table(columns=["event_id"], filter=older),
-        )
-        column = pa.chunked_array([c for p in parts for c in p["event_id"].chunks], pa.string())
-        found += pc.filter(column, pc.is_in(column, value_set=ids)).chunks
-    return pa.chunked_array(found, pa.string())
+    parts = read_all(store, candidates, lambda part: part.to_table(columns=["event_id"],
+                                                                   filter=older))
+    column = pa.chunked_array([c for p in parts for c in p["event_id"].chunks], pa.string())
+    return pc.filter(column, pc.is_in(column, value_set=ids))
+
+
+def _holding(store: ObjectStore, keys: list[str], ids: pa.Array) -> list[str]:
+    """The objects in `keys` whose index holds the hash of one of `ids`, looked up
+    `ID_GROUP` objects at a time: `is_in` builds its hash set per call, so one call per
+    object would build it hundreds of times, and one for all history would hold every
+    hash at once."""
+    wanted = pa.array(id_index.hash_ids(ids))
+    holding = []
+    for at in range(0, len(keys), ID_GROUP):
+        group = keys[at : at + ID_GROUP]
+        hashes = id_index.object_hashes(store, group)
+        owner = np.repeat(np.arange(len(group)), [len(h) for h in hashes])
+        found = pc.is_in(np.concatenate(hashes), value_set=wanted).to_numpy(zero_copy_only=False)
+        holding += [group[i] for i in np.unique(owner[found])]
+    return holding
 
 
 def merge(

@@ -149,7 +149,10 @@ def _fields(rng: np.random.Generator, unique: int, source: np.ndarray) -> dict[s
         "referrer": pa.array(np.array(synthetic.REFERRERS, dtype=object)[referrers[source]]),
         "duration_ms": rng.exponential(20_000, unique).astype(np.int64)[source],
         "sku": pick(synthetic.SKUS, sku),
-        "amount": np.round(rng.uniform(2, 200, unique), 2)[source],
+        # cents, to the decimal(18,2) the purchase's amount is (the float cast rounds)
+        "amount": pa.array(np.round(rng.uniform(2, 200, unique), 2)[source]).cast(
+            pa.decimal128(18, 2), safe=False
+        ),
     }
 
 
