@@ -8,13 +8,13 @@ grouped by bucket and keys, so the merge is a group-by over both tables.
 and the history it is checked against are one type's), as its copy with the smallest
 (arrival, partition, offset). The delta is the master rows with C1 <= arrival < C2 less every
 row whose event id has a copy arriving before C1 (the base counted that copy). History is
-checked without keeping anything per version: the `event_id` column of the rows below C1 is
-scanned, a group of objects at a time, against one hash set of the delta's ids (pyarrow
-`is_in`), so memory holds one group's ids at a time and only the ids found in both are kept.
-That column is the only one read from history (row groups wholly at or past C1 are skipped on
-their statistics). Per-version id sets were the other choice: they would save that scan, but
-grow with history just the same and must stay in step with every version, rollback and
-retention.
+checked through the id index the batch keeps (`batch.id_index`: per master object, the
+64-bit hashes of its ids, built once per object): the objects whose hashes hold one of the
+delta's are the only ones whose `event_id` column is read (below C1), and the ids found in
+both are looked up exactly there, so a hash collision costs a read, never an answer.
+Scanning every older id instead was most of an incremental run (the ids are incompressible
+strings); per-version id sets were the other choice, but would have had to stay in step with
+every version, rollback and retention, where an object's hashes never change.
 
 The delta is written as one Parquet object per event type, under `views/_delta/v=<version>/`
 in the run's own store, so every engine, a Spark cluster too, reads it as master data through
@@ -104,7 +104,7 @@ def delta_object(
     id_index.prune(store, schema.name, keys)
     key = f"{catalog.PREFIX}/{SCRATCH}/v={version}/{schema.name}.parquet"
     sink = pa.BufferOutputStream()
-    pq.write_table(rows, sink, compression="zstd")
+    pq.write_table(rows, sink, compression="lz4")  # scratch, read once: fast over small
     store.put(key, sink.getvalue().to_pybytes())
     try:
         yield key, read
@@ -188,9 +188,14 @@ def merge(
 
 
 def _union(metric: Monoid, parts: pa.ChunkedArray, arrow_type: pa.DataType) -> pa.Array:
-    """One accumulator per row from its list of them; a lone one is kept as it is."""
-    groups = parts.to_pylist()
-    return pa.array([g[0] if len(g) == 1 else metric.merge_all(g) for g in groups], arrow_type)
+    """One accumulator per row from its list of them. A lone one (the groups the delta does
+    not touch, most of them) is taken as it is, column-wise; only the others are merged."""
+    lists = parts.combine_chunks()
+    several = np.flatnonzero(pc.list_value_length(lists).to_numpy(zero_copy_only=False) > 1)
+    merged = pa.array([metric.merge_all(lists[int(i)].as_py()) for i in several], arrow_type)
+    order = np.arange(len(lists))
+    order[several] = len(lists) + np.arange(len(several))
+    return pa.concat_arrays([pc.list_element(lists, 0).cast(arrow_type), merged]).take(order)
 
 
 def _quote(name: str) -> str:
