@@ -18,7 +18,8 @@ out as the archiver lays them out. Measured on it, as master rows read per secon
   size to the last (10x the rows: linear is 10);
 - an incremental run over a full run (`run_batch`) for a day of new data on top of the last
   size, the two versions checked equal: the DuckDB engine's in the JSON, the Spark engine's
-  printed too.
+  printed too. History's objects are in the id index (`batch.id_index`) as earlier runs
+  left them; each timed incremental run indexes the day's objects itself.
 
     .venv/bin/python bench/batch.py [--sizes 1000000 10000000] [--runs 3] [--folder DIR]
 
