@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lambdalake import master, rewrite
+from lambdalake.batch import id_index
 from lambdalake.batch.engine import Engine
 from lambdalake.batch.run import BatchError, batch_lease, recompute
 from lambdalake.eventlog import now_ms
@@ -84,6 +85,8 @@ def erase(
             if lease.lost:
                 raise BatchError("erasure lost the batch lease; nothing committed")
             job.finish(job.commit())
+            for event_type in subjects:  # the replaced objects' id hashes go with them
+                id_index.prune(store, event_type, master.data_keys(store, event_type))
             manifest = recompute(settings, project, store, engine, lease)
     except LeaseHeld as exc:
         raise BatchError(f"erasure refused: {exc}") from None

@@ -8,13 +8,13 @@ grouped by bucket and keys, so the merge is a group-by over both tables.
 and the history it is checked against are one type's), as its copy with the smallest
 (arrival, partition, offset). The delta is the master rows with C1 <= arrival < C2 less every
 row whose event id has a copy arriving before C1 (the base counted that copy). History is
-checked without keeping anything per version: the `event_id` column of the rows below C1 is
-scanned, a group of objects at a time, against one hash set of the delta's ids (pyarrow
-`is_in`), so memory holds one group's ids at a time and only the ids found in both are kept.
-That column is the only one read from history (row groups wholly at or past C1 are skipped on
-their statistics). Per-version id sets were the other choice: they would save that scan, but
-grow with history just the same and must stay in step with every version, rollback and
-retention.
+checked through the id index the batch keeps (`batch.id_index`: per master object, the
+64-bit hashes of its ids, built once per object): the objects whose hashes hold one of the
+delta's are the only ones whose `event_id` column is read (below C1), and the ids found in
+both are looked up exactly there, so a hash collision costs a read, never an answer.
+Scanning every older id instead was most of an incremental run (the ids are incompressible
+strings); per-version id sets were the other choice, but would have had to stay in step with
+every version, rollback and retention, where an object's hashes never change.
 
 The delta is written as one Parquet object per event type, under `views/_delta/v=<version>/`
 in the run's own store, so every engine, a Spark cluster too, reads it as master data through
@@ -35,12 +35,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from lambdalake import catalog
+from lambdalake.batch import id_index
 from lambdalake.batch.engine import with_rows_read
 from lambdalake.batch.objects import read_all, read_rows
 from lambdalake.catalog import Manifest
@@ -99,9 +101,10 @@ def delta_object(
     Raises `CorruptObject` for a master object that is not readable Parquet.
     """
     rows, read = delta_rows(store, schema, keys, window)
+    id_index.prune(store, schema.name, keys)
     key = f"{catalog.PREFIX}/{SCRATCH}/v={version}/{schema.name}.parquet"
     sink = pa.BufferOutputStream()
-    pq.write_table(rows, sink, compression="zstd")
+    pq.write_table(rows, sink, compression="lz4")  # scratch, read once: fast over small
     store.put(key, sink.getvalue().to_pybytes())
     try:
         yield key, read
@@ -126,21 +129,31 @@ def counted_before(
 ) -> pa.ChunkedArray:
     """Those of `ids` with a copy arriving before `since`.
 
-    The older ids are read `ID_GROUP` objects at a time and each group looked up at once:
-    `is_in` builds its hash set of `ids` per call, so one call per object would build it
-    hundreds of times, and one call for all history would hold every id in memory.
+    The id index (`batch.id_index`) names the objects that may hold one of `ids`; only
+    those are read, their `event_id` column below `since`, and looked up exactly.
     """
+    candidates = _holding(store, keys, ids) if len(ids) else []
     older = ds.field("arrival") < since
-    found = []
-    for at in range(0, len(keys) if len(ids) else 0, ID_GROUP):
-        parts = read_all(
-            store,
-            keys[at : at + ID_GROUP],
-            lambda part: part.to_table(columns=["event_id"], filter=older),
-        )
-        column = pa.chunked_array([c for p in parts for c in p["event_id"].chunks], pa.string())
-        found += pc.filter(column, pc.is_in(column, value_set=ids)).chunks
-    return pa.chunked_array(found, pa.string())
+    parts = read_all(store, candidates, lambda part: part.to_table(columns=["event_id"],
+                                                                   filter=older))
+    column = pa.chunked_array([c for p in parts for c in p["event_id"].chunks], pa.string())
+    return pc.filter(column, pc.is_in(column, value_set=ids))
+
+
+def _holding(store: ObjectStore, keys: list[str], ids: pa.Array) -> list[str]:
+    """The objects in `keys` whose index holds the hash of one of `ids`, looked up
+    `ID_GROUP` objects at a time: `is_in` builds its hash set per call, so one call per
+    object would build it hundreds of times, and one for all history would hold every
+    hash at once."""
+    wanted = pa.array(id_index.hash_ids(ids))
+    holding = []
+    for at in range(0, len(keys), ID_GROUP):
+        group = keys[at : at + ID_GROUP]
+        hashes = id_index.object_hashes(store, group)
+        owner = np.repeat(np.arange(len(group)), [len(h) for h in hashes])
+        found = pc.is_in(np.concatenate(hashes), value_set=wanted).to_numpy(zero_copy_only=False)
+        holding += [group[i] for i in np.unique(owner[found])]
+    return holding
 
 
 def merge(
@@ -175,9 +188,14 @@ def merge(
 
 
 def _union(metric: Monoid, parts: pa.ChunkedArray, arrow_type: pa.DataType) -> pa.Array:
-    """One accumulator per row from its list of them; a lone one is kept as it is."""
-    groups = parts.to_pylist()
-    return pa.array([g[0] if len(g) == 1 else metric.merge_all(g) for g in groups], arrow_type)
+    """One accumulator per row from its list of them. A lone one (the groups the delta does
+    not touch, most of them) is taken as it is, column-wise; only the others are merged."""
+    lists = parts.combine_chunks()
+    several = np.flatnonzero(pc.list_value_length(lists).to_numpy(zero_copy_only=False) > 1)
+    merged = pa.array([metric.merge_all(lists[int(i)].as_py()) for i in several], arrow_type)
+    order = np.arange(len(lists))
+    order[several] = len(lists) + np.arange(len(several))
+    return pa.concat_arrays([pc.list_element(lists, 0).cast(arrow_type), merged]).take(order)
 
 
 def _quote(name: str) -> str:

@@ -31,7 +31,7 @@ from lambdalake.storage import ObjectStore
 
 T = TypeVar("T")
 PARQUET = ds.ParquetFileFormat()
-_READERS = 16  # objects read at once: on S3 each read is mostly waiting for the network
+READERS = 16  # objects read at once: on S3 each read is mostly waiting for the network
 
 
 class ObjectReader:
@@ -58,7 +58,7 @@ def read_all(
 ) -> list[T]:
     """`scan` of every object in `keys`, many at once; the first corrupt one raises."""
     reader = ObjectReader(store)
-    with ThreadPoolExecutor(_READERS) as pool:
+    with ThreadPoolExecutor(READERS) as pool:
         return list(pool.map(lambda key: reader.read(key, scan), keys))
 
 
