@@ -1,4 +1,4 @@
-"""What a Kafka speed worker process does around its driver: the bus's topics, its
+"""What a speed worker process (Kafka or Kinesis) does around its driver: the bus's topics, its
 `/healthz` and `/metrics`, stopping with `lambdalake up`, and the object store."""
 
 from __future__ import annotations
@@ -16,7 +16,13 @@ from lambdalake.storage import ObjectStore, open_store
 
 def prepare(settings: Settings) -> ObjectStore:
     """Everything a worker needs before its driver starts; the object store."""
-    ensure_bus_topics(settings)
+    if settings.bus == "kinesis":
+        from lambdalake import kinesis
+
+        kinesis.ensure_stream(kinesis.client(settings.kinesis_endpoint_url),
+                              settings.kinesis_stream, settings.partitions)
+    else:
+        ensure_bus_topics(settings)
     serve_metrics(settings)
     exit_with_supervisor(settings)
     return open_store(settings.store_url, settings.s3_endpoint_url)

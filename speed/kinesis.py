@@ -1,0 +1,265 @@
+"""The Kinesis speed driver: the kernel's view state over a Kinesis data stream, with shard
+leases in DynamoDB and each shard's state in the object store.
+
+One worker, one thread: it renews and balances its leases (`speed.kinesis_leases`), reads
+each shard it holds with GetRecords (`lambdalake.kinesis.ShardReader`: KPL de-aggregation,
+the arrival every reader of the shard agrees on), folds the records into the shard's view
+state column-wise (`PartitionState.take_all`, the Kafka drivers' own), and every
+`flush_interval_ms` writes what changed (`speed.kinesis_state`). Kinesis has no
+transactions; the sequence number a state covers is written in the same conditional write
+of the head as the state itself, so a worker killed at any moment restarts from a
+consistent pair: nothing counted twice, nothing lost. The heads and deltas are also the
+serving layer's feed (`serving.realtime_feed.StoreFeed`).
+
+Resharding: a child shard is taken only once every parent is finished (closed, read to its
+end, its final state written and its lease marked finished), and starts with its parents'
+dedup ids and final arrival. A record that is not a valid event is counted and logged with
+its shard and sequence number (the archiver keeps it in the dead letters), never blocking
+the shard.
+
+    python -m lambdalake.speed.kinesis [--worker-id NAME]  (settings from LAMBDALAKE_* variables)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from lambdalake import catalog
+from lambdalake import kinesis as streams
+from lambdalake.event_columns import BatchDecoder
+from lambdalake.eventlog import now_ms
+from lambdalake.events import Validator
+from lambdalake.project import Project, load_project
+from lambdalake.settings import Settings
+from lambdalake.shard_state import read_head
+from lambdalake.speed.kinesis_leases import Lease, LeaseLost, LeaseTable
+from lambdalake.speed.kinesis_state import Fenced, ShardState, claim
+from lambdalake.storage import ObjectStore
+
+log = logging.getLogger("lambdalake.speed.kinesis")
+IDLE_POLL_S = 0.2  # a shard read to its end is asked again at most this often (5 reads/s)
+IDLE_FLUSH_S = 1.0  # the heartbeat of a quiet shard
+CATALOG_EVERY_S = 1.0
+LIST_SHARDS_EVERY_S = 5.0
+
+
+def lease_table_name(settings: Settings) -> str:
+    return settings.kinesis_lease_table or f"{settings.kinesis_stream}-speed-leases"
+
+
+@dataclass
+class Held:
+    """A shard this worker holds: its lease, its reader and its state."""
+
+    lease: Lease
+    reader: streams.ShardReader
+    state: ShardState
+    sequence: str | None
+    polled_at: float = 0.0
+    changed: bool = False
+    flushed_at: float = 0.0
+
+
+class KinesisSpeed:
+    def __init__(self, settings: Settings, project: Project, store: ObjectStore, worker_id: str,
+                 kinesis: Any = None, dynamodb: Any = None):
+        import boto3
+
+        self.settings, self.project, self.store = settings, project, store
+        self.worker_id, self.stream = worker_id, settings.kinesis_stream
+        self.kinesis = kinesis or streams.client(settings.kinesis_endpoint_url)
+        dynamodb = dynamodb or boto3.client("dynamodb",
+                                            endpoint_url=settings.kinesis_endpoint_url)
+        self.leases = LeaseTable(dynamodb, lease_table_name(settings), worker_id,
+                                 settings.kinesis_lease_seconds)
+        self.validator = Validator(project.schemas, settings.max_future_seconds * 1000)
+        self.decoder = BatchDecoder(project.schemas, settings.max_future_seconds * 1000)
+        self.flush_s = settings.flush_interval_ms / 1000
+        self.kept = catalog.KeptVersions(store, project)
+        self.floor = 0
+        self.held: dict[str, Held] = {}
+        self.shards: dict[str, streams.Shard] = {}
+        self._listed_at = self._balanced_at = self._catalog_at = 0.0
+
+    def run(self, stop: threading.Event) -> None:
+        """Read until `stop` is set; then write every shard's state and release the leases."""
+        self.leases.ensure()
+        while not stop.is_set():
+            if not self.step():
+                stop.wait(0.02)
+        self.close()
+
+    def step(self) -> bool:
+        """Balance the leases when due, read each shard due, flush when due; whether any
+        record was read."""
+        now = time.monotonic()
+        if now - self._balanced_at >= self.settings.kinesis_lease_seconds / 3:
+            self.balance()
+        if now - self._catalog_at >= CATALOG_EVERY_S:
+            self.follow_batch()
+        read = sum(self._read(held) for held in list(self.held.values()))
+        for held in list(self.held.values()):
+            since = now - held.flushed_at
+            if (held.changed and since >= self.flush_s) or since >= IDLE_FLUSH_S:
+                self._flush(held)
+        return read > 0
+
+    # ------------------------------------------------------------------ reading
+
+    def _read(self, held: Held) -> int:
+        now = time.monotonic()
+        if now - held.polled_at < IDLE_POLL_S:
+            return 0
+        started = now_ms()
+        records = held.reader.read()
+        if records:
+            poison = held.state.part.take_all([r.data for r in records],
+                                              [r.arrival_ms for r in records],
+                                              self.decoder, self.validator)
+            for i, reason in poison:
+                log.error("record is not a valid event", extra={
+                    "shard": held.lease.shard_id, "sequence": records[i].sequence_number,
+                    "sub_sequence": records[i].sub_sequence, "reason": str(reason)})
+            held.sequence, held.changed = records[-1].sequence_number, True
+        if held.reader.millis_behind == 0 and len(records) < streams.MAX_GET_RECORDS:
+            held.state.part.caught_up_at = started
+            held.polled_at = now  # at the end: ask again after IDLE_POLL_S
+        else:
+            held.polled_at = 0.0
+        if held.reader.finished:
+            self._finish(held)
+        return len(records)
+
+    def _finish(self, held: Held) -> None:
+        """The shard is closed and read to its end: write its final state, mark its lease
+        finished (its children may now be read) and let it go."""
+        if self._flush(held, finished=True):
+            # else the new owner reads the final head and finishes the lease itself
+            with contextlib.suppress(LeaseLost):
+                self.leases.renew(held.lease, held.sequence, finished=True)
+            self.held.pop(held.lease.shard_id, None)
+            log.info("shard finished", extra={"shard": held.lease.shard_id})
+
+    def _flush(self, held: Held, finished: bool = False) -> bool:
+        """Write the shard's state; False when the write failed (fenced: the shard is gone)."""
+        try:
+            held.state.part.flush_metrics()
+            held.state.flush(held.sequence, finished)
+        except Fenced:
+            self._drop(held, "fenced by a newer epoch")
+            return False
+        held.changed, held.flushed_at = False, time.monotonic()
+        return True
+
+    def _drop(self, held: Held, why: str) -> None:
+        self.held.pop(held.lease.shard_id, None)
+        log.warning("shard lost", extra={"shard": held.lease.shard_id, "reason": why})
+
+    # ------------------------------------------------------------------ leases
+
+    def balance(self) -> None:
+        """Renew the leases held, then take this worker's share of the readable shards."""
+        self._balanced_at = now = time.monotonic()
+        if now - self._listed_at >= LIST_SHARDS_EVERY_S or not self.shards:
+            self._list_shards()
+        leases = self.leases.all()
+        for held in list(self.held.values()):
+            try:
+                self.leases.renew(held.lease, held.state.head.sequence)
+            except LeaseLost:
+                self._drop(held, "lease taken by another worker")
+        finished = {s for s, lease in leases.items() if lease.finished}
+        readable = [s.shard_id for s in streams.readable(self.shards.values(), finished)]
+        for lease in self.leases.to_take(leases, readable, set(self.held)):
+            taken = self.leases.take(lease)
+            if taken is not None:
+                self._hold(taken)
+
+    def _list_shards(self) -> None:
+        listed = streams.list_shards(self.kinesis, self.stream)
+        self.shards = {shard.shard_id: shard for shard in listed}
+        self.leases.add(list(self.shards))
+        for held in self.held.values():  # closed since it was taken: the reader must know
+            shard = self.shards.get(held.lease.shard_id)
+            if shard is not None and shard.closed and not held.reader.shard.closed:
+                held.reader.reopen(shard)
+        self._listed_at = time.monotonic()
+
+    def _hold(self, lease: Lease) -> None:
+        shard = self.shards[lease.shard_id]
+        try:
+            state = claim(self.store, self.stream, shard.shard_id, shard.index, lease.epoch,
+                          self.worker_id, self.project, self.settings, list(shard.parents))
+        except Fenced as exc:
+            log.warning("shard not taken", extra={"shard": shard.shard_id, "reason": str(exc)})
+            return
+        head = state.head
+        if head.finished:  # finished by a worker killed before it marked the lease
+            self.leases.renew(lease, head.sequence, finished=True)
+            return
+        state.part.follow(self.floor)
+        position = (streams.Position.after(head.sequence) if head.sequence
+                    else streams.Position.trim_horizon())
+        reader = streams.ShardReader(self.kinesis, self.stream, shard, position, head.arrival)
+        self.held[shard.shard_id] = Held(lease, reader, state, head.sequence)
+        log.info("shard taken", extra={"shard": shard.shard_id, "epoch": lease.epoch,
+                                       "sequence": head.sequence})
+
+    def follow_batch(self) -> None:
+        """Drop what every kept batch version covers (the store may be briefly unavailable)."""
+        self._catalog_at = time.monotonic()
+        try:
+            floor = self.kept.floor()
+        except Exception:  # an unreachable store delays the drop; it never stops the layer
+            log.warning("cannot read the batch catalog", exc_info=True)
+            return
+        if floor > self.floor:
+            self.floor = floor
+            for held in self.held.values():
+                held.state.part.follow(floor)
+                held.changed = True
+
+    def close(self) -> None:
+        for held in list(self.held.values()):
+            if self._flush(held):
+                with contextlib.suppress(LeaseLost):
+                    self.leases.release(held.lease)
+        self.held.clear()
+
+
+def final_arrival(store: ObjectStore, stream: str, shard_id: str) -> int:
+    """The arrival a finished shard ended at (0 if it has no state)."""
+    found = read_head(store, stream, shard_id)
+    return found[0].arrival if found else 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    from lambdalake.logs import setup_logging
+    from lambdalake.speed.worker import prepare
+
+    parser = argparse.ArgumentParser(prog="python -m lambdalake.speed.kinesis",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker-id", default=socket.gethostname(),
+                        help="stable per worker: a restart takes its leases back at once")
+    args = parser.parse_args(argv)
+    setup_logging()
+    settings = Settings()
+    store = prepare(settings)
+    speed = KinesisSpeed(settings, load_project(settings.project), store, args.worker_id)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    speed.run(stop)
+
+
+if __name__ == "__main__":
+    main()
