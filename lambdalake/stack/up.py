@@ -24,6 +24,7 @@ from lambdalake.viewstate import CellUpdate
 
 log = logging.getLogger("lambdalake.stack")
 SPEED_WORKERS = {"quix": "lambdalake.speed.quix", "faust": "lambdalake.speed.faust_app"}
+KINESIS_SPEED_WORKER = "lambdalake.speed.kinesis"
 _BATCH_RUN_BOUND_S = 3600.0  # a scheduled batch run taking longer is reported stuck
 
 
@@ -84,6 +85,8 @@ class Stack:
             self._closers.append(postgres.stop)
         if s.bus == "kafka":
             self._kafka_speed()
+        elif s.bus == "kinesis":
+            self._kinesis_speed()
         else:
             speed = EmbeddedSpeed(s, self.project, events_topic(s), self.store,
                                   self.publish_realtime, loops=self.loops,
@@ -110,24 +113,37 @@ class Stack:
     def _kafka_speed(self) -> None:
         """The speed driver on Kafka (restarted if it exits), and the serving layer following
         its realtime topic."""
-        import sys
-
         from lambdalake.kafka_topics import ensure_bus_topics, retention_shortfall
         from lambdalake.serving.realtime_feed import RealtimeFeed
-        from lambdalake.stack.supervisor import Supervised
 
         ensure_bus_topics(self.settings)
         shortfall = retention_shortfall(self.settings)
         if shortfall:
             log.warning("bus retention too short", extra={"reason": shortfall})
-        module = SPEED_WORKERS[self.settings.speed_engine]
-        env = {f"LAMBDALAKE_{k.upper()}": str(v) for k, v in self._speed_env().items() if v}
-        worker = Supervised("speed", [sys.executable, "-m", module], os.environ | env).start()
-        self._closers.append(worker.stop)
+        self._supervised_speed(SPEED_WORKERS[self.settings.speed_engine])
         feed = RealtimeFeed(self.settings.kafka_bootstrap, self.settings.topic, self.realtime,
                             self.loops)
         feed.start()
         self._closers.append(feed.stop)
+
+    def _kinesis_speed(self) -> None:
+        """The Kinesis speed worker (restarted if it exits), and the serving layer following
+        its shards' state in the object store."""
+        from lambdalake.serving.realtime_feed import StoreFeed
+
+        self._supervised_speed(KINESIS_SPEED_WORKER)
+        feed = StoreFeed(self.store, self.settings.kinesis_stream, self.realtime, self.loops)
+        feed.start()
+        self._closers.append(feed.stop)
+
+    def _supervised_speed(self, module: str) -> None:
+        import sys
+
+        from lambdalake.stack.supervisor import Supervised
+
+        env = {f"LAMBDALAKE_{k.upper()}": str(v) for k, v in self._speed_env().items() if v}
+        worker = Supervised("speed", [sys.executable, "-m", module], os.environ | env).start()
+        self._closers.append(worker.stop)
 
     def _speed_env(self) -> dict[str, Any]:
         s = self.settings
@@ -135,7 +151,10 @@ class Stack:
                 "partitions": s.partitions, "home": s.home.resolve(), "store": s.store_url,
                 "project": s.project, "s3_endpoint_url": s.s3_endpoint_url,
                 "speed_metrics_host": s.speed_metrics_host,
-                "speed_metrics_port": s.speed_metrics_port, "supervised": True}
+                "speed_metrics_port": s.speed_metrics_port, "supervised": True,
+                "kinesis_stream": s.kinesis_stream, "kinesis_endpoint_url": s.kinesis_endpoint_url,
+                "kinesis_lease_table": s.kinesis_lease_table,
+                "kinesis_lease_seconds": s.kinesis_lease_seconds}
 
     def _thread(self, target: Any, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
