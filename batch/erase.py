@@ -112,8 +112,10 @@ def _archived_past_now(settings: Settings, store: ObjectStore) -> int:
     boundary = now_ms() // settings.slice_ms * settings.slice_ms + settings.slice_ms
     deadline = time.monotonic() + settings.erase_wait_seconds
     while True:
-        marks = master.watermarks(store)
-        lowest = min(marks.get(p, {}).get("watermark", 0) for p in range(settings.partitions))
+        try:
+            lowest = min(master.cut_bounds(store, settings), default=0)
+        except master.NoWatermark:
+            lowest = 0
         if lowest >= boundary:
             return boundary
         if time.monotonic() > deadline:

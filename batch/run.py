@@ -112,12 +112,10 @@ def batch_lease(settings: Settings, store: ObjectStore, owner: str) -> Lease:
 
 def next_cut(settings: Settings, store: ObjectStore) -> int:
     """The cut every partition has been archived past, if it moves past the serving one."""
-    marks = master.watermarks(store)
-    missing = sorted(set(range(settings.partitions)) - set(marks))
-    if missing:
-        listed = ", ".join(map(str, missing))
-        raise BatchRefused(f"no archive watermark yet for partition(s) {listed}")
-    cut = master.choose_cut((m["watermark"] for m in marks.values()), settings.slice_ms)
+    try:
+        cut = master.choose_cut(master.cut_bounds(store, settings), settings.slice_ms)
+    except master.NoWatermark as missing:
+        raise BatchRefused(str(missing)) from None
     current = catalog.current(store)
     previous = current.cut if current else 0
     if cut <= previous:
@@ -132,8 +130,7 @@ def recompute(
     """A full run under `lease` (held by the caller) at the newest cut, published even when
     that cut is the serving one's: after the master dataset was rewritten below it (an
     erasure), every kept version but this one is deleted, as they may hold what was erased."""
-    marks = master.watermarks(store)
-    cut = master.choose_cut((m["watermark"] for m in marks.values()), settings.slice_ms)
+    cut = master.choose_cut(master.cut_bounds(store, settings), settings.slice_ms)
     run = _Run(settings, project, store, engine, _reporter(None, []))
     run.at_serving_cut = True
     manifest = run.execute(cut, None, lease)

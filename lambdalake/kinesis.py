@@ -3,7 +3,8 @@ KPL de-aggregation and the arrival time every reader of a shard agrees on.
 
 The API (what the archive mapping and the speed driver build on):
 
-- `client(endpoint_url)`: a boto3 Kinesis client (an endpoint URL for moto in tests).
+- `client(endpoint_url)`: a boto3 Kinesis client (an endpoint URL for moto in tests);
+  `ensure_stream(client, stream, shards)` creates the stream if missing and waits for it.
 - `list_shards(client, stream)` -> `[Shard]`: every shard the stream still holds, open or
   closed, with `parents` (ParentShardId, AdjacentParentShardId) and `ending_sequence`
   (set once the shard is closed by a split or a merge).
@@ -40,6 +41,7 @@ computes the same arrivals; the archiver keeps the running maximum in the shard'
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import time
@@ -59,8 +61,27 @@ MAX_RECORD_BYTES = 1024 * 1024  # data plus partition key
 
 def client(endpoint_url: str | None = None) -> Any:
     import boto3
+    from botocore.config import Config
 
-    return boto3.client("kinesis", endpoint_url=endpoint_url)
+    config = Config(connect_timeout=5, read_timeout=10,
+                    retries={"mode": "standard", "max_attempts": 3})
+    return boto3.client("kinesis", endpoint_url=endpoint_url, config=config)
+
+
+def ensure_stream(kinesis: Any, stream: str, shards: int, wait_s: float = 60.0) -> None:
+    """Create the stream with `shards` shards if it does not exist; return once it is
+    ACTIVE (or UPDATING: readable and writable while it reshards)."""
+    with contextlib.suppress(kinesis.exceptions.ResourceInUseException):  # it exists
+        kinesis.create_stream(StreamName=stream, ShardCount=shards)
+    deadline = time.monotonic() + wait_s
+    while True:
+        status = kinesis.describe_stream_summary(StreamName=stream)[
+            "StreamDescriptionSummary"]["StreamStatus"]
+        if status in ("ACTIVE", "UPDATING"):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Kinesis stream {stream} is still {status} after {wait_s:g} s")
+        time.sleep(0.5)
 
 
 def shard_index(shard_id: str) -> int:

@@ -2,7 +2,10 @@
 
 Layout under the store root:
   master/type=<type>/p=<partition>/<first offset>-<last offset>.parquet
+      (on Kinesis: p=<shard number>/<first sequence number>-<last sequence number>.parquet)
   master/_watermarks/p=<partition>.json   {"next_offset": n, "watermark": ms}
+      (on Kinesis also the shard's id, its parents, its running `arrival`, the last
+      `sequence` archived, and once closed and read to its end `finished` and `children`)
   master/_rewrites/<id>.json              a committed rewrite (compaction, erasure): the
                                           objects it replaces and those standing for them
   master/_schemas/<type>.json   {"schemas": [fields, ...]}: every schema objects were written
@@ -10,6 +13,11 @@ Layout under the store root:
 A file is named by its partition and offset range, so a retried archive batch rewrites the
 same object. The watermark says every record of the partition arriving before it has been
 archived; the batch cut is the slice boundary at or below the smallest watermark.
+
+On Kinesis the shards change: the cut is bounded by every shard the stream lists, less a
+finished shard once each of its children has a watermark (a child's records never arrive
+before its parents' last ones, and its watermark starts there). A listed shard with neither
+a watermark nor a parent that bounds it has not been archived at all: no cut yet.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import pyarrow.parquet as pq
 from lambdalake.events import Event, EventSchema
 from lambdalake.evolution import refuse_breaking_changes
 from lambdalake.project import Project
+from lambdalake.settings import Settings
 from lambdalake.storage import NotFound, ObjectStore, PreconditionFailed
 from lambdalake.tables import field_arrow_type
 
@@ -63,8 +72,18 @@ def type_prefix(event_type: str) -> str:
     return f"{PREFIX}/type={event_type}/"
 
 
-def object_key(event_type: str, partition: int, first: int, last: int) -> str:
-    return f"{type_prefix(event_type)}p={partition}/{first:020d}-{last:020d}.parquet"
+def object_key(event_type: str, partition: int, first: int, last: int,
+               span: str | None = None) -> str:
+    return f"{type_prefix(event_type)}p={partition}/{span or offset_span(first, last)}.parquet"
+
+
+def offset_span(first: int, last: int) -> str:
+    return f"{first:020d}-{last:020d}"
+
+
+def sequence_span(first: str, last: str) -> str:
+    """A Kinesis batch's name: its first and last sequence numbers."""
+    return f"{first:0>20}-{last:0>20}"
 
 
 # What a column raises for a value it cannot hold (ValueError: a lone surrogate in a string).
@@ -131,13 +150,14 @@ def to_parquet(table: pa.Table) -> bytes:
 
 
 def write_batch(
-    store: ObjectStore, schemas: dict[str, EventSchema], partition: int, rows: list[Archived]
+    store: ObjectStore, schemas: dict[str, EventSchema], partition: int, rows: list[Archived],
+    span: str | None = None,
 ) -> tuple[list[str], list[Unstorable]]:
     """Write one partition's batch as one Parquet object per event type; return the keys,
-    and the rows left out because their columns cannot hold them."""
+    and the rows left out because their columns cannot hold them. `span` names the objects
+    (default: the rows' offset range)."""
     if not rows:
         return [], []
-    first, last = rows[0].offset, rows[-1].offset
     by_type: dict[str, list[Archived]] = {}
     for row in rows:
         by_type.setdefault(row.event.type, []).append(row)
@@ -147,7 +167,7 @@ def write_batch(
         table, refused = to_table(schemas[event_type], typed)
         unstorable += refused
         if table.num_rows:
-            key = object_key(event_type, partition, first, last)
+            key = object_key(event_type, partition, rows[0].offset, rows[-1].offset, span)
             store.put(key, to_parquet(table))
             keys.append(key)
     return keys, unstorable
@@ -164,6 +184,53 @@ def watermarks(store: ObjectStore) -> dict[int, dict[str, int]]:
         partition = int(key.rsplit("p=", 1)[1].removesuffix(".json"))
         found[partition] = json.loads(store.get(key))
     return found
+
+
+class NoWatermark(LookupError):
+    """A partition or shard has not been archived at all yet: no cut can be chosen."""
+
+
+def partition_bounds(marks: dict[int, dict[str, Any]], partitions: int) -> list[int]:
+    """The watermarks bounding the cut on the embedded log or Kafka: every partition's."""
+    missing = sorted(set(range(partitions)) - set(marks))
+    if missing:
+        listed = ", ".join(map(str, missing))
+        raise NoWatermark(f"no archive watermark yet for partition(s) {listed}")
+    return [mark["watermark"] for mark in marks.values()]
+
+
+def shard_bounds(marks: dict[int, dict[str, Any]], listed: Iterable[Any]) -> list[int]:
+    """The watermarks bounding the cut on Kinesis, from the stream's shards as listed now
+    (`lambdalake.kinesis.Shard`s): see the module's docstring."""
+    shards = {shard.index: shard for shard in listed}
+    ids = {shard.shard_id for shard in shards.values()}
+    by_id = {mark["shard"]: mark for mark in marks.values() if "shard" in mark}
+    bounds, missing = [], []
+    for index, shard in sorted(shards.items()):
+        mark = marks.get(index)
+        if mark is None:  # bounded by a listed parent (which cannot be done without it)
+            if not ids.intersection(shard.parents):
+                missing.append(shard.shard_id)
+            continue
+        children = mark.get("children", [])
+        if mark.get("finished") and all(child in by_id for child in children):
+            continue
+        bounds.append(mark["watermark"])
+    if missing:
+        raise NoWatermark(f"no archive watermark yet for shard(s) {', '.join(missing)}")
+    return bounds
+
+
+def cut_bounds(store: ObjectStore, settings: Settings) -> list[int]:
+    """The watermarks bounding the next cut (`NoWatermark` when some part of the bus has none
+    yet); on Kinesis the stream's shards are listed after the watermarks are read."""
+    marks = watermarks(store)
+    if settings.bus != "kinesis":
+        return partition_bounds(marks, settings.partitions)
+    from lambdalake import kinesis
+
+    kinesis_client = kinesis.client(settings.kinesis_endpoint_url)
+    return shard_bounds(marks, kinesis.list_shards(kinesis_client, settings.kinesis_stream))
 
 
 def choose_cut(marks: Iterable[int], slice_ms: int) -> int:

@@ -1,4 +1,5 @@
-"""A stream event-source mapping on the embedded log, as AWS Lambda polls a Kafka topic.
+"""A stream event-source mapping on the embedded log, as AWS Lambda polls a Kafka topic, and
+the delivery of batches every stream mapping shares (`Delivery`; Kinesis: `kinesis_source`).
 
 Per partition, from the consumer group's committed position: a batch of up to `BatchSize`
 records (and at most 6 MB of payload), sent once full or once the batching window has passed
@@ -27,16 +28,17 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from lambdalake.eventlog import Partition, Record, Topic, now_ms
 from lambdalake.events import iso
 from lambdalake.functions.runtime.function import FunctionError, LocalFunction, Throttled
-from lambdalake.functions.runtime.template import StreamSource
+from lambdalake.functions.runtime.template import Batching, StreamSource
 from lambdalake.loops import Loop, Loops
 from lambdalake.storage import FileStore
 
 DrainHook = Callable[[int, int, int], None]  # (partition, end offset, t)
+R = TypeVar("R")
 MAX_PAYLOAD_BYTES = 6 * 1024 * 1024
 _RECORD_JSON_BYTES = 160  # a record's JSON beyond its base64 value
 _MAX_BACKOFF_SECONDS = 30.0
@@ -82,6 +84,142 @@ def within_payload(records: list[Record]) -> list[Record]:
     return records
 
 
+class Feed(Protocol[R]):
+    """What a delivery needs to know of one partition's (or shard's) records."""
+
+    def event(self, records: list[R]) -> dict[str, Any]:
+        """The function's event for the records."""
+
+    def commit(self, records: list[R]) -> None:
+        """Checkpoint past the records."""
+
+    def failed_from(self, records: list[R], answer: Any) -> int:
+        """The index of the first record a partial batch response names (len: none)."""
+
+    def failure(self, records: list[R]) -> tuple[str, dict[str, Any]]:
+        """The on-failure record's key, and its batch info (AWS's `...BatchInfo`)."""
+
+    def age_seconds(self, records: list[R]) -> float:
+        """How long ago the first record arrived."""
+
+
+class BadBatchResponse(FunctionError):
+    """A partial batch response that names no record of the batch: the whole batch failed."""
+
+
+class Delivery(Generic[R]):
+    """Delivers batches to a function as AWS Lambda's stream event-source mappings do.
+
+    A failure is retried with backoff, `MaximumRetryAttempts` times (-1: until it succeeds);
+    a batch still failing is halved (`BisectBatchOnFunctionError`) and each half delivered
+    the same way. With `ReportBatchItemFailures`, an answer naming a record as failed
+    checkpoints the records before it and retries from it on (an attempt). Records older
+    than `MaximumRecordAgeInSeconds` are not retried. What is given up goes, with its error,
+    to the on-failure destination (a JSON file under the runtime's folder, counted), and is
+    checkpointed past.
+    """
+
+    def __init__(self, function: LocalFunction, batching: Batching, folder: Path, loop: Loop,
+                 backoff_seconds: float):
+        self.function, self.batching, self.loop = function, batching, loop
+        self.failures = FileStore(folder / "on_failure" / function.name)
+        self.backoff_seconds = backoff_seconds
+
+    def deliver(self, feed: Feed[R], records: list[R]) -> None:
+        failures, error = 0, None
+        while records:
+            if self._too_old(feed, records):
+                self._give_up(feed, records, "RecordAgeExceeded", error)
+                return
+            answer, error = self._invoke(feed.event(records))
+            done = len(records) if error is None else 0
+            if error is None and self.batching.reports_item_failures:
+                try:
+                    done = feed.failed_from(records, answer)
+                except BadBatchResponse as bad:
+                    done, error = 0, bad
+            if done:
+                feed.commit(records[:done])
+                records = records[done:]
+            if not records:
+                return
+            failures += 1
+            error = error or FunctionError(f"{len(records)} records reported as failed")
+            if 0 <= self.batching.max_retries < failures:
+                self._exhausted(feed, records, error)
+                return
+            log.warning("batch failed; retrying", extra={
+                "function": self.function.name, "records": len(records),
+                "failures": failures, "error": str(error)})
+            self.loop.wait(min(self.backoff_seconds * 2 ** (failures - 1), _MAX_BACKOFF_SECONDS))
+
+    def _exhausted(self, feed: Feed[R], records: list[R], error: FunctionError) -> None:
+        if self.batching.bisect_on_error and len(records) > 1:
+            half = len(records) // 2
+            self.deliver(feed, records[:half])
+            self.deliver(feed, records[half:])
+        else:
+            self._give_up(feed, records, "RetryAttemptsExhausted", error)
+
+    def _too_old(self, feed: Feed[R], records: list[R]) -> bool:
+        limit = self.batching.max_record_age_seconds
+        return limit >= 0 and feed.age_seconds(records) > limit
+
+    def _invoke(self, event: dict[str, Any]) -> tuple[Any, FunctionError | None]:
+        """One attempt (waiting out throttles): the answer, or the error."""
+        while not self.loop.stopping.is_set():
+            try:
+                return self.function.invoke(event), None
+            except Throttled:
+                self.loop.wait(self.backoff_seconds)  # not an attempt: wait for a free slot
+            except FunctionError as error:
+                return None, error
+        raise _Stopping
+
+    def _give_up(self, feed: Feed[R], records: list[R], condition: str,
+                 error: FunctionError | None) -> None:
+        key, info = feed.failure(records)
+        self.failures.put(key, json.dumps({
+            "condition": condition,
+            "function": self.function.name,
+            "error": str(error) if error else None,
+            "timestamp": iso(now_ms()),
+            **info,
+            "payload": feed.event(records),
+        }).encode())
+        self.function.metrics.sent_on_failure(len(records))
+        log.error("batch sent to the on-failure destination", extra={
+            "function": self.function.name, "key": key, "condition": condition,
+            "error": str(error)})
+        feed.commit(records)
+
+
+class _KafkaFeed:
+    """A topic's partition as the Kafka event-source mapping sees it."""
+
+    def __init__(self, mapping: StreamMapping):
+        self.mapping = mapping
+
+    def event(self, records: list[Record]) -> dict[str, Any]:
+        return kafka_event(self.mapping.source.topic, records)
+
+    def commit(self, records: list[Record]) -> None:
+        self.mapping.commit(records)
+
+    def failed_from(self, records: list[Record], answer: Any) -> int:
+        return len(records)  # a Kafka mapping has no partial batch responses
+
+    def failure(self, records: list[Record]) -> tuple[str, dict[str, Any]]:
+        first, last = records[0], records[-1]
+        key = f"p={first.partition}/{first.offset:020d}-{last.offset:020d}.json"
+        return key, {"KafkaBatchInfo": {
+            "topic": self.mapping.source.topic, "partition": first.partition,
+            "batchSize": len(records), "firstOffset": first.offset, "lastOffset": last.offset}}
+
+    def age_seconds(self, records: list[Record]) -> float:
+        return (now_ms() - records[0].arrival) / 1000
+
+
 class StreamMapping:
     def __init__(
         self,
@@ -98,16 +236,22 @@ class StreamMapping:
             function, source, topic, on_drained,
         )
         self.group = source.consumer_group or f"{function.name}-{source.topic}"
-        self.failures = FileStore(folder / "on_failure" / function.name)
-        self.backoff_seconds, self.poll_seconds = backoff_seconds, poll_seconds
+        self.poll_seconds = poll_seconds
         self.positions = topic.committed(self.group)
         self._waiting_since: dict[int, float] = {}
         self._next_drain: dict[int, float] = {}
         self.loop = Loop(f"mapping-{function.name}", self._step,
                          first_backoff_s=backoff_seconds, max_backoff_s=_MAX_BACKOFF_SECONDS,
                          stuck_after_s=_STUCK_AFTER_SECONDS)
+        self.delivery: Delivery[Record] = Delivery(function, source, folder, self.loop,
+                                                   backoff_seconds)
+        self.feed = _KafkaFeed(self)
         if loops is not None:
             loops.add(self.loop)
+
+    @property
+    def failures(self) -> FileStore:
+        return self.delivery.failures
 
     def start(self) -> None:
         self.loop.start()
@@ -136,63 +280,14 @@ class StreamMapping:
         records = within_payload(partition.read(position, self.source.batch_size))
         if not records:  # `end` was read unlocked: an append may still be under way
             return 0
-        self._deliver(records)
+        self.delivery.deliver(self.feed, records)
         del self._waiting_since[index]
         return len(records)
 
-    def _deliver(self, records: list[Record]) -> None:
-        error = self._invoke(records)
-        if error is None:
-            self._commit(records)
-        elif self.source.bisect_on_error and len(records) > 1:
-            half = len(records) // 2
-            self._deliver(records[:half])
-            self._deliver(records[half:])
-        else:
-            self._send_on_failure(records, error)
-            self._commit(records)
-
-    def _invoke(self, records: list[Record]) -> FunctionError | None:
-        """Invoke until it succeeds (None) or the retries are spent (the last error)."""
-        event, failures = kafka_event(self.source.topic, records), 0
-        while not self.loop.stopping.is_set():
-            try:
-                self.function.invoke(event)
-                return None
-            except Throttled:
-                pass  # not an attempt: wait for a free slot
-            except FunctionError as error:
-                failures += 1
-                if 0 <= self.source.max_retries < failures:
-                    return error
-                log.warning("batch failed; retrying", extra={
-                    "function": self.function.name, "partition": records[0].partition,
-                    "records": len(records), "failures": failures, "error": str(error)})
-            self.loop.wait(min(self.backoff_seconds * 2 ** max(failures - 1, 0),
-                               _MAX_BACKOFF_SECONDS))
-        raise _Stopping
-
-    def _commit(self, records: list[Record]) -> None:
+    def commit(self, records: list[Record]) -> None:
         partition, next_offset = records[0].partition, records[-1].offset + 1
         self.topic.commit(self.group, {partition: next_offset})
         self.positions[partition] = next_offset
-
-    def _send_on_failure(self, records: list[Record], error: FunctionError) -> None:
-        first, last = records[0], records[-1]
-        key = f"p={first.partition}/{first.offset:020d}-{last.offset:020d}.json"
-        self.failures.put(key, json.dumps({
-            "condition": "RetryAttemptsExhausted",
-            "function": self.function.name,
-            "error": str(error),
-            "timestamp": iso(now_ms()),
-            "KafkaBatchInfo": {"topic": self.source.topic, "partition": first.partition,
-                               "batchSize": len(records), "firstOffset": first.offset,
-                               "lastOffset": last.offset},
-            "payload": kafka_event(self.source.topic, records),
-        }).encode())
-        self.function.metrics.sent_on_failure(len(records))
-        log.error("batch sent to the on-failure destination", extra={
-            "function": self.function.name, "key": key, "error": str(error)})
 
     def _drained(self, partition: Partition) -> None:
         now = time.monotonic()

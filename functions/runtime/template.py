@@ -2,7 +2,7 @@
 
 Read is what the local runtime acts on: each `AWS::Serverless::Function`'s handler, memory,
 timeout and reserved concurrency (over `Globals.Function`, over SAM's defaults), and its
-`HttpApi`, `SelfManagedKafka` / `MSK` and `Schedule` events. CloudFormation's short tags
+`HttpApi`, `SelfManagedKafka` / `MSK`, `Kinesis` and `Schedule` events. CloudFormation's short tags
 (`!Ref`, `!Sub`, ...) load as their long form.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,19 +31,46 @@ class HttpRoute(_Spec):
         return f"{self.method.upper()} {self.path}"
 
 
-class StreamSource(_Spec):
-    topics: list[str] = Field(alias="Topics", min_length=1, max_length=1)
+class Batching(_Spec):
+    """What every stream event-source mapping does with batches (AWS's names)."""
+
     batch_size: int = Field(100, alias="BatchSize", ge=1, le=10_000)
     batching_window_seconds: float = Field(
         0.5, alias="MaximumBatchingWindowInSeconds", ge=0, le=300
     )
     max_retries: int = Field(-1, alias="MaximumRetryAttempts", ge=-1, description="-1: forever")
     bisect_on_error: bool = Field(False, alias="BisectBatchOnFunctionError")
+    max_record_age_seconds: int = Field(
+        -1, alias="MaximumRecordAgeInSeconds", ge=-1, le=604_800, description="-1: forever"
+    )
+    response_types: list[Literal["ReportBatchItemFailures"]] = Field(
+        [], alias="FunctionResponseTypes"
+    )
+
+    @property
+    def reports_item_failures(self) -> bool:
+        return "ReportBatchItemFailures" in self.response_types
+
+
+class StreamSource(Batching):
+    topics: list[str] = Field(alias="Topics", min_length=1, max_length=1)
     consumer_group: str | None = Field(None, alias="ConsumerGroupId")
 
     @property
     def topic(self) -> str:
         return self.topics[0]
+
+
+class KinesisSource(Batching):
+    """A `Kinesis` event: the stream is the template's (an ARN, for AWS); here it is the
+    settings' `kinesis_stream`."""
+
+    stream: Any = Field(None, alias="Stream")
+    starting_position: Literal["TRIM_HORIZON", "LATEST", "AT_TIMESTAMP"] = Field(
+        alias="StartingPosition"
+    )
+    starting_timestamp: float | None = Field(None, alias="StartingPositionTimestamp")
+    parallelization_factor: int = Field(1, alias="ParallelizationFactor", ge=1, le=1)
 
 
 class Schedule(_Spec):
@@ -58,6 +85,7 @@ class FunctionSpec(_Spec):
     reserved_concurrency: int | None = Field(None, alias="ReservedConcurrentExecutions", ge=0)
     routes: list[HttpRoute] = []
     streams: list[StreamSource] = []
+    kinesis: list[KinesisSource] = []
     schedules: list[Schedule] = []
 
 
@@ -108,6 +136,7 @@ def function_spec(name: str, properties: dict[str, Any]) -> FunctionSpec:
             "name": name,
             "routes": of("HttpApi"),
             "streams": of(*STREAM_EVENTS),
+            "kinesis": of("Kinesis"),
             "schedules": of("Schedule", "ScheduleV2"),
         }
     )
