@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test test-long lint bench-speed bench-batch bench-serving clean
+.PHONY: run test test-long lint bench-speed bench-batch bench-serving bench-kinesis clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,9 @@ lint: $(VENV)/.test-deps
 
 bench-speed: $(VENV)/.test-deps
 	$(BIN)/python bench/speed.py
+
+bench-kinesis: $(VENV)/.test-deps
+	$(BIN)/python bench/kinesis.py
 
 bench-batch: $(VENV)/.test-deps
 	$(BIN)/python bench/batch.py

@@ -278,8 +278,9 @@ class Lambdalake:
         return f"http://127.0.0.1:{port}{path}"
 
 
-def steady_load(events_url: str, stop: threading.Event, sent: list[int]) -> None:
-    """FRESHNESS_RATE events/s to the gateway in batches of 250 (20 requests/s)."""
+def steady_load(events_url: str, stop: threading.Event, sent: list[int],
+                rate: int = FRESHNESS_RATE) -> None:
+    """`rate` events/s to the gateway in batches of 250 (20 requests/s at 5,000)."""
     stream = WebAnalyticsStream(seed=2)
     batch = 250
     with httpx.Client(timeout=30) as client:
@@ -288,7 +289,7 @@ def steady_load(events_url: str, stop: threading.Event, sent: list[int]) -> None
             events = [stream.event(int(time.time() * 1000)) for _ in range(batch)]
             client.post(events_url, json={"events": events}).raise_for_status()
             sent[0] += batch
-            ahead = sent[0] / FRESHNESS_RATE - (time.perf_counter() - started)
+            ahead = sent[0] / rate - (time.perf_counter() - started)
             if ahead > 0:
                 time.sleep(ahead)
 

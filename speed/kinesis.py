@@ -29,8 +29,11 @@ import signal
 import socket
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
 
 from lambdalake import catalog
 from lambdalake import kinesis as streams
@@ -49,6 +52,21 @@ IDLE_POLL_S = 0.2  # a shard read to its end is asked again at most this often (
 IDLE_FLUSH_S = 1.0  # the heartbeat of a quiet shard
 CATALOG_EVERY_S = 1.0
 LIST_SHARDS_EVERY_S = 5.0
+FETCH_THREADS = 4  # GetRecords calls in flight at once, one per shard at most
+
+
+def fast_client(endpoint_url: str | None) -> Any:
+    """A Kinesis client that leaves timestamps as the service sends them (epoch seconds):
+    `kinesis.arrival_ms` takes either, and a datetime in the local zone per record costs
+    as much as the rest of reading it."""
+    import botocore.session
+    from botocore.config import Config
+
+    session = botocore.session.get_session()
+    session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=float)
+    config = Config(connect_timeout=5, read_timeout=10,
+                    retries={"mode": "standard", "max_attempts": 3})
+    return session.create_client("kinesis", endpoint_url=endpoint_url, config=config)
 
 
 def lease_table_name(settings: Settings) -> str:
@@ -66,6 +84,7 @@ class Held:
     polled_at: float = 0.0
     changed: bool = False
     flushed_at: float = 0.0
+    fetch: Future[tuple[int, list[streams.KinesisRecord] | None]] | None = None  # in flight
 
 
 class KinesisSpeed:
@@ -75,7 +94,8 @@ class KinesisSpeed:
 
         self.settings, self.project, self.store = settings, project, store
         self.worker_id, self.stream = worker_id, settings.kinesis_stream
-        self.kinesis = kinesis or streams.client(settings.kinesis_endpoint_url)
+        self.kinesis = kinesis or fast_client(settings.kinesis_endpoint_url)
+        self.fetcher = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="get-records")
         dynamodb = dynamodb or boto3.client("dynamodb",
                                             endpoint_url=settings.kinesis_endpoint_url)
         self.leases = LeaseTable(dynamodb, lease_table_name(settings), worker_id,
@@ -115,28 +135,54 @@ class KinesisSpeed:
     # ------------------------------------------------------------------ reading
 
     def _read(self, held: Held) -> int:
-        now = time.monotonic()
-        if now - held.polled_at < IDLE_POLL_S:
+        """Fold the shard's GetRecords answer once it is in; the next one is asked for before
+        folding (from a thread: waiting on the service overlaps the fold)."""
+        if held.fetch is None:
+            if time.monotonic() - held.polled_at >= IDLE_POLL_S:
+                held.fetch = self._fetch(held)
             return 0
-        started = now_ms()
-        records = held.reader.read()
-        if records:
-            poison = held.state.part.take_all([r.data for r in records],
-                                              [r.arrival_ms for r in records],
-                                              self.decoder, self.validator)
-            for i, reason in poison:
-                log.error("record is not a valid event", extra={
-                    "shard": held.lease.shard_id, "sequence": records[i].sequence_number,
-                    "sub_sequence": records[i].sub_sequence, "reason": str(reason)})
-            held.sequence, held.changed = records[-1].sequence_number, True
-        if held.reader.millis_behind == 0 and len(records) < streams.MAX_GET_RECORDS:
+        if not held.fetch.done():
+            return 0
+        started, records = held.fetch.result()
+        held.fetch = None
+        if records is None:  # a failed call: ask again after a pause
+            held.polled_at = time.monotonic()
+            return 0
+        reader = held.reader
+        caught_up = reader.millis_behind == 0 and len(records) < streams.MAX_GET_RECORDS
+        if caught_up:
             held.state.part.caught_up_at = started
-            held.polled_at = now  # at the end: ask again after IDLE_POLL_S
-        else:
-            held.polled_at = 0.0
-        if held.reader.finished:
+            held.polled_at = time.monotonic()  # at the end: ask again after IDLE_POLL_S
+        elif not reader.finished:
+            held.fetch = self._fetch(held)
+        if records:
+            self._fold(held, records)
+        if reader.finished:
             self._finish(held)
         return len(records)
+
+    def _fetch(self, held: Held) -> Future[tuple[int, list[streams.KinesisRecord] | None]]:
+        def fetch() -> tuple[int, list[streams.KinesisRecord] | None]:
+            started = now_ms()
+            try:
+                return started, held.reader.read()
+            except (ClientError, BotoCoreError) as exc:  # throttled, expired iterator, outage
+                log.warning("GetRecords failed; reading again from the last record",
+                            extra={"shard": held.lease.shard_id, "error": str(exc)})
+                held.reader.restart(held.reader.position)
+                return started, None
+
+        return self.fetcher.submit(fetch)
+
+    def _fold(self, held: Held, records: list[streams.KinesisRecord]) -> None:
+        poison = held.state.part.take_all([r.data for r in records],
+                                          [r.arrival_ms for r in records],
+                                          self.decoder, self.validator)
+        for i, reason in poison:
+            log.error("record is not a valid event", extra={
+                "shard": held.lease.shard_id, "sequence": records[i].sequence_number,
+                "sub_sequence": records[i].sub_sequence, "reason": str(reason)})
+        held.sequence, held.changed = records[-1].sequence_number, True
 
     def _finish(self, held: Held) -> None:
         """The shard is closed and read to its end: write its final state, mark its lease
@@ -189,7 +235,8 @@ class KinesisSpeed:
         self.leases.add(list(self.shards))
         for held in self.held.values():  # closed since it was taken: the reader must know
             shard = self.shards.get(held.lease.shard_id)
-            if shard is not None and shard.closed and not held.reader.shard.closed:
+            if held.fetch is None and shard is not None and shard.closed and (
+                    not held.reader.shard.closed):
                 held.reader.reopen(shard)
         self._listed_at = time.monotonic()
 
@@ -227,7 +274,13 @@ class KinesisSpeed:
                 held.state.part.follow(floor)
                 held.changed = True
 
+    def flush_all(self) -> None:
+        for held in list(self.held.values()):
+            self._flush(held)
+
     def close(self) -> None:
+        """Write every shard's state and release its lease, so another worker takes it at once."""
+        self.fetcher.shutdown(wait=True)
         for held in list(self.held.values()):
             if self._flush(held):
                 with contextlib.suppress(LeaseLost):
