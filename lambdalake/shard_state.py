@@ -5,8 +5,9 @@ worker that takes a shard over and, as the real-time feed, by every serving repl
 
 Per shard, under `speed/kinesis/<stream>/<shard id>/`:
 - `head.json`: the lease epoch of its writer, the last sequence number folded, the shard's
-  arrival (running maximum), whether the shard is finished (closed and read to its end), the
-  heartbeat (`caught_up_at`, the views' digest), the snapshot and the deltas after it. Only
+  arrival (running maximum) and the floor it started from, whether the shard is finished
+  (closed and read to its end), the heartbeat (`caught_up_at`, the views' digest), the
+  snapshot and the deltas after it. Only
   ever changed by a conditional write on its entity tag (`ObjectStore.replace`), so of two
   writers that read the same head one wins; a worker that takes a shard over first rewrites
   the head with its epoch (a claim), which refuses every later write of the previous owner.
@@ -49,6 +50,7 @@ class Head:
     owner: str
     sequence: str | None = None  # the last sequence number folded (None: nothing yet)
     arrival: int = 0
+    floor: int = 0  # the arrival the shard started from: its parents' final one
     finished: bool = False
     heartbeat: dict[str, Any] = field(default_factory=dict)
     snapshot: dict[str, str] = field(default_factory=dict)  # "realtime"/"changelog" -> key

@@ -29,6 +29,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -253,12 +254,33 @@ class KinesisSpeed:
             self.leases.renew(lease, head.sequence, finished=True)
             return
         state.part.follow(self.floor)
+        if state.stale and head.sequence:
+            self._rebuild(shard, state)
         position = (streams.Position.after(head.sequence) if head.sequence
                     else streams.Position.trim_horizon())
         reader = streams.ShardReader(self.kinesis, self.stream, shard, position, head.arrival)
         self.held[shard.shard_id] = Held(lease, reader, state, head.sequence)
         log.info("shard taken", extra={"shard": shard.shard_id, "epoch": lease.epoch,
                                        "sequence": head.sequence})
+
+    def _rebuild(self, shard: streams.Shard, state: ShardState) -> None:
+        """Fold the shard's records up to its state's sequence number into the views changed
+        since that state was written, afresh (as the Kafka drivers do from a partition)."""
+        head = state.head
+        reader = streams.ShardReader(self.kinesis, self.stream, shard,
+                                     streams.Position.trim_horizon(), head.floor)
+        end = streams.sequence_key(str(head.sequence))
+
+        def records() -> Iterator[tuple[bytes, int]]:
+            for record in streams.read_until_quiet(reader):
+                if streams.sequence_key(record.sequence_number) > end:
+                    return
+                yield record.data, record.arrival_ms
+
+        state.part.rebuild(state.stale, self.floor, records(), self.validator)
+        log.info("views rebuilt from the shard", extra={"shard": shard.shard_id,
+                                                        "views": sorted(state.stale)})
+        state.stale = set()
 
     def follow_batch(self) -> None:
         """Drop what every kept batch version covers (the store may be briefly unavailable)."""

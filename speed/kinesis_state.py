@@ -64,6 +64,7 @@ class ShardState:
     realtime: dict[bytes, bytes] = field(default_factory=dict)  # the compacted records
     changelog: dict[bytes, bytes] = field(default_factory=dict)
     pending: list[Pending] = field(default_factory=list)
+    stale: set[str] = field(default_factory=set)  # views to rebuild from the shard's records
     delta_bytes: int = 0  # written since the last snapshot
     snapshot_bytes: int = 0
     _count: int = 0
@@ -179,12 +180,7 @@ def _restored(store: ObjectStore, stream: str, head: Head, tag: str, number: int
     part = PartitionState(number, project, settings)
     stale = part.restore(realtime, changelog)
     part.arrival = head.arrival  # the head's: records that were all poison move it too
-    state = ShardState(store, stream, part, head, tag, realtime, changelog)
-    if stale:
-        # Needs the shard's records from its start: not kept by this driver yet.
-        log.warning("views changed since the shard's state was written; their real-time "
-                    "cells restart empty until a batch covers them",
-                    extra={"shard": head.shard_id, "views": sorted(stale)})
+    state = ShardState(store, stream, part, head, tag, realtime, changelog, stale=stale)
     log.info("shard state restored", extra={"shard": head.shard_id, "epoch": head.epoch,
                                             "sequence": head.sequence})
     return state
@@ -209,7 +205,7 @@ def _first_claim(
     meta = {"arrival": floor, "cut": 0, "offset": None, "views": project.fingerprints}
     inherited = [(ids_key(number, seq), value) for seq, value in enumerate(ids)]
     inherited.append((meta_key(number), orjson.dumps(meta)))
-    head = Head(shard_id, epoch, owner, arrival=floor)
+    head = Head(shard_id, epoch, owner, arrival=floor, floor=floor)
     first = f"{shard_prefix(stream, shard_id)}d-{epoch:010d}-first.json"
     store.put(first, orjson.dumps({"realtime": [], "changelog": encode_records(inherited)}))
     head.deltas = [first]
