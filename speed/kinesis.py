@@ -41,6 +41,7 @@ from lambdalake import kinesis as streams
 from lambdalake.event_columns import BatchDecoder
 from lambdalake.eventlog import now_ms
 from lambdalake.events import Validator
+from lambdalake.kinesis import shard_index
 from lambdalake.project import Project, load_project
 from lambdalake.settings import Settings
 from lambdalake.shard_state import read_head
@@ -108,6 +109,7 @@ class KinesisSpeed:
         self.floor = 0
         self.held: dict[str, Held] = {}
         self.shards: dict[str, streams.Shard] = {}
+        self._current: set[str] = set()  # finished shards whose state names today's views
         self._listed_at = self._balanced_at = self._catalog_at = 0.0
 
     def run(self, stop: threading.Event) -> None:
@@ -229,6 +231,40 @@ class KinesisSpeed:
             taken = self.leases.take(lease)
             if taken is not None:
                 self._hold(taken)
+        for shard_id in sorted(finished - self._current):
+            self._redefine_finished(leases[shard_id])
+
+    def _redefine_finished(self, lease: Lease) -> None:
+        """A finished shard whose state names views defined otherwise (a view changed since
+        it was written): take its lease, rebuild the changed views from its records, write it
+        finished again. Its cells still count until a batch covers them, and the serving
+        layer waits for every shard's state to name today's views."""
+        found = read_head(self.store, self.stream, lease.shard_id)
+        if found is None or found[0].heartbeat.get("views") == self.project.digest:
+            self._current.add(lease.shard_id)
+            return
+        if not self.leases.expired(lease) and lease.owner != self.worker_id:
+            return  # another worker is on it
+        taken = self.leases.take(lease)
+        if taken is None:
+            return
+        shard = self.shards.get(lease.shard_id)
+        try:
+            state = claim(self.store, self.stream, lease.shard_id, shard_index(lease.shard_id),
+                          taken.epoch, self.worker_id, self.project, self.settings, [])
+            state.part.follow(self.floor)
+            if shard is not None and state.stale and state.head.sequence:
+                self._rebuild(shard, state)  # else past retention: the changed views' cells go
+            state.flush(state.head.sequence, finished=True)
+            self.leases.renew(taken, state.head.sequence, finished=True)
+            self.leases.release(taken)
+        except (Fenced, LeaseLost) as exc:
+            log.warning("finished shard left to another worker",
+                        extra={"shard": lease.shard_id, "reason": str(exc)})
+            return
+        self._current.add(lease.shard_id)
+        log.info("finished shard's state rewritten with today's views",
+                 extra={"shard": lease.shard_id})
 
     def _list_shards(self) -> None:
         listed = streams.list_shards(self.kinesis, self.stream)

@@ -334,7 +334,8 @@ def test_views_changed_across_a_restart_are_rebuilt_from_the_shards(
     s3_server: str, tmp_path: Path
 ) -> None:
     """A worker restarted with a changed view (and two added) rebuilds them from each shard's
-    records up to its saved sequence number, then goes on: exact from the first answer."""
+    records up to its saved sequence number, a finished parent's too, then goes on: exact
+    from the first answer."""
     from lambdalake.example import PAGEVIEW, PURCHASE
     from lambdalake.monoids import Count
     from lambdalake.project import Project
@@ -347,13 +348,19 @@ def test_views_changed_across_a_restart_are_rebuilt_from_the_shards(
     ])
     s = kinesis_settings(s3_server, tmp_path, slice_seconds=60)
     events = synthetic(3_000, seed=61)
-    put_events(s, events[:2_000])
+    put_events(s, events[:1_000])
+    streams.client(s3_server).split_shard(StreamName=s.kinesis_stream,
+                                          ShardToSplit="shardId-000000000000",
+                                          NewStartingHashKey=str(HALF // 2))
+    put_events(s, events[1_000:2_000])
     stop = threading.Event()
     old = KinesisSpeed(s, before, store_of(s), "w1")
     thread = threading.Thread(target=old.run, args=(stop,))
     thread.start()
-    wait_until(lambda: all(h.state.head.sequence for h in old.held.values())
-               and len(old.held) == 2 and not any(h.changed for h in old.held.values()))
+    children = {"shardId-000000000001", "shardId-000000000002", "shardId-000000000003"}
+    wait_until(lambda: set(old.held) == children
+               and all(h.state.head.sequence for h in old.held.values())
+               and not any(h.changed for h in old.held.values()))
     stop.set()
     thread.join(60)
     put_events(s, events[2_000:])
