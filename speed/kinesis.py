@@ -66,7 +66,8 @@ def fast_client(endpoint_url: str | None) -> Any:
 
     session = botocore.session.get_session()
     session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=float)
-    config = Config(connect_timeout=5, read_timeout=10,
+    # 10,000 records a call: a loaded service can take seconds to answer one
+    config = Config(connect_timeout=5, read_timeout=60,
                     retries={"mode": "standard", "max_attempts": 3})
     return session.create_client("kinesis", endpoint_url=endpoint_url, config=config)
 
