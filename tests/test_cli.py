@@ -69,3 +69,8 @@ def test_history_as_json(tmp_path: Path) -> None:
 def test_a_bad_setting_is_one_line(tmp_path: Path) -> None:
     line = one_line_error(cli("batch", "history", home=tmp_path, LAMBDALAKE_PARTITIONS="zero"))
     assert "partitions" in line
+
+
+def test_a_speed_worker_needs_a_bus_of_its_own(tmp_path: Path) -> None:
+    line = one_line_error(cli("speed", home=tmp_path, LAMBDALAKE_BUS="embedded"))
+    assert "LAMBDALAKE_BUS=kafka or kinesis" in line

@@ -141,15 +141,18 @@ def spawn(s3_server: str) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """Worker processes; any still running at the end is killed."""
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(s: Settings, worker_id: str) -> subprocess.Popen[bytes]:
+    def start(s: Settings, worker_id: str, cli: bool = False) -> subprocess.Popen[bytes]:
+        """`python -m lambdalake.speed.kinesis`, or the same through `lambdalake speed`."""
         env = dict(os.environ)
         env.update({f"LAMBDALAKE_{k.upper()}": str(v) for k, v in s.model_dump().items()
                     if k in ("bus", "kinesis_stream", "kinesis_endpoint_url", "s3_endpoint_url",
                              "store", "partitions", "home", "slice_seconds",
                              "flush_interval_ms", "kinesis_lease_seconds")})
         log = open(s.home / f"{worker_id}.log", "ab")
+        command = ([str(Path(sys.executable).parent / "lambdalake"), "speed"] if cli
+                   else [sys.executable, "-m", "lambdalake.speed.kinesis"])
         started.append(subprocess.Popen(
-            [sys.executable, "-m", "lambdalake.speed.kinesis", "--worker-id", worker_id],
+            [*command, "--worker-id", worker_id],
             env=env, cwd=s.home, stdout=subprocess.DEVNULL, stderr=log))
         return started[-1]
 
@@ -248,7 +251,7 @@ def test_two_workers_split_the_shards_then_one_is_killed(
     events = synthetic(6_000, seed=31)
     put_events(s, events[:3_000])
     with feed_of(s) as cells:
-        a, b = spawn(s, "a"), spawn(s, "b")
+        a, b = spawn(s, "a"), spawn(s, "b", cli=True)
         wait_until(lambda: sorted(owners(s).values(), key=str) == ["a", "a", "b", "b"],
                    timeout=60)
         wait_exact(lambda: served(cells, [], 0), recompute(events[:3_000]), timeout=60)
