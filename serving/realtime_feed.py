@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import orjson
@@ -36,6 +37,7 @@ from lambdalake.loops import Loop, Loops
 from lambdalake.monoids import merge_all
 from lambdalake.realtime import RealtimeCells, decode_update
 from lambdalake.shard_state import (
+    Head,
     Record,
     read_delta,
     read_head,
@@ -48,6 +50,7 @@ from lambdalake.viewstate import CellKey, CellUpdate
 log = logging.getLogger("lambdalake.serving.feed")
 BATCH = 10_000
 LIST_EVERY_S = 2.0  # how often the Kinesis feed looks for shards it has not seen
+READERS = 8  # shards whose state the Kinesis feed reads at once
 
 
 class FeedRecords:
@@ -188,6 +191,7 @@ class StoreFeed:
         self._read: dict[str, tuple[dict[str, str], set[str]]] = {}  # snapshot, deltas read
         self._shards: list[str] = []
         self._listed_at = 0.0
+        self._reads = ThreadPoolExecutor(READERS, thread_name_prefix="feed-reads")
         self.loop = Loop("realtime-feed", self._step)
         if loops is not None:
             loops.add(self.loop)
@@ -197,6 +201,7 @@ class StoreFeed:
 
     def stop(self) -> None:
         self.loop.stop()
+        self._reads.shutdown(wait=True)
 
     def _step(self) -> float:
         self.poll_once()
@@ -207,36 +212,38 @@ class StoreFeed:
         if time.monotonic() - self._listed_at >= LIST_EVERY_S:
             self._shards = shards_with_state(self.store, self.stream)
             self._listed_at = time.monotonic()
+        # the reads of every shard at once (I/O); then applied in order, in this thread
+        changes = [c for c in self._reads.map(self._changes, self._shards) if c is not None]
         updates: list[CellUpdate] = []
-        deltas = sum(self._follow(shard_id, updates) for shard_id in self._shards)
+        for shard_id, head, tag, records, read in changes:
+            for key, value in records:
+                self.records.read(key, value, updates, len(self._shards))
+            beat = head.heartbeat or {"caught_up_at": 0}
+            self.records.heartbeat(shard_index(shard_id), beat, len(self._shards))
+            self._read[shard_id] = (head.snapshot, read)
+            self._tags[shard_id] = tag
         self.cells.upsert(updates)
         self.records.prune()
         if self.records.current():
             self.cells.restored.set()
-        return deltas
+        return len(changes)
 
-    def _follow(self, shard_id: str, updates: list[CellUpdate]) -> int:
+    def _changes(self, shard_id: str) -> tuple[str, Head, str, list[Record], set[str]] | None:
+        """What the shard's state holds that this feed has not read: (shard, head, its tag,
+        records, the deltas read once these are applied); None when nothing changed."""
         found = read_head(self.store, self.stream, shard_id)
         if found is None or found[1] == self._tags.get(shard_id):
-            return 0
+            return None
         head, tag = found
         snapshot, seen = self._read.get(shard_id, ({}, set()))
-        fresh = [key for key in head.deltas if key not in seen]
+        records: list[Record] = []
         try:
-            records: list[Record] = []
             if head.snapshot != snapshot:
                 records += read_snapshot(self.store, head, "realtime")
-                snapshot, seen = head.snapshot, set()
-                fresh = head.deltas
-            for key in fresh:
-                records += read_delta(self.store, key)["realtime"]
+                seen = set()
+            for key in head.deltas:
+                if key not in seen:
+                    records += read_delta(self.store, key)["realtime"]
         except NotFound:
-            return 0  # a newer snapshot replaced what the head named: read the next head
-        sources = len(self._shards)
-        for key, value in records:
-            self.records.read(key, value, updates, sources)
-        number = shard_index(shard_id)
-        self.records.heartbeat(number, head.heartbeat or {"caught_up_at": 0}, sources)
-        self._read[shard_id] = (snapshot, seen | set(fresh))
-        self._tags[shard_id] = tag
-        return len(fresh)
+            return None  # a newer snapshot replaced what the head named: read the next head
+        return shard_id, head, tag, records, set(head.deltas)

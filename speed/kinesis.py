@@ -54,7 +54,7 @@ IDLE_POLL_S = 0.2  # a shard read to its end is asked again at most this often (
 IDLE_FLUSH_S = 1.0  # the heartbeat of a quiet shard
 CATALOG_EVERY_S = 1.0
 LIST_SHARDS_EVERY_S = 5.0
-FETCH_THREADS = 4  # GetRecords calls in flight at once, one per shard at most
+FETCH_THREADS = 4  # GetRecords calls (and state writes) in flight at once, one per shard
 
 
 def fast_client(endpoint_url: str | None) -> Any:
@@ -99,6 +99,7 @@ class KinesisSpeed:
         self.worker_id, self.stream = worker_id, settings.kinesis_stream
         self.kinesis = kinesis or fast_client(settings.kinesis_endpoint_url)
         self.fetcher = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="get-records")
+        self.writer = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="state-writes")
         dynamodb = dynamodb or boto3.client("dynamodb",
                                             endpoint_url=settings.kinesis_endpoint_url)
         self.leases = LeaseTable(dynamodb, lease_table_name(settings), worker_id,
@@ -130,10 +131,10 @@ class KinesisSpeed:
         if now - self._catalog_at >= CATALOG_EVERY_S:
             self.follow_batch()
         read = sum(self._read(held) for held in list(self.held.values()))
-        for held in list(self.held.values()):
-            since = now - held.flushed_at
-            if (held.changed and since >= self.flush_s) or since >= IDLE_FLUSH_S:
-                self._flush(held)
+        self.flush_all([
+            held for held in self.held.values()
+            if (held.changed and now - held.flushed_at >= self.flush_s)
+            or now - held.flushed_at >= IDLE_FLUSH_S])
         return read > 0
 
     # ------------------------------------------------------------------ reading
@@ -200,11 +201,16 @@ class KinesisSpeed:
 
     def _flush(self, held: Held, finished: bool = False) -> bool:
         """Write the shard's state; False when the write failed (fenced: the shard is gone)."""
+        written = self._write(held, finished)
+        if not written:
+            self._drop(held, "fenced by a newer epoch")
+        return written
+
+    def _write(self, held: Held, finished: bool = False) -> bool:
         try:
             held.state.part.flush_metrics()
             held.state.flush(held.sequence, finished)
         except Fenced:
-            self._drop(held, "fenced by a newer epoch")
             return False
         held.changed, held.flushed_at = False, time.monotonic()
         return True
@@ -333,13 +339,17 @@ class KinesisSpeed:
                 held.state.part.follow(floor)
                 held.changed = True
 
-    def flush_all(self) -> None:
-        for held in list(self.held.values()):
-            self._flush(held)
+    def flush_all(self, shards: list[Held] | None = None) -> None:
+        """Write these shards' states (default: all), at once: each writes its own objects."""
+        shards = list(self.held.values()) if shards is None else shards
+        for held, written in zip(shards, self.writer.map(self._write, shards), strict=True):
+            if not written:
+                self._drop(held, "fenced by a newer epoch")
 
     def close(self) -> None:
         """Write every shard's state and release its lease, so another worker takes it at once."""
         self.fetcher.shutdown(wait=True)
+        self.writer.shutdown(wait=True)
         for held in list(self.held.values()):
             if self._flush(held):
                 with contextlib.suppress(LeaseLost):
