@@ -94,7 +94,7 @@ def put_events(kinesis: Any, stream: str, n: int) -> int:
     """Put n events (1% are producer retries); how many distinct ones."""
     events = WebAnalyticsStream(seed=1)
     now = int(time.time() * 1000)
-    distinct = set()
+    distinct: set[tuple[str, str]] = set()
     for at in range(0, n, 500):
         batch = [events.event(now) for _ in range(min(500, n - at))]
         distinct.update((e["type"], e["event_id"]) for e in batch)
@@ -185,7 +185,7 @@ class Lambdalake:
 def freshness(moto: MotoServer, home: Path, runs: int) -> tuple[list[dict[str, float]], float]:
     """Freshness runs on one running stack under the steady load; the load achieved (events/s)."""
     with Lambdalake(moto, home) as stack:
-        stop, sent, visible = threading.Event(), [0], {}
+        stop, sent, visible = threading.Event(), [0], dict[str, float]()
         load = threading.Thread(target=common.steady_load, args=(
             stack.url(stack.gateway, "/events"), stop, sent, FRESHNESS_RATE))
         watcher = threading.Thread(target=common.watch, args=(

@@ -88,7 +88,7 @@ class LeaseTable:
     def all(self) -> dict[str, Lease]:
         leases, start = {}, None
         while True:
-            extra = {"ExclusiveStartKey": start} if start else {}
+            extra: dict[str, Any] = {"ExclusiveStartKey": start} if start else {}
             page = self.dynamodb.scan(TableName=self.table, ConsistentRead=True, **extra)
             for item in page["Items"]:
                 lease = Lease.from_item(item)
