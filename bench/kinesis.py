@@ -235,19 +235,10 @@ def main() -> None:
 def report(figures: dict[str, list[float]], fresh: list[dict[str, float]], load_eps: float,
            runs: int) -> dict[str, Any]:
     raw, driver = (statistics.median(figures[k]) for k in ("raw_eps", "kinesis_eps"))
-    p50s, p99s = [f["p50"] for f in fresh], [f["p99"] for f in fresh]
     return {
         "raw_eps": round(raw), "kinesis_eps": round(driver),
         "kinesis_ratio": round(driver / raw, 3),
-        "freshness_p50_ms": rounded(statistics.median(p50s)),
-        "freshness_p99_ms": rounded(statistics.median(p99s)),  # null: past 1% misses
-        "freshness_misses": sum(int(f["misses"]) for f in fresh),
-        "freshness_probes": sum(int(f["probes"]) for f in fresh),
-        "freshness_load_eps": round(load_eps),
-        "runs": {"count": runs, **{name: spread(values) for name, values in figures.items()},
-                 "freshness_p50_ms": spread(p50s), "freshness_p99_ms": spread(p99s),
-                 "freshness_misses": [int(f["misses"]) for f in fresh]},
-        "load_average": [round(x, 2) for x in os.getloadavg()],
+        **common.freshness_figures(fresh, load_eps, figures, runs),
     }
 
 

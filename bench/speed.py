@@ -417,21 +417,14 @@ def main() -> None:
     print(json.dumps(report(figures, fresh, load_eps, runs)))
 
 
-def report(figures: dict[str, list[float]], fresh: list[dict[str, float]], load_eps: float,
-           runs: int) -> dict[str, Any]:
-    median = {name: statistics.median(values) for name, values in figures.items()}
-    raw_client = max(("confluent", "aiokafka"), key=lambda c: median[f"raw_{c}_eps"])
-    raw = median[f"raw_{raw_client}_eps"]
+def freshness_figures(fresh: list[dict[str, float]], load_eps: float,
+                      figures: dict[str, list[float]], runs: int) -> dict[str, Any]:
+    """The freshness figures (medians), then every run's spread and the load average."""
     p50s, p99s = [f["p50"] for f in fresh], [f["p99"] for f in fresh]
-    p99 = statistics.median(p99s)
     return {
-        "raw_eps": round(raw), "raw_client": raw_client, "default_engine": DEFAULT_ENGINE,
-        "default_eps": round(median["default_eps"]),
-        "default_ratio": round(median["default_eps"] / raw, 3),
-        "faust_eps": round(median["faust_eps"]),
-        "faust_ratio_to_noop_faust": round(median["faust_eps"] / median["noop_faust_eps"], 3),
         "freshness_p50_ms": rounded(statistics.median(p50s)),
-        "freshness_p99_ms": rounded(p99),  # null: infinite (more than 1% of probes missed)
+        # null: infinite (more than 1% of probes missed)
+        "freshness_p99_ms": rounded(statistics.median(p99s)),
         "freshness_misses": sum(int(f["misses"]) for f in fresh),
         "freshness_probes": sum(int(f["probes"]) for f in fresh),
         "freshness_load_eps": round(load_eps),
@@ -439,6 +432,21 @@ def report(figures: dict[str, list[float]], fresh: list[dict[str, float]], load_
                  "freshness_p50_ms": spread(p50s), "freshness_p99_ms": spread(p99s),
                  "freshness_misses": [int(f["misses"]) for f in fresh]},
         "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def report(figures: dict[str, list[float]], fresh: list[dict[str, float]], load_eps: float,
+           runs: int) -> dict[str, Any]:
+    median = {name: statistics.median(values) for name, values in figures.items()}
+    raw_client = max(("confluent", "aiokafka"), key=lambda c: median[f"raw_{c}_eps"])
+    raw = median[f"raw_{raw_client}_eps"]
+    return {
+        "raw_eps": round(raw), "raw_client": raw_client, "default_engine": DEFAULT_ENGINE,
+        "default_eps": round(median["default_eps"]),
+        "default_ratio": round(median["default_eps"] / raw, 3),
+        "faust_eps": round(median["faust_eps"]),
+        "faust_ratio_to_noop_faust": round(median["faust_eps"] / median["noop_faust_eps"], 3),
+        **freshness_figures(fresh, load_eps, figures, runs),
         "views": sorted(project.views),
     }
 

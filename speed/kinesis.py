@@ -22,11 +22,8 @@ the shard.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
-import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -42,11 +39,12 @@ from lambdalake.event_columns import BatchDecoder
 from lambdalake.eventlog import now_ms
 from lambdalake.events import Validator
 from lambdalake.kinesis import shard_index
-from lambdalake.project import Project, load_project
+from lambdalake.project import Project
 from lambdalake.settings import Settings
 from lambdalake.shard_state import read_head
 from lambdalake.speed.kinesis_leases import Lease, LeaseLost, LeaseTable
 from lambdalake.speed.kinesis_state import Fenced, ShardState, claim
+from lambdalake.speed.worker import read_floor, run_worker
 from lambdalake.storage import ObjectStore
 
 log = logging.getLogger("lambdalake.speed.kinesis")
@@ -328,12 +326,8 @@ class KinesisSpeed:
     def follow_batch(self) -> None:
         """Drop what every kept batch version covers (the store may be briefly unavailable)."""
         self._catalog_at = time.monotonic()
-        try:
-            floor = self.kept.floor()
-        except Exception:  # an unreachable store delays the drop; it never stops the layer
-            log.warning("cannot read the batch catalog", exc_info=True)
-            return
-        if floor > self.floor:
+        floor = read_floor(self.kept)
+        if floor is not None and floor > self.floor:
             self.floor = floor
             for held in self.held.values():
                 held.state.part.follow(floor)
@@ -364,23 +358,8 @@ def final_arrival(store: ObjectStore, stream: str, shard_id: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lambdalake.logs import setup_logging
-    from lambdalake.speed.worker import prepare
-
-    parser = argparse.ArgumentParser(prog="python -m lambdalake.speed.kinesis",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker-id", default=socket.gethostname(),
-                        help="stable per worker: a restart takes its leases back at once")
-    args = parser.parse_args(argv)
-    setup_logging()
-    settings = Settings()
-    store = prepare(settings)
-    speed = KinesisSpeed(settings, load_project(settings.project), store, args.worker_id)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    speed.run(stop)
+    run_worker("lambdalake.speed.kinesis", __doc__,
+               "stable per worker: a restart takes its leases back at once", KinesisSpeed, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_speed_kafka import (
     events_strategy,
+    publish_cut,
     recompute,
+    running,
     served,
     synthetic,
     to_events,
@@ -34,7 +36,6 @@ from test_speed_kafka import (
     wait_until,
 )
 
-from lambdalake import catalog
 from lambdalake import kinesis as streams
 from lambdalake.example import project
 from lambdalake.realtime import RealtimeCells
@@ -102,16 +103,6 @@ def arrivals(s: Settings) -> list[tuple[int, dict[str, Any]]]:
     return found
 
 
-def publish_cut(s: Settings, cut: int) -> None:
-    store = store_of(s)
-    version = catalog.new_version()
-    covered = {name: catalog.ViewFiles(files=[], rows=0) for name in project.views}
-    catalog.write_manifest(store, catalog.Manifest(
-        version=version, cut=cut, created="test", engine="test", rows_read=0, views=covered,
-        fingerprints=project.fingerprints))
-    catalog.publish(store, version)
-
-
 @contextmanager
 def feed_of(s: Settings) -> Iterator[RealtimeCells]:
     cells = RealtimeCells(project)
@@ -123,17 +114,8 @@ def feed_of(s: Settings) -> Iterator[RealtimeCells]:
         feed.stop()
 
 
-@contextmanager
-def worker_thread(s: Settings, worker_id: str = "t1") -> Iterator[KinesisSpeed]:
-    stop = threading.Event()
-    speed = KinesisSpeed(s, project, store_of(s), worker_id)
-    thread = threading.Thread(target=speed.run, args=(stop,))
-    thread.start()
-    try:
-        yield speed
-    finally:
-        stop.set()
-        thread.join(60)
+def worker_thread(s: Settings, worker_id: str = "t1") -> AbstractContextManager[KinesisSpeed]:
+    return running(KinesisSpeed(s, project, store_of(s), worker_id))
 
 
 @pytest.fixture
@@ -356,16 +338,11 @@ def test_views_changed_across_a_restart_are_rebuilt_from_the_shards(
                                           ShardToSplit="shardId-000000000000",
                                           NewStartingHashKey=str(HALF // 2))
     put_events(s, events[1_000:2_000])
-    stop = threading.Event()
-    old = KinesisSpeed(s, before, store_of(s), "w1")
-    thread = threading.Thread(target=old.run, args=(stop,))
-    thread.start()
     children = {"shardId-000000000001", "shardId-000000000002", "shardId-000000000003"}
-    wait_until(lambda: set(old.held) == children
-               and all(h.state.head.sequence for h in old.held.values())
-               and not any(h.changed for h in old.held.values()))
-    stop.set()
-    thread.join(60)
+    with running(KinesisSpeed(s, before, store_of(s), "w1")) as old:
+        wait_until(lambda: set(old.held) == children
+                   and all(h.state.head.sequence for h in old.held.values())
+                   and not any(h.changed for h in old.held.values()))
     put_events(s, events[2_000:])
     with feed_of(s) as cells, worker_thread(s, "w1"):
         wait_until(cells.restored.is_set)
