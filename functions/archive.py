@@ -128,18 +128,15 @@ class Archiver:
             return self._start_shard(stream, shard_id)
 
     def _start_shard(self, stream: str, shard_id: str) -> dict[str, Any]:
-        listed = kinesis.list_shards(self.kinesis_client(), stream)
-        shard = next((s for s in listed if s.shard_id == shard_id), None)
+        listed = {s.shard_id: s for s in kinesis.list_shards(self.kinesis_client(), stream)}
+        marks = {m["shard"]: m for m in master.watermarks(self.store).values() if "shard" in m}
+        shard = listed.get(shard_id)
         parents = list(shard.parents) if shard else []
-        floor = 0
         for parent in parents:
-            try:
-                mark = json.loads(self.store.get(_mark_key(parent)))
-            except NotFound:
-                continue  # never archived (empty, or past the retention)
-            floor = max(floor, mark["arrival"])
-            self.put_mark(mark | {"finished": True,
-                                  "children": kinesis.children(listed, parent)})
+            if parent in marks:  # Lambda finishes a parent before it hands out a child
+                self.put_mark(marks[parent] | {"finished": True, "children": kinesis.children(
+                    listed.values(), parent)})
+        floor = (master.shard_floor(shard, listed, marks) if shard else None) or 0
         mark = {"shard": shard_id, "parents": parents, "next_offset": 0, "watermark": floor,
                 "arrival": floor, "sequence": None}
         self.put_mark(mark)
@@ -174,28 +171,24 @@ class Archiver:
         partition = kinesis.shard_index(shard_id)
         offset, arrival = mark["next_offset"], mark["arrival"]
         rows: list[master.Archived] = []
-        letters: dict[int, dict[str, Any]] = {}
+        origins: dict[int, _Origin] = {}  # by offset: where each user record came from
         dead: list[dict[str, Any]] = []
         for record in chunk:
             payload = record.kinesis
             approximate = kinesis.arrival_ms(payload.approximate_arrival_timestamp)
             arrival = kinesis.next_arrival(arrival, approximate)
             for sub, (key, value, problem) in enumerate(_user_records(payload)):
-                letters[offset] = {"shardId": shard_id,
-                                   "sequenceNumber": payload.sequence_number,
-                                   "subSequenceNumber": sub, "partitionKey": key,
-                                   "data": payload.data if problem else
-                                   base64.b64encode(value).decode(), "timestamp": arrival}
+                origins[offset] = _Origin(shard_id, payload, sub, key, value, arrival)
                 result = [problem] if problem else self.validator.validate_json(value, arrival)
                 if isinstance(result, Event):
                     rows.append(master.Archived(result, partition, offset, arrival))
                 else:
-                    dead.append(letters[offset] | {"reason": _reasons(result)})
+                    dead.append(origins[offset].letter(_reasons(result)))
                 offset += 1
         span = master.sequence_span(chunk[0].kinesis.sequence_number,
                                     chunk[-1].kinesis.sequence_number)
         keys, unstorable = master.write_batch(self.store, self.schemas, partition, rows, span)
-        dead += [letters[u.row.offset] | {"reason": u.reason} for u in unstorable]
+        dead += [origins[u.row.offset].letter(u.reason) for u in unstorable]
         if dead:
             keys.append(self._dead_letter(partition, span, dead))
         mark.update(next_offset=offset, arrival=arrival,
@@ -218,6 +211,24 @@ class Archiver:
         RECORDS.labels("archived").inc(archived)
         RECORDS.labels("dead_letter").inc(len(dead))
         return {"archived": archived, "dead_lettered": len(dead), "objects": keys}
+
+
+@dataclass(frozen=True, slots=True)
+class _Origin:
+    """Where a user record came from: what its dead letter says."""
+
+    shard_id: str
+    payload: KinesisStreamRecordPayload
+    sub_sequence: int
+    partition_key: str
+    value: bytes
+    arrival: int
+
+    def letter(self, reason: str) -> dict[str, Any]:
+        data = base64.b64encode(self.value).decode() if self.value else self.payload.data
+        return {"shardId": self.shard_id, "sequenceNumber": self.payload.sequence_number,
+                "subSequenceNumber": self.sub_sequence, "partitionKey": self.partition_key,
+                "data": data, "timestamp": self.arrival, "reason": reason}
 
 
 def _mark_key(shard_id: str) -> str:

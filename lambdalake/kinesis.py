@@ -11,14 +11,16 @@ The API (what the archive mapping and the speed driver build on):
 - `readable(shards, finished)`: the shards to read now. A child is read only once each of
   its parents is finished, i.e. closed and read to its end; a parent no longer listed (past
   the stream's retention) counts as finished. `in_lineage_order(shards)` orders a whole
-  listing parents first.
+  listing parents first; `children(shards, shard_id)` the shards it was split or merged into.
 - `Position`: where a reader starts (`Position.trim_horizon()`, `.latest()`,
   `.at_timestamp(ms)`, `.after(sequence)`, `.at(sequence)`); `shard_iterator(...)` turns one
   into a shard iterator.
 - `ShardReader(client, stream, shard, position, arrival_floor)`: `read(limit)` one
-  GetRecords call -> `[KinesisRecord]` (de-aggregated, arrival clamped), `finished` once a
+  GetRecords call -> `[KinesisRecord]` (de-aggregated unless `deaggregate=False`, arrival
+  clamped), `millis_behind` (MillisBehindLatest), `finished` once a
   closed shard is read to its end, `arrival` the shard's running arrival, `position` where a
   reader resumes after what was returned.
+  `read_until_quiet(reader)` reads a shard to its end or until it stays empty (tests, tools).
 - `KinesisRecord`: shard id, sequence number (decimal text), sub-sequence (the index of a
   user record inside a KPL aggregate; 0 for a plain record), partition key, data bytes,
   the service's `approximate_arrival_ms` and the clamped `arrival_ms`.
@@ -243,9 +245,10 @@ class ShardReader:
     `arrival_floor` (the largest final arrival of the shard's parents; 0 without any)."""
 
     def __init__(self, kinesis: Any, stream: str, shard: Shard, position: Position,
-                 arrival_floor: int = 0):
+                 arrival_floor: int = 0, deaggregate: bool = True):
         self.kinesis, self.stream, self.shard = kinesis, stream, shard
         self.position, self.arrival = position, arrival_floor
+        self.deaggregate = deaggregate  # False: a KPL aggregate stays one record (Lambda's)
         self.finished = False
         self.millis_behind = 0
         self._iterator: str | None = None
@@ -264,9 +267,12 @@ class ShardReader:
         for found in answer["Records"]:
             approximate = arrival_ms(found["ApproximateArrivalTimestamp"])
             self.arrival = next_arrival(self.arrival, approximate)
-            records += user_records(self.shard.shard_id, found["SequenceNumber"],
-                                    found["PartitionKey"], found["Data"], approximate,
-                                    self.arrival)
+            sequence, key, data = found["SequenceNumber"], found["PartitionKey"], found["Data"]
+            shard_id = self.shard.shard_id
+            records += (
+                user_records(shard_id, sequence, key, data, approximate, self.arrival)
+                if self.deaggregate
+                else [KinesisRecord(shard_id, sequence, 0, key, data, approximate, self.arrival)])
         if records:
             self.position = Position.after(records[-1].sequence_number)
         self.finished = self._at_end(records)

@@ -16,8 +16,9 @@ archived; the batch cut is the slice boundary at or below the smallest watermark
 
 On Kinesis the shards change: the cut is bounded by every shard the stream lists, less a
 finished shard once each of its children has a watermark (a child's records never arrive
-before its parents' last ones, and its watermark starts there). A listed shard with neither
-a watermark nor a parent that bounds it has not been archived at all: no cut yet.
+before its parents' last ones, and its watermark starts there). A listed shard without a
+watermark yet is bounded by the running arrival of its archived ancestors; one with no
+listed parent and no watermark has not been archived at all: no cut yet.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ def write_watermark(store: ObjectStore, partition: int, next_offset: int, waterm
     store.put(f"{WATERMARKS}/p={partition}.json", json.dumps(body).encode())
 
 
-def watermarks(store: ObjectStore) -> dict[int, dict[str, int]]:
+def watermarks(store: ObjectStore) -> dict[int, dict[str, Any]]:
     found = {}
     for key in store.list(f"{WATERMARKS}/"):
         partition = int(key.rsplit("p=", 1)[1].removesuffix(".json"))
@@ -202,15 +203,17 @@ def partition_bounds(marks: dict[int, dict[str, Any]], partitions: int) -> list[
 def shard_bounds(marks: dict[int, dict[str, Any]], listed: Iterable[Any]) -> list[int]:
     """The watermarks bounding the cut on Kinesis, from the stream's shards as listed now
     (`lambdalake.kinesis.Shard`s): see the module's docstring."""
-    shards = {shard.index: shard for shard in listed}
-    ids = {shard.shard_id for shard in shards.values()}
+    shards = {shard.shard_id: shard for shard in listed}
     by_id = {mark["shard"]: mark for mark in marks.values() if "shard" in mark}
     bounds, missing = [], []
-    for index, shard in sorted(shards.items()):
-        mark = marks.get(index)
-        if mark is None:  # bounded by a listed parent (which cannot be done without it)
-            if not ids.intersection(shard.parents):
-                missing.append(shard.shard_id)
+    for shard_id, shard in shards.items():
+        mark = by_id.get(shard_id)
+        if mark is None:
+            floor = shard_floor(shard, shards, by_id)
+            if floor is not None:
+                bounds.append(floor)
+            elif not any(parent in shards for parent in shard.parents):
+                missing.append(shard_id)
             continue
         children = mark.get("children", [])
         if mark.get("finished") and all(child in by_id for child in children):
@@ -219,6 +222,20 @@ def shard_bounds(marks: dict[int, dict[str, Any]], listed: Iterable[Any]) -> lis
     if missing:
         raise NoWatermark(f"no archive watermark yet for shard(s) {', '.join(missing)}")
     return bounds
+
+
+def shard_floor(shard: Any, shards: dict[str, Any], by_id: dict[str, dict[str, Any]]) -> int | None:
+    """What a shard not archived yet will never arrive below: the running arrival of an
+    ancestor (a child's arrivals start at its parents' last). Not its watermark: an idle
+    parent's seal says nothing of its children's records. None: no ancestor archived."""
+    found = []
+    for parent in shard.parents:
+        if parent in by_id:
+            found.append(by_id[parent]["arrival"])
+        elif parent in shards:
+            floor = shard_floor(shards[parent], shards, by_id)
+            found += [] if floor is None else [floor]
+    return max(found, default=None)
 
 
 def cut_bounds(store: ObjectStore, settings: Settings) -> list[int]:

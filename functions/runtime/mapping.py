@@ -41,8 +41,8 @@ DrainHook = Callable[[int, int, int], None]  # (partition, end offset, t)
 R = TypeVar("R")
 MAX_PAYLOAD_BYTES = 6 * 1024 * 1024
 _RECORD_JSON_BYTES = 160  # a record's JSON beyond its base64 value
-_MAX_BACKOFF_SECONDS = 30.0
-_STUCK_AFTER_SECONDS = 300.0  # an invocation's own timeout is at most 900 s on AWS
+MAX_BACKOFF_SECONDS = 30.0
+STUCK_AFTER_SECONDS = 300.0  # an invocation's own timeout is at most 900 s on AWS
 _DRAIN_EVERY_SECONDS = 1.0
 
 log = logging.getLogger("lambdalake.functions.mapping")
@@ -151,7 +151,7 @@ class Delivery(Generic[R]):
             log.warning("batch failed; retrying", extra={
                 "function": self.function.name, "records": len(records),
                 "failures": failures, "error": str(error)})
-            self.loop.wait(min(self.backoff_seconds * 2 ** (failures - 1), _MAX_BACKOFF_SECONDS))
+            self.loop.wait(min(self.backoff_seconds * 2 ** (failures - 1), MAX_BACKOFF_SECONDS))
 
     def _exhausted(self, feed: Feed[R], records: list[R], error: FunctionError) -> None:
         if self.batching.bisect_on_error and len(records) > 1:
@@ -220,32 +220,17 @@ class _KafkaFeed:
         return (now_ms() - records[0].arrival) / 1000
 
 
-class StreamMapping:
-    def __init__(
-        self,
-        function: LocalFunction,
-        source: StreamSource,
-        topic: Topic,
-        folder: Path,
-        on_drained: DrainHook | None = None,
-        backoff_seconds: float = 0.5,
-        poll_seconds: float = 0.05,
-        loops: Loops | None = None,
-    ):
-        self.function, self.source, self.topic, self.on_drained = (
-            function, source, topic, on_drained,
-        )
-        self.group = source.consumer_group or f"{function.name}-{source.topic}"
-        self.poll_seconds = poll_seconds
-        self.positions = topic.committed(self.group)
-        self._waiting_since: dict[int, float] = {}
-        self._next_drain: dict[int, float] = {}
+class Polling(Generic[R]):
+    """A mapping's loop, which calls `poll_once` until stopped, and its delivery."""
+
+    def __init__(self, function: LocalFunction, batching: Batching, folder: Path,
+                 backoff_seconds: float, poll_seconds: float, loops: Loops | None):
+        self.function, self.poll_seconds = function, poll_seconds
         self.loop = Loop(f"mapping-{function.name}", self._step,
-                         first_backoff_s=backoff_seconds, max_backoff_s=_MAX_BACKOFF_SECONDS,
-                         stuck_after_s=_STUCK_AFTER_SECONDS)
-        self.delivery: Delivery[Record] = Delivery(function, source, folder, self.loop,
-                                                   backoff_seconds)
-        self.feed = _KafkaFeed(self)
+                         first_backoff_s=backoff_seconds, max_backoff_s=MAX_BACKOFF_SECONDS,
+                         stuck_after_s=STUCK_AFTER_SECONDS)
+        self.delivery: Delivery[R] = Delivery(function, batching, folder, self.loop,
+                                              backoff_seconds)
         if loops is not None:
             loops.add(self.loop)
 
@@ -262,6 +247,31 @@ class StreamMapping:
 
     def _step(self) -> float:
         return 0.0 if self.poll_once() else self.poll_seconds
+
+    def poll_once(self) -> int:
+        """One pass over the source; the number of records delivered."""
+        raise NotImplementedError
+
+
+class StreamMapping(Polling[Record]):
+    def __init__(
+        self,
+        function: LocalFunction,
+        source: StreamSource,
+        topic: Topic,
+        folder: Path,
+        on_drained: DrainHook | None = None,
+        backoff_seconds: float = 0.5,
+        poll_seconds: float = 0.05,
+        loops: Loops | None = None,
+    ):
+        super().__init__(function, source, folder, backoff_seconds, poll_seconds, loops)
+        self.source, self.topic, self.on_drained = source, topic, on_drained
+        self.group = source.consumer_group or f"{function.name}-{source.topic}"
+        self.positions = topic.committed(self.group)
+        self._waiting_since: dict[int, float] = {}
+        self._next_drain: dict[int, float] = {}
+        self.feed = _KafkaFeed(self)
 
     def poll_once(self) -> int:
         """One pass over the partitions; the number of records delivered."""

@@ -58,7 +58,7 @@ def settings_with(**overrides: Any) -> Settings:
 
 @app.command()
 def up(
-    bus: Annotated[str | None, typer.Option(help="embedded or kafka")] = None,
+    bus: Annotated[str | None, typer.Option(help="embedded, kafka or kinesis")] = None,
     bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap HOST:PORT")] = None,
     produce: Annotated[float, typer.Option(help="Also produce N synthetic events/s")] = 0,
     batch_every: Annotated[int | None, typer.Option(help="Seconds between batch runs")] = None,

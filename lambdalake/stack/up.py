@@ -70,11 +70,9 @@ class Stack:
             self.realtime.caught_up_at = caught_up_at
 
     def __enter__(self) -> Stack:
-        from lambdalake.bus import events_topic
         from lambdalake.functions import archive
         from lambdalake.functions.runtime.local import LocalRuntime
         from lambdalake.serving.server import ServerThread, build_server, start_postgres
-        from lambdalake.speed.embedded import EmbeddedSpeed
 
         s = self.settings
         server = ServerThread(build_server(s, self.project, self.store, self.realtime,
@@ -83,18 +81,9 @@ class Stack:
         postgres = start_postgres(server.server)
         if postgres is not None:
             self._closers.append(postgres.stop)
-        if s.bus == "kafka":
-            self._kafka_speed()
-        elif s.bus == "kinesis":
-            self._kinesis_speed()
-        else:
-            speed = EmbeddedSpeed(s, self.project, events_topic(s), self.store,
-                                  self.publish_realtime, loops=self.loops,
-                                  restored=self.realtime.restored)
-            speed.start()
-            self._closers.append(speed.stop)
-            self.speed = speed
-        runtime = LocalRuntime(s, loops=self.loops, on_drained=archive.ON_DRAINED)
+        self._start_speed()
+        runtime = LocalRuntime(s, loops=self.loops, on_drained=archive.ON_DRAINED,
+                               on_shard=archive.ON_SHARD)
         runtime.start()
         self._closers.append(runtime.stop)
         interval = s.batch_interval_seconds
@@ -109,6 +98,25 @@ class Stack:
         if self.produce_rate:
             self._thread(self._produce, "producer")
         return self
+
+    def _start_speed(self) -> None:
+        """The speed layer of the settings' bus: in process on the embedded log, a supervised
+        worker on Kafka, the Kinesis driver on Kinesis (`_kinesis_speed`)."""
+        from lambdalake.bus import events_topic
+        from lambdalake.speed.embedded import EmbeddedSpeed
+
+        s = self.settings
+        if s.bus == "kafka":
+            self._kafka_speed()
+        elif s.bus == "kinesis":
+            self._kinesis_speed()
+        else:
+            speed = EmbeddedSpeed(s, self.project, events_topic(s), self.store,
+                                  self.publish_realtime, loops=self.loops,
+                                  restored=self.realtime.restored)
+            speed.start()
+            self._closers.append(speed.stop)
+            self.speed = speed
 
     def _kafka_speed(self) -> None:
         """The speed driver on Kafka (restarted if it exits), and the serving layer following
@@ -150,9 +158,10 @@ class Stack:
         return {"bus": s.bus, "kafka_bootstrap": s.kafka_bootstrap, "topic": s.topic,
                 "partitions": s.partitions, "home": s.home.resolve(), "store": s.store_url,
                 "project": s.project, "s3_endpoint_url": s.s3_endpoint_url,
+                "kinesis_stream": s.kinesis_stream,
+                "kinesis_endpoint_url": s.kinesis_endpoint_url,
                 "speed_metrics_host": s.speed_metrics_host,
                 "speed_metrics_port": s.speed_metrics_port, "supervised": True,
-                "kinesis_stream": s.kinesis_stream, "kinesis_endpoint_url": s.kinesis_endpoint_url,
                 "kinesis_lease_table": s.kinesis_lease_table,
                 "kinesis_lease_seconds": s.kinesis_lease_seconds}
 
