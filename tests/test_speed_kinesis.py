@@ -191,10 +191,11 @@ def test_a_worker_killed_mid_stream_restarts_without_double_counting(
 ) -> None:
     """Killed with -9 while events flow in and it folds and writes them, then restarted."""
     s = kinesis_settings(s3_server, tmp_path, slice_seconds=60)
-    events = synthetic(12_000, seed=21)
+    events = synthetic(6_000, seed=21)
+    worker = spawn(s, "w1")
+    wait_until(lambda: list(owners(s).values()) == ["w1", "w1"])
     with feed_of(s) as cells, producing(s, events) as done:
-        worker = spawn(s, "w1")
-        wait_until(lambda: pageviews(cells) > 2_000)
+        wait_until(lambda: pageviews(cells) > 1_000)
         worker.send_signal(signal.SIGKILL)
         worker.wait()
         assert not done.is_set(), "killed too late to be mid-stream"
