@@ -78,6 +78,9 @@ def run_worker(
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stopping)
     speed.run(stop)
+    if settings.supervised:  # the stdin watch is still blocked in a read: no clean shutdown
+        logging.shutdown()
+        os._exit(0)
 
 
 def read_floor(kept: KeptVersions) -> int | None:
