@@ -146,7 +146,7 @@ def driver_eps(settings: Settings, n: int, distinct: int, run: int) -> float:
         caught_up = all(h.reader.millis_behind == 0 and h.polled_at for h in speed.held.values())
         if caught_up:
             break
-    speed.flush_all()
+    speed.write_all()
     seconds = time.perf_counter() - started
     folded = sum(h.state.part.view.tracked_ids for h in speed.held.values())
     assert folded == distinct, f"the driver holds {folded} of {distinct} distinct events"

@@ -86,6 +86,8 @@ class Held:
     changed: bool = False
     flushed_at: float = 0.0
     fetch: Future[tuple[int, list[streams.KinesisRecord] | None]] | None = None  # in flight
+    closed: streams.Shard | None = None  # the shard as listed once closed, for its reader
+    write: Future[None] | None = None  # the state's write in flight
 
 
 class KinesisSpeed:
@@ -110,30 +112,60 @@ class KinesisSpeed:
         self.held: dict[str, Held] = {}
         self.shards: dict[str, streams.Shard] = {}
         self._current: set[str] = set()  # finished shards whose state names today's views
-        self._listed_at = self._balanced_at = self._catalog_at = 0.0
+        self._listed_at = self._catalog_at = 0.0
+        self._floor: Future[int | None] | None = None  # the floor being read
+        self._lock = threading.Lock()  # `held`, changed by the lease keeper too
+        self._keeper_error: Exception | None = None
 
     def run(self, stop: threading.Event) -> None:
-        """Read until `stop` is set; then write every shard's state and release the leases."""
+        """Read until `stop` is set; then write every shard's state and release the leases.
+        The leases are kept by a thread of their own: their calls never hold up a read."""
         self.leases.ensure()
+        keeper = threading.Thread(target=self._keep_leases, args=(stop,), name="leases")
+        keeper.start()
+        try:
+            while not stop.is_set():
+                if not self.step():
+                    stop.wait(0.02)
+        finally:
+            stop.set()
+            keeper.join()
+            self.close()
+
+    def _keep_leases(self, stop: threading.Event) -> None:
+        """Balance every third of the lease time; a failure stops the worker (`step` raises
+        it), so that its supervisor restarts it rather than it reading without leases."""
         while not stop.is_set():
-            if not self.step():
-                stop.wait(0.02)
-        self.close()
+            try:
+                self.balance()
+            except Exception as exc:
+                self._keeper_error = exc
+                return
+            stop.wait(self.settings.kinesis_lease_seconds / 3)
 
     def step(self) -> bool:
-        """Balance the leases when due, read each shard due, flush when due; whether any
-        record was read."""
+        """Read each shard due, flush when due, follow the batch catalog; whether any record
+        was read."""
+        if self._keeper_error is not None:
+            raise RuntimeError("keeping the shard leases failed") from self._keeper_error
         now = time.monotonic()
-        if now - self._balanced_at >= self.settings.kinesis_lease_seconds / 3:
-            self.balance()
-        if now - self._catalog_at >= CATALOG_EVERY_S:
-            self.follow_batch()
-        read = sum(self._read(held) for held in list(self.held.values()))
+        self.follow_batch()
+        held = self.holding()
+        for one in held:  # closed since it was taken: its reader must know, between reads
+            if one.closed is not None and one.fetch is None:
+                one.reader.reopen(one.closed)
+                one.closed = None
+        read = sum(self._read(one) for one in held)
         self.flush_all([
-            held for held in self.held.values()
-            if (held.changed and now - held.flushed_at >= self.flush_s)
-            or now - held.flushed_at >= IDLE_FLUSH_S])
+            one for one in held
+            if (one.changed and now - one.flushed_at >= self.flush_s)
+            or now - one.flushed_at >= IDLE_FLUSH_S])
         return read > 0
+
+    def holding(self) -> list[Held]:
+        """The shards held now (the lease keeper adds and removes some)."""
+        with self._lock:
+            return list(self.held.values())
 
     # ------------------------------------------------------------------ reading
 
@@ -194,45 +226,62 @@ class KinesisSpeed:
             # else the new owner reads the final head and finishes the lease itself
             with contextlib.suppress(LeaseLost):
                 self.leases.renew(held.lease, held.sequence, finished=True)
-            self.held.pop(held.lease.shard_id, None)
+            with self._lock:
+                self.held.pop(held.lease.shard_id, None)
             log.info("shard finished", extra={"shard": held.lease.shard_id})
 
     def _flush(self, held: Held, finished: bool = False) -> bool:
-        """Write the shard's state; False when the write failed (fenced: the shard is gone)."""
-        written = self._write(held, finished)
-        if not written:
-            self._drop(held, "fenced by a newer epoch")
-        return written
-
-    def _write(self, held: Held, finished: bool = False) -> bool:
+        """Write the shard's state now (after its write in flight); False when it was refused
+        (fenced: the shard is gone)."""
+        if not self._written(held, wait=True):
+            return False
         try:
             held.state.part.flush_metrics()
             held.state.flush(held.sequence, finished)
         except Fenced:
+            self._drop(held, "fenced by a newer epoch")
             return False
         held.changed, held.flushed_at = False, time.monotonic()
         return True
 
+    def _written(self, held: Held, wait: bool = False) -> bool:
+        """Whether the shard's last write is done and was taken (False: in flight, or fenced
+        and the shard dropped). Any other failure of it stops the worker."""
+        if held.write is None:
+            return True
+        if not wait and not held.write.done():
+            return False
+        try:
+            held.write.result()
+        except Fenced:
+            self._drop(held, "fenced by a newer epoch")
+            return False
+        finally:
+            if held.write.done():
+                held.write = None
+        return True
+
     def _drop(self, held: Held, why: str) -> None:
-        self.held.pop(held.lease.shard_id, None)
+        with self._lock:
+            self.held.pop(held.lease.shard_id, None)
         log.warning("shard lost", extra={"shard": held.lease.shard_id, "reason": why})
 
     # ------------------------------------------------------------------ leases
 
     def balance(self) -> None:
         """Renew the leases held, then take this worker's share of the readable shards."""
-        self._balanced_at = now = time.monotonic()
-        if now - self._listed_at >= LIST_SHARDS_EVERY_S or not self.shards:
+        if time.monotonic() - self._listed_at >= LIST_SHARDS_EVERY_S or not self.shards:
             self._list_shards()
         leases = self.leases.all()
-        for held in list(self.held.values()):
+        for held in self.holding():
             try:
                 self.leases.renew(held.lease, held.state.head.sequence)
             except LeaseLost:
                 self._drop(held, "lease taken by another worker")
         finished = {s for s, lease in leases.items() if lease.finished}
         readable = [s.shard_id for s in streams.readable(self.shards.values(), finished)]
-        for lease in self.leases.to_take(leases, readable, set(self.held)):
+        for lease in self.leases.to_take(leases, readable, {h.lease.shard_id
+                                                            for h in self.holding()}):
             taken = self.leases.take(lease)
             if taken is not None:
                 self._hold(taken)
@@ -275,11 +324,10 @@ class KinesisSpeed:
         listed = streams.list_shards(self.kinesis, self.stream)
         self.shards = {shard.shard_id: shard for shard in listed}
         self.leases.add(list(self.shards))
-        for held in self.held.values():  # closed since it was taken: the reader must know
+        for held in self.holding():  # closed since it was taken: `step` tells its reader
             shard = self.shards.get(held.lease.shard_id)
-            if held.fetch is None and shard is not None and shard.closed and (
-                    not held.reader.shard.closed):
-                held.reader.reopen(shard)
+            if shard is not None and shard.closed and not held.reader.shard.closed:
+                held.closed = shard
         self._listed_at = time.monotonic()
 
     def _hold(self, lease: Lease) -> None:
@@ -300,7 +348,8 @@ class KinesisSpeed:
         position = (streams.Position.after(head.sequence) if head.sequence
                     else streams.Position.trim_horizon())
         reader = streams.ShardReader(self.kinesis, self.stream, shard, position, head.arrival)
-        self.held[shard.shard_id] = Held(lease, reader, state, head.sequence)
+        with self._lock:
+            self.held[shard.shard_id] = Held(lease, reader, state, head.sequence)
         log.info("shard taken", extra={"shard": shard.shard_id, "epoch": lease.epoch,
                                        "sequence": head.sequence})
 
@@ -324,31 +373,47 @@ class KinesisSpeed:
         state.stale = set()
 
     def follow_batch(self) -> None:
-        """Drop what every kept batch version covers (the store may be briefly unavailable)."""
-        self._catalog_at = time.monotonic()
-        floor = read_floor(self.kept)
-        if floor is not None and floor > self.floor:
-            self.floor = floor
-            for held in self.held.values():
-                held.state.part.follow(floor)
-                held.changed = True
+        """Drop what every kept batch version covers: the floor is read in a thread once a
+        second and applied once it is in."""
+        asked = self._floor
+        if asked is not None and asked.done():
+            self._floor = None
+            floor = asked.result()
+            if floor is not None and floor > self.floor:
+                self.floor = floor
+                for held in self.holding():
+                    held.state.part.follow(floor)
+                    held.changed = True
+        if self._floor is None and time.monotonic() - self._catalog_at >= CATALOG_EVERY_S:
+            self._catalog_at = time.monotonic()
+            self._floor = self.writer.submit(read_floor, self.kept)
 
     def flush_all(self, shards: list[Held] | None = None) -> None:
-        """Write these shards' states (default: all), at once: each writes its own objects."""
-        shards = list(self.held.values()) if shards is None else shards
-        for held, written in zip(shards, self.writer.map(self._write, shards), strict=True):
-            if not written:
-                self._drop(held, "fenced by a newer epoch")
+        """Start writing these shards' states (default: all) from threads: what changed is
+        taken now, the objects are written while reading goes on. A shard whose previous
+        write is still in flight waits for the next call."""
+        for held in self.holding() if shards is None else shards:
+            if self._written(held):
+                held.state.part.flush_metrics()
+                held.state.drain(held.sequence)
+                held.write = self.writer.submit(held.state.write)
+                held.changed, held.flushed_at = False, time.monotonic()
+
+    def write_all(self) -> None:
+        """Write every shard's state now, and wait for it."""
+        for held in self.holding():
+            self._flush(held)
 
     def close(self) -> None:
         """Write every shard's state and release its lease, so another worker takes it at once."""
         self.fetcher.shutdown(wait=True)
-        self.writer.shutdown(wait=True)
-        for held in list(self.held.values()):
+        for held in self.holding():
             if self._flush(held):
                 with contextlib.suppress(LeaseLost):
                     self.leases.release(held.lease)
-        self.held.clear()
+        self.writer.shutdown(wait=True)
+        with self._lock:
+            self.held.clear()
 
 
 def final_arrival(store: ObjectStore, stream: str, shard_id: str) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import orjson
 
@@ -36,8 +37,9 @@ from lambdalake.speed.kafka_common import PartitionState, heartbeat_key, ids_key
 from lambdalake.storage import ObjectStore, PreconditionFailed
 
 log = logging.getLogger("lambdalake.speed.kinesis")
-SNAPSHOT_AFTER_DELTAS = 120  # at one flush a second, a restore reads two minutes of deltas
+SNAPSHOT_AFTER_DELTAS = 300  # five flushes a second: one a minute; a restore reads at most 300
 SNAPSHOT_MIN_BYTES = 1 << 20
+SNAPSHOT_GROWTH = 4  # deltas may add up to this many times the snapshot before the next
 
 
 class Fenced(RuntimeError):
@@ -67,6 +69,7 @@ class ShardState:
     stale: set[str] = field(default_factory=set)  # views to rebuild from the shard's records
     delta_bytes: int = 0  # written since the last snapshot
     snapshot_bytes: int = 0
+    due: dict[str, Any] = field(default_factory=dict)  # the next head's fields (`drain`)
     _count: int = 0
 
     @property
@@ -74,19 +77,36 @@ class ShardState:
         return self.head.shard_id
 
     def flush(self, sequence: str | None, finished: bool = False) -> None:
-        """Write what changed since the last flush, then the head naming it. Raises `Fenced`
-        when another worker claimed the shard; any other error leaves it to the next call."""
-        self._drain()
+        """`drain`, then `write`."""
+        self.drain(sequence, finished)
+        self.write()
+
+    def drain(self, sequence: str | None, finished: bool = False) -> None:
+        """Take what the view state changed as a pending delta (none when only the heartbeat
+        and the meta record would be written: the head carries both), and what the next head
+        says: the last sequence number folded, the arrival, the heartbeat. In the thread that
+        folds; `write` may then run in another, never two at once."""
+        number = self.part.partition
+        realtime = self.part.realtime_records()
+        changelog = self.part.changelog_records()
+        quiet = {heartbeat_key(number), meta_key(number)}
+        if not all(key in quiet for key, _ in realtime + changelog):
+            self.pending.append(Pending(f"{self._next_name('d')}.json", realtime, changelog))
+        heartbeat = {"caught_up_at": self.part.caught_up_at, "views": self.part.project.digest,
+                     "finished": finished}
+        self.due = {"sequence": sequence, "arrival": self.part.arrival, "finished": finished,
+                    "heartbeat": heartbeat}
+
+    def write(self) -> None:
+        """Write the pending deltas, then the head naming them. Raises `Fenced` when another
+        worker claimed the shard; any other error leaves them to the next call."""
         for delta in self.pending:
             if not delta.written:
                 body = orjson.dumps({"realtime": encode_records(delta.realtime),
                                      "changelog": encode_records(delta.changelog)})
                 self.store.put(delta.key, body)
                 delta.written, self.delta_bytes = True, self.delta_bytes + len(body)
-        heartbeat = {"caught_up_at": self.part.caught_up_at, "views": self.part.project.digest,
-                     "finished": finished}
-        head = replace(self.head, sequence=sequence, arrival=self.part.arrival,
-                       finished=finished, heartbeat=heartbeat,
+        head = replace(self.head, **self.due,
                        deltas=self.head.deltas + [d.key for d in self.pending])
         self._replace_head(head)
         for delta in self.pending:
@@ -94,19 +114,8 @@ class ShardState:
             _apply(self.changelog, delta.changelog)
         self.pending = []
         if len(head.deltas) >= SNAPSHOT_AFTER_DELTAS or (
-                self.delta_bytes > max(self.snapshot_bytes, SNAPSHOT_MIN_BYTES)):
+                self.delta_bytes > SNAPSHOT_GROWTH * max(self.snapshot_bytes, SNAPSHOT_MIN_BYTES)):
             self.snapshot()
-
-    def _drain(self) -> None:
-        """What the view state changed, as a pending delta: none when only the heartbeat and
-        the meta record would be written (the head carries both)."""
-        number = self.part.partition
-        realtime = self.part.realtime_records()
-        changelog = self.part.changelog_records()
-        quiet = {heartbeat_key(number), meta_key(number)}
-        if all(key in quiet for key, _ in realtime + changelog):
-            return
-        self.pending.append(Pending(f"{self._next_name('d')}.json", realtime, changelog))
 
     def snapshot(self) -> None:
         """Write every key's latest value as the snapshot, name it in the head instead of the
