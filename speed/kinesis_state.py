@@ -5,8 +5,9 @@ The view logic is the Kafka drivers' `PartitionState` unchanged: a flush writes 
 would write to the compacted topics as one delta object, then the head naming it, replaced
 only if it still has the tag this worker last wrote. A worker that took the shard over has
 rewritten the head (its claim), so that replace fails: the late writer is fenced
-(`Fenced`) and its delta object is never named by a head. Restoring is what a compacted
-topic's reader does: the latest value of every key, snapshot first, then each delta.
+(`Fenced`) and its delta object is never named by a head (the next snapshot deletes it).
+Restoring is what a compacted topic's reader does: the latest value of every key, snapshot
+first, then each delta.
 
 A child shard (after a split or a merge) starts with its parents' dedup ids, so a producer's
 retry that lands in the child after its first copy landed in a parent is still counted
@@ -130,8 +131,16 @@ class ShardState:
         replaced = [*self.head.deltas, *self.head.snapshot.values()]
         self._replace_head(replace(self.head, snapshot=keys, deltas=[]))
         self.delta_bytes, self.snapshot_bytes = 0, size
-        for key in replaced:
+        for key in replaced + self._orphans():
             self.store.delete(key)
+
+    def _orphans(self) -> list[str]:
+        """Objects of older epochs no head names: a fenced worker's late deltas."""
+        prefix = shard_prefix(self.stream, self.shard_id)
+        named = {*self.head.deltas, *self.head.snapshot.values()}
+        return [key for key in self.store.list(prefix)
+                if key[len(prefix):].startswith(("d-", "s-")) and key not in named
+                and int(key[len(prefix):].split("-")[1]) < self.head.epoch]
 
     def _next_name(self, kind: str) -> str:
         """A new object's key (without suffix): unique, as it carries this writer's epoch."""

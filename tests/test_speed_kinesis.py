@@ -41,7 +41,7 @@ from lambdalake.example import project
 from lambdalake.realtime import RealtimeCells
 from lambdalake.serving.realtime_feed import StoreFeed
 from lambdalake.settings import Settings
-from lambdalake.shard_state import read_head
+from lambdalake.shard_state import read_head, shard_prefix
 from lambdalake.speed.kinesis import KinesisSpeed, lease_table_name
 from lambdalake.speed.kinesis_leases import LeaseLost, LeaseTable
 from lambdalake.speed.kinesis_state import Fenced, claim
@@ -314,6 +314,11 @@ def test_a_fenced_worker_late_write_is_refused(s3_server: str, tmp_path: Path) -
     assert fresh.part.view.everything() == []
     with pytest.raises(Fenced):
         claim(store, s.kinesis_stream, shard, 0, 1, "old", project, s, [])
+    late = [k for k in store.list(shard_prefix(s.kinesis_stream, shard)) if "-0000000001-" in k]
+    assert late, "the fenced worker's delta object was written, just never named"
+    fresh.snapshot()  # deletes what it replaces, and objects of older epochs no head names
+    assert not [k for k in store.list(shard_prefix(s.kinesis_stream, shard))
+                if "-0000000001-" in k]
 
 
 def test_views_changed_across_a_restart_are_rebuilt_from_the_shards(
