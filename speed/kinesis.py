@@ -100,6 +100,7 @@ class KinesisSpeed:
         self.kinesis = kinesis or fast_client(settings.kinesis_endpoint_url)
         self.fetcher = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="get-records")
         self.writer = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="state-writes")
+        self.cleaner = ThreadPoolExecutor(1, thread_name_prefix="state-deletes")
         dynamodb = dynamodb or boto3.client("dynamodb",
                                             endpoint_url=settings.kinesis_endpoint_url)
         self.leases = LeaseTable(dynamodb, lease_table_name(settings), worker_id,
@@ -348,6 +349,7 @@ class KinesisSpeed:
         position = (streams.Position.after(head.sequence) if head.sequence
                     else streams.Position.trim_horizon())
         reader = streams.ShardReader(self.kinesis, self.stream, shard, position, head.arrival)
+        state.deleter = self.cleaner
         with self._lock:
             self.held[shard.shard_id] = Held(lease, reader, state, head.sequence)
         log.info("shard taken", extra={"shard": shard.shard_id, "epoch": lease.epoch,
@@ -412,6 +414,7 @@ class KinesisSpeed:
                 with contextlib.suppress(LeaseLost):
                     self.leases.release(held.lease)
         self.writer.shutdown(wait=True)
+        self.cleaner.shutdown(wait=True)
         with self._lock:
             self.held.clear()
 

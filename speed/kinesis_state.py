@@ -17,6 +17,7 @@ once, and with the arrival its parents finished at (the arrival floor of `lambda
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -71,6 +72,7 @@ class ShardState:
     delta_bytes: int = 0  # written since the last snapshot
     snapshot_bytes: int = 0
     due: dict[str, Any] = field(default_factory=dict)  # the next head's fields (`drain`)
+    deleter: Executor | None = None  # where objects no head names are deleted (None: inline)
     _count: int = 0
 
     @property
@@ -131,7 +133,14 @@ class ShardState:
         replaced = [*self.head.deltas, *self.head.snapshot.values()]
         self._replace_head(replace(self.head, snapshot=keys, deltas=[]))
         self.delta_bytes, self.snapshot_bytes = 0, size
-        for key in replaced + self._orphans():
+        unnamed = replaced + self._orphans()
+        if self.deleter is None:
+            self._delete(unnamed)
+        else:  # hundreds of deltas at a time: they must not hold up the shard's next write
+            self.deleter.submit(self._delete, unnamed)
+
+    def _delete(self, keys: list[str]) -> None:
+        for key in keys:
             self.store.delete(key)
 
     def _orphans(self) -> list[str]:
