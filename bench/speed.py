@@ -280,14 +280,20 @@ class Lambdalake:
 
 def steady_load(events_url: str, stop: threading.Event, sent: list[int],
                 rate: int = FRESHNESS_RATE) -> None:
-    """`rate` events/s to the gateway in batches of 250 (20 requests/s at 5,000)."""
+    """`rate` events/s to the gateway in batches of 250 (20 requests/s at 5,000). A batch the
+    gateway refuses (503 while the bus is slow) is said and sent again, as a client would."""
     stream = WebAnalyticsStream(seed=2)
     batch = 250
     with httpx.Client(timeout=30) as client:
         started = time.perf_counter()
         while not stop.is_set():
             events = [stream.event(int(time.time() * 1000)) for _ in range(batch)]
-            client.post(events_url, json={"events": events}).raise_for_status()
+            while not stop.is_set():
+                reply = client.post(events_url, json={"events": events})
+                if reply.status_code == 202:
+                    break
+                say(f"load: the gateway answered {reply.status_code}: {reply.text[:200]}")
+                time.sleep(0.1)
             sent[0] += batch
             ahead = sent[0] / rate - (time.perf_counter() - started)
             if ahead > 0:
