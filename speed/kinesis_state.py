@@ -17,7 +17,7 @@ once, and with the arrival its parents finished at (the arrival floor of `lambda
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -72,7 +72,9 @@ class ShardState:
     delta_bytes: int = 0  # written since the last snapshot
     snapshot_bytes: int = 0
     due: dict[str, Any] = field(default_factory=dict)  # the next head's fields (`drain`)
-    deleter: Executor | None = None  # where objects no head names are deleted (None: inline)
+    deleter: Executor | None = None  # where snapshots are written and unnamed objects
+    # deleted (None: inline)
+    _snapshotting: Future[tuple[dict[str, str], int, list[str]]] | None = None
     _count: int = 0
 
     @property
@@ -101,7 +103,8 @@ class ShardState:
                     "heartbeat": heartbeat}
 
     def write(self) -> None:
-        """Write the pending deltas, then the head naming them. Raises `Fenced` when another
+        """Write the pending deltas, then the head naming them (and a snapshot written since
+        the last call, in place of the deltas it covers). Raises `Fenced` when another
         worker claimed the shard; any other error leaves them to the next call."""
         for delta in self.pending:
             if not delta.written:
@@ -111,33 +114,61 @@ class ShardState:
                 delta.written, self.delta_bytes = True, self.delta_bytes + len(body)
         head = replace(self.head, **self.due,
                        deltas=self.head.deltas + [d.key for d in self.pending])
+        written = self._snapshotting
+        replaced: list[str] = []
+        if written is not None and written.done():
+            self._snapshotting = None
+            keys, size, covered = written.result()
+            replaced = [*covered, *head.snapshot.values()]
+            head = replace(head, snapshot=keys, deltas=[d for d in head.deltas if d not in covered])
+            self.snapshot_bytes = size
         self._replace_head(head)
         for delta in self.pending:
             _apply(self.realtime, delta.realtime)
             _apply(self.changelog, delta.changelog)
         self.pending = []
-        if len(head.deltas) >= SNAPSHOT_AFTER_DELTAS or (
-                self.delta_bytes > SNAPSHOT_GROWTH * max(self.snapshot_bytes, SNAPSHOT_MIN_BYTES)):
-            self.snapshot()
+        if replaced:
+            self._discard(replaced)
+        if self._snapshotting is None and (len(head.deltas) >= SNAPSHOT_AFTER_DELTAS or (
+                self.delta_bytes > SNAPSHOT_GROWTH * max(self.snapshot_bytes, SNAPSHOT_MIN_BYTES))):
+            if self.deleter is None:
+                self.snapshot()
+            else:  # written from another thread: the shard's next writes go on meanwhile
+                self.delta_bytes = 0
+                self._snapshotting = self.deleter.submit(
+                    self._write_snapshot, dict(self.realtime), dict(self.changelog),
+                    list(head.deltas), self._next_name("s"))
 
     def snapshot(self) -> None:
-        """Write every key's latest value as the snapshot, name it in the head instead of the
-        deltas, then delete what it replaces."""
-        base = self._next_name("s")
+        """Write every key's latest value as the snapshot now, name it in the head instead of
+        the deltas, then delete what it replaces."""
+        keys, size, covered = self._write_snapshot(self.realtime, self.changelog,
+                                                   list(self.head.deltas), self._next_name("s"))
+        replaced = [*covered, *self.head.snapshot.values()]
+        self._replace_head(replace(self.head, snapshot=keys, deltas=[]))
+        self.delta_bytes, self.snapshot_bytes = 0, size
+        self._discard(replaced)
+
+    def _write_snapshot(
+        self, realtime: dict[bytes, bytes], changelog: dict[bytes, bytes], covered: list[str],
+        base: str,
+    ) -> tuple[dict[str, str], int, list[str]]:
+        """The snapshot objects of these values, the latest after the deltas `covered`: their
+        keys, their size, and `covered`."""
         keys = {"realtime": f"{base}-realtime.json", "changelog": f"{base}-changelog.json"}
         size = 0
-        for part, values in (("realtime", self.realtime), ("changelog", self.changelog)):
+        for part, values in (("realtime", realtime), ("changelog", changelog)):
             body = orjson.dumps(encode_records(values.items()))
             self.store.put(keys[part], body)
             size += len(body)
-        replaced = [*self.head.deltas, *self.head.snapshot.values()]
-        self._replace_head(replace(self.head, snapshot=keys, deltas=[]))
-        self.delta_bytes, self.snapshot_bytes = 0, size
-        unnamed = replaced + self._orphans()
+        return keys, size, covered
+
+    def _discard(self, replaced: list[str]) -> None:
+        """Delete what a snapshot replaced, and a fenced worker's late objects."""
         if self.deleter is None:
-            self._delete(unnamed)
+            self._delete(replaced + self._orphans())
         else:  # hundreds of deltas at a time: they must not hold up the shard's next write
-            self.deleter.submit(self._delete, unnamed)
+            self.deleter.submit(lambda: self._delete(replaced + self._orphans()))
 
     def _delete(self, keys: list[str]) -> None:
         for key in keys:

@@ -42,6 +42,7 @@ from lambdalake.realtime import RealtimeCells
 from lambdalake.serving.realtime_feed import StoreFeed
 from lambdalake.settings import Settings
 from lambdalake.shard_state import read_head, shard_prefix
+from lambdalake.speed import kinesis_state
 from lambdalake.speed.kinesis import KinesisSpeed, lease_table_name
 from lambdalake.speed.kinesis_leases import LeaseLost, LeaseTable
 from lambdalake.speed.kinesis_state import Fenced, claim
@@ -247,9 +248,13 @@ def test_two_workers_split_the_shards_then_one_is_killed(
         assert b.wait(30) == 0
 
 
-def test_a_split_and_a_merge_mid_stream_stay_exact(s3_server: str, tmp_path: Path) -> None:
+def test_a_split_and_a_merge_mid_stream_stay_exact(
+    s3_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Children are read only once their parents are finished; a retry landing in a child
-    after its first copy landed in the parent is counted once; poison never blocks a shard."""
+    after its first copy landed in the parent is counted once; poison never blocks a shard.
+    Snapshots every few deltas, written while the deltas go on, and read by the feed."""
+    monkeypatch.setattr(kinesis_state, "SNAPSHOT_AFTER_DELTAS", 3)
     s = kinesis_settings(s3_server, tmp_path, shards=2, slice_seconds=60)
     kinesis = streams.client(s3_server)
     waves = [synthetic(1_500, seed=41 + i) for i in range(3)]
