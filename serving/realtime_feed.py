@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import orjson
@@ -192,6 +192,7 @@ class StoreFeed:
         self._shards: list[str] = []
         self._listed_at = 0.0
         self._reads = ThreadPoolExecutor(READERS, thread_name_prefix="feed-reads")
+        self._listing: Future[list[str]] | None = None
         self.loop = Loop("realtime-feed", self._step)
         if loops is not None:
             loops.add(self.loop)
@@ -209,9 +210,7 @@ class StoreFeed:
 
     def poll_once(self) -> int:
         """Apply what changed in every shard's state; the number of deltas read."""
-        if time.monotonic() - self._listed_at >= LIST_EVERY_S:
-            self._shards = shards_with_state(self.store, self.stream)
-            self._listed_at = time.monotonic()
+        self._list_shards()
         # the reads of every shard at once (I/O); then applied in order, in this thread
         changes = [c for c in self._reads.map(self._changes, self._shards) if c is not None]
         updates: list[CellUpdate] = []
@@ -227,6 +226,15 @@ class StoreFeed:
         if self.records.current():
             self.cells.restored.set()
         return len(changes)
+
+    def _list_shards(self) -> None:
+        """Look for new shards every LIST_EVERY_S, from a thread (a listing reads every
+        delta's key): the first time, before anything is read."""
+        if self._listing is None and time.monotonic() - self._listed_at >= LIST_EVERY_S:
+            self._listed_at = time.monotonic()
+            self._listing = self._reads.submit(shards_with_state, self.store, self.stream)
+        if self._listing is not None and (self._listing.done() or not self._shards):
+            self._shards, self._listing = self._listing.result(), None
 
     def _changes(self, shard_id: str) -> tuple[str, Head, str, list[Record], set[str]] | None:
         """What the shard's state holds that this feed has not read: (shard, head, its tag,
