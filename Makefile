@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test test-long lint bench-speed bench-batch bench-serving bench-functions clean
+.PHONY: run test test-long lint bench-speed bench-batch bench-serving bench-functions bench-kinesis clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,9 @@ lint: $(VENV)/.test-deps
 
 bench-speed: $(VENV)/.test-deps
 	$(BIN)/python bench/speed.py
+
+bench-kinesis: $(VENV)/.test-deps
+	$(BIN)/python bench/kinesis.py
 
 bench-batch: $(VENV)/.test-deps
 	$(BIN)/python bench/batch.py

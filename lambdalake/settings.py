@@ -142,6 +142,14 @@ class Settings(BaseSettings):
     speed_metrics_port: int = Field(
         0, ge=0, description="A Kafka speed worker's /metrics and /healthz; 0: none."
     )
+    kinesis_lease_table: str = Field(
+        "", description="The DynamoDB table of the Kinesis speed workers' shard leases "
+        "(created when missing); empty: `<kinesis_stream>-speed-leases`.",
+    )
+    kinesis_lease_seconds: float = Field(
+        10.0, ge=1, description="A Kinesis speed worker that has not renewed a shard lease "
+        "for this long loses it to another worker (renewed every third of it).",
+    )
     pg_host: str = Field("127.0.0.1", description="Host of the PostgreSQL wire endpoint.")
     pg_port: int = Field(
         5433, ge=0, le=65_535, description="Port of the PostgreSQL wire endpoint that `up` "

@@ -1,5 +1,7 @@
-"""The Kafka speed layer seen by the serving layer: the compacted realtime topic, read from its
-beginning (read committed), kept in `RealtimeCells`.
+"""The speed layer seen by the serving layer, kept in `RealtimeCells`: on Kafka the compacted
+realtime topic, read from its beginning (read committed) (`RealtimeFeed`); on Kinesis each
+shard's state in the object store (`StoreFeed`), holding the same records. Both apply them
+alike (`FeedRecords`).
 
 The speed layer publishes the whole value of a cell per event partition (key
 `[partition, view, slice, bucket, key]`); the value served is the monoid merge of the latest
@@ -22,7 +24,9 @@ those cells leave when the serving layer's own floor passes them (`RealtimeCells
 from __future__ import annotations
 
 import logging
+import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import orjson
@@ -30,13 +34,88 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from lambdalake.kafka_security import PLAINTEXT, KafkaSecurity
 from lambdalake.kafka_topics import realtime_topic
+from lambdalake.kinesis import shard_index
 from lambdalake.loops import Loop, Loops
 from lambdalake.monoids import merge_all
 from lambdalake.realtime import RealtimeCells, decode_update
+from lambdalake.shard_state import (
+    Head,
+    Record,
+    read_delta,
+    read_head,
+    read_snapshot,
+    shards_with_state,
+)
+from lambdalake.storage import NotFound, ObjectStore
 from lambdalake.viewstate import CellKey, CellUpdate
 
 log = logging.getLogger("lambdalake.serving.feed")
 BATCH = 10_000
+LIST_EVERY_S = 2.0  # how often the Kinesis feed looks for shards it has not seen
+READERS = 8  # shards whose state the Kinesis feed reads at once
+
+
+class FeedRecords:
+    """What every feed of the speed layer keeps of its records: the latest value of each cell
+    per source partition (or shard), merged into `cells`, and the heartbeats."""
+
+    def __init__(self, cells: RealtimeCells):
+        self.cells = cells
+        self._parts: dict[tuple[str, CellKey], dict[int, tuple[Any, ...]]] = {}
+        self._heartbeats: dict[int, int] = {}
+        self._digests: dict[int, str | None] = {}  # partition -> views its heartbeat names
+        self._finished: set[int] = set()  # Kinesis shards closed and read to their end
+        self._pruned_below = 0
+
+    def read(self, key: bytes, value: bytes | None, updates: list[CellUpdate],
+             sources: int) -> None:
+        """One record of `sources` partitions: a cell's value (into `updates`) or a heartbeat."""
+        decoded = orjson.loads(key)
+        if len(decoded) == 1:
+            self.heartbeat(decoded[0], orjson.loads(value) if value else None, sources)
+        elif value is not None:
+            update = decode_update(value, self.cells.project)
+            if update is not None:
+                updates.append(self._merged(decoded[0], update))
+
+    def heartbeat(self, partition: int, beat: Any, sources: int) -> None:
+        """`{"caught_up_at": ms, "views": digest}` (`"finished": true` once a Kinesis shard is
+        read to its end: it no longer holds the lag back), or a bare ms from before views
+        changed."""
+        beat = beat if isinstance(beat, dict) else {"caught_up_at": beat or 0}
+        self._digests[partition] = beat.get("views")
+        if beat.get("finished"):
+            self._finished.add(partition)
+            self._heartbeats.pop(partition, None)
+        else:
+            self._heartbeats[partition] = beat["caught_up_at"]
+        if self._heartbeats and len(self._heartbeats) + len(self._finished) >= sources:
+            self.cells.caught_up_at = min(self._heartbeats.values())
+
+    def current(self) -> bool:
+        """Whether every heartbeat read names the project's views as defined now."""
+        digest = self.cells.project.digest
+        return all(d == digest for d in self._digests.values())
+
+    def _merged(self, source: int, update: CellUpdate) -> CellUpdate:
+        cell = (update.slice, update.bucket, update.key)
+        parts = self._parts.setdefault((update.view, cell), {})
+        parts[source] = update.values
+        if len(parts) == 1:
+            return update
+        metrics = self.cells.project.views[update.view].metrics.values()
+        values = tuple(
+            merge_all(metric, [v[i] for v in parts.values()]) for i, metric in enumerate(metrics)
+        )
+        return CellUpdate(update.view, *cell, values)
+
+    def prune(self) -> None:
+        """Forget partition values of slices every kept batch version covers."""
+        cut = self.cells.cut
+        if cut > self._pruned_below:
+            self._pruned_below = cut
+            for cell in [c for c in self._parts if c[1][0] < cut]:
+                del self._parts[cell]
 
 
 class RealtimeFeed:
@@ -52,12 +131,9 @@ class RealtimeFeed:
             "fetch.wait.max.ms": 50,
             **security.librdkafka(),
         })
-        self._parts: dict[tuple[str, CellKey], dict[int, tuple[Any, ...]]] = {}
-        self._heartbeats: dict[int, int] = {}
-        self._digests: dict[int, str | None] = {}  # partition -> views its heartbeat names
+        self.records = FeedRecords(cells)
         self._partitions: list[int] = []
         self._at_end: set[int] = set()
-        self._pruned_below = 0
         self.loop = Loop("realtime-feed", self._step)
         if loops is not None:
             loops.add(self.loop)
@@ -93,48 +169,92 @@ class RealtimeFeed:
             elif error is not None:
                 raise KafkaException(error)
             else:
-                self._read(message.key(), message.value(), updates)
+                self.records.read(message.key(), message.value(), updates,
+                                  len(self._partitions))
         self.cells.upsert(updates)
-        self._prune()
-        digest = self.cells.project.digest
-        current = all(d == digest for d in self._digests.values())
-        if len(self._at_end) == len(self._partitions) and current:
+        self.records.prune()
+        if len(self._at_end) == len(self._partitions) and self.records.current():
             self.cells.restored.set()
         return len(messages)
 
-    def _read(self, key: bytes, value: bytes | None, updates: list[CellUpdate]) -> None:
-        decoded = orjson.loads(key)
-        if len(decoded) == 1:
-            self._heartbeat(decoded[0], orjson.loads(value) if value else None)
-        elif value is not None:
-            update = decode_update(value, self.cells.project)
-            if update is not None:
-                updates.append(self._merged(decoded[0], update))
 
-    def _heartbeat(self, partition: int, beat: Any) -> None:
-        """`{"caught_up_at": ms, "views": digest}`, or a bare ms from before views changed."""
-        beat = beat if isinstance(beat, dict) else {"caught_up_at": beat or 0}
-        self._heartbeats[partition] = beat["caught_up_at"]
-        self._digests[partition] = beat.get("views")
-        if len(self._heartbeats) >= len(self._partitions):
-            self.cells.caught_up_at = min(self._heartbeats.values())
+class StoreFeed:
+    """The Kinesis speed layer seen by the serving layer: each shard's head, snapshot and
+    deltas in the object store (`lambdalake.shard_state`), which are also the speed layer's
+    state, so every replica reads them and nothing is lost across a restart. Read as the Kafka
+    feed reads the compacted topic: a shard's snapshot, then each delta once, in order (a new
+    snapshot is read whole again: values are whole cell values, so reading one twice is safe).
+    `cells.restored` is set once every shard with state at start was read to its head."""
 
-    def _merged(self, source: int, update: CellUpdate) -> CellUpdate:
-        cell = (update.slice, update.bucket, update.key)
-        parts = self._parts.setdefault((update.view, cell), {})
-        parts[source] = update.values
-        if len(parts) == 1:
-            return update
-        metrics = self.cells.project.views[update.view].metrics.values()
-        values = tuple(
-            merge_all(metric, [v[i] for v in parts.values()]) for i, metric in enumerate(metrics)
-        )
-        return CellUpdate(update.view, *cell, values)
+    def __init__(self, store: ObjectStore, stream: str, cells: RealtimeCells,
+                 loops: Loops | None = None, poll_s: float = 0.1):
+        self.store, self.stream, self.cells, self.poll_s = store, stream, cells, poll_s
+        self.records = FeedRecords(cells)
+        self._tags: dict[str, str] = {}  # shard -> the head's tag last read
+        self._read: dict[str, tuple[dict[str, str], set[str]]] = {}  # snapshot, deltas read
+        self._shards: list[str] = []
+        self._listed_at = 0.0
+        self._reads = ThreadPoolExecutor(READERS, thread_name_prefix="feed-reads")
+        self._listing: Future[list[str]] | None = None
+        self.loop = Loop("realtime-feed", self._step)
+        if loops is not None:
+            loops.add(self.loop)
 
-    def _prune(self) -> None:
-        """Forget partition values of slices every kept batch version covers."""
-        cut = self.cells.cut
-        if cut > self._pruned_below:
-            self._pruned_below = cut
-            for cell in [c for c in self._parts if c[1][0] < cut]:
-                del self._parts[cell]
+    def start(self) -> None:
+        self.loop.start()
+
+    def stop(self) -> None:
+        self.loop.stop()
+        self._reads.shutdown(wait=True)
+
+    def _step(self) -> float:
+        self.poll_once()
+        return self.poll_s
+
+    def poll_once(self) -> int:
+        """Apply what changed in every shard's state; the number of deltas read."""
+        self._list_shards()
+        # the reads of every shard at once (I/O); then applied in order, in this thread
+        changes = [c for c in self._reads.map(self._changes, self._shards) if c is not None]
+        updates: list[CellUpdate] = []
+        for shard_id, head, tag, records, read in changes:
+            for key, value in records:
+                self.records.read(key, value, updates, len(self._shards))
+            beat = head.heartbeat or {"caught_up_at": 0}
+            self.records.heartbeat(shard_index(shard_id), beat, len(self._shards))
+            self._read[shard_id] = (head.snapshot, read)
+            self._tags[shard_id] = tag
+        self.cells.upsert(updates)
+        self.records.prune()
+        if self.records.current():
+            self.cells.restored.set()
+        return len(changes)
+
+    def _list_shards(self) -> None:
+        """Look for new shards every LIST_EVERY_S, from a thread (a listing reads every
+        delta's key): the first time, before anything is read."""
+        if self._listing is None and time.monotonic() - self._listed_at >= LIST_EVERY_S:
+            self._listed_at = time.monotonic()
+            self._listing = self._reads.submit(shards_with_state, self.store, self.stream)
+        if self._listing is not None and (self._listing.done() or not self._shards):
+            self._shards, self._listing = self._listing.result(), None
+
+    def _changes(self, shard_id: str) -> tuple[str, Head, str, list[Record], set[str]] | None:
+        """What the shard's state holds that this feed has not read: (shard, head, its tag,
+        records, the deltas read once these are applied); None when nothing changed."""
+        found = read_head(self.store, self.stream, shard_id)
+        if found is None or found[1] == self._tags.get(shard_id):
+            return None
+        head, tag = found
+        snapshot, seen = self._read.get(shard_id, ({}, set()))
+        records: list[Record] = []
+        try:
+            if head.snapshot != snapshot:
+                records += read_snapshot(self.store, head, "realtime")
+                seen = set()
+            for key in head.deltas:
+                if key not in seen:
+                    records += read_delta(self.store, key)["realtime"]
+        except NotFound:
+            return None  # a newer snapshot replaced what the head named: read the next head
+        return shard_id, head, tag, records, set(head.deltas)

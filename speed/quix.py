@@ -16,10 +16,7 @@ transaction at once.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import signal
-import socket
 import threading
 import time
 
@@ -32,10 +29,10 @@ from lambdalake.eventlog import now_ms
 from lambdalake.events import Validator
 from lambdalake.kafka_security import kafka_security
 from lambdalake.kafka_topics import changelog_topic, dlq_topic, realtime_topic
-from lambdalake.project import Project, load_project
+from lambdalake.project import Project
 from lambdalake.settings import Settings
 from lambdalake.speed.kafka_common import PartitionState, Record, restore_partitions
-from lambdalake.speed.worker import prepare
+from lambdalake.speed.worker import read_floor, run_worker
 from lambdalake.storage import ObjectStore
 
 log = logging.getLogger("lambdalake.speed.quix")
@@ -144,12 +141,8 @@ class QuixSpeed:
     def follow_batch(self) -> None:
         """Drop what every kept batch version covers (the store may be briefly unavailable)."""
         self._last_catalog = time.monotonic()
-        try:
-            floor = self.kept.floor()
-        except Exception:  # an unreachable store delays the drop; it never stops the layer
-            log.warning("cannot read the batch catalog", exc_info=True)
-            return
-        if floor > self.floor:
+        floor = read_floor(self.kept)
+        if floor is not None and floor > self.floor:
             self.floor, self._changed = floor, True
             for part in self.parts.values():
                 part.follow(floor)
@@ -195,20 +188,8 @@ class QuixSpeed:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lambdalake.logs import setup_logging
-
-    parser = argparse.ArgumentParser(prog="python -m lambdalake.speed.quix", description=__doc__)
-    parser.add_argument("--worker-id", default=socket.gethostname(),
-                        help="stable per worker: a restart fences its previous incarnation")
-    args = parser.parse_args(argv)
-    setup_logging()
-    settings = Settings()
-    store = prepare(settings)
-    speed = QuixSpeed(settings, load_project(settings.project), store, args.worker_id)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    speed.run(stop)
+    run_worker("lambdalake.speed.quix", __doc__,
+               "stable per worker: a restart fences its previous incarnation", QuixSpeed, argv)
 
 
 if __name__ == "__main__":

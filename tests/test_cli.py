@@ -76,3 +76,8 @@ def test_serve_without_kafka_is_one_line(tmp_path: Path) -> None:
     bootstrap = f"127.0.0.1:{free_port()}"
     line = one_line_error(cli("serve", "--bootstrap", bootstrap, "--port", "0", home=tmp_path))
     assert f"cannot reach Kafka at {bootstrap}" in line
+
+
+def test_a_speed_worker_needs_a_bus_of_its_own(tmp_path: Path) -> None:
+    line = one_line_error(cli("speed", home=tmp_path, LAMBDALAKE_BUS="embedded"))
+    assert "LAMBDALAKE_BUS=kafka or kinesis" in line

@@ -239,7 +239,7 @@ def wait_until(condition: Callable[[], bool], timeout: float = 60) -> None:
 
 
 def publish_cut(settings: Settings, cut: int) -> None:
-    store = open_store(settings.store_url)
+    store = open_store(settings.store_url, settings.s3_endpoint_url)
     version = catalog.new_version()
     covered = {name: catalog.ViewFiles(files=[], rows=0) for name in project.views}
     catalog.write_manifest(store, catalog.Manifest(
@@ -250,8 +250,15 @@ def publish_cut(settings: Settings, cut: int) -> None:
 
 @contextmanager
 def in_process_worker(settings: Settings) -> Iterator[QuixSpeed]:
+    with running(QuixSpeed(settings, project, open_store(settings.store_url),
+                           uuid.uuid4().hex)) as speed:
+        yield speed
+
+
+@contextmanager
+def running(speed: Any) -> Iterator[Any]:
+    """A speed driver's `run(stop)` in a thread of this process, stopped on leaving."""
     stop = threading.Event()
-    speed = QuixSpeed(settings, project, open_store(settings.store_url), uuid.uuid4().hex)
     thread = threading.Thread(target=speed.run, args=(stop,))
     thread.start()
     try:

@@ -1,4 +1,4 @@
-"""The `lambdalake` command: up, serve, produce, batch, compact, erase, query, status.
+"""The `lambdalake` command: up, serve, speed, produce, batch, compact, erase, query, status.
 
 Errors are one line on stderr with a non-zero exit, never a traceback.
 """
@@ -93,6 +93,30 @@ def serve(
     settings = settings_with(bus="kafka", kafka_bootstrap=bootstrap, api_port=port,
                              pg_port=pg_port)
     serve_replica(settings)
+
+
+@app.command()
+def speed(
+    worker_id: Annotated[str | None, typer.Option(
+        help="Stable per worker (default: the host name): a restarted worker takes its "
+        "partitions or shards back at once")] = None,
+) -> None:
+    """Run one speed worker in the foreground on the configured bus (LAMBDALAKE_BUS kafka or
+    kinesis); start several to split the partitions or shards between them."""
+    import importlib
+
+    from lambdalake.stack.up import KINESIS_SPEED_WORKER, SPEED_WORKERS
+
+    settings = Settings()
+    if settings.bus == "embedded":
+        raise CliError("the embedded bus's speed layer runs inside `lambdalake up`; set "
+                       "LAMBDALAKE_BUS=kafka or kinesis to run workers apart")
+    kinesis = settings.bus == "kinesis"
+    module = KINESIS_SPEED_WORKER if kinesis else SPEED_WORKERS[settings.speed_engine]
+    if worker_id is not None and module.endswith("faust_app"):
+        raise CliError("--worker-id: the Faust worker is named by its consumer group")
+    importlib.import_module(module).main([] if worker_id is None else
+                                         ["--worker-id", worker_id])
 
 
 @app.command("produce")

@@ -25,6 +25,7 @@ from lambdalake.viewstate import CellUpdate
 
 log = logging.getLogger("lambdalake.stack")
 SPEED_WORKERS = {"quix": "lambdalake.speed.quix", "faust": "lambdalake.speed.faust_app"}
+KINESIS_SPEED_WORKER = "lambdalake.speed.kinesis"
 _BATCH_RUN_BOUND_S = 3600.0  # a scheduled batch run taking longer is reported stuck
 
 
@@ -118,34 +119,40 @@ class Stack:
             self._closers.append(speed.stop)
             self.speed = speed
 
-    def _kinesis_speed(self) -> None:
-        """The speed driver on Kinesis and the serving layer following its feed: not wired
-        yet (the speed half of issue 14). Until it is, answers are the batch views only."""
-        log.warning("no speed layer on Kinesis yet: answers are the batch views alone, as "
-                    "fresh as the last batch run", extra={"bus": "kinesis"})
-        self.realtime.restored.set()  # no real-time state: the empty one is whole
-
     def _kafka_speed(self) -> None:
         """The speed driver on Kafka (restarted if it exits), and the serving layer following
         its realtime topic."""
-        import sys
-
         from lambdalake.kafka_topics import ensure_bus_topics, retention_shortfall
         from lambdalake.serving.realtime_feed import RealtimeFeed
-        from lambdalake.stack.supervisor import Supervised
 
         ensure_bus_topics(self.settings)
         shortfall = retention_shortfall(self.settings)
         if shortfall:
             log.warning("bus retention too short", extra={"reason": shortfall})
-        module = SPEED_WORKERS[self.settings.speed_engine]
-        env = {f"LAMBDALAKE_{k.upper()}": str(v) for k, v in self._speed_env().items() if v}
-        worker = Supervised("speed", [sys.executable, "-m", module], os.environ | env).start()
-        self._closers.append(worker.stop)
+        self._supervised_speed(SPEED_WORKERS[self.settings.speed_engine])
         feed = RealtimeFeed(self.settings.kafka_bootstrap, self.settings.topic, self.realtime,
                             self.loops, kafka_security(self.settings))
         feed.start()
         self._closers.append(feed.stop)
+
+    def _kinesis_speed(self) -> None:
+        """The Kinesis speed worker (restarted if it exits), and the serving layer following
+        its shards' state in the object store."""
+        from lambdalake.serving.realtime_feed import StoreFeed
+
+        self._supervised_speed(KINESIS_SPEED_WORKER)
+        feed = StoreFeed(self.store, self.settings.kinesis_stream, self.realtime, self.loops)
+        feed.start()
+        self._closers.append(feed.stop)
+
+    def _supervised_speed(self, module: str) -> None:
+        import sys
+
+        from lambdalake.stack.supervisor import Supervised
+
+        env = {f"LAMBDALAKE_{k.upper()}": str(v) for k, v in self._speed_env().items() if v}
+        worker = Supervised("speed", [sys.executable, "-m", module], os.environ | env).start()
+        self._closers.append(worker.stop)
 
     def _speed_env(self) -> dict[str, Any]:
         s = self.settings
@@ -156,6 +163,8 @@ class Stack:
                 "kinesis_endpoint_url": s.kinesis_endpoint_url,
                 "speed_metrics_host": s.speed_metrics_host,
                 "speed_metrics_port": s.speed_metrics_port, "supervised": True,
+                "kinesis_lease_table": s.kinesis_lease_table,
+                "kinesis_lease_seconds": s.kinesis_lease_seconds,
                 **self._kafka_security_env()}
 
     def _kafka_security_env(self) -> dict[str, Any]:
