@@ -92,15 +92,18 @@ class KafkaBus:
 
 
 @lru_cache(maxsize=4)
-def kafka_bus(bootstrap: str, topic: str, partitions: int) -> KafkaBus:
+def kafka_bus(
+    bootstrap: str, topic: str, partitions: int, replication: int = 1, min_insync: int = 1
+) -> KafkaBus:
     """The process's one producer for a topic (created with its companions if missing)."""
     from lambdalake.kafka_topics import ensure_topics
 
-    ensure_topics(bootstrap, topic, partitions)
+    ensure_topics(bootstrap, topic, partitions, replication, min_insync)
     return KafkaBus(bootstrap, topic)
 
 
 def open_bus(settings: Settings) -> Bus:
     if settings.bus == "embedded":
         return EmbeddedBus(events_topic(settings))
-    return kafka_bus(settings.kafka_bootstrap, settings.topic, settings.partitions)
+    return kafka_bus(settings.kafka_bootstrap, settings.topic, settings.partitions,
+                     settings.replication_factor, settings.min_insync_replicas)

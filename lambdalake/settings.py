@@ -166,6 +166,14 @@ class Settings(BaseSettings):
     )
     archive_batch_size: int = Field(10_000, ge=1)
     archive_window_ms: int = Field(1_000, ge=0)
+    replication_factor: int = Field(
+        1, ge=1, le=32, description="Copies of every bus topic's partitions (Kafka); 3 on a "
+        "production cluster.",
+    )
+    min_insync_replicas: int = Field(
+        1, ge=1, le=32, description="Copies that must hold a record before it is acknowledged "
+        "(acks=all); 2 with replication_factor 3: one broker may be down, nothing is lost.",
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -186,6 +194,13 @@ class Settings(BaseSettings):
             unique_keys(self.api_keys)
         except ValueError as exc:
             raise ValueError(f"api_keys: {exc}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _insync_within_replicas(self) -> Settings:
+        if self.min_insync_replicas > self.replication_factor:
+            raise ValueError(f"min_insync_replicas ({self.min_insync_replicas}) must not exceed "
+                             f"replication_factor ({self.replication_factor})")
         return self
 
     @model_validator(mode="after")

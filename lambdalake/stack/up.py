@@ -132,7 +132,9 @@ class Stack:
     def _speed_env(self) -> dict[str, Any]:
         s = self.settings
         return {"bus": s.bus, "kafka_bootstrap": s.kafka_bootstrap, "topic": s.topic,
-                "partitions": s.partitions, "home": s.home.resolve(), "store": s.store_url,
+                "partitions": s.partitions, "replication_factor": s.replication_factor,
+                "min_insync_replicas": s.min_insync_replicas, "home": s.home.resolve(),
+                "store": s.store_url,
                 "project": s.project, "s3_endpoint_url": s.s3_endpoint_url,
                 "speed_metrics_host": s.speed_metrics_host,
                 "speed_metrics_port": s.speed_metrics_port, "supervised": True}
