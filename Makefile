@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test test-long lint bench-speed bench-batch bench-serving clean
+.PHONY: run test test-long test-reliability lint bench-speed bench-batch bench-serving clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,18 @@ test: lint
 ## test-long: the cases too long for `make test` (clusters, soak, large loads)
 test-long: $(VENV)/.test-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m long
+
+## test-reliability: tests/reliability, every case (kill -9, outages, load, hostile input) at
+## full size, then the table of figures (tests/reliability/report.py)
+test-reliability: $(VENV)/.test-deps
+	LAMBDALAKE_RELIABILITY=full $(BIN)/python -m pytest -q -p no:cacheprovider tests/reliability
+	$(BIN)/python tests/reliability/report.py
+
+## secrets/api_keys.json: random ingest, query and admin keys for docker-compose.yml
+secrets/api_keys.json:
+	mkdir -p secrets
+	$(PYTHON) -c 'import json, secrets; print(json.dumps([{"name": s, "scopes": [s], "key": secrets.token_urlsafe(32)} for s in ("ingest", "query", "admin")], indent=1))' > $@
+	chmod 600 $@
 
 ## lint: ruff, the type check, and the import contracts, checked on the package as installed
 ## (the parts' folders install under lambdalake.*, which only an install lays out)

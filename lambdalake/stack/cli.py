@@ -62,14 +62,25 @@ def up(
     bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap HOST:PORT")] = None,
     produce: Annotated[float, typer.Option(help="Also produce N synthetic events/s")] = 0,
     batch_every: Annotated[int | None, typer.Option(help="Seconds between batch runs")] = None,
-    engine: Annotated[str, typer.Option(help="Batch engine: duckdb or spark")] = "duckdb",
+    engine: Annotated[str | None, typer.Option(
+        help="Batch engine: duckdb or spark (default: the batch_engine setting)")] = None,
+    role: Annotated[list[str] | None, typer.Option(
+        help="Run only this part (repeatable): functions, serving, speed, scheduler. "
+        "Default: all; on Kafka each may run in its own process")] = None,
 ) -> None:
     """Run the whole flow: gateway, archiver, speed layer, serving API, batch schedule."""
-    from lambdalake.stack.up import Stack
+    from lambdalake.stack.up import ROLES, Stack
 
     settings = settings_with(bus=bus, kafka_bootstrap=bootstrap,
-                             batch_interval_seconds=batch_every)
-    with Stack(settings, engine=engine, produce_rate=produce) as stack:
+                             batch_interval_seconds=batch_every, batch_engine=engine)
+    roles = tuple(role or ROLES)
+    unknown = sorted(set(roles) - set(ROLES))
+    if unknown:
+        raise CliError(f"--role {unknown[0]!r}: use one of {', '.join(ROLES)}")
+    if settings.bus == "embedded" and set(roles) != set(ROLES):
+        raise CliError("--role: on the embedded bus every role runs in one process "
+                       "(the log is local to it); split roles with --bus kafka")
+    with Stack(settings, produce_rate=produce, roles=roles) as stack:
         console.print(stack.banner(), soft_wrap=True)
         stack.wait()
 

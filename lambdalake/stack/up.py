@@ -25,6 +25,8 @@ from lambdalake.viewstate import CellUpdate
 log = logging.getLogger("lambdalake.stack")
 SPEED_WORKERS = {"quix": "lambdalake.speed.quix", "faust": "lambdalake.speed.faust_app"}
 _BATCH_RUN_BOUND_S = 3600.0  # a scheduled batch run taking longer is reported stuck
+# What `up` runs; a deployment on Kafka runs each role in its own process (docker-compose.yml).
+ROLES = ("functions", "serving", "speed", "scheduler")
 
 
 def open_settings_store(settings: Settings) -> ObjectStore:
@@ -52,8 +54,10 @@ def batch_once(
 class Stack:
     """Gateway, archiver, speed layer, serving API and batch schedule, in one process."""
 
-    def __init__(self, settings: Settings, engine: str = "duckdb", produce_rate: float = 0):
-        self.settings, self.engine, self.produce_rate = settings, engine, produce_rate
+    def __init__(self, settings: Settings, engine: str | None = None, produce_rate: float = 0,
+                 roles: tuple[str, ...] = ROLES):
+        self.settings, self.produce_rate, self.roles = settings, produce_rate, roles
+        self.engine = engine or settings.batch_engine
         self.project: Project = load_project(settings.project)
         self.store = open_settings_store(settings)
         check_schemas(self.store, self.project)
@@ -72,44 +76,54 @@ class Stack:
         from lambdalake.bus import events_topic
         from lambdalake.functions import archive
         from lambdalake.functions.runtime.local import LocalRuntime
-        from lambdalake.serving.server import ServerThread, build_server, start_postgres
         from lambdalake.speed.embedded import EmbeddedSpeed
 
         s = self.settings
-        server = ServerThread(build_server(s, self.project, self.store, self.realtime,
-                                           loops=self.loops)).start()
-        self._closers.append(server.stop)
-        postgres = start_postgres(server.server)
-        if postgres is not None:
-            self._closers.append(postgres.stop)
+        if "serving" in self.roles:
+            self._serve()
         if s.bus == "kafka":
             self._kafka_speed()
-        else:
+        elif "speed" in self.roles:
             speed = EmbeddedSpeed(s, self.project, events_topic(s), self.store,
                                   self.publish_realtime, loops=self.loops,
                                   restored=self.realtime.restored)
             speed.start()
             self._closers.append(speed.stop)
             self.speed = speed
-        runtime = LocalRuntime(s, loops=self.loops, on_drained=archive.ON_DRAINED)
-        runtime.start()
-        self._closers.append(runtime.stop)
-        interval = s.batch_interval_seconds
+        if "functions" in self.roles:
+            runtime = LocalRuntime(s, loops=self.loops, on_drained=archive.ON_DRAINED)
+            runtime.start()
+            self._closers.append(runtime.stop)
+        if "scheduler" in self.roles:
+            self._schedule()
+        if self.produce_rate:
+            self._thread(self._produce, "producer")
+        return self
+
+    def _serve(self) -> None:
+        from lambdalake.serving.server import ServerThread, build_server, start_postgres
+
+        server = ServerThread(build_server(self.settings, self.project, self.store,
+                                           self.realtime, loops=self.loops)).start()
+        self._closers.append(server.stop)
+        postgres = start_postgres(server.server)
+        if postgres is not None:
+            self._closers.append(postgres.stop)
+
+    def _schedule(self) -> None:
+        interval = self.settings.batch_interval_seconds
         batches = Loop("batch-schedule", self._batch_step, first_backoff_s=1.0,
                        max_backoff_s=min(30.0, interval), stuck_after_s=_BATCH_RUN_BOUND_S)
         self.loops.add(batches).start(first_wait_s=interval)
         self._closers.append(lambda: batches.stop(timeout_s=30))
         upkeep = Loop("maintenance", self._maintenance_step, first_backoff_s=1.0,
                       max_backoff_s=30.0, stuck_after_s=_BATCH_RUN_BOUND_S)
-        self.loops.add(upkeep).start(first_wait_s=s.compact_interval_seconds)
+        self.loops.add(upkeep).start(first_wait_s=self.settings.compact_interval_seconds)
         self._closers.append(lambda: upkeep.stop(timeout_s=30))
-        if self.produce_rate:
-            self._thread(self._produce, "producer")
-        return self
 
     def _kafka_speed(self) -> None:
-        """The speed driver on Kafka (restarted if it exits), and the serving layer following
-        its realtime topic."""
+        """The bus's topics; the speed driver on Kafka (restarted if it exits), and the serving
+        layer following its realtime topic, as far as this process's roles go."""
         import sys
 
         from lambdalake.kafka_topics import ensure_bus_topics, retention_shortfall
@@ -120,10 +134,13 @@ class Stack:
         shortfall = retention_shortfall(self.settings)
         if shortfall:
             log.warning("bus retention too short", extra={"reason": shortfall})
-        module = SPEED_WORKERS[self.settings.speed_engine]
-        env = {f"LAMBDALAKE_{k.upper()}": str(v) for k, v in self._speed_env().items() if v}
-        worker = Supervised("speed", [sys.executable, "-m", module], os.environ | env).start()
-        self._closers.append(worker.stop)
+        if "speed" in self.roles:
+            module = SPEED_WORKERS[self.settings.speed_engine]
+            env = {f"LAMBDALAKE_{k.upper()}": str(v) for k, v in self._speed_env().items() if v}
+            worker = Supervised("speed", [sys.executable, "-m", module], os.environ | env)
+            self._closers.append(worker.start().stop)
+        if "serving" not in self.roles:
+            return
         feed = RealtimeFeed(self.settings.kafka_bootstrap, self.settings.topic, self.realtime,
                             self.loops)
         feed.start()
@@ -175,7 +192,7 @@ class Stack:
 
         started = time.monotonic()
         try:
-            manifest = batch_once(self.settings, self.engine)
+            manifest = batch_once(self.settings, self.engine, master=self.settings.spark_master)
         except BatchRefused as exc:
             log.info("no batch published", extra={"reason": str(exc)})
         else:
