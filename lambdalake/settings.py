@@ -196,6 +196,11 @@ class Settings(BaseSettings):
             raise ValueError(f"api_keys: {exc}") from None
         return self
 
+    functions: list[str] = Field(
+        default_factory=list, description="The functions of template.yaml this process's "
+        "functions runtime runs (e.g. [\"Ingest\"]: the gateway alone); empty: every one.",
+    )
+
     @model_validator(mode="after")
     def _insync_within_replicas(self) -> Settings:
         if self.min_insync_replicas > self.replication_factor:

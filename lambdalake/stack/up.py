@@ -91,7 +91,8 @@ class Stack:
             self._closers.append(speed.stop)
             self.speed = speed
         if "functions" in self.roles:
-            runtime = LocalRuntime(s, loops=self.loops, on_drained=archive.ON_DRAINED)
+            runtime = LocalRuntime(s, self._template(), loops=self.loops,
+                                   on_drained=archive.ON_DRAINED)
             runtime.start()
             self._closers.append(runtime.stop)
         if "scheduler" in self.roles:
@@ -99,6 +100,18 @@ class Stack:
         if self.produce_rate:
             self._thread(self._produce, "producer")
         return self
+
+    def _template(self) -> Any:
+        """template.yaml, down to the functions the settings name (all when none)."""
+        from lambdalake.functions.runtime.template import Template, load_template
+
+        template = load_template()
+        wanted = self.settings.functions or list(template.functions)
+        unknown = sorted(set(wanted) - set(template.functions))
+        if unknown:
+            raise ValueError(f"functions: {unknown[0]!r} is not in template.yaml; use "
+                             f"{', '.join(template.functions)}")
+        return Template(functions={n: template.functions[n] for n in wanted})
 
     def _serve(self) -> None:
         from lambdalake.serving.server import ServerThread, build_server, start_postgres
