@@ -1,4 +1,4 @@
-"""The `lambdalake` command: up, produce, batch, compact, erase, query, status.
+"""The `lambdalake` command: up, produce, batch, compact, rebuild, erase, query, status.
 
 Errors are one line on stderr with a non-zero exit, never a traceback.
 """
@@ -191,6 +191,32 @@ def compact() -> None:
     pruned = prune_history(settings, store)
     console.print(f"master objects: {result.objects_before} -> {result.objects_after}; "
                   f"pruned {pruned['runs']} run records, {pruned['dead_letters']} dead letters")
+
+
+@app.command()
+def rebuild(
+    engine: Annotated[str | None, typer.Option(
+        help="duckdb or spark (default: the batch_engine setting)")] = None,
+    master: Annotated[str | None, typer.Option(
+        help="Spark master URL (default: the spark_master setting)")] = None,
+) -> None:
+    """Disaster recovery: recompute every batch view from the whole master dataset (the
+    source of truth), publish it, and delete every other kept version."""
+    from lambdalake.batch.engine import engine_named
+    from lambdalake.batch.rebuild import rebuild as rebuild_views
+    from lambdalake.batch.run import BatchError
+    from lambdalake.project import load_project
+    from lambdalake.stack.up import open_settings_store
+
+    settings = settings_with(batch_engine=engine, spark_master=master)
+    try:
+        manifest = rebuild_views(settings, load_project(settings.project),
+                                 open_settings_store(settings),
+                                 engine_named(settings.batch_engine, settings.spark_master))
+    except BatchError as exc:
+        raise CliError(str(exc)) from None
+    console.print(f"rebuilt {manifest.version} from the master dataset (cut {_iso(manifest.cut)}, "
+                  f"{manifest.rows_read} events read); older versions deleted")
 
 
 @app.command()
