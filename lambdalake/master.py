@@ -138,6 +138,7 @@ def write_batch(
     if not rows:
         return [], []
     first, last = rows[0].offset, rows[-1].offset
+    _clear_earlier_attempts(store, schemas, partition, first)
     by_type: dict[str, list[Archived]] = {}
     for row in rows:
         by_type.setdefault(row.event.type, []).append(row)
@@ -151,6 +152,18 @@ def write_batch(
             store.put(key, to_parquet(table))
             keys.append(key)
     return keys, unstorable
+
+
+def _clear_earlier_attempts(
+    store: ObjectStore, schemas: dict[str, EventSchema], partition: int, first: int
+) -> None:
+    """Delete the objects an earlier attempt at this batch left. A batch starts at the
+    partition's committed offset, so an object starting there is an attempt whose commit
+    failed (a bus outage); the retry may hold more or fewer records, hence another name, and
+    both would hold the same events."""
+    for event_type in schemas:
+        for key in store.list(f"{type_prefix(event_type)}p={partition}/{first:020d}-"):
+            store.delete(key)
 
 
 def write_watermark(store: ObjectStore, partition: int, next_offset: int, watermark: int) -> None:

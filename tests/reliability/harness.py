@@ -25,6 +25,7 @@ import boto3
 import httpx
 import pyarrow.parquet as pq
 
+from lambdalake.auth import KEY_HEADER
 from lambdalake.eventlog import now_ms
 from lambdalake.master import data_keys, watermarks
 from lambdalake.project import load_project
@@ -46,8 +47,10 @@ class Lake:
     consumer group) and `serving`. Batch runs and compactions are CLI processes."""
 
     def __init__(self, root: Path, bootstrap: str, s3_endpoint: str, partitions: int = 2,
-                 replication: int = 1):
+                 replication: int = 1, with_keys: bool = False):
         self.root = root
+        self.keys = {scope: uuid.uuid4().hex for scope in ("ingest", "query", "admin")} \
+            if with_keys else {}
         bucket = f"lake-{uuid.uuid4().hex[:8]}"
         boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
         self.api_port, self.gateway_port = free_port(), free_port()
@@ -63,11 +66,20 @@ class Lake:
             "LAMBDALAKE_API_PORT": str(self.api_port), "LAMBDALAKE_PG_PORT": "0",
             "LAMBDALAKE_GATEWAY_PORT": str(self.gateway_port),
         }
+        if self.keys:  # a secrets file, as compose mounts it
+            secret = root / "api_keys.json"
+            secret.write_text(json.dumps([{"key": k, "scopes": [s], "name": s}
+                                          for s, k in self.keys.items()]))
+            self.env["LAMBDALAKE_API_KEYS_FILE"] = str(secret)
         self.settings = Settings(**{k.removeprefix("LAMBDALAKE_").lower(): v
                                     for k, v in self.env.items() if k.startswith("LAMBDALAKE_")})
         self.store = open_store(self.settings.store_url, self.settings.s3_endpoint_url)
         self.commands = self._commands()
         self.processes: dict[str, subprocess.Popen] = {}
+        self.restarts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._watcher = threading.Thread(target=self._restart_exited, daemon=True)
 
     def _commands(self) -> dict[str, tuple[list[str], dict[str, str]]]:
         up = [str(BIN / "lambdalake"), "up", "--role"]
@@ -82,6 +94,9 @@ class Lake:
             commands[f"speed-{n}"] = (speed, {"LAMBDALAKE_SPEED_METRICS_PORT": str(free_port())})
         return commands
 
+    def headers(self, scope: str) -> dict[str, str]:
+        return {KEY_HEADER: self.keys[scope]} if self.keys else {}
+
     @property
     def gateway(self) -> str:
         return f"http://127.0.0.1:{self.gateway_port}/events"
@@ -92,12 +107,28 @@ class Lake:
 
     def start(self, *names: str) -> None:
         for name in names or tuple(self.commands):
-            argv, extra = self.commands[name]
-            log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 (the child holds it)
+            self._spawn(name)
+        if not self._watcher.is_alive():
+            self._watcher.start()
+        self.wait_ready()
+
+    def _spawn(self, name: str) -> None:
+        argv, extra = self.commands[name]
+        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 (the child holds it)
+        with self._lock:
             self.processes[name] = subprocess.Popen(
                 argv, env=self.env | extra, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True)
-        self.wait_ready()
+
+    def _restart_exited(self) -> None:
+        """Compose's `restart: unless-stopped`: a process that exits by itself (a speed
+        driver that lost its partitions in a long outage) is started again."""
+        while not self._stopping.wait(1.0):
+            with self._lock:
+                exited = [n for n, p in self.processes.items() if p.poll() is not None]
+            for name in exited:
+                self.restarts[name] += 1
+                self._spawn(name)
 
     def wait_ready(self, seconds: float = 120) -> None:
         deadline = time.monotonic() + seconds
@@ -109,11 +140,13 @@ class Lake:
 
     def kill(self, name: str) -> None:
         """kill -9: no handler runs, nothing is flushed."""
-        process = self.processes.pop(name)
+        with self._lock:
+            process = self.processes.pop(name)
         process.send_signal(signal.SIGKILL)
         process.wait()
 
     def stop(self) -> None:
+        self._stopping.set()
         for process in self.processes.values():
             process.terminate()
         for process in self.processes.values():
@@ -173,7 +206,8 @@ class Lake:
             m["watermark"] > arrival_ms for m in marks.values())
 
     def answer(self, view: str, dim: str, metric: str) -> tuple[dict[str, Any], dict]:
-        reply = httpx.get(f"{self.api}/views/{view}", params={"bucket": "total"}, timeout=30)
+        reply = httpx.get(f"{self.api}/views/{view}", params={"bucket": "total"}, timeout=30,
+                          headers=self.headers("query"))
         reply.raise_for_status()
         body = reply.json()
         return {r[dim]: r[metric] for r in body["rows"]}, body["freshness"]
@@ -231,7 +265,7 @@ class Traffic:
         assert not self._thread.is_alive(), "the producer hung"
 
     def _run(self) -> None:
-        with httpx.Client(timeout=30) as client:
+        with httpx.Client(timeout=30, headers=self.lake.headers("ingest")) as client:
             while not self._stop.is_set():
                 began = time.monotonic()
                 self.send([self._stream.event(now_ms()) for _ in range(self.batch)], client)
@@ -275,6 +309,10 @@ def recompute(events: list[dict]) -> tuple[Counter, Counter]:
             Counter(e["sku"] for e in unique if e["type"] == "purchase"))
 
 
+def ours(answer: dict[str, Any], expected: Counter, shared: bool) -> dict[str, Any]:
+    return {k: v for k, v in answer.items() if k in expected} if shared else answer
+
+
 @dataclass
 class Figures:
     case: str
@@ -296,12 +334,13 @@ class Figures:
 
 
 def reconcile(lake: Lake, runs: list[Traffic], case: str, since: float,
-              seconds: float = 180, max_rss_mb: float = 0.0) -> Figures:
+              seconds: float = 180, max_rss_mb: float = 0.0, shared: bool = False) -> Figures:
     """After the traffic stopped: wait until the archive passed the last acknowledgement and
     the serving answers equal the recompute of every event acknowledged so far (`runs`: each
     traffic run the lake has had; the last is this case's); publish a batch version; check
     that answers still equal it, and that each acknowledged event is in the master dataset
-    exactly once. `since`: when the fault ended (recovery is measured from it)."""
+    exactly once. `since`: when the fault ended (recovery is measured from it). `shared`:
+    other clients sent events too (hostile input): only the traffic's groups are compared."""
     acknowledged = set().union(*(t.acknowledged for t in runs))
     resent = set().union(*(t.resent for t in runs))
     events = {i: e for t in runs for i, e in t.events.items()}
@@ -310,7 +349,8 @@ def reconcile(lake: Lake, runs: list[Traffic], case: str, since: float,
     deadline = time.monotonic() + seconds
     answer: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        answer, _ = lake.answer("pageviews_by_url_hour", "url", "pageviews")
+        answer = ours(lake.answer("pageviews_by_url_hour", "url", "pageviews")[0],
+                      pageviews, shared)
         if answer == pageviews and lake.archived_past(last_ack + 1000):
             break
         time.sleep(0.5)
@@ -320,15 +360,19 @@ def reconcile(lake: Lake, runs: list[Traffic], case: str, since: float,
     while freshness.get("batch_version") != version and time.monotonic() < deadline + 30:
         batch_pageviews, freshness = lake.answer("pageviews_by_url_hour", "url", "pageviews")
         time.sleep(0.2)
-    batch_orders, _ = lake.answer("revenue_by_sku_day", "sku", "orders")
+    batch_pageviews = ours(batch_pageviews, pageviews, shared)
+    batch_orders = ours(lake.answer("revenue_by_sku_day", "sku", "orders")[0], orders, shared)
     master = lake.master_ids()
     lost = acknowledged - set(master)
     doubled = {i for i, n in master.items() if n > 1 and i not in resent}
+    expected = sum(pageviews.values()) + sum(orders.values())
     counted = sum(batch_pageviews.values()) + sum(batch_orders.values())
-    over = max(0, counted - sum(pageviews.values()) - sum(orders.values()))
+    over = max(0, counted - expected)
     this = runs[-1]
+    # this case's share of the answers: what they count beyond the earlier runs' events
+    earlier = expected - len(this.acknowledged)
     figures = Figures(case, len(this.events), len(this.acknowledged),
-                      len(this.acknowledged & set(master)), counted, len(lost),
+                      len(this.acknowledged & set(master)), counted - earlier, len(lost),
                       len(doubled) + over, sum(len(t.five_xx) for t in runs),
                       round(recovery_s, 1), this.refused_503, round(max_rss_mb, 1))
     figures.record()

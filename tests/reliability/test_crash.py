@@ -61,6 +61,7 @@ def kill_when_writing(lake: Lake, prefix: str, *args: str) -> bool:
 
 
 @pytest.mark.long
+@pytest.mark.timeout(900)  # a Spark run on two busy cores takes minutes
 @pytest.mark.parametrize("engine", ["duckdb", "spark"])
 def test_kill_9_a_batch_run_mid_write(lake: Lake, runs: list[Traffic], engine: str) -> None:
     """The run dies with view files written and nothing published: the previous version
