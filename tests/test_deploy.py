@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from importlib.util import find_spec
@@ -232,3 +233,22 @@ def wait_for_batch(deployment: Deployment, expected: dict, seconds: float) -> di
             return answer
         time.sleep(1)
     return answer
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["--role", "serving"], "error: --role: on the embedded bus every role runs in one process"),
+    (["--bus", "kafka", "--role", "gateway"], "error: --role 'gateway': use one of functions,"),
+])
+def test_up_refuses_a_role_it_cannot_run_in_one_line(tmp_path: Path, args: list[str],
+                                                     said: str) -> None:
+    done = subprocess.run([Path(sys.executable).parent / "lambdalake", "up", *args],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                          env=os.environ | {"LAMBDALAKE_HOME": str(tmp_path)})
+    assert done.returncode == 1 and done.stderr.startswith(said), done.stderr
+    assert done.stderr.count("\n") == 1
+
+
+def test_more_in_sync_replicas_than_replicas_is_refused_naming_both() -> None:
+    with pytest.raises(ValueError, match=r"min_insync_replicas \(3\) must not exceed "
+                                         r"replication_factor \(2\)"):
+        Settings(replication_factor=2, min_insync_replicas=3)

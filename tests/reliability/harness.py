@@ -232,7 +232,7 @@ def _rss_mb(pid: int) -> float:
     return total / 1024
 
 
-@dataclass
+@dataclass(repr=False)  # its sets change while it runs
 class Traffic:
     """A steady producer: batches of synthetic events at `rate` events/s to the gateway,
     each batch resent as it was (same ids) until a 202. Every answer is checked: a 503 must
