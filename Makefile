@@ -39,7 +39,9 @@ test-long: $(VENV)/.test-deps
 ## test-reliability: tests/reliability, every case (kill -9, outages, load, hostile input) at
 ## full size, then the table of figures (tests/reliability/report.py)
 test-reliability: $(VENV)/.test-deps
-	LAMBDALAKE_RELIABILITY=full $(BIN)/python -m pytest -q -p no:cacheprovider tests/reliability
+	rm -f build/reliability.jsonl
+	LAMBDALAKE_RELIABILITY=full $(BIN)/python -m pytest -q -p no:cacheprovider -o timeout=1800 \
+		tests/reliability tests/test_kafka_cluster.py
 	$(BIN)/python tests/reliability/report.py
 
 ## secrets/api_keys.json: random ingest, query and admin keys for docker-compose.yml
