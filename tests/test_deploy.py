@@ -184,6 +184,7 @@ def wait_ok(url: str, seconds: float, deployment: Deployment) -> None:
 
 @pytest.mark.kafka
 @pytest.mark.spark
+@pytest.mark.long  # about 3 minutes: a wheel built and installed, four services, a Spark run
 @pytest.mark.skipif(not shutil.which("java"), reason="needs Java 17+")
 def test_every_compose_service_runs_from_the_wheel_and_answers_exactly(
     installed_with_spark: Path, kafka_broker, s3_server: str, tmp_path: Path  # noqa: F811
