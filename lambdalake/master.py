@@ -160,10 +160,12 @@ def _clear_earlier_attempts(
     """Delete the objects an earlier attempt at this batch left. A batch starts at the
     partition's committed offset, so an object starting there is an attempt whose commit
     failed (a bus outage); the retry may hold more or fewer records, hence another name, and
-    both would hold the same events."""
+    both would hold the same events. A rewrite's objects (staged names) are not the archive's:
+    the rewrite's marker decides about them."""
     for event_type in schemas:
         for key in store.list(f"{type_prefix(event_type)}p={partition}/{first:020d}-"):
-            store.delete(key)
+            if not is_staged(key):
+                store.delete(key)
 
 
 def write_watermark(store: ObjectStore, partition: int, next_offset: int, watermark: int) -> None:
