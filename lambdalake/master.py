@@ -138,7 +138,6 @@ def write_batch(
     if not rows:
         return [], []
     first, last = rows[0].offset, rows[-1].offset
-    _clear_earlier_attempts(store, schemas, partition, first)
     by_type: dict[str, list[Archived]] = {}
     for row in rows:
         by_type.setdefault(row.event.type, []).append(row)
@@ -152,20 +151,6 @@ def write_batch(
             store.put(key, to_parquet(table))
             keys.append(key)
     return keys, unstorable
-
-
-def _clear_earlier_attempts(
-    store: ObjectStore, schemas: dict[str, EventSchema], partition: int, first: int
-) -> None:
-    """Delete the objects an earlier attempt at this batch left. A batch starts at the
-    partition's committed offset, so an object starting there is an attempt whose commit
-    failed (a bus outage); the retry may hold more or fewer records, hence another name, and
-    both would hold the same events. A rewrite's objects (staged names) are not the archive's:
-    the rewrite's marker decides about them."""
-    for event_type in schemas:
-        for key in store.list(f"{type_prefix(event_type)}p={partition}/{first:020d}-"):
-            if not is_staged(key):
-                store.delete(key)
 
 
 def write_watermark(store: ObjectStore, partition: int, next_offset: int, watermark: int) -> None:

@@ -185,13 +185,18 @@ class Lake:
     # -- what the lake holds ---------------------------------------------------------------
 
     def master_ids(self) -> Counter[str]:
-        """Every event_id in the master dataset, with how many rows carry it."""
-        ids: Counter[str] = Counter()
+        """Every event_id in the master dataset, with how many bus records (partition,
+        offset) carry it. A record in two objects (an archive batch retried with another
+        range after a bus outage) is one record: readers dedup it, as any copy of an id."""
+        records: set[tuple[str, int, int]] = set()
         for event_type in load_project(self.settings.project).schemas:
             for key in data_keys(self.store, event_type):
-                table = pq.read_table(io.BytesIO(self.store.get(key)), columns=["event_id"])
-                ids.update(table.column("event_id").to_pylist())
-        return ids
+                table = pq.read_table(io.BytesIO(self.store.get(key)),
+                                      columns=["event_id", "partition", "offset"])
+                records.update(zip(*(table.column(c).to_pylist()
+                                     for c in ("event_id", "partition", "offset")),
+                                   strict=True))
+        return Counter(event_id for event_id, _, _ in records)
 
     def holding(self, event_id: str) -> list[str]:
         """The master objects holding a row of `event_id` (for failure messages)."""
