@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test test-long lint bench-speed bench-batch bench-serving bench-functions bench-kinesis clean
+.PHONY: run test test-long test-reliability lint bench-speed bench-batch bench-serving bench-functions bench-kinesis clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,20 @@ test: lint
 ## test-long: the cases too long for `make test` (clusters, soak, large loads)
 test-long: $(VENV)/.test-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m long
+
+## test-reliability: tests/reliability, every case (kill -9, outages, load, hostile input) at
+## full size, then the table of figures (tests/reliability/report.py)
+test-reliability: $(VENV)/.test-deps
+	rm -f build/reliability.jsonl
+	LAMBDALAKE_RELIABILITY=full $(BIN)/python -m pytest -q -p no:cacheprovider -o timeout=1800 \
+		tests/reliability tests/test_kafka_cluster.py
+	$(BIN)/python tests/reliability/report.py
+
+## secrets/api_keys.json: random ingest, query and admin keys for docker-compose.yml
+secrets/api_keys.json:
+	mkdir -p secrets
+	$(PYTHON) -c 'import json, secrets; print(json.dumps([{"name": s, "scopes": [s], "key": secrets.token_urlsafe(32)} for s in ("ingest", "query", "admin")], indent=1))' > $@
+	chmod 600 $@
 
 ## lint: ruff, the type check, and the import contracts, checked on the package as installed
 ## (the parts' folders install under lambdalake.*, which only an install lays out)

@@ -144,11 +144,12 @@ class _Deliveries:
 
 @lru_cache(maxsize=4)
 def kafka_bus(bootstrap: str, topic: str, partitions: int,
-              security: KafkaSecurity = PLAINTEXT) -> KafkaBus:
+              security: KafkaSecurity = PLAINTEXT, replication: int = 1,
+              min_insync: int = 1) -> KafkaBus:
     """The process's one producer for a topic (created with its companions if missing)."""
     from lambdalake.kafka_topics import ensure_topics
 
-    ensure_topics(bootstrap, topic, partitions, security)
+    ensure_topics(bootstrap, topic, partitions, security, replication, min_insync)
     return KafkaBus(bootstrap, topic, security=security)
 
 
@@ -235,4 +236,5 @@ def open_bus(settings: Settings) -> Bus:
         return kinesis_bus(settings.kinesis_stream, settings.kinesis_endpoint_url,
                            settings.partitions)
     return kafka_bus(settings.kafka_bootstrap, settings.topic, settings.partitions,
-                     kafka_security(settings))
+                     kafka_security(settings), settings.replication_factor,
+                     settings.min_insync_replicas)

@@ -47,21 +47,25 @@ def arrival(previous: int, timestamp: int) -> int:
     return timestamp if timestamp > previous else previous
 
 
-def topic_specs(topic: str, partitions: int) -> dict[str, dict[str, Any]]:
-    """Every topic of the bus: name -> partitions and configs (for `create_topics`)."""
-    return {
-        topic: {
-            "num_partitions": partitions,
-            "configs": {"message.timestamp.type": "LogAppendTime"},
-        },
-        dlq_topic(topic): {"num_partitions": partitions, "configs": {}},
-        realtime_topic(topic): {"num_partitions": partitions, "configs": dict(_COMPACTED)},
-        changelog_topic(topic): {"num_partitions": partitions, "configs": dict(_COMPACTED)},
+def topic_specs(
+    topic: str, partitions: int, replication: int = 1, min_insync: int = 1
+) -> dict[str, dict[str, Any]]:
+    """Every topic of the bus: name -> partitions, replicas and configs (for `create_topics`).
+    With acks=all a record is acknowledged once `min_insync` replicas hold it."""
+    durable = {"min.insync.replicas": str(min_insync)}
+    configs = {
+        topic: {"message.timestamp.type": "LogAppendTime"},
+        dlq_topic(topic): {},
+        realtime_topic(topic): dict(_COMPACTED),
+        changelog_topic(topic): dict(_COMPACTED),
     }
+    return {name: {"num_partitions": partitions, "replication_factor": replication,
+                   "configs": durable | extra} for name, extra in configs.items()}
 
 
 def ensure_topics(bootstrap: str, topic: str, partitions: int,
-                  security: KafkaSecurity = PLAINTEXT) -> None:
+                  security: KafkaSecurity = PLAINTEXT, replication: int = 1,
+                  min_insync: int = 1) -> None:
     """Create the bus's topics where missing (existing ones are left as they are)."""
     from kafka.admin import KafkaAdminClient
 
@@ -69,7 +73,8 @@ def ensure_topics(bootstrap: str, topic: str, partitions: int,
                              **security.kafka_python())
     try:
         result = admin.create_topics(
-            topic_specs(topic, partitions), raise_errors=False, wait_for_metadata=True
+            topic_specs(topic, partitions, replication, min_insync), raise_errors=False,
+            wait_for_metadata=True,
         )
     finally:
         admin.close()
@@ -83,7 +88,8 @@ def ensure_topics(bootstrap: str, topic: str, partitions: int,
 
 def ensure_bus_topics(settings: Settings) -> None:
     ensure_topics(settings.kafka_bootstrap, settings.topic, settings.partitions,
-                  kafka_security(settings))
+                  kafka_security(settings), settings.replication_factor,
+                  settings.min_insync_replicas)
 
 
 def retention_needed_ms(settings: Settings) -> int:

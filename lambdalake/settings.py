@@ -235,6 +235,14 @@ class Settings(BaseSettings):
     function_price_per_million_requests: float = Field(
         0.20, ge=0, description="`lambdalake functions stats`: USD per million requests.",
     )
+    replication_factor: int = Field(
+        1, ge=1, le=32, description="Copies of every bus topic's partitions (Kafka); 3 on a "
+        "production cluster.",
+    )
+    min_insync_replicas: int = Field(
+        1, ge=1, le=32, description="Copies that must hold a record before it is acknowledged "
+        "(acks=all); 2 with replication_factor 3: one broker may be down, nothing is lost.",
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -255,6 +263,18 @@ class Settings(BaseSettings):
             unique_keys(self.api_keys)
         except ValueError as exc:
             raise ValueError(f"api_keys: {exc}") from None
+        return self
+
+    functions: list[str] = Field(
+        default_factory=list, description="The functions of template.yaml this process's "
+        "functions runtime runs (e.g. [\"Ingest\"]: the gateway alone); empty: every one.",
+    )
+
+    @model_validator(mode="after")
+    def _insync_within_replicas(self) -> Settings:
+        if self.min_insync_replicas > self.replication_factor:
+            raise ValueError(f"min_insync_replicas ({self.min_insync_replicas}) must not exceed "
+                             f"replication_factor ({self.replication_factor})")
         return self
 
     @model_validator(mode="after")

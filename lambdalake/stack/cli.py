@@ -1,4 +1,5 @@
-"""The `lambdalake` command: up, serve, speed, produce, batch, compact, erase, query, status.
+"""The `lambdalake` command: up, serve, speed, produce, batch, compact, rebuild, erase, query,
+status.
 
 Errors are one line on stderr with a non-zero exit, never a traceback.
 """
@@ -67,14 +68,25 @@ def up(
     bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap HOST:PORT")] = None,
     produce: Annotated[float, typer.Option(help="Also produce N synthetic events/s")] = 0,
     batch_every: Annotated[int | None, typer.Option(help="Seconds between batch runs")] = None,
-    engine: Annotated[str, typer.Option(help="Batch engine: duckdb or spark")] = "duckdb",
+    engine: Annotated[str | None, typer.Option(
+        help="Batch engine: duckdb or spark (default: the batch_engine setting)")] = None,
+    role: Annotated[list[str] | None, typer.Option(
+        help="Run only this part (repeatable): functions, serving, speed, scheduler. "
+        "Default: all; on Kafka each may run in its own process")] = None,
 ) -> None:
     """Run the whole flow: gateway, archiver, speed layer, serving API, batch schedule."""
-    from lambdalake.stack.up import Stack
+    from lambdalake.stack.up import ROLES, Stack
 
     settings = settings_with(bus=bus, kafka_bootstrap=bootstrap,
-                             batch_interval_seconds=batch_every)
-    with Stack(settings, engine=engine, produce_rate=produce) as stack:
+                             batch_interval_seconds=batch_every, batch_engine=engine)
+    roles = tuple(role or ROLES)
+    unknown = sorted(set(roles) - set(ROLES))
+    if unknown:
+        raise CliError(f"--role {unknown[0]!r}: use one of {', '.join(ROLES)}")
+    if settings.bus == "embedded" and set(roles) != set(ROLES):
+        raise CliError("--role: on the embedded bus every role runs in one process "
+                       "(the log is local to it); split roles with --bus kafka")
+    with Stack(settings, produce_rate=produce, roles=roles) as stack:
         console.print(stack.banner(), soft_wrap=True)
         stack.wait()
 
@@ -225,6 +237,32 @@ def compact() -> None:
     pruned = prune_history(settings, store)
     console.print(f"master objects: {result.objects_before} -> {result.objects_after}; "
                   f"pruned {pruned['runs']} run records, {pruned['dead_letters']} dead letters")
+
+
+@app.command()
+def rebuild(
+    engine: Annotated[str | None, typer.Option(
+        help="duckdb or spark (default: the batch_engine setting)")] = None,
+    master: Annotated[str | None, typer.Option(
+        help="Spark master URL (default: the spark_master setting)")] = None,
+) -> None:
+    """Disaster recovery: recompute every batch view from the whole master dataset (the
+    source of truth), publish it, and delete every other kept version."""
+    from lambdalake.batch.engine import engine_named
+    from lambdalake.batch.rebuild import rebuild as rebuild_views
+    from lambdalake.batch.run import BatchError
+    from lambdalake.project import load_project
+    from lambdalake.stack.up import open_settings_store
+
+    settings = settings_with(batch_engine=engine, spark_master=master)
+    try:
+        manifest = rebuild_views(settings, load_project(settings.project),
+                                 open_settings_store(settings),
+                                 engine_named(settings.batch_engine, settings.spark_master))
+    except BatchError as exc:
+        raise CliError(str(exc)) from None
+    console.print(f"rebuilt {manifest.version} from the master dataset (cut {_iso(manifest.cut)}, "
+                  f"{manifest.rows_read} events read); older versions deleted")
 
 
 @app.command()

@@ -27,6 +27,8 @@ log = logging.getLogger("lambdalake.stack")
 SPEED_WORKERS = {"quix": "lambdalake.speed.quix", "faust": "lambdalake.speed.faust_app"}
 KINESIS_SPEED_WORKER = "lambdalake.speed.kinesis"
 _BATCH_RUN_BOUND_S = 3600.0  # a scheduled batch run taking longer is reported stuck
+# What `up` runs; a deployment on Kafka runs each role in its own process (docker-compose.yml).
+ROLES = ("functions", "serving", "speed", "scheduler")
 
 
 def open_settings_store(settings: Settings) -> ObjectStore:
@@ -54,8 +56,10 @@ def batch_once(
 class Stack:
     """Gateway, archiver, speed layer, serving API and batch schedule, in one process."""
 
-    def __init__(self, settings: Settings, engine: str = "duckdb", produce_rate: float = 0):
-        self.settings, self.engine, self.produce_rate = settings, engine, produce_rate
+    def __init__(self, settings: Settings, engine: str | None = None, produce_rate: float = 0,
+                 roles: tuple[str, ...] = ROLES):
+        self.settings, self.produce_rate, self.roles = settings, produce_rate, roles
+        self.engine = engine or settings.batch_engine
         self.project: Project = load_project(settings.project)
         self.store = open_settings_store(settings)
         check_schemas(self.store, self.project)
@@ -73,36 +77,59 @@ class Stack:
     def __enter__(self) -> Stack:
         from lambdalake.functions import archive
         from lambdalake.functions.runtime.local import LocalRuntime
+
+        if "serving" in self.roles:
+            self._serve()
+        self._start_speed()
+        if "functions" in self.roles:
+            runtime = LocalRuntime(self.settings, self._template(), loops=self.loops,
+                                   on_drained=archive.ON_DRAINED, on_shard=archive.ON_SHARD)
+            runtime.start()
+            self._closers.append(runtime.stop)
+        if "scheduler" in self.roles:
+            self._schedule()
+        if self.produce_rate:
+            self._thread(self._produce, "producer")
+        return self
+
+    def _template(self) -> Any:
+        """template.yaml, down to the functions the settings name (all when none)."""
+        from lambdalake.functions.runtime.template import load_template
+
+        template = load_template()
+        wanted = self.settings.functions or list(template.functions)
+        unknown = sorted(set(wanted) - set(template.functions))
+        if unknown:
+            raise ValueError(f"functions: {unknown[0]!r} is not in template.yaml; use "
+                             f"{', '.join(template.functions)}")
+        return template.model_copy(
+            update={"functions": {n: template.functions[n] for n in wanted}})
+
+    def _serve(self) -> None:
         from lambdalake.serving.server import ServerThread, build_server, start_postgres
 
-        s = self.settings
-        server = ServerThread(build_server(s, self.project, self.store, self.realtime,
-                                           loops=self.loops)).start()
+        server = ServerThread(build_server(self.settings, self.project, self.store,
+                                           self.realtime, loops=self.loops)).start()
         self._closers.append(server.stop)
         postgres = start_postgres(server.server)
         if postgres is not None:
             self._closers.append(postgres.stop)
-        self._start_speed()
-        runtime = LocalRuntime(s, loops=self.loops, on_drained=archive.ON_DRAINED,
-                               on_shard=archive.ON_SHARD)
-        runtime.start()
-        self._closers.append(runtime.stop)
-        interval = s.batch_interval_seconds
+
+    def _schedule(self) -> None:
+        interval = self.settings.batch_interval_seconds
         batches = Loop("batch-schedule", self._batch_step, first_backoff_s=1.0,
                        max_backoff_s=min(30.0, interval), stuck_after_s=_BATCH_RUN_BOUND_S)
         self.loops.add(batches).start(first_wait_s=interval)
         self._closers.append(lambda: batches.stop(timeout_s=30))
         upkeep = Loop("maintenance", self._maintenance_step, first_backoff_s=1.0,
                       max_backoff_s=30.0, stuck_after_s=_BATCH_RUN_BOUND_S)
-        self.loops.add(upkeep).start(first_wait_s=s.compact_interval_seconds)
+        self.loops.add(upkeep).start(first_wait_s=self.settings.compact_interval_seconds)
         self._closers.append(lambda: upkeep.stop(timeout_s=30))
-        if self.produce_rate:
-            self._thread(self._produce, "producer")
-        return self
 
     def _start_speed(self) -> None:
-        """The speed layer of the settings' bus: in process on the embedded log, a supervised
-        worker on Kafka, the Kinesis driver on Kinesis (`_kinesis_speed`)."""
+        """The speed layer of the settings' bus, as far as this process's roles go: in process
+        on the embedded log, a supervised worker on Kafka (`_kafka_speed`) or Kinesis
+        (`_kinesis_speed`), each with the serving layer following its output."""
         from lambdalake.bus import events_topic
         from lambdalake.speed.embedded import EmbeddedSpeed
 
@@ -111,7 +138,7 @@ class Stack:
             self._kafka_speed()
         elif s.bus == "kinesis":
             self._kinesis_speed()
-        else:
+        elif "speed" in self.roles:
             speed = EmbeddedSpeed(s, self.project, events_topic(s), self.store,
                                   self.publish_realtime, loops=self.loops,
                                   restored=self.realtime.restored)
@@ -120,8 +147,8 @@ class Stack:
             self.speed = speed
 
     def _kafka_speed(self) -> None:
-        """The speed driver on Kafka (restarted if it exits), and the serving layer following
-        its realtime topic."""
+        """The bus's topics; the speed driver on Kafka (restarted if it exits), and the serving
+        layer following its realtime topic."""
         from lambdalake.kafka_topics import ensure_bus_topics, retention_shortfall
         from lambdalake.serving.realtime_feed import RealtimeFeed
 
@@ -129,21 +156,25 @@ class Stack:
         shortfall = retention_shortfall(self.settings)
         if shortfall:
             log.warning("bus retention too short", extra={"reason": shortfall})
-        self._supervised_speed(SPEED_WORKERS[self.settings.speed_engine])
-        feed = RealtimeFeed(self.settings.kafka_bootstrap, self.settings.topic, self.realtime,
-                            self.loops, kafka_security(self.settings))
-        feed.start()
-        self._closers.append(feed.stop)
+        if "speed" in self.roles:
+            self._supervised_speed(SPEED_WORKERS[self.settings.speed_engine])
+        if "serving" in self.roles:
+            feed = RealtimeFeed(self.settings.kafka_bootstrap, self.settings.topic,
+                                self.realtime, self.loops, kafka_security(self.settings))
+            feed.start()
+            self._closers.append(feed.stop)
 
     def _kinesis_speed(self) -> None:
         """The Kinesis speed worker (restarted if it exits), and the serving layer following
         its shards' state in the object store."""
         from lambdalake.serving.realtime_feed import StoreFeed
 
-        self._supervised_speed(KINESIS_SPEED_WORKER)
-        feed = StoreFeed(self.store, self.settings.kinesis_stream, self.realtime, self.loops)
-        feed.start()
-        self._closers.append(feed.stop)
+        if "speed" in self.roles:
+            self._supervised_speed(KINESIS_SPEED_WORKER)
+        if "serving" in self.roles:
+            feed = StoreFeed(self.store, self.settings.kinesis_stream, self.realtime, self.loops)
+            feed.start()
+            self._closers.append(feed.stop)
 
     def _supervised_speed(self, module: str) -> None:
         import sys
@@ -157,7 +188,9 @@ class Stack:
     def _speed_env(self) -> dict[str, Any]:
         s = self.settings
         return {"bus": s.bus, "kafka_bootstrap": s.kafka_bootstrap, "topic": s.topic,
-                "partitions": s.partitions, "home": s.home.resolve(), "store": s.store_url,
+                "partitions": s.partitions, "replication_factor": s.replication_factor,
+                "min_insync_replicas": s.min_insync_replicas, "home": s.home.resolve(),
+                "store": s.store_url,
                 "project": s.project, "s3_endpoint_url": s.s3_endpoint_url,
                 "kinesis_stream": s.kinesis_stream,
                 "kinesis_endpoint_url": s.kinesis_endpoint_url,
@@ -211,7 +244,7 @@ class Stack:
 
         started = time.monotonic()
         try:
-            manifest = batch_once(self.settings, self.engine)
+            manifest = batch_once(self.settings, self.engine, master=self.settings.spark_master)
         except BatchRefused as exc:
             log.info("no batch published", extra={"reason": str(exc)})
         else:

@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,15 @@ rootLogger.appenderRef.out.ref = STDOUT
 logger.state.name = state.change.logger
 logger.state.level = WARN
 """
+
+# A node killed with -9 is fenced (its partitions led elsewhere, its replicas out of the ISR)
+# once it misses heartbeats this long: well within the ingest function's timeout (10 s), so
+# acks=all requests wait out a failover instead of failing. The defaults take 9 s.
+CLUSTER_FAILOVER = {
+    "broker.heartbeat.interval.ms": 500,
+    "broker.session.timeout.ms": 3000,
+    "replica.lag.time.max.ms": 10_000,
+}
 
 
 def _cluster_id() -> str:
@@ -71,8 +81,30 @@ def _broker_count(port: int, timeout: float = 2.0) -> int:
     return brokers
 
 
+@dataclass(frozen=True)
+class Quorum:
+    """The nodes of one KRaft cluster: its id, and each node's (broker, controller) ports."""
+
+    cluster_id: str
+    ports: dict[int, tuple[int, int]]
+
+    @classmethod
+    def of(cls, size: int) -> Quorum:
+        free = free_ports(2 * size)
+        return cls(_cluster_id(), {n + 1: (free[2 * n], free[2 * n + 1]) for n in range(size)})
+
+    @property
+    def size(self) -> int:
+        return len(self.ports)
+
+    @property
+    def voters(self) -> str:
+        return ",".join(f"{node}@127.0.0.1:{c}" for node, (_, c) in self.ports.items())
+
+
 class KafkaBroker:
-    """A throwaway single-node Kafka broker; a context manager (``start()`` / ``stop()``)."""
+    """A throwaway Kafka broker (broker+controller); a context manager (``start()`` /
+    ``stop()``). Alone by default; a node of a `KafkaCluster` when given its `quorum`."""
 
     def __init__(
         self,
@@ -82,6 +114,8 @@ class KafkaBroker:
         heap: str = "512m",
         partitions: int = 4,
         scram_users: dict[str, str] | None = None,
+        quorum: Quorum | None = None,
+        node_id: int = 1,
     ) -> None:
         """`scram_users`: name -> password of a second listener, SASL_PLAINTEXT with
         SCRAM-SHA-512 (`sasl_bootstrap`), as MSK and Confluent Cloud authenticate clients."""
@@ -91,12 +125,15 @@ class KafkaBroker:
         self.startup_timeout = startup_timeout
         self.heap = heap
         self.partitions = partitions
+        self.quorum = quorum
+        self.node_id = node_id
         self.port = 0
         self.controller_port = 0
         self.workdir: Path | None = None
         self.log_path: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._log = None
+        self._log: Any = None
+        self._jvm: list[str] = []
 
     @property
     def bootstrap(self) -> str:
@@ -114,6 +151,10 @@ class KafkaBroker:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self.running and self._proc is not None else None
+
     def __enter__(self) -> KafkaBroker:
         return self.start()
 
@@ -126,58 +167,80 @@ class KafkaBroker:
         return Path(run_script("kafka_fetch.sh", pinned))
 
     def start(self) -> KafkaBroker:
+        try:
+            self.launch()
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def launch(self) -> None:
+        """Format the node's storage and start its JVM, without waiting for it to serve (the
+        nodes of a cluster elect a controller only once a majority of them runs)."""
         if self._proc is not None:
             raise RuntimeError("KafkaBroker already started")
         java = shutil.which("java")
         if java is None:
             raise RuntimeError("java not found on PATH (Kafka needs Java 17+)")
         classpath = str(self.fetch() / "*")
-        self.workdir = Path(tempfile.mkdtemp(prefix="lambdalake-kafka-"))
-        try:
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"lambdalake-kafka-{self.node_id}-"))
+        if self.quorum is None:
             self.port, self.controller_port, sasl_port = free_ports(3)
             self.sasl_port = sasl_port if self.scram_users else 0
-            props = self._write_config()
-            self.log_path = self.workdir / "kafka.log"
-            self._log = open(self.log_path, "ab")
-            jvm = [
-                java,
-                f"-Xmx{self.heap}",
-                "-Xms64m",
-                "-XX:+UseSerialGC",
-                "-Djava.awt.headless=true",
-                f"-Dlog4j2.configurationFile={self.workdir / 'log4j2.properties'}",
-                "-cp",
-                classpath,
-            ]
-            fmt = subprocess.run(
-                [*jvm, "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(props),
-                 *(arg for name, password in self.scram_users.items()
-                   for arg in ("--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]"))],
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-            )
-            if fmt.returncode != 0:
-                raise RuntimeError("Kafka storage format failed\n" + self.log_tail())
-            self._proc = subprocess.Popen(
-                [*jvm, "kafka.Kafka", str(props)],
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        else:
+            self.port, self.controller_port = self.quorum.ports[self.node_id]
+        props = self._write_config()
+        self.log_path = self.workdir / "kafka.log"
+        self._log = open(self.log_path, "ab")
+        self._jvm = [java, f"-Xmx{self.heap}", "-Xms64m", "-XX:+UseSerialGC",
+                     "-Djava.awt.headless=true",
+                     f"-Dlog4j2.configurationFile={self.workdir / 'log4j2.properties'}",
+                     "-cp", classpath]
+        cluster_id = self.quorum.cluster_id if self.quorum else _cluster_id()
+        fmt = subprocess.run(
+            [*self._jvm, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props),
+             *(arg for name, password in self.scram_users.items()
+               for arg in ("--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]"))],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        if fmt.returncode != 0:
+            raise RuntimeError("Kafka storage format failed\n" + self.log_tail())
+        self._spawn()
+
+    def _spawn(self) -> None:
+        assert self.workdir is not None
+        self._proc = subprocess.Popen(
+            [*self._jvm, "kafka.Kafka", str(self.workdir / "server.properties")],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def kill(self) -> None:
+        """kill -9: the JVM dies at once; its data and ports stay for `restart()`."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+    def restart(self) -> None:
+        """Start the JVM again on the same data and ports (after `kill()`), and wait."""
+        if self.running:
+            raise RuntimeError("KafkaBroker is still running")
+        self._spawn()
+        self.wait_ready()
 
     def _write_config(self) -> Path:
         assert self.workdir is not None
         p, c = self.port, self.controller_port
+        replicas = self.quorum.size if self.quorum else 1
+        insync = min(2, replicas)
         config = {
             "process.roles": "broker,controller",
-            "node.id": 1,
-            "controller.quorum.voters": f"1@127.0.0.1:{c}",
+            "node.id": self.node_id,
+            "controller.quorum.voters": self.quorum.voters if self.quorum else f"1@127.0.0.1:{c}",
             "listeners": f"PLAINTEXT://127.0.0.1:{p},CONTROLLER://127.0.0.1:{c}",
             "advertised.listeners": f"PLAINTEXT://127.0.0.1:{p}",
             "controller.listener.names": "CONTROLLER",
@@ -186,13 +249,15 @@ class KafkaBroker:
             "log.dirs": self.workdir / "data",
             "num.partitions": self.partitions,
             "auto.create.topics.enable": "false",
-            "offsets.topic.replication.factor": 1,
+            "default.replication.factor": replicas,
+            "min.insync.replicas": insync,
+            "offsets.topic.replication.factor": replicas,
             "offsets.topic.num.partitions": 4,
-            "transaction.state.log.replication.factor": 1,
-            "transaction.state.log.min.isr": 1,
+            "transaction.state.log.replication.factor": replicas,
+            "transaction.state.log.min.isr": insync,
             "transaction.state.log.num.partitions": 4,
-            "share.coordinator.state.topic.replication.factor": 1,
-            "share.coordinator.state.topic.min.isr": 1,
+            "share.coordinator.state.topic.replication.factor": replicas,
+            "share.coordinator.state.topic.min.isr": insync,
             "group.initial.rebalance.delay.ms": 0,
             "num.network.threads": 2,
             "num.io.threads": 2,
@@ -211,13 +276,17 @@ class KafkaBroker:
                 "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config":
                     "org.apache.kafka.common.security.scram.ScramLoginModule required;",
             }
+        if self.quorum:
+            config |= CLUSTER_FAILOVER
         (self.workdir / "log4j2.properties").write_text(LOG4J2)
         props = self.workdir / "server.properties"
         props.write_text("".join(f"{k}={v}\n" for k, v in config.items()))
         return props
 
-    def _wait_ready(self) -> None:
+    def wait_ready(self) -> None:
+        """Until this node's metadata lists every broker of its cluster."""
         assert self._proc is not None
+        brokers = self.quorum.size if self.quorum else 1
         deadline = time.monotonic() + self.startup_timeout
         while True:
             if self._proc.poll() is not None:
@@ -225,7 +294,7 @@ class KafkaBroker:
                     f"Kafka exited with code {self._proc.returncode}\n" + self.log_tail()
                 )
             try:
-                if _broker_count(self.port) >= 1:
+                if _broker_count(self.port) >= brokers:
                     return
             except OSError:
                 pass
@@ -274,6 +343,65 @@ class KafkaBroker:
         self.port = self.controller_port = self.sasl_port = 0
 
 
+class KafkaCluster:
+    """`size` Kafka nodes in one KRaft quorum, each a broker and a controller, on loopback
+    ports: internal topics replicated on every node, `min.insync.replicas` 2. A context
+    manager; `brokers[i].kill()` / `.restart()` take one down and bring it back.
+
+    ``python -m lambdalake.testing.kafka --cluster 3`` starts one and waits for Ctrl-C."""
+
+    def __init__(
+        self, size: int = 3, *, heap: str = "384m", partitions: int = 4,
+        version: str | None = None, startup_timeout: float = 180.0,
+    ) -> None:
+        self.quorum = Quorum.of(size)
+        self.brokers = [
+            KafkaBroker(version=version, heap=heap, partitions=partitions, quorum=self.quorum,
+                        node_id=node, startup_timeout=startup_timeout)
+            for node in self.quorum.ports
+        ]
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(broker.bootstrap for broker in self.brokers)
+
+    @property
+    def running(self) -> bool:
+        return all(broker.running for broker in self.brokers)
+
+    def __enter__(self) -> KafkaCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> KafkaCluster:
+        try:
+            for broker in self.brokers:
+                broker.launch()
+            for broker in self.brokers:
+                broker.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for broker in self.brokers:
+            broker.stop()
+
+    def smallest_isr(self, topic: str) -> int:
+        """The fewest in-sync replicas any partition of `topic` has now."""
+        from confluent_kafka.admin import AdminClient
+
+        live = ",".join(b.bootstrap for b in self.brokers if b.running)
+        topics = AdminClient({"bootstrap.servers": live}).list_topics(topic, timeout=10).topics
+        return min(len(p.isrs) for p in topics[topic].partitions.values())
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(broker.log_tail(lines) for broker in self.brokers)
+
+
 def read_topic(bootstrap: str, topic: str, security: KafkaSecurity = PLAINTEXT) -> list[Any]:
     """Every record of `topic` now (confluent-kafka messages), in offset order per partition."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
@@ -294,16 +422,15 @@ def read_topic(bootstrap: str, topic: str, security: KafkaSecurity = PLAINTEXT) 
 
 
 def main() -> None:
-    """Start a broker, print its bootstrap address (stdout), wait for Ctrl-C or SIGTERM."""
+    """Start a broker (`--cluster N`: a cluster of N), print its bootstrap address (stdout),
+    wait for Ctrl-C or SIGTERM."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stops the broker on the way out
     t0 = time.monotonic()
-    with KafkaBroker() as broker:
+    size = int(sys.argv[2]) if sys.argv[1:2] == ["--cluster"] else 0
+    kafka: KafkaBroker | KafkaCluster = KafkaCluster(size) if size else KafkaBroker()
+    with kafka as broker:
         print(broker.bootstrap, flush=True)
-        print(
-            f"Kafka ready in {time.monotonic() - t0:.1f} s (log: {broker.log_path}); "
-            "Ctrl-C to stop",
-            file=sys.stderr,
-        )
+        print(f"Kafka ready in {time.monotonic() - t0:.1f} s; Ctrl-C to stop", file=sys.stderr)
         try:
             while broker.running:
                 time.sleep(1)
