@@ -30,7 +30,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from lambdalake.kafka_security import PLAINTEXT, KafkaSecurity
 from lambdalake.kafka_topics import realtime_topic
@@ -121,6 +120,8 @@ class FeedRecords:
 class RealtimeFeed:
     def __init__(self, bootstrap: str, topic: str, cells: RealtimeCells,
                  loops: Loops | None = None, security: KafkaSecurity = PLAINTEXT):
+        from confluent_kafka import Consumer  # the `kafka` extra: imported when a feed is made
+
         self.cells, self.topic = cells, realtime_topic(topic)
         self.consumer = Consumer({
             "bootstrap.servers": bootstrap,
@@ -143,6 +144,8 @@ class RealtimeFeed:
         self.loop.start()
 
     def assign(self) -> None:
+        from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
+
         topic = self.consumer.list_topics(self.topic, timeout=30).topics[self.topic]
         if topic.error is not None:
             raise KafkaException(topic.error)
@@ -160,6 +163,8 @@ class RealtimeFeed:
 
     def poll_once(self, timeout: float = 0.1) -> int:
         """Apply what the topic has; the number of records read."""
+        from confluent_kafka import KafkaError, KafkaException
+
         messages = self.consumer.consume(BATCH, timeout)
         updates: list[CellUpdate] = []
         for message in messages:
