@@ -191,7 +191,7 @@ def test_the_same_flow_runs_on_kafka(flow: Flow, kafka_broker, engine: str) -> N
 
 @pytest.mark.kafka
 @pytest.mark.skipif(not shutil.which("java"), reason="needs Java 17+")
-@pytest.mark.parametrize("engine", ["quix", "faust"])
+@pytest.mark.parametrize("engine", ["quix", pytest.param("faust", marks=pytest.mark.long)])
 def test_the_speed_worker_under_up_is_restarted_and_ends_with_it(
     flow: Flow, kafka_broker, engine: str
 ) -> None:

@@ -280,6 +280,9 @@ def feed_of(settings: Settings) -> Iterator[RealtimeCells]:
 
 
 ENGINES = ["quix", "faust"]
+# The Faust driver (not the default) runs the kill and pause cases under `make test-long`;
+# `make test` keeps its exact merge, poison and whole-flow cases.
+FAUST_LONG = pytest.param("faust", 12_000, marks=pytest.mark.long)
 COMMANDS = {
     "quix": lambda worker_id: ["-m", "lambdalake.speed.quix", "--worker-id", worker_id],
     "faust": lambda worker_id: ["-m", "lambdalake.speed.faust_app"],
@@ -576,7 +579,7 @@ def worker_of(engine: str, settings: Settings, log: Path) -> Iterator[None]:
 
 @pytest.mark.kafka
 @needs_java
-@pytest.mark.parametrize(("engine", "n"), [("quix", 200_000), ("faust", 12_000)])
+@pytest.mark.parametrize(("engine", "n"), [("quix", 200_000), FAUST_LONG])
 def test_worker_killed_mid_stream_restarts_without_double_counting(
     broker: KafkaBroker, spawn: Any, tmp_path: Path, engine: str, n: int
 ) -> None:
@@ -599,7 +602,7 @@ def test_worker_killed_mid_stream_restarts_without_double_counting(
 
 @pytest.mark.kafka
 @needs_java
-@pytest.mark.parametrize(("engine", "n"), [("quix", 200_000), ("faust", 12_000)])
+@pytest.mark.parametrize(("engine", "n"), [("quix", 200_000), FAUST_LONG])
 def test_a_broker_pause_mid_stream_neither_loses_nor_doubles(
     broker: KafkaBroker, tmp_path: Path, engine: str, n: int
 ) -> None:

@@ -33,7 +33,7 @@ def restart_and_reconcile(lake: Lake, runs: list[Traffic], name: str, case: str)
 
 @pytest.mark.parametrize("name", [
     "gateway",
-    "speed-0",
+    pytest.param("speed-0", marks=pytest.mark.long),
     pytest.param("archive", marks=pytest.mark.long),
     pytest.param("speed-1", marks=pytest.mark.long),
     pytest.param("serving", marks=pytest.mark.long),
