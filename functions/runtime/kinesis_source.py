@@ -37,8 +37,8 @@ from lambdalake.eventlog import now_ms
 from lambdalake.functions.runtime.function import LocalFunction
 from lambdalake.functions.runtime.mapping import (
     MAX_PAYLOAD_BYTES,
-    BadBatchResponse,
     BatchPolling,
+    first_failed,
 )
 from lambdalake.functions.runtime.template import KinesisSource
 from lambdalake.kinesis import KinesisRecord, Position, Shard, ShardReader
@@ -106,16 +106,7 @@ class ShardFeed:
         self.mapping.checkpoint(self.shard_id, records[-1].sequence_number)
 
     def failed_from(self, records: list[KinesisRecord], answer: Any) -> int:
-        """The index of the lowest sequence number `batchItemFailures` names (len: none)."""
-        failures = (answer or {}).get("batchItemFailures") if isinstance(answer, dict) else None
-        if not failures:
-            return len(records)
-        named = [failure.get("itemIdentifier") for failure in failures]
-        sequences = [record.sequence_number for record in records]
-        if any(not isinstance(s, str) or s not in sequences for s in named):
-            raise BadBatchResponse(f"batchItemFailures names no record of the batch: {named}")
-        lowest = min(named, key=kinesis.sequence_key)
-        return sequences.index(lowest)
+        return first_failed([record.sequence_number for record in records], answer)
 
     def failure(self, records: list[KinesisRecord]) -> tuple[str, dict[str, Any]]:
         first, last = records[0], records[-1]

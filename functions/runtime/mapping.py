@@ -107,6 +107,18 @@ class BadBatchResponse(FunctionError):
     """A partial batch response that names no record of the batch: the whole batch failed."""
 
 
+def first_failed(sequences: list[str], answer: Any) -> int:
+    """The index of the first of a shard's records (by their sequence numbers, in order) that
+    the answer's `batchItemFailures` names: the lowest sequence number (len: none named)."""
+    failures = (answer or {}).get("batchItemFailures") if isinstance(answer, dict) else None
+    if not failures:
+        return len(sequences)
+    named = [failure.get("itemIdentifier") for failure in failures]
+    if any(not isinstance(s, str) or s not in sequences for s in named):
+        raise BadBatchResponse(f"batchItemFailures names no record of the batch: {named}")
+    return min(sequences.index(s) for s in named)
+
+
 class Delivery(Generic[R]):
     """Delivers batches to a function as AWS Lambda's stream event-source mappings do.
 
@@ -221,11 +233,15 @@ class _KafkaFeed:
 
 
 class BatchPolling(Polling, Generic[R]):
-    """A stream mapping's poll loop and the delivery of its batches."""
+    """A stream mapping's poll loop (named `<kind>-<function>`) and the delivery of its
+    batches."""
+
+    kind = "mapping"
 
     def __init__(self, function: LocalFunction, batching: Batching, folder: Path,
                  backoff_seconds: float, poll_seconds: float, loops: Loops | None):
-        super().__init__(f"mapping-{function.name}", loops, backoff_seconds, STUCK_AFTER_SECONDS)
+        super().__init__(f"{self.kind}-{function.name}", loops, backoff_seconds,
+                         STUCK_AFTER_SECONDS)
         self.function, self.idle_seconds = function, poll_seconds
         self.delivery: Delivery[R] = Delivery(function, batching, folder, self.loop,
                                               backoff_seconds)

@@ -124,19 +124,13 @@ class QueueSource(_Reference):
         return "ReportBatchItemFailures" in self.response_types
 
 
-class TableStreamSource(_Reference):
+class TableStreamSource(Batching, _Reference):
     """A `DynamoDB` event: a table's stream, shard by shard."""
 
     resource: str = Field(alias="Stream")
-    batch_size: int = Field(100, alias="BatchSize", ge=1, le=10_000)
     starting_position: str = Field("TRIM_HORIZON", alias="StartingPosition")
-    max_retries: int = Field(-1, alias="MaximumRetryAttempts", ge=-1, description="-1: forever")
-    bisect_on_error: bool = Field(False, alias="BisectBatchOnFunctionError")
-    response_types: list[str] = Field([], alias="FunctionResponseTypes")
-
-    @property
-    def partial_failures(self) -> bool:
-        return "ReportBatchItemFailures" in self.response_types
+    batching_window_seconds: float = Field(0, alias="MaximumBatchingWindowInSeconds", ge=0,
+                                           le=300)  # AWS's default for a DynamoDB stream
 
 
 class Queue(_Spec):
