@@ -210,11 +210,18 @@ def _intrinsic(loader: yaml.SafeLoader, tag: str, node: yaml.Node) -> dict[str, 
 _CloudFormationLoader.add_multi_constructor("!", _intrinsic)
 
 
+def cloudformation(text: str) -> dict[str, Any]:
+    """A CloudFormation template's document, its short tags in their long form."""
+    return dict(yaml.load(text, Loader=_CloudFormationLoader))
+
+
+def shipped_template() -> Path:
+    return Path(str(files("lambdalake.functions") / "template.yaml"))
+
+
 def load_template(path: Path | None = None) -> Template:
     """The template at `path`; by default the one shipped with the package."""
-    shipped = files("lambdalake.functions") / "template.yaml"
-    text = (path or shipped).read_text()
-    document = yaml.load(text, Loader=_CloudFormationLoader)
+    document = cloudformation((path or shipped_template()).read_text())
     defaults = document.get("Globals", {}).get("Function", {})
     resources = document.get("Resources", {})
 
