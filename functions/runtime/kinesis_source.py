@@ -36,9 +36,9 @@ from lambdalake import kinesis
 from lambdalake.eventlog import now_ms
 from lambdalake.functions.runtime.function import LocalFunction
 from lambdalake.functions.runtime.mapping import (
-    MAX_PAYLOAD_BYTES,
     BatchPolling,
     first_failed,
+    within_payload,
 )
 from lambdalake.functions.runtime.template import KinesisSource
 from lambdalake.kinesis import KinesisRecord, Position, Shard, ShardReader
@@ -81,16 +81,6 @@ def kinesis_record(stream_arn: str, record: KinesisRecord) -> dict[str, Any]:
 def kinesis_event(stream_arn: str, records: list[KinesisRecord]) -> dict[str, Any]:
     """The AWS Kinesis event of one shard's records."""
     return {"Records": [kinesis_record(stream_arn, r) for r in records]}
-
-
-def within_payload(records: list[KinesisRecord]) -> list[KinesisRecord]:
-    """The leading records whose event fits the invocation payload limit (at least one)."""
-    size = 0
-    for count, record in enumerate(records):
-        size += 4 * ((len(record.data) + 2) // 3) + _RECORD_JSON_BYTES
-        if size > MAX_PAYLOAD_BYTES and count:
-            return records[:count]
-    return records
 
 
 class ShardFeed:
@@ -239,7 +229,7 @@ class KinesisMapping(BatchPolling[KinesisRecord]):
         window = self.source.batching_window_seconds
         if not full and not reader.finished and time.monotonic() - shard.since < window:
             return 0
-        batch = within_payload(shard.waiting)
+        batch = within_payload(shard.waiting, lambda record: record.data, _RECORD_JSON_BYTES)
         shard.waiting = shard.waiting[len(batch):]
         shard.since = time.monotonic()
         self.delivery.deliver(shard.feed, batch)

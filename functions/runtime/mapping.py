@@ -74,11 +74,12 @@ def kafka_event(topic: str, records: list[Record]) -> dict[str, Any]:
     }
 
 
-def within_payload(records: list[Record]) -> list[Record]:
-    """The leading records whose event fits the invocation payload limit (at least one)."""
+def within_payload(records: list[R], data: Callable[[R], bytes], json_bytes: int) -> list[R]:
+    """The leading records whose event fits the invocation payload limit (at least one): a
+    record's `data` goes in base64, with `json_bytes` of JSON around it."""
     size = 0
     for count, record in enumerate(records):
-        size += 4 * ((len(record.value) + 2) // 3) + _RECORD_JSON_BYTES
+        size += 4 * ((len(data(record)) + 2) // 3) + json_bytes
         if size > MAX_PAYLOAD_BYTES and count:
             return records[:count]
     return records
@@ -285,7 +286,8 @@ class StreamMapping(BatchPolling[Record]):
         window = self.source.batching_window_seconds
         if waiting < self.source.batch_size and time.monotonic() - since < window:
             return 0
-        records = within_payload(partition.read(position, self.source.batch_size))
+        records = within_payload(partition.read(position, self.source.batch_size),
+                                 lambda record: record.value, _RECORD_JSON_BYTES)
         if not records:  # `end` was read unlocked: an append may still be under way
             return 0
         self.delivery.deliver(self.feed, records)
