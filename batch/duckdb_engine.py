@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from lambdalake import master, sketch_arrays
-from lambdalake.batch.engine import EXACT_SQL, with_rows_read
+from lambdalake.batch.engine import EXACT_SQL, aggregate_of, with_rows_read
 from lambdalake.batch.objects import read_rows
 from lambdalake.events import EventSchema
 from lambdalake.monoids import Monoid
@@ -114,10 +114,7 @@ def compile_view(view: View) -> ViewQuery:
 
 
 def _aggregate(metric: Monoid) -> Aggregate:
-    aggregate = _AGGREGATES.get(metric.kind)
-    if aggregate is None:
-        raise ValueError(f"the duckdb engine cannot compute {metric.kind!r} metrics")
-    return aggregate
+    return aggregate_of(_AGGREGATES, metric, "duckdb")
 
 
 def _metric_sql(metric: Monoid) -> str:

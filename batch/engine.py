@@ -7,10 +7,12 @@ the engine only reads and aggregates, so every engine gives the same answer.
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Protocol, TypeVar
 
 import pyarrow as pa
 
+from lambdalake.monoids import Monoid
 from lambdalake.project import Project
 from lambdalake.storage import ObjectStore
 from lambdalake.views import View
@@ -27,6 +29,16 @@ EXACT_SQL = {
     "min": "min({})",
     "max": "max({})",
 }
+
+A = TypeVar("A")
+
+
+def aggregate_of(kinds: Mapping[str, A], metric: Monoid, engine: str) -> A:
+    """How `engine` computes `metric`: its entry in the engine's table of kinds."""
+    aggregate = kinds.get(metric.kind)
+    if aggregate is None:
+        raise ValueError(f"the {engine} engine cannot compute {metric.kind!r} metrics")
+    return aggregate
 
 
 class CorruptObject(Exception):

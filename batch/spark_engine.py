@@ -47,7 +47,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema, from_arrow_type
 
 from lambdalake import master
-from lambdalake.batch.engine import EXACT_SQL, SUBMITTED, with_rows_read
+from lambdalake.batch.engine import EXACT_SQL, SUBMITTED, aggregate_of, with_rows_read
 from lambdalake.batch.objects import read_all, read_rows, written_schema
 from lambdalake.events import EventSchema
 from lambdalake.monoids import Monoid
@@ -229,10 +229,7 @@ def metric_input(metric: Monoid, schema: pa.Schema) -> Column:
 
 
 def _aggregate(metric: Monoid) -> Aggregate:
-    aggregate = _AGGREGATES.get(metric.kind)
-    if aggregate is None:
-        raise ValueError(f"the spark engine cannot compute {metric.kind!r} metrics")
-    return aggregate
+    return aggregate_of(_AGGREGATES, metric, "spark")
 
 
 def store_uri(store: ObjectStore) -> str:

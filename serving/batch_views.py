@@ -25,7 +25,8 @@ from lambdalake import catalog
 from lambdalake.catalog import Manifest
 from lambdalake.eventlog import now_ms
 from lambdalake.events import epoch_ms
-from lambdalake.loops import Loop, Loops
+from lambdalake.loops import Loops
+from lambdalake.polling import Poller
 from lambdalake.project import Project
 from lambdalake.realtime import RealtimeCells
 from lambdalake.storage import ObjectStore
@@ -59,7 +60,7 @@ class Reading:
     realtime: Mapping[str, pa.Table]
 
 
-class BatchViews:
+class BatchViews(Poller):
     def __init__(
         self,
         project: Project,
@@ -73,16 +74,14 @@ class BatchViews:
         self.project, self.store, self.realtime = project, store, realtime
         self.prepare = prepare
         self.kept = catalog.KeptVersions(store, project)
-        self.poll_seconds = poll_seconds
         self.schemas = {name: table_schema(project, v) for name, v in project.views.items()}
         empty = {name: schema.empty_table() for name, schema in self.schemas.items()}
         self._snapshot = Snapshot(None, MappingProxyType(empty), catalog.view_cuts(None, project))
         self._swap = threading.Lock()
         self._refreshing = threading.Lock()
         # A store outage keeps the current snapshot serving; the loop retries with backoff.
-        self.loop = Loop("serving-batch-views", self._poll, max_backoff_s=10.0)
-        if loops is not None:
-            loops.add(self.loop)
+        super().__init__("serving-batch-views", loops, max_backoff_s=10.0)
+        self.busy_seconds = self.idle_seconds = poll_seconds
         self.ready = False
 
     @property
@@ -159,12 +158,5 @@ class BatchViews:
     def realtime_cells(self) -> int:
         return sum(table.num_rows for table in self.read(self.project.views).realtime.values())
 
-    def start(self) -> None:
-        self.loop.start()
-
-    def stop(self) -> None:
-        self.loop.stop()
-
-    def _poll(self) -> float:
-        self.refresh()
-        return self.poll_seconds
+    def poll_once(self) -> int:
+        return int(self.refresh())

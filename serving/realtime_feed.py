@@ -34,8 +34,9 @@ import orjson
 from lambdalake.kafka_security import PLAINTEXT, KafkaSecurity
 from lambdalake.kafka_topics import realtime_topic
 from lambdalake.kinesis import shard_index
-from lambdalake.loops import Loop, Loops
+from lambdalake.loops import Loops
 from lambdalake.monoids import merge_all
+from lambdalake.polling import Poller
 from lambdalake.realtime import RealtimeCells, decode_update
 from lambdalake.shard_state import (
     Head,
@@ -117,7 +118,9 @@ class FeedRecords:
                 del self._parts[cell]
 
 
-class RealtimeFeed:
+class RealtimeFeed(Poller):
+    idle_seconds = 0.0  # `consume` itself waits for records
+
     def __init__(self, bootstrap: str, topic: str, cells: RealtimeCells,
                  loops: Loops | None = None, security: KafkaSecurity = PLAINTEXT):
         from confluent_kafka import Consumer  # the `kafka` extra: imported when a feed is made
@@ -135,13 +138,11 @@ class RealtimeFeed:
         self.records = FeedRecords(cells)
         self._partitions: list[int] = []
         self._at_end: set[int] = set()
-        self.loop = Loop("realtime-feed", self._step)
-        if loops is not None:
-            loops.add(self.loop)
+        super().__init__("realtime-feed", loops)
 
     def start(self) -> None:
         self.assign()
-        self.loop.start()
+        super().start()
 
     def assign(self) -> None:
         from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
@@ -154,12 +155,8 @@ class RealtimeFeed:
                               for p in self._partitions])
 
     def stop(self) -> None:
-        self.loop.stop()
+        super().stop()
         self.consumer.close()
-
-    def _step(self) -> float:
-        self.poll_once()
-        return 0.0
 
     def poll_once(self, timeout: float = 0.1) -> int:
         """Apply what the topic has; the number of records read."""
@@ -183,7 +180,7 @@ class RealtimeFeed:
         return len(messages)
 
 
-class StoreFeed:
+class StoreFeed(Poller):
     """The Kinesis speed layer seen by the serving layer: each shard's head, snapshot and
     deltas in the object store (`lambdalake.shard_state`), which are also the speed layer's
     state, so every replica reads them and nothing is lost across a restart. Read as the Kafka
@@ -193,7 +190,7 @@ class StoreFeed:
 
     def __init__(self, store: ObjectStore, stream: str, cells: RealtimeCells,
                  loops: Loops | None = None, poll_s: float = 0.1):
-        self.store, self.stream, self.cells, self.poll_s = store, stream, cells, poll_s
+        self.store, self.stream, self.cells = store, stream, cells
         self.records = FeedRecords(cells)
         self._tags: dict[str, str] = {}  # shard -> the head's tag last read
         self._read: dict[str, tuple[dict[str, str], set[str]]] = {}  # snapshot, deltas read
@@ -201,20 +198,12 @@ class StoreFeed:
         self._listed_at = 0.0
         self._reads = ThreadPoolExecutor(READERS, thread_name_prefix="feed-reads")
         self._listing: Future[list[str]] | None = None
-        self.loop = Loop("realtime-feed", self._step)
-        if loops is not None:
-            loops.add(self.loop)
-
-    def start(self) -> None:
-        self.loop.start()
+        super().__init__("realtime-feed", loops)
+        self.busy_seconds = self.idle_seconds = poll_s
 
     def stop(self) -> None:
-        self.loop.stop()
+        super().stop()
         self._reads.shutdown(wait=True)
-
-    def _step(self) -> float:
-        self.poll_once()
-        return self.poll_s
 
     def poll_once(self) -> int:
         """Apply what changed in every shard's state; the number of deltas read."""

@@ -31,6 +31,7 @@ from lambdalake.auth import KEY_HEADER
 from lambdalake.eventlog import now_ms
 from lambdalake.producer import ProduceStats, send_batch
 from lambdalake.settings import Settings
+from lambdalake.stack.alarms import BEGIN, with_alarms
 from lambdalake.stack.up import ROLES
 from lambdalake.synthetic import WebAnalyticsStream
 from lambdalake.testing import free_port
@@ -319,6 +320,28 @@ def test_every_function_rolls_out_on_its_live_alias_and_rolls_back_on_its_alarms
             assert function["Metadata"]["DockerContext"] == f"build/functions/{name}"
         else:
             assert function["Properties"]["CodeUri"] == f"build/functions/{name}.zip"
+
+
+def test_the_template_holds_the_alarms_lambdalake_functions_alarms_writes() -> None:
+    text = TEMPLATE.read_text()
+    assert with_alarms(text) == text
+
+
+def test_lambdalake_functions_alarms_writes_a_missing_pair_and_refuses_a_template_without_markers(
+        tmp_path: Path) -> None:
+    stale = tmp_path / "template.yaml"
+    without = re.sub(r"(?ms)^  CdcThrottlesAlarm:\n.*?(?=^  \S)", "", TEMPLATE.read_text())
+    stale.write_text(without)
+    lambdalake = str(Path(sys.executable).parent / "lambdalake")
+    done = subprocess.run([lambdalake, "functions", "alarms", "--template", str(stale)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "  CdcThrottlesAlarm:\n" not in without and stale.read_text() == TEMPLATE.read_text()
+    stale.write_text(without.replace(BEGIN, ""))
+    done = subprocess.run([lambdalake, "functions", "alarms", "--template", str(stale)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and done.stdout == ""
+    assert done.stderr.strip().count("\n") == 0 and "no place for its alarms" in done.stderr
 
 
 def test_http_ingestion_is_behind_the_api_key_authorizer_and_the_bus_is_a_choice() -> None:

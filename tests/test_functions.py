@@ -29,7 +29,7 @@ from lambdalake.functions.runtime.context import LambdaContext
 from lambdalake.functions.runtime.function import FunctionError, FunctionTimeout, LocalFunction
 from lambdalake.functions.runtime.gateway import Gateway
 from lambdalake.functions.runtime.local import LocalRuntime
-from lambdalake.functions.runtime.mapping import StreamMapping, kafka_event
+from lambdalake.functions.runtime.mapping import StreamMapping, kafka_event, within_payload
 from lambdalake.functions.runtime.metrics import billed_gb_seconds
 from lambdalake.functions.runtime.template import FunctionSpec, StreamSource, load_template
 from lambdalake.settings import Settings
@@ -427,6 +427,13 @@ def test_the_template_declares_the_functions_and_their_triggers(tmp_path: Path):
     assert (nightly.timeout_seconds, nightly.memory_mb, nightly.reserved_concurrency) == (7, 128,
                                                                                          None)
     assert [s.expression for s in nightly.schedules] == ["cron(0 2 * * ? *)"]
+
+
+def test_a_batch_is_cut_where_its_event_would_pass_the_6_mb_payload_limit():
+    mib = b"x" * 2**20  # 1,398,104 bytes in base64: four (with their JSON) fit in 6 MiB
+    assert within_payload([mib] * 8, lambda data: data, 160) == [mib] * 4
+    alone = b"x" * 7 * 2**20
+    assert within_payload([alone, mib], lambda data: data, 160) == [alone]  # at least one
 
 
 # ---------------------------------------------------------------- archiving

@@ -7,7 +7,6 @@ raw events: counts and distinct users exact, sums to float precision.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -27,6 +26,7 @@ import pytest
 from exact import QuantilesOf
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from workers import worker_env, workers
 
 pytest.importorskip("quixstreams")
 
@@ -292,10 +292,9 @@ COMMANDS = {
 def worker_process(
     settings: Settings, worker_id: str, log: Path, engine: str = "quix"
 ) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
-    env.update({f"LAMBDALAKE_{k.upper()}": str(v) for k, v in settings.model_dump().items()
-                if k in ("bus", "kafka_bootstrap", "topic", "partitions", "home", "store",
-                         "slice_seconds", "flush_interval_ms", "speed_metrics_port")})
+    env = worker_env(settings, ("bus", "kafka_bootstrap", "topic", "partitions", "home",
+                                "store", "slice_seconds", "flush_interval_ms",
+                                "speed_metrics_port"))
     return subprocess.Popen(
         [sys.executable, *COMMANDS[engine](worker_id)],
         env=env, cwd=settings.home, stdout=subprocess.DEVNULL, stderr=open(log, "ab"),
@@ -305,17 +304,8 @@ def worker_process(
 @pytest.fixture
 def spawn(broker: KafkaBroker) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """Start worker processes; any still running at the end is killed (before the broker)."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(*args: Any) -> subprocess.Popen[bytes]:
-        started.append(worker_process(*args))
-        return started[-1]
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    with workers(worker_process) as start:
+        yield start
 
 
 def synthetic(n: int, seed: int) -> list[dict[str, Any]]:
@@ -566,15 +556,11 @@ def worker_of(engine: str, settings: Settings, log: Path) -> Iterator[None]:
         with in_process_worker(settings):
             yield
         return
-    worker = worker_process(settings, "w1", log, engine)
-    try:
+    with workers(worker_process) as start:
+        worker = start(settings, "w1", log, engine)
         yield
         worker.terminate()
         assert worker.wait(60) == 0
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
 
 
 @pytest.mark.kafka

@@ -8,7 +8,6 @@ the raw events, through the serving layer's feed of the object store (`StoreFeed
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from test_speed_kafka import (
     wait_exact,
     wait_until,
 )
+from workers import worker_env, workers
 
 from lambdalake import kinesis as streams
 from lambdalake.example import project
@@ -119,31 +119,23 @@ def worker_thread(s: Settings, worker_id: str = "t1") -> AbstractContextManager[
     return running(KinesisSpeed(s, project, store_of(s), worker_id))
 
 
+def worker_process(s: Settings, worker_id: str, cli: bool = False) -> subprocess.Popen[bytes]:
+    """`python -m lambdalake.speed.kinesis`, or the same through `lambdalake speed`."""
+    env = worker_env(s, ("bus", "kinesis_stream", "kinesis_endpoint_url", "s3_endpoint_url",
+                         "store", "partitions", "home", "slice_seconds", "flush_interval_ms",
+                         "kinesis_lease_seconds"))
+    command = ([str(Path(sys.executable).parent / "lambdalake"), "speed"] if cli
+               else [sys.executable, "-m", "lambdalake.speed.kinesis"])
+    log = open(s.home / f"{worker_id}.log", "ab")
+    return subprocess.Popen([*command, "--worker-id", worker_id], env=env, cwd=s.home,
+                            stdout=subprocess.DEVNULL, stderr=log)
+
+
 @pytest.fixture
 def spawn(s3_server: str) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """Worker processes; any still running at the end is killed."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(s: Settings, worker_id: str, cli: bool = False) -> subprocess.Popen[bytes]:
-        """`python -m lambdalake.speed.kinesis`, or the same through `lambdalake speed`."""
-        env = dict(os.environ)
-        env.update({f"LAMBDALAKE_{k.upper()}": str(v) for k, v in s.model_dump().items()
-                    if k in ("bus", "kinesis_stream", "kinesis_endpoint_url", "s3_endpoint_url",
-                             "store", "partitions", "home", "slice_seconds",
-                             "flush_interval_ms", "kinesis_lease_seconds")})
-        log = open(s.home / f"{worker_id}.log", "ab")
-        command = ([str(Path(sys.executable).parent / "lambdalake"), "speed"] if cli
-                   else [sys.executable, "-m", "lambdalake.speed.kinesis"])
-        started.append(subprocess.Popen(
-            [*command, "--worker-id", worker_id],
-            env=env, cwd=s.home, stdout=subprocess.DEVNULL, stderr=log))
-        return started[-1]
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    with workers(worker_process) as start:
+        yield start
 
 
 def owners(s: Settings) -> dict[str, str | None]:

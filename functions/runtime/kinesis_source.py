@@ -36,9 +36,9 @@ from lambdalake import kinesis
 from lambdalake.eventlog import now_ms
 from lambdalake.functions.runtime.function import LocalFunction
 from lambdalake.functions.runtime.mapping import (
-    MAX_PAYLOAD_BYTES,
-    BadBatchResponse,
     BatchPolling,
+    first_failed,
+    within_payload,
 )
 from lambdalake.functions.runtime.template import KinesisSource
 from lambdalake.kinesis import KinesisRecord, Position, Shard, ShardReader
@@ -83,16 +83,6 @@ def kinesis_event(stream_arn: str, records: list[KinesisRecord]) -> dict[str, An
     return {"Records": [kinesis_record(stream_arn, r) for r in records]}
 
 
-def within_payload(records: list[KinesisRecord]) -> list[KinesisRecord]:
-    """The leading records whose event fits the invocation payload limit (at least one)."""
-    size = 0
-    for count, record in enumerate(records):
-        size += 4 * ((len(record.data) + 2) // 3) + _RECORD_JSON_BYTES
-        if size > MAX_PAYLOAD_BYTES and count:
-            return records[:count]
-    return records
-
-
 class ShardFeed:
     """One shard's records as the delivery sees them."""
 
@@ -106,16 +96,7 @@ class ShardFeed:
         self.mapping.checkpoint(self.shard_id, records[-1].sequence_number)
 
     def failed_from(self, records: list[KinesisRecord], answer: Any) -> int:
-        """The index of the lowest sequence number `batchItemFailures` names (len: none)."""
-        failures = (answer or {}).get("batchItemFailures") if isinstance(answer, dict) else None
-        if not failures:
-            return len(records)
-        named = [failure.get("itemIdentifier") for failure in failures]
-        sequences = [record.sequence_number for record in records]
-        if any(not isinstance(s, str) or s not in sequences for s in named):
-            raise BadBatchResponse(f"batchItemFailures names no record of the batch: {named}")
-        lowest = min(named, key=kinesis.sequence_key)
-        return sequences.index(lowest)
+        return first_failed([record.sequence_number for record in records], answer)
 
     def failure(self, records: list[KinesisRecord]) -> tuple[str, dict[str, Any]]:
         first, last = records[0], records[-1]
@@ -248,7 +229,7 @@ class KinesisMapping(BatchPolling[KinesisRecord]):
         window = self.source.batching_window_seconds
         if not full and not reader.finished and time.monotonic() - shard.since < window:
             return 0
-        batch = within_payload(shard.waiting)
+        batch = within_payload(shard.waiting, lambda record: record.data, _RECORD_JSON_BYTES)
         shard.waiting = shard.waiting[len(batch):]
         shard.since = time.monotonic()
         self.delivery.deliver(shard.feed, batch)

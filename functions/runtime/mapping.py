@@ -74,11 +74,12 @@ def kafka_event(topic: str, records: list[Record]) -> dict[str, Any]:
     }
 
 
-def within_payload(records: list[Record]) -> list[Record]:
-    """The leading records whose event fits the invocation payload limit (at least one)."""
+def within_payload(records: list[R], data: Callable[[R], bytes], json_bytes: int) -> list[R]:
+    """The leading records whose event fits the invocation payload limit (at least one): a
+    record's `data` goes in base64, with `json_bytes` of JSON around it."""
     size = 0
     for count, record in enumerate(records):
-        size += 4 * ((len(record.value) + 2) // 3) + _RECORD_JSON_BYTES
+        size += 4 * ((len(data(record)) + 2) // 3) + json_bytes
         if size > MAX_PAYLOAD_BYTES and count:
             return records[:count]
     return records
@@ -105,6 +106,18 @@ class Feed(Protocol[R]):
 
 class BadBatchResponse(FunctionError):
     """A partial batch response that names no record of the batch: the whole batch failed."""
+
+
+def first_failed(sequences: list[str], answer: Any) -> int:
+    """The index of the first of a shard's records (by their sequence numbers, in order) that
+    the answer's `batchItemFailures` names: the lowest sequence number (len: none named)."""
+    failures = (answer or {}).get("batchItemFailures") if isinstance(answer, dict) else None
+    if not failures:
+        return len(sequences)
+    named = [failure.get("itemIdentifier") for failure in failures]
+    if any(not isinstance(s, str) or s not in sequences for s in named):
+        raise BadBatchResponse(f"batchItemFailures names no record of the batch: {named}")
+    return min(sequences.index(s) for s in named)
 
 
 class Delivery(Generic[R]):
@@ -221,11 +234,15 @@ class _KafkaFeed:
 
 
 class BatchPolling(Polling, Generic[R]):
-    """A stream mapping's poll loop and the delivery of its batches."""
+    """A stream mapping's poll loop (named `<kind>-<function>`) and the delivery of its
+    batches."""
+
+    kind = "mapping"
 
     def __init__(self, function: LocalFunction, batching: Batching, folder: Path,
                  backoff_seconds: float, poll_seconds: float, loops: Loops | None):
-        super().__init__(f"mapping-{function.name}", loops, backoff_seconds, STUCK_AFTER_SECONDS)
+        super().__init__(f"{self.kind}-{function.name}", loops, backoff_seconds,
+                         STUCK_AFTER_SECONDS)
         self.function, self.idle_seconds = function, poll_seconds
         self.delivery: Delivery[R] = Delivery(function, batching, folder, self.loop,
                                               backoff_seconds)
@@ -269,7 +286,8 @@ class StreamMapping(BatchPolling[Record]):
         window = self.source.batching_window_seconds
         if waiting < self.source.batch_size and time.monotonic() - since < window:
             return 0
-        records = within_payload(partition.read(position, self.source.batch_size))
+        records = within_payload(partition.read(position, self.source.batch_size),
+                                 lambda record: record.value, _RECORD_JSON_BYTES)
         if not records:  # `end` was read unlocked: an append may still be under way
             return 0
         self.delivery.deliver(self.feed, records)

@@ -124,19 +124,13 @@ class QueueSource(_Reference):
         return "ReportBatchItemFailures" in self.response_types
 
 
-class TableStreamSource(_Reference):
+class TableStreamSource(Batching, _Reference):
     """A `DynamoDB` event: a table's stream, shard by shard."""
 
     resource: str = Field(alias="Stream")
-    batch_size: int = Field(100, alias="BatchSize", ge=1, le=10_000)
     starting_position: str = Field("TRIM_HORIZON", alias="StartingPosition")
-    max_retries: int = Field(-1, alias="MaximumRetryAttempts", ge=-1, description="-1: forever")
-    bisect_on_error: bool = Field(False, alias="BisectBatchOnFunctionError")
-    response_types: list[str] = Field([], alias="FunctionResponseTypes")
-
-    @property
-    def partial_failures(self) -> bool:
-        return "ReportBatchItemFailures" in self.response_types
+    batching_window_seconds: float = Field(0, alias="MaximumBatchingWindowInSeconds", ge=0,
+                                           le=300)  # AWS's default for a DynamoDB stream
 
 
 class Queue(_Spec):
@@ -216,11 +210,18 @@ def _intrinsic(loader: yaml.SafeLoader, tag: str, node: yaml.Node) -> dict[str, 
 _CloudFormationLoader.add_multi_constructor("!", _intrinsic)
 
 
+def cloudformation(text: str) -> dict[str, Any]:
+    """A CloudFormation template's document, its short tags in their long form."""
+    return dict(yaml.load(text, Loader=_CloudFormationLoader))
+
+
+def shipped_template() -> Path:
+    return Path(str(files("lambdalake.functions") / "template.yaml"))
+
+
 def load_template(path: Path | None = None) -> Template:
     """The template at `path`; by default the one shipped with the package."""
-    shipped = files("lambdalake.functions") / "template.yaml"
-    text = (path or shipped).read_text()
-    document = yaml.load(text, Loader=_CloudFormationLoader)
+    document = cloudformation((path or shipped_template()).read_text())
     defaults = document.get("Globals", {}).get("Function", {})
     resources = document.get("Resources", {})
 

@@ -369,6 +369,26 @@ def functions_package(
     console.print(table)
 
 
+@functions_app.command("alarms")
+def functions_alarms(
+    template: Annotated[Path | None, typer.Option(help="A SAM template (default: the "
+                                                       "shipped one)")] = None,
+) -> None:
+    """Write every function's rollback alarms (Errors, Throttles on its live alias) into the
+    template, between its marker comments."""
+    from lambdalake.functions.runtime.template import shipped_template
+    from lambdalake.stack.alarms import TemplateError, with_alarms
+
+    path = template or shipped_template()
+    text = path.read_text()
+    try:
+        written = with_alarms(text)
+    except TemplateError as exc:
+        raise CliError(f"{path}: {exc}") from None
+    path.write_text(written)
+    console.print(f"{path}: {'up to date' if written == text else 'alarms written'}")
+
+
 def _versions(function: str, template: Path | None = None) -> Any:
     from lambdalake.functions.runtime.local import LocalRuntime
     from lambdalake.functions.runtime.template import load_template
