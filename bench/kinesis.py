@@ -1,5 +1,6 @@
 """Speed-layer throughput and freshness on Kinesis (a moto server started here, in its own
-process, serving Kinesis, DynamoDB and S3).
+process, serving Kinesis, DynamoDB and S3; its Kinesis as the tests', keeping every record it
+acknowledges: `lambdalake.testing.moto_kinesis`).
 
 One stream of N events (the example project's synthetic stream, 4 shards), read by:
 - the reference: a plain boto3 loop, each shard in turn, GetRecords 10,000 at a time and
@@ -66,13 +67,16 @@ say, free_port, spread, rounded, measured = (
 
 
 class MotoServer:
-    """moto's server in a process of its own (its CPU apart from what is measured)."""
+    """moto's server in a process of its own (its CPU apart from what is measured). Plain
+    moto loses records put to a shard at once by several requests (the gateway's handlers,
+    the load's senders): a probe so lost was never counted."""
 
     def __init__(self, home: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            [sys.executable, "-m", "lambdalake.testing.moto_kinesis", "-H", "127.0.0.1",
+             "-p", str(self.port)],
             stdout=subprocess.DEVNULL, stderr=open(home / "moto.log", "wb"))
 
     def __enter__(self) -> MotoServer:
