@@ -181,7 +181,19 @@ class Lambdalake:
             stderr=open(home / "up.log", "wb"),
         )
 
-    __enter__ = common.Lambdalake.__enter__
+    def __enter__(self) -> Lambdalake:
+        """Once the API is ready and the gateway listens: on Kinesis the API is ready as soon
+        as it starts (no shard has state yet), possibly before the gateway."""
+        common.Lambdalake.__enter__(self)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(self.url(self.gateway, "/"), timeout=2)
+                return self
+            except httpx.TransportError:
+                time.sleep(0.5)
+        raise RuntimeError("the gateway of lambdalake up did not listen in 120 s")
+
     __exit__ = common.Lambdalake.__exit__
     url = staticmethod(common.Lambdalake.url)
 
