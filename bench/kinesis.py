@@ -8,7 +8,9 @@ One stream of N events (the example project's synthetic stream, 4 shards), read 
 - the Kinesis speed driver (speed/kinesis.py) folding the whole example project (counts, sums,
   HLL, KLL and Theta sketches), its shard leases in DynamoDB and its state written to S3,
   timed from its leases taken to every shard read and its state written;
-each as events/s, and their ratio. Then freshness as a user sees it: `lambdalake up --bus
+each as events/s, and their ratio; and how fast a plain boto3 PutRecords loop (500 records a
+call, one thread) put the N events (`put_eps`), beside the load the gateway took
+(`freshness_load_eps`). Then freshness as a user sees it: `lambdalake up --bus
 kinesis` on that server, a steady 2,000 events/s sent to the gateway over HTTP and a probe
 event every 50 ms, from the gateway's 202 for `POST /events` to the first
 `GET /views/pageviews_by_url_hour` answer that counts it (Kinesis's polling delay is part of
@@ -236,7 +238,10 @@ def main() -> None:
         kinesis = streams.client(moto.url)
         streams.ensure_stream(kinesis, settings.kinesis_stream, SHARDS)
         say(f"putting {n} events")
+        started = time.perf_counter()
         distinct = put_events(kinesis, settings.kinesis_stream, n)
+        put_eps = n / (time.perf_counter() - started)
+        say(f"plain boto3 PutRecords loop (500 a call, one thread): {put_eps:,.0f} events/s")
         figures = {
             "raw_eps": measured("raw boto3 GetRecords + orjson", runs,
                                 lambda _: raw_eps(kinesis, settings.kinesis_stream, n)),
@@ -245,7 +250,7 @@ def main() -> None:
         }
         fresh, load_eps = freshness(moto, home / "fresh", runs)
     say(f"load after: {os.getloadavg()}")
-    print(json.dumps(report(figures, fresh, load_eps, runs)))
+    print(json.dumps(report(figures, fresh, load_eps, runs) | {"put_eps": round(put_eps)}))
 
 
 def report(figures: dict[str, list[float]], fresh: list[dict[str, float]], load_eps: float,
