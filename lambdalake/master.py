@@ -247,7 +247,8 @@ def shard_mark_key(shard_id: str) -> str:
 def start_shard_mark(store: ObjectStore, listed: dict[str, Any], shard_id: str) -> dict[str, Any]:
     """Start the watermark of a shard met for the first time (`listed`: the stream's shards as
     listed now, by id): its arrival starts at its parents' last arrival, and its parents, which
-    are finished before a child is read, are marked finished with their children."""
+    are finished before a child is read, are marked finished with their children. Written only
+    if absent: a watermark written meanwhile (the archiver's, the heartbeat's) is returned."""
     from lambdalake.kinesis import children
 
     marks = {m["shard"]: m for m in watermarks(store).values() if "shard" in m}
@@ -260,7 +261,10 @@ def start_shard_mark(store: ObjectStore, listed: dict[str, Any], shard_id: str) 
     floor = (shard_floor(shard, listed, marks) if shard else None) or 0
     mark = {"shard": shard_id, "parents": parents, "next_offset": 0, "watermark": floor,
             "arrival": floor, "sequence": None}
-    put_shard_mark(store, mark)
+    try:
+        store.create(shard_mark_key(shard_id), json.dumps(mark).encode())
+    except PreconditionFailed:
+        return dict(json.loads(store.get(shard_mark_key(shard_id))))
     return mark
 
 
