@@ -1,5 +1,6 @@
 """Speed-layer throughput and freshness on Kinesis (a moto server started here, in its own
-process, serving Kinesis, DynamoDB and S3).
+process, serving Kinesis, DynamoDB and S3; its Kinesis as the tests', keeping every record it
+acknowledges: `lambdalake.testing.moto_kinesis`).
 
 One stream of N events (the example project's synthetic stream, 4 shards), read by:
 - the reference: a plain boto3 loop, each shard in turn, GetRecords 10,000 at a time and
@@ -7,7 +8,9 @@ One stream of N events (the example project's synthetic stream, 4 shards), read 
 - the Kinesis speed driver (speed/kinesis.py) folding the whole example project (counts, sums,
   HLL, KLL and Theta sketches), its shard leases in DynamoDB and its state written to S3,
   timed from its leases taken to every shard read and its state written;
-each as events/s, and their ratio. Then freshness as a user sees it: `lambdalake up --bus
+each as events/s, and their ratio; and how fast a plain boto3 PutRecords loop (500 records a
+call, one thread) put the N events (`put_eps`), beside the load the gateway took
+(`freshness_load_eps`). Then freshness as a user sees it: `lambdalake up --bus
 kinesis` on that server, a steady 2,000 events/s sent to the gateway over HTTP and a probe
 event every 50 ms, from the gateway's 202 for `POST /events` to the first
 `GET /views/pageviews_by_url_hour` answer that counts it (Kinesis's polling delay is part of
@@ -66,13 +69,16 @@ say, free_port, spread, rounded, measured = (
 
 
 class MotoServer:
-    """moto's server in a process of its own (its CPU apart from what is measured)."""
+    """moto's server in a process of its own (its CPU apart from what is measured). Plain
+    moto loses records put to a shard at once by several requests (the gateway's handlers,
+    the load's senders): a probe so lost was never counted."""
 
     def __init__(self, home: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            [sys.executable, "-m", "lambdalake.testing.moto_kinesis", "-H", "127.0.0.1",
+             "-p", str(self.port)],
             stdout=subprocess.DEVNULL, stderr=open(home / "moto.log", "wb"))
 
     def __enter__(self) -> MotoServer:
@@ -177,7 +183,19 @@ class Lambdalake:
             stderr=open(home / "up.log", "wb"),
         )
 
-    __enter__ = common.Lambdalake.__enter__
+    def __enter__(self) -> Lambdalake:
+        """Once the API is ready and the gateway listens: on Kinesis the API is ready as soon
+        as it starts (no shard has state yet), possibly before the gateway."""
+        common.Lambdalake.__enter__(self)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(self.url(self.gateway, "/"), timeout=2)
+                return self
+            except httpx.TransportError:
+                time.sleep(0.5)
+        raise RuntimeError("the gateway of lambdalake up did not listen in 120 s")
+
     __exit__ = common.Lambdalake.__exit__
     url = staticmethod(common.Lambdalake.url)
 
@@ -220,7 +238,10 @@ def main() -> None:
         kinesis = streams.client(moto.url)
         streams.ensure_stream(kinesis, settings.kinesis_stream, SHARDS)
         say(f"putting {n} events")
+        started = time.perf_counter()
         distinct = put_events(kinesis, settings.kinesis_stream, n)
+        put_eps = n / (time.perf_counter() - started)
+        say(f"plain boto3 PutRecords loop (500 a call, one thread): {put_eps:,.0f} events/s")
         figures = {
             "raw_eps": measured("raw boto3 GetRecords + orjson", runs,
                                 lambda _: raw_eps(kinesis, settings.kinesis_stream, n)),
@@ -229,7 +250,7 @@ def main() -> None:
         }
         fresh, load_eps = freshness(moto, home / "fresh", runs)
     say(f"load after: {os.getloadavg()}")
-    print(json.dumps(report(figures, fresh, load_eps, runs)))
+    print(json.dumps(report(figures, fresh, load_eps, runs) | {"put_eps": round(put_eps)}))
 
 
 def report(figures: dict[str, list[float]], fresh: list[dict[str, float]], load_eps: float,

@@ -121,29 +121,16 @@ class Archiver:
         return self._clients["kinesis"]
 
     def shard_mark(self, stream: str, shard_id: str) -> dict[str, Any]:
-        """The shard's watermark; a shard met for the first time starts one (see above)."""
+        """The shard's watermark; a shard met for the first time starts one
+        (`master.start_shard_mark`: Lambda finishes a parent before it hands out a child)."""
         try:
-            return dict(json.loads(self.store.get(_mark_key(shard_id))))
+            return dict(json.loads(self.store.get(master.shard_mark_key(shard_id))))
         except NotFound:
-            return self._start_shard(stream, shard_id)
-
-    def _start_shard(self, stream: str, shard_id: str) -> dict[str, Any]:
-        listed = {s.shard_id: s for s in kinesis.list_shards(self.kinesis_client(), stream)}
-        marks = {m["shard"]: m for m in master.watermarks(self.store).values() if "shard" in m}
-        shard = listed.get(shard_id)
-        parents = list(shard.parents) if shard else []
-        for parent in parents:
-            if parent in marks:  # Lambda finishes a parent before it hands out a child
-                self.put_mark(marks[parent] | {"finished": True, "children": kinesis.children(
-                    listed.values(), parent)})
-        floor = (master.shard_floor(shard, listed, marks) if shard else None) or 0
-        mark = {"shard": shard_id, "parents": parents, "next_offset": 0, "watermark": floor,
-                "arrival": floor, "sequence": None}
-        self.put_mark(mark)
-        return mark
+            listed = {s.shard_id: s for s in kinesis.list_shards(self.kinesis_client(), stream)}
+            return master.start_shard_mark(self.store, listed, shard_id)
 
     def put_mark(self, mark: dict[str, Any]) -> None:
-        self.store.put(_mark_key(mark["shard"]), json.dumps(mark).encode())
+        master.put_shard_mark(self.store, mark)
 
     def archive_shard(self, stream: str, shard_id: str,
                       records: list[KinesisStreamRecord]) -> tuple[dict[str, Any], str | None]:
@@ -229,10 +216,6 @@ class _Origin:
         return {"shardId": self.shard_id, "sequenceNumber": self.payload.sequence_number,
                 "subSequenceNumber": self.sub_sequence, "partitionKey": self.partition_key,
                 "data": data, "timestamp": self.arrival, "reason": reason}
-
-
-def _mark_key(shard_id: str) -> str:
-    return f"{master.WATERMARKS}/p={kinesis.shard_index(shard_id)}.json"
 
 
 def _reasons(problems: list[Problem]) -> str:

@@ -9,18 +9,27 @@ later, `Sealable.seal`). A partition whose watermark says everything below that 
 on the watermark object, so an archive batch landing meanwhile is never overwritten by it.
 Locally, the stream mapping's drain hook does the same (`archive.ON_DRAINED`).
 
+On Kinesis (`KinesisShard`), per shard listed at each beat: an open shard is drained when a
+GetRecords after the last sequence number its watermark archived finds nothing and nothing
+behind; `next_offset` is then the end, and t is taken before that call, as on Kafka. A
+closed shard is never sealed: its watermark is its last arrival until its children are
+archived, and the cut then skips it. An idle shard the archiver never met (Lambda invokes it
+only with records) gets its watermark started as the archiver starts one
+(`master.start_shard_mark`), once each parent still listed is closed and archived to its end.
+
 Buses plug in through `SEALABLE_PARTITIONS`: by `Settings.bus`, what lists the partitions as
-`Sealable`s (the embedded log's and Kafka's here; Kinesis shards register theirs).
+`Sealable`s (the embedded log's, Kafka's and Kinesis's).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 from lambdalake import master
+from lambdalake.eventlog import now_ms
 from lambdalake.functions.environment import PerColdStart
 from lambdalake.functions.schedule import require_scheduled
 from lambdalake.settings import Settings
@@ -53,14 +62,89 @@ def _kafka(settings: Settings) -> Iterable[Sealable]:
     return KafkaTopic(settings.kafka_bootstrap, settings.topic).partitions
 
 
+NOT_DRAINED = -1  # an end no watermark's next_offset ever equals
+
+
+class KinesisShard:
+    """A Kinesis shard as the heartbeat sees it; `listed` is the stream's listing it is in."""
+
+    def __init__(self, kinesis: Any, stream: str, shard: Any, listed: dict[str, Any],
+                 store: ObjectStore, clock_skew_ms: int = 1_000):
+        self.kinesis, self.stream, self.shard, self.listed = kinesis, stream, shard, listed
+        self.store, self.clock_skew_ms = store, clock_skew_ms
+
+    @property
+    def index(self) -> int:
+        return int(self.shard.index)
+
+    def seal(self) -> tuple[int, int]:
+        t = now_ms() - self.clock_skew_ms
+        if self.shard.closed:
+            return NOT_DRAINED, t
+        mark = self._mark()
+        if mark is None or not self._read_to_end(self.shard, mark.get("sequence")):
+            return NOT_DRAINED, t
+        return int(mark["next_offset"]), t
+
+    def _mark(self) -> dict[str, Any] | None:
+        """The shard's watermark; started here when the archiver never met the shard and its
+        parents are done (None while one is not)."""
+        try:
+            return dict(json.loads(self.store.get(master.shard_mark_key(self.shard.shard_id))))
+        except NotFound:
+            pass
+        for parent in self.shard.parents:
+            if parent in self.listed and not self._parent_done(self.listed[parent]):
+                return None
+        return master.start_shard_mark(self.store, self.listed, self.shard.shard_id)
+
+    def _parent_done(self, parent: Any) -> bool:
+        if not parent.closed:
+            return False
+        try:
+            mark = json.loads(self.store.get(master.shard_mark_key(parent.shard_id)))
+        except NotFound:
+            mark = {}
+        return bool(mark.get("finished")) or self._read_to_end(parent, mark.get("sequence"))
+
+    def _read_to_end(self, shard: Any, sequence: str | None) -> bool:
+        """Whether nothing follows `sequence` in the shard (None: nothing at all is in it)."""
+        from lambdalake import kinesis
+
+        position = (kinesis.Position.after(sequence) if sequence
+                    else kinesis.Position.trim_horizon())
+        reader = kinesis.ShardReader(self.kinesis, self.stream, shard, position)
+        return not reader.read(limit=1) and reader.millis_behind == 0
+
+
+class KinesisShards:
+    """The stream's shards, listed again at each iteration (a beat): shards split and merge."""
+
+    def __init__(self, settings: Settings):
+        from lambdalake import kinesis
+
+        self.kinesis = kinesis.client(settings.kinesis_endpoint_url)
+        self.stream = settings.kinesis_stream
+        self.store = open_store(settings.store_url, settings.s3_endpoint_url)
+
+    def __iter__(self) -> Iterator[Sealable]:
+        from lambdalake import kinesis
+
+        listed = {s.shard_id: s for s in kinesis.list_shards(self.kinesis, self.stream)}
+        for shard in kinesis.in_lineage_order(listed.values()):
+            yield KinesisShard(self.kinesis, self.stream, shard, listed, self.store)
+
+
 SEALABLE_PARTITIONS: dict[str, Callable[[Settings], Iterable[Sealable]]] = {
     "embedded": _embedded,
     "kafka": _kafka,
+    "kinesis": KinesisShards,
 }
 
 
-# built once per cold start: a warm environment keeps its bus clients between beats
-partitions = PerColdStart(lambda settings: list(SEALABLE_PARTITIONS[settings.bus](settings)))
+# built once per cold start: a warm environment keeps its bus clients between beats (Kinesis
+# lists its shards at each beat)
+partitions = PerColdStart(lambda settings: SEALABLE_PARTITIONS[settings.bus](settings))
 store = PerColdStart(lambda settings: open_store(settings.store_url, settings.s3_endpoint_url))
 
 
@@ -83,7 +167,8 @@ def advance_if_drained(store: ObjectStore, partition: Sealable) -> bool:
     archived = current["next_offset"] if current else 0
     if archived != end or (current and current["watermark"] >= t):
         return False
-    body = json.dumps({"next_offset": end, "watermark": t}).encode()
+    # what else the watermark holds (a Kinesis shard's sequence, arrival, lineage) stays
+    body = json.dumps({**(current or {}), "next_offset": end, "watermark": t}).encode()
     try:
         store.replace(key, body, tag) if current else store.create(key, body)
     except PreconditionFailed:  # the archiver wrote it meanwhile: its watermark stands

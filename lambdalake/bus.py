@@ -4,7 +4,9 @@ The embedded default appends to the embedded event log; Kafka is the bus past on
 records keyed by `event_id`, produced with acks=all by librdkafka's idempotent producer. On
 Kinesis, PutRecords with `event_id` as the partition key (a producer's retries of an event land
 in one shard), in requests within its limits; the records a partial failure left out are sent
-again, and only they, until all are stored or the caller's time is spent.
+again, and only they, until all are stored or the caller's time is spent. A process has one
+PutRecords in flight per stream (`PutCombiner`): what its concurrent publishes ask meanwhile
+goes out together in the next call, so a busy gateway makes few, full requests.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from functools import lru_cache
 from typing import Any, Protocol
 
@@ -164,13 +168,82 @@ def put_batches(entries: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     batches: list[list[dict[str, Any]]] = []
     size = 0
     for entry in entries:
-        entry_size = len(entry["Data"]) + len(entry["PartitionKey"].encode())
-        if not batches or len(batches[-1]) == MAX_PUT_RECORDS or size + entry_size > MAX_PUT_BYTES:
+        size_of_entry = entry_size(entry)
+        if (not batches or len(batches[-1]) == MAX_PUT_RECORDS
+                or size + size_of_entry > MAX_PUT_BYTES):
             batches.append([])
             size = 0
         batches[-1].append(entry)
-        size += entry_size
+        size += size_of_entry
     return batches
+
+
+def entry_size(entry: dict[str, Any]) -> int:
+    """What a PutRecords entry counts towards the request's 5 MiB: data and partition key."""
+    return len(entry["Data"]) + len(entry["PartitionKey"].encode())
+
+
+Waiting = tuple[list[dict[str, Any]], Future[dict[str, Any]]]  # entries, their answer
+
+
+class PutCombiner:
+    """`put` with one call in flight: the entries asked for meanwhile (by other threads) go
+    out together in the next call, up to the API's limits, and each caller gets the answer to
+    its own entries (a failed call fails every caller in it). Besides saving requests, this
+    keeps one process from writing a shard twice at once."""
+
+    def __init__(self, put: PutRecords):
+        self._put = put
+        self._waiting: deque[Waiting] = deque()
+        self._ready = threading.Condition()
+        self._sender: threading.Thread | None = None
+
+    def __call__(self, entries: list[dict[str, Any]]) -> dict[str, Any]:
+        """`entries` (within the API's limits, as `put_batches` makes them) put; the answer."""
+        answer: Future[dict[str, Any]] = Future()
+        with self._ready:
+            self._waiting.append((entries, answer))
+            if self._sender is None:
+                self._sender = threading.Thread(target=self._send_forever, daemon=True,
+                                                name="put-records")
+                self._sender.start()
+            self._ready.notify()
+        return answer.result()
+
+    def _send_forever(self) -> None:
+        while True:
+            with self._ready:
+                while not self._waiting:
+                    self._ready.wait()
+                taken = self._take()
+            self._send(taken)
+
+    def _take(self) -> list[Waiting]:
+        """The oldest callers' entries that fit in one request (the first always does)."""
+        from lambdalake.kinesis import MAX_PUT_BYTES, MAX_PUT_RECORDS
+
+        taken = [self._waiting.popleft()]
+        records, size = len(taken[0][0]), sum(map(entry_size, taken[0][0]))
+        while self._waiting:
+            entries = self._waiting[0][0]
+            more = sum(map(entry_size, entries))
+            if records + len(entries) > MAX_PUT_RECORDS or size + more > MAX_PUT_BYTES:
+                break
+            taken.append(self._waiting.popleft())
+            records, size = records + len(entries), size + more
+        return taken
+
+    def _send(self, taken: list[Waiting]) -> None:
+        try:
+            answers = self._put([entry for entries, _ in taken for entry in entries])["Records"]
+        except Exception as exc:  # the request as a whole: each caller decides what next
+            for _, answer in taken:
+                answer.set_exception(exc)
+            return
+        at = 0
+        for entries, answer in taken:
+            answer.set_result({"Records": answers[at:at + len(entries)]})
+            at += len(entries)
 
 
 def put_all(put: PutRecords, entries: list[dict[str, Any]], deadline: float,
@@ -206,6 +279,7 @@ class KinesisBus:
 
     def __init__(self, kinesis: Any, stream: str, timeout_s: float = 30.0):
         self.kinesis, self.stream, self.timeout_s = kinesis, stream, timeout_s
+        self._combined = PutCombiner(self._put)
 
     def _put(self, entries: list[dict[str, Any]]) -> dict[str, Any]:
         answer: dict[str, Any] = self.kinesis.put_records(StreamName=self.stream, Records=entries)
@@ -216,7 +290,7 @@ class KinesisBus:
         deadline = time.monotonic() + wait
         entries = [{"Data": e.to_json(), "PartitionKey": e.event_id} for e in events]
         for batch in put_batches(entries):
-            put_all(self._put, batch, deadline)
+            put_all(self._combined, batch, deadline)
 
 
 @lru_cache(maxsize=4)

@@ -238,6 +238,40 @@ def shard_floor(shard: Any, shards: dict[str, Any], by_id: dict[str, dict[str, A
     return max(found, default=None)
 
 
+def shard_mark_key(shard_id: str) -> str:
+    from lambdalake.kinesis import shard_index
+
+    return f"{WATERMARKS}/p={shard_index(shard_id)}.json"
+
+
+def start_shard_mark(store: ObjectStore, listed: dict[str, Any], shard_id: str) -> dict[str, Any]:
+    """Start the watermark of a shard met for the first time (`listed`: the stream's shards as
+    listed now, by id): its arrival starts at its parents' last arrival, and its parents, which
+    are finished before a child is read, are marked finished with their children. Written only
+    if absent: a watermark written meanwhile (the archiver's, the heartbeat's) is returned."""
+    from lambdalake.kinesis import children
+
+    marks = {m["shard"]: m for m in watermarks(store).values() if "shard" in m}
+    shard = listed.get(shard_id)
+    parents = list(shard.parents) if shard else []
+    for parent in parents:
+        if parent in marks:
+            put_shard_mark(store, marks[parent] | {
+                "finished": True, "children": children(listed.values(), parent)})
+    floor = (shard_floor(shard, listed, marks) if shard else None) or 0
+    mark = {"shard": shard_id, "parents": parents, "next_offset": 0, "watermark": floor,
+            "arrival": floor, "sequence": None}
+    try:
+        store.create(shard_mark_key(shard_id), json.dumps(mark).encode())
+    except PreconditionFailed:
+        return dict(json.loads(store.get(shard_mark_key(shard_id))))
+    return mark
+
+
+def put_shard_mark(store: ObjectStore, mark: dict[str, Any]) -> None:
+    store.put(shard_mark_key(mark["shard"]), json.dumps(mark).encode())
+
+
 def cut_bounds(store: ObjectStore, settings: Settings) -> list[int]:
     """The watermarks bounding the next cut (`NoWatermark` when some part of the bus has none
     yet); on Kinesis the stream's shards are listed after the watermarks are read."""

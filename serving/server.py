@@ -8,12 +8,13 @@ import time
 import uvicorn
 
 from lambdalake.connections import uvicorn_bounds
+from lambdalake.kafka_security import kafka_security
 from lambdalake.loops import Loops
 from lambdalake.project import Project
 from lambdalake.realtime import RealtimeCells
 from lambdalake.serving.app import create_app
 from lambdalake.serving.pgwire import PgWireServer
-from lambdalake.serving.realtime_feed import RealtimeFeed
+from lambdalake.serving.realtime_feed import RealtimeFeed, StoreFeed
 from lambdalake.settings import Settings
 from lambdalake.storage import ObjectStore
 
@@ -46,11 +47,15 @@ def build_server(
 def serve(settings: Settings, project: Project, store: ObjectStore) -> None:
     """One stateless serving replica in the foreground until interrupted (SIGINT, SIGTERM):
     the API and the PostgreSQL endpoint over the batch views published in `store` and the
-    speed layer's real-time feed on Kafka. It keeps nothing another replica lacks, so any
-    number answer alike, and one restarted rebuilds from the two, not the master dataset."""
+    speed layer's real-time feed (Kafka's topic, or on Kinesis the shards' state in `store`).
+    It keeps nothing another replica lacks, so any number answer alike, and one restarted
+    rebuilds from the two, not the master dataset."""
     loops = Loops()
     realtime = RealtimeCells(project)
-    feed = RealtimeFeed(settings.kafka_bootstrap, settings.topic, realtime, loops)
+    feed: RealtimeFeed | StoreFeed = (
+        StoreFeed(store, settings.kinesis_stream, realtime, loops) if settings.bus == "kinesis"
+        else RealtimeFeed(settings.kafka_bootstrap, settings.topic, realtime, loops,
+                          kafka_security(settings)))
     server = build_server(settings, project, store, realtime, loops=loops)
     feed.start()
     postgres = start_postgres(server)

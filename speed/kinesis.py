@@ -157,9 +157,12 @@ class KinesisSpeed:
                 one.reader.reopen(one.closed)
                 one.closed = None
         read = sum(self._read(one) for one in held)
+        # a shard read to its end writes what it folded at once (it reads again only after
+        # IDLE_POLL_S: no more writes than the flush interval's); one catching up, at the
+        # flush interval
         self.flush_all([
             one for one in held
-            if (one.changed and now - one.flushed_at >= self.flush_s)
+            if (one.changed and (one.fetch is None or now - one.flushed_at >= self.flush_s))
             or now - one.flushed_at >= IDLE_FLUSH_S])
         return read > 0
 

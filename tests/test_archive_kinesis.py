@@ -593,3 +593,49 @@ def test_a_cut_never_passes_a_record_a_shard_has_not_archived(roots: int, data: 
         except master.NoWatermark:
             continue
         assert all(arrival >= cut for arrival in stream.unarchived())
+
+
+# ---------------------------------------------------------------- the watermark heartbeat
+
+
+def test_the_heartbeat_advances_idle_shards_and_follows_their_lineage(bound: Settings):
+    """An idle shard's watermark (which the archiver, invoked only with records, never
+    starts) moves to the heartbeat's seal time; a shard with a record not archived does not
+    move; a closed parent is never sealed, its idle children are started and sealed, and the
+    cut moves past them all."""
+    from lambdalake.functions import heartbeat
+
+    scheduled = json.loads((Path(__file__).parent / "events" /
+                            "cloudwatch-scheduled-event.json").read_text())
+    kinesis.ensure_stream(client(bound), bound.kinesis_stream, 2)
+    store = store_of(bound)
+    open_bus(bound).publish(valid_events(1))
+    [busy] = [s for s in kinesis.list_shards(client(bound), bound.kinesis_stream)
+              if shard_records(bound, s.shard_id)]
+    [idle] = [s for s in kinesis.list_shards(client(bound), bound.kinesis_stream) if s != busy]
+
+    before = now_ms() - 1_000
+    assert heartbeat.handler(scheduled, None)["advanced"] == [idle.index]
+    assert master.watermarks(store)[busy.index]["watermark"] == 0  # started, not sealed
+    archive.handler(kinesis_event(stream_arn(bound), shard_records(bound, busy.shard_id)), None)
+    assert sorted(heartbeat.handler(scheduled, None)["advanced"]) == [0, 1]
+    assert min(master.cut_bounds(store, bound)) >= before
+    assert master.watermarks(store)[busy.index]["sequence"] is not None  # kept
+
+    client(bound).split_shard(StreamName=bound.kinesis_stream, ShardToSplit=idle.shard_id,
+                              NewStartingHashKey=middle_hash_key(bound, idle))
+    children = [s for s in kinesis.list_shards(client(bound), bound.kinesis_stream)
+                if idle.shard_id in s.parents]
+    split_at = now_ms() - 1_000
+    advanced = heartbeat.handler(scheduled, None)["advanced"]
+    assert sorted(advanced) == sorted([busy.index] + [c.index for c in children])
+    marks = master.watermarks(store)
+    assert marks[idle.index]["finished"]
+    assert sorted(marks[idle.index]["children"]) == sorted(c.shard_id for c in children)
+    assert min(master.cut_bounds(store, bound)) >= split_at  # the closed parent no longer counts
+
+
+def middle_hash_key(settings: Settings, shard: kinesis.Shard) -> str:
+    found = client(settings).list_shards(StreamName=settings.kinesis_stream)["Shards"]
+    keys = next(s["HashKeyRange"] for s in found if s["ShardId"] == shard.shard_id)
+    return str((int(keys["StartingHashKey"]) + int(keys["EndingHashKey"]) + 1) // 2)

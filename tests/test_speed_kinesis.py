@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -350,3 +351,42 @@ def test_views_changed_across_a_restart_are_rebuilt_from_the_shards(
     with feed_of(s) as cells, worker_thread(s, "w1"):
         wait_until(cells.restored.is_set)
         wait_exact(lambda: served(cells, [], 0), recompute(events), timeout=60)
+
+
+@pytest.mark.long  # a `lambdalake serve` process: 30 s on a loaded machine
+def test_a_serve_replica_answers_from_the_kinesis_speed_layer(
+    s3_server: str, tmp_path: Path
+) -> None:
+    """`lambdalake serve --bus kinesis` beside a Kinesis speed worker: its feed is the shards'
+    state in the store; its HTTP answers equal the recompute."""
+    from test_flow import recompute as pageviews_by_url
+    from test_replicas import wait_ready
+
+    from lambdalake.testing import free_port
+
+    s = kinesis_settings(s3_server, tmp_path)
+    events = synthetic(400, seed=31)
+    put_events(s, events)
+    port = free_port()
+    env = os.environ | {f"LAMBDALAKE_{k.upper()}": str(v) for k, v in s.model_dump().items()
+                        if k in ("kinesis_stream", "kinesis_endpoint_url", "s3_endpoint_url",
+                                 "store", "home", "slice_seconds")}
+    replica = subprocess.Popen(
+        [str(Path(sys.executable).parent / "lambdalake"), "serve", "--bus", "kinesis",
+         "--port", str(port), "--pg-port", "0"],
+        env=env, cwd=s.home, stdout=subprocess.DEVNULL, stderr=open(s.home / "serve.log", "ab"))
+    api = f"http://127.0.0.1:{port}"
+    try:
+        with worker_thread(s):
+            wait_ready(api, replica)
+            want, _ = pageviews_by_url(events)
+
+            def answered() -> dict[str, int]:
+                reply = httpx.get(f"{api}/views/pageviews_by_url_hour",
+                                  params={"bucket": "total", "group_by": "url"}, timeout=30)
+                return {r["url"]: r["pageviews"] for r in reply.json()["rows"]}
+
+            wait_until(lambda: answered() == dict(want), timeout=60)
+    finally:
+        replica.kill()
+        replica.wait()

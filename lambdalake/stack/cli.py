@@ -93,17 +93,25 @@ def up(
 
 @app.command()
 def serve(
+    bus: Annotated[str | None, typer.Option(
+        help="kafka or kinesis (default: LAMBDALAKE_BUS when one of them, else kafka)")] = None,
     bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap HOST:PORT")] = None,
     port: Annotated[int | None, typer.Option(help="The API's port (0: any free one)")] = None,
     pg_port: Annotated[int | None, typer.Option(help="The PostgreSQL endpoint's port; 0: none",
                                                 )] = None,
 ) -> None:
-    """Run one more serving replica (API and PostgreSQL endpoint) beside `up --bus kafka`:
-    stateless, over the published batch views and the speed layer's real-time feed."""
+    """Run one more serving replica (API and PostgreSQL endpoint) beside `up --bus kafka` or
+    `up --bus kinesis`: stateless, over the published batch views and the speed layer's
+    real-time feed."""
     from lambdalake.stack.replica import serve_replica
 
-    settings = settings_with(bus="kafka", kafka_bootstrap=bootstrap, api_port=port,
+    settings = settings_with(bus=bus, kafka_bootstrap=bootstrap, api_port=port,
                              pg_port=pg_port)
+    if settings.bus == "embedded":
+        if bus is not None:
+            raise CliError("--bus embedded: a replica needs a shared bus, kafka or kinesis "
+                           "(the embedded log is local to `up`)")
+        settings = settings.model_copy(update={"bus": "kafka"})
     serve_replica(settings)
 
 
