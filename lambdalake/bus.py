@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from lambdalake.eventlog import EventLog, Topic
 from lambdalake.events import Event
@@ -24,8 +24,26 @@ from lambdalake.settings import Settings
 log = logging.getLogger("lambdalake.bus")
 
 
+class Record(NamedTuple):
+    """An event already encoded as its record on the bus (`Event.to_json`), so that a caller
+    who measured the record publishes it without encoding it again."""
+
+    event_id: str
+    value: bytes
+
+    @classmethod
+    def of(cls, event: Event) -> Record:
+        return cls(event.event_id, event.to_json())
+
+    def to_json(self) -> bytes:
+        return self.value
+
+
+Publishable = Sequence[Event] | Sequence[Record]
+
+
 class Bus(Protocol):
-    def publish(self, events: list[Event], timeout_s: float | None = None) -> None:
+    def publish(self, events: Publishable, timeout_s: float | None = None) -> None:
         """Return only once every event is durable on the bus; `BusError` when that has not
         happened within `timeout_s` (None: the bus's own limit)."""
 
@@ -38,7 +56,7 @@ class EmbeddedBus:
     def __init__(self, topic: Topic):
         self.topic = topic
 
-    def publish(self, events: list[Event], timeout_s: float | None = None) -> None:
+    def publish(self, events: Publishable, timeout_s: float | None = None) -> None:
         by_partition: dict[int, list[bytes]] = {}
         for event in events:
             partition = self.topic.partition_for(event.event_id)
@@ -90,7 +108,7 @@ class KafkaBus:
         while not self._closed.is_set():
             self.producer.poll(0.1)
 
-    def publish(self, events: list[Event], timeout_s: float | None = None) -> None:
+    def publish(self, events: Publishable, timeout_s: float | None = None) -> None:
         from confluent_kafka import KafkaException
 
         wait = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
@@ -98,7 +116,7 @@ class KafkaBus:
         delivered = _Deliveries(len(events))
         try:
             for event in events:
-                self._produce(event, delivered, deadline)
+                self._produce(event.to_json(), event.event_id.encode(), delivered, deadline)
         except KafkaException as exc:
             raise BusError(f"Kafka topic {self.topic} refused the events: {exc}") from exc
         if not delivered.done.wait(max(0.0, deadline - time.monotonic())):
@@ -108,11 +126,10 @@ class KafkaBus:
             raise BusError(f"Kafka topic {self.topic} did not acknowledge the events: "
                            f"{delivered.error}")
 
-    def _produce(self, event: Event, delivered: _Deliveries, deadline: float) -> None:
+    def _produce(self, value: bytes, key: bytes, delivered: _Deliveries, deadline: float) -> None:
         while True:
             try:
-                self.producer.produce(self.topic, event.to_json(), event.event_id.encode(),
-                                      on_delivery=delivered.report)
+                self.producer.produce(self.topic, value, key, on_delivery=delivered.report)
                 return
             except BufferError:  # the client's queue is full: the polling thread drains it
                 if time.monotonic() > deadline:
@@ -211,7 +228,7 @@ class KinesisBus:
         answer: dict[str, Any] = self.kinesis.put_records(StreamName=self.stream, Records=entries)
         return answer
 
-    def publish(self, events: list[Event], timeout_s: float | None = None) -> None:
+    def publish(self, events: Publishable, timeout_s: float | None = None) -> None:
         wait = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
         deadline = time.monotonic() + wait
         entries = [{"Data": e.to_json(), "PartitionKey": e.event_id} for e in events]
