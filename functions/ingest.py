@@ -17,9 +17,9 @@ from typing import Any, NamedTuple
 import jiter
 
 from lambdalake.auth import AuthError
-from lambdalake.bus import Record, open_bus
+from lambdalake.bus import open_bus
 from lambdalake.eventlog import now_ms
-from lambdalake.events import MAX_EVENT_BYTES, Event, JsonNumber, Problem, Validator
+from lambdalake.events import MAX_EVENT_BYTES, Event, JsonNumber, Problem, Record, Validator
 from lambdalake.functions.environment import PerColdStart
 from lambdalake.project import load_project
 from lambdalake.settings import Settings
@@ -147,11 +147,8 @@ def all_valid(data: bytes, now: int) -> list[Record] | None:
     raws = body.get("events")
     if not isinstance(raws, list) or not 0 < len(raws) <= MAX_EVENTS:
         return None
-    events = validator().validate_all(raws, now)
-    if events is None:
-        return None
-    records = [Record.of(event) for event in events]
-    if any(len(record.value) > MAX_EVENT_BYTES for record in records):
+    records = validator().records_all(raws, now)
+    if records is None or any(len(record.value) > MAX_EVENT_BYTES for record in records):
         return None
     return records
 

@@ -14,29 +14,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 from lambdalake.eventlog import EventLog, Topic
-from lambdalake.events import Event
+from lambdalake.events import Event, Record
 from lambdalake.kafka_security import PLAINTEXT, KafkaSecurity, kafka_security
 from lambdalake.settings import Settings
 
 log = logging.getLogger("lambdalake.bus")
-
-
-class Record(NamedTuple):
-    """An event already encoded as its record on the bus (`Event.to_json`), so that a caller
-    who measured the record publishes it without encoding it again."""
-
-    event_id: str
-    value: bytes
-
-    @classmethod
-    def of(cls, event: Event) -> Record:
-        return cls(event.event_id, event.to_json())
-
-    def to_json(self) -> bytes:
-        return self.value
 
 
 Publishable = Sequence[Event] | Sequence[Record]
