@@ -130,21 +130,21 @@ class Received(NamedTuple):
 
 
 def all_valid(data: bytes, now: int) -> list[Record] | None:
-    """The records of a batch body (`{"events": [...]}`) whose every event is valid, decoded
-    and checked in two calls into Rust (jiter, pydantic-core) rather than event by event in
-    Python; None when the body needs the careful path (`parse_events`, `ingest`), which
-    names each problem: any invalid event, a duplicate key, anything not plain JSON, an
-    event whose record outgrows the bus, or a body larger than one event may be (whose
-    events' own sizes only the careful reader measures)."""
+    """The records of a batch body (`{"events": [...]}`, no other key) whose every event is
+    valid, decoded and checked in two calls into Rust (jiter, pydantic-core) rather than
+    event by event in Python; None when the body needs the careful path (`parse_events`,
+    `ingest`), which names each problem: any invalid event, a duplicate key, anything not
+    plain JSON, an event whose record outgrows the bus, or a body larger than one event may
+    be (whose events' own sizes only the careful reader measures)."""
     if len(data) > MAX_EVENT_BYTES:
         return None
     try:
         body = jiter.from_json(data, allow_inf_nan=False, catch_duplicate_keys=True)
     except ValueError:
         return None
-    if not isinstance(body, dict) or "type" in body:
+    if not isinstance(body, dict) or body.keys() != {"events"}:
         return None
-    raws = body.get("events")
+    raws = body["events"]
     if not isinstance(raws, list) or not 0 < len(raws) <= MAX_EVENTS:
         return None
     records = validator().records_all(raws, now)
