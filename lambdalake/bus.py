@@ -99,9 +99,14 @@ class KafkaBus:
         wait = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
         deadline = time.monotonic() + wait
         delivered = _Deliveries(len(events))
+        produce, topic, report = self.producer.produce, self.topic, delivered.report
         try:
             for event in events:
-                self._produce(event.to_json(), event.event_id.encode(), delivered, deadline)
+                value, key = event.to_json(), event.event_id.encode()
+                try:
+                    produce(topic, value, key, on_delivery=report)
+                except BufferError:
+                    self._produce_when_room(value, key, report, deadline)
         except KafkaException as exc:
             raise BusError(f"Kafka topic {self.topic} refused the events: {exc}") from exc
         if not delivered.done.wait(max(0.0, deadline - time.monotonic())):
@@ -111,15 +116,18 @@ class KafkaBus:
             raise BusError(f"Kafka topic {self.topic} did not acknowledge the events: "
                            f"{delivered.error}")
 
-    def _produce(self, value: bytes, key: bytes, delivered: _Deliveries, deadline: float) -> None:
+    def _produce_when_room(self, value: bytes, key: bytes, report: Callable[..., None],
+                           deadline: float) -> None:
+        """The client's queue is full: the polling thread drains it while this one waits."""
         while True:
+            if time.monotonic() > deadline:
+                raise BusError(f"Kafka topic {self.topic}: producer queue full") from None
+            time.sleep(0.01)
             try:
-                self.producer.produce(self.topic, value, key, on_delivery=delivered.report)
+                self.producer.produce(self.topic, value, key, on_delivery=report)
                 return
-            except BufferError:  # the client's queue is full: the polling thread drains it
-                if time.monotonic() > deadline:
-                    raise BusError(f"Kafka topic {self.topic}: producer queue full") from None
-                time.sleep(0.01)
+            except BufferError:
+                pass
 
     def close(self) -> None:
         self._closed.set()
