@@ -9,11 +9,13 @@ On a real Kafka broker (KRaft, started here), in one run:
   confluent-kafka (librdkafka), with the bus's guarantees (idempotent, so acks=all): every
   event produced, then flushed, in a process of its own too.
 Each is run 3 times, alternately, on fresh topics; each figure is the median over the runs,
-with its min and max beside it. The target: gateway / raw >= 0.5.
+with its min and max beside it. The target: gateway / raw >= 0.5. Beside the rates, the CPU
+time per event of each process while it works (the gateway's, the clients', the raw
+producer's: what each costs whatever the load) and the load average.
 
     .venv/bin/python bench/functions.py [--events 20000] [--runs 3]
 
-The last line printed is one JSON object: {"gateway_eps", "raw_eps", "ratio", "runs"}.
+The last line printed is one JSON object: {"gateway_eps", "raw_eps", "ratio", "runs", ...}.
 """
 
 from __future__ import annotations
@@ -21,15 +23,17 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
+import queue
 import statistics
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from http.client import HTTPConnection
 from pathlib import Path
-from typing import Any
-
-import httpx
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 from lambdalake.eventlog import now_ms
 from lambdalake.kafka_topics import ensure_topics
@@ -45,8 +49,9 @@ def events(count: int, run: str) -> list[dict[str, Any]]:
              "duration_ms": n % 5000} for n in range(count)]
 
 
-def serve_gateway(bootstrap: str, topic: str, home: str, ready: Any, stop: Any) -> None:
-    """The template's Ingest function behind the gateway (a child process)."""
+def serve_gateway(bootstrap: str, topic: str, home: str, control: Any) -> None:
+    """The template's Ingest function behind the gateway (a child process): it sends its URL,
+    then its CPU time whenever asked, until told to stop."""
     from lambdalake.functions import environment
     from lambdalake.functions.runtime.function import LocalFunction
     from lambdalake.functions.runtime.gateway import Gateway
@@ -58,27 +63,48 @@ def serve_gateway(bootstrap: str, topic: str, home: str, ready: Any, stop: Any) 
     environment.bind(settings)
     gateway = Gateway([LocalFunction(load_template().functions["Ingest"])], "127.0.0.1", 0)
     gateway.start()
-    ready.send(gateway.url)
-    stop.wait()
+    control.send(gateway.url)
+    while control.recv() == "cpu":
+        control.send(time.process_time())
     gateway.stop()
 
 
-def gateway_eps(url: str, batch_events: list[dict[str, Any]]) -> float:
+class Rate(NamedTuple):
+    eps: float
+    cpu_us: float  # CPU time per event of the process measured
+
+
+def gateway_eps(url: str, batch_events: list[dict[str, Any]]) -> Rate:
+    """The rate of the gateway, and the clients' own CPU time per event. The clients are
+    the standard library's HTTP/1.1 client, one kept-alive connection per request in
+    flight: about 4x less CPU per request than httpx, so the load they put on the shared
+    cores is small beside the gateway's."""
     bodies = [json.dumps({"events": batch_events[i:i + BATCH]}).encode()
               for i in range(0, len(batch_events), BATCH)]
-    headers = {"content-type": "application/json"}
-    with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=IN_FLIGHT)) as client:
-        def post(body: bytes) -> int:
-            reply = client.post(f"{url}/events", content=body, headers=headers)
-            assert reply.status_code == 202, reply.text
-            return int(reply.json()["accepted"])
+    address = urlsplit(url)
+    connections: queue.SimpleQueue[HTTPConnection] = queue.SimpleQueue()
+    for _ in range(IN_FLIGHT):
+        connections.put(HTTPConnection(address.hostname, address.port, timeout=60))
 
-        started = time.perf_counter()
-        with ThreadPoolExecutor(IN_FLIGHT) as pool:
-            accepted = sum(pool.map(post, bodies))
-        elapsed = time.perf_counter() - started
+    def post(body: bytes) -> int:
+        connection = connections.get()
+        try:
+            connection.request("POST", "/events", body, {"content-type": "application/json"})
+            reply = connection.getresponse()
+            answer = reply.read()
+        finally:
+            connections.put(connection)
+        assert reply.status == 202, answer
+        return int(json.loads(answer)["accepted"])
+
+    started, cpu = time.perf_counter(), time.process_time()
+    with ThreadPoolExecutor(IN_FLIGHT) as pool:
+        accepted = sum(pool.map(post, bodies))
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    while not connections.empty():
+        connections.get().close()
     assert accepted == len(batch_events), accepted
-    return accepted / elapsed
+    return Rate(accepted / elapsed, cpu / accepted * 1e6)
 
 
 def raw_producer(bootstrap: str, topic: str, batch_events: list[dict[str, Any]],
@@ -91,7 +117,7 @@ def raw_producer(bootstrap: str, topic: str, batch_events: list[dict[str, Any]],
     records = [(e["event_id"].encode(), json.dumps(e).encode()) for e in batch_events]
     failed: list[Any] = []
     producer.list_topics(topic, timeout=30)  # metadata first: time only the writes
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for key, value in records:
         while True:
             try:
@@ -103,32 +129,39 @@ def raw_producer(bootstrap: str, topic: str, batch_events: list[dict[str, Any]],
         producer.poll(0)
     unsent = producer.flush(120)
     assert unsent == 0 and not failed, f"{unsent} unsent, {len(failed)} failed: {failed[:1]}"
-    answer.send(len(records) / (time.perf_counter() - started))
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    answer.send(Rate(len(records) / elapsed, cpu / len(records) * 1e6))
 
 
-def run_raw(bootstrap: str, topic: str, batch_events: list[dict[str, Any]]) -> float:
+def run_raw(bootstrap: str, topic: str, batch_events: list[dict[str, Any]]) -> Rate:
     receive, send = multiprocessing.Pipe(duplex=False)
     child = multiprocessing.Process(target=raw_producer,
                                     args=(bootstrap, topic, batch_events, send))
     child.start()
-    eps = float(receive.recv())
+    rate = Rate(*receive.recv())
     child.join()
-    return eps
+    return rate
 
 
-def run_gateway(bootstrap: str, topic: str, batch_events: list[dict[str, Any]]) -> float:
-    receive, send = multiprocessing.Pipe(duplex=False)
-    stop = multiprocessing.Event()
+def run_gateway(bootstrap: str, topic: str,
+                batch_events: list[dict[str, Any]]) -> tuple[Rate, float]:
+    """The gateway's rate with the clients' CPU time per event, and the gateway's."""
+    control, theirs = multiprocessing.Pipe()
     with tempfile.TemporaryDirectory() as home:
         child = multiprocessing.Process(target=serve_gateway,
-                                        args=(bootstrap, topic, home, send, stop))
+                                        args=(bootstrap, topic, home, theirs))
         child.start()
-        url = receive.recv()
+        url = control.recv()
         gateway_eps(url, batch_events[:BATCH])  # warm: the function's cold start, the producer
         try:
-            return gateway_eps(url, batch_events[BATCH:])
+            control.send("cpu")
+            cpu = control.recv()
+            rate = gateway_eps(url, batch_events[BATCH:])
+            control.send("cpu")
+            cpu = control.recv() - cpu
+            return rate, cpu / (len(batch_events) - BATCH) * 1e6
         finally:
-            stop.set()
+            control.send("stop")
             child.join()
 
 
@@ -145,18 +178,26 @@ def main() -> None:
             for topic in (gateway_topic, raw_topic):
                 ensure_topics(broker.bootstrap, topic, PARTITIONS)
             batch = events(args.events + BATCH, f"r{run}")
-            gateway = run_gateway(broker.bootstrap, gateway_topic, batch)
+            gateway, server_cpu = run_gateway(broker.bootstrap, gateway_topic, batch)
             raw = run_raw(broker.bootstrap, raw_topic, batch[BATCH:])
-            runs.append({"gateway_eps": round(gateway), "raw_eps": round(raw),
-                         "ratio": round(gateway / raw, 3)})
-            print(f"run {run + 1}: gateway {gateway:,.0f} events/s, raw producer "
-                  f"{raw:,.0f} events/s, ratio {gateway / raw:.2f}", file=sys.stderr, flush=True)
+            runs.append({"gateway_eps": round(gateway.eps), "raw_eps": round(raw.eps),
+                         "ratio": round(gateway.eps / raw.eps, 3),
+                         "gateway_cpu_us": round(server_cpu, 2),
+                         "client_cpu_us": round(gateway.cpu_us, 2),
+                         "raw_cpu_us": round(raw.cpu_us, 2),
+                         "load": round(os.getloadavg()[0], 2)})
+            print(f"run {run + 1}: gateway {gateway.eps:,.0f} events/s, raw producer "
+                  f"{raw.eps:,.0f} events/s, ratio {gateway.eps / raw.eps:.2f}; CPU per event: "
+                  f"gateway {server_cpu:.2f} us, its clients {gateway.cpu_us:.2f} us, raw "
+                  f"{raw.cpu_us:.2f} us; load {os.getloadavg()[0]:.2f}",
+                  file=sys.stderr, flush=True)
     print(json.dumps(summary(runs, args.events)))
 
 
 def summary(runs: list[dict[str, Any]], events: int) -> dict[str, Any]:
     """Each figure's median over the runs, with its min and max."""
-    keys = ("gateway_eps", "raw_eps", "ratio")
+    keys = ("gateway_eps", "raw_eps", "ratio", "gateway_cpu_us", "client_cpu_us", "raw_cpu_us",
+            "load")
     figures = {key: statistics.median(r[key] for r in runs) for key in keys}
     spread = {f"{key}_{edge}": fold(r[key] for r in runs)
               for key in keys for edge, fold in (("min", min), ("max", max))}

@@ -15,21 +15,24 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from functools import lru_cache
 from typing import Any, Protocol
 
 from lambdalake.eventlog import EventLog, Topic
-from lambdalake.events import Event
+from lambdalake.events import Event, Record
 from lambdalake.kafka_security import PLAINTEXT, KafkaSecurity, kafka_security
 from lambdalake.settings import Settings
 
 log = logging.getLogger("lambdalake.bus")
 
 
+Publishable = Sequence[Event] | Sequence[Record]
+
+
 class Bus(Protocol):
-    def publish(self, events: list[Event], timeout_s: float | None = None) -> None:
+    def publish(self, events: Publishable, timeout_s: float | None = None) -> None:
         """Return only once every event is durable on the bus; `BusError` when that has not
         happened within `timeout_s` (None: the bus's own limit)."""
 
@@ -42,7 +45,7 @@ class EmbeddedBus:
     def __init__(self, topic: Topic):
         self.topic = topic
 
-    def publish(self, events: list[Event], timeout_s: float | None = None) -> None:
+    def publish(self, events: Publishable, timeout_s: float | None = None) -> None:
         by_partition: dict[int, list[bytes]] = {}
         for event in events:
             partition = self.topic.partition_for(event.event_id)
@@ -94,15 +97,20 @@ class KafkaBus:
         while not self._closed.is_set():
             self.producer.poll(0.1)
 
-    def publish(self, events: list[Event], timeout_s: float | None = None) -> None:
+    def publish(self, events: Publishable, timeout_s: float | None = None) -> None:
         from confluent_kafka import KafkaException
 
         wait = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
         deadline = time.monotonic() + wait
         delivered = _Deliveries(len(events))
+        produce, topic, report = self.producer.produce, self.topic, delivered.report
         try:
             for event in events:
-                self._produce(event, delivered, deadline)
+                value, key = event.to_json(), event.event_id.encode()
+                try:
+                    produce(topic, value, key, on_delivery=report)
+                except BufferError:
+                    self._produce_when_room(value, key, report, deadline)
         except KafkaException as exc:
             raise BusError(f"Kafka topic {self.topic} refused the events: {exc}") from exc
         if not delivered.done.wait(max(0.0, deadline - time.monotonic())):
@@ -112,16 +120,18 @@ class KafkaBus:
             raise BusError(f"Kafka topic {self.topic} did not acknowledge the events: "
                            f"{delivered.error}")
 
-    def _produce(self, event: Event, delivered: _Deliveries, deadline: float) -> None:
+    def _produce_when_room(self, value: bytes, key: bytes, report: Callable[..., None],
+                           deadline: float) -> None:
+        """The client's queue is full: the polling thread drains it while this one waits."""
         while True:
+            if time.monotonic() > deadline:
+                raise BusError(f"Kafka topic {self.topic}: producer queue full") from None
+            time.sleep(0.01)
             try:
-                self.producer.produce(self.topic, event.to_json(), event.event_id.encode(),
-                                      on_delivery=delivered.report)
+                self.producer.produce(self.topic, value, key, on_delivery=report)
                 return
-            except BufferError:  # the client's queue is full: the polling thread drains it
-                if time.monotonic() > deadline:
-                    raise BusError(f"Kafka topic {self.topic}: producer queue full") from None
-                time.sleep(0.01)
+            except BufferError:
+                pass
 
     def close(self) -> None:
         self._closed.set()
@@ -285,7 +295,7 @@ class KinesisBus:
         answer: dict[str, Any] = self.kinesis.put_records(StreamName=self.stream, Records=entries)
         return answer
 
-    def publish(self, events: list[Event], timeout_s: float | None = None) -> None:
+    def publish(self, events: Publishable, timeout_s: float | None = None) -> None:
         wait = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
         deadline = time.monotonic() + wait
         entries = [{"Data": e.to_json(), "PartitionKey": e.event_id} for e in events]

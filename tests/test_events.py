@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
+import jiter
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -20,6 +21,7 @@ from lambdalake.events import (
     Event,
     EventSchema,
     Problem,
+    Record,
     Validator,
     decode,
     epoch_ms,
@@ -245,6 +247,36 @@ def test_json_bytes_are_judged_as_the_decoded_object_is(raw):
     checker = Validator(project.schemas, MAX_FUTURE_MS)
     decoded = checker.validate(json_loads(data), NOW, size=len(data))
     assert checker.validate_json(data, NOW) == decoded
+
+
+MIXED = {**project.schemas, "flag": EventSchema("flag", {"on": "bool", "score": "float?"})}
+near_valid_flag = st.fixed_dictionaries(
+    {"event_id": st.text(max_size=4),
+     "type": st.just("flag"), "ts": st.integers(0, NOW + 2 * MAX_FUTURE_MS)},
+    optional={"on": st.booleans() | json_values, "score": st.none() | st.floats() | json_values},
+)
+
+
+@pytest.fixture(scope="module")
+def mixed() -> Validator:
+    return Validator(MIXED, MAX_FUTURE_MS)
+
+
+@settings(max_examples=100, deadline=None)
+@given(raws=st.lists(near_valid | near_valid_flag, min_size=1, max_size=3))
+def test_a_batch_is_judged_as_its_events_are_one_by_one(mixed, raws):
+    """`records_all` takes a batch only when every one of its events is valid one by one (as
+    JSON decoded in Python), into the very records `Event.to_json` writes; else None. It
+    takes every such batch but one with a decimal as a JSON number (whose text it lost)."""
+    texts = [json.dumps(raw).encode() for raw in raws]
+    each = [mixed.validate(json_loads(text), NOW, size=len(text)) for text in texts]
+    records = mixed.records_all(jiter.from_json(b"[" + b",".join(texts) + b"]"), NOW)
+    if not all(isinstance(event, Event) for event in each):
+        assert records is None
+    elif any(isinstance(raw.get("amount"), float) for raw in raws):
+        assert records in (None, [Record.of(event) for event in each])  # type: ignore[arg-type]
+    else:
+        assert records == [Record.of(event) for event in each]  # type: ignore[arg-type]
 
 
 def test_every_problem_is_reported_at_once(validator):

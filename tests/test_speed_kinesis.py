@@ -368,9 +368,8 @@ def test_a_serve_replica_answers_from_the_kinesis_speed_layer(
     events = synthetic(400, seed=31)
     put_events(s, events)
     port = free_port()
-    env = os.environ | {f"LAMBDALAKE_{k.upper()}": str(v) for k, v in s.model_dump().items()
-                        if k in ("kinesis_stream", "kinesis_endpoint_url", "s3_endpoint_url",
-                                 "store", "home", "slice_seconds")}
+    env = worker_env(s, ("kinesis_stream", "kinesis_endpoint_url", "s3_endpoint_url", "store",
+                         "home", "slice_seconds"))
     replica = subprocess.Popen(
         [str(Path(sys.executable).parent / "lambdalake"), "serve", "--bus", "kinesis",
          "--port", str(port), "--pg-port", "0"],
