@@ -90,31 +90,7 @@ class _ViewFold:
             accs[i] = add(accs[i], fields.get(field) if field else None)
         self.dirty.add(cell)
 
-    def fold_columns(self, rows: pa.Table, slices: pa.Array) -> None:
-        """Fold many events at once: `rows` counted events of this view's type, in order (a
-        table of `event_columns.decode_batch`), `slices` their arrival slices. The same cells
-        as folding them one by one: a group-by per cell, then each metric folds its values in
-        order (`Monoid.add_many`)."""
-        view = self.view
-        if view.where:
-            rows, slices = _matching(rows, slices, view)
-        if rows.num_rows == 0:
-            return
-        columns = {"__slice": slices, "__bucket": _floor(rows["ts"], self.bucket_ms)}
-        for i, key in enumerate(self.keys):
-            columns[f"__key{i}"] = rows[key]
-        aggregates = self._aggregates(rows.schema)
-        read = sorted({(field, how) for field, how in aggregates if field})
-        for field, _ in read:
-            columns[field] = rows[field]
-        columns["__row"] = pa.array(np.arange(rows.num_rows))
-        groups = pa.table(columns).group_by(
-            ["__slice", "__bucket", *[f"__key{i}" for i in range(len(self.keys))]],
-            use_threads=False,
-        ).aggregate([("__row", "count"), *read])
-        self._fold_groups(groups, aggregates)
-
-    def _aggregates(self, schema: pa.Schema) -> list[tuple[str, str]]:
+    def aggregates(self, schema: pa.Schema) -> list[tuple[str, str]]:
         """Per metric (in order), the field it reads and how a group's values of it are
         aggregated: its own Arrow aggregate, else listed for `add_many`; ("", "") for a
         count."""
@@ -124,15 +100,12 @@ class _ViewFold:
             for m in self.metrics
         ]
 
-    def _fold_groups(self, groups: pa.Table, aggregates: list[tuple[str, str]]) -> None:
-        slices = groups["__slice"].to_pylist()
-        buckets = groups["__bucket"].to_pylist()
-        keys = list(zip(*[groups[f"__key{i}"].to_pylist() for i in range(len(self.keys))],
-                        strict=True)) if self.keys else [()] * len(slices)
-        counts = groups["__row_count"].to_pylist()
-        values = {(field, how): groups[f"{field}_{how}"].to_pylist()
-                  for field, how in set(aggregates) if field}
-        for g, cell in enumerate(zip(slices, buckets, keys, strict=True)):
+    def fold_groups(self, cells: list[CellKey], counts: list[int],
+                    values: dict[tuple[str, str], list[Any]],
+                    aggregates: list[tuple[str, str]]) -> None:
+        """Fold in one group-by's groups: each group's cell, row count, and aggregated
+        values per (field, how)."""
+        for g, cell in enumerate(cells):
             accs = self.cells.get(cell)
             if accs is None:
                 accs = self.cells[cell] = [m.thaw(m.zero()) for m in self.metrics]
@@ -145,6 +118,40 @@ class _ViewFold:
                 else:
                     accs[i] = metric.add_many(accs[i], [None] * counts[g])
             self.dirty.add(cell)
+
+
+def _fold_columns(folds: list[_ViewFold], rows: pa.Table, slices: pa.Array) -> None:
+    """Fold many events at once into views of one type with the same keys, bucket and filter:
+    `rows` counted events of that type, in order (a table of `event_columns.decode_batch`),
+    `slices` their arrival slices. The same cells as folding them one by one: one group-by
+    per cell for all these views, then each metric folds its values in order
+    (`Monoid.add_many`)."""
+    lead = folds[0]
+    if lead.view.where:
+        rows, slices = _matching(rows, slices, lead.view)
+    if rows.num_rows == 0:
+        return
+    columns = {"__slice": slices, "__bucket": _floor(rows["ts"], lead.bucket_ms)}
+    for i, key in enumerate(lead.keys):
+        columns[f"__key{i}"] = rows[key]
+    aggregates = [fold.aggregates(rows.schema) for fold in folds]
+    read = sorted({(field, how) for each in aggregates for field, how in each if field})
+    for field, _ in read:
+        columns[field] = rows[field]
+    columns["__row"] = pa.array(np.arange(rows.num_rows))
+    groups = pa.table(columns).group_by(
+        ["__slice", "__bucket", *[f"__key{i}" for i in range(len(lead.keys))]],
+        use_threads=False,
+    ).aggregate([("__row", "count"), *read])
+    slice_starts = groups["__slice"].to_pylist()
+    buckets = groups["__bucket"].to_pylist()
+    keys = list(zip(*[groups[f"__key{i}"].to_pylist() for i in range(len(lead.keys))],
+                    strict=True)) if lead.keys else [()] * len(slice_starts)
+    cells = list(zip(slice_starts, buckets, keys, strict=True))
+    counts = groups["__row_count"].to_pylist()
+    values = {(field, how): groups[f"{field}_{how}"].to_pylist() for field, how in read}
+    for fold, its_aggregates in zip(folds, aggregates, strict=True):
+        fold.fold_groups(cells, counts, values, its_aggregates)
 
 
 _ARROW_OPERATORS = {
@@ -297,8 +304,17 @@ class ViewState:
             name: fold.cells for name, fold in self._views.items()
         }
         self._folds: dict[str, list[_ViewFold]] = {}
+        # per event type: its views, those with the same keys, bucket and filter together
+        self._shared: dict[str, list[list[_ViewFold]]] = {}
+        alike: dict[tuple[Any, ...], list[_ViewFold]] = {}
         for fold in self._views.values():
-            self._folds.setdefault(fold.view.event_type, []).append(fold)
+            view = fold.view
+            self._folds.setdefault(view.event_type, []).append(fold)
+            same = (view.event_type, view.keys, view.bucket_ms, repr(view.where))
+            if same not in alike:
+                alike[same] = []
+                self._shared.setdefault(view.event_type, []).append(alike[same])
+            alike[same].append(fold)
         # event type -> event id -> arrival, for dedup; one dict per type, so a held id costs
         # no more than with one dict of all ids
         self._seen: dict[str, dict[str, int]] = {}
@@ -327,7 +343,7 @@ class ViewState:
         kinds, ids = named or (events["type"].to_pylist(), events["event_id"].to_pylist())
         arrivals = events[ARRIVAL].to_numpy()
         if self._forgets_nothing(arrivals):
-            counted = self._hold_batch(kinds, ids, arrivals)
+            counted = self._hold_batch(events["type"], kinds, ids, arrivals)
         else:
             cut, duplicate = self.cut, self._duplicate
             counted = np.array([
@@ -338,11 +354,11 @@ class ViewState:
             return counted
         fresh = events.filter(counted)
         slices = _floor(fresh[ARRIVAL], self.slice_ms)
-        for event_type, folds in self._folds.items():
+        for event_type, shared in self._shared.items():
             of_type = pc.equal(fresh["type"], event_type)
             rows, its_slices = fresh.filter(of_type), pc.filter(slices, of_type)
-            for fold in folds:
-                fold.fold_columns(rows, its_slices)
+            for folds in shared:
+                _fold_columns(folds, rows, its_slices)
         return counted
 
     def _forgets_nothing(self, arrivals: np.ndarray) -> bool:
@@ -354,8 +370,8 @@ class ViewState:
         oldest, least = self._held.oldest, int(arrivals.min())
         return min(least if oldest is None else oldest, least) >= horizon
 
-    def _hold_batch(self, kinds: list[str], ids: list[str], arrivals: np.ndarray
-                    ) -> np.ndarray:
+    def _hold_batch(self, types: pa.ChunkedArray, kinds: list[str], ids: list[str],
+                    arrivals: np.ndarray) -> np.ndarray:
         """`_duplicate` for each record in order, when it forgets nothing meanwhile, in
         whole-batch dict operations rather than a step per record; which were counted
         (neither a duplicate nor below the cut)."""
@@ -366,24 +382,26 @@ class ViewState:
             at: Sequence[int] = range(len(ids))
             of_kind = ids
             if len(owners) > 1:
-                mask = [kind == k for k in kinds]
+                mask = pc.equal(types, kind).to_numpy().tolist()
                 at, of_kind = list(compress(at, mask)), list(compress(ids, mask))
             # each id to where it first is (of equal keys, a dict keeps the last given)
             first = dict(zip(reversed(of_kind), reversed(at), strict=True))
-            for event_id in [i for i in first if i in owner]:  # held: a retry
+            for event_id in first.keys() & owner.keys():  # held: a retry
                 del first[event_id]
             owner.update(zip(first, map(listed.__getitem__, first.values()), strict=True))
             taken += first.values()
-        counted = np.zeros(len(ids), bool)
-        if not taken:
-            return counted
-        if len(taken) < len(ids):
+        if len(taken) == len(ids):  # no retry: every record is held, in order
+            counted = arrivals >= self.cut
+        else:
+            counted = np.zeros(len(ids), bool)
+            if not taken:
+                return counted
             taken.sort()
             kinds, ids, arrivals = [kinds[i] for i in taken], [ids[i] for i in taken], \
                 arrivals[taken]
+            counted[taken] = arrivals >= self.cut
         self._held.add_block(_HeldBlock(arrivals, list(map(owners.__getitem__, kinds)), ids))
         self._newest = max(self._newest, int(arrivals.max()))
-        counted[taken] = arrivals >= self.cut
         return counted
 
     def _duplicate(self, event_type: str, event_id: str, arrival: int) -> bool:
