@@ -1,15 +1,15 @@
 """The Quix Streams speed driver: the kernel's view state over the Kafka event topic, exactly once.
 
 Built on Quix Streams' Kafka layer (`quixstreams.kafka`, librdkafka) in micro-batches, not on
-its per-message dataframe: records are consumed 10,000 at a time and folded into one
-in-memory `ViewState` per event partition; every `flush_interval_ms` (every 500 ms while
-reading a backlog) one Kafka transaction writes what changed (cell values to the compacted
-realtime topic, dedup ids and arrival to the compacted changelog, dead letters) together with
-the consumed offsets. A worker killed at any moment restarts from the last committed
-transaction: the state it rebuilds from the two compacted topics and the offsets it resumes
-from were committed together, so no event is counted twice or lost. The transactional id is
-stable per worker, so a restarted worker fences its previous incarnation and aborts its open
-transaction at once.
+its per-message dataframe: records are consumed 10,000 at a time and folded, up to 50,000
+at once before each transaction, into one in-memory `ViewState` per event partition;
+every `flush_interval_ms` (every 500 ms while reading a backlog) one Kafka transaction
+writes what changed (cell values to the compacted realtime topic, dedup ids and arrival to
+the compacted changelog, dead letters) together with the consumed offsets. A worker killed
+at any moment restarts from the last committed transaction: the state it rebuilds from the
+two compacted topics and the offsets it resumes from were committed together, so no event
+is counted twice or lost. The transactional id is stable per worker, so a restarted worker
+fences its previous incarnation and aborts its open transaction at once.
 
     python -m lambdalake.speed.quix [--worker-id NAME]     (settings from LAMBDALAKE_* variables)
 """
