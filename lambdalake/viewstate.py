@@ -28,7 +28,7 @@ dropped; a snapshot of an older format is refused (`UnreadableSnapshot`): rebuil
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import compress
 from typing import Any
@@ -90,31 +90,7 @@ class _ViewFold:
             accs[i] = add(accs[i], fields.get(field) if field else None)
         self.dirty.add(cell)
 
-    def fold_columns(self, rows: pa.Table, slices: pa.Array) -> None:
-        """Fold many events at once: `rows` counted events of this view's type, in order (a
-        table of `event_columns.decode_batch`), `slices` their arrival slices. The same cells
-        as folding them one by one: a group-by per cell, then each metric folds its values in
-        order (`Monoid.add_many`)."""
-        view = self.view
-        if view.where:
-            rows, slices = _matching(rows, slices, view)
-        if rows.num_rows == 0:
-            return
-        columns = {"__slice": slices, "__bucket": _floor(rows["ts"], self.bucket_ms)}
-        for i, key in enumerate(self.keys):
-            columns[f"__key{i}"] = rows[key]
-        aggregates = self._aggregates(rows.schema)
-        read = sorted({(field, how) for field, how in aggregates if field})
-        for field, _ in read:
-            columns[field] = rows[field]
-        columns["__row"] = pa.array(np.arange(rows.num_rows))
-        groups = pa.table(columns).group_by(
-            ["__slice", "__bucket", *[f"__key{i}" for i in range(len(self.keys))]],
-            use_threads=False,
-        ).aggregate([("__row", "count"), *read])
-        self._fold_groups(groups, aggregates)
-
-    def _aggregates(self, schema: pa.Schema) -> list[tuple[str, str]]:
+    def aggregates(self, schema: pa.Schema) -> list[tuple[str, str]]:
         """Per metric (in order), the field it reads and how a group's values of it are
         aggregated: its own Arrow aggregate, else listed for `add_many`; ("", "") for a
         count."""
@@ -124,15 +100,12 @@ class _ViewFold:
             for m in self.metrics
         ]
 
-    def _fold_groups(self, groups: pa.Table, aggregates: list[tuple[str, str]]) -> None:
-        slices = groups["__slice"].to_pylist()
-        buckets = groups["__bucket"].to_pylist()
-        keys = list(zip(*[groups[f"__key{i}"].to_pylist() for i in range(len(self.keys))],
-                        strict=True)) if self.keys else [()] * len(slices)
-        counts = groups["__row_count"].to_pylist()
-        values = {(field, how): groups[f"{field}_{how}"].to_pylist()
-                  for field, how in set(aggregates) if field}
-        for g, cell in enumerate(zip(slices, buckets, keys, strict=True)):
+    def fold_groups(self, cells: list[CellKey], counts: list[int],
+                    values: dict[tuple[str, str], list[Any]],
+                    aggregates: list[tuple[str, str]]) -> None:
+        """Fold in one group-by's groups: each group's cell, row count, and aggregated
+        values per (field, how)."""
+        for g, cell in enumerate(cells):
             accs = self.cells.get(cell)
             if accs is None:
                 accs = self.cells[cell] = [m.thaw(m.zero()) for m in self.metrics]
@@ -145,6 +118,40 @@ class _ViewFold:
                 else:
                     accs[i] = metric.add_many(accs[i], [None] * counts[g])
             self.dirty.add(cell)
+
+
+def _fold_columns(folds: list[_ViewFold], rows: pa.Table, slices: pa.Array) -> None:
+    """Fold many events at once into views of one type with the same keys, bucket and filter:
+    `rows` counted events of that type, in order (a table of `event_columns.decode_batch`),
+    `slices` their arrival slices. The same cells as folding them one by one: one group-by
+    per cell for all these views, then each metric folds its values in order
+    (`Monoid.add_many`)."""
+    lead = folds[0]
+    if lead.view.where:
+        rows, slices = _matching(rows, slices, lead.view)
+    if rows.num_rows == 0:
+        return
+    columns = {"__slice": slices, "__bucket": _floor(rows["ts"], lead.bucket_ms)}
+    for i, key in enumerate(lead.keys):
+        columns[f"__key{i}"] = rows[key]
+    aggregates = [fold.aggregates(rows.schema) for fold in folds]
+    read = sorted({(field, how) for each in aggregates for field, how in each if field})
+    for field, _ in read:
+        columns[field] = rows[field]
+    columns["__row"] = pa.array(np.arange(rows.num_rows))
+    groups = pa.table(columns).group_by(
+        ["__slice", "__bucket", *[f"__key{i}" for i in range(len(lead.keys))]],
+        use_threads=False,
+    ).aggregate([("__row", "count"), *read])
+    slice_starts = groups["__slice"].to_pylist()
+    buckets = groups["__bucket"].to_pylist()
+    keys = list(zip(*[groups[f"__key{i}"].to_pylist() for i in range(len(lead.keys))],
+                    strict=True)) if lead.keys else [()] * len(slice_starts)
+    cells = list(zip(slice_starts, buckets, keys, strict=True))
+    counts = groups["__row_count"].to_pylist()
+    values = {(field, how): groups[f"{field}_{how}"].to_pylist() for field, how in read}
+    for fold, its_aggregates in zip(folds, aggregates, strict=True):
+        fold.fold_groups(cells, counts, values, its_aggregates)
 
 
 _ARROW_OPERATORS = {
@@ -168,6 +175,120 @@ def _matching(rows: pa.Table, slices: pa.Array, view: View) -> tuple[pa.Table, p
     return rows.filter(keep), pc.filter(slices, keep)
 
 
+_OPEN_BLOCK = 4_096  # ids held one by one go to a block of at most this many
+
+
+class _HeldBlock:
+    """Ids held for dedup, in the order taken: their arrivals, the dict of their type in
+    `ViewState._seen` holding each, and the ids; those before `start` are forgotten already.
+    Columns rather than a tuple per id: holding a million ids costs a few objects, which the
+    garbage collector then does not walk again and again."""
+
+    __slots__ = ("arrivals", "owners", "ids", "start")
+
+    def __init__(self, arrivals: np.ndarray | list[int], owners: list[dict[str, int]],
+                 ids: list[str]):
+        self.arrivals, self.owners, self.ids, self.start = arrivals, owners, ids, 0
+
+    def kept_from(self, horizon: int) -> int:
+        """Where the first id from `start` on that arrived at or after `horizon` is (the
+        length when none did)."""
+        arrivals, at = self.arrivals, self.start
+        if arrivals[at] >= horizon:
+            return at
+        if isinstance(arrivals, np.ndarray):
+            later = np.flatnonzero(arrivals[at:] >= horizon)
+            return at + int(later[0]) if len(later) else len(arrivals)
+        while at < len(arrivals) and arrivals[at] < horizon:
+            at += 1
+        return at
+
+    def forget_to(self, end: int) -> int:
+        """Forget the ids from `start` up to `end`; the newest arrival among them."""
+        for owner, event_id in zip(self.owners[self.start:end], self.ids[self.start:end],
+                                   strict=True):
+            del owner[event_id]
+        newest = int(max(self.arrivals[self.start:end]))
+        self.start = end
+        return newest
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class _HeldIds:
+    """Every id held for dedup, oldest taken first, in blocks."""
+
+    __slots__ = ("blocks", "count", "_open")
+
+    def __init__(self) -> None:
+        self.blocks: deque[_HeldBlock] = deque()
+        self.count = 0
+        self._open: _HeldBlock | None = None  # the block `add` appends to
+
+    def add(self, owner: dict[str, int], event_id: str, arrival: int) -> None:
+        block = self._open
+        if block is None or len(block) >= _OPEN_BLOCK:
+            block = self._open = _HeldBlock([], [], [])
+            self.blocks.append(block)
+        block.arrivals.append(arrival)  # type: ignore[union-attr]
+        block.owners.append(owner)
+        block.ids.append(event_id)
+        self.count += 1
+
+    def add_block(self, block: _HeldBlock) -> None:
+        self.blocks.append(block)
+        self._open = None
+        self.count += len(block)
+
+    @property
+    def oldest(self) -> int | None:
+        """The arrival of the oldest id held."""
+        if not self.blocks:
+            return None
+        block = self.blocks[0]
+        return int(block.arrivals[block.start])
+
+    def forget_before(self, horizon: int) -> None:
+        """Forget the oldest ids while they arrived before `horizon`."""
+        while self.blocks:
+            block = self.blocks[0]
+            end = block.kept_from(horizon)
+            if end == block.start:
+                return
+            self._forget(block, end)
+            if end < len(block):
+                return
+
+    def forget_oldest(self, n: int) -> int:
+        """Forget the `n` oldest ids; the newest arrival among them."""
+        newest = 0
+        while n > 0:
+            block = self.blocks[0]
+            end = min(len(block), block.start + n)
+            n -= end - block.start
+            newest = max(newest, self._forget(block, end))
+        return newest
+
+    def _forget(self, block: _HeldBlock, end: int) -> int:
+        self.count -= end - block.start
+        newest = block.forget_to(end)
+        if end == len(block):
+            self.blocks.popleft()
+            if block is self._open:
+                self._open = None
+        return newest
+
+    def __iter__(self) -> Iterator[tuple[int, dict[str, int], str]]:
+        """(arrival, owner, event id) of every id held, oldest first."""
+        for block in self.blocks:
+            start = block.start
+            arrivals = block.arrivals[start:]
+            if isinstance(arrivals, np.ndarray):
+                arrivals = arrivals.tolist()
+            yield from zip(arrivals, block.owners[start:], block.ids[start:], strict=True)
+
+
 class ViewState:
     def __init__(
         self, project: Project, slice_ms: int, dedup_window_ms: int,
@@ -183,13 +304,21 @@ class ViewState:
             name: fold.cells for name, fold in self._views.items()
         }
         self._folds: dict[str, list[_ViewFold]] = {}
+        # per event type: its views, those with the same keys, bucket and filter together
+        self._shared: dict[str, list[list[_ViewFold]]] = {}
+        alike: dict[tuple[Any, ...], list[_ViewFold]] = {}
         for fold in self._views.values():
-            self._folds.setdefault(fold.view.event_type, []).append(fold)
+            view = fold.view
+            self._folds.setdefault(view.event_type, []).append(fold)
+            same = (view.event_type, view.keys, view.bucket_ms, repr(view.where))
+            if same not in alike:
+                alike[same] = []
+                self._shared.setdefault(view.event_type, []).append(alike[same])
+            alike[same].append(fold)
         # event type -> event id -> arrival, for dedup; one dict per type, so a held id costs
         # no more than with one dict of all ids
         self._seen: dict[str, dict[str, int]] = {}
-        self._arrivals: deque[tuple[int, dict[str, int], str]] = deque()  # oldest first
-        self._held = 0
+        self._held = _HeldIds()
         self._newest = 0
 
     def apply(self, event: Event, arrival: int) -> bool:
@@ -212,62 +341,67 @@ class ViewState:
         Which were counted: False for a duplicate or one the batch covers already.
         `named`: the events' types and ids as lists, when the caller has them already."""
         kinds, ids = named or (events["type"].to_pylist(), events["event_id"].to_pylist())
-        arrivals = events[ARRIVAL].to_pylist()
+        arrivals = events[ARRIVAL].to_numpy()
         if self._forgets_nothing(arrivals):
-            counted = self._hold_batch(kinds, ids, arrivals)
+            counted = self._hold_batch(events["type"], kinds, ids, arrivals)
         else:
             cut, duplicate = self.cut, self._duplicate
             counted = np.array([
                 not duplicate(kind, event_id, arrival) and arrival >= cut
-                for kind, event_id, arrival in zip(kinds, ids, arrivals, strict=True)
+                for kind, event_id, arrival in zip(kinds, ids, arrivals.tolist(), strict=True)
             ], bool)
         if not counted.any():
             return counted
         fresh = events.filter(counted)
         slices = _floor(fresh[ARRIVAL], self.slice_ms)
-        for event_type, folds in self._folds.items():
+        for event_type, shared in self._shared.items():
             of_type = pc.equal(fresh["type"], event_type)
             rows, its_slices = fresh.filter(of_type), pc.filter(slices, of_type)
-            for fold in folds:
-                fold.fold_columns(rows, its_slices)
+            for folds in shared:
+                _fold_columns(folds, rows, its_slices)
         return counted
 
-    def _forgets_nothing(self, arrivals: list[int]) -> bool:
+    def _forgets_nothing(self, arrivals: np.ndarray) -> bool:
         """Whether `_duplicate` would forget no id while taking these arrivals: neither the
         window nor the cap moves past an id held or taken among them."""
-        if not arrivals or self._held + len(arrivals) > self.max_ids:
+        if not len(arrivals) or self._held.count + len(arrivals) > self.max_ids:
             return False
-        horizon = max(self._newest, max(arrivals)) - self.dedup_window_ms
-        oldest = self._arrivals[0][0] if self._arrivals else min(arrivals)
-        return min(oldest, min(arrivals)) >= horizon
+        horizon = max(self._newest, int(arrivals.max())) - self.dedup_window_ms
+        oldest, least = self._held.oldest, int(arrivals.min())
+        return min(least if oldest is None else oldest, least) >= horizon
 
-    def _hold_batch(self, kinds: list[str], ids: list[str], arrivals: list[int]
-                    ) -> np.ndarray:
+    def _hold_batch(self, types: pa.ChunkedArray, kinds: list[str], ids: list[str],
+                    arrivals: np.ndarray) -> np.ndarray:
         """`_duplicate` for each record in order, when it forgets nothing meanwhile, in
-        whole-batch set and dict operations rather than a step per record; which were
-        counted (neither a duplicate nor below the cut)."""
-        seen, named = self._seen, set(ids)
-        keys = list(zip(kinds, ids, strict=True))
-        # each (type, id) to where it first is (of equal keys, a dict keeps the last given)
-        first = dict(zip(reversed(keys), range(len(keys) - 1, -1, -1), strict=True))
-        for kind in set(kinds):
-            for event_id in seen.setdefault(kind, {}).keys() & named:  # held: a retry
-                first.pop((kind, event_id), None)
-        order = sorted(first.values())
-        if len(order) < len(keys):
-            kinds, ids = [kinds[i] for i in order], [ids[i] for i in order]
-            arrivals = [arrivals[i] for i in order]
-        counted = np.zeros(len(keys), bool)
-        if not order:
-            return counted
-        for kind in set(kinds):
-            of_kind = [kind == k for k in kinds]
-            seen[kind].update(zip(compress(ids, of_kind), compress(arrivals, of_kind),
-                                  strict=True))
-        self._arrivals.extend(zip(arrivals, map(seen.__getitem__, kinds), ids, strict=True))
-        self._held += len(ids)
-        self._newest = max(self._newest, max(arrivals))
-        counted[order] = np.asarray(arrivals, np.int64) >= self.cut
+        whole-batch dict operations rather than a step per record; which were counted
+        (neither a duplicate nor below the cut)."""
+        owners = {kind: self._seen.setdefault(kind, {}) for kind in set(kinds)}
+        listed = arrivals.tolist()
+        taken: list[int] = []  # where each id new to its type first is
+        for kind, owner in owners.items():
+            at: Sequence[int] = range(len(ids))
+            of_kind = ids
+            if len(owners) > 1:
+                mask = pc.equal(types, kind).to_numpy().tolist()
+                at, of_kind = list(compress(at, mask)), list(compress(ids, mask))
+            # each id to where it first is (of equal keys, a dict keeps the last given)
+            first = dict(zip(reversed(of_kind), reversed(at), strict=True))
+            for event_id in first.keys() & owner.keys():  # held: a retry
+                del first[event_id]
+            owner.update(zip(first, map(listed.__getitem__, first.values()), strict=True))
+            taken += first.values()
+        if len(taken) == len(ids):  # no retry: every record is held, in order
+            counted = arrivals >= self.cut
+        else:
+            counted = np.zeros(len(ids), bool)
+            if not taken:
+                return counted
+            taken.sort()
+            kinds, ids, arrivals = [kinds[i] for i in taken], [ids[i] for i in taken], \
+                arrivals[taken]
+            counted[taken] = arrivals >= self.cut
+        self._held.add_block(_HeldBlock(arrivals, list(map(owners.__getitem__, kinds)), ids))
+        self._newest = max(self._newest, int(arrivals.max()))
         return counted
 
     def _duplicate(self, event_type: str, event_id: str, arrival: int) -> bool:
@@ -276,33 +410,21 @@ class ViewState:
             ids = self._seen[event_type] = {}
         elif event_id in ids:
             return True
-        self._hold(ids, event_id, arrival)
+        ids[event_id] = arrival
+        self._held.add(ids, event_id, arrival)
         if arrival > self._newest:
             self._newest = arrival
-            self._forget_before(arrival - self.dedup_window_ms)
-        if self._held > self.max_ids:
+            self._held.forget_before(arrival - self.dedup_window_ms)
+        if self._held.count > self.max_ids:
             self._forget_oldest()
         return False
 
-    def _hold(self, ids: dict[str, int], event_id: str, arrival: int) -> None:
-        ids[event_id] = arrival
-        self._arrivals.append((arrival, ids, event_id))
-        self._held += 1
-
-    def _forget_before(self, horizon: int) -> None:
-        arrivals = self._arrivals
-        while arrivals and arrivals[0][0] < horizon:
-            _, ids, event_id = arrivals.popleft()
-            del ids[event_id]
-            self._held -= 1
-
     def _forget_oldest(self) -> None:
-        while self._held > self.max_ids:
-            arrival, ids, event_id = self._arrivals.popleft()
-            del ids[event_id]
-            self._held -= 1
-            self.forgotten_early += 1
-            self._forgotten_upto = max(self._forgotten_upto, arrival)
+        over = self._held.count - self.max_ids
+        if over > 0:
+            newest = self._held.forget_oldest(over)
+            self.forgotten_early += over
+            self._forgotten_upto = max(self._forgotten_upto, newest)
 
     @property
     def dedup_horizon(self) -> int:
@@ -338,25 +460,26 @@ class ViewState:
 
     @property
     def tracked_ids(self) -> int:
-        return self._held
+        return self._held.count
 
     def held_ids(self) -> list[tuple[str, str, int]]:
         """(event type, event id, arrival) of every id held, oldest first."""
         type_of = {id(ids): event_type for event_type, ids in self._seen.items()}
-        return [(type_of[id(ids)], event_id, arrival) for arrival, ids, event_id in self._arrivals]
+        return [(type_of[id(ids)], event_id, arrival) for arrival, ids, event_id in self._held]
 
     def hold_all(self, held: Iterable[tuple[Any, ...]]) -> None:
         """Hold these ids instead, oldest first: (event type, event id, arrival), or
         (event id, arrival) as held before dedup was by type: such an id is held for every
         type, the old rule, until it leaves the window."""
-        self._seen, self._arrivals, self._held = {}, deque(), 0
+        self._seen, self._held = {}, _HeldIds()
         every_type = list(self.project.schemas)
         for entry in held:
             *event_types, event_id, arrival = entry
             for event_type in event_types or every_type:
                 ids = self._seen.setdefault(event_type, {})
                 if event_id not in ids:
-                    self._hold(ids, event_id, arrival)
+                    ids[event_id] = arrival
+                    self._held.add(ids, event_id, arrival)
         self._forget_oldest()  # the cap may be lower than when the ids were written
 
     def for_views(self, names: Iterable[str], cut: int) -> ViewState:

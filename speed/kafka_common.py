@@ -90,7 +90,8 @@ class PartitionState:
         self.arrival = 0
         self.next_offset: int | None = None
         self.caught_up_at = 0
-        self._fresh_ids: list[tuple[str, str, int]] = []  # (type, event id, arrival)
+        # the ids read since the last transaction: types, event ids, arrivals
+        self._fresh_ids: tuple[list[str], list[str], list[int]] = ([], [], [])
         self._chunks: dict[int, int] = {}  # ids chunk seq -> newest arrival in it
         self._dropped: list[bytes] = []
         self.redefined = False  # set by `restore`: the committed state names other views
@@ -106,7 +107,7 @@ class PartitionState:
             poison = Poison.of(event)
             self._outcomes[poison.kind] += 1
             return poison
-        self._fresh_ids.append((event.type, event.event_id, arrival))
+        self._remember([event.type], [event.event_id], [arrival])
         self._outcomes["counted" if self.view.apply(event, arrival) else "skipped"] += 1
         return None
 
@@ -124,11 +125,17 @@ class PartitionState:
             return [(i, reason) for i, reason in enumerate(taken) if reason is not None]
         self.arrival = int(arrivals[-1])
         kinds, ids = events["type"].to_pylist(), events["event_id"].to_pylist()
-        self._fresh_ids += zip(kinds, ids, arrivals.tolist(), strict=True)
+        self._remember(kinds, ids, arrivals.tolist())
         counted = int(self.view.apply_batch(events, (kinds, ids)).sum())
         self._outcomes["counted"] += counted
         self._outcomes["skipped"] += len(values) - counted
         return []
+
+    def _remember(self, kinds: list[str], ids: list[str], arrivals: list[int]) -> None:
+        fresh_kinds, fresh_ids, fresh_arrivals = self._fresh_ids
+        fresh_kinds += kinds
+        fresh_ids += ids
+        fresh_arrivals += arrivals
 
     def flush_metrics(self) -> None:
         """Add the outcomes counted since the last call to the Prometheus counters; set the
@@ -169,12 +176,14 @@ class PartitionState:
     def changelog_records(self) -> list[Record]:
         records: list[Record] = []
         seq = max(self._chunks, default=-1) + 1
-        for at in range(0, len(self._fresh_ids), IDS_PER_RECORD):
-            chunk = self._fresh_ids[at : at + IDS_PER_RECORD]
+        kinds, ids, arrivals = self._fresh_ids
+        for at in range(0, len(ids), IDS_PER_RECORD):
+            till = at + IDS_PER_RECORD
+            chunk = list(zip(kinds[at:till], ids[at:till], arrivals[at:till], strict=True))
             records.append((ids_key(self.partition, seq), orjson.dumps(chunk)))
-            self._chunks[seq] = chunk[-1][-1]
+            self._chunks[seq] = arrivals[min(till, len(ids)) - 1]
             seq += 1
-        self._fresh_ids = []
+        self._fresh_ids = ([], [], [])
         horizon = self.view.dedup_horizon
         for seq in [s for s, newest in self._chunks.items() if newest < horizon]:
             records.append((ids_key(self.partition, seq), None))

@@ -160,6 +160,13 @@ def fold_both_ways(
     return by_batch
 
 
+def test_a_batch_of_both_types_across_the_cut_counts_as_records_do() -> None:
+    """No retry, the types interleaved, the cut in the middle of the batch: each record is
+    counted or not by its own arrival (the flags were once given in type order)."""
+    events = [purchase(i, i) if i % 2 else pageview(i, i) for i in range(200)]
+    fold_both_ways(project, [[encoded(e) for e in events]], decoder(), cut=1)
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.lists(valid_events, min_size=1, max_size=60), min_size=1, max_size=4),
        st.integers(0, 2), st.sampled_from([1_000, 20_000, 86_400_000]),
