@@ -262,33 +262,61 @@ def _bool(value: str) -> bool:
 
 def plan(view: View, query: Query) -> tuple[str, list[Any]]:
     """SQL over `merged` and its parameters."""
-    dims = list(view.keys if query.group_by is None else query.group_by)
-    total = query.bucket == "total"
-    granularity = view.bucket if query.local_days else query.bucket or view.bucket
-    width = None if total else BUCKET_MS[granularity]
-    bucket = "min(bucket)" if total else f"bucket - bucket % {width}"
-    select = [f"{bucket} AS bucket", *(f'"{d}"' for d in dims)]
-    select += [f"{merge_sql(m, _q(n))} AS {_q(n)}" for n, m in view.metrics.items()]
-    where, params = ["TRUE"], list[Any]()
-    if query.start is not None:
-        where.append("bucket >= ?")
-        params.append(query.start)
-    if query.end is not None:
-        where.append("bucket < ?")
-        params.append(query.end)
-    for name, values in query.filters.items():
-        where.append(f"{_q(name)} IN ({', '.join('?' for _ in values)})")
-        params.extend(values)
-    for name, prefix in query.prefixes.items():
-        where.append(f"starts_with({_q(name)}, ?)")
-        params.append(prefix)
-    group = [] if total else ["1"]
-    group += [str(i + 2) for i in range(len(dims))]
-    sql = f"SELECT {', '.join(select)} FROM merged WHERE {' AND '.join(where)}"
-    if group:
-        sql += f" GROUP BY {', '.join(group)}"
-    sql += f" ORDER BY {_natural_order(query, len(dims))}"
-    return sql, params
+    grouping = _Grouping.of(view, query)
+    select = [*grouping.keys, *(f"{merge_sql(m, _q(n))} AS {_q(n)}"
+                                for n, m in view.metrics.items())]
+    sql = f"SELECT {', '.join(select)} FROM merged WHERE {grouping.where}{grouping.group_by}"
+    sql += f" ORDER BY {_natural_order(query, len(grouping.dims))}"
+    return sql, grouping.params
+
+
+@dataclass(frozen=True)
+class _Grouping:
+    """What `plan` groups by and keeps: the bucket and dimensions selected, the rows' filter
+    and its parameters, the GROUP BY clause."""
+
+    dims: list[str]
+    width: int | None  # None: one bucket for the whole range (`total`)
+    where: str
+    params: list[Any]
+
+    @classmethod
+    def of(cls, view: View, query: Query) -> _Grouping:
+        dims = list(view.keys if query.group_by is None else query.group_by)
+        granularity = view.bucket if query.local_days else query.bucket or view.bucket
+        width = None if query.bucket == "total" else BUCKET_MS[granularity]
+        where, params = ["TRUE"], list[Any]()
+        if query.start is not None:
+            where.append("bucket >= ?")
+            params.append(query.start)
+        if query.end is not None:
+            where.append("bucket < ?")
+            params.append(query.end)
+        for name, values in query.filters.items():
+            where.append(f"{_q(name)} IN ({', '.join('?' for _ in values)})")
+            params.extend(values)
+        for name, prefix in query.prefixes.items():
+            where.append(f"starts_with({_q(name)}, ?)")
+            params.append(prefix)
+        return cls(dims, width, " AND ".join(where), params)
+
+    @property
+    def keys(self) -> list[str]:
+        bucket = "min(bucket)" if self.width is None else f"bucket - bucket % {self.width}"
+        return [f"{bucket} AS bucket", *(_q(d) for d in self.dims)]
+
+    @property
+    def group_by(self) -> str:
+        group = [] if self.width is None else ["1"]
+        group += [str(i + 2) for i in range(len(self.dims))]
+        return f" GROUP BY {', '.join(group)}" if group else ""
+
+    def joins(self, rows: str, group: str) -> str:
+        """The condition that a row of `rows` belongs to a group of `group`."""
+        on = [] if self.width is None else [
+            f"{rows}.bucket - {rows}.bucket % {self.width} = {group}.bucket"]
+        on += [f"{rows}.{_q(d)} IS NOT DISTINCT FROM {group}.{_q(d)}" for d in self.dims]
+        return " AND ".join(on) or "TRUE"
 
 
 def _natural_order(query: Query, dimensions: int) -> str:
@@ -301,10 +329,11 @@ def _natural_order(query: Query, dimensions: int) -> str:
 def paged_plan(view: View, query: Query) -> tuple[str, list[Any]] | None:
     """`plan`'s SQL with the query's order and page taken in DuckDB, each row counting the
     rows of the whole answer (`PAGE_TOTAL`); None when only `finalize` can order it: by a
-    sketch's answer, by local labels, or when local days are rolled up after the merge."""
+    sketch's answer, by local labels, or when local days are rolled up after the merge.
+    A top N (a `limit`) of a view with sketches is found by the other metrics first: only
+    the rows on the page gather their sketches."""
     if query.tz is not None:
         return None
-    sql, params = plan(view, query)
     dims = view.keys if query.group_by is None else query.group_by
     order = positions = _natural_order(query, len(dims))
     if query.order_by:
@@ -315,11 +344,33 @@ def paged_plan(view: View, query: Query) -> tuple[str, list[Any]] | None:
             return None
         descending = direction == "desc" or (not direction and metric is not None)
         order = f"{_q(name)} {'DESC' if descending else 'ASC'} NULLS LAST, {positions}"
-    end = query.offset + min(query.limit or MAX_ROWS, MAX_ROWS)
+    count = min(query.limit or MAX_ROWS, MAX_ROWS)
+    if query.limit is not None and any(gathered(m) for m in view.metrics.values()):
+        return _top_then_sketches(view, query, order), [
+            *_Grouping.of(view, query).params, count, query.offset]
+    sql, params = plan(view, query)
     body = sql[: sql.rindex(" ORDER BY ")]
     paged = (f"SELECT *, count(*) OVER () AS {PAGE_TOTAL} FROM ({body}) "
              f"ORDER BY {order} LIMIT ? OFFSET ?")
-    return paged, [*params, end - query.offset, query.offset]
+    return paged, [*params, count, query.offset]
+
+
+def _top_then_sketches(view: View, query: Query, order: str) -> str:
+    """The page ordered and cut by every metric merged in SQL, then joined with the rows of
+    its groups alone to gather their sketches: the same rows as `plan` gives, in `order`."""
+    grouping = _Grouping.of(view, query)
+    summed = [f"{merge_sql(m, _q(n))} AS {_q(n)}" for n, m in view.metrics.items()
+              if not gathered(m)]
+    page_sql = (f"SELECT *, count(*) OVER () AS {PAGE_TOTAL} FROM (SELECT "
+                f"{', '.join([*grouping.keys, *summed])} FROM picked{grouping.group_by}) "
+                f"ORDER BY {order} LIMIT ? OFFSET ?")
+    keys = [f"page.{_q(c)} AS {_q(c)}" for c in ["bucket", *grouping.dims]]
+    metrics = [f"{merge_sql(m, 'picked.' + _q(n))} AS {_q(n)}" if gathered(m)
+               else f"page.{_q(n)} AS {_q(n)}" for n, m in view.metrics.items()]
+    return (f"WITH picked AS (SELECT * FROM merged WHERE {grouping.where}), "
+            f"page AS ({page_sql}) "
+            f"SELECT {', '.join([*keys, *metrics, f'page.{PAGE_TOTAL}'])} FROM page "
+            f"JOIN picked ON {grouping.joins('picked', 'page')} GROUP BY ALL ORDER BY {order}")
 
 
 PAGE_TOTAL = "__rows_in_answer"

@@ -27,7 +27,7 @@ from lambdalake.eventlog import now_ms
 from lambdalake.events import epoch_ms
 from lambdalake.loops import Loop, Loops
 from lambdalake.project import Project
-from lambdalake.realtime import RealtimeCells
+from lambdalake.realtime import RealtimeCells, Sliced
 from lambdalake.storage import ObjectStore
 from lambdalake.tables import table_schema
 
@@ -56,7 +56,7 @@ class Reading:
     """A snapshot and, for the views asked for, the real-time cells at or past its cut."""
 
     snapshot: Snapshot
-    realtime: Mapping[str, pa.Table]
+    realtime: Mapping[str, Sliced]
 
 
 class BatchViews:
@@ -93,7 +93,7 @@ class BatchViews:
         views = self.project.views
         with self._swap:
             snapshot = self._snapshot
-            cells = {n: self.realtime.table(views[n], self.schemas[n], snapshot.cuts[n])
+            cells = {n: self.realtime.sliced(views[n], self.schemas[n], snapshot.cuts[n])
                      for n in names}
         return Reading(snapshot, cells)
 
@@ -157,7 +157,8 @@ class BatchViews:
         return max(0, now_ms() - caught_up_at) if caught_up_at else None
 
     def realtime_cells(self) -> int:
-        return sum(table.num_rows for table in self.read(self.project.views).realtime.values())
+        cells = self.read(self.project.views).realtime.values()
+        return sum(sliced.table.num_rows for sliced in cells)
 
     def start(self) -> None:
         self.loop.start()
