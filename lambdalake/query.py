@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -86,7 +87,7 @@ class Query:
     def label(self, ms: int) -> str:
         """A bucket's start as ISO 8601: UTC, or the local time with its offset under `tz`."""
         if self.tz is None:
-            return iso(ms)
+            return _utc_label(ms)
         return datetime.fromtimestamp(ms / 1000, self.zone).isoformat(timespec="seconds")
 
     def covered(self, view: View) -> tuple[int | None, int | None]:
@@ -104,6 +105,12 @@ class Query:
         """An opaque cursor to the page at `offset` of this query."""
         token = orjson.dumps([offset, self.fingerprint()])
         return base64.urlsafe_b64encode(token).decode().rstrip("=")
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _utc_label(ms: int) -> str:
+    """`iso`, remembered: dashboards ask for the same buckets over and over."""
+    return iso(ms)
 
 
 def _ceil(ms: int | None, width: int) -> int | None:
@@ -379,48 +386,72 @@ PAGE_TOTAL = "__rows_in_answer"
 def finalize_page(view: View, query: Query, columns: list[str], rows: list[tuple]) -> Page:
     """`paged_plan`'s rows as a page of answers."""
     total = rows[0][columns.index(PAGE_TOTAL)] if rows else 0
-    keep = [i for i, name in enumerate(columns) if name != PAGE_TOTAL]
-    answers = finalize(view, query, [columns[i] for i in keep],
-                       [tuple(row[i] for i in keep) for row in rows])
+    answers = finalize(view, query, columns, rows)
     end = query.offset + min(query.limit or MAX_ROWS, MAX_ROWS)
     return Page(answers, end if end < total else None)
 
 
 def merged_records(view: View, query: Query, columns: list[str], rows: list[tuple]) -> list[dict]:
     """The rows of `plan`'s SQL as records of merged accumulators, bucket in epoch ms."""
-    records = []
-    for row in rows:
-        record = dict(zip(columns, row, strict=True))
-        if record["bucket"] is None:
-            continue  # `total` over no rows at all
-        if query.bucket == "total" and query.start is not None:
-            record["bucket"] = query.start
-        for name, metric in view.metrics.items():
-            record[name] = merged(metric, record[name])
-        records.append(record)
-    return records
+    return _records(_merged_columns(view, query, columns, rows))
+
+
+def _merged_columns(
+    view: View, query: Query, columns: list[str], rows: list[tuple]
+) -> dict[str, list[Any]]:
+    """`merged_records` column by column (but `PAGE_TOTAL`): a step per column, not per
+    value of each row."""
+    if not rows:
+        return {name: [] for name in columns if name != PAGE_TOTAL}
+    transposed = zip(columns, zip(*rows, strict=True), strict=True)
+    data = {name: list(values) for name, values in transposed if name != PAGE_TOTAL}
+    if None in data["bucket"]:  # `total` over no rows at all
+        kept = [i for i, bucket in enumerate(data["bucket"]) if bucket is not None]
+        data = {name: [values[i] for i in kept] for name, values in data.items()}
+    if query.bucket == "total" and query.start is not None:
+        data["bucket"] = [query.start] * len(data["bucket"])
+    for name, metric in view.metrics.items():
+        if gathered(metric) and metric.lone_is_merged:  # `merged`, inlined: it runs per row
+            merge_all = metric.merge_all
+            data[name] = [value[0] if len(value) == 1 and value[0] is not None
+                          else merge_all(value) for value in data[name]]
+        elif gathered(metric):
+            data[name] = [merged(metric, value) for value in data[name]]
+    return data
+
+
+def _records(data: dict[str, list[Any]]) -> list[dict]:
+    return [dict(zip(data, values, strict=True)) for values in zip(*data.values(), strict=True)]
 
 
 def finalize(view: View, query: Query, columns: list[str], rows: list[tuple]) -> list[dict]:
     """Turn merged accumulators into answers, in order (sketches are only known here)."""
-    answers = merged_records(view, query, columns, rows)
+    data = _merged_columns(view, query, columns, rows)
     if query.local_days:
-        answers = _local_days(view, query, answers)
-    for record in answers:
-        record["bucket"] = query.label(record["bucket"])
-        for name, metric in view.metrics.items():
-            record[name] = metric.result(record[name], query.quantiles)
+        rolled = _local_days(view, query, _records(data))
+        data = {name: [record[name] for record in rolled] for name in data}
+    data["bucket"] = [query.label(bucket) for bucket in data["bucket"]]
+    for name, metric in view.metrics.items():
+        if type(metric).result is not Monoid.result:
+            data[name] = [metric.result(value, query.quantiles) for value in data[name]]
     if query.order_by:
-        name, _, direction = query.order_by.partition(":")
-        descending = direction == "desc" or (not direction and name in view.metrics)
-        present = [r for r in answers if r[name] is not None]
-        present.sort(key=lambda r: r[name], reverse=descending)
-        answers = present + [r for r in answers if r[name] is None]  # nulls last, either way
-    for record in answers:
-        for name in view.metrics:
-            if isinstance(record[name], Decimal):
-                record[name] = decimal_text(record[name])
-    return answers
+        data = _ordered(view, query.order_by, data)
+    for name in view.metrics:  # a column's values are all of one type, or None
+        first = next((value for value in data[name] if value is not None), None)
+        if isinstance(first, Decimal):
+            data[name] = [decimal_text(v) if isinstance(v, Decimal) else v for v in data[name]]
+    return _records(data)
+
+
+def _ordered(view: View, order_by: str, data: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """The rows sorted by `order_by` (stable), nulls last either way."""
+    name, _, direction = order_by.partition(":")
+    descending = direction == "desc" or (not direction and name in view.metrics)
+    values = data[name]
+    order = [i for i, value in enumerate(values) if value is not None]
+    order.sort(key=values.__getitem__, reverse=descending)
+    order += [i for i, value in enumerate(values) if value is None]
+    return {column: [held[i] for i in order] for column, held in data.items()}
 
 
 def decimal_text(value: Decimal) -> str:

@@ -1,7 +1,8 @@
 """Merged queries in DuckDB: the kernel's plan over `merged` = batch rows ⊕ real-time cells.
 
 One in-memory DuckDB database, locked down (no file or network access, no extensions), and
-a cursor per request: relations registered on a cursor are visible to that cursor only.
+a cursor per thread, made once (a cursor is a connection: making one per query cost as much
+as a small query): relations registered on a cursor are visible to that cursor only.
 Statements sent to POST /sql never run here: they run in a sandbox worker (sql_sandbox).
 """
 
@@ -37,7 +38,7 @@ from lambdalake.serving.sql_sandbox import EncodedRows, Worker
 from lambdalake.views import View
 
 SQL_MAX_ROWS = 10_000
-_MERGED = "CREATE TEMP VIEW merged AS SELECT * FROM {batch} UNION ALL BY NAME SELECT * FROM cells"
+_MERGED = "merged AS (SELECT * FROM {batch} UNION ALL BY NAME SELECT * FROM cells)"
 # Real-time cells a query scans from Arrow at most, past those a DuckDB table holds: a scan
 # of Arrow costs each query, a table is built once for every query until the cells change.
 CELLS_IN_ARROW = 4096
@@ -86,6 +87,7 @@ class DuckDB:
         self._cells_in_arrow = cells_in_arrow
         self._cells: dict[str, list[_CellsTable]] = {}  # per view, the newest last
         self._building: set[str] = set()  # views whose cells table is being built
+        self._cursors = threading.local()
 
     def cache(self, snapshot: Snapshot) -> None:
         """Copy a batch version's views into DuckDB tables ordered two ways (`_BatchTable`),
@@ -210,14 +212,17 @@ class DuckDB:
     def cursor(
         self, relations: Mapping[str, pa.Table] = MappingProxyType({})
     ) -> Iterator[duckdb.DuckDBPyConnection]:
-        with self._lock:
-            cursor = self._connection.cursor()
+        cursor = getattr(self._cursors, "cursor", None)
+        if cursor is None:
+            with self._lock:
+                cursor = self._cursors.cursor = self._connection.cursor()
         try:
             for name, table in relations.items():
                 cursor.register(name, table)
             yield cursor
         finally:
-            cursor.close()
+            for name in relations:
+                cursor.unregister(name)
 
     def close(self) -> None:
         self._connection.close()
@@ -264,9 +269,11 @@ def _rows_of(
     batch_sql = f'"{batch}"' if isinstance(batch, str) else "batch_rows"
     if copied is not None:
         batch_sql += f' UNION ALL BY NAME SELECT * FROM "{copied}"'
+    sql, params = planned
+    merged = _MERGED.format(batch=batch_sql)
+    sql = f"WITH {merged}, {sql[5:]}" if sql.startswith("WITH ") else f"WITH {merged} {sql}"
     with duck.cursor(relations) as cursor:
-        cursor.execute(_MERGED.format(batch=batch_sql))
-        result = cursor.execute(*planned)
+        result = cursor.execute(sql, params)
         return [column[0] for column in result.description], result.fetchall()
 
 
