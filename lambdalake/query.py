@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -86,7 +87,7 @@ class Query:
     def label(self, ms: int) -> str:
         """A bucket's start as ISO 8601: UTC, or the local time with its offset under `tz`."""
         if self.tz is None:
-            return iso(ms)
+            return _utc_label(ms)
         return datetime.fromtimestamp(ms / 1000, self.zone).isoformat(timespec="seconds")
 
     def covered(self, view: View) -> tuple[int | None, int | None]:
@@ -104,6 +105,12 @@ class Query:
         """An opaque cursor to the page at `offset` of this query."""
         token = orjson.dumps([offset, self.fingerprint()])
         return base64.urlsafe_b64encode(token).decode().rstrip("=")
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _utc_label(ms: int) -> str:
+    """`iso`, remembered: dashboards ask for the same buckets over and over."""
+    return iso(ms)
 
 
 def _ceil(ms: int | None, width: int) -> int | None:
@@ -262,33 +269,61 @@ def _bool(value: str) -> bool:
 
 def plan(view: View, query: Query) -> tuple[str, list[Any]]:
     """SQL over `merged` and its parameters."""
-    dims = list(view.keys if query.group_by is None else query.group_by)
-    total = query.bucket == "total"
-    granularity = view.bucket if query.local_days else query.bucket or view.bucket
-    width = None if total else BUCKET_MS[granularity]
-    bucket = "min(bucket)" if total else f"bucket - bucket % {width}"
-    select = [f"{bucket} AS bucket", *(f'"{d}"' for d in dims)]
-    select += [f"{merge_sql(m, _q(n))} AS {_q(n)}" for n, m in view.metrics.items()]
-    where, params = ["TRUE"], list[Any]()
-    if query.start is not None:
-        where.append("bucket >= ?")
-        params.append(query.start)
-    if query.end is not None:
-        where.append("bucket < ?")
-        params.append(query.end)
-    for name, values in query.filters.items():
-        where.append(f"{_q(name)} IN ({', '.join('?' for _ in values)})")
-        params.extend(values)
-    for name, prefix in query.prefixes.items():
-        where.append(f"starts_with({_q(name)}, ?)")
-        params.append(prefix)
-    group = [] if total else ["1"]
-    group += [str(i + 2) for i in range(len(dims))]
-    sql = f"SELECT {', '.join(select)} FROM merged WHERE {' AND '.join(where)}"
-    if group:
-        sql += f" GROUP BY {', '.join(group)}"
-    sql += f" ORDER BY {_natural_order(query, len(dims))}"
-    return sql, params
+    grouping = _Grouping.of(view, query)
+    select = [*grouping.keys, *(f"{merge_sql(m, _q(n))} AS {_q(n)}"
+                                for n, m in view.metrics.items())]
+    sql = f"SELECT {', '.join(select)} FROM merged WHERE {grouping.where}{grouping.group_by}"
+    sql += f" ORDER BY {_natural_order(query, len(grouping.dims))}"
+    return sql, grouping.params
+
+
+@dataclass(frozen=True)
+class _Grouping:
+    """What `plan` groups by and keeps: the bucket and dimensions selected, the rows' filter
+    and its parameters, the GROUP BY clause."""
+
+    dims: list[str]
+    width: int | None  # None: one bucket for the whole range (`total`)
+    where: str
+    params: list[Any]
+
+    @classmethod
+    def of(cls, view: View, query: Query) -> _Grouping:
+        dims = list(view.keys if query.group_by is None else query.group_by)
+        granularity = view.bucket if query.local_days else query.bucket or view.bucket
+        width = None if query.bucket == "total" else BUCKET_MS[granularity]
+        where, params = ["TRUE"], list[Any]()
+        if query.start is not None:
+            where.append("bucket >= ?")
+            params.append(query.start)
+        if query.end is not None:
+            where.append("bucket < ?")
+            params.append(query.end)
+        for name, values in query.filters.items():
+            where.append(f"{_q(name)} IN ({', '.join('?' for _ in values)})")
+            params.extend(values)
+        for name, prefix in query.prefixes.items():
+            where.append(f"starts_with({_q(name)}, ?)")
+            params.append(prefix)
+        return cls(dims, width, " AND ".join(where), params)
+
+    @property
+    def keys(self) -> list[str]:
+        bucket = "min(bucket)" if self.width is None else f"bucket - bucket % {self.width}"
+        return [f"{bucket} AS bucket", *(_q(d) for d in self.dims)]
+
+    @property
+    def group_by(self) -> str:
+        group = [] if self.width is None else ["1"]
+        group += [str(i + 2) for i in range(len(self.dims))]
+        return f" GROUP BY {', '.join(group)}" if group else ""
+
+    def joins(self, rows: str, group: str) -> str:
+        """The condition that a row of `rows` belongs to a group of `group`."""
+        on = [] if self.width is None else [
+            f"{rows}.bucket - {rows}.bucket % {self.width} = {group}.bucket"]
+        on += [f"{rows}.{_q(d)} IS NOT DISTINCT FROM {group}.{_q(d)}" for d in self.dims]
+        return " AND ".join(on) or "TRUE"
 
 
 def _natural_order(query: Query, dimensions: int) -> str:
@@ -301,10 +336,11 @@ def _natural_order(query: Query, dimensions: int) -> str:
 def paged_plan(view: View, query: Query) -> tuple[str, list[Any]] | None:
     """`plan`'s SQL with the query's order and page taken in DuckDB, each row counting the
     rows of the whole answer (`PAGE_TOTAL`); None when only `finalize` can order it: by a
-    sketch's answer, by local labels, or when local days are rolled up after the merge."""
+    sketch's answer, by local labels, or when local days are rolled up after the merge.
+    A top N (a `limit`) of a view with sketches is found by the other metrics first: only
+    the rows on the page gather their sketches."""
     if query.tz is not None:
         return None
-    sql, params = plan(view, query)
     dims = view.keys if query.group_by is None else query.group_by
     order = positions = _natural_order(query, len(dims))
     if query.order_by:
@@ -315,11 +351,33 @@ def paged_plan(view: View, query: Query) -> tuple[str, list[Any]] | None:
             return None
         descending = direction == "desc" or (not direction and metric is not None)
         order = f"{_q(name)} {'DESC' if descending else 'ASC'} NULLS LAST, {positions}"
-    end = query.offset + min(query.limit or MAX_ROWS, MAX_ROWS)
+    count = min(query.limit or MAX_ROWS, MAX_ROWS)
+    if query.limit is not None and any(gathered(m) for m in view.metrics.values()):
+        return _top_then_sketches(view, query, order), [
+            *_Grouping.of(view, query).params, count, query.offset]
+    sql, params = plan(view, query)
     body = sql[: sql.rindex(" ORDER BY ")]
     paged = (f"SELECT *, count(*) OVER () AS {PAGE_TOTAL} FROM ({body}) "
              f"ORDER BY {order} LIMIT ? OFFSET ?")
-    return paged, [*params, end - query.offset, query.offset]
+    return paged, [*params, count, query.offset]
+
+
+def _top_then_sketches(view: View, query: Query, order: str) -> str:
+    """The page ordered and cut by every metric merged in SQL, then joined with the rows of
+    its groups alone to gather their sketches: the same rows as `plan` gives, in `order`."""
+    grouping = _Grouping.of(view, query)
+    summed = [f"{merge_sql(m, _q(n))} AS {_q(n)}" for n, m in view.metrics.items()
+              if not gathered(m)]
+    page_sql = (f"SELECT *, count(*) OVER () AS {PAGE_TOTAL} FROM (SELECT "
+                f"{', '.join([*grouping.keys, *summed])} FROM picked{grouping.group_by}) "
+                f"ORDER BY {order} LIMIT ? OFFSET ?")
+    keys = [f"page.{_q(c)} AS {_q(c)}" for c in ["bucket", *grouping.dims]]
+    metrics = [f"{merge_sql(m, 'picked.' + _q(n))} AS {_q(n)}" if gathered(m)
+               else f"page.{_q(n)} AS {_q(n)}" for n, m in view.metrics.items()]
+    return (f"WITH picked AS (SELECT * FROM merged WHERE {grouping.where}), "
+            f"page AS ({page_sql}) "
+            f"SELECT {', '.join([*keys, *metrics, f'page.{PAGE_TOTAL}'])} FROM page "
+            f"JOIN picked ON {grouping.joins('picked', 'page')} GROUP BY ALL ORDER BY {order}")
 
 
 PAGE_TOTAL = "__rows_in_answer"
@@ -328,48 +386,72 @@ PAGE_TOTAL = "__rows_in_answer"
 def finalize_page(view: View, query: Query, columns: list[str], rows: list[tuple]) -> Page:
     """`paged_plan`'s rows as a page of answers."""
     total = rows[0][columns.index(PAGE_TOTAL)] if rows else 0
-    keep = [i for i, name in enumerate(columns) if name != PAGE_TOTAL]
-    answers = finalize(view, query, [columns[i] for i in keep],
-                       [tuple(row[i] for i in keep) for row in rows])
+    answers = finalize(view, query, columns, rows)
     end = query.offset + min(query.limit or MAX_ROWS, MAX_ROWS)
     return Page(answers, end if end < total else None)
 
 
 def merged_records(view: View, query: Query, columns: list[str], rows: list[tuple]) -> list[dict]:
     """The rows of `plan`'s SQL as records of merged accumulators, bucket in epoch ms."""
-    records = []
-    for row in rows:
-        record = dict(zip(columns, row, strict=True))
-        if record["bucket"] is None:
-            continue  # `total` over no rows at all
-        if query.bucket == "total" and query.start is not None:
-            record["bucket"] = query.start
-        for name, metric in view.metrics.items():
-            record[name] = merged(metric, record[name])
-        records.append(record)
-    return records
+    return _records(_merged_columns(view, query, columns, rows))
+
+
+def _merged_columns(
+    view: View, query: Query, columns: list[str], rows: list[tuple]
+) -> dict[str, list[Any]]:
+    """`merged_records` column by column (but `PAGE_TOTAL`): a step per column, not per
+    value of each row."""
+    if not rows:
+        return {name: [] for name in columns if name != PAGE_TOTAL}
+    transposed = zip(columns, zip(*rows, strict=True), strict=True)
+    data = {name: list(values) for name, values in transposed if name != PAGE_TOTAL}
+    if None in data["bucket"]:  # `total` over no rows at all
+        kept = [i for i, bucket in enumerate(data["bucket"]) if bucket is not None]
+        data = {name: [values[i] for i in kept] for name, values in data.items()}
+    if query.bucket == "total" and query.start is not None:
+        data["bucket"] = [query.start] * len(data["bucket"])
+    for name, metric in view.metrics.items():
+        if gathered(metric) and metric.lone_is_merged:  # `merged`, inlined: it runs per row
+            merge_all = metric.merge_all
+            data[name] = [value[0] if len(value) == 1 and value[0] is not None
+                          else merge_all(value) for value in data[name]]
+        elif gathered(metric):
+            data[name] = [merged(metric, value) for value in data[name]]
+    return data
+
+
+def _records(data: dict[str, list[Any]]) -> list[dict]:
+    return [dict(zip(data, values, strict=True)) for values in zip(*data.values(), strict=True)]
 
 
 def finalize(view: View, query: Query, columns: list[str], rows: list[tuple]) -> list[dict]:
     """Turn merged accumulators into answers, in order (sketches are only known here)."""
-    answers = merged_records(view, query, columns, rows)
+    data = _merged_columns(view, query, columns, rows)
     if query.local_days:
-        answers = _local_days(view, query, answers)
-    for record in answers:
-        record["bucket"] = query.label(record["bucket"])
-        for name, metric in view.metrics.items():
-            record[name] = metric.result(record[name], query.quantiles)
+        rolled = _local_days(view, query, _records(data))
+        data = {name: [record[name] for record in rolled] for name in data}
+    data["bucket"] = [query.label(bucket) for bucket in data["bucket"]]
+    for name, metric in view.metrics.items():
+        if type(metric).result is not Monoid.result:
+            data[name] = [metric.result(value, query.quantiles) for value in data[name]]
     if query.order_by:
-        name, _, direction = query.order_by.partition(":")
-        descending = direction == "desc" or (not direction and name in view.metrics)
-        present = [r for r in answers if r[name] is not None]
-        present.sort(key=lambda r: r[name], reverse=descending)
-        answers = present + [r for r in answers if r[name] is None]  # nulls last, either way
-    for record in answers:
-        for name in view.metrics:
-            if isinstance(record[name], Decimal):
-                record[name] = decimal_text(record[name])
-    return answers
+        data = _ordered(view, query.order_by, data)
+    for name in view.metrics:  # a column's values are all of one type, or None
+        first = next((value for value in data[name] if value is not None), None)
+        if isinstance(first, Decimal):
+            data[name] = [decimal_text(v) if isinstance(v, Decimal) else v for v in data[name]]
+    return _records(data)
+
+
+def _ordered(view: View, order_by: str, data: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """The rows sorted by `order_by` (stable), nulls last either way."""
+    name, _, direction = order_by.partition(":")
+    descending = direction == "desc" or (not direction and name in view.metrics)
+    values = data[name]
+    order = [i for i, value in enumerate(values) if value is not None]
+    order.sort(key=values.__getitem__, reverse=descending)
+    order += [i for i, value in enumerate(values) if value is None]
+    return {column: [held[i] for i in order] for column, held in data.items()}
 
 
 def decimal_text(value: Decimal) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -16,6 +17,16 @@ from lambdalake.views import View
 from lambdalake.viewstate import CellUpdate
 
 Cell = tuple[int, tuple[Any, ...]]  # (bucket, key) within an arrival slice
+
+
+@dataclass(frozen=True)
+class Sliced:
+    """A view's cells as table rows, and the same rows as one table per arrival slice, oldest
+    first: a slice's table stays the same object until a cell of it changes, so a reader can
+    tell which slices are unchanged since it last looked (the newest change most)."""
+
+    parts: tuple[pa.Table, ...]
+    table: pa.Table
 
 
 class RealtimeCells:
@@ -33,7 +44,7 @@ class RealtimeCells:
         # slice's when a cell of it changes, a view's (its slices' tables put together, no
         # copy) when any does. Rebuilding every cell at each publish starved ingestion.
         self._slices: dict[tuple[str, int], pa.Table] = {}
-        self._tables: dict[tuple[str, int], pa.Table] = {}
+        self._tables: dict[tuple[str, int], Sliced] = {}
         self._lock = threading.Lock()
 
     def upsert(self, updates: Iterable[CellUpdate]) -> None:
@@ -65,13 +76,17 @@ class RealtimeCells:
     def table(self, view: View, schema: pa.Schema, cut: int) -> pa.Table:
         """The view's cells at or past `cut` (the serving batch version's for this view,
         `catalog.view_cuts`), as table rows."""
+        return self.sliced(view, schema, cut).table
+
+    def sliced(self, view: View, schema: pa.Schema, cut: int) -> Sliced:
+        """`table`, and its rows slice by slice."""
         with self._lock:
             cached = self._tables.get((view.name, cut))
             if cached is None:
-                parts = [self._slice(view, schema, start)
-                         for start in sorted(self._cells[view.name]) if start >= cut]
-                cached = pa.concat_tables(parts) if parts else schema.empty_table()
-                self._tables[view.name, cut] = cached
+                parts = tuple(self._slice(view, schema, start)
+                              for start in sorted(self._cells[view.name]) if start >= cut)
+                table = pa.concat_tables(parts) if parts else schema.empty_table()
+                cached = self._tables[view.name, cut] = Sliced(parts, table)
             return cached
 
     def _slice(self, view: View, schema: pa.Schema, start: int) -> pa.Table:

@@ -28,7 +28,7 @@ from lambdalake.events import epoch_ms
 from lambdalake.loops import Loops
 from lambdalake.polling import Poller
 from lambdalake.project import Project
-from lambdalake.realtime import RealtimeCells
+from lambdalake.realtime import RealtimeCells, Sliced
 from lambdalake.storage import ObjectStore
 from lambdalake.tables import table_schema
 
@@ -57,7 +57,7 @@ class Reading:
     """A snapshot and, for the views asked for, the real-time cells at or past its cut."""
 
     snapshot: Snapshot
-    realtime: Mapping[str, pa.Table]
+    realtime: Mapping[str, Sliced]
 
 
 class BatchViews(Poller):
@@ -92,7 +92,7 @@ class BatchViews(Poller):
         views = self.project.views
         with self._swap:
             snapshot = self._snapshot
-            cells = {n: self.realtime.table(views[n], self.schemas[n], snapshot.cuts[n])
+            cells = {n: self.realtime.sliced(views[n], self.schemas[n], snapshot.cuts[n])
                      for n in names}
         return Reading(snapshot, cells)
 
@@ -156,7 +156,8 @@ class BatchViews(Poller):
         return max(0, now_ms() - caught_up_at) if caught_up_at else None
 
     def realtime_cells(self) -> int:
-        return sum(table.num_rows for table in self.read(self.project.views).realtime.values())
+        cells = self.read(self.project.views).realtime.values()
+        return sum(sliced.table.num_rows for sliced in cells)
 
     def poll_once(self) -> int:
         return int(self.refresh())

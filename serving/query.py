@@ -1,7 +1,8 @@
 """Merged queries in DuckDB: the kernel's plan over `merged` = batch rows ⊕ real-time cells.
 
 One in-memory DuckDB database, locked down (no file or network access, no extensions), and
-a cursor per request: relations registered on a cursor are visible to that cursor only.
+a cursor per thread, made once (a cursor is a connection: making one per query cost as much
+as a small query): relations registered on a cursor are visible to that cursor only.
 Statements sent to POST /sql never run here: they run in a sandbox worker (sql_sandbox).
 """
 
@@ -30,26 +31,52 @@ from lambdalake.query import (
     paged_plan,
     plan,
 )
+from lambdalake.realtime import Sliced
 from lambdalake.serving.batch_views import BatchViews, Reading, Snapshot
 from lambdalake.serving.models import Freshness
 from lambdalake.serving.sql_sandbox import EncodedRows, Worker
 from lambdalake.views import View
 
 SQL_MAX_ROWS = 10_000
-_MERGED = (
-    "CREATE TEMP VIEW merged AS SELECT * FROM {batch} UNION ALL BY NAME SELECT * FROM cells"
-)
+_MERGED = "merged AS (SELECT * FROM {batch} UNION ALL BY NAME SELECT * FROM cells)"
+# Real-time cells a query scans from Arrow at most, past those a DuckDB table holds: a scan
+# of Arrow costs each query, a table is built once for every query until the cells change.
+CELLS_IN_ARROW = 4096
 
 
 @dataclass
 class _BatchTable:
-    name: str
+    """A batch version's view as two DuckDB tables: ordered by its dimensions then bucket
+    (`by_keys`), for queries filtering dimensions; by bucket then dimensions (`by_bucket`),
+    for time ranges over every key (a top N): each reads few row groups of its own."""
+
+    by_keys: str
+    by_bucket: str
     readers: int = 0
     retired: bool = False
 
+    def name(self, keyed: bool) -> str:
+        return self.by_keys if keyed else self.by_bucket
+
+
+@dataclass
+class _CellsTable:
+    """A view's real-time cells copied into a DuckDB table: the slices `parts` (the very
+    objects, which stay the same until a cell of theirs changes) put together."""
+
+    name: str
+    parts: tuple[pa.Table, ...]
+    readers: int = 0
+    retired: bool = False
+
+    def starts(self, parts: tuple[pa.Table, ...]) -> bool:
+        """Whether these slices, unchanged, are the first of `parts`."""
+        return len(self.parts) <= len(parts) and all(
+            mine is theirs for mine, theirs in zip(self.parts, parts, strict=False))
+
 
 class DuckDB:
-    def __init__(self) -> None:
+    def __init__(self, cells_in_arrow: int = CELLS_IN_ARROW) -> None:
         config = {"enable_external_access": False, "autoinstall_known_extensions": False}
         self._connection = duckdb.connect(config=config)
         self._connection.execute("SET TimeZone = 'UTC'")
@@ -57,11 +84,15 @@ class DuckDB:
         self._lock = threading.Lock()
         self._batch: dict[tuple[str, str], _BatchTable] = {}
         self._tables_made = 0
+        self._cells_in_arrow = cells_in_arrow
+        self._cells: dict[str, list[_CellsTable]] = {}  # per view, the newest last
+        self._building: set[str] = set()  # views whose cells table is being built
+        self._cursors = threading.local()
 
     def cache(self, snapshot: Snapshot) -> None:
-        """Copy a batch version's views into DuckDB tables ordered by their keys, before it is
-        served: queries then filter native, ordered columns rather than scan Arrow each time.
-        The tables of the versions it replaces go once no query reads them."""
+        """Copy a batch version's views into DuckDB tables ordered two ways (`_BatchTable`),
+        before it is served: queries then filter native, ordered columns rather than scan
+        Arrow each time. The tables of the versions it replaces go once no query reads them."""
         if snapshot.version is None:
             return
         for view, table in snapshot.tables.items():
@@ -71,18 +102,22 @@ class DuckDB:
                 self._tables_made += not known
                 name = f"batch_{self._tables_made}"
             if not known:
-                self._create(name, table)
+                held = _BatchTable(f"{name}_by_keys", f"{name}_by_bucket")
+                self._create(held.by_keys, table, by_bucket=False)
+                self._create(held.by_bucket, table, by_bucket=True)
                 with self._lock:
-                    self._batch[key] = _BatchTable(name)
+                    self._batch[key] = held
         with self._lock:
             for key, held in list(self._batch.items()):
                 held.retired = key[0] != snapshot.version
                 self._drop_unread(key)
 
-    def _create(self, name: str, table: pa.Table) -> None:
-        order = ", ".join(f'"{column}"' for column in [*table.column_names[1:], "bucket"]
-                          if not pa.types.is_binary(table.schema.field(column).type)
-                          and not pa.types.is_large_binary(table.schema.field(column).type))
+    def _create(self, name: str, table: pa.Table, *, by_bucket: bool) -> None:
+        columns = [c for c in table.column_names[1:]
+                   if not pa.types.is_binary(table.schema.field(c).type)
+                   and not pa.types.is_large_binary(table.schema.field(c).type)]
+        columns = ["bucket", *columns] if by_bucket else [*columns, "bucket"]
+        order = ", ".join(f'"{column}"' for column in columns)
         with self.cursor({"source": table}) as cursor:
             cursor.execute(f'CREATE TABLE "{name}" AS SELECT * FROM source ORDER BY {order}')
 
@@ -90,12 +125,16 @@ class DuckDB:
         held = self._batch[key]
         if held.retired and not held.readers:
             del self._batch[key]
-            self._connection.execute(f'DROP TABLE "{held.name}"')
+            for name in (held.by_keys, held.by_bucket):
+                self._connection.execute(f'DROP TABLE "{name}"')
 
     @contextmanager
-    def batch_table(self, snapshot: Snapshot, view: str) -> Iterator[str | pa.Table]:
-        """The view's batch part of `snapshot`: its cached table's name while the caller reads
-        it, or the Arrow table when it is not cached."""
+    def batch_table(
+        self, snapshot: Snapshot, view: str, keyed: bool = False
+    ) -> Iterator[str | pa.Table]:
+        """The view's batch part of `snapshot`: the name of its cached table ordered for a
+        query filtering dimensions (`keyed`) or not, while the caller reads it; or the Arrow
+        table when it is not cached."""
         key = (snapshot.version or "", view)
         with self._lock:
             held = self._batch.get(key)
@@ -105,24 +144,85 @@ class DuckDB:
             yield snapshot.tables[view]
             return
         try:
-            yield held.name
+            yield held.name(keyed)
         finally:
             with self._lock:
                 held.readers -= 1
                 self._drop_unread(key)
 
     @contextmanager
+    def cells_tables(self, view: str, cells: Sliced) -> Iterator[tuple[str | None, pa.Table]]:
+        """The view's real-time cells as a DuckDB table holding the older slices (its name,
+        or None) and the Arrow table of the others, while the caller reads them. The table
+        is rebuilt, by one query while the others read the one before, once more than
+        `cells_in_arrow` cells are left to Arrow (cells changed since)."""
+        held, build = self._hold_cells(view, cells)
+        if build:
+            held = self._build_cells(view, cells)
+        if held is None:
+            yield None, cells.table
+            return
+        try:
+            rest = cells.parts[len(held.parts):]
+            yield held.name, pa.concat_tables(rest) if rest else cells.table.schema.empty_table()
+        finally:
+            with self._lock:
+                held.readers -= 1
+                self._drop_unread_cells(view)
+
+    def _hold_cells(self, view: str, cells: Sliced) -> tuple[_CellsTable | None, bool]:
+        """The table holding the most of `cells`' first slices (held for reading), or None;
+        and whether to build a new one."""
+        with self._lock:
+            tables = [held for held in self._cells.get(view, []) if held.starts(cells.parts)]
+            best = max(tables, key=lambda held: len(held.parts), default=None)
+            copied = sum(part.num_rows for part in best.parts) if best else 0
+            build = (cells.table.num_rows - copied > self._cells_in_arrow
+                     and view not in self._building)
+            if build:
+                self._building.add(view)
+            elif best is not None:
+                best.readers += 1
+            return (None if build else best), build
+
+    def _build_cells(self, view: str, cells: Sliced) -> _CellsTable:
+        with self._lock:
+            self._tables_made += 1
+            held = _CellsTable(f"cells_{self._tables_made}", cells.parts, readers=1)
+        try:
+            with self.cursor({"source": cells.table}) as cursor:
+                cursor.execute(f'CREATE TABLE "{held.name}" AS SELECT * FROM source')
+        finally:
+            with self._lock:
+                self._building.discard(view)
+        with self._lock:
+            for older in self._cells.setdefault(view, []):
+                older.retired = True
+            self._cells[view].append(held)
+            self._drop_unread_cells(view)
+        return held
+
+    def _drop_unread_cells(self, view: str) -> None:
+        tables = self._cells.get(view, [])
+        for held in [held for held in tables if held.retired and not held.readers]:
+            tables.remove(held)
+            self._connection.execute(f'DROP TABLE "{held.name}"')
+
+    @contextmanager
     def cursor(
         self, relations: Mapping[str, pa.Table] = MappingProxyType({})
     ) -> Iterator[duckdb.DuckDBPyConnection]:
-        with self._lock:
-            cursor = self._connection.cursor()
+        cursor = getattr(self._cursors, "cursor", None)
+        if cursor is None:
+            with self._lock:
+                cursor = self._cursors.cursor = self._connection.cursor()
         try:
             for name, table in relations.items():
                 cursor.register(name, table)
             yield cursor
         finally:
-            cursor.close()
+            for name in relations:
+                cursor.unregister(name)
 
     def close(self) -> None:
         self._connection.close()
@@ -141,7 +241,8 @@ def layer_rows(
     duck: DuckDB, reading: Reading, view: View, query: Query
 ) -> dict[str, list[dict[str, Any]]]:
     """The answer of each layer alone, from the same reading: `batch` and `realtime`."""
-    layers = {"batch": reading.snapshot.tables[view.name], "realtime": reading.realtime[view.name]}
+    layers = {"batch": reading.snapshot.tables[view.name],
+              "realtime": reading.realtime[view.name].table}
     empty = layers["batch"].schema.empty_table()
     return {name: finalize(view, query, *_rows_of(duck, table, empty, plan(view, query)))
             for name, table in layers.items()}
@@ -151,20 +252,28 @@ def _merged_rows(
     duck: DuckDB, reading: Reading, view: View, query: Query,
     planned: tuple[str, list[Any]] | None = None,
 ) -> tuple[list[str], list[tuple]]:
-    with duck.batch_table(reading.snapshot, view.name) as batch:
-        return _rows_of(duck, batch, reading.realtime[view.name], planned or plan(view, query))
+    keyed = bool(query.filters or query.prefixes)
+    with (duck.batch_table(reading.snapshot, view.name, keyed) as batch,
+          duck.cells_tables(view.name, reading.realtime[view.name]) as (copied, cells)):
+        return _rows_of(duck, batch, cells, planned or plan(view, query), copied)
 
 
 def _rows_of(
-    duck: DuckDB, batch: str | pa.Table, cells: pa.Table, planned: tuple[str, list[Any]]
+    duck: DuckDB, batch: str | pa.Table, cells: pa.Table, planned: tuple[str, list[Any]],
+    copied: str | None = None,
 ) -> tuple[list[str], list[tuple]]:
-    """Rows of the planned SQL over batch (a cached table's name, or Arrow) ⊕ cells."""
+    """Rows of the planned SQL over batch (a cached table's name, or Arrow) ⊕ cells (Arrow,
+    and the cells `copied` into a DuckDB table of that name, if any)."""
     relations = {"cells": cells} if isinstance(batch, str) else {"batch_rows": batch,
                                                                   "cells": cells}
+    batch_sql = f'"{batch}"' if isinstance(batch, str) else "batch_rows"
+    if copied is not None:
+        batch_sql += f' UNION ALL BY NAME SELECT * FROM "{copied}"'
+    sql, params = planned
+    merged = _MERGED.format(batch=batch_sql)
+    sql = f"WITH {merged}, {sql[5:]}" if sql.startswith("WITH ") else f"WITH {merged} {sql}"
     with duck.cursor(relations) as cursor:
-        cursor.execute(_MERGED.format(batch=f'"{batch}"' if isinstance(batch, str)
-                                      else "batch_rows"))
-        result = cursor.execute(*planned)
+        result = cursor.execute(sql, params)
         return [column[0] for column in result.description], result.fetchall()
 
 

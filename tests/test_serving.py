@@ -40,7 +40,10 @@ from lambdalake.batch.run import prune_versions, rollback
 from lambdalake.eventlog import now_ms
 from lambdalake.events import Event, epoch_ms, iso
 from lambdalake.example import project
+from lambdalake.query import parse
 from lambdalake.realtime import RealtimeCells
+from lambdalake.serving.batch_views import BatchViews
+from lambdalake.serving.query import DuckDB, view_page
 from lambdalake.serving.server import ServerThread, build_server
 from lambdalake.settings import Settings
 from lambdalake.storage import FileStore, ObjectStore, S3Store
@@ -472,6 +475,36 @@ def test_merged_answer_equals_a_recompute_for_any_cut(
         width = {"hour": HOUR, "day": DAY, "total": None}[bucket]
         rows = lake.rows(bucket=bucket)
         assert answered(rows, total=width is None) == expected_pageviews(records, width)
+
+
+@pytest.mark.parametrize("cells_in_arrow", [0, 30, 10**9])
+def test_real_time_cells_copied_into_duckdb_answer_exactly(
+    tmp_path: Path, traffic: list[Record], cells_in_arrow: int
+) -> None:
+    """Serving copies the real-time cells into DuckDB and scans from Arrow only the slices
+    changed since, rebuilding the copy past `cells_in_arrow` cells left to Arrow: at each
+    query (0), now and then (30), never (10**9). As cells arrive in any slice, old or new,
+    every answer, the top N too, equals the recompute."""
+    store, realtime = FileStore(tmp_path / "lake"), RealtimeCells(project)
+    publish(store, "v1", CUT_1, traffic)
+    duck = DuckDB(cells_in_arrow=cells_in_arrow)
+    views = BatchViews(project, store, realtime, prepare=duck.cache)
+    views.refresh()
+    state, schema = ViewState(project, MINUTE, DAY), project.schemas[PAGEVIEWS.event_type]
+    batch = [record for record in traffic if record[1] < CUT_1]
+    for upto in (100, 200, len(traffic)):  # arrivals in random order: old slices change too
+        state.apply_all(traffic[upto - 100 if upto < len(traffic) else 200 : upto])
+        realtime.upsert(state.drain())
+        seen = batch + [record for record in traffic[:upto] if record[1] >= CUT_1]
+        for bucket, width in (("hour", HOUR), ("total", None)):
+            query = parse(PAGEVIEWS, schema, bucket=bucket)
+            rows = view_page(duck, views.read([PAGEVIEWS.name]), PAGEVIEWS, query).rows
+            assert answered(rows, total=width is None) == expected_pageviews(seen, width)
+        top = parse(PAGEVIEWS, schema, bucket="total", order_by="pageviews", limit=2)
+        rows = view_page(duck, views.read([PAGEVIEWS.name]), PAGEVIEWS, top).rows
+        totals = sorted(expected_pageviews(seen, None).items(), key=lambda item: -item[1][0])
+        assert answered(rows, total=True) == dict(totals[:2])
+    duck.close()
 
 
 @pytest.mark.s3
