@@ -19,7 +19,7 @@ above 1% misses).
 Every figure is the median of 3 runs (`--runs`), with its min and max under `runs`.
 
     .venv/bin/python bench/speed.py [--events 500000] [--runs 3] [--faust-events 100000]
-    .venv/bin/python bench/speed.py --freshness-only [--runs 1]
+    .venv/bin/python bench/speed.py --freshness-only [--runs 1] [--rate 5000]
 
 `--freshness-only` skips the throughput parts and also says where the probes' delay went:
 from the gateway's produce to the speed worker's realtime record (both Kafka timestamps),
@@ -66,6 +66,7 @@ FRESHNESS_RATE = 5_000
 LOAD_SENDERS = 4  # HTTP clients sending the steady load at once
 FRESHNESS_SECONDS = 15  # per run
 PROBE_EVERY_S = 0.05
+ANSWER_MS: list[float] = []  # how long each GET of the watched view took
 VISIBLE_WITHIN_S = 10.0  # a probe not counted by then is a miss
 PROBED_VIEW = "pageviews_by_url_hour"
 FRESH_TOPIC = "bench.fresh"
@@ -348,8 +349,10 @@ def watch(view_url: str, stop: threading.Event, visible: dict[str, float]) -> No
     """Query the view over and over; when each probe url is first counted in an answer."""
     with httpx.Client(timeout=30) as client:
         while not stop.is_set():
+            asked = time.perf_counter()
             reply = client.get(view_url, params={"bucket": "total", "group_by": "url"})
             answered = time.perf_counter()
+            ANSWER_MS.append((answered - asked) * 1000)
             for row in reply.json()["rows"]:
                 if row["url"].startswith("/probe/") and row["pageviews"] >= 1:
                     visible.setdefault(row["url"], answered)
@@ -374,7 +377,8 @@ def freshness_run(stack: Lambdalake, run: int, visible: dict[str, float],
 
 def freshness(broker: KafkaBroker, home: Path, runs: int,
               acked: dict[str, float] | None = None,
-              visible: dict[str, float] | None = None) -> tuple[list[dict[str, float]], float]:
+              visible: dict[str, float] | None = None,
+              rate: int = FRESHNESS_RATE) -> tuple[list[dict[str, float]], float]:
     """Freshness runs on one running stack under the steady load; the load achieved (events/s).
     Every probe's 202 and first counting answer go to `acked` and `visible` (perf_counter)."""
     acked = {} if acked is None else acked
@@ -382,7 +386,7 @@ def freshness(broker: KafkaBroker, home: Path, runs: int,
     with Lambdalake(broker, home) as stack:
         stop, sent = threading.Event(), [0] * LOAD_SENDERS
         load = threading.Thread(target=steady_load,
-                                args=(stack.url(stack.gateway, "/events"), stop, sent))
+                                args=(stack.url(stack.gateway, "/events"), stop, sent, rate))
         watcher = threading.Thread(
             target=watch, args=(stack.url(stack.api, f"/views/{PROBED_VIEW}"), stop, visible))
         started = time.perf_counter()
@@ -436,6 +440,7 @@ def stages(bootstrap: str, acked: dict[str, float], visible: dict[str, float]) -
             shares["produce -> realtime record"].append(folded[url] - produced[url])
             shares["realtime record -> counted"].append(seen_ms - folded[url])
             shares["202 -> counted"].append(seen_ms - ack_ms)
+    shares["GET /views answer"] = ANSWER_MS
     for name, values in shares.items():
         values.sort()
         if values:
@@ -474,9 +479,11 @@ def main() -> None:
                         help="events the Faust driver and the no-op agent read (Faust is slow)")
     parser.add_argument("--freshness-only", action="store_true",
                         help="skip the throughput parts; say where the probes' delay went")
+    parser.add_argument("--rate", type=int, default=FRESHNESS_RATE,
+                        help="events/s of the steady load (with --freshness-only)")
     args = parser.parse_args()
     if args.freshness_only:
-        freshness_only(args.runs)
+        freshness_only(args.runs, args.rate)
         return
     n, runs, faust_n = args.events, args.runs, min(args.faust_events, args.events)
     home = Path(tempfile.mkdtemp(prefix="lambdalake-bench-"))
@@ -508,13 +515,13 @@ def main() -> None:
     print(json.dumps(report(figures, fresh, load_eps, runs)))
 
 
-def freshness_only(runs: int) -> None:
+def freshness_only(runs: int, rate: int) -> None:
     home = Path(tempfile.mkdtemp(prefix="lambdalake-bench-"))
     say(f"load before: {os.getloadavg()}")
     acked: dict[str, float] = {}
     visible: dict[str, float] = {}
     with KafkaBroker(heap="1g") as broker:
-        fresh, load_eps = freshness(broker, home / "fresh", runs, acked, visible)
+        fresh, load_eps = freshness(broker, home / "fresh", runs, acked, visible, rate)
         stages(broker.bootstrap, acked, visible)
     say(f"load after: {os.getloadavg()}")
     print(json.dumps(freshness_figures(fresh, load_eps, {}, runs)))

@@ -2,8 +2,9 @@
 
 Built on Quix Streams' Kafka layer (`quixstreams.kafka`, librdkafka) in micro-batches, not on
 its per-message dataframe: records are consumed 10,000 at a time and folded into one
-in-memory `ViewState` per event partition; every `flush_interval_ms` (every 500 ms while
-reading a backlog) one Kafka transaction writes what changed (cell values to the compacted
+in-memory `ViewState` per event partition; once read to the end of its partitions (at least
+every 500 ms and `flush_interval_ms` while reading a backlog) one Kafka transaction writes
+what changed (cell values to the compacted
 realtime topic, dedup ids and arrival to the compacted changelog, dead letters) together with
 the consumed offsets. A worker killed at any moment restarts from the last committed
 transaction: the state it rebuilds from the two compacted topics and the offsets it resumes
@@ -39,7 +40,7 @@ log = logging.getLogger("lambdalake.speed.quix")
 BATCH = 10_000
 IDLE_COMMIT_S = 1.0
 BACKLOG_FLUSH_S = 0.5  # real-time views are published at least this often
-MIN_WAIT_S = 0.02  # no busy loop while idle between commits
+IDLE_WAIT_S = 0.1  # for the next record
 CATALOG_EVERY_S = 1.0
 KAFKA_TIMEOUT_S = 60.0
 
@@ -101,10 +102,13 @@ class QuixSpeed:
 
     def step(self) -> None:
         started = now_ms()
-        wait = self.flush_s - (time.monotonic() - self._last_commit)
-        messages = self.consumer.consume(BATCH, min(max(wait, MIN_WAIT_S), 0.1))
+        # Wakes at the first record, then takes what has come with it: a consume of many
+        # waits its whole timeout for a full batch.
+        messages = self.consumer.consume(1, IDLE_WAIT_S)
+        messages += self.consumer.consume(BATCH - 1, 0)
         self._take_all(messages)
-        if len(messages) < BATCH:
+        at_end = self._at_end()
+        if at_end:
             for part in self.parts.values():
                 part.caught_up_at = started
         self._changed |= bool(messages)
@@ -112,11 +116,21 @@ class QuixSpeed:
         if now - self._last_catalog >= CATALOG_EVERY_S:
             self.follow_batch()
         since = now - self._last_commit
-        # A transaction costs tens of ms: while reading a backlog (full batches), whose
-        # events are late already, commit at the published bound rather than the cadence.
-        due = max(self.flush_s, BACKLOG_FLUSH_S) if len(messages) == BATCH else self.flush_s
+        # Read to the end, what changed is published at once (the transaction's own tens of
+        # ms batch what comes meanwhile); while reading a backlog, whose events are late
+        # already, at the published bound.
+        due = 0.0 if at_end else max(self.flush_s, BACKLOG_FLUSH_S)
         if since >= due and (self._changed or since >= IDLE_COMMIT_S):
             self.commit()
+
+    def _at_end(self) -> bool:
+        """Whether every partition was read to its end as last fetched (read committed)."""
+        for part in self.parts.values():
+            tp = TopicPartition(self.topic, part.partition)
+            _low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            if part.next_offset is not None and part.next_offset < high:
+                return False
+        return True
 
     def _take_all(self, messages: list[Message]) -> None:
         """Fold a consumed batch in, partition by partition, each in its order."""
