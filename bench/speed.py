@@ -67,7 +67,8 @@ LOAD_SENDERS = 4  # HTTP clients sending the steady load at once
 FRESHNESS_SECONDS = 15  # per run
 PROBE_EVERY_S = 0.05
 ANSWER_MS: list[float] = []  # how long each GET of the watched view took
-VISIBLE_WITHIN_S = 10.0  # a probe not counted by then is a miss
+VISIBLE_WITHIN_S = 10.0
+SETTLE_WITHIN_S = 180.0  # a probe not counted by then is a miss
 PROBED_VIEW = "pageviews_by_url_hour"
 FRESH_TOPIC = "bench.fresh"
 WALL_MS = (time.time() - time.perf_counter()) * 1000  # perf_counter -> wall-clock ms
@@ -375,6 +376,20 @@ def freshness_run(stack: Lambdalake, run: int, visible: dict[str, float],
             "probes": len(delays)}
 
 
+def settle(events_url: str, visible: dict[str, float]) -> None:
+    """Until a first probe is counted: the speed worker has joined its group and the load
+    has settled (a machine under load takes far longer than a fixed pause would allow)."""
+    httpx.post(events_url, json={"event_id": uuid.uuid4().hex, "type": "pageview",
+                                 "ts": int(time.time() * 1000), "url": "/probe/settle",
+                                 "user_id": "probe"}, timeout=30).raise_for_status()
+    deadline = time.perf_counter() + SETTLE_WITHIN_S
+    while "/probe/settle" not in visible:
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"no probe counted within {SETTLE_WITHIN_S:.0f} s of the start")
+        time.sleep(0.1)
+    time.sleep(5)  # the backlog of the start is read
+
+
 def freshness(broker: KafkaBroker, home: Path, runs: int,
               acked: dict[str, float] | None = None,
               visible: dict[str, float] | None = None,
@@ -391,8 +406,8 @@ def freshness(broker: KafkaBroker, home: Path, runs: int,
             target=watch, args=(stack.url(stack.api, f"/views/{PROBED_VIEW}"), stop, visible))
         started = time.perf_counter()
         load.start()
-        time.sleep(5)  # the speed worker joins its group and the load settles
         watcher.start()
+        settle(stack.url(stack.gateway, "/events"), visible)
         results = [freshness_run(stack, run, visible, acked) for run in range(runs)]
         stop.set()
         load.join()
