@@ -275,11 +275,12 @@ class Lambdalake:
         while time.monotonic() < deadline:
             try:
                 if httpx.get(self.url(self.api, "/readyz"), timeout=2).status_code == 200:
+                    socket.create_connection(("127.0.0.1", self.gateway), timeout=2).close()
                     return self
-            except httpx.TransportError:
+            except (httpx.TransportError, OSError):
                 pass
             time.sleep(0.5)
-        raise RuntimeError("lambdalake up did not become ready in 120 s")
+        raise RuntimeError("lambdalake up (API and gateway) did not become ready in 120 s")
 
     def __exit__(self, *exc: object) -> None:
         self.process.terminate()
