@@ -19,6 +19,12 @@ above 1% misses).
 Every figure is the median of 3 runs (`--runs`), with its min and max under `runs`.
 
     .venv/bin/python bench/speed.py [--events 500000] [--runs 3] [--faust-events 100000]
+    .venv/bin/python bench/speed.py --freshness-only [--runs 1] [--rate 5000]
+
+`--freshness-only` skips the throughput parts and also says where the probes' delay went:
+from the gateway's produce to the speed worker's realtime record (both Kafka timestamps),
+from that record to the first answer counting the probe (the transaction's commit, the
+serving feed, the query), and the gateway's own share (its produce to its 202).
 
 The last line printed is one JSON object with every figure.
 """
@@ -48,7 +54,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka.admin import AdminClient
 
 from lambdalake.example import project
-from lambdalake.kafka_topics import ensure_bus_topics, topic_specs
+from lambdalake.kafka_topics import ensure_bus_topics, realtime_topic, topic_specs
 from lambdalake.settings import Settings
 from lambdalake.storage import open_store
 from lambdalake.synthetic import WebAnalyticsStream
@@ -60,8 +66,12 @@ FRESHNESS_RATE = 5_000
 LOAD_SENDERS = 4  # HTTP clients sending the steady load at once
 FRESHNESS_SECONDS = 15  # per run
 PROBE_EVERY_S = 0.05
-VISIBLE_WITHIN_S = 10.0  # a probe not counted by then is a miss
+ANSWER_MS: list[float] = []  # how long each GET of the watched view took
+VISIBLE_WITHIN_S = 10.0
+SETTLE_WITHIN_S = 180.0  # a probe not counted by then is a miss
 PROBED_VIEW = "pageviews_by_url_hour"
+FRESH_TOPIC = "bench.fresh"
+WALL_MS = (time.time() - time.perf_counter()) * 1000  # perf_counter -> wall-clock ms
 NOOP_FAUST = '''
 import json, sys, time
 import faust
@@ -248,7 +258,7 @@ class Lambdalake:
 
     def __init__(self, broker: KafkaBroker, home: Path):
         self.gateway, self.api = free_port(), free_port()
-        env = dict(os.environ, LAMBDALAKE_HOME=str(home), LAMBDALAKE_TOPIC="bench.fresh",
+        env = dict(os.environ, LAMBDALAKE_HOME=str(home), LAMBDALAKE_TOPIC=FRESH_TOPIC,
                    LAMBDALAKE_PARTITIONS=str(PARTITIONS), LAMBDALAKE_STORE=(home / "lake").as_uri(),
                    LAMBDALAKE_GATEWAY_PORT=str(self.gateway), LAMBDALAKE_API_PORT=str(self.api),
                    LAMBDALAKE_SPEED_METRICS_PORT=str(free_port()))
@@ -265,11 +275,12 @@ class Lambdalake:
         while time.monotonic() < deadline:
             try:
                 if httpx.get(self.url(self.api, "/readyz"), timeout=2).status_code == 200:
+                    socket.create_connection(("127.0.0.1", self.gateway), timeout=2).close()
                     return self
-            except httpx.TransportError:
+            except (httpx.TransportError, OSError):
                 pass
             time.sleep(0.5)
-        raise RuntimeError("lambdalake up did not become ready in 120 s")
+        raise RuntimeError("lambdalake up (API and gateway) did not become ready in 120 s")
 
     def __exit__(self, *exc: object) -> None:
         self.process.terminate()
@@ -340,15 +351,19 @@ def watch(view_url: str, stop: threading.Event, visible: dict[str, float]) -> No
     """Query the view over and over; when each probe url is first counted in an answer."""
     with httpx.Client(timeout=30) as client:
         while not stop.is_set():
+            asked = time.perf_counter()
             reply = client.get(view_url, params={"bucket": "total", "group_by": "url"})
             answered = time.perf_counter()
+            ANSWER_MS.append((answered - asked) * 1000)
             for row in reply.json()["rows"]:
                 if row["url"].startswith("/probe/") and row["pageviews"] >= 1:
                     visible.setdefault(row["url"], answered)
 
 
-def freshness_run(stack: Lambdalake, run: int, visible: dict[str, float]) -> dict[str, float]:
+def freshness_run(stack: Lambdalake, run: int, visible: dict[str, float],
+                  all_acked: dict[str, float]) -> dict[str, float]:
     acked = probe(stack.url(stack.gateway, "/events"), FRESHNESS_SECONDS, run)
+    all_acked.update(acked)
     deadline = time.perf_counter() + VISIBLE_WITHIN_S
     while time.perf_counter() < deadline and not all(url in visible for url in acked):
         time.sleep(0.1)
@@ -362,23 +377,91 @@ def freshness_run(stack: Lambdalake, run: int, visible: dict[str, float]) -> dic
             "probes": len(delays)}
 
 
-def freshness(broker: KafkaBroker, home: Path, runs: int) -> tuple[list[dict[str, float]], float]:
-    """Freshness runs on one running stack under the steady load; the load achieved (events/s)."""
+def settle(events_url: str, visible: dict[str, float]) -> None:
+    """Until a first probe is counted: the speed worker has joined its group and the load
+    has settled (a machine under load takes far longer than a fixed pause would allow)."""
+    httpx.post(events_url, json={"event_id": uuid.uuid4().hex, "type": "pageview",
+                                 "ts": int(time.time() * 1000), "url": "/probe/settle",
+                                 "user_id": "probe"}, timeout=30).raise_for_status()
+    deadline = time.perf_counter() + SETTLE_WITHIN_S
+    while "/probe/settle" not in visible:
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"no probe counted within {SETTLE_WITHIN_S:.0f} s of the start")
+        time.sleep(0.1)
+    time.sleep(5)  # the backlog of the start is read
+
+
+def freshness(broker: KafkaBroker, home: Path, runs: int,
+              acked: dict[str, float] | None = None,
+              visible: dict[str, float] | None = None,
+              rate: int = FRESHNESS_RATE) -> tuple[list[dict[str, float]], float]:
+    """Freshness runs on one running stack under the steady load; the load achieved (events/s).
+    Every probe's 202 and first counting answer go to `acked` and `visible` (perf_counter)."""
+    acked = {} if acked is None else acked
+    visible = {} if visible is None else visible
     with Lambdalake(broker, home) as stack:
-        stop, sent, visible = threading.Event(), [0] * LOAD_SENDERS, {}
+        stop, sent = threading.Event(), [0] * LOAD_SENDERS
         load = threading.Thread(target=steady_load,
-                                args=(stack.url(stack.gateway, "/events"), stop, sent))
+                                args=(stack.url(stack.gateway, "/events"), stop, sent, rate))
         watcher = threading.Thread(
             target=watch, args=(stack.url(stack.api, f"/views/{PROBED_VIEW}"), stop, visible))
         started = time.perf_counter()
         load.start()
-        time.sleep(5)  # the speed worker joins its group and the load settles
         watcher.start()
-        results = [freshness_run(stack, run, visible) for run in range(runs)]
+        settle(stack.url(stack.gateway, "/events"), visible)
+        results = [freshness_run(stack, run, visible, acked) for run in range(runs)]
         stop.set()
         load.join()
         watcher.join()
         return results, sum(sent) / (time.perf_counter() - started)
+
+
+def first_times(bootstrap: str, topic: str,
+                url_of: Callable[[Any], str | None]) -> dict[str, float]:
+    """Each probe url's first record's Kafka timestamp (ms) in `topic`, read to its end."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": uuid.uuid4().hex,
+                         "enable.partition.eof": True, "isolation.level": "read_committed",
+                         "auto.offset.reset": "earliest"})
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
+    first: dict[str, float] = {}
+    at_end: set[int] = set()
+    while len(at_end) < PARTITIONS:
+        for message in consumer.consume(10_000, 1.0):
+            if message.error() is not None:
+                at_end.add(message.partition())
+                continue
+            url = url_of(message)
+            if url is not None and url not in first:
+                first[url] = message.timestamp()[1]
+    consumer.close()
+    return first
+
+
+def probe_url(text: bytes | None) -> str | None:
+    start = text.find(b"/probe/") if text else -1
+    return None if start < 0 or text is None else text[start:].split(b'"')[0].decode()
+
+
+def stages(bootstrap: str, acked: dict[str, float], visible: dict[str, float]) -> None:
+    """Where the delay of the probes went (medians and p99s, ms)."""
+    produced = first_times(bootstrap, FRESH_TOPIC, lambda m: probe_url(m.value()))
+    folded = first_times(bootstrap, realtime_topic(FRESH_TOPIC), lambda m: probe_url(m.key()))
+    shares: dict[str, list[float]] = {"gateway produce -> 202": [],
+                                      "produce -> realtime record": [],
+                                      "realtime record -> counted": [], "202 -> counted": []}
+    for url, ack in acked.items():
+        if url in produced and url in folded and url in visible:
+            ack_ms, seen_ms = WALL_MS + ack * 1000, WALL_MS + visible[url] * 1000
+            shares["gateway produce -> 202"].append(ack_ms - produced[url])
+            shares["produce -> realtime record"].append(folded[url] - produced[url])
+            shares["realtime record -> counted"].append(seen_ms - folded[url])
+            shares["202 -> counted"].append(seen_ms - ack_ms)
+    shares["GET /views answer"] = ANSWER_MS
+    for name, values in shares.items():
+        values.sort()
+        if values:
+            say(f"stage {name}: p50 {statistics.median(values):.0f} ms, "
+                f"p99 {values[math.ceil(len(values) * 0.99) - 1]:.0f} ms ({len(values)} probes)")
 
 
 # -- figures ----------------------------------------------------------------------------------
@@ -410,7 +493,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--faust-events", type=int, default=100_000,
                         help="events the Faust driver and the no-op agent read (Faust is slow)")
+    parser.add_argument("--freshness-only", action="store_true",
+                        help="skip the throughput parts; say where the probes' delay went")
+    parser.add_argument("--rate", type=int, default=FRESHNESS_RATE,
+                        help="events/s of the steady load (with --freshness-only)")
     args = parser.parse_args()
+    if args.freshness_only:
+        freshness_only(args.runs, args.rate)
+        return
     n, runs, faust_n = args.events, args.runs, min(args.faust_events, args.events)
     home = Path(tempfile.mkdtemp(prefix="lambdalake-bench-"))
     say(f"load before: {os.getloadavg()}")
@@ -439,6 +529,18 @@ def main() -> None:
         fresh, load_eps = freshness(broker, home / "fresh", runs)
     say(f"load after: {os.getloadavg()}")
     print(json.dumps(report(figures, fresh, load_eps, runs)))
+
+
+def freshness_only(runs: int, rate: int) -> None:
+    home = Path(tempfile.mkdtemp(prefix="lambdalake-bench-"))
+    say(f"load before: {os.getloadavg()}")
+    acked: dict[str, float] = {}
+    visible: dict[str, float] = {}
+    with KafkaBroker(heap="1g") as broker:
+        fresh, load_eps = freshness(broker, home / "fresh", runs, acked, visible, rate)
+        stages(broker.bootstrap, acked, visible)
+    say(f"load after: {os.getloadavg()}")
+    print(json.dumps(freshness_figures(fresh, load_eps, {}, runs)))
 
 
 def freshness_figures(fresh: list[dict[str, float]], load_eps: float,

@@ -162,7 +162,10 @@ class RealtimeFeed(Poller):
         """Apply what the topic has; the number of records read."""
         from confluent_kafka import KafkaError, KafkaException
 
-        messages = self.consumer.consume(BATCH, timeout)
+        # Wakes at the first record, then takes what has come with it: a consume of many
+        # waits its whole timeout for a full batch, and so would hold a fresh update back.
+        messages = self.consumer.consume(1, timeout)
+        messages += self.consumer.consume(BATCH - 1, 0)
         updates: list[CellUpdate] = []
         for message in messages:
             error = message.error()

@@ -2,14 +2,15 @@
 
 Built on Quix Streams' Kafka layer (`quixstreams.kafka`, librdkafka) in micro-batches, not on
 its per-message dataframe: records are consumed 10,000 at a time and folded, up to 50,000
-at once before each transaction, into one in-memory `ViewState` per event partition;
-every `flush_interval_ms` (every 500 ms while reading a backlog) one Kafka transaction
-writes what changed (cell values to the compacted realtime topic, dedup ids and arrival to
-the compacted changelog, dead letters) together with the consumed offsets. A worker killed
-at any moment restarts from the last committed transaction: the state it rebuilds from the
-two compacted topics and the offsets it resumes from were committed together, so no event
-is counted twice or lost. The transactional id is stable per worker, so a restarted worker
-fences its previous incarnation and aborts its open transaction at once.
+at once before each transaction, into one in-memory `ViewState` per event partition; once
+read to the end of its partitions (at least every 500 ms and `flush_interval_ms` while
+reading a backlog) one Kafka transaction writes what changed (cell values to the compacted
+realtime topic, dedup ids and arrival to the compacted changelog, dead letters) together
+with the consumed offsets. A worker killed at any moment restarts from the last committed
+transaction: the state it rebuilds from the two compacted topics and the offsets it resumes
+from were committed together, so no event is counted twice or lost. The transactional id is
+stable per worker, so a restarted worker fences its previous incarnation and aborts its open
+transaction at once.
 
     python -m lambdalake.speed.quix [--worker-id NAME]     (settings from LAMBDALAKE_* variables)
 """
@@ -44,7 +45,7 @@ BATCH = 10_000
 FOLD_AT = 50_000
 IDLE_COMMIT_S = 1.0
 BACKLOG_FLUSH_S = 0.5  # real-time views are published at least this often
-MIN_WAIT_S = 0.02  # no busy loop while idle between commits
+IDLE_WAIT_S = 0.1  # for the next record
 CATALOG_EVERY_S = 1.0
 KAFKA_TIMEOUT_S = 60.0
 
@@ -107,12 +108,15 @@ class QuixSpeed:
 
     def step(self) -> None:
         started = now_ms()
-        wait = self.flush_s - (time.monotonic() - self._last_commit)
-        messages = self.consumer.consume(BATCH, min(max(wait, MIN_WAIT_S), 0.1))
+        # Wakes at the first record, then takes what has come with it: a consume of many
+        # waits its whole timeout for a full batch.
+        messages = self.consumer.consume(1, IDLE_WAIT_S)
+        messages += self.consumer.consume(BATCH - 1, 0)
         self._pending += messages
         if len(self._pending) >= FOLD_AT:
             self._fold_pending()
-        if len(messages) < BATCH:
+        at_end = self._at_end()
+        if at_end:
             for part in self.parts.values():
                 part.caught_up_at = started
         self._changed |= bool(messages)
@@ -120,11 +124,23 @@ class QuixSpeed:
         if now - self._last_catalog >= CATALOG_EVERY_S:
             self.follow_batch()
         since = now - self._last_commit
-        # A transaction costs tens of ms: while reading a backlog (full batches), whose
-        # events are late already, commit at the published bound rather than the cadence.
-        due = max(self.flush_s, BACKLOG_FLUSH_S) if len(messages) == BATCH else self.flush_s
+        # Read to the end, what changed is published at once (the transaction's own tens of
+        # ms batch what comes meanwhile); while reading a backlog, whose events are late
+        # already, at the published bound.
+        due = 0.0 if at_end else max(self.flush_s, BACKLOG_FLUSH_S)
         if since >= due and (self._changed or since >= IDLE_COMMIT_S):
             self.commit()
+
+    def _at_end(self) -> bool:
+        """Whether every partition was consumed to its end as last fetched (read committed);
+        consumed, not folded yet: the position is librdkafka's."""
+        wanted = [TopicPartition(self.topic, number) for number in self.parts]
+        for tp in self.consumer.position(wanted):
+            _low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            position = tp.offset if tp.offset >= 0 else self.parts[tp.partition].next_offset
+            if position is not None and position < high:
+                return False
+        return True
 
     def _fold_pending(self) -> None:
         """Fold the consumed batches in, partition by partition, each in its order."""

@@ -532,6 +532,22 @@ def test_poison_goes_to_the_dead_letter_topic_and_the_partition_keeps_flowing(
     assert (after["json"] - before["json"], after["schema"] - before["schema"]) == (1, 4)
 
 
+@pytest.mark.kafka
+@needs_java
+def test_the_quix_worker_publishes_once_read_to_the_end_not_at_its_cadence(
+    broker: KafkaBroker, tmp_path: Path
+) -> None:
+    """Caught up, the worker commits what it read at once: events are served exactly within
+    seconds although the backlog cadence (`flush_interval_ms`) is 60 s."""
+    s = kafka_settings(broker, tmp_path, flush_interval_ms=60_000)
+    first, second = synthetic(50, seed=21), synthetic(50, seed=22)
+    with feed_of(s) as cells, in_process_worker(s):
+        publish_raw(s.kafka_bootstrap, s.topic, encoded(first))
+        wait_exact(lambda: served(cells, [], 0), recompute(first), timeout=30)
+        publish_raw(s.kafka_bootstrap, s.topic, encoded(second))
+        wait_exact(lambda: served(cells, [], 0), recompute(first + second), timeout=20)
+
+
 def dead_letters(settings: Settings, engine: str) -> dict[str, float]:
     """The speed layer's dead-letter counters: this process's for the Quix driver (a thread
     here), scraped from the worker's /metrics for Faust (a fresh process: zero before)."""
