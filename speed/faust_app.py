@@ -99,6 +99,9 @@ class FaustSpeed:
         self.floor = 0  # the lowest cut of a kept batch version: slices below it are dropped
         self._sent: list[Any] = []  # the current batch's sends, awaited before its commit
         self._rewound: dict[int, float] = {}  # partition -> when it was last rewound
+        # held by a batch from its fold to its commit, and by a rebalance: a revoked
+        # partition's batch is committed before it is given up, like the Quix driver's
+        self._batch = asyncio.Lock()
         events = self.app.topic(settings.topic, acks=False, **RAW)
         self.app.agent(events, name="speed")(self.process)
         self.app.timer(1.0)(self.follow_batch)
@@ -107,14 +110,18 @@ class FaustSpeed:
 
     async def process(self, stream: Any) -> None:
         async for batch in stream.take_events(BATCH, within=self.flush_s):
-            started, self._sent = now_ms(), []
-            touched = await self._fold(batch)
-            for part in touched:
-                if len(batch) < BATCH:
-                    part.caught_up_at = started
-                await self._write(part)
-            await asyncio.gather(*self._sent)
-            await self._commit(touched)
+            async with self._batch:
+                await self._process(batch)
+
+    async def _process(self, batch: list[Any]) -> None:
+        started, self._sent = now_ms(), []
+        touched = await self._fold(batch)
+        for part in touched:
+            if len(batch) < BATCH:
+                part.caught_up_at = started
+            await self._write(part)
+        await asyncio.gather(*self._sent)
+        await self._commit(touched)
 
     async def _fold(self, batch: list[Any]) -> list[PartitionState]:
         """Fold a batch into its partitions' states, column-wise where it can (`take_all`);
@@ -209,15 +216,24 @@ class FaustSpeed:
             part.follow(self.floor)
 
     async def revoked(self, app: Any, revoked: Any, **_: Any) -> None:
-        """Forget revoked partitions (a batch in flight for one is fenced by its new owner)."""
-        for tp in revoked:
-            if tp.topic == self.settings.topic:
-                self.parts.pop(tp.partition, None)
+        """Give revoked partitions up once the batch in flight is committed: forget their
+        state and stop their transactional producers. Faust would keep a revoked
+        partition's producer, fenced once its new owner starts one, and reuse it if the
+        partition came back; a new one is started when it is assigned again."""
+        async with self._batch:
+            for tp in revoked:
+                if tp.topic == self.settings.topic:
+                    self.parts.pop(tp.partition, None)
+                    await self.app.producer.stop_transaction(self._transaction_id(tp.partition))
 
     async def assigned(self, app: Any, assigned: Any, **_: Any) -> None:
         """Rebuild the state of the partitions given, before any of their records is read.
         Faust has by now begun their transactions, which aborts any a killed worker left
         open, so what is read is what the committed offsets were committed with."""
+        async with self._batch:
+            await self._assign(assigned)
+
+    async def _assign(self, assigned: Any) -> None:
         numbers = sorted(tp.partition for tp in assigned if tp.topic == self.settings.topic)
         fresh = [n for n in numbers if n not in self.parts]
         # Blocks the loop on purpose: no record of these partitions may be folded meanwhile
