@@ -97,7 +97,6 @@ class FaustSpeed:
         self.parts: dict[int, PartitionState] = {}
         self.kept = catalog.KeptVersions(store, project)
         self.floor = 0  # the lowest cut of a kept batch version: slices below it are dropped
-        self._sent: list[Any] = []  # the current batch's sends, awaited before its commit
         self._rewound: dict[int, float] = {}  # partition -> when it was last rewound
         # held by a batch from its fold to its commit, and by a rebalance: a revoked
         # partition's batch is committed before it is given up, like the Quix driver's
@@ -114,18 +113,17 @@ class FaustSpeed:
                 await self._process(batch)
 
     async def _process(self, batch: list[Any]) -> None:
-        started, self._sent = now_ms(), []
-        touched = await self._fold(batch)
+        started = now_ms()
+        touched, sent = await self._fold(batch)
         for part in touched:
             if len(batch) < BATCH:
                 part.caught_up_at = started
-            await self._write(part)
-        await asyncio.gather(*self._sent)
-        await self._commit(touched)
+            sent += await self._write(part)
+        await self._commit(touched, sent)
 
-    async def _fold(self, batch: list[Any]) -> list[PartitionState]:
+    async def _fold(self, batch: list[Any]) -> tuple[list[PartitionState], list[Any]]:
         """Fold a batch into its partitions' states, column-wise where it can (`take_all`);
-        the partitions it touched."""
+        the partitions it touched, and the sends of its dead letters."""
         taken: dict[int, tuple[PartitionState, list[Any]]] = {}
         for event in batch:
             message = event.message
@@ -138,12 +136,13 @@ class FaustSpeed:
                 continue  # a record folded already, or one after records Faust skipped
             taken.setdefault(message.partition, (part, []))[1].append(message)
             part.next_offset = message.offset + 1
+        sent = []
         for part, messages in taken.values():
             values = [m.value for m in messages]
             stamps = [round(m.timestamp * 1000) for m in messages]
             for i, reason in part.take_all(values, stamps, self.decoder, self.validator):
-                await self._dead_letter(messages[i], reason)
-        return [part for part, _ in taken.values()]
+                sent += await self._dead_letter(messages[i], reason)
+        return [part for part, _ in taken.values()], sent
 
     async def _rewind(self, part: PartitionState) -> None:
         """Read again from the first record Faust skipped (it can drop some it had fetched
@@ -158,8 +157,12 @@ class FaustSpeed:
         tp = TopicPartition(self.settings.topic, part.partition)
         await self.app.consumer.seek(tp, part.next_offset)
 
-    async def _commit(self, parts: list[PartitionState]) -> None:
-        """End each partition's transaction with the offset after its last folded record."""
+    async def _commit(self, parts: list[PartitionState], sent: list[Any]) -> None:
+        """End each partition's transaction with the offset after its last folded record,
+        once the broker has every record `sent` into it: aiokafka's commit does not wait for
+        them, and one sent after it would land in the next transaction, torn from this one's
+        offset."""
+        await asyncio.gather(*sent)
         for part in parts:
             tp = TopicPartition(self.settings.topic, part.partition)
             offsets = {self._transaction_id(part.partition): {tp: part.next_offset}}
@@ -177,27 +180,29 @@ class FaustSpeed:
         log.info("partition handed over mid-batch; its new owner reads the batch again",
                  extra={"partition": part.partition})
 
-    async def _dead_letter(self, message: Any, reason: str) -> None:
+    async def _dead_letter(self, message: Any, reason: str) -> list[Any]:
         source = f"{self.settings.topic}/{message.partition}/{message.offset}"
         headers = [("reason", reason.encode()), ("source", source.encode())]
         key = orjson.dumps([message.partition, message.offset])
-        await self._send("dead", message.partition, [(key, message.value)], headers)
+        return await self._send("dead", message.partition, [(key, message.value)], headers)
 
-    async def _write(self, part: PartitionState) -> None:
-        await self._send("cells", part.partition, part.realtime_records())
-        await self._send("state", part.partition, part.changelog_records())
+    async def _write(self, part: PartitionState) -> list[Any]:
+        """Send what the partition's state changed into its transaction; the sends."""
+        sent = await self._send("cells", part.partition, part.realtime_records())
+        sent += await self._send("state", part.partition, part.changelog_records())
         part.flush_metrics()
+        return sent
 
     async def _send(
         self, topic: str, partition: int, records: list[Record], headers: Any = None
-    ) -> None:
+    ) -> list[Any]:
         """Into the open transaction of the event partition (named explicitly: Faust would
         route a record of a topic its consumer does not read outside any transaction)."""
         producer, name = self.app.producer, self.topics[topic]
         transaction = self._transaction_id(partition)
-        for key, value in records:
-            self._sent.append(await producer.send(
-                name, key, value, partition, None, headers, transactional_id=transaction))
+        return [await producer.send(name, key, value, partition, None, headers,
+                                    transactional_id=transaction)
+                for key, value in records]
 
     def _transaction_id(self, partition: int) -> str:
         group = self.app.assignor.group_for_topic(self.settings.topic)
@@ -249,11 +254,10 @@ class FaustSpeed:
     async def _publish_restored(self, parts: list[PartitionState]) -> None:
         """Commit what restoring changed (views rebuilt or dropped since the last transaction,
         and a heartbeat naming today's views), without waiting for a partition's next record."""
-        self._sent = []
+        sent = []
         for part in parts:
-            await self._write(part)
-        await asyncio.gather(*self._sent)
-        await self._commit(parts)
+            sent += await self._write(part)
+        await self._commit(parts, sent)
 
 
 def main(argv: list[str] | None = None) -> None:
