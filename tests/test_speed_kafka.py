@@ -639,7 +639,7 @@ def test_two_workers_split_the_partitions_and_stay_exact_through_rebalances(
         a.terminate()  # leaves the group: b takes every partition
         assert a.wait(60) == 0
         publish_raw(s.kafka_bootstrap, s.topic, encoded(waves[2]))
-        wait_exact(lambda: served(cells, [], 0), recompute(waves[0] + waves[1] + waves[2]))
+        wait_exact(lambda: served(cells, [], 0), recompute(waves[0] + waves[1] + waves[2]), 150)
         b.terminate()
         assert b.wait(60) == 0
     split = [p for p in assignments(logs[0]) if 0 < len(p) < 4]
