@@ -14,18 +14,17 @@ Exactly once (`processing_guarantee="exactly_once"`): Faust keeps one transactio
 producer per event partition. The driver sends a partition's writes into its transaction,
 waits until the broker has them (aiokafka's commit does not: a record still queued would
 land in the next transaction, torn from this one's offset), then commits the transaction
-with the offset after the last record it folded: after every batch once the partition is
-read to its end, at most every `BACKLOG_FLUSH_S` while reading a backlog. Faust's own
-offset tracking is off for the event topic (`acks=False`): it commits from acknowledged
-offsets with gap bookkeeping that, after a restart, can stall a partition's commits at one
-offset a batch. The state keeps its own offset (written in the same transaction), and only
-the record at that offset is folded: one delivered twice is passed over, and when Faust
-skips records (it can drop a few it had fetched around a seek) the partition is rewound to
-the first one missing. A rebalance waits for the batch in flight, commits what was folded,
-then forgets the revoked partitions' state and stops their producers (Faust keeps them), as
-the Quix driver commits before it gives partitions up; a partition this worker keeps is
-rebuilt at its committed offset. A worker dropped from the group meanwhile is fenced by the
-new owner's producer: nothing of it is committed.
+with the offset after the last record it folded. Faust's own offset tracking is off for the
+event topic (`acks=False`): it commits from acknowledged offsets with gap bookkeeping that,
+after a restart, can stall a partition's commits at one offset a batch. The state keeps its
+own offset (written in the same transaction), and only the record at that offset is folded:
+one delivered twice is passed over, and when Faust skips records (it can drop a few it had
+fetched around a seek) the partition is rewound to the first one missing. A rebalance waits
+for the batch in flight to be committed, then forgets the revoked partitions' state and
+stops their producers (Faust keeps them), as the Quix driver commits before it gives
+partitions up; a partition this worker keeps is rebuilt at its committed offset. A worker
+dropped from the group meanwhile is fenced by the new owner's producer: nothing of it is
+committed.
 
     python -m lambdalake.speed.faust_app      (settings from LAMBDALAKE_* variables)
 """
@@ -63,7 +62,6 @@ log = logging.getLogger("lambdalake.speed.faust")
 BATCH = 10_000
 RAW = {"key_serializer": "raw", "value_serializer": "raw"}
 REWIND_AFTER_S = 1.0
-BACKLOG_FLUSH_S = 0.5  # as the Quix driver's: while reading a backlog, a transaction this often
 
 
 def broker_credentials(security: KafkaSecurity) -> Any:
@@ -103,12 +101,9 @@ class FaustSpeed:
         self.kept = catalog.KeptVersions(store, project)
         self.floor = 0  # the lowest cut of a kept batch version: slices below it are dropped
         self._rewound: dict[int, float] = {}  # partition -> when it was last rewound
-        # Held by a batch from its fold to its commit, and by a rebalance: what was folded
-        # of a revoked partition is committed before it is given up, as by the Quix driver.
+        # held by a batch from its fold to its commit, and by a rebalance: a revoked
+        # partition's batch is committed before it is given up, like the Quix driver's
         self._batch = asyncio.Lock()
-        self._folded: set[int] = set()  # partitions folded since their last transaction
-        self._sent: list[Any] = []  # dead letters sent into the open transactions
-        self._last_commit = 0.0
         events = self.app.topic(settings.topic, acks=False, **RAW)
         self.app.agent(events, name="speed")(self.process)
         self.app.timer(1.0)(self.follow_batch)
@@ -121,36 +116,17 @@ class FaustSpeed:
                 await self._process(batch)
 
     async def _process(self, batch: list[Any]) -> None:
-        """Fold a batch in; commit what was folded now once it is read to the end, else (a
-        backlog, whose events are late already) at most every `BACKLOG_FLUSH_S`: each
-        transaction costs round trips on every partition and rewrites every changed cell."""
         started = now_ms()
-        touched = await self._fold(batch)
+        touched, sent = await self._fold(batch)
         for part in touched:
             if len(batch) < BATCH:
                 part.caught_up_at = started
-            self._folded.add(part.partition)
-        due = BACKLOG_FLUSH_S if any(self._behind(part) for part in touched) else 0.0
-        if time.monotonic() - self._last_commit >= due:
-            await self._flush()
-
-    def _behind(self, part: PartitionState) -> bool:
-        end = self.app.consumer.highwater(TopicPartition(self.settings.topic, part.partition))
-        return end is not None and part.next_offset is not None and part.next_offset < end
-
-    async def _flush(self) -> None:
-        """One transaction per folded partition: what its state changed, with its offset."""
-        parts = [self.parts[n] for n in sorted(self._folded) if n in self.parts]
-        sent, self._sent = self._sent, []
-        for part in parts:
             sent += await self._write(part)
-        self._folded.clear()
-        await self._commit(parts, sent)
-        self._last_commit = time.monotonic()
+        await self._commit(touched, sent)
 
-    async def _fold(self, batch: list[Any]) -> list[PartitionState]:
+    async def _fold(self, batch: list[Any]) -> tuple[list[PartitionState], list[Any]]:
         """Fold a batch into its partitions' states, column-wise where it can (`take_all`);
-        the partitions it touched."""
+        the partitions it touched, and the sends of its dead letters."""
         taken: dict[int, tuple[PartitionState, list[Any]]] = {}
         for event in batch:
             message = event.message
@@ -163,12 +139,13 @@ class FaustSpeed:
                 continue  # a record folded already, or one after records Faust skipped
             taken.setdefault(message.partition, (part, []))[1].append(message)
             part.next_offset = message.offset + 1
+        sent = []
         for part, messages in taken.values():
             values = [m.value for m in messages]
             stamps = [round(m.timestamp * 1000) for m in messages]
             for i, reason in part.take_all(values, stamps, self.decoder, self.validator):
-                self._sent += await self._dead_letter(messages[i], reason)
-        return [part for part, _ in taken.values()]
+                sent += await self._dead_letter(messages[i], reason)
+        return [part for part, _ in taken.values()], sent
 
     async def _rewind(self, part: PartitionState) -> None:
         """Read again from the first record Faust skipped (it can drop some it had fetched
@@ -189,16 +166,13 @@ class FaustSpeed:
         them, and one sent after it would land in the next transaction, torn from this one's
         offset."""
         await asyncio.gather(*sent)
-        # one producer a partition: their transactions end side by side
-        await asyncio.gather(*(self._commit_one(part) for part in parts))
-
-    async def _commit_one(self, part: PartitionState) -> None:
-        tp = TopicPartition(self.settings.topic, part.partition)
-        offsets = {self._transaction_id(part.partition): {tp: part.next_offset}}
-        try:
-            await self.app.producer.commit_transactions(offsets, self.app.conf.id)
-        except ProducerFenced:
-            self._handed_over(part, tp)
+        for part in parts:
+            tp = TopicPartition(self.settings.topic, part.partition)
+            offsets = {self._transaction_id(part.partition): {tp: part.next_offset}}
+            try:
+                await self.app.producer.commit_transactions(offsets, self.app.conf.id)
+            except ProducerFenced:
+                self._handed_over(part, tp)
 
     def _handed_over(self, part: PartitionState, tp: TopicPartition) -> None:
         """A rebalance gave the partition to another worker while its batch was in flight:
@@ -246,11 +220,8 @@ class FaustSpeed:
             log.warning("cannot read the batch catalog", exc_info=True)
             return
         self.floor = max(self.floor, floor)
-        async with self._batch:
-            for part in self.parts.values():
-                part.follow(self.floor)
-            if self._folded:  # a backlog's last batch, with no record after it yet
-                await self._flush()
+        for part in self.parts.values():
+            part.follow(self.floor)
 
     async def revoked(self, app: Any, revoked: Any, **_: Any) -> None:
         """Give revoked partitions up once the batch in flight is committed: forget their
@@ -258,7 +229,6 @@ class FaustSpeed:
         partition's producer, fenced once its new owner starts one, and reuse it if the
         partition came back; a new one is started when it is assigned again."""
         async with self._batch:
-            await self._flush()
             for tp in revoked:
                 if tp.topic == self.settings.topic:
                     self.parts.pop(tp.partition, None)
@@ -287,8 +257,10 @@ class FaustSpeed:
     async def _publish_restored(self, parts: list[PartitionState]) -> None:
         """Commit what restoring changed (views rebuilt or dropped since the last transaction,
         and a heartbeat naming today's views), without waiting for a partition's next record."""
-        self._folded.update(part.partition for part in parts)
-        await self._flush()
+        sent = []
+        for part in parts:
+            sent += await self._write(part)
+        await self._commit(parts, sent)
 
 
 def main(argv: list[str] | None = None) -> None:
