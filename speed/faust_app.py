@@ -10,18 +10,21 @@ under exactly-once, Faust's table recovery takes each changelog partition's end 
 consumer's cached last stable offset, which is unknown for a partition the worker has not
 fetched yet, so a worker taking over partitions in a rebalance recovered nothing of them.
 
-Exactly once (`processing_guarantee="exactly_once"`): Faust keeps one transactional producer
-per event partition. The driver sends a partition's writes into its transaction, waits until
-the broker has them, then commits the transaction with the offset after the last record it
-folded. Faust's own offset tracking is off for the event topic (`acks=False`): it commits
-from acknowledged offsets with gap bookkeeping that, after a restart, can stall a
-partition's commits at one offset a batch. The state keeps its own offset (written in the
-same transaction), and only the record at that offset is folded: one delivered twice is
-passed over, and when Faust skips records (it can drop a few it had fetched around a seek)
-the partition is rewound to the first one missing. That also keeps a rebalance exact while
-a batch is in flight: a partition given to another worker fences the batch's transaction,
-so none of it is committed, and a partition this worker keeps is rebuilt at its committed
-offset, from which its records are read again.
+Exactly once (`processing_guarantee="exactly_once"`): Faust keeps one transactional
+producer per event partition. The driver sends a partition's writes into its transaction,
+waits until the broker has them (aiokafka's commit does not: a record still queued would
+land in the next transaction, torn from this one's offset), then commits the transaction
+with the offset after the last record it folded. Faust's own offset tracking is off for the
+event topic (`acks=False`): it commits from acknowledged offsets with gap bookkeeping that,
+after a restart, can stall a partition's commits at one offset a batch. The state keeps its
+own offset (written in the same transaction), and only the record at that offset is folded:
+one delivered twice is passed over, and when Faust skips records (it can drop a few it had
+fetched around a seek) the partition is rewound to the first one missing. A rebalance waits
+for the batch in flight to be committed, then forgets the revoked partitions' state and
+stops their producers (Faust keeps them), as the Quix driver commits before it gives
+partitions up; a partition this worker keeps is rebuilt at its committed offset. A worker
+dropped from the group meanwhile is fenced by the new owner's producer: nothing of it is
+committed.
 
     python -m lambdalake.speed.faust_app      (settings from LAMBDALAKE_* variables)
 """
@@ -97,8 +100,10 @@ class FaustSpeed:
         self.parts: dict[int, PartitionState] = {}
         self.kept = catalog.KeptVersions(store, project)
         self.floor = 0  # the lowest cut of a kept batch version: slices below it are dropped
-        self._sent: list[Any] = []  # the current batch's sends, awaited before its commit
         self._rewound: dict[int, float] = {}  # partition -> when it was last rewound
+        # held by a batch from its fold to its commit, and by a rebalance: a revoked
+        # partition's batch is committed before it is given up, like the Quix driver's
+        self._batch = asyncio.Lock()
         events = self.app.topic(settings.topic, acks=False, **RAW)
         self.app.agent(events, name="speed")(self.process)
         self.app.timer(1.0)(self.follow_batch)
@@ -107,18 +112,21 @@ class FaustSpeed:
 
     async def process(self, stream: Any) -> None:
         async for batch in stream.take_events(BATCH, within=self.flush_s):
-            started, self._sent = now_ms(), []
-            touched = await self._fold(batch)
-            for part in touched:
-                if len(batch) < BATCH:
-                    part.caught_up_at = started
-                await self._write(part)
-            await asyncio.gather(*self._sent)
-            await self._commit(touched)
+            async with self._batch:
+                await self._process(batch)
 
-    async def _fold(self, batch: list[Any]) -> list[PartitionState]:
+    async def _process(self, batch: list[Any]) -> None:
+        started = now_ms()
+        touched, sent = await self._fold(batch)
+        for part in touched:
+            if len(batch) < BATCH:
+                part.caught_up_at = started
+            sent += await self._write(part)
+        await self._commit(touched, sent)
+
+    async def _fold(self, batch: list[Any]) -> tuple[list[PartitionState], list[Any]]:
         """Fold a batch into its partitions' states, column-wise where it can (`take_all`);
-        the partitions it touched."""
+        the partitions it touched, and the sends of its dead letters."""
         taken: dict[int, tuple[PartitionState, list[Any]]] = {}
         for event in batch:
             message = event.message
@@ -131,12 +139,13 @@ class FaustSpeed:
                 continue  # a record folded already, or one after records Faust skipped
             taken.setdefault(message.partition, (part, []))[1].append(message)
             part.next_offset = message.offset + 1
+        sent = []
         for part, messages in taken.values():
             values = [m.value for m in messages]
             stamps = [round(m.timestamp * 1000) for m in messages]
             for i, reason in part.take_all(values, stamps, self.decoder, self.validator):
-                await self._dead_letter(messages[i], reason)
-        return [part for part, _ in taken.values()]
+                sent += await self._dead_letter(messages[i], reason)
+        return [part for part, _ in taken.values()], sent
 
     async def _rewind(self, part: PartitionState) -> None:
         """Read again from the first record Faust skipped (it can drop some it had fetched
@@ -151,8 +160,12 @@ class FaustSpeed:
         tp = TopicPartition(self.settings.topic, part.partition)
         await self.app.consumer.seek(tp, part.next_offset)
 
-    async def _commit(self, parts: list[PartitionState]) -> None:
-        """End each partition's transaction with the offset after its last folded record."""
+    async def _commit(self, parts: list[PartitionState], sent: list[Any]) -> None:
+        """End each partition's transaction with the offset after its last folded record,
+        once the broker has every record `sent` into it: aiokafka's commit does not wait for
+        them, and one sent after it would land in the next transaction, torn from this one's
+        offset."""
+        await asyncio.gather(*sent)
         for part in parts:
             tp = TopicPartition(self.settings.topic, part.partition)
             offsets = {self._transaction_id(part.partition): {tp: part.next_offset}}
@@ -170,27 +183,29 @@ class FaustSpeed:
         log.info("partition handed over mid-batch; its new owner reads the batch again",
                  extra={"partition": part.partition})
 
-    async def _dead_letter(self, message: Any, reason: str) -> None:
+    async def _dead_letter(self, message: Any, reason: str) -> list[Any]:
         source = f"{self.settings.topic}/{message.partition}/{message.offset}"
         headers = [("reason", reason.encode()), ("source", source.encode())]
         key = orjson.dumps([message.partition, message.offset])
-        await self._send("dead", message.partition, [(key, message.value)], headers)
+        return await self._send("dead", message.partition, [(key, message.value)], headers)
 
-    async def _write(self, part: PartitionState) -> None:
-        await self._send("cells", part.partition, part.realtime_records())
-        await self._send("state", part.partition, part.changelog_records())
+    async def _write(self, part: PartitionState) -> list[Any]:
+        """Send what the partition's state changed into its transaction; the sends."""
+        sent = await self._send("cells", part.partition, part.realtime_records())
+        sent += await self._send("state", part.partition, part.changelog_records())
         part.flush_metrics()
+        return sent
 
     async def _send(
         self, topic: str, partition: int, records: list[Record], headers: Any = None
-    ) -> None:
+    ) -> list[Any]:
         """Into the open transaction of the event partition (named explicitly: Faust would
         route a record of a topic its consumer does not read outside any transaction)."""
         producer, name = self.app.producer, self.topics[topic]
         transaction = self._transaction_id(partition)
-        for key, value in records:
-            self._sent.append(await producer.send(
-                name, key, value, partition, None, headers, transactional_id=transaction))
+        return [await producer.send(name, key, value, partition, None, headers,
+                                    transactional_id=transaction)
+                for key, value in records]
 
     def _transaction_id(self, partition: int) -> str:
         group = self.app.assignor.group_for_topic(self.settings.topic)
@@ -209,15 +224,24 @@ class FaustSpeed:
             part.follow(self.floor)
 
     async def revoked(self, app: Any, revoked: Any, **_: Any) -> None:
-        """Forget revoked partitions (a batch in flight for one is fenced by its new owner)."""
-        for tp in revoked:
-            if tp.topic == self.settings.topic:
-                self.parts.pop(tp.partition, None)
+        """Give revoked partitions up once the batch in flight is committed: forget their
+        state and stop their transactional producers. Faust would keep a revoked
+        partition's producer, fenced once its new owner starts one, and reuse it if the
+        partition came back; a new one is started when it is assigned again."""
+        async with self._batch:
+            for tp in revoked:
+                if tp.topic == self.settings.topic:
+                    self.parts.pop(tp.partition, None)
+                    await self.app.producer.stop_transaction(self._transaction_id(tp.partition))
 
     async def assigned(self, app: Any, assigned: Any, **_: Any) -> None:
         """Rebuild the state of the partitions given, before any of their records is read.
         Faust has by now begun their transactions, which aborts any a killed worker left
         open, so what is read is what the committed offsets were committed with."""
+        async with self._batch:
+            await self._assign(assigned)
+
+    async def _assign(self, assigned: Any) -> None:
         numbers = sorted(tp.partition for tp in assigned if tp.topic == self.settings.topic)
         fresh = [n for n in numbers if n not in self.parts]
         # Blocks the loop on purpose: no record of these partitions may be folded meanwhile
@@ -233,11 +257,10 @@ class FaustSpeed:
     async def _publish_restored(self, parts: list[PartitionState]) -> None:
         """Commit what restoring changed (views rebuilt or dropped since the last transaction,
         and a heartbeat naming today's views), without waiting for a partition's next record."""
-        self._sent = []
+        sent = []
         for part in parts:
-            await self._write(part)
-        await asyncio.gather(*self._sent)
-        await self._commit(parts)
+            sent += await self._write(part)
+        await self._commit(parts, sent)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -621,21 +621,10 @@ def test_a_broker_pause_mid_stream_neither_loses_nor_doubles(
         wait_exact(lambda: served(cells, [], 0), recompute(first + second))
 
 
-# KNOWN DEFECT, open: since the column-wise fold, the view-change rebuild and the rollback
-# floor landed together, the Faust driver sometimes double counts, or exits 1 on stop,
-# across this rebalance (2 of 3 runs here). The Quix driver, the default, passes every run.
-# Not strict, so `make test-long` runs it and reports; see the README (On Kafka).
-FAUST_REBALANCE = [
-    pytest.mark.xfail(
-        reason="Faust driver: double count across a rebalance (open defect)", strict=False),
-    pytest.mark.long,
-]
-
-
 @pytest.mark.kafka
 @needs_java
 @pytest.mark.parametrize(
-    "engine", [pytest.param(e, marks=FAUST_REBALANCE) if e == "faust" else e for e in ENGINES])
+    "engine", [pytest.param(e, marks=pytest.mark.long) if e == "faust" else e for e in ENGINES])
 def test_two_workers_split_the_partitions_and_stay_exact_through_rebalances(
     broker: KafkaBroker, spawn: Any, tmp_path: Path, engine: str
 ) -> None:
@@ -652,7 +641,7 @@ def test_two_workers_split_the_partitions_and_stay_exact_through_rebalances(
         a.terminate()  # leaves the group: b takes every partition
         assert a.wait(60) == 0
         publish_raw(s.kafka_bootstrap, s.topic, encoded(waves[2]))
-        wait_exact(lambda: served(cells, [], 0), recompute(waves[0] + waves[1] + waves[2]))
+        wait_exact(lambda: served(cells, [], 0), recompute(waves[0] + waves[1] + waves[2]), 150)
         b.terminate()
         assert b.wait(60) == 0
     split = [p for p in assignments(logs[0]) if 0 < len(p) < 4]
