@@ -253,6 +253,7 @@ class Traffic:
     # the master dataset may hold them twice, the batch layer counts them once
     refused_503: int = 0
     five_xx: list[str] = field(default_factory=list)  # a 5xx that is not a proper 503
+    first_ack_ms: int = 0
     last_ack_ms: int = 0
 
     def __post_init__(self) -> None:
@@ -294,6 +295,7 @@ class Traffic:
             if reply.status_code == 202:
                 self.acknowledged.update(e["event_id"] for e in batch)
                 self.last_ack_ms = now_ms()
+                self.first_ack_ms = self.first_ack_ms or self.last_ack_ms
                 return
             self.check_refusal(reply)
             time.sleep(0.2)
@@ -314,6 +316,11 @@ def recompute(events: list[dict]) -> tuple[Counter, Counter]:
             Counter(e["sku"] for e in unique if e["type"] == "purchase"))
 
 
+def acknowledging_s(traffic: Traffic) -> float:
+    """From the first acknowledgement to the last (at least a millisecond)."""
+    return max(traffic.last_ack_ms - traffic.first_ack_ms, 1) / 1000
+
+
 def ours(answer: dict[str, Any], expected: Counter, shared: bool) -> dict[str, Any]:
     return {k: v for k, v in answer.items() if k in expected} if shared else answer
 
@@ -331,6 +338,7 @@ class Figures:
     recovery_s: float
     refused_503: int = 0
     max_rss_mb: float = 0.0
+    acknowledged_per_s: float = 0.0  # the rate reached (the offered one is in the case's name)
 
     def record(self) -> None:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -379,7 +387,8 @@ def reconcile(lake: Lake, runs: list[Traffic], case: str, since: float,
     figures = Figures(case, len(this.events), len(this.acknowledged),
                       len(this.acknowledged & set(master)), counted - earlier, len(lost),
                       len(doubled) + over, sum(len(t.five_xx) for t in runs),
-                      round(recovery_s, 1), this.refused_503, round(max_rss_mb, 1))
+                      round(recovery_s, 1), this.refused_503, round(max_rss_mb, 1),
+                      round(len(this.acknowledged) / acknowledging_s(this)))
     figures.record()
     print(figures)
     assert not this.five_xx, this.five_xx[:3]
