@@ -90,8 +90,9 @@ class Lake:
                                              "LAMBDALAKE_GATEWAY_PORT": str(free_port())}),
             "serving": ([*up, "serving"], {}),
         }
-        for n in range(SPEED_DRIVERS):
-            commands[f"speed-{n}"] = (speed, {"LAMBDALAKE_SPEED_METRICS_PORT": str(free_port())})
+        for n in range(SPEED_DRIVERS):  # each its transactional id, as compose's hostnames give
+            commands[f"speed-{n}"] = ([*speed, "--worker-id", f"speed-{n}"],
+                                      {"LAMBDALAKE_SPEED_METRICS_PORT": str(free_port())})
         return commands
 
     def headers(self, scope: str) -> dict[str, str]:
@@ -232,7 +233,8 @@ def _rss_mb(pid: int) -> float:
     for each in pids:
         status = Path(f"/proc/{each}/status")
         if status.exists():
-            line = next(x for x in status.read_text().splitlines() if x.startswith("VmRSS"))
+            line = next((x for x in status.read_text().splitlines() if x.startswith("VmRSS")),
+                        "VmRSS: 0 kB")  # an exited process, not yet reaped, has none
             total += int(line.split()[1])
     return total / 1024
 
