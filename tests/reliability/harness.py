@@ -63,6 +63,9 @@ class Lake:
             "LAMBDALAKE_STORE": f"s3://{bucket}/lake", "LAMBDALAKE_S3_ENDPOINT_URL": s3_endpoint,
             "LAMBDALAKE_SLICE_SECONDS": "1", "LAMBDALAKE_BATCH_INTERVAL_SECONDS": "3600",
             "LAMBDALAKE_COMPACT_INTERVAL_SECONDS": "3600", "LAMBDALAKE_BATCH_LEASE_SECONDS": "5",
+            # the speed layer keeps what the oldest kept version does not cover: two versions
+            # bound it to about two batch runs (the load case runs them back to back)
+            "LAMBDALAKE_VERSIONS_KEPT": "2",
             "LAMBDALAKE_API_PORT": str(self.api_port), "LAMBDALAKE_PG_PORT": "0",
             "LAMBDALAKE_GATEWAY_PORT": str(self.gateway_port),
         }
