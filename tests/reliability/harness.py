@@ -374,10 +374,11 @@ def reconcile(lake: Lake, runs: list[Traffic], case: str, since: float,
         time.sleep(0.5)
     recovery_s = time.monotonic() - since
     version = lake.run("batch", "run").split()[1]
-    freshness: dict[str, Any] = {}
-    while freshness.get("batch_version") != version and time.monotonic() < deadline + 30:
-        batch_pageviews, freshness = lake.answer("pageviews_by_url_hour", "url", "pageviews")
+    served = time.monotonic() + 60  # from the publish: the run may outlast `deadline`
+    batch_pageviews, freshness = lake.answer("pageviews_by_url_hour", "url", "pageviews")
+    while freshness.get("batch_version") != version and time.monotonic() < served:
         time.sleep(0.2)
+        batch_pageviews, freshness = lake.answer("pageviews_by_url_hour", "url", "pageviews")
     batch_pageviews = ours(batch_pageviews, pageviews, shared)
     batch_orders = ours(lake.answer("revenue_by_sku_day", "sku", "orders")[0], orders, shared)
     master = lake.master_ids()
