@@ -185,10 +185,11 @@ def test_kill_9_a_batch_run_on_the_spark_cluster_mid_write(
     rerun = submit_batch_job(lake, spark_cluster, "spark-rerun")
     rerun.wait(900)
     killer.join()
-    spark_cluster.start_master()
-    spark_cluster.wait_for_workers()
+    spark_cluster.start_master()  # its workers register again meanwhile (a minute or more:
+    # after a long outage a worker retries only every 60-90 s)
     assert rerun.returncode == 0, lake.logs()
     version = json.loads((lake.root / "spark-rerun.out").read_text().splitlines()[-1])["version"]
     assert_spark_version_equals_duckdb(lake, version)
     traffic.stop()
     reconcile(lake, runs, "kill -9 batch run (Spark cluster), master killed", killed)
+    spark_cluster.wait_for_workers()
