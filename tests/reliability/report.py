@@ -17,7 +17,8 @@ from rich.table import Table
 COLUMNS = [("case", "case"), ("produced", "produced"), ("acknowledged", "acknowledged"),
            ("archived", "archived"), ("counted", "counted"), ("lost", "lost"),
            ("duplicated", "duplicated"), ("five_xx", "5xx"), ("refused_503", "503 + Retry-After"),
-           ("recovery_s", "recovery s"), ("max_rss_mb", "max RSS MB")]
+           ("recovery_s", "recovery s"), ("max_rss_mb", "max RSS MB"),
+           ("acknowledged_per_s", "acknowledged/s")]
 
 
 def latest() -> list[dict]:
@@ -45,10 +46,10 @@ def main() -> None:
         return
     table = Table(title=f"reliability ({RESULTS})")
     for _, title in COLUMNS:
-        table.add_column(title, overflow="fold")
+        table.add_column(title, justify="left" if title == "case" else "right")
     for row in rows:
         table.add_row(*(str(row.get(key, "")) for key, _ in COLUMNS))
-    Console().print(table)
+    Console(width=240).print(table)  # its natural width, never folded: make pipes the output
     bad = [r["case"] for r in rows if r["lost"] or r["duplicated"] or r["five_xx"]]
     if bad:
         raise SystemExit(f"lost, duplicated or 5xx in: {', '.join(bad)}")
