@@ -172,7 +172,8 @@ def _within_max_rows(view: View, granularity: str, start: int | None, end: int |
         return
     buckets = -(-(end - start) // BUCKET_MS[granularity])
     if buckets > MAX_ROWS:
-        raise QueryError("bucket", f"from..to holds {buckets} {granularity} buckets, more than "
+        # named by the range's end: a client that sent no bucket gets the view's own
+        raise QueryError("to", f"from..to holds {buckets} {granularity} buckets, more than "
                          f"the {MAX_ROWS} rows an answer holds: ask for a coarser bucket or a "
                          "shorter range")
 

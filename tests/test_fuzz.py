@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
@@ -175,6 +175,8 @@ FILTERS = st.dictionaries(st.sampled_from([*NAMES, "url.prefix", "sku.prefix", "
 
 @settings(max_examples=250, suppress_health_check=[HealthCheck.too_slow])
 @given(view=st.sampled_from([PAGEVIEWS.name, REVENUE.name]), query=QUERIES, filters=FILTERS)
+# too many buckets for an answer, no bucket sent: the error names the range, not `bucket`
+@example(view=PAGEVIEWS.name, query={"from": "0001-01-01T00:00:00Z", "to": "0"}, filters={})
 def test_no_query_of_a_view_is_a_server_error(
     lake: Lake, view: str, query: dict[str, str], filters: dict[str, str]
 ) -> None:
@@ -253,8 +255,8 @@ def test_the_gateway_keeps_its_openapi_document(gateway: httpx.Client) -> None:
     examples = document["paths"]["/events"]["post"]["requestBody"]["content"][
         "application/json"]["examples"]
     assert set(examples) == {*project.schemas, "batch"}
-    for example in examples.values():
-        reply = gateway.post("/events", json=example["value"])
+    for sample in examples.values():
+        reply = gateway.post("/events", json=sample["value"])
         assert reply.status_code == 202 and not reply.json()["rejected"], reply.text
     page = gateway.get("/docs")
     assert page.status_code == 200 and "/docs/assets/swagger-ui-bundle.js" in page.text

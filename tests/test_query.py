@@ -354,7 +354,7 @@ ERRORS = [
     ("day view asked by hour", DAILY, {"bucket": "hour"}, "bucket", "finer"),
     ("unknown bucket", HOURLY, {"bucket": "week"}, "bucket", "must be one of"),
     ("a range of more buckets than an answer holds", HOURLY,
-     {"start": "2000-01-01", "end": "2020-01-01"}, "bucket", "175320 hour buckets"),
+     {"start": "2000-01-01", "end": "2020-01-01"}, "to", "175320 hour buckets"),
     ("filter values of the wrong type", BY_DURATION, {"filters": {"duration_ms": ["1", "x"]}},
      "duration_ms", "must be a int"),
     ("prefix of a non-dimension", HOURLY, {"prefixes": {"user_id": "u"}}, "user_id.prefix",
