@@ -530,7 +530,7 @@ def test_batch_views_load_from_s3(s3_server: str, tmp_path: Path, traffic: list[
         ({"from": "2026-11-23T10:00:00Z", "to": "2026-11-23T09:00:00Z"}, "to", "after"),
         ({"bucket": "week"}, "bucket", "'hour', 'day' or 'total'"),
         ({"bucket": "minute"}, "bucket", "'hour', 'day' or 'total'"),
-        ({"from": "2000-01-01", "to": "2030-01-01"}, "bucket", "more than the 100000 rows"),
+        ({"from": "2000-01-01", "to": "2030-01-01"}, "to", "more than the 100000 rows"),
         ({"group_by": "url,country"}, "group_by", "country"),
         ({"country": "NZ"}, "country", "not a dimension"),
         ({"order_by": "revenue"}, "order_by", "'pageviews:desc'"),
