@@ -159,6 +159,9 @@ def parse(
             raise QueryError("order_by", "must be a metric, dimension or bucket, optionally :asc")
         if name in view.metrics and not view.metrics[name].ordered:
             raise QueryError("order_by", f"{name} has several values per row: it does not sort")
+        if dims is not None and name in view.keys and name not in dims:
+            raise QueryError("order_by", f"{name} is not in the answer: group by it to order "
+                             "by it")
     if limit is not None and not 1 <= limit <= MAX_ROWS:
         raise QueryError("limit", f"must be between 1 and {MAX_ROWS}")
     ranks = DEFAULT_QUANTILES if quantiles is None else _ranks(quantiles)

@@ -136,7 +136,8 @@ def test_concurrent_publishes_go_out_together_and_every_event_is_on_the_stream(
     finally:
         bus.kinesis.meta.events.unregister("provide-client-params.kinesis.PutRecords",
                                            held_first)
-    assert len(calls) == 2 and sum(calls) == 400
+    # all 8 may be waiting before the first call goes: then one call takes them all
+    assert len(calls) <= 2 and sum(calls) == 400
     assert sorted(r.partition_key for r in on_stream(settings)) == sorted(
         e.event_id for b in batches for e in b)
 

@@ -353,6 +353,8 @@ ERRORS = [
     ("bucket finer than the view's", HOURLY, {"bucket": "minute"}, "bucket", "finer"),
     ("day view asked by hour", DAILY, {"bucket": "hour"}, "bucket", "finer"),
     ("unknown bucket", HOURLY, {"bucket": "week"}, "bucket", "must be one of"),
+    ("order by a dimension not grouped by", HOURLY, {"group_by": "", "order_by": "url"},
+     "order_by", "not in the answer"),
     ("a range of more buckets than an answer holds", HOURLY,
      {"start": "2000-01-01", "end": "2020-01-01"}, "to", "175320 hour buckets"),
     ("filter values of the wrong type", BY_DURATION, {"filters": {"duration_ms": ["1", "x"]}},
