@@ -352,3 +352,51 @@ def test_http_ingestion_is_behind_the_api_key_authorizer_and_the_bus_is_a_choice
     assert document["Parameters"]["Bus"]["AllowedValues"] == ["kafka", "kinesis"]
     assert {"UseKafka", "UseKinesis", "InVpc"} <= document["Conditions"].keys()
     assert {"SubnetIds", "SecurityGroupIds", "KafkaSecretArn"} <= document["Parameters"].keys()
+
+
+def resolved(value: Any, parameters: dict[str, str], conditions: dict[str, bool]) -> Any:
+    """A template value with its `Ref`s to parameters and its `Fn::If`s resolved."""
+    if isinstance(value, list):
+        return [resolved(item, parameters, conditions) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if value.keys() == {"Ref"} and value["Ref"] in parameters:
+        return parameters[value["Ref"]]
+    if value.keys() == {"Fn::If"}:
+        condition, then, otherwise = value["Fn::If"]
+        return resolved(then if conditions[condition] else otherwise, parameters, conditions)
+    return {key: resolved(item, parameters, conditions) for key, item in value.items()}
+
+
+@pytest.mark.parametrize("runs_on", ["duckdb", "emr-serverless"])
+def test_the_nightly_batch_runs_in_the_function_or_on_emr_serverless_as_a_parameter_says(
+    runs_on: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lambdalake.functions.emr import EMR_SERVERLESS, job_request
+
+    document = sam_document()
+    parameters = {name: str(spec.get("Default", "")) for name, spec in
+                  document["Parameters"].items()}
+    parameters |= {"BatchRunsOn": runs_on, "EmrApplicationId": "00f1abc",
+                   "EmrExecutionRoleArn": "arn:aws:iam::123456789012:role/lake-batch"}
+    on_emr = runs_on == EMR_SERVERLESS
+    nightly = resolved(document["Resources"]["NightlyBatch"]["Properties"], parameters,
+                       {"BatchOnEmr": on_emr})
+    for name, value in nightly["Environment"]["Variables"].items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    if on_emr:
+        assert (settings.batch_engine, settings.spark_master) == ("spark", EMR_SERVERLESS)
+        request = job_request(settings, "token")
+        assert request["applicationId"] == "00f1abc"
+        assert request["executionRoleArn"].endswith("role/lake-batch")
+    else:
+        assert (settings.batch_engine, settings.spark_master) == ("duckdb", "local[*]")
+    statements = [statement for policy in nightly["Policies"] if isinstance(policy, dict)
+                  for statement in policy.get("Statement", [])]
+    granted: set[str] = set()
+    for statement in statements:
+        action = statement["Action"]
+        granted |= {action} if isinstance(action, str) else set(action)
+    emr_actions = {"emr-serverless:StartJobRun", "emr-serverless:GetJobRun", "iam:PassRole"}
+    assert (emr_actions <= granted) == on_emr
