@@ -70,11 +70,13 @@ class KafkaBus:
     """Kafka through librdkafka (confluent-kafka): `publish` returns once the broker
     acknowledged every event (acks=all, idempotent). Records are keyed by `event_id` and
     partitioned by murmur2 of the key, as the Java client and kafka-python do, so a retried
-    event lands where its first copy did whoever produced it. Delivery reports are served by
-    one polling thread; each request waits for its own records only."""
+    event lands where its first copy did whoever produced it. A request's records are queued
+    in one call (`produce_batch`); delivery reports are served by one polling thread; each
+    request waits for its own records only. `queue_messages`: how many records the client
+    holds unacknowledged (librdkafka's default); past it a request waits for room."""
 
     def __init__(self, bootstrap: str, topic: str, timeout_s: float = 30.0,
-                 security: KafkaSecurity = PLAINTEXT):
+                 security: KafkaSecurity = PLAINTEXT, queue_messages: int = 100_000):
         from confluent_kafka import Producer
 
         self.topic, self.timeout_s = topic, timeout_s
@@ -86,6 +88,7 @@ class KafkaBus:
             "partitioner": "murmur2_random",
             "request.timeout.ms": 10_000,
             "message.timeout.ms": int(timeout_s * 1000),
+            "queue.buffering.max.messages": queue_messages,
             **security.librdkafka(),
         }, logger=log)  # the client's own log lines go through logging, not raw to stderr
         self._closed = threading.Event()
@@ -103,14 +106,13 @@ class KafkaBus:
         wait = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
         deadline = time.monotonic() + wait
         delivered = _Deliveries(len(events))
-        produce, topic, report = self.producer.produce, self.topic, delivered.report
+        messages = [{"key": event.event_id.encode(), "value": event.to_json()}
+                    for event in events]
         try:
-            for event in events:
-                value, key = event.to_json(), event.event_id.encode()
-                try:
-                    produce(topic, value, key, on_delivery=report)
-                except BufferError:
-                    self._produce_when_room(value, key, report, deadline)
+            queued = self.producer.produce_batch(self.topic, messages,
+                                                 on_delivery=delivered.report)
+            if queued < len(messages):
+                self._produce_refused(messages, delivered.report, deadline)
         except KafkaException as exc:
             raise BusError(f"Kafka topic {self.topic} refused the events: {exc}") from exc
         if not delivered.done.wait(max(0.0, deadline - time.monotonic())):
@@ -119,6 +121,20 @@ class KafkaBus:
         if delivered.error is not None:
             raise BusError(f"Kafka topic {self.topic} did not acknowledge the events: "
                            f"{delivered.error}")
+
+    def _produce_refused(self, messages: list[dict[str, Any]], report: Callable[..., None],
+                         deadline: float) -> None:
+        """The messages `produce_batch` did not queue (it marks each with its `_error`): again
+        once the queue has room, if it was full; else the error is the request's."""
+        from confluent_kafka import KafkaError, KafkaException
+
+        for message in messages:
+            error = message.get("_error")
+            if error is None:
+                continue
+            if error.code() != KafkaError._QUEUE_FULL:
+                raise KafkaException(error)
+            self._produce_when_room(message["value"], message["key"], report, deadline)
 
     def _produce_when_room(self, value: bytes, key: bytes, report: Callable[..., None],
                            deadline: float) -> None:
