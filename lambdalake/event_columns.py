@@ -92,10 +92,7 @@ class BatchDecoder:
             name: [f for f, t in schema.fields.items() if not t.endswith("?")]
             for name, schema in schemas.items()
         }
-        self._foreign_names = {  # as they are in the bytes of a record naming them
-            name: [f'"{field}"'.encode() for field in fields]
-            for name, fields in self._foreign.items()
-        }
+        self._quoted = {field: f'"{field}"'.encode() for field in declared}  # a name in JSON
         self._strings = ["event_id", "type"] + [
             f for f, arrow in declared.items() if arrow == "string"
         ]
@@ -181,7 +178,8 @@ class BatchDecoder:
         self, table: pa.Table, data: bytes, values: Sequence[bytes | None], name: str
     ) -> bool:
         """The records of type `name` hold their required fields and no field of another
-        type, not even as null: such a field's name is not in their bytes."""
+        type, not even as null: such a field's name is not in their bytes (nor, when they
+        are most of the batch, in the batch more often than the field has values)."""
         rows = pc.equal(table["type"], name)
         present = pc.sum(rows).as_py()
         if not present:
@@ -192,11 +190,20 @@ class BatchDecoder:
         for field in self._foreign[name]:
             if pc.any(pc.and_(rows, pc.is_valid(table[field]))).as_py():
                 return False
-        if not self._foreign[name]:
+        unsure = self._foreign[name]
+        if 2 * present > len(values):  # cheaper than joining most of the records again
+            unsure = [field for field in unsure if not self._named_per_value(table, data, field)]
+        if not unsure:
             return True
         records = data if present == len(values) else b"\n".join(
             compress(values, rows.to_numpy()))  # type: ignore[arg-type]
-        return not any(quoted in records for quoted in self._foreign_names[name])
+        return not any(self._quoted[field] in records for field in unsure)
+
+    def _named_per_value(self, table: pa.Table, data: bytes, field: str) -> bool:
+        """Whether the field's name is in the bytes only as often as the field has values: then
+        no record names it with null."""
+        column = table[field]
+        return data.count(self._quoted[field]) == len(column) - column.null_count
 
 
 def _plain(data: bytes, records: int) -> bool:
