@@ -33,6 +33,7 @@ per-record path (one column cannot hold both).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from itertools import compress
 
 import numpy as np
 import pyarrow as pa
@@ -91,7 +92,7 @@ class BatchDecoder:
             name: [f for f, t in schema.fields.items() if not t.endswith("?")]
             for name, schema in schemas.items()
         }
-        self._foreign_names = sorted({f for names in self._foreign.values() for f in names})
+        self._quoted = {field: f'"{field}"'.encode() for field in declared}  # a name in JSON
         self._strings = ["event_id", "type"] + [
             f for f, arrow in declared.items() if arrow == "string"
         ]
@@ -100,9 +101,12 @@ class BatchDecoder:
     def decode_batch(self, values: Sequence[bytes | None], arrivals: np.ndarray) -> pa.Table | None:
         """The batch as a table (with its arrivals in `ARRIVAL`), or None when any record needs
         the per-record validation."""
-        if not self.usable or not values or any(v is None for v in values):
+        if not self.usable or not values:
             return None
-        data = b"\n".join(values)  # type: ignore[arg-type]
+        try:
+            data = b"\n".join(values)  # type: ignore[arg-type]
+        except TypeError:  # a record without a value
+            return None
         if not _plain(data, len(values)) or max(map(len, values)) > MAX_EVENT_BYTES:  # type: ignore[arg-type]
             return None
         try:
@@ -113,8 +117,7 @@ class BatchDecoder:
         if table.num_rows != len(values):  # two objects on one line
             return None
         table = table.append_column(ARRIVAL, pa.array(arrivals, pa.int64()))
-        named = {field: data.count(f'"{field}"'.encode()) for field in self._foreign_names}
-        if not self._valid(table, data, values, named):
+        if not self._valid(table, data, values):
             return None
         return self._exact_decimals(table)
 
@@ -133,9 +136,7 @@ class BatchDecoder:
             table = table.set_column(table.schema.get_field_index(field), field, exact)
         return table
 
-    def _valid(
-        self, table: pa.Table, data: bytes, values: Sequence[bytes | None], named: dict[str, int]
-    ) -> bool:
+    def _valid(self, table: pa.Table, data: bytes, values: Sequence[bytes | None]) -> bool:
         checked = list(self.schemas)
         known = pc.is_in(table["type"], value_set=pa.array(checked, pa.string()))
         if not pc.all(known.fill_null(False)).as_py():
@@ -149,7 +150,7 @@ class BatchDecoder:
             self._times_valid(table)
             and self._strings_short(table, data)
             and self._floats_finite(table)
-            and all(self._fields_valid(table, values, name, named) for name in checked)
+            and all(self._fields_valid(table, data, values, name) for name in checked)
         )
 
     def _times_valid(self, table: pa.Table) -> bool:
@@ -174,27 +175,35 @@ class BatchDecoder:
         )
 
     def _fields_valid(
-        self, table: pa.Table, values: Sequence[bytes | None], name: str, named: dict[str, int]
+        self, table: pa.Table, data: bytes, values: Sequence[bytes | None], name: str
     ) -> bool:
         """The records of type `name` hold their required fields and no field of another
-        type, not even as null (`named`: how often each such field's name is in the bytes)."""
+        type, not even as null: such a field's name is not in their bytes (nor, when they
+        are most of the batch, in the batch more often than the field has values)."""
         rows = pc.equal(table["type"], name)
-        if not pc.any(rows).as_py():
+        present = pc.sum(rows).as_py()
+        if not present:
             return True
         for field in self._required[name]:
             if pc.any(pc.and_(rows, pc.is_null(table[field]))).as_py():
                 return False
         for field in self._foreign[name]:
-            column = table[field]
-            if pc.any(pc.and_(rows, pc.is_valid(column))).as_py():
+            if pc.any(pc.and_(rows, pc.is_valid(table[field]))).as_py():
                 return False
-            # A name in the bytes as often as it has values names no foreign field; else look
-            # in the records of this type.
-            if named[field] != len(column) - column.null_count:
-                records = pc.filter(pa.array(values, pa.binary()), rows)
-                if pc.any(pc.match_substring(records, f'"{field}"')).as_py():
-                    return False
-        return True
+        unsure = self._foreign[name]
+        if 2 * present > len(values):  # cheaper than joining most of the records again
+            unsure = [field for field in unsure if not self._named_per_value(table, data, field)]
+        if not unsure:
+            return True
+        records = data if present == len(values) else b"\n".join(
+            compress(values, rows.to_numpy()))  # type: ignore[arg-type]
+        return not any(self._quoted[field] in records for field in unsure)
+
+    def _named_per_value(self, table: pa.Table, data: bytes, field: str) -> bool:
+        """Whether the field's name is in the bytes only as often as the field has values: then
+        no record names it with null."""
+        column = table[field]
+        return data.count(self._quoted[field]) == len(column) - column.null_count
 
 
 def _plain(data: bytes, records: int) -> bool:

@@ -315,6 +315,11 @@ class ViewState:
                 alike[same] = []
                 self._shared.setdefault(view.event_type, []).append(alike[same])
             alike[same].append(fold)
+        # per event type: the columns its views read, all a batch's fold takes along
+        self._columns = {
+            event_type: sorted({ARRIVAL, "ts"}.union(*(f.view.fields_read() for f in folds)))
+            for event_type, folds in self._folds.items()
+        }
         # event type -> event id -> arrival, for dedup; one dict per type, so a held id costs
         # no more than with one dict of all ids
         self._seen: dict[str, dict[str, int]] = {}
@@ -352,13 +357,13 @@ class ViewState:
             ], bool)
         if not counted.any():
             return counted
-        fresh = events.filter(counted)
-        slices = _floor(fresh[ARRIVAL], self.slice_ms)
+        fresh = pa.array(counted)
         for event_type, shared in self._shared.items():
-            of_type = pc.equal(fresh["type"], event_type)
-            rows, its_slices = fresh.filter(of_type), pc.filter(slices, of_type)
+            taken = pc.and_(fresh, pc.equal(events["type"], event_type))
+            rows = events.select(self._columns[event_type]).filter(taken)
+            slices = _floor(rows[ARRIVAL], self.slice_ms)
             for folds in shared:
-                _fold_columns(folds, rows, its_slices)
+                _fold_columns(folds, rows, slices)
         return counted
 
     def _forgets_nothing(self, arrivals: np.ndarray) -> bool:

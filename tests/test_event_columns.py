@@ -50,6 +50,7 @@ def encoded(event: dict) -> bytes:
 UNUSUAL = [
     encoded(pageview(1, 1, sku=None)),  # a field of another type, even null, is extra
     encoded(purchase(1, 1, url="/x")),
+    encoded(purchase(1, 1, referrer=None)),  # null, in a batch of another type's records
     encoded(pageview(1, 1, duration=1.0)),  # a float for an int
     b'{"event_id":"a","type":"pageview","ts":1,"url":"u","user_id":"x","duration_ms":1e3}',
     encoded(pageview(1, 1, duration=2**63)),  # beyond int64
@@ -87,6 +88,13 @@ records = st.one_of(  # batches of valid records only (decoded column-wise), and
     st.lists(st.one_of(valid_events.map(encoded), st.sampled_from(UNUSUAL)), min_size=1,
              max_size=40),
 )
+
+
+def test_a_record_without_a_value_sends_its_batch_to_the_per_record_path() -> None:
+    values: list[bytes | None] = [encoded(pageview(i, 1)) for i in range(5)]
+    values.insert(2, None)
+    assert decoder().decode_batch(values, arrivals(values)) is None
+    assert decoder().decode_batch([v for v in values if v], arrivals(values)[:5]) is not None
 
 
 def decoder() -> BatchDecoder:
