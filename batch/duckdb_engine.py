@@ -61,6 +61,27 @@ _AGGREGATES: dict[str, Aggregate] = {
 }
 
 
+# The dedup: each event_id's first copy by (arrival, partition, offset). The window sorts
+# every row it gets with its columns, and about 1% of ids repeat, so it gets only the rows
+# whose id hash repeats: a row whose hash is unique is the only copy of its id. A collision
+# sends a unique id through the window, where it is still first, so the dedup stays exact.
+_DEDUP = """
+    repeated AS (
+        SELECT hash(event_id) AS id_hash FROM master_rows GROUP BY id_hash HAVING count(*) > 1
+    ),
+    events AS (
+        SELECT master_rows.* FROM master_rows
+        ANTI JOIN repeated ON hash(master_rows.event_id) = repeated.id_hash
+        UNION ALL (
+            SELECT master_rows.* FROM master_rows
+            SEMI JOIN repeated ON hash(master_rows.event_id) = repeated.id_hash
+            QUALIFY row_number() OVER (
+                PARTITION BY event_id ORDER BY arrival, "partition", "offset"
+            ) = 1
+        )
+    )"""
+
+
 @dataclass(frozen=True)
 class ViewQuery:
     """A view as SQL over the relation `master_rows`, and its sketch metrics by name."""
@@ -97,12 +118,7 @@ def compile_view(view: View) -> ViewQuery:
     metrics = [f"{_metric_sql(m)} AS {_quote(name)}" for name, m in view.metrics.items()]
     positions = ", ".join(str(i + 1) for i in range(len(groups)))
     sql = f"""
-        WITH events AS (
-            SELECT * FROM master_rows
-            QUALIFY row_number() OVER (
-                PARTITION BY event_id ORDER BY arrival, "partition", "offset"
-            ) = 1
-        )
+        WITH {_DEDUP}
         SELECT {", ".join(groups + metrics)}
         FROM events
         WHERE {view.where_sql()}
