@@ -42,6 +42,10 @@ _MERGED = "merged AS (SELECT * FROM {batch} UNION ALL BY NAME SELECT * FROM cell
 # Real-time cells a query scans from Arrow at most, past those a DuckDB table holds: a scan
 # of Arrow costs each query, a table is built once for every query until the cells change.
 CELLS_IN_ARROW = 4096
+# Relations a thread's cursor keeps registered after a query, until another table takes the
+# name: registering an Arrow table costs about as much as a small query, and the real-time
+# cells are the same table from one query to the next until they change.
+_KEPT_REGISTERED = frozenset({"cells"})
 
 
 @dataclass
@@ -68,6 +72,17 @@ class _CellsTable:
     parts: tuple[pa.Table, ...]
     readers: int = 0
     retired: bool = False
+    _rest: tuple[Sliced, pa.Table] | None = None
+
+    def rest(self, cells: Sliced) -> pa.Table:
+        """The slices of `cells` past `parts` as one Arrow table: the very same object for
+        as long as `cells` is (so a cursor holding it registered need not register it)."""
+        kept = self._rest
+        if kept is None or kept[0] is not cells:
+            rest = cells.parts[len(self.parts):]
+            kept = self._rest = (cells, pa.concat_tables(rest) if rest
+                                 else cells.table.schema.empty_table())
+        return kept[1]
 
     def starts(self, parts: tuple[pa.Table, ...]) -> bool:
         """Whether these slices, unchanged, are the first of `parts`."""
@@ -163,8 +178,7 @@ class DuckDB:
             yield None, cells.table
             return
         try:
-            rest = cells.parts[len(held.parts):]
-            yield held.name, pa.concat_tables(rest) if rest else cells.table.schema.empty_table()
+            yield held.name, held.rest(cells)
         finally:
             with self._lock:
                 held.readers -= 1
@@ -216,13 +230,18 @@ class DuckDB:
         if cursor is None:
             with self._lock:
                 cursor = self._cursors.cursor = self._connection.cursor()
-        try:
-            for name, table in relations.items():
+            self._cursors.registered = {}
+        registered: dict[str, pa.Table] = self._cursors.registered
+        for name, table in relations.items():
+            if registered.get(name) is not table:
                 cursor.register(name, table)
+                registered[name] = table
+        try:
             yield cursor
         finally:
-            for name in relations:
+            for name in relations.keys() - _KEPT_REGISTERED:
                 cursor.unregister(name)
+                del registered[name]
 
     def close(self) -> None:
         self._connection.close()
