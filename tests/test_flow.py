@@ -45,15 +45,17 @@ class Flow:
         self.gateway = f"http://127.0.0.1:{self.env['LAMBDALAKE_GATEWAY_PORT']}/events"
         self.api = f"http://127.0.0.1:{self.env['LAMBDALAKE_API_PORT']}"
         self.process: subprocess.Popen | None = None
+        self.log_path = home / "up.log"  # `up`'s output, to read when a test fails
         self.preexec_fn: Callable[[], None] | None = None  # run in the child before `up`
 
     def spawn(self, *args: str) -> None:
-        """`lambdalake up` started, not waited for."""
-        self.process = subprocess.Popen(
-            [self.bin / "lambdalake", "up", *args], env=self.env, cwd=self.env["LAMBDALAKE_HOME"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            preexec_fn=self.preexec_fn,
-        )
+        """`lambdalake up` started, not waited for; its output appended to `log_path`."""
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [self.bin / "lambdalake", "up", *args], env=self.env,
+                cwd=self.env["LAMBDALAKE_HOME"], stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=self.preexec_fn,
+            )
 
     def start(self, *args: str) -> None:
         self.spawn(*args)

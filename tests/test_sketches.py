@@ -5,6 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from batch_lakes import assert_same_quantiles
 from datasketches import (
     hll_sketch,
     hll_union,
@@ -15,6 +16,7 @@ from datasketches import (
 )
 from exact import QuantilesOf, exact_quantiles
 
+from lambdalake.monoids import Quantiles
 from lambdalake.sketch_arrays import (
     build_kll_array,
     build_sketch_array,
@@ -150,3 +152,25 @@ def test_kll_in_bulk_answers_within_the_rank_error(n):
         assert answer == QuantilesOf(tuple(mine.tolist()))
         sketch.update(0.0)  # a sketch that still takes values and compacts as usual
         assert sketch.n == len(mine) + 1
+
+
+def kll_of(values: np.ndarray) -> bytes:
+    sketch = kll_doubles_sketch(200)
+    for value in values:  # one by one: the order decides what a compaction keeps
+        sketch.update(float(value))
+    return sketch.serialize()
+
+
+def test_engines_kll_sketches_of_the_same_values_compare_within_the_rank_error():
+    values = RNG.standard_normal(5_000)
+    left, right = kll_of(values), kll_of(RNG.permutation(values))
+    metric = Quantiles()
+    assert metric.result(left) != metric.result(right)  # past k, the order shows in answers
+    assert_same_quantiles(metric, left, right, "same values")
+
+
+def test_engines_kll_sketches_of_other_values_differ():
+    values = np.arange(5_000.0)
+    squeezed = values * values / values.max()  # same count, minimum and maximum; ranks moved
+    with pytest.raises(AssertionError, match="beyond its error"):
+        assert_same_quantiles(Quantiles(), kll_of(values), kll_of(squeezed), "other values")

@@ -14,7 +14,6 @@ import random
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -213,7 +212,7 @@ def test_the_master_killed_mid_run_then_down_then_back(cluster, s3_server, bucke
     the master is down fails with one line and publishes nothing (after Spark's three
     20 s registration attempts); with the master back, its rerun publishes the exact answer."""
     store, lake = s3_lake(s3_server, bucket, seed=4)
-    killer = threading.Thread(target=kill_master_once_running, args=(cluster,))
+    killer = threading.Thread(target=cluster.kill_master_once_running, args=(120.0,))
     killer.start()
     running = submit_entry_point(cluster, ENTRY_POINT, [json.dumps(job_settings(store, lake))])
     killer.join()
@@ -231,16 +230,6 @@ def test_the_master_killed_mid_run_then_down_then_back(cluster, s3_server, bucke
     done = submit_entry_point(cluster, ENTRY_POINT, arguments)
     assert done.returncode == 0, done.stdout[-3000:]
     assert_equals_duckdb_and_the_recompute(store, lake)
-
-
-def kill_master_once_running(cluster: SparkCluster, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (cluster.status() or {}).get("activeapps"):
-            cluster.kill_master()
-            return
-        time.sleep(0.2)
-    raise AssertionError("the job never started on the cluster")
 
 
 # -- EMR Serverless: the submission (moto), and the same job on the cluster -----------------

@@ -194,6 +194,17 @@ class SparkCluster:
         """kill -9 the master; workers and running executors stay."""
         self.master_process.kill()
 
+    def kill_master_once_running(self, timeout: float) -> None:
+        """kill -9 the master once an application runs on the cluster (AssertionError when
+        none does within `timeout` seconds)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (self.status() or {}).get("activeapps"):
+                self.kill_master()
+                return
+            time.sleep(0.2)
+        raise AssertionError("the job never started on the cluster")
+
     def _worker(self, n: int) -> SparkProcess:
         command = [
             str(spark_home() / "bin" / "spark-class"), "org.apache.spark.deploy.worker.Worker",

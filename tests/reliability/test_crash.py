@@ -131,16 +131,6 @@ def submit_batch_job(lake: Lake, cluster: SparkCluster, name: str) -> subprocess
                                 stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def kill_master_once_running(cluster: SparkCluster, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (cluster.status() or {}).get("activeapps"):
-            cluster.kill_master()
-            return
-        time.sleep(0.2)
-    raise AssertionError("the job never started on the cluster")
-
-
 def assert_spark_version_equals_duckdb(lake: Lake, version: str) -> None:
     """The version the rerun published is Spark's, and each of its views equals the DuckDB
     engine's over the same master objects and cut (the reconciliation then checks DuckDB's
@@ -180,7 +170,7 @@ def test_kill_9_a_batch_run_on_the_spark_cluster_mid_write(
         == before.version
 
     time.sleep(lake.settings.batch_lease_seconds)  # the killed driver's lease expires
-    killer = threading.Thread(target=kill_master_once_running, args=(spark_cluster,))
+    killer = threading.Thread(target=spark_cluster.kill_master_once_running, args=(300.0,))
     killer.start()
     rerun = submit_batch_job(lake, spark_cluster, "spark-rerun")
     rerun.wait(900)
