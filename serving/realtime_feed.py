@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -67,16 +68,23 @@ class FeedRecords:
         self._finished: set[int] = set()  # Kinesis shards closed and read to their end
         self._pruned_below = 0
 
-    def read(self, key: bytes, value: bytes | None, updates: list[CellUpdate],
-             sources: int) -> None:
-        """One record of `sources` partitions: a cell's value (into `updates`) or a heartbeat."""
-        decoded = orjson.loads(key)
-        if len(decoded) == 1:
-            self.heartbeat(decoded[0], orjson.loads(value) if value else None, sources)
-        elif value is not None:
-            update = decode_update(value, self.cells.project)
-            if update is not None:
-                updates.append(self._merged(decoded[0], update))
+    def read(self, records: Iterable[tuple[bytes, bytes | None]],
+             sources: int) -> list[CellUpdate]:
+        """Records of `sources` partitions, in order: cell values and heartbeats. The merged
+        value of every cell they changed, merged once however many partitions' values came:
+        a transaction of each partition brings the same hot cells."""
+        changed: dict[tuple[str, CellKey], None] = {}  # in order, once each
+        for key, value in records:
+            decoded = orjson.loads(key)
+            if len(decoded) == 1:
+                self.heartbeat(decoded[0], orjson.loads(value) if value else None, sources)
+            elif value is not None:
+                update = decode_update(value, self.cells.project)
+                if update is not None:
+                    cell = (update.view, (update.slice, update.bucket, update.key))
+                    self._parts.setdefault(cell, {})[decoded[0]] = update.values
+                    changed[cell] = None
+        return [self._merged(view, cell) for view, cell in changed]
 
     def heartbeat(self, partition: int, beat: Any, sources: int) -> None:
         """`{"caught_up_at": ms, "views": digest}` (`"finished": true` once a Kinesis shard is
@@ -97,17 +105,15 @@ class FeedRecords:
         digest = self.cells.project.digest
         return all(d == digest for d in self._digests.values())
 
-    def _merged(self, source: int, update: CellUpdate) -> CellUpdate:
-        cell = (update.slice, update.bucket, update.key)
-        parts = self._parts.setdefault((update.view, cell), {})
-        parts[source] = update.values
+    def _merged(self, view: str, cell: CellKey) -> CellUpdate:
+        parts = self._parts[view, cell]
         if len(parts) == 1:
-            return update
-        metrics = self.cells.project.views[update.view].metrics.values()
+            return CellUpdate(view, *cell, next(iter(parts.values())))
+        metrics = self.cells.project.views[view].metrics.values()
         values = tuple(
             merge_all(metric, [v[i] for v in parts.values()]) for i, metric in enumerate(metrics)
         )
-        return CellUpdate(update.view, *cell, values)
+        return CellUpdate(view, *cell, values)
 
     def prune(self) -> None:
         """Forget partition values of slices every kept batch version covers."""
@@ -166,7 +172,7 @@ class RealtimeFeed(Poller):
         # waits its whole timeout for a full batch, and so would hold a fresh update back.
         messages = self.consumer.consume(1, timeout)
         messages += self.consumer.consume(BATCH - 1, 0)
-        updates: list[CellUpdate] = []
+        records = []
         for message in messages:
             error = message.error()
             if error is not None and error.code() == KafkaError._PARTITION_EOF:
@@ -174,9 +180,8 @@ class RealtimeFeed(Poller):
             elif error is not None:
                 raise KafkaException(error)
             else:
-                self.records.read(message.key(), message.value(), updates,
-                                  len(self._partitions))
-        self.cells.upsert(updates)
+                records.append((message.key(), message.value()))
+        self.cells.upsert(self.records.read(records, len(self._partitions)))
         self.records.prune()
         if len(self._at_end) == len(self._partitions) and self.records.current():
             self.cells.restored.set()
@@ -215,8 +220,7 @@ class StoreFeed(Poller):
         changes = [c for c in self._reads.map(self._changes, self._shards) if c is not None]
         updates: list[CellUpdate] = []
         for shard_id, head, tag, records, read in changes:
-            for key, value in records:
-                self.records.read(key, value, updates, len(self._shards))
+            updates += self.records.read(records, len(self._shards))
             beat = head.heartbeat or {"caught_up_at": 0}
             self.records.heartbeat(shard_index(shard_id), beat, len(self._shards))
             self._read[shard_id] = (head.snapshot, read)
