@@ -39,8 +39,6 @@ class KafkaPartition:
             "auto.offset.reset": "earliest",  # past what the broker retains, as kafka-python
             "isolation.level": "read_committed",
             "fetch.wait.max.ms": 50,
-            # what it fetches ahead, per partition (64 MB by default): above a batch's 6 MB
-            "queued.max.messages.kbytes": 16 << 10,
             **security.librdkafka(),
         })
         self._arrival = 0
