@@ -1,7 +1,5 @@
 """A Kafka topic as the stream mapping's source: the embedded log's partition interface
-(`end`, `read`, `seal`, committed positions per group) over kafka-python; the records are read
-with librdkafka (confluent-kafka), which kafka-python's per-record decoding in Python made the
-archiver's largest cost, taken from the gateway and the API sharing its interpreter.
+(`end`, `read`, `seal`, committed positions per group) over kafka-python.
 
 Arrival is the running maximum of the partition's LogAppendTime timestamps, as every reader
 of the bus computes it. `seal` gives the time every later record arrives at or after: the
@@ -10,8 +8,6 @@ broker stamps appends with its clock, so `now - clock_skew_ms` read before the e
 
 from __future__ import annotations
 
-from confluent_kafka import Consumer, KafkaException
-from confluent_kafka import TopicPartition as Offset
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
@@ -19,7 +15,7 @@ from lambdalake.eventlog import Record, now_ms
 from lambdalake.kafka_security import PLAINTEXT, KafkaSecurity
 from lambdalake.kafka_topics import arrival
 
-POLL_TIMEOUT_S = 0.5
+POLL_TIMEOUT_MS = 500
 
 
 class KafkaPartition:
@@ -27,20 +23,12 @@ class KafkaPartition:
                  security: KafkaSecurity = PLAINTEXT):
         self.index, self.clock_skew_ms = index, clock_skew_ms
         self.tp = TopicPartition(topic, index)
-        self.consumer = KafkaConsumer(  # the end offset
+        self.consumer = KafkaConsumer(
             bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
             auto_offset_reset="earliest", isolation_level="read_committed",
             **security.kafka_python(),
         )
-        self.reader = Consumer({
-            "bootstrap.servers": bootstrap,
-            "group.id": "lambdalake-archive-reader",  # assigned: never joins nor commits
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",  # past what the broker retains, as kafka-python
-            "isolation.level": "read_committed",
-            "fetch.wait.max.ms": 50,
-            **security.librdkafka(),
-        })
+        self.consumer.assign([self.tp])
         self._arrival = 0
         self._next: int | None = None
 
@@ -50,17 +38,12 @@ class KafkaPartition:
 
     def read(self, offset: int, max_records: int) -> list[Record]:
         if self._next != offset:
-            self.reader.assign([Offset(self.tp.topic, self.index, offset)])
-        # Wakes at the first record, then takes what has come with it: a consume of many
-        # waits its whole timeout for a full batch.
-        messages = self.reader.consume(1, POLL_TIMEOUT_S)
-        messages += self.reader.consume(max_records - 1, 0) if max_records > 1 else []
+            self.consumer.seek(self.tp, offset)
+        polled = self.consumer.poll(timeout_ms=POLL_TIMEOUT_MS, max_records=max_records)
         records = []
-        for message in messages:
-            if message.error() is not None:
-                raise KafkaException(message.error())
-            self._arrival = arrival(self._arrival, message.timestamp()[1])
-            records.append(Record(self.index, message.offset(), self._arrival, message.value()))
+        for message in polled.get(self.tp, []):
+            self._arrival = arrival(self._arrival, message.timestamp)
+            records.append(Record(self.index, message.offset, self._arrival, message.value))
         self._next = records[-1].offset + 1 if records else offset
         return records
 
@@ -70,7 +53,6 @@ class KafkaPartition:
 
     def close(self) -> None:
         self.consumer.close()
-        self.reader.close()
 
 
 class KafkaTopic:
@@ -106,7 +88,5 @@ class KafkaTopic:
         self._group(group).commit(offsets)
 
     def close(self) -> None:
-        for consumer in self._groups.values():
+        for consumer in [*self._groups.values(), *(p.consumer for p in self.partitions)]:
             consumer.close()
-        for partition in self.partitions:
-            partition.close()
