@@ -141,18 +141,14 @@ def counted_before(
 
 
 def _holding(store: ObjectStore, keys: list[str], ids: pa.Array) -> list[str]:
-    """The objects in `keys` whose index holds the hash of one of `ids`, looked up
-    `ID_GROUP` objects at a time: `is_in` builds its hash set per call, so one call per
-    object would build it hundreds of times, and one for all history would hold every
-    hash at once."""
-    wanted = pa.array(id_index.hash_ids(ids))
+    """The objects in `keys` whose index holds the hash of one of `ids`; their entries are
+    loaded `ID_GROUP` objects at a time, so all history's hashes are never held at once."""
+    wanted = id_index.HashLookup(id_index.hash_ids(ids))
     holding = []
     for at in range(0, len(keys), ID_GROUP):
         group = keys[at : at + ID_GROUP]
         hashes = id_index.object_hashes(store, group)
-        owner = np.repeat(np.arange(len(group)), [len(h) for h in hashes])
-        found = pc.is_in(np.concatenate(hashes), value_set=wanted).to_numpy(zero_copy_only=False)
-        holding += [group[i] for i in np.unique(owner[found])]
+        holding += [key for key, held in zip(group, hashes, strict=True) if wanted.holds_any(held)]
     return holding
 
 

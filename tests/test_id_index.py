@@ -126,3 +126,15 @@ def test_the_hash_is_the_same_for_the_same_id_whatever_the_chunks():
     hashed = id_index.hash_ids(ids)
     assert hashed.dtype == np.uint64 and hashed[0] == hashed[2]
     assert len(set(hashed.tolist())) == 4
+
+
+hashes = st.lists(st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 1, 2**63, 2**64 - 1])),
+                  max_size=300).map(lambda xs: np.array(xs, np.uint64))
+
+
+@settings(max_examples=300, deadline=None)
+@given(wanted=hashes.filter(len), looked_at=hashes, shared=st.integers(0, 5))
+def test_a_hash_lookup_finds_exactly_the_wanted_hashes(wanted, looked_at, shared):
+    looked_at = np.concatenate([looked_at, wanted[:shared]])
+    found = id_index.HashLookup(wanted).holds_any(looked_at)
+    assert found == bool(np.isin(looked_at, wanted).any())
