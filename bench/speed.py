@@ -10,7 +10,8 @@ One topic of N events (the example project's synthetic stream, 4 partitions), re
   each over the first `--faust-events` (100,000) of them;
 Each as events/s and as a ratio. Then freshness as a user sees it: `lambdalake up` on this
 broker (the default speed driver), a steady 5,000 events/s sent to the gateway over HTTP
-by 4 clients at once, and a probe event every 50 ms: from the gateway's 202 for
+by 4 clients at once (each a process of its own; a refused or lost request is counted and sent
+again), and a probe event every 50 ms: from the gateway's 202 for
 `POST /events` to the first `GET /views/pageviews_by_url_hour` answer on the API that
 counts it. A probe never counted
 is a miss, an infinite delay in the percentiles (so p99 is infinite, null in the JSON,
@@ -35,6 +36,7 @@ import argparse
 import asyncio
 import json
 import math
+import multiprocessing
 import os
 import socket
 import statistics
@@ -45,6 +47,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from multiprocessing.synchronize import Event as ProcessEvent
 from pathlib import Path
 from typing import Any
 
@@ -291,14 +294,28 @@ class Lambdalake:
         return f"http://127.0.0.1:{port}{path}"
 
 
-def steady_load(events_url: str, stop: threading.Event, sent: list[int],
+class LoadTally:
+    """The steady load's count per sender, shared with the sender processes: events accepted
+    (202), and requests refused (another status) or lost in transport (an error before any
+    answer); a refused or lost request is sent again, as a client would."""
+
+    def __init__(self, senders: int):
+        context = multiprocessing.get_context("spawn")
+        self.accepted = context.Array("q", senders, lock=False)  # a slot per sender
+        self.refused = context.Array("q", senders, lock=False)
+        self.lost = context.Array("q", senders, lock=False)
+
+
+def steady_load(events_url: str, stop: ProcessEvent, tally: LoadTally,
                 rate: int = FRESHNESS_RATE) -> None:
     """`rate` events/s to the gateway in batches of 250, from LOAD_SENDERS clients at once (as
     many producers send): one client alone waits out each request's round trip, so it
-    measures that latency rather than what the gateway takes. `sent` has one count per
-    sender (LOAD_SENDERS)."""
-    senders = [threading.Thread(target=one_sender,
-                                args=(events_url, stop, sent, seed, rate / LOAD_SENDERS))
+    measures that latency rather than what the gateway takes. Each sender is a process of its
+    own: the probes' and the watcher's clocks, in this process, never wait for the senders'
+    Python to let them run."""
+    context = multiprocessing.get_context("spawn")
+    senders = [context.Process(target=one_sender,
+                               args=(events_url, stop, tally, seed, rate / LOAD_SENDERS))
                for seed in range(LOAD_SENDERS)]
     for sender in senders:
         sender.start()
@@ -306,27 +323,39 @@ def steady_load(events_url: str, stop: threading.Event, sent: list[int],
         sender.join()
 
 
-def one_sender(events_url: str, stop: threading.Event, sent: list[int], seed: int,
+def one_sender(events_url: str, stop: ProcessEvent, tally: LoadTally, seed: int,
                rate: float) -> None:
-    """Its share of the load; `sent[seed]`: how many events it has had accepted. A batch the
-    gateway refuses (503 while the bus is slow) is said and sent again, as a client would."""
+    """Its share of the load, counted in `tally`'s slot `seed`. A batch the gateway refuses
+    (503 while the bus is slow) or that a transport error loses is said and sent again."""
     stream, batch = WebAnalyticsStream(seed=2 + seed), 250
     with httpx.Client(timeout=30) as client:
         started = time.perf_counter()
         while not stop.is_set():
             events = [stream.event(int(time.time() * 1000)) for _ in range(batch)]
-            body = orjson.dumps({"events": events})
-            while not stop.is_set():
-                reply = client.post(events_url, content=body,
-                                    headers={"content-type": "application/json"})
-                if reply.status_code == 202:
-                    break
-                say(f"load: the gateway answered {reply.status_code}: {reply.text[:200]}")
-                time.sleep(0.1)
-            sent[seed] += batch
-            ahead = sent[seed] / rate - (time.perf_counter() - started)
+            if send(client, events_url, orjson.dumps({"events": events}), stop, tally, seed):
+                tally.accepted[seed] += batch
+            ahead = tally.accepted[seed] / rate - (time.perf_counter() - started)
             if ahead > 0:
                 time.sleep(ahead)
+
+
+def send(client: httpx.Client, events_url: str, body: bytes, stop: ProcessEvent, tally: LoadTally,
+         seed: int) -> bool:
+    """Until the gateway accepts the body (True) or the load stops (False)."""
+    while not stop.is_set():
+        try:
+            reply = client.post(events_url, content=body,
+                                headers={"content-type": "application/json"})
+        except httpx.TransportError as error:
+            tally.lost[seed] += 1
+            say(f"load: a request was lost: {type(error).__name__}: {error}")
+        else:
+            if reply.status_code == 202:
+                return True
+            tally.refused[seed] += 1
+            say(f"load: the gateway answered {reply.status_code}: {reply.text[:200]}")
+        time.sleep(0.1)
+    return False
 
 
 def probe(events_url: str, seconds: float, run: int) -> dict[str, float]:
@@ -347,7 +376,7 @@ def probe(events_url: str, seconds: float, run: int) -> dict[str, float]:
     return acked
 
 
-def watch(view_url: str, stop: threading.Event, visible: dict[str, float]) -> None:
+def watch(view_url: str, stop: ProcessEvent, visible: dict[str, float]) -> None:
     """Query the view over and over; when each probe url is first counted in an answer."""
     with httpx.Client(timeout=30) as client:
         while not stop.is_set():
@@ -400,20 +429,23 @@ def freshness(broker: KafkaBroker, home: Path, runs: int,
     acked = {} if acked is None else acked
     visible = {} if visible is None else visible
     with Lambdalake(broker, home) as stack:
-        stop, sent = threading.Event(), [0] * LOAD_SENDERS
+        stop, tally = multiprocessing.get_context("spawn").Event(), LoadTally(LOAD_SENDERS)
         load = threading.Thread(target=steady_load,
-                                args=(stack.url(stack.gateway, "/events"), stop, sent, rate))
+                                args=(stack.url(stack.gateway, "/events"), stop, tally, rate))
         watcher = threading.Thread(
             target=watch, args=(stack.url(stack.api, f"/views/{PROBED_VIEW}"), stop, visible))
-        started = time.perf_counter()
         load.start()
         watcher.start()
         settle(stack.url(stack.gateway, "/events"), visible)
+        accepted_before, started = sum(tally.accepted), time.perf_counter()
         results = [freshness_run(stack, run, visible, acked) for run in range(runs)]
+        accepted, took = sum(tally.accepted) - accepted_before, time.perf_counter() - started
         stop.set()
         load.join()
         watcher.join()
-        return results, sum(sent) / (time.perf_counter() - started)
+        say(f"load during the runs: {accepted / took:,.0f} events/s accepted; in all "
+            f"{sum(tally.refused)} requests refused, {sum(tally.lost)} lost in transport")
+        return results, accepted / took
 
 
 def first_times(bootstrap: str, topic: str,
