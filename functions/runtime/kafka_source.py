@@ -57,7 +57,7 @@ class KafkaPartition:
         partition's end, cached."""
         deadline = time.monotonic() + READY_WITHIN_S
         while self._cached_end() < 0 and time.monotonic() < deadline:
-            self.reader.consume(1, 0.05)  # at the end there is nothing to take
+            self.reader.consume(1, 0.05)  # what it takes is read again: the read seeks next
         self._fetching = True
 
     def _cached_end(self) -> int:
