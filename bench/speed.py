@@ -49,7 +49,7 @@ import uuid
 from collections.abc import Callable
 from multiprocessing.synchronize import Event as ProcessEvent
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import orjson
@@ -74,7 +74,6 @@ VISIBLE_WITHIN_S = 10.0
 SETTLE_WITHIN_S = 180.0  # a probe not counted by then is a miss
 PROBED_VIEW = "pageviews_by_url_hour"
 FRESH_TOPIC = "bench.fresh"
-WALL_MS = (time.time() - time.perf_counter()) * 1000  # perf_counter -> wall-clock ms
 NOOP_FAUST = '''
 import json, sys, time
 import faust
@@ -358,9 +357,22 @@ def send(client: httpx.Client, events_url: str, body: bytes, stop: ProcessEvent,
     return False
 
 
-def probe(events_url: str, seconds: float, run: int) -> dict[str, float]:
+class Moment(NamedTuple):
+    """When something happened: `perf` (perf_counter, s) for the delays, `wall_ms` (the wall
+    clock, read then) to set beside Kafka's timestamps: a wall clock stepped during the run
+    would skew one derived from `perf`."""
+
+    perf: float
+    wall_ms: float
+
+
+def now() -> Moment:
+    return Moment(time.perf_counter(), time.time() * 1000)
+
+
+def probe(events_url: str, seconds: float, run: int) -> dict[str, Moment]:
     """One probe pageview every 50 ms through the gateway; when each was acknowledged."""
-    acked: dict[str, float] = {}
+    acked: dict[str, Moment] = {}
     deadline = time.perf_counter() + seconds
     with httpx.Client(timeout=30) as client:
         i = 0
@@ -370,33 +382,33 @@ def probe(events_url: str, seconds: float, run: int) -> dict[str, float]:
                      "ts": int(time.time() * 1000), "url": url, "user_id": "probe"}
             reply = client.post(events_url, json=event)
             if reply.status_code == 202:
-                acked[url] = time.perf_counter()
+                acked[url] = now()
             i += 1
             time.sleep(PROBE_EVERY_S)
     return acked
 
 
-def watch(view_url: str, stop: ProcessEvent, visible: dict[str, float]) -> None:
+def watch(view_url: str, stop: ProcessEvent, visible: dict[str, Moment]) -> None:
     """Query the view over and over; when each probe url is first counted in an answer."""
     with httpx.Client(timeout=30) as client:
         while not stop.is_set():
             asked = time.perf_counter()
             reply = client.get(view_url, params={"bucket": "total", "group_by": "url"})
-            answered = time.perf_counter()
-            ANSWER_MS.append((answered - asked) * 1000)
+            answered = now()
+            ANSWER_MS.append((answered.perf - asked) * 1000)
             for row in reply.json()["rows"]:
                 if row["url"].startswith("/probe/") and row["pageviews"] >= 1:
                     visible.setdefault(row["url"], answered)
 
 
-def freshness_run(stack: Lambdalake, run: int, visible: dict[str, float],
-                  all_acked: dict[str, float]) -> dict[str, float]:
+def freshness_run(stack: Lambdalake, run: int, visible: dict[str, Moment],
+                  all_acked: dict[str, Moment]) -> dict[str, float]:
     acked = probe(stack.url(stack.gateway, "/events"), FRESHNESS_SECONDS, run)
     all_acked.update(acked)
     deadline = time.perf_counter() + VISIBLE_WITHIN_S
     while time.perf_counter() < deadline and not all(url in visible for url in acked):
         time.sleep(0.1)
-    delays = sorted((visible[url] - t) * 1000 if url in visible else math.inf
+    delays = sorted((visible[url].perf - t.perf) * 1000 if url in visible else math.inf
                     for url, t in acked.items())
     misses = sum(math.isinf(d) for d in delays)
     p99 = delays[math.ceil(len(delays) * 0.99) - 1]
@@ -406,7 +418,7 @@ def freshness_run(stack: Lambdalake, run: int, visible: dict[str, float],
             "probes": len(delays)}
 
 
-def settle(events_url: str, visible: dict[str, float]) -> None:
+def settle(events_url: str, visible: dict[str, Moment]) -> None:
     """Until a first probe is counted: the speed worker has joined its group and the load
     has settled (a machine under load takes far longer than a fixed pause would allow)."""
     httpx.post(events_url, json={"event_id": uuid.uuid4().hex, "type": "pageview",
@@ -421,11 +433,11 @@ def settle(events_url: str, visible: dict[str, float]) -> None:
 
 
 def freshness(broker: KafkaBroker, home: Path, runs: int,
-              acked: dict[str, float] | None = None,
-              visible: dict[str, float] | None = None,
+              acked: dict[str, Moment] | None = None,
+              visible: dict[str, Moment] | None = None,
               rate: int = FRESHNESS_RATE) -> tuple[list[dict[str, float]], float]:
     """Freshness runs on one running stack under the steady load; the load achieved (events/s).
-    Every probe's 202 and first counting answer go to `acked` and `visible` (perf_counter)."""
+    Every probe's 202 and first counting answer go to `acked` and `visible`."""
     acked = {} if acked is None else acked
     visible = {} if visible is None else visible
     with Lambdalake(broker, home) as stack:
@@ -474,7 +486,7 @@ def probe_url(text: bytes | None) -> str | None:
     return None if start < 0 or text is None else text[start:].split(b'"')[0].decode()
 
 
-def stages(bootstrap: str, acked: dict[str, float], visible: dict[str, float]) -> None:
+def stages(bootstrap: str, acked: dict[str, Moment], visible: dict[str, Moment]) -> None:
     """Where the delay of the probes went (medians and p99s, ms)."""
     produced = first_times(bootstrap, FRESH_TOPIC, lambda m: probe_url(m.value()))
     folded = first_times(bootstrap, realtime_topic(FRESH_TOPIC), lambda m: probe_url(m.key()))
@@ -483,7 +495,7 @@ def stages(bootstrap: str, acked: dict[str, float], visible: dict[str, float]) -
                                       "realtime record -> counted": [], "202 -> counted": []}
     for url, ack in acked.items():
         if url in produced and url in folded and url in visible:
-            ack_ms, seen_ms = WALL_MS + ack * 1000, WALL_MS + visible[url] * 1000
+            ack_ms, seen_ms = ack.wall_ms, visible[url].wall_ms
             shares["gateway produce -> 202"].append(ack_ms - produced[url])
             shares["produce -> realtime record"].append(folded[url] - produced[url])
             shares["realtime record -> counted"].append(seen_ms - folded[url])
@@ -566,8 +578,8 @@ def main() -> None:
 def freshness_only(runs: int, rate: int) -> None:
     home = Path(tempfile.mkdtemp(prefix="lambdalake-bench-"))
     say(f"load before: {os.getloadavg()}")
-    acked: dict[str, float] = {}
-    visible: dict[str, float] = {}
+    acked: dict[str, Moment] = {}
+    visible: dict[str, Moment] = {}
     with KafkaBroker(heap="1g") as broker:
         fresh, load_eps = freshness(broker, home / "fresh", runs, acked, visible, rate)
         stages(broker.bootstrap, acked, visible)
