@@ -10,7 +10,8 @@ One topic of N events (the example project's synthetic stream, 4 partitions), re
   each over the first `--faust-events` (100,000) of them;
 Each as events/s and as a ratio. Then freshness as a user sees it: `lambdalake up` on this
 broker (the default speed driver), a steady 5,000 events/s sent to the gateway over HTTP
-by 4 clients at once, and a probe event every 50 ms: from the gateway's 202 for
+by 4 clients at once (each a process of its own; a refused or lost request is counted and sent
+again), and a probe event every 50 ms: from the gateway's 202 for
 `POST /events` to the first `GET /views/pageviews_by_url_hour` answer on the API that
 counts it. A probe never counted
 is a miss, an infinite delay in the percentiles (so p99 is infinite, null in the JSON,
@@ -35,6 +36,7 @@ import argparse
 import asyncio
 import json
 import math
+import multiprocessing
 import os
 import socket
 import statistics
@@ -45,8 +47,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from multiprocessing.synchronize import Event as ProcessEvent
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import orjson
@@ -71,7 +74,6 @@ VISIBLE_WITHIN_S = 10.0
 SETTLE_WITHIN_S = 180.0  # a probe not counted by then is a miss
 PROBED_VIEW = "pageviews_by_url_hour"
 FRESH_TOPIC = "bench.fresh"
-WALL_MS = (time.time() - time.perf_counter()) * 1000  # perf_counter -> wall-clock ms
 NOOP_FAUST = '''
 import json, sys, time
 import faust
@@ -291,14 +293,28 @@ class Lambdalake:
         return f"http://127.0.0.1:{port}{path}"
 
 
-def steady_load(events_url: str, stop: threading.Event, sent: list[int],
+class LoadTally:
+    """The steady load's count per sender, shared with the sender processes: events accepted
+    (202), and requests refused (another status) or lost in transport (an error before any
+    answer); a refused or lost request is sent again, as a client would."""
+
+    def __init__(self, senders: int):
+        context = multiprocessing.get_context("spawn")
+        self.accepted = context.Array("q", senders, lock=False)  # a slot per sender
+        self.refused = context.Array("q", senders, lock=False)
+        self.lost = context.Array("q", senders, lock=False)
+
+
+def steady_load(events_url: str, stop: ProcessEvent, tally: LoadTally,
                 rate: int = FRESHNESS_RATE) -> None:
     """`rate` events/s to the gateway in batches of 250, from LOAD_SENDERS clients at once (as
     many producers send): one client alone waits out each request's round trip, so it
-    measures that latency rather than what the gateway takes. `sent` has one count per
-    sender (LOAD_SENDERS)."""
-    senders = [threading.Thread(target=one_sender,
-                                args=(events_url, stop, sent, seed, rate / LOAD_SENDERS))
+    measures that latency rather than what the gateway takes. Each sender is a process of its
+    own: the probes' and the watcher's clocks, in this process, never wait for the senders'
+    Python to let them run."""
+    context = multiprocessing.get_context("spawn")
+    senders = [context.Process(target=one_sender,
+                               args=(events_url, stop, tally, seed, rate / LOAD_SENDERS))
                for seed in range(LOAD_SENDERS)]
     for sender in senders:
         sender.start()
@@ -306,32 +322,57 @@ def steady_load(events_url: str, stop: threading.Event, sent: list[int],
         sender.join()
 
 
-def one_sender(events_url: str, stop: threading.Event, sent: list[int], seed: int,
+def one_sender(events_url: str, stop: ProcessEvent, tally: LoadTally, seed: int,
                rate: float) -> None:
-    """Its share of the load; `sent[seed]`: how many events it has had accepted. A batch the
-    gateway refuses (503 while the bus is slow) is said and sent again, as a client would."""
+    """Its share of the load, counted in `tally`'s slot `seed`. A batch the gateway refuses
+    (503 while the bus is slow) or that a transport error loses is said and sent again."""
     stream, batch = WebAnalyticsStream(seed=2 + seed), 250
     with httpx.Client(timeout=30) as client:
         started = time.perf_counter()
         while not stop.is_set():
             events = [stream.event(int(time.time() * 1000)) for _ in range(batch)]
-            body = orjson.dumps({"events": events})
-            while not stop.is_set():
-                reply = client.post(events_url, content=body,
-                                    headers={"content-type": "application/json"})
-                if reply.status_code == 202:
-                    break
-                say(f"load: the gateway answered {reply.status_code}: {reply.text[:200]}")
-                time.sleep(0.1)
-            sent[seed] += batch
-            ahead = sent[seed] / rate - (time.perf_counter() - started)
+            if send(client, events_url, orjson.dumps({"events": events}), stop, tally, seed):
+                tally.accepted[seed] += batch
+            ahead = tally.accepted[seed] / rate - (time.perf_counter() - started)
             if ahead > 0:
                 time.sleep(ahead)
 
 
-def probe(events_url: str, seconds: float, run: int) -> dict[str, float]:
+def send(client: httpx.Client, events_url: str, body: bytes, stop: ProcessEvent, tally: LoadTally,
+         seed: int) -> bool:
+    """Until the gateway accepts the body (True) or the load stops (False)."""
+    while not stop.is_set():
+        try:
+            reply = client.post(events_url, content=body,
+                                headers={"content-type": "application/json"})
+        except httpx.TransportError as error:
+            tally.lost[seed] += 1
+            say(f"load: a request was lost: {type(error).__name__}: {error}")
+        else:
+            if reply.status_code == 202:
+                return True
+            tally.refused[seed] += 1
+            say(f"load: the gateway answered {reply.status_code}: {reply.text[:200]}")
+        time.sleep(0.1)
+    return False
+
+
+class Moment(NamedTuple):
+    """When something happened: `perf` (perf_counter, s) for the delays, `wall_ms` (the wall
+    clock, read then) to set beside Kafka's timestamps: a wall clock stepped during the run
+    would skew one derived from `perf`."""
+
+    perf: float
+    wall_ms: float
+
+
+def now() -> Moment:
+    return Moment(time.perf_counter(), time.time() * 1000)
+
+
+def probe(events_url: str, seconds: float, run: int) -> dict[str, Moment]:
     """One probe pageview every 50 ms through the gateway; when each was acknowledged."""
-    acked: dict[str, float] = {}
+    acked: dict[str, Moment] = {}
     deadline = time.perf_counter() + seconds
     with httpx.Client(timeout=30) as client:
         i = 0
@@ -341,33 +382,33 @@ def probe(events_url: str, seconds: float, run: int) -> dict[str, float]:
                      "ts": int(time.time() * 1000), "url": url, "user_id": "probe"}
             reply = client.post(events_url, json=event)
             if reply.status_code == 202:
-                acked[url] = time.perf_counter()
+                acked[url] = now()
             i += 1
             time.sleep(PROBE_EVERY_S)
     return acked
 
 
-def watch(view_url: str, stop: threading.Event, visible: dict[str, float]) -> None:
+def watch(view_url: str, stop: ProcessEvent, visible: dict[str, Moment]) -> None:
     """Query the view over and over; when each probe url is first counted in an answer."""
     with httpx.Client(timeout=30) as client:
         while not stop.is_set():
             asked = time.perf_counter()
             reply = client.get(view_url, params={"bucket": "total", "group_by": "url"})
-            answered = time.perf_counter()
-            ANSWER_MS.append((answered - asked) * 1000)
+            answered = now()
+            ANSWER_MS.append((answered.perf - asked) * 1000)
             for row in reply.json()["rows"]:
                 if row["url"].startswith("/probe/") and row["pageviews"] >= 1:
                     visible.setdefault(row["url"], answered)
 
 
-def freshness_run(stack: Lambdalake, run: int, visible: dict[str, float],
-                  all_acked: dict[str, float]) -> dict[str, float]:
+def freshness_run(stack: Lambdalake, run: int, visible: dict[str, Moment],
+                  all_acked: dict[str, Moment]) -> dict[str, float]:
     acked = probe(stack.url(stack.gateway, "/events"), FRESHNESS_SECONDS, run)
     all_acked.update(acked)
     deadline = time.perf_counter() + VISIBLE_WITHIN_S
     while time.perf_counter() < deadline and not all(url in visible for url in acked):
         time.sleep(0.1)
-    delays = sorted((visible[url] - t) * 1000 if url in visible else math.inf
+    delays = sorted((visible[url].perf - t.perf) * 1000 if url in visible else math.inf
                     for url, t in acked.items())
     misses = sum(math.isinf(d) for d in delays)
     p99 = delays[math.ceil(len(delays) * 0.99) - 1]
@@ -377,7 +418,7 @@ def freshness_run(stack: Lambdalake, run: int, visible: dict[str, float],
             "probes": len(delays)}
 
 
-def settle(events_url: str, visible: dict[str, float]) -> None:
+def settle(events_url: str, visible: dict[str, Moment]) -> None:
     """Until a first probe is counted: the speed worker has joined its group and the load
     has settled (a machine under load takes far longer than a fixed pause would allow)."""
     httpx.post(events_url, json={"event_id": uuid.uuid4().hex, "type": "pageview",
@@ -392,28 +433,31 @@ def settle(events_url: str, visible: dict[str, float]) -> None:
 
 
 def freshness(broker: KafkaBroker, home: Path, runs: int,
-              acked: dict[str, float] | None = None,
-              visible: dict[str, float] | None = None,
+              acked: dict[str, Moment] | None = None,
+              visible: dict[str, Moment] | None = None,
               rate: int = FRESHNESS_RATE) -> tuple[list[dict[str, float]], float]:
     """Freshness runs on one running stack under the steady load; the load achieved (events/s).
-    Every probe's 202 and first counting answer go to `acked` and `visible` (perf_counter)."""
+    Every probe's 202 and first counting answer go to `acked` and `visible`."""
     acked = {} if acked is None else acked
     visible = {} if visible is None else visible
     with Lambdalake(broker, home) as stack:
-        stop, sent = threading.Event(), [0] * LOAD_SENDERS
+        stop, tally = multiprocessing.get_context("spawn").Event(), LoadTally(LOAD_SENDERS)
         load = threading.Thread(target=steady_load,
-                                args=(stack.url(stack.gateway, "/events"), stop, sent, rate))
+                                args=(stack.url(stack.gateway, "/events"), stop, tally, rate))
         watcher = threading.Thread(
             target=watch, args=(stack.url(stack.api, f"/views/{PROBED_VIEW}"), stop, visible))
-        started = time.perf_counter()
         load.start()
         watcher.start()
         settle(stack.url(stack.gateway, "/events"), visible)
+        accepted_before, started = sum(tally.accepted), time.perf_counter()
         results = [freshness_run(stack, run, visible, acked) for run in range(runs)]
+        accepted, took = sum(tally.accepted) - accepted_before, time.perf_counter() - started
         stop.set()
         load.join()
         watcher.join()
-        return results, sum(sent) / (time.perf_counter() - started)
+        say(f"load during the runs: {accepted / took:,.0f} events/s accepted; in all "
+            f"{sum(tally.refused)} requests refused, {sum(tally.lost)} lost in transport")
+        return results, accepted / took
 
 
 def first_times(bootstrap: str, topic: str,
@@ -442,7 +486,7 @@ def probe_url(text: bytes | None) -> str | None:
     return None if start < 0 or text is None else text[start:].split(b'"')[0].decode()
 
 
-def stages(bootstrap: str, acked: dict[str, float], visible: dict[str, float]) -> None:
+def stages(bootstrap: str, acked: dict[str, Moment], visible: dict[str, Moment]) -> None:
     """Where the delay of the probes went (medians and p99s, ms)."""
     produced = first_times(bootstrap, FRESH_TOPIC, lambda m: probe_url(m.value()))
     folded = first_times(bootstrap, realtime_topic(FRESH_TOPIC), lambda m: probe_url(m.key()))
@@ -451,7 +495,7 @@ def stages(bootstrap: str, acked: dict[str, float], visible: dict[str, float]) -
                                       "realtime record -> counted": [], "202 -> counted": []}
     for url, ack in acked.items():
         if url in produced and url in folded and url in visible:
-            ack_ms, seen_ms = WALL_MS + ack * 1000, WALL_MS + visible[url] * 1000
+            ack_ms, seen_ms = ack.wall_ms, visible[url].wall_ms
             shares["gateway produce -> 202"].append(ack_ms - produced[url])
             shares["produce -> realtime record"].append(folded[url] - produced[url])
             shares["realtime record -> counted"].append(seen_ms - folded[url])
@@ -534,8 +578,8 @@ def main() -> None:
 def freshness_only(runs: int, rate: int) -> None:
     home = Path(tempfile.mkdtemp(prefix="lambdalake-bench-"))
     say(f"load before: {os.getloadavg()}")
-    acked: dict[str, float] = {}
-    visible: dict[str, float] = {}
+    acked: dict[str, Moment] = {}
+    visible: dict[str, Moment] = {}
     with KafkaBroker(heap="1g") as broker:
         fresh, load_eps = freshness(broker, home / "fresh", runs, acked, visible, rate)
         stages(broker.bootstrap, acked, visible)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import orjson
 import pyarrow.parquet as pq
 import pytest
 
@@ -54,3 +55,35 @@ def test_kafka_events_are_archived_once_with_watermarks(kafka_broker, tmp_path: 
     marks = watermarks(store)
     assert sum(m["next_offset"] for m in marks.values()) == len(events)
     assert min(m["watermark"] for m in marks.values()) > started  # idle partitions advance
+
+
+def test_a_partition_reads_from_any_offset_again_and_at_most_max_records(
+        kafka_broker, tmp_path: Path) -> None:
+    """The mapping reads a batch again from its first offset after a failure, and a shorter
+    one when the payload bound cut it: each read starts where it is asked."""
+    from lambdalake.functions.runtime.kafka_source import KafkaTopic
+
+    settings = Settings(home=tmp_path, bus="kafka", kafka_bootstrap=kafka_broker.bootstrap,
+                        topic=f"reads-{time.time_ns()}", partitions=1)
+    validator = Validator(project.schemas, settings.max_future_seconds * 1000)
+    stream = WebAnalyticsStream(seed=5, duplicate_share=0)
+    events = [validator.validate(stream.event(now_ms()), now_ms()) for _ in range(50)]
+    open_bus(settings).publish(events)
+    topic = KafkaTopic(settings.kafka_bootstrap, settings.topic)
+    try:
+        (partition,) = topic.partitions
+        assert partition.end == 50
+        first = partition.read(0, 20)
+        assert [r.offset for r in first] == list(range(len(first))) and 0 < len(first) <= 20
+        assert [r.value for r in partition.read(5, 1)] == [first[5].value]  # back, one
+        rest, offset = [], 6
+        while offset < 50:
+            rest += partition.read(offset, 50)
+            offset = rest[-1].offset + 1
+        read = first[:6] + rest
+        assert [r.offset for r in read] == list(range(50))
+        assert sorted(orjson.loads(r.value)["event_id"] for r in read) == sorted(
+            e.event_id for e in events)
+        assert all(a.arrival <= b.arrival for a, b in zip(read, read[1:], strict=False))
+    finally:
+        topic.close()

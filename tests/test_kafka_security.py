@@ -94,7 +94,8 @@ def test_every_client_authenticates_with_scram(scram_broker: KafkaBroker, secret
 
     logged = read_topic(settings.kafka_bootstrap, "secured", security)  # librdkafka
     assert sorted(m.key().decode() for m in logged) == ["a", "b"]
-    topic = KafkaTopic(settings.kafka_bootstrap, "secured", security=security)  # kafka-python
+    # the archive source: librdkafka readers, kafka-python for the committed positions
+    topic = KafkaTopic(settings.kafka_bootstrap, "secured", security=security)
     try:
         read = [r for p in topic.partitions for r in p.read(0, 10)]
         assert sorted(json.loads(r.value)["event_id"] for r in read) == ["a", "b"]
