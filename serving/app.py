@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -76,7 +76,9 @@ class Serving:
     sql_per_key: ConcurrencyLimiter
 
 
-def _serving(request: Request) -> Serving:
+async def _serving(request: Request) -> Serving:
+    # async, as `authorized`: FastAPI runs a plain function in its thread pool, a hop to a
+    # worker thread and back for no blocking work (the two cost 0.4 ms of CPU per request)
     return request.app.state.serving
 
 
@@ -90,11 +92,11 @@ api = APIRouter(responses=_GUARDED)
 _RESTORING = {503: {"model": Errors, "description": "Restoring state; see Retry-After"}}
 
 
-def require(scope: Scope) -> Callable[[Request, Serving], None]:
+def require(scope: Scope) -> Callable[[Request, Serving], Awaitable[None]]:
     """A dependency refusing requests without a key holding `scope` (401 or 403), or past
     the key's request rate (429). The key's name is kept for per-key limits further on."""
 
-    def authorized(request: Request, serving: ServingDep) -> None:
+    async def authorized(request: Request, serving: ServingDep) -> None:
         try:
             key = serving.keyring.authorize(request.headers, scope)
         except AuthError as refused:
