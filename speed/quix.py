@@ -99,6 +99,7 @@ class QuixSpeed:
         # The transaction committing in the background: its round trips to the broker (tens
         # of ms, far more under load) had stalled the fold a fifth of the time.
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="quix-commit")
+        self._decoder_thread = ThreadPoolExecutor(1, thread_name_prefix="quix-decode")
         self._committing: Future[None] | None = None
 
     def run(self, stop: threading.Event) -> None:
@@ -114,6 +115,7 @@ class QuixSpeed:
         self._settle()
         self.producer.abort_transaction(KAFKA_TIMEOUT_S)  # the empty one opened after it
         self._committer.shutdown()
+        self._decoder_thread.shutdown()
 
     def step(self) -> None:
         started = now_ms()
@@ -159,11 +161,18 @@ class QuixSpeed:
             if message.error() is not None:
                 raise KafkaException(message.error())
             by_partition.setdefault(message.partition(), []).append(message)
+        # Each partition's share is decoded in another thread while the one before it folds
+        # here: `pyarrow.json`, most of a decode, runs without the GIL.
+        decoding = []
         for number, taken in by_partition.items():
+            values, timestamps = [m.value() for m in taken], [m.timestamp()[1] for m in taken]
+            arrivals = self.parts[number].arrivals(timestamps)
+            decoded = self._decoder_thread.submit(self.decoder.decode_batch, values, arrivals)
+            decoding.append((number, taken, values, timestamps, arrivals, decoded))
+        for number, taken, values, timestamps, arrivals, decoded in decoding:
             part = self.parts[number]
-            values = [m.value() for m in taken]
-            poison = part.take_all(values, [m.timestamp()[1] for m in taken], self.decoder,
-                                   self.validator)
+            poison = part.take_decoded(values, timestamps, arrivals, decoded.result(),
+                                       self.validator)
             if poison:
                 self._settle()
             for i, reason in poison:
