@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 import decimal
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, ClassVar
@@ -257,7 +257,8 @@ class ApproxDistinct(_Sketch):
         return working
 
     def add_many(self, working: hll_sketch, values: Sequence[Any]) -> hll_sketch:
-        return _add_distinct(self, working, values)
+        _update_distinct(working.update, values)
+        return working
 
     def thaw(self, acc: bytes) -> hll_sketch:
         return hll_sketch.deserialize(acc)
@@ -358,7 +359,8 @@ class DistinctSet(_Sketch):
         return working
 
     def add_many(self, working: _ThetaWorking, values: Sequence[Any]) -> _ThetaWorking:
-        return _add_distinct(self, working, values)
+        _update_distinct(working.fresh.update, values)
+        return working
 
     def thaw(self, acc: bytes) -> _ThetaWorking:
         return _ThetaWorking(acc, update_theta_sketch(self.lg_k))
@@ -367,11 +369,12 @@ class DistinctSet(_Sketch):
         return self.merge_all((working.base, working.fresh.compact()))
 
 
-def _add_distinct(monoid: Monoid, working: Any, values: Sequence[Any]) -> Any:
-    """A set sketch sees each distinct value once: a repeat changes nothing."""
+def _update_distinct(update: Callable[[Any], None], values: Sequence[Any]) -> None:
+    """A set sketch sees each distinct value once: a repeat changes nothing (and `add`, a
+    call per value more, skips a null)."""
     for value in dict.fromkeys(values):
-        working = monoid.add(working, value)
-    return working
+        if value is not None:
+            update(value)
 
 
 def _theta(acc: bytes | compact_theta_sketch) -> compact_theta_sketch:

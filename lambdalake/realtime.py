@@ -5,11 +5,13 @@ published, as Arrow tables shaped like the batch views so the two union directly
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import pyarrow as pa
 
 from lambdalake.project import Project
@@ -114,6 +116,12 @@ def encode_update(update: CellUpdate, project: Project) -> bytes:
     values = [m.encode(v) for m, v in zip(metrics, update.values, strict=True)]
     fingerprint = project.fingerprints[update.view]
     body = [update.view, update.slice, update.bucket, list(update.key), values, fingerprint]
+    if not any(type(v) is float and not math.isfinite(v) for v in (*update.key, *values)):
+        try:  # a twentieth of the stdlib's CPU, a speed transaction's most common record
+            return orjson.dumps(body)
+        except orjson.JSONEncodeError:  # an int beyond 64 bits, a lone surrogate
+            pass
+    # orjson writes a non-finite float as null; the stdlib as json.loads reads it back
     return json.dumps(body, separators=(",", ":")).encode()
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pyarrow as pa
 
 from lambdalake.event_columns import BatchDecoder
 from lambdalake.events import Event, Problem, Validator
@@ -117,9 +118,20 @@ class PartitionState:
     ) -> list[tuple[int, Poison]]:
         """Fold records in, in order: column-wise when the whole batch is valid, else one by
         one. The poison among them: (index, reason)."""
-        start = np.array([self.arrival, *timestamps], np.int64)
-        arrivals = np.maximum.accumulate(start)[1:]
+        arrivals = self.arrivals(timestamps)
         events = decoder.decode_batch(values, arrivals)
+        return self.take_decoded(values, timestamps, arrivals, events, validator)
+
+    def arrivals(self, timestamps: list[int]) -> np.ndarray:
+        """The arrivals of records with these timestamps, taken next."""
+        return np.maximum.accumulate(np.array([self.arrival, *timestamps], np.int64))[1:]
+
+    def take_decoded(
+        self, values: list[bytes | None], timestamps: list[int], arrivals: np.ndarray,
+        events: pa.Table | None, validator: Validator,
+    ) -> list[tuple[int, Poison]]:
+        """`take_all` of records `decode_batch` decoded as `events` (None: record by record)
+        with these `arrivals`."""
         if events is None:
             taken = (self.take(v, ts, validator) for v, ts in zip(values, timestamps, strict=True))
             return [(i, reason) for i, reason in enumerate(taken) if reason is not None]

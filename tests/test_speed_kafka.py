@@ -30,7 +30,7 @@ from workers import worker_env, workers
 
 pytest.importorskip("quixstreams")
 
-from confluent_kafka import Producer  # noqa: E402
+from confluent_kafka import KafkaException, Producer  # noqa: E402
 from prometheus_client import REGISTRY  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
@@ -44,7 +44,7 @@ from lambdalake.realtime import RealtimeCells  # noqa: E402
 from lambdalake.serving.realtime_feed import RealtimeFeed  # noqa: E402
 from lambdalake.settings import Settings  # noqa: E402
 from lambdalake.speed.kafka_common import PartitionState, ids_key, meta_key  # noqa: E402
-from lambdalake.speed.quix import QuixSpeed  # noqa: E402
+from lambdalake.speed.quix import QuixSpeed, group_id  # noqa: E402
 from lambdalake.storage import open_store  # noqa: E402
 from lambdalake.synthetic import WebAnalyticsStream  # noqa: E402
 from lambdalake.tables import table_schema  # noqa: E402
@@ -546,6 +546,43 @@ def test_the_quix_worker_publishes_once_read_to_the_end_not_at_its_cadence(
         wait_exact(lambda: served(cells, [], 0), recompute(first), timeout=30)
         publish_raw(s.kafka_bootstrap, s.topic, encoded(second))
         wait_exact(lambda: served(cells, [], 0), recompute(first + second), timeout=20)
+
+
+@pytest.mark.kafka
+@needs_java
+def test_a_fenced_quix_worker_stops_on_its_failed_transaction(
+    broker: KafkaBroker, tmp_path: Path
+) -> None:
+    """A transaction commits in the background while the worker folds on: when it fails (a
+    successor with the worker's transactional id fenced it), the worker raises that error
+    at its next transaction rather than folding on and publishing nothing."""
+    s = kafka_settings(broker, tmp_path)
+    speed = QuixSpeed(s, project, open_store(s.store_url), "fenced")
+    stop, failed = threading.Event(), []
+
+    def run() -> None:
+        try:
+            speed.run(stop)
+        except KafkaException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        with feed_of(s) as cells:
+            first = synthetic(50, seed=41)
+            publish_raw(s.kafka_bootstrap, s.topic, encoded(first))
+            wait_exact(lambda: served(cells, [], 0), recompute(first), timeout=30)
+        successor = Producer({"bootstrap.servers": s.kafka_bootstrap,
+                              "transactional.id": f"{group_id(s)}.fenced"})
+        successor.init_transactions(30)
+        publish_raw(s.kafka_bootstrap, s.topic, encoded(synthetic(50, seed=42)))
+        thread.join(30)
+        assert not thread.is_alive(), "the fenced worker folds on"
+        assert failed and failed[0].args[0].fatal()
+    finally:
+        stop.set()
+        thread.join(60)
 
 
 def dead_letters(settings: Settings, engine: str) -> dict[str, float]:
