@@ -78,14 +78,16 @@ class Stack:
         from lambdalake.functions import archive
         from lambdalake.functions.runtime.local import LocalRuntime
 
-        if "serving" in self.roles:
-            self._serve()
-        self._start_speed()
+        # the gateway before the API: `up` is ready (readyz) only once it takes events too
         if "functions" in self.roles:
             runtime = LocalRuntime(self.settings, self._template(), loops=self.loops,
                                    on_drained=archive.ON_DRAINED, on_shard=archive.ON_SHARD)
             runtime.start()
-            self._closers.append(runtime.stop)
+        if "serving" in self.roles:
+            self._serve()
+        self._start_speed()
+        if "functions" in self.roles:
+            self._closers.append(runtime.stop)  # closed first: no events taken while stopping
         if "scheduler" in self.roles:
             self._schedule()
         if self.produce_rate:
