@@ -1,9 +1,10 @@
 """The Faust speed driver: the kernel's view state in a faust-streaming agent, exactly once.
 
-The agent takes events in micro-batches (`take_events`) and folds them into one `ViewState`
-per partition (`speed.kafka_common.PartitionState`, shared with the Quix driver). Its state
-is kept where the Quix driver keeps it: the compacted `<topic>.realtime` (the cells, which
-the serving layer reads) and `<topic>.speed-changelog` (dedup ids, arrival, offset); dead
+The agent takes events in micro-batches (`take_events`, gathered up to `BATCH` events or
+`BACKLOG_FLUSH_S` while reading a backlog) and folds them into one `ViewState` per
+partition (`speed.kafka_common.PartitionState`, shared with the Quix driver). Its state is
+kept where the Quix driver keeps it: the compacted `<topic>.realtime` (the cells, which the
+serving layer reads) and `<topic>.speed-changelog` (dedup ids, arrival, offset); dead
 letters go to `<topic>.dlq`. A worker given partitions rebuilds their state from those
 topics, read committed, before its agent sees a record of them. Not from Faust tables:
 under exactly-once, Faust's table recovery takes each changelog partition's end from the
@@ -63,6 +64,7 @@ log = logging.getLogger("lambdalake.speed.faust")
 BATCH = 10_000
 RAW = {"key_serializer": "raw", "value_serializer": "raw"}
 REWIND_AFTER_S = 1.0
+BACKLOG_FLUSH_S = 0.5  # as the Quix driver's: a backlog's batches are gathered up to so long
 SEND_BATCH_BYTES = 512 * 1024  # a record batch's size, below the broker's 1 MB a batch
 
 
@@ -107,6 +109,8 @@ class FaustSpeed:
         # held by a batch from its fold to its commit, and by a rebalance: a revoked
         # partition's batch is committed before it is given up, like the Quix driver's
         self._batch = asyncio.Lock()
+        self._held: list[Any] = []  # events of a backlog, gathered into one batch
+        self._held_since = 0.0
         events = self.app.topic(settings.topic, acks=False, **RAW)
         self.app.agent(events, name="speed")(self.process)
         self.app.timer(1.0)(self.follow_batch)
@@ -114,8 +118,30 @@ class FaustSpeed:
         self.app.on_partitions_assigned.connect(self.assigned)
 
     async def process(self, stream: Any) -> None:
+        """Fold each `take_events` batch, or, while the consumer knows of records after it (a
+        backlog, late already), gather batches up to `BATCH` events or `BACKLOG_FLUSH_S`:
+        a batch's fold and transactions cost about as much for 200 events as for 2,000."""
         async for batch in stream.take_events(BATCH, within=self.flush_s):
-            async with self._batch:
+            if not self._held:
+                self._held_since = time.monotonic()
+            self._held += batch
+            if len(self._held) >= BATCH or self._held_long() or not self._behind(batch):
+                await self._release()
+
+    def _behind(self, batch: list[Any]) -> bool:
+        last = {event.message.partition: event.message.offset for event in batch}
+        ends = {partition: self.app.consumer.highwater(TopicPartition(self.settings.topic,
+                                                                      partition))
+                for partition in last}
+        return any(ends[p] is not None and offset + 1 < ends[p] for p, offset in last.items())
+
+    def _held_long(self) -> bool:
+        return time.monotonic() - self._held_since >= BACKLOG_FLUSH_S
+
+    async def _release(self) -> None:
+        async with self._batch:
+            batch, self._held = self._held, []
+            if batch:
                 await self._process(batch)
 
     async def _process(self, batch: list[Any]) -> None:
@@ -236,6 +262,8 @@ class FaustSpeed:
         self.floor = max(self.floor, floor)
         for part in self.parts.values():
             part.follow(self.floor)
+        if self._held and self._held_long():  # no batch came after (Faust can drop records)
+            await self._release()
 
     async def revoked(self, app: Any, revoked: Any, **_: Any) -> None:
         """Give revoked partitions up once the batch in flight is committed: forget their
@@ -243,6 +271,10 @@ class FaustSpeed:
         partition's producer, fenced once its new owner starts one, and reuse it if the
         partition came back; a new one is started when it is assigned again."""
         async with self._batch:
+            # a held event of a partition given up could be taken for its first record if
+            # the partition came back with no state: its new owner reads it again
+            gone = {tp.partition for tp in revoked if tp.topic == self.settings.topic}
+            self._held = [event for event in self._held if event.message.partition not in gone]
             for tp in revoked:
                 if tp.topic == self.settings.topic:
                     self.parts.pop(tp.partition, None)
