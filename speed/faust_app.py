@@ -130,10 +130,15 @@ class FaustSpeed:
 
     def _behind(self, batch: list[Any]) -> bool:
         last = {event.message.partition: event.message.offset for event in batch}
-        ends = {partition: self.app.consumer.highwater(TopicPartition(self.settings.topic,
-                                                                      partition))
-                for partition in last}
-        return any(ends[p] is not None and offset + 1 < ends[p] for p, offset in last.items())
+        return any(offset + 1 < self._end(partition) for partition, offset in last.items())
+
+    def _end(self, partition: int) -> int:
+        """The partition's end offset as of the consumer's last fetch (0: unknown)."""
+        try:
+            end = self.app.consumer.highwater(TopicPartition(self.settings.topic, partition))
+        except AssertionError:  # aiokafka's: a partition given up in a rebalance meanwhile
+            return 0
+        return end or 0
 
     def _held_long(self) -> bool:
         return time.monotonic() - self._held_since >= BACKLOG_FLUSH_S
