@@ -1,10 +1,12 @@
 """The speed layer's view state: pure, engine-free, shared by every speed driver.
 
 State is kept per arrival slice: cell = (slice, bucket, key) -> one working accumulator per
-metric. The serving layer answers `batch(cut) + cells with slice >= cut`. Slices are kept down
-to the lowest cut of the kept batch versions (`catalog.KeptVersions.floor`), so that a
-rollback to any of them is exact at once; `drop_below` drops those below it, here and in the
-serving layer, as versions are pruned.
+metric while events may still arrive in its slice; once the slice is closed (arrivals never
+decrease), its frozen values as last published, far smaller for a sketch. The serving layer
+answers `batch(cut) + cells with slice >= cut`. Slices are kept down to the lowest cut of the
+kept batch versions (`catalog.KeptVersions.floor`), so that a rollback to any of them is exact
+at once; `drop_below` drops those below it, here and in the serving layer, as versions are
+pruned.
 
 Dedup: an event is identified by its type and `event_id` (an id is unique within its type,
 as in the batch layer, which reads each type's master objects alone), and counted once while
@@ -46,6 +48,9 @@ from lambdalake.settings import DEDUP_MAX_IDS
 from lambdalake.views import View
 
 CellKey = tuple[int, int, tuple[Any, ...]]  # (slice, bucket, key)
+# A cell's accumulators: working (a list) while its slice may still take events, frozen (a
+# tuple, what its last update published) once closed: a working sketch holds far more.
+Accumulators = list[Any] | tuple[Any, ...]
 SNAPSHOT_FORMAT = 1
 
 
@@ -67,12 +72,13 @@ class CellUpdate:
 class _ViewFold:
     """One view's cells, and its fold with what it reads per event looked up once."""
 
-    __slots__ = ("view", "cells", "dirty", "adders", "metrics", "bucket_ms", "keys")
+    __slots__ = ("view", "cells", "dirty", "working", "adders", "metrics", "bucket_ms", "keys")
 
     def __init__(self, view: View):
         self.view, self.bucket_ms, self.keys = view, view.bucket_ms, view.keys
-        self.cells: dict[CellKey, list[Any]] = {}
+        self.cells: dict[CellKey, Accumulators] = {}
         self.dirty: set[CellKey] = set()  # changed since the last drain
+        self.working: set[CellKey] = set()  # the cells holding working accumulators
         self.metrics = tuple(view.metrics.values())
         self.adders = tuple((i, m.add, m.field) for i, m in enumerate(self.metrics))
 
@@ -84,11 +90,32 @@ class _ViewFold:
         # View.bucket_of and View.key_of, inlined: this runs for every event
         cell = (slice_start, ts - ts % self.bucket_ms, tuple([fields.get(k) for k in self.keys]))
         accs = self.cells.get(cell)
-        if accs is None:
-            accs = self.cells[cell] = [m.thaw(m.zero()) for m in self.metrics]
+        if not isinstance(accs, list):
+            accs = self.thawed(cell, accs)
         for i, add, field in self.adders:
             accs[i] = add(accs[i], fields.get(field) if field else None)
         self.dirty.add(cell)
+
+    def thawed(self, cell: CellKey, frozen: tuple[Any, ...] | None) -> list[Any]:
+        """A cell's working accumulators, from its frozen ones or zero."""
+        values = [m.zero() for m in self.metrics] if frozen is None else frozen
+        accs = self.cells[cell] = [m.thaw(v) for m, v in zip(self.metrics, values, strict=True)]
+        self.working.add(cell)
+        return accs
+
+    def frozen(self, cell: CellKey) -> tuple[Any, ...]:
+        accs = self.cells[cell]
+        if isinstance(accs, tuple):
+            return accs
+        return tuple(m.freeze(a) for m, a in zip(self.metrics, accs, strict=True))
+
+    def freeze_below(self, open_slice: int) -> None:
+        """Hold the cells of slices before `open_slice` frozen: no event arrives there any
+        more (arrivals never decrease), and a working sketch holds many times its frozen
+        bytes (a KLL sketch allocates its k items at once)."""
+        for cell in [c for c in self.working if c[0] < open_slice]:
+            self.cells[cell] = self.frozen(cell)
+            self.working.discard(cell)
 
     def aggregates(self, schema: pa.Schema) -> list[tuple[str, str]]:
         """Per metric (in order), the field it reads and how a group's values of it are
@@ -107,8 +134,8 @@ class _ViewFold:
         values per (field, how)."""
         for g, cell in enumerate(cells):
             accs = self.cells.get(cell)
-            if accs is None:
-                accs = self.cells[cell] = [m.thaw(m.zero()) for m in self.metrics]
+            if not isinstance(accs, list):
+                accs = self.thawed(cell, accs)
             for i, (metric, (field, how)) in enumerate(zip(self.metrics, aggregates,
                                                            strict=True)):
                 if how == "list":
@@ -300,7 +327,7 @@ class ViewState:
         self._forgotten_upto = 0  # the newest arrival among them
         self.cut = 0  # slices below it are dropped: the lowest cut of a kept batch version
         self._views = {name: _ViewFold(view) for name, view in project.views.items()}
-        self.cells: dict[str, dict[CellKey, list[Any]]] = {
+        self.cells: dict[str, dict[CellKey, Accumulators]] = {
             name: fold.cells for name, fold in self._views.items()
         }
         self._folds: dict[str, list[_ViewFold]] = {}
@@ -446,11 +473,15 @@ class ViewState:
             for cell in [c for c in fold.cells if c[0] < cut]:
                 del fold.cells[cell]
                 fold.dirty.discard(cell)
+                fold.working.discard(cell)
 
     def drain(self) -> list[CellUpdate]:
-        """Updates for every cell changed since the last drain."""
+        """Updates for every cell changed since the last drain; the cells of closed slices
+        are held frozen from then on."""
+        open_slice = self._newest - self._newest % self.slice_ms
         updates = []
         for name, fold in self._views.items():
+            fold.freeze_below(open_slice)
             updates += [self._update(name, cell) for cell in fold.dirty]
             fold.dirty.clear()
         return updates
@@ -459,9 +490,7 @@ class ViewState:
         return [self._update(name, cell) for name, cells in self.cells.items() for cell in cells]
 
     def _update(self, name: str, cell: CellKey) -> CellUpdate:
-        metrics = self.project.views[name].metrics.values()
-        frozen = tuple(m.freeze(a) for m, a in zip(metrics, self.cells[name][cell], strict=True))
-        return CellUpdate(name, cell[0], cell[1], cell[2], frozen)
+        return CellUpdate(name, cell[0], cell[1], cell[2], self._views[name].frozen(cell))
 
     @property
     def tracked_ids(self) -> int:
@@ -503,6 +532,8 @@ class ViewState:
             fold.cells.update(cells)
             fold.dirty.clear()
             fold.dirty.update(cells)
+            fold.working.clear()
+            fold.working.update(rebuilt._views[name].working)
 
     def snapshot(self) -> bytes:
         """Versioned JSON: the cut, the ids held, each view's fingerprint and cells (every
@@ -540,12 +571,10 @@ class ViewState:
         """Hold these cells (of views of the project) and ids, as a restored state."""
         self.cut, self._newest = cut, newest
         self.hold_all(held)
-        for u in cells:
-            metrics = self._views[u.view].metrics
-            thawed = [m.thaw(v) for m, v in zip(metrics, u.values, strict=True)]
-            self.cells[u.view][(u.slice, u.bucket, u.key)] = thawed
         for fold in self._views.values():
             fold.dirty.clear()
+        for u in cells:  # frozen, thawed if an event comes to them
+            self.cells[u.view][(u.slice, u.bucket, u.key)] = u.values
 
     def _saved(self, name: str, cell: CellKey) -> list[Any]:
         u = self._update(name, cell)
