@@ -206,14 +206,14 @@ _OPEN_BLOCK = 4_096  # ids held one by one go to a block of at most this many
 
 
 class _HeldBlock:
-    """Ids held for dedup, in the order taken: their arrivals, the dict of their type in
+    """Ids held for dedup, in the order taken: their arrivals, the set of their type in
     `ViewState._seen` holding each, and the ids; those before `start` are forgotten already.
     Columns rather than a tuple per id: holding a million ids costs a few objects, which the
     garbage collector then does not walk again and again."""
 
     __slots__ = ("arrivals", "owners", "ids", "start")
 
-    def __init__(self, arrivals: np.ndarray | list[int], owners: list[dict[str, int]],
+    def __init__(self, arrivals: np.ndarray | list[int], owners: list[set[str]],
                  ids: list[str]):
         self.arrivals, self.owners, self.ids, self.start = arrivals, owners, ids, 0
 
@@ -234,7 +234,7 @@ class _HeldBlock:
         """Forget the ids from `start` up to `end`; the newest arrival among them."""
         for owner, event_id in zip(self.owners[self.start:end], self.ids[self.start:end],
                                    strict=True):
-            del owner[event_id]
+            owner.remove(event_id)
         newest = int(max(self.arrivals[self.start:end]))
         self.start = end
         return newest
@@ -253,7 +253,7 @@ class _HeldIds:
         self.count = 0
         self._open: _HeldBlock | None = None  # the block `add` appends to
 
-    def add(self, owner: dict[str, int], event_id: str, arrival: int) -> None:
+    def add(self, owner: set[str], event_id: str, arrival: int) -> None:
         block = self._open
         if block is None or len(block) >= _OPEN_BLOCK:
             block = self._open = _HeldBlock([], [], [])
@@ -306,7 +306,7 @@ class _HeldIds:
                 self._open = None
         return newest
 
-    def __iter__(self) -> Iterator[tuple[int, dict[str, int], str]]:
+    def __iter__(self) -> Iterator[tuple[int, set[str], str]]:
         """(arrival, owner, event id) of every id held, oldest first."""
         for block in self.blocks:
             start = block.start
@@ -347,9 +347,9 @@ class ViewState:
             event_type: sorted({ARRIVAL, "ts"}.union(*(f.view.fields_read() for f in folds)))
             for event_type, folds in self._folds.items()
         }
-        # event type -> event id -> arrival, for dedup; one dict per type, so a held id costs
-        # no more than with one dict of all ids
-        self._seen: dict[str, dict[str, int]] = {}
+        # event type -> the event ids held, for dedup (their arrivals are in `_held`); one set
+        # per type, so a held id costs no more than with one set of all ids
+        self._seen: dict[str, set[str]] = {}
         self._held = _HeldIds()
         self._newest = 0
 
@@ -405,10 +405,9 @@ class ViewState:
     def _hold_batch(self, types: pa.ChunkedArray, kinds: list[str], ids: list[str],
                     arrivals: np.ndarray) -> np.ndarray:
         """`_duplicate` for each record in order, when it forgets nothing meanwhile, in
-        whole-batch dict operations rather than a step per record; which were counted
+        whole-batch set and dict operations rather than a step per record; which were counted
         (neither a duplicate nor below the cut)."""
-        owners = {kind: self._seen.setdefault(kind, {}) for kind in set(kinds)}
-        listed = arrivals.tolist()
+        owners = {kind: self._seen.setdefault(kind, set()) for kind in set(kinds)}
         taken: list[int] = []  # where each id new to its type first is
         for kind, owner in owners.items():
             at: Sequence[int] = range(len(ids))
@@ -418,9 +417,9 @@ class ViewState:
                 at, of_kind = list(compress(at, mask)), list(compress(ids, mask))
             # each id to where it first is (of equal keys, a dict keeps the last given)
             first = dict(zip(reversed(of_kind), reversed(at), strict=True))
-            for event_id in first.keys() & owner.keys():  # held: a retry
+            for event_id in first.keys() & owner:  # held: a retry
                 del first[event_id]
-            owner.update(zip(first, map(listed.__getitem__, first.values()), strict=True))
+            owner.update(first)
             taken += first.values()
         if len(taken) == len(ids):  # no retry: every record is held, in order
             counted = arrivals >= self.cut
@@ -439,10 +438,10 @@ class ViewState:
     def _duplicate(self, event_type: str, event_id: str, arrival: int) -> bool:
         ids = self._seen.get(event_type)
         if ids is None:
-            ids = self._seen[event_type] = {}
+            ids = self._seen[event_type] = set()
         elif event_id in ids:
             return True
-        ids[event_id] = arrival
+        ids.add(event_id)
         self._held.add(ids, event_id, arrival)
         if arrival > self._newest:
             self._newest = arrival
@@ -510,9 +509,9 @@ class ViewState:
         for entry in held:
             *event_types, event_id, arrival = entry
             for event_type in event_types or every_type:
-                ids = self._seen.setdefault(event_type, {})
+                ids = self._seen.setdefault(event_type, set())
                 if event_id not in ids:
-                    ids[event_id] = arrival
+                    ids.add(event_id)
                     self._held.add(ids, event_id, arrival)
         self._forget_oldest()  # the cap may be lower than when the ids were written
 
