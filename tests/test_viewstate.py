@@ -670,3 +670,18 @@ def test_closed_slices_hold_what_they_published_not_working_sketches():
     assert {(u.view, u.slice, u.bucket, u.key): u.values for u in state.everything()} \
         == published
     assert grown < 45, f"40,000 closed cells took {grown:.0f} MB"
+
+
+def test_an_event_arriving_in_a_closed_slice_is_folded_into_its_frozen_cell():
+    """A state read from interleaved partitions (the embedded driver's) may take an arrival
+    in a slice it holds frozen already: the cell is thawed and the event counted."""
+    state = ViewState(project, SLICE, SETTINGS.dedup_window_ms)
+    for number, (arrival, duration) in enumerate([(T0, 10), (T0 + SLICE, 20), (T0 + 5, 30)]):
+        event = pageview(number, T0, user=f"u{number}")
+        event.fields["duration_ms"] = duration
+        assert state.apply(event, arrival)
+        state.drain()
+    cell = {u.view: u.values for u in state.everything() if u.slice == T0}
+    assert cell["pageviews_by_url_hour"][0] == 2
+    durations = kll_doubles_sketch.deserialize(cell["durations_by_url_hour"][0])
+    assert (durations.n, durations.get_min_value(), durations.get_max_value()) == (2, 10, 30)
