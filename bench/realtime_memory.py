@@ -4,11 +4,11 @@ The speed layer and the serving layer keep every arrival slice down to the lowes
 kept batch versions (`LAMBDALAKE_VERSIONS_KEPT`), so that a rollback is exact at once. Each
 kept version beyond the serving one holds the slices between two consecutive cuts, about
 `batch interval / slice` slices. This feeds the example project's synthetic stream at a
-steady rate into the kernel's `ViewState` (the speed layer's cells, working accumulators) and
-`RealtimeCells` (the serving layer's, frozen values), one simulated minute a slice, and
-measures the cells each slice holds and the memory they free when dropped (tracemalloc). The
-speed layer's sketches live in C++ (datasketches), which tracemalloc does not see: their
-serialized sizes are added, a lower bound of what they hold.
+steady rate into the kernel's `ViewState` (the speed layer's cells: frozen values once their
+slice is closed) and `RealtimeCells` (the serving layer's, frozen values), one simulated minute
+a slice, and measures the cells each slice holds and the memory they free when dropped
+(tracemalloc: the slices dropped are closed, so their sketches are Python bytes, not C++
+working sketches tracemalloc would not see).
 
     .venv/bin/python bench/realtime_memory.py [--rate 1000] [--minutes 10]
 
@@ -72,11 +72,7 @@ def main() -> None:
     ]
     half = T0 + args.minutes // 2 * slice_ms
     dropped = sum(per_slice[: args.minutes // 2])
-    sketch_bytes = sum(
-        len(value) for update in state.everything() if update.slice < half
-        for value in update.values if isinstance(value, bytes)
-    )
-    speed_bytes = freed_bytes(lambda: state.drop_below(half)) + sketch_bytes
+    speed_bytes = freed_bytes(lambda: state.drop_below(half))
     serving_bytes = freed_bytes(lambda: cells.drop_below(half))
     tracemalloc.stop()
     cells_per_slice = statistics.median(per_slice)

@@ -1,10 +1,12 @@
 """The speed layer's view state: pure, engine-free, shared by every speed driver.
 
 State is kept per arrival slice: cell = (slice, bucket, key) -> one working accumulator per
-metric. The serving layer answers `batch(cut) + cells with slice >= cut`. Slices are kept down
-to the lowest cut of the kept batch versions (`catalog.KeptVersions.floor`), so that a
-rollback to any of them is exact at once; `drop_below` drops those below it, here and in the
-serving layer, as versions are pruned.
+metric while events may still arrive in its slice; once the slice is closed (arrivals never
+decrease), its frozen values as last published, far smaller for a sketch. The serving layer
+answers `batch(cut) + cells with slice >= cut`. Slices are kept down to the lowest cut of the
+kept batch versions (`catalog.KeptVersions.floor`), so that a rollback to any of them is exact
+at once; `drop_below` drops those below it, here and in the serving layer, as versions are
+pruned.
 
 Dedup: an event is identified by its type and `event_id` (an id is unique within its type,
 as in the batch layer, which reads each type's master objects alone), and counted once while
@@ -46,6 +48,9 @@ from lambdalake.settings import DEDUP_MAX_IDS
 from lambdalake.views import View
 
 CellKey = tuple[int, int, tuple[Any, ...]]  # (slice, bucket, key)
+# A cell's accumulators: working (a list) while its slice may still take events, frozen (a
+# tuple, what its last update published) once closed: a working sketch holds far more.
+Accumulators = list[Any] | tuple[Any, ...]
 SNAPSHOT_FORMAT = 1
 
 
@@ -67,12 +72,13 @@ class CellUpdate:
 class _ViewFold:
     """One view's cells, and its fold with what it reads per event looked up once."""
 
-    __slots__ = ("view", "cells", "dirty", "adders", "metrics", "bucket_ms", "keys")
+    __slots__ = ("view", "cells", "dirty", "working", "adders", "metrics", "bucket_ms", "keys")
 
     def __init__(self, view: View):
         self.view, self.bucket_ms, self.keys = view, view.bucket_ms, view.keys
-        self.cells: dict[CellKey, list[Any]] = {}
+        self.cells: dict[CellKey, Accumulators] = {}
         self.dirty: set[CellKey] = set()  # changed since the last drain
+        self.working: set[CellKey] = set()  # the cells holding working accumulators
         self.metrics = tuple(view.metrics.values())
         self.adders = tuple((i, m.add, m.field) for i, m in enumerate(self.metrics))
 
@@ -84,11 +90,32 @@ class _ViewFold:
         # View.bucket_of and View.key_of, inlined: this runs for every event
         cell = (slice_start, ts - ts % self.bucket_ms, tuple([fields.get(k) for k in self.keys]))
         accs = self.cells.get(cell)
-        if accs is None:
-            accs = self.cells[cell] = [m.thaw(m.zero()) for m in self.metrics]
+        if not isinstance(accs, list):
+            accs = self.thawed(cell, accs)
         for i, add, field in self.adders:
             accs[i] = add(accs[i], fields.get(field) if field else None)
         self.dirty.add(cell)
+
+    def thawed(self, cell: CellKey, frozen: tuple[Any, ...] | None) -> list[Any]:
+        """A cell's working accumulators, from its frozen ones or zero."""
+        values = [m.zero() for m in self.metrics] if frozen is None else frozen
+        accs = self.cells[cell] = [m.thaw(v) for m, v in zip(self.metrics, values, strict=True)]
+        self.working.add(cell)
+        return accs
+
+    def frozen(self, cell: CellKey) -> tuple[Any, ...]:
+        accs = self.cells[cell]
+        if isinstance(accs, tuple):
+            return accs
+        return tuple(m.freeze(a) for m, a in zip(self.metrics, accs, strict=True))
+
+    def freeze_below(self, open_slice: int) -> None:
+        """Hold the cells of slices before `open_slice` frozen: no event arrives there any
+        more (arrivals never decrease), and a working sketch holds many times its frozen
+        bytes (a KLL sketch allocates its k items at once)."""
+        for cell in [c for c in self.working if c[0] < open_slice]:
+            self.cells[cell] = self.frozen(cell)
+            self.working.discard(cell)
 
     def aggregates(self, schema: pa.Schema) -> list[tuple[str, str]]:
         """Per metric (in order), the field it reads and how a group's values of it are
@@ -107,8 +134,8 @@ class _ViewFold:
         values per (field, how)."""
         for g, cell in enumerate(cells):
             accs = self.cells.get(cell)
-            if accs is None:
-                accs = self.cells[cell] = [m.thaw(m.zero()) for m in self.metrics]
+            if not isinstance(accs, list):
+                accs = self.thawed(cell, accs)
             for i, (metric, (field, how)) in enumerate(zip(self.metrics, aggregates,
                                                            strict=True)):
                 if how == "list":
@@ -179,14 +206,14 @@ _OPEN_BLOCK = 4_096  # ids held one by one go to a block of at most this many
 
 
 class _HeldBlock:
-    """Ids held for dedup, in the order taken: their arrivals, the dict of their type in
+    """Ids held for dedup, in the order taken: their arrivals, the set of their type in
     `ViewState._seen` holding each, and the ids; those before `start` are forgotten already.
     Columns rather than a tuple per id: holding a million ids costs a few objects, which the
     garbage collector then does not walk again and again."""
 
     __slots__ = ("arrivals", "owners", "ids", "start")
 
-    def __init__(self, arrivals: np.ndarray | list[int], owners: list[dict[str, int]],
+    def __init__(self, arrivals: np.ndarray | list[int], owners: list[set[str]],
                  ids: list[str]):
         self.arrivals, self.owners, self.ids, self.start = arrivals, owners, ids, 0
 
@@ -207,7 +234,7 @@ class _HeldBlock:
         """Forget the ids from `start` up to `end`; the newest arrival among them."""
         for owner, event_id in zip(self.owners[self.start:end], self.ids[self.start:end],
                                    strict=True):
-            del owner[event_id]
+            owner.remove(event_id)
         newest = int(max(self.arrivals[self.start:end]))
         self.start = end
         return newest
@@ -226,7 +253,7 @@ class _HeldIds:
         self.count = 0
         self._open: _HeldBlock | None = None  # the block `add` appends to
 
-    def add(self, owner: dict[str, int], event_id: str, arrival: int) -> None:
+    def add(self, owner: set[str], event_id: str, arrival: int) -> None:
         block = self._open
         if block is None or len(block) >= _OPEN_BLOCK:
             block = self._open = _HeldBlock([], [], [])
@@ -279,7 +306,7 @@ class _HeldIds:
                 self._open = None
         return newest
 
-    def __iter__(self) -> Iterator[tuple[int, dict[str, int], str]]:
+    def __iter__(self) -> Iterator[tuple[int, set[str], str]]:
         """(arrival, owner, event id) of every id held, oldest first."""
         for block in self.blocks:
             start = block.start
@@ -300,7 +327,7 @@ class ViewState:
         self._forgotten_upto = 0  # the newest arrival among them
         self.cut = 0  # slices below it are dropped: the lowest cut of a kept batch version
         self._views = {name: _ViewFold(view) for name, view in project.views.items()}
-        self.cells: dict[str, dict[CellKey, list[Any]]] = {
+        self.cells: dict[str, dict[CellKey, Accumulators]] = {
             name: fold.cells for name, fold in self._views.items()
         }
         self._folds: dict[str, list[_ViewFold]] = {}
@@ -320,9 +347,9 @@ class ViewState:
             event_type: sorted({ARRIVAL, "ts"}.union(*(f.view.fields_read() for f in folds)))
             for event_type, folds in self._folds.items()
         }
-        # event type -> event id -> arrival, for dedup; one dict per type, so a held id costs
-        # no more than with one dict of all ids
-        self._seen: dict[str, dict[str, int]] = {}
+        # event type -> the event ids held, for dedup (their arrivals are in `_held`); one set
+        # per type, so a held id costs no more than with one set of all ids
+        self._seen: dict[str, set[str]] = {}
         self._held = _HeldIds()
         self._newest = 0
 
@@ -378,10 +405,9 @@ class ViewState:
     def _hold_batch(self, types: pa.ChunkedArray, kinds: list[str], ids: list[str],
                     arrivals: np.ndarray) -> np.ndarray:
         """`_duplicate` for each record in order, when it forgets nothing meanwhile, in
-        whole-batch dict operations rather than a step per record; which were counted
+        whole-batch set and dict operations rather than a step per record; which were counted
         (neither a duplicate nor below the cut)."""
-        owners = {kind: self._seen.setdefault(kind, {}) for kind in set(kinds)}
-        listed = arrivals.tolist()
+        owners = {kind: self._seen.setdefault(kind, set()) for kind in set(kinds)}
         taken: list[int] = []  # where each id new to its type first is
         for kind, owner in owners.items():
             at: Sequence[int] = range(len(ids))
@@ -391,9 +417,9 @@ class ViewState:
                 at, of_kind = list(compress(at, mask)), list(compress(ids, mask))
             # each id to where it first is (of equal keys, a dict keeps the last given)
             first = dict(zip(reversed(of_kind), reversed(at), strict=True))
-            for event_id in first.keys() & owner.keys():  # held: a retry
+            for event_id in first.keys() & owner:  # held: a retry
                 del first[event_id]
-            owner.update(zip(first, map(listed.__getitem__, first.values()), strict=True))
+            owner.update(first)
             taken += first.values()
         if len(taken) == len(ids):  # no retry: every record is held, in order
             counted = arrivals >= self.cut
@@ -412,10 +438,10 @@ class ViewState:
     def _duplicate(self, event_type: str, event_id: str, arrival: int) -> bool:
         ids = self._seen.get(event_type)
         if ids is None:
-            ids = self._seen[event_type] = {}
+            ids = self._seen[event_type] = set()
         elif event_id in ids:
             return True
-        ids[event_id] = arrival
+        ids.add(event_id)
         self._held.add(ids, event_id, arrival)
         if arrival > self._newest:
             self._newest = arrival
@@ -446,11 +472,15 @@ class ViewState:
             for cell in [c for c in fold.cells if c[0] < cut]:
                 del fold.cells[cell]
                 fold.dirty.discard(cell)
+                fold.working.discard(cell)
 
     def drain(self) -> list[CellUpdate]:
-        """Updates for every cell changed since the last drain."""
+        """Updates for every cell changed since the last drain; the cells of closed slices
+        are held frozen from then on."""
+        open_slice = self._newest - self._newest % self.slice_ms
         updates = []
         for name, fold in self._views.items():
+            fold.freeze_below(open_slice)
             updates += [self._update(name, cell) for cell in fold.dirty]
             fold.dirty.clear()
         return updates
@@ -459,9 +489,7 @@ class ViewState:
         return [self._update(name, cell) for name, cells in self.cells.items() for cell in cells]
 
     def _update(self, name: str, cell: CellKey) -> CellUpdate:
-        metrics = self.project.views[name].metrics.values()
-        frozen = tuple(m.freeze(a) for m, a in zip(metrics, self.cells[name][cell], strict=True))
-        return CellUpdate(name, cell[0], cell[1], cell[2], frozen)
+        return CellUpdate(name, cell[0], cell[1], cell[2], self._views[name].frozen(cell))
 
     @property
     def tracked_ids(self) -> int:
@@ -481,9 +509,9 @@ class ViewState:
         for entry in held:
             *event_types, event_id, arrival = entry
             for event_type in event_types or every_type:
-                ids = self._seen.setdefault(event_type, {})
+                ids = self._seen.setdefault(event_type, set())
                 if event_id not in ids:
-                    ids[event_id] = arrival
+                    ids.add(event_id)
                     self._held.add(ids, event_id, arrival)
         self._forget_oldest()  # the cap may be lower than when the ids were written
 
@@ -503,6 +531,8 @@ class ViewState:
             fold.cells.update(cells)
             fold.dirty.clear()
             fold.dirty.update(cells)
+            fold.working.clear()
+            fold.working.update(rebuilt._views[name].working)
 
     def snapshot(self) -> bytes:
         """Versioned JSON: the cut, the ids held, each view's fingerprint and cells (every
@@ -540,12 +570,10 @@ class ViewState:
         """Hold these cells (of views of the project) and ids, as a restored state."""
         self.cut, self._newest = cut, newest
         self.hold_all(held)
-        for u in cells:
-            metrics = self._views[u.view].metrics
-            thawed = [m.thaw(v) for m, v in zip(metrics, u.values, strict=True)]
-            self.cells[u.view][(u.slice, u.bucket, u.key)] = thawed
         for fold in self._views.values():
             fold.dirty.clear()
+        for u in cells:  # frozen, thawed if an event comes to them
+            self.cells[u.view][(u.slice, u.bucket, u.key)] = u.values
 
     def _saved(self, name: str, cell: CellKey) -> list[Any]:
         u = self._update(name, cell)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -43,6 +44,7 @@ from lambdalake.monoids import Monoid, merge_all  # noqa: E402
 from lambdalake.realtime import RealtimeCells  # noqa: E402
 from lambdalake.serving.realtime_feed import RealtimeFeed  # noqa: E402
 from lambdalake.settings import Settings  # noqa: E402
+from lambdalake.speed import kafka_common  # noqa: E402
 from lambdalake.speed.kafka_common import PartitionState, ids_key, meta_key  # noqa: E402
 from lambdalake.speed.quix import QuixSpeed, group_id  # noqa: E402
 from lambdalake.storage import open_store  # noqa: E402
@@ -365,6 +367,28 @@ def test_a_burst_of_ids_is_written_in_records_under_the_size_limit() -> None:
     second = PartitionState(0, project, s)
     second.restore(dict(first.realtime_records()), changelog)
     assert second.view.tracked_ids == first.view.tracked_ids == 10_000
+
+
+def test_the_keys_of_dropped_cells_cost_their_size() -> None:
+    """Unit: a floor's advance holds a tombstone key per dropped cell until the next
+    transaction; each cost orjson's 4 KB buffer, so a floor moving minutes of 1 s slices at
+    once grew a driver by tens of MB. Now about its length."""
+    part = PartitionState(0, project, Settings(slice_seconds=1))
+    validator = Validator(project.schemas, 300_000)
+    t0 = int(time.time() * 1000)
+    for i, event in enumerate(synthetic(3_000, seed=3)):
+        assert part.take(json.dumps(event).encode(), t0 + i * 100, validator) is None
+    everything = part.view.everything()
+    cells = len(everything)
+    tracemalloc.start()
+    part.follow(t0 + 300_000)
+    held = tracemalloc.take_snapshot().filter_traces(
+        [tracemalloc.Filter(True, kafka_common.__file__)])
+    tracemalloc.stop()
+    assert sum(len(view) for view in part.view.cells.values()) == 0
+    assert sum(t.size for t in held.traces) < 200 * cells
+    assert {key for key, value in part.realtime_records() if value is None} == \
+        {kafka_common.cell_key(0, u.view, (u.slice, u.bucket, u.key)) for u in everything}
 
 
 def test_ids_forgotten_by_the_cap_leave_the_changelog() -> None:
