@@ -432,6 +432,32 @@ def test_an_invocation_past_its_timeout_is_an_error():
     assert sample("lambdalake_function_errors_total", "Slow") == 1
 
 
+def test_an_environment_runs_its_invocations_in_one_thread_until_it_times_out():
+    """Warm invocations run in the thread of their environment; one past its timeout is
+    discarded, so the next starts cold in a new thread, and its thread ends once the handler
+    returns."""
+    threads: list[threading.Thread] = []
+    release = threading.Event()
+
+    def record(event: Any, context: LambdaContext) -> None:
+        threads.append(threading.current_thread())
+        if event == "hang":
+            release.wait(5)
+
+    function = LocalFunction(spec("Environments", timeout_seconds=0.2), record)
+    function.invoke("a")
+    function.invoke("b")
+    with pytest.raises(FunctionTimeout):
+        function.invoke("hang")
+    function.invoke("c")
+    assert threads[1] is threads[0] and threads[2] is threads[0]
+    assert threads[3] is not threads[0]
+    assert sample("lambdalake_function_cold_starts_total", "Environments") == 2
+    release.set()
+    threads[0].join(5)
+    assert not threads[0].is_alive()
+
+
 def test_metrics_count_invocations_errors_cold_starts_and_billed_time():
     def answer(event: Any, context: LambdaContext) -> str:
         if event == "fail":

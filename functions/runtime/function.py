@@ -1,14 +1,16 @@
 """One function as AWS Lambda runs it: handler, concurrency limit, environments, timeout.
 
 An invocation takes a concurrency slot (none free: `Throttled`) and a warm environment (none
-idle: a cold start), then runs the handler in a worker thread with a `LambdaContext`. Past
-its timeout it is reported as `FunctionTimeout` and its environment is discarded, so the
-next invocation starts cold; the worker thread cannot be killed and runs on, detached.
+idle: a cold start), then runs the handler in that environment's thread with a
+`LambdaContext`. Past its timeout it is reported as `FunctionTimeout` and its environment is
+discarded, so the next invocation starts cold; its thread cannot be killed and runs on,
+detached, and ends once the handler returns.
 """
 
 from __future__ import annotations
 
 import importlib
+import queue
 import random
 import threading
 import time
@@ -36,6 +38,27 @@ class FunctionTimeout(FunctionError):
     pass
 
 
+class _Environment:
+    """An execution environment: a thread that runs the invocations handed to it, one at a
+    time, and waits warm between them. A thread started per invocation cost the start and,
+    while other threads held the GIL, milliseconds of waiting for it."""
+
+    def __init__(self, name: str):
+        self._calls: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name=name, daemon=True).start()
+
+    def run(self, call: Callable[[], None]) -> None:
+        self._calls.put(call)
+
+    def discard(self) -> None:
+        """Its thread ends once what it runs (past its timeout) returns."""
+        self._calls.put(None)
+
+    def _serve(self) -> None:
+        while (call := self._calls.get()) is not None:
+            call()
+
+
 class LocalFunction:
     def __init__(self, spec: FunctionSpec, handler: Handler | None = None,
                  versions: FunctionVersions | None = None):
@@ -46,7 +69,7 @@ class LocalFunction:
         limit = spec.reserved_concurrency
         self._slots = None if limit is None else threading.BoundedSemaphore(limit)
         self._lock = threading.Lock()
-        self._idle = 0  # warm environments waiting for an invocation
+        self._idle: list[_Environment] = []  # warm environments waiting for an invocation
         self.metrics = FunctionMetrics(spec.name, spec.memory_mb)
 
     def handler(self) -> Handler:
@@ -68,18 +91,19 @@ class LocalFunction:
 
     def _in_environment(self, event: Any) -> Any:
         with self._lock:
-            cold, self._idle = self._idle == 0, max(self._idle - 1, 0)
+            warm = self._idle.pop() if self._idle else None
         self.metrics.started()
         init_s, started = 0.0, time.perf_counter()
+        environment = warm or _Environment(self.name)
         try:
             version, handler = self._load()  # a new environment's init: its module loaded
-            if cold:
+            if warm is None:
                 init_s, started = time.perf_counter() - started, time.perf_counter()
-            result = self._run(version, handler, event)
+            result = self._run(environment, version, handler, event)
         except FunctionError as error:
-            self._finish(started, cold, init_s, error)
+            self._finish(environment, started, warm is None, init_s, error)
             raise
-        self._finish(started, cold, init_s, None)
+        self._finish(environment, started, warm is None, init_s, None)
         return result
 
     def _load(self) -> tuple[str, Handler]:
@@ -93,14 +117,17 @@ class LocalFunction:
         except Exception as exc:  # as on AWS: an init error fails the invocation
             raise FunctionError(f"{self.name}: init failed: {type(exc).__name__}: {exc}") from exc
 
-    def _finish(self, started: float, cold: bool, init_s: float,
+    def _finish(self, environment: _Environment, started: float, cold: bool, init_s: float,
                 error: FunctionError | None) -> None:
         self.metrics.invoked(time.perf_counter() - started, cold, error is not None, init_s)
-        if not isinstance(error, FunctionTimeout):
-            with self._lock:
-                self._idle += 1
+        if isinstance(error, FunctionTimeout):
+            environment.discard()
+            return
+        with self._lock:
+            self._idle.append(environment)
 
-    def _run(self, version: str, handler: Handler, event: Any) -> Any:
+    def _run(self, environment: _Environment, version: str, handler: Handler,
+             event: Any) -> Any:
         spec = self.spec
         alias = None if version == "$LATEST" else ALIAS
         context = LambdaContext.start(spec.name, spec.memory_mb, spec.timeout_seconds,
@@ -114,8 +141,7 @@ class LocalFunction:
             except BaseException as exc:  # delivered to the invoker, whatever it is
                 future.set_exception(exc)
 
-        threading.Thread(target=work, name=f"{spec.name}-{context.aws_request_id[:8]}",
-                         daemon=True).start()
+        environment.run(work)
         if not wait([future], timeout=spec.timeout_seconds).done:
             raise FunctionTimeout(f"{spec.name}: request {context.aws_request_id} "
                                   f"timed out after {spec.timeout_seconds} s")
