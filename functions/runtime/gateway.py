@@ -111,15 +111,17 @@ class Gateway:
 
 
 def tcp_listener(host: str, port: int) -> socket.socket:
-    """A listening socket of protocol TCP. asyncio sets TCP_NODELAY only on connections of
-    that protocol (`socket.create_server` makes them of protocol 0): without it a response's
-    body waits behind its headers for the client's delayed ACK, 40 ms a request."""
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)[0]
-    listener = socket.socket(family, kind, proto)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(address)
-    listener.listen()
+    """An IPv4 listening socket of protocol TCP. asyncio sets TCP_NODELAY only on connections
+    of that protocol (`socket.create_server` makes them of protocol 0): without it a
+    response's body waits behind its headers for the client's delayed ACK, 40 ms a request."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen()
+    except OSError:
+        listener.close()
+        raise
     return listener
 
 
