@@ -507,6 +507,34 @@ def test_real_time_cells_copied_into_duckdb_answer_exactly(
     duck.close()
 
 
+def test_cached_sketches_answer_as_the_sketches_themselves(
+    tmp_path: Path, traffic: list[Record]
+) -> None:
+    """Serving's DuckDB tables hold references to their sketches, which answers put back:
+    every view (HLL, KLL and Theta sketches) answers as it does from the Arrow tables holding
+    the sketches, with groups gathering batch rows, the cells' copy and Arrow cells at once."""
+    store, realtime = FileStore(tmp_path / "lake"), RealtimeCells(project)
+    publish(store, "v1", CUT_1, traffic)
+    cached, arrow = DuckDB(cells_in_arrow=5), DuckDB(cells_in_arrow=10**9)
+    served = BatchViews(project, store, realtime, prepare=cached.cache)
+    uncached = BatchViews(project, store, realtime)
+    served.refresh()
+    uncached.refresh()
+    state = ViewState(project, MINUTE, DAY)
+    late = sorted(traffic, key=lambda record: record[1])
+    for arrived in (late[:-4], late[-4:]):  # copied into DuckDB at the first query, then not
+        state.apply_all(arrived)
+        realtime.upsert(state.drain())
+        for view in project.views.values():
+            for params in ({}, {"bucket": "total"}, {"limit": 3}, {"bucket": "day", "limit": 2}):
+                query = parse(view, project.schemas[view.event_type], **params)
+                answer = view_page(cached, served.read([view.name]), view, query)
+                assert answer == view_page(arrow, uncached.read([view.name]), view, query)
+                assert answer.rows or view.name != PAGEVIEWS.name
+    cached.close()
+    arrow.close()
+
+
 @pytest.mark.s3
 def test_batch_views_load_from_s3(s3_server: str, tmp_path: Path, traffic: list[Record]) -> None:
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="serving")
