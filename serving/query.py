@@ -224,7 +224,8 @@ class DuckDB:
         """The view's real-time cells as a DuckDB table holding the older slices (or None)
         and the Arrow table of the others, while the caller reads them. The table
         is rebuilt, by one query while the others read the one before, once more than
-        `cells_in_arrow` cells are left to Arrow (cells changed since)."""
+        `cells_in_arrow` cells are left to Arrow (cells changed since), of the slices but the
+        newest (`_settled`)."""
         held, build = self._hold_cells(view, cells)
         if build:
             held = self._build_cells(view, cells)
@@ -244,9 +245,9 @@ class DuckDB:
         with self._lock:
             tables = [held for held in self._cells.get(view, []) if held.starts(cells.parts)]
             best = max(tables, key=lambda held: len(held.parts), default=None)
-            copied = sum(part.num_rows for part in best.parts) if best else 0
+            copied = _rows(best.parts) if best else 0
             build = (cells.table.num_rows - copied > self._cells_in_arrow
-                     and view not in self._building)
+                     and _rows(_settled(cells)) > copied and view not in self._building)
             if build:
                 self._building.add(view)
             elif best is not None:
@@ -254,13 +255,14 @@ class DuckDB:
             return (None if build else best), build
 
     def _build_cells(self, view: str, cells: Sliced) -> _CellsTable:
+        parts = _settled(cells)
         with self._lock:
             self._tables_made += 1
-            held = _CellsTable(f"cells_{self._tables_made}", cells.parts,
+            held = _CellsTable(f"cells_{self._tables_made}", parts,
                                self._tables_made % _SOURCES, readers=1)
         try:
             # ordered as `by_keys`: a query filtering dimensions reads few of its row groups
-            self._create(held.name, self._referenced(cells.table, held.source),
+            self._create(held.name, self._referenced(pa.concat_tables(parts), held.source),
                          by_bucket=False)
         finally:
             with self._lock:
@@ -430,6 +432,17 @@ _SQL_COLUMNS = {
     "quantiles": _SqlColumn(),
     "distinct_set": _SqlColumn(),
 }
+
+
+def _settled(cells: Sliced) -> tuple[pa.Table, ...]:
+    """The slices a copy of the cells holds: all but the newest, which the speed layer keeps
+    changing (a copy holding it was of no use after the next publish: the copy was rebuilt,
+    50 ms of CPU, at nearly every publish, and queries meanwhile scanned every cell)."""
+    return cells.parts[:-1]
+
+
+def _rows(parts: tuple[pa.Table, ...]) -> int:
+    return sum(part.num_rows for part in parts)
 
 
 def _is_sketch(field: pa.Field) -> bool:
