@@ -44,9 +44,9 @@ _MERGED = "merged AS (SELECT * FROM {batch} UNION ALL BY NAME SELECT * FROM cell
 # Real-time cells a query scans from Arrow at most, past those a DuckDB table holds: a scan
 # of Arrow costs each query, a table is built once for every query until the cells change.
 CELLS_IN_ARROW = 4096
-# Relations a thread's cursor keeps registered after a query, until another table takes the
-# name: registering an Arrow table costs about as much as a small query, and the real-time
-# cells are the same table from one query to the next until they change.
+# Relations a thread's cursor keeps registered after a query (`_Current`), until a table of
+# another schema takes the name: registering an Arrow table costs about as much as a small
+# query, and the real-time cells change at every publish of the speed layer.
 _KEPT_REGISTERED = frozenset({"cells"})
 # A sketch in a cached table is a reference to its row in the Arrow column it was copied
 # from, held beside (`DuckDB._sketches`): 12 bytes, which DuckDB keeps inline, so gathering
@@ -59,6 +59,21 @@ _REF_TAG = 0xFF
 _REFERENCE = np.dtype([("tag", "u1"), ("source", "u1", 3), ("row", "<u8")])
 _SOURCES = 1 << 24
 Sketches = dict[str, pa.Array]  # a source's sketch columns, by name
+
+
+@dataclass
+class _Current:
+    """An Arrow table registered once on a cursor, which each query sets: DuckDB reads the
+    stream anew at each scan (registering the cells' table again at each change cost ~0.4 ms
+    of CPU per query and cursor)."""
+
+    table: pa.Table
+
+    def __arrow_c_schema__(self) -> object:
+        return self.table.schema.__arrow_c_schema__()
+
+    def __arrow_c_stream__(self, requested_schema: object = None) -> object:
+        return self.table.__arrow_c_stream__(requested_schema)
 
 
 @dataclass
@@ -290,17 +305,21 @@ class DuckDB:
             with self._lock:
                 cursor = self._cursors.cursor = self._connection.cursor()
             self._cursors.registered = {}
-        registered: dict[str, pa.Table] = self._cursors.registered
+        registered: dict[str, _Current] = self._cursors.registered
         for name, table in relations.items():
-            if registered.get(name) is not table:
+            if name not in _KEPT_REGISTERED:
                 cursor.register(name, table)
-                registered[name] = table
+                continue
+            current = registered.get(name)
+            if current is None or not current.table.schema.equals(table.schema):
+                current = registered[name] = _Current(table)
+                cursor.register(name, current)
+            current.table = table
         try:
             yield cursor
         finally:
             for name in relations.keys() - _KEPT_REGISTERED:
                 cursor.unregister(name)
-                del registered[name]
 
     def close(self) -> None:
         self._connection.close()
