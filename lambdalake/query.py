@@ -322,13 +322,6 @@ class _Grouping:
         group += [str(i + 2) for i in range(len(self.dims))]
         return f" GROUP BY {', '.join(group)}" if group else ""
 
-    def joins(self, rows: str, group: str) -> str:
-        """The condition that a row of `rows` belongs to a group of `group`."""
-        on = [] if self.width is None else [
-            f"{rows}.bucket - {rows}.bucket % {self.width} = {group}.bucket"]
-        on += [f"{rows}.{_q(d)} IS NOT DISTINCT FROM {group}.{_q(d)}" for d in self.dims]
-        return " AND ".join(on) or "TRUE"
-
 
 def _natural_order(query: Query, dimensions: int) -> str:
     """The answer's order before `order_by`: by bucket then dimensions, as positions in the
@@ -340,9 +333,7 @@ def _natural_order(query: Query, dimensions: int) -> str:
 def paged_plan(view: View, query: Query) -> tuple[str, list[Any]] | None:
     """`plan`'s SQL with the query's order and page taken in DuckDB, each row counting the
     rows of the whole answer (`PAGE_TOTAL`); None when only `finalize` can order it: by a
-    sketch's answer, by local labels, or when local days are rolled up after the merge.
-    A top N (a `limit`) of a view with sketches is found by the other metrics first: only
-    the rows on the page gather their sketches."""
+    sketch's answer, by local labels, or when local days are rolled up after the merge."""
     if query.tz is not None:
         return None
     dims = view.keys if query.group_by is None else query.group_by
@@ -356,32 +347,11 @@ def paged_plan(view: View, query: Query) -> tuple[str, list[Any]] | None:
         descending = direction == "desc" or (not direction and metric is not None)
         order = f"{_q(name)} {'DESC' if descending else 'ASC'} NULLS LAST, {positions}"
     count = min(query.limit or MAX_ROWS, MAX_ROWS)
-    if query.limit is not None and any(gathered(m) for m in view.metrics.values()):
-        return _top_then_sketches(view, query, order), [
-            *_Grouping.of(view, query).params, count, query.offset]
     sql, params = plan(view, query)
     body = sql[: sql.rindex(" ORDER BY ")]
     paged = (f"SELECT *, count(*) OVER () AS {PAGE_TOTAL} FROM ({body}) "
              f"ORDER BY {order} LIMIT ? OFFSET ?")
     return paged, [*params, count, query.offset]
-
-
-def _top_then_sketches(view: View, query: Query, order: str) -> str:
-    """The page ordered and cut by every metric merged in SQL, then joined with the rows of
-    its groups alone to gather their sketches: the same rows as `plan` gives, in `order`."""
-    grouping = _Grouping.of(view, query)
-    summed = [f"{merge_sql(m, _q(n))} AS {_q(n)}" for n, m in view.metrics.items()
-              if not gathered(m)]
-    page_sql = (f"SELECT *, count(*) OVER () AS {PAGE_TOTAL} FROM (SELECT "
-                f"{', '.join([*grouping.keys, *summed])} FROM picked{grouping.group_by}) "
-                f"ORDER BY {order} LIMIT ? OFFSET ?")
-    keys = [f"page.{_q(c)} AS {_q(c)}" for c in ["bucket", *grouping.dims]]
-    metrics = [f"{merge_sql(m, 'picked.' + _q(n))} AS {_q(n)}" if gathered(m)
-               else f"page.{_q(n)} AS {_q(n)}" for n, m in view.metrics.items()]
-    return (f"WITH picked AS (SELECT * FROM merged WHERE {grouping.where}), "
-            f"page AS ({page_sql}) "
-            f"SELECT {', '.join([*keys, *metrics, f'page.{PAGE_TOTAL}'])} FROM page "
-            f"JOIN picked ON {grouping.joins('picked', 'page')} GROUP BY ALL ORDER BY {order}")
 
 
 PAGE_TOTAL = "__rows_in_answer"

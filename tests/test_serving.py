@@ -41,7 +41,7 @@ from lambdalake.eventlog import now_ms
 from lambdalake.events import Event, epoch_ms, iso
 from lambdalake.example import project
 from lambdalake.query import parse
-from lambdalake.realtime import RealtimeCells
+from lambdalake.realtime import RealtimeCells, Sliced
 from lambdalake.serving.batch_views import BatchViews
 from lambdalake.serving.query import DuckDB, view_page
 from lambdalake.serving.server import ServerThread, build_server
@@ -505,6 +505,69 @@ def test_real_time_cells_copied_into_duckdb_answer_exactly(
         totals = sorted(expected_pageviews(seen, None).items(), key=lambda item: -item[1][0])
         assert answered(rows, total=True) == dict(totals[:2])
     duck.close()
+
+
+def test_the_cells_copy_outlives_changes_to_the_newest_slice(
+    tmp_path: Path, traffic: list[Record], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The speed layer keeps changing the newest arrival slice: serving's copy of the cells
+    holds the slices before it, so it stays in use while the newest changes (it held every
+    slice, so the next publish left it useless: it was rebuilt at nearly every publish,
+    copying every cell). Answers stay exact."""
+    store, realtime = FileStore(tmp_path / "lake"), RealtimeCells(project)
+    publish(store, "v1", CUT_1, traffic)
+    duck = DuckDB(cells_in_arrow=0)
+    views = BatchViews(project, store, realtime, prepare=duck.cache)
+    views.refresh()
+    built: list[str] = []
+    build = DuckDB._build_cells
+
+    def counted(self: DuckDB, view: str, cells: Sliced) -> Any:
+        built.append(view)
+        return build(self, view, cells)
+
+    monkeypatch.setattr(DuckDB, "_build_cells", counted)
+    arrived = sorted(traffic, key=lambda record: record[1])
+    newest = [record for record in arrived if record[1] // MINUTE == arrived[-1][1] // MINUTE]
+    older = len(arrived) - len(newest)
+    state, schema = ViewState(project, MINUTE, DAY), project.schemas[PAGEVIEWS.event_type]
+    state.apply_all(arrived[:older])
+    for upto in range(older, len(arrived) + 1):
+        state.apply_all(arrived[older:upto][-1:] if upto > older else [])
+        realtime.upsert(state.drain())
+        rows = view_page(duck, views.read([PAGEVIEWS.name]), PAGEVIEWS,
+                         parse(PAGEVIEWS, schema, bucket="total")).rows
+        assert answered(rows, total=True) == expected_pageviews(arrived[:upto], None)
+    assert len(newest) > 1 and built == [PAGEVIEWS.name] * 2  # at first, as `newest` began
+    duck.close()
+
+
+def test_cached_sketches_answer_as_the_sketches_themselves(
+    tmp_path: Path, traffic: list[Record]
+) -> None:
+    """Serving's DuckDB tables hold references to their sketches, which answers put back:
+    every view (HLL, KLL and Theta sketches) answers as it does from the Arrow tables holding
+    the sketches, with groups gathering batch rows, the cells' copy and Arrow cells at once."""
+    store, realtime = FileStore(tmp_path / "lake"), RealtimeCells(project)
+    publish(store, "v1", CUT_1, traffic)
+    cached, arrow = DuckDB(cells_in_arrow=5), DuckDB(cells_in_arrow=10**9)
+    served = BatchViews(project, store, realtime, prepare=cached.cache)
+    uncached = BatchViews(project, store, realtime)
+    served.refresh()
+    uncached.refresh()
+    state = ViewState(project, MINUTE, DAY)
+    late = sorted(traffic, key=lambda record: record[1])
+    for arrived in (late[:-4], late[-4:]):  # copied into DuckDB at the first query, then not
+        state.apply_all(arrived)
+        realtime.upsert(state.drain())
+        for view in project.views.values():
+            for params in ({}, {"bucket": "total"}, {"limit": 3}, {"bucket": "day", "limit": 2}):
+                query = parse(view, project.schemas[view.event_type], **params)
+                answer = view_page(cached, served.read([view.name]), view, query)
+                assert answer == view_page(arrow, uncached.read([view.name]), view, query)
+                assert answer.rows or view.name != PAGEVIEWS.name
+    cached.close()
+    arrow.close()
 
 
 @pytest.mark.s3
