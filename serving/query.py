@@ -34,7 +34,7 @@ from lambdalake.query import (
 from lambdalake.realtime import Sliced
 from lambdalake.serving.batch_views import BatchViews, Reading, Snapshot
 from lambdalake.serving.models import Freshness
-from lambdalake.serving.sql_sandbox import EncodedRows, Worker
+from lambdalake.serving.sql_sandbox import DuckDBConfig, EncodedRows, Worker
 from lambdalake.views import View
 
 SQL_MAX_ROWS = 10_000
@@ -92,7 +92,8 @@ class _CellsTable:
 
 class DuckDB:
     def __init__(self, cells_in_arrow: int = CELLS_IN_ARROW) -> None:
-        config = {"enable_external_access": False, "autoinstall_known_extensions": False}
+        config: DuckDBConfig = {"enable_external_access": False,
+                                "autoinstall_known_extensions": False}
         self._connection = duckdb.connect(config=config)
         self._connection.execute("SET TimeZone = 'UTC'")
         self._connection.execute("SET lock_configuration = true")
