@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import duckdb
 import numpy as np
@@ -24,7 +25,7 @@ from lambdalake import master, sketch_arrays
 from lambdalake.batch.engine import EXACT_SQL, aggregate_of, with_rows_read
 from lambdalake.batch.objects import read_rows
 from lambdalake.events import EventSchema
-from lambdalake.monoids import Monoid
+from lambdalake.monoids import ApproxDistinct, DistinctSet, Monoid, Quantiles
 from lambdalake.project import Project
 from lambdalake.storage import ObjectStore
 from lambdalake.tables import table_schema
@@ -48,15 +49,18 @@ _AGGREGATES: dict[str, Aggregate] = {
     # a sketch of the distinct values is the same sketch
     "approx_distinct": Aggregate(
         "list(DISTINCT {})",
-        lambda m, groups, values, n: sketch_arrays.build_sketch_array(groups, values, m.lg_k, n),
+        lambda m, groups, values, n: sketch_arrays.build_sketch_array(
+            groups, values, cast(ApproxDistinct, m).lg_k, n),
     ),
     "distinct_set": Aggregate(
         "list(DISTINCT {})",
-        lambda m, groups, values, n: sketch_arrays.build_theta_array(groups, values, m.lg_k, n),
+        lambda m, groups, values, n: sketch_arrays.build_theta_array(
+            groups, values, cast(DistinctSet, m).lg_k, n),
     ),
     "quantiles": Aggregate(
         "list({})",
-        lambda m, groups, values, n: sketch_arrays.build_kll_array(groups, values, m.k, n),
+        lambda m, groups, values, n: sketch_arrays.build_kll_array(
+            groups, values, cast(Quantiles, m).k, n),
     ),
 }
 
@@ -145,7 +149,9 @@ def _sketch_column(metric: Monoid, values: pa.ChunkedArray) -> pa.Array:
     """One sketch per row from a column of per-group value lists."""
     lists = values.combine_chunks()
     group_ids = pc.list_parent_indices(lists).to_numpy()
-    built = _aggregate(metric).build(metric, group_ids, pc.list_flatten(lists), len(lists))
+    build = _aggregate(metric).build
+    assert build is not None, "compile_view keeps only the metrics a builder sketches"
+    built = build(metric, group_ids, pc.list_flatten(lists), len(lists))
     return built.cast(pa.binary())
 
 

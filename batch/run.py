@@ -259,6 +259,12 @@ class _Run:
         self.rows_read = 0
         self.views: dict[str, ViewFiles] = {}
 
+    @property
+    def _cut(self) -> int:
+        """The cut computed below, once `execute` set it (a run refused its lease has none)."""
+        assert self.cut is not None, "computing before execute"
+        return self.cut
+
     @contextmanager
     def leased(self) -> Iterator[Lease]:
         """The store's batch lease for the block; refused (and recorded) while another holds it."""
@@ -345,7 +351,7 @@ class _Run:
     ) -> dict[str, pa.Table]:
         """Every view of one event type: the base version merged with what arrived since."""
         schema = self.project.schemas[views[0].event_type]
-        window = (base.cut, self.cut)
+        window = (base.cut, self._cut)
         with delta.delta_object(self.store, schema, keys, window, self.version) as (key, read):
             return {
                 view.name: delta.merge(
@@ -356,7 +362,7 @@ class _Run:
 
     def _compute_view(self, view: View, keys: list[str]) -> pa.Table:
         started = time.monotonic()
-        table = self.engine.compute(self.project, view, self.store, keys, self.cut)
+        table = self.engine.compute(self.project, view, self.store, keys, self._cut)
         seconds = round(time.monotonic() - started, 3)
         log.info(
             "view computed",

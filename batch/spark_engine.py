@@ -37,6 +37,7 @@ import operator
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -50,12 +51,15 @@ from lambdalake import master
 from lambdalake.batch.engine import EXACT_SQL, SUBMITTED, aggregate_of, with_rows_read
 from lambdalake.batch.objects import read_all, read_rows, written_schema
 from lambdalake.events import EventSchema
-from lambdalake.monoids import Monoid
+from lambdalake.monoids import ApproxDistinct, DistinctSet, Monoid, Quantiles
 from lambdalake.project import Project
 from lambdalake.resources import run_script
 from lambdalake.storage import FileStore, ObjectStore, S3Store
 from lambdalake.tables import table_schema
 from lambdalake.views import View
+
+if TYPE_CHECKING:
+    from pyspark.sql._typing import OptionalPrimitiveType
 
 DEFAULT_CONF = {
     "spark.app.name": "lambdalake-batch",
@@ -115,14 +119,14 @@ _AGGREGATES: dict[str, Aggregate] = {
     **{kind: _exact(sql) for kind, sql in EXACT_SQL.items()},
     "sum": Aggregate(_summed, _exact(EXACT_SQL["sum"]).aggregate),
     "approx_distinct": Aggregate(
-        sketch_input, lambda m, name: F.hll_sketch_agg(F.col(name), m.lg_k)
+        sketch_input, lambda m, name: F.hll_sketch_agg(F.col(name), cast(ApproxDistinct, m).lg_k)
     ),
     "distinct_set": Aggregate(
-        sketch_input, lambda m, name: F.theta_sketch_agg(F.col(name), m.lg_k)
+        sketch_input, lambda m, name: F.theta_sketch_agg(F.col(name), cast(DistinctSet, m).lg_k)
     ),
     "quantiles": Aggregate(
         lambda column, _: column.cast("double"),
-        lambda m, name: F.kll_sketch_agg_double(F.col(name), m.k),
+        lambda m, name: F.kll_sketch_agg_double(F.col(name), cast(Quantiles, m).k),
     ),
 }
 
@@ -196,7 +200,8 @@ def observation(spark: SparkSession) -> Observation:
     if type(spark).__module__.startswith("pyspark.sql.connect"):
         from pyspark.sql.connect.observation import Observation as ConnectObservation
 
-        return ConnectObservation()
+        # stands in for the classic one, as pyspark's own `Observation()` does in Connect mode
+        return cast(Observation, ConnectObservation())
     return Observation()
 
 
@@ -284,7 +289,7 @@ def spark_session(master_url: str = "local[*]", conf: Mapping[str, str] | None =
     return builder.getOrCreate()
 
 
-def _classpath(master_url: str) -> dict[str, str]:
+def _classpath(master_url: str) -> dict[str, OptionalPrimitiveType]:
     jars = hadoop_aws_jars()
     if master_url.startswith("local"):
         return {"spark.driver.extraClassPath": os.pathsep.join(jars)}

@@ -228,13 +228,16 @@ class _BodyReader:
 
     def _members(self) -> tuple[dict[str, Any], list[Received] | None]:
         self.pos += 1
-        pairs, events = [], None
+        pairs: list[tuple[str, Any]] = []
+        events = None
         while self._skip() < len(self.text) and self.text[self.pos] != "}":
             if pairs:
                 self._expect(",", "',' delimiter")
                 self._skip()
             self._expect('"', "property name enclosed in double quotes")
-            key, self.pos = json.decoder.scanstring(self.text, self.pos)
+            # the C one, else Python's: in json.decoder, if not in typeshed's
+            key, self.pos = json.decoder.scanstring(  # type: ignore[attr-defined]
+                self.text, self.pos)
             self._skip()
             self._expect(":", "':' delimiter")
             if key == "events" and self.text.startswith("[", self._skip()):

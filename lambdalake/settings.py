@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypedDict
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import (
@@ -17,6 +17,13 @@ from pydantic_settings import (
 from lambdalake.auth import ApiKey, Keyring, parse_key_file, unique_keys
 
 DEDUP_MAX_IDS = 5_000_000
+
+
+class UvicornTls(TypedDict, total=False):
+    """uvicorn.Config's TLS arguments: both, or neither."""
+
+    ssl_certfile: str
+    ssl_keyfile: str
 
 
 class Settings(BaseSettings):
@@ -284,7 +291,7 @@ class Settings(BaseSettings):
         return self
 
     @property
-    def tls(self) -> dict[str, str]:
+    def tls(self) -> UvicornTls:
         """uvicorn's TLS options: empty without a certificate."""
         if self.tls_certfile is None or self.tls_keyfile is None:
             return {}

@@ -500,7 +500,7 @@ class ViewState:
         type_of = {id(ids): event_type for event_type, ids in self._seen.items()}
         return [(type_of[id(ids)], event_id, arrival) for arrival, ids, event_id in self._held]
 
-    def hold_all(self, held: Iterable[tuple[Any, ...]]) -> None:
+    def hold_all(self, held: Iterable[Sequence[Any]]) -> None:
         """Hold these ids instead, oldest first: (event type, event id, arrival), or
         (event id, arrival) as held before dedup was by type: such an id is held for every
         type, the old rule, until it leaves the window."""
@@ -565,7 +565,7 @@ class ViewState:
         return set(self.project.views) - set(kept)
 
     def load(
-        self, cut: int, newest: int, cells: Iterable[CellUpdate], held: Iterable[tuple[Any, ...]]
+        self, cut: int, newest: int, cells: Iterable[CellUpdate], held: Iterable[Sequence[Any]]
     ) -> None:
         """Hold these cells (of views of the project) and ids, as a restored state."""
         self.cut, self._newest = cut, newest

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from functools import partial
 from importlib.metadata import version
 from importlib.resources import files
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request, Response, Security
@@ -84,12 +84,14 @@ async def _serving(request: Request) -> Serving:
 
 ServingDep = Annotated[Serving, Depends(_serving)]
 public = APIRouter(tags=["operations"])
-_GUARDED = {401: {"model": Errors, "description": "No valid API key"},
-            403: {"model": Errors, "description": "Key lacks the scope"},
-            429: {"model": Errors, "description": "Past the key's request rate; see "
-                  "Retry-After"}}
+# FastAPI's `responses` type: a dict[int, ...] would not do, dict being invariant
+Responses = dict[int | str, dict[str, Any]]
+_GUARDED: Responses = {401: {"model": Errors, "description": "No valid API key"},
+                       403: {"model": Errors, "description": "Key lacks the scope"},
+                       429: {"model": Errors, "description": "Past the key's request rate; "
+                             "see Retry-After"}}
 api = APIRouter(responses=_GUARDED)
-_RESTORING = {503: {"model": Errors, "description": "Restoring state; see Retry-After"}}
+_RESTORING: Responses = {503: {"model": Errors, "description": "Restoring state; see Retry-After"}}
 
 
 def require(scope: Scope) -> Callable[[Request, Serving], Awaitable[None]]:

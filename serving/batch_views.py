@@ -100,8 +100,8 @@ class BatchViews(Poller):
         """Serve the published version if it changed; True when a new snapshot was swapped in."""
         with self._refreshing:
             manifest = catalog.current(self.store)
-            swapped = manifest is not None and manifest.version != self._snapshot.version
-            if swapped:
+            if swapped := (manifest is not None
+                           and manifest.version != self._snapshot.version):
                 cuts = catalog.view_cuts(manifest, self.project)
                 tables = MappingProxyType(self._load(manifest))
                 snapshot = Snapshot(manifest, tables, MappingProxyType(cuts))

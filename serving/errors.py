@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -60,9 +60,17 @@ def _field(loc: tuple[Any, ...]) -> str:
     return ".".join(named) or str(loc[0])
 
 
+# Starlette types a handler as taking any Exception; it passes each only its own class's
+_Handler = Callable[[Request, Any], Awaitable[JSONResponse]]
+_HANDLERS: dict[type[Exception], _Handler] = {
+    ApiError: _api_error,
+    QueryError: _query_error,
+    RequestValidationError: _validation_error,
+    HTTPException: _http_error,
+    Exception: _internal_error,
+}
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(ApiError, _api_error)
-    app.add_exception_handler(QueryError, _query_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(Exception, _internal_error)
+    for exception, handler in _HANDLERS.items():
+        app.add_exception_handler(exception, handler)

@@ -107,9 +107,9 @@ def row_model(schema: EventSchema, view: View) -> type[BaseModel]:
         description="The bucket's start, ISO 8601 (UTC, or local time with its offset "
         "under tz); a total's is its `from`.", examples=["2026-11-23T10:00:00Z"]))}
     for key in view.keys:
-        declared = schema.fields[key]
-        python = _python_type(declared.rstrip("?"))
-        fields[key] = (python | None if declared.endswith("?") else python,
+        dimension_type = schema.fields[key]
+        python = _python_type(dimension_type.rstrip("?"))
+        fields[key] = (python | None if dimension_type.endswith("?") else python,
                        Field(None, description=f"Dimension {key} (absent when not grouped by)"))
     for name, metric in view.metrics.items():
         declared = schema.field_type(metric.field) if metric.field else None
@@ -128,7 +128,7 @@ def answer_model(schema: EventSchema, view: View) -> type[BaseModel]:
                           realtime=(list[row], ...))  # type: ignore[valid-type]
     return create_model(
         f"{_camel(view.name)}Answer",
-        view=(Literal[view.name], ...),  # type: ignore[valid-type]
+        view=(Literal[view.name], ...),
         rows=(list[row], ...),  # type: ignore[valid-type]
         range=(Range, ...),
         next_cursor=(str | None, Field(description="Send it as `cursor` (with the same "

@@ -10,6 +10,7 @@ would look for in pg_catalog, where no macro can be created) lose it.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from importlib.metadata import version
 
 import duckdb
@@ -81,7 +82,7 @@ _RELATIONS = {
 _RELATION = re.compile(
     r"\b(FROM|JOIN|,)(\s+)(?:pg_catalog\s*\.\s*)?(" + "|".join(_RELATIONS) + r")\b(?!\s*\()",
     re.IGNORECASE)
-_REWRITES = [
+_REWRITES: list[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]] = [
     (_RELATION, lambda match: f"{match[1]}{match[2]}({_RELATIONS[match[3].lower()]})"),
     (re.compile(r"::\s*(?:pg_catalog\s*\.\s*)?reg\w+", re.IGNORECASE), "::VARCHAR"),
     (re.compile(r"::\s*pg_catalog\s*\.\s*", re.IGNORECASE), "::"),

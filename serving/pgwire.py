@@ -76,6 +76,7 @@ from lambdalake.serving.pg_catalog import SERVER_VERSION, postgres_spelling
 from lambdalake.serving.pg_text import TEXT_OID, data_row, type_oid
 from lambdalake.serving.query import run_sql
 from lambdalake.serving.sql_sandbox import EncodedRows, SandboxBusy
+from lambdalake.settings import UvicornTls
 
 log = logging.getLogger("lambdalake.serving.pgwire")
 _READ_BYTES = 65_536
@@ -228,7 +229,7 @@ class PgWireServer:
         self._statements.labels(outcome).inc()
 
 
-def _tls_context(tls: dict[str, str]) -> ssl.SSLContext | None:
+def _tls_context(tls: UvicornTls) -> ssl.SSLContext | None:
     """The server side of TLS from uvicorn's options (`Settings.tls`); None without a
     certificate."""
     if not tls:

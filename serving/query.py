@@ -36,7 +36,7 @@ from lambdalake.query import (
 from lambdalake.realtime import Sliced
 from lambdalake.serving.batch_views import BatchViews, Reading, Snapshot
 from lambdalake.serving.models import Freshness
-from lambdalake.serving.sql_sandbox import EncodedRows, Worker
+from lambdalake.serving.sql_sandbox import DuckDBConfig, EncodedRows, Worker
 from lambdalake.views import View
 
 SQL_MAX_ROWS = 10_000
@@ -125,8 +125,8 @@ class DuckDB:
     def __init__(self, cells_in_arrow: int = CELLS_IN_ARROW) -> None:
         # One thread: a query runs in its caller's thread alone. The API answers many at
         # once; splitting each over DuckDB's workers as well cost ~10% more CPU per answer.
-        config = {"enable_external_access": False, "autoinstall_known_extensions": False,
-                  "threads": 1}
+        config: DuckDBConfig = {"enable_external_access": False,
+                                "autoinstall_known_extensions": False, "threads": 1}
         self._connection = duckdb.connect(config=config)
         self._connection.execute("SET TimeZone = 'UTC'")
         self._connection.execute("SET lock_configuration = true")
@@ -354,7 +354,8 @@ def _merged_rows(
           duck.cells_tables(view.name, reading.realtime[view.name]) as (copied, cells)):
         columns, rows = _rows_of(duck, batch, cells, planned or plan(view, query),
                                  copied.name if copied else None)
-        sources = [number for number in (source, copied and copied.source) if number is not None]
+        sources = [number for number in (source, copied.source if copied else None)
+                   if number is not None]
         duck.dereference(columns, rows, sources)
         return columns, rows
 

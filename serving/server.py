@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import cast
 
 import uvicorn
+from fastapi import FastAPI
 
 from lambdalake.connections import uvicorn_bounds
 from lambdalake.kafka_security import kafka_security
@@ -70,7 +72,7 @@ def serve(settings: Settings, project: Project, store: ObjectStore) -> None:
 def start_postgres(server: uvicorn.Server, port: int | None = None) -> PgWireServer | None:
     """The PostgreSQL wire endpoint of the API `server` builds, on settings.pg_host and `port`
     (default settings.pg_port; 0 there: none), sharing its views and SQL sandbox."""
-    serving = server.config.app.state.serving
+    serving = cast(FastAPI, server.config.app).state.serving  # build_server's app
     if port is None:
         if not serving.settings.pg_port:
             return None

@@ -13,15 +13,12 @@ _THETA, _KLL = DistinctSet(), Quantiles()
 
 def register_sketch_functions(connection: duckdb.DuckDBPyConnection) -> None:
     """SQL functions over the sketches /sql shows (DuckDB has no DataSketches extension)."""
-    functions = {
-        "theta_union": (_THETA.merge_all, ["BLOB[]"], "BLOB"),
-        "theta_intersection": (_theta_intersection, ["BLOB[]"], "BLOB"),
-        "theta_estimate": (lambda sketch: _THETA.result(sketch), ["BLOB"], "BIGINT"),
-        "kll_merge": (_KLL.merge_all, ["BLOB[]"], "BLOB"),
-        "kll_quantile": (_kll_quantile, ["BLOB", "DOUBLE"], "DOUBLE"),
-    }
-    for name, (function, parameters, returns) in functions.items():
-        connection.create_function(name, function, parameters, returns)
+    connection.create_function("theta_union", _THETA.merge_all, ["BLOB[]"], "BLOB")
+    connection.create_function("theta_intersection", _theta_intersection, ["BLOB[]"], "BLOB")
+    connection.create_function(
+        "theta_estimate", lambda sketch: _THETA.result(sketch), ["BLOB"], "BIGINT")
+    connection.create_function("kll_merge", _KLL.merge_all, ["BLOB[]"], "BLOB")
+    connection.create_function("kll_quantile", _kll_quantile, ["BLOB", "DOUBLE"], "DOUBLE")
 
 
 def _theta_intersection(sketches: list[bytes | None]) -> bytes:

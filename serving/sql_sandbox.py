@@ -51,6 +51,7 @@ from lambdalake.settings import Settings
 
 log = logging.getLogger("lambdalake.serving.sql")
 T = TypeVar("T")
+DuckDBConfig = dict[str, str | bool | int | float | list[str]]  # duckdb.connect's `config`
 _FETCH_ROWS = 64
 _OUT_OF_MEMORY = "Out of Memory Error"
 _WATCH_SECONDS = 0.02  # how often the server checks a running worker's memory
@@ -276,7 +277,7 @@ def serve(connection: Connection) -> None:
 def sandbox_database(memory_mb: int) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with no way out: DuckDB gets half the worker's memory, the rest is
     for the interpreter, the statement's tables and its encoded answer."""
-    config = {
+    config: DuckDBConfig = {
         "enable_external_access": False,
         "autoinstall_known_extensions": False,
         "autoload_known_extensions": False,

@@ -9,7 +9,7 @@ at definition time, and FastAPI reads them as they are.
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeAlias
 
 from fastapi import APIRouter, Query, Request, Response
 
@@ -59,9 +59,9 @@ def _add_route(
 ) -> None:
     schema = project.schemas[view.event_type]
     coarser = list(BUCKET_MS)[list(BUCKET_MS).index(view.bucket):]
-    Bucket = Literal[tuple([*coarser, "total"])]  # type: ignore[valid-type]  # noqa: N806
+    Bucket: TypeAlias = Literal[tuple([*coarser, "total"])]  # type: ignore[valid-type]  # noqa: N806
     sortable = ["bucket", *view.keys, *(n for n, m in view.metrics.items() if m.ordered)]
-    Order = Literal[tuple(f"{n}{d}" for n in sortable for d in ("", ":asc", ":desc"))]  # type: ignore[valid-type]  # noqa: N806
+    Order: TypeAlias = Literal[tuple(f"{n}{d}" for n in sortable for d in ("", ":asc", ":desc"))]  # type: ignore[valid-type]  # noqa: N806
     instant = ("Event time, ISO 8601 or epoch ms, any instant: the answer covers the buckets "
                "starting in [from, to) and says so in `range`")
 
@@ -102,7 +102,8 @@ def _add_route(
             raise QueryError("layers", "only the JSON answer carries the layers")
         return answer(request, ViewRequest(view, query, layers, chosen))
 
-    content = {media: {} for media in MEDIA_TYPES.values() if media != "application/json"}
+    content: dict[str, dict[str, Any]] = {
+        media: {} for media in MEDIA_TYPES.values() if media != "application/json"}
     router.add_api_route(
         f"/views/{view.name}", query_view, methods=["GET"],
         name=f"query_{view.name}", summary=f"Query {view.name}",

@@ -39,7 +39,7 @@ import logging
 import os
 import ssl
 import time
-from typing import Any
+from typing import Any, cast
 
 import faust
 import orjson
@@ -47,6 +47,7 @@ from aiokafka import TopicPartition
 from aiokafka.errors import ProducerFenced
 from faust.transport.consumer import TopicPartitionGroup
 from mode.supervisors import CrashingSupervisor
+from mode.types.signals import SignalHandlerT
 
 from lambdalake import catalog
 from lambdalake.event_columns import BatchDecoder
@@ -62,7 +63,6 @@ from lambdalake.storage import ObjectStore
 
 log = logging.getLogger("lambdalake.speed.faust")
 BATCH = 10_000
-RAW = {"key_serializer": "raw", "value_serializer": "raw"}
 REWIND_AFTER_S = 1.0
 BACKLOG_FLUSH_S = 0.5  # as the Quix driver's: a backlog's batches are gathered up to so long
 SEND_BATCH_BYTES = 512 * 1024  # a record batch's size, below the broker's 1 MB a batch
@@ -111,11 +111,13 @@ class FaustSpeed:
         self._batch = asyncio.Lock()
         self._held: list[Any] = []  # events of a backlog, gathered into one batch
         self._held_since = 0.0
-        events = self.app.topic(settings.topic, acks=False, **RAW)
+        events = self.app.topic(settings.topic, acks=False, key_serializer="raw",
+                                value_serializer="raw")
         self.app.agent(events, name="speed")(self.process)
         self.app.timer(1.0)(self.follow_batch)
-        self.app.on_partitions_revoked.connect(self.revoked)
-        self.app.on_partitions_assigned.connect(self.assigned)
+        # mode types a receiver as taking any arguments; Faust sends these (app, partitions)
+        self.app.on_partitions_revoked.connect(cast(SignalHandlerT, self.revoked))
+        self.app.on_partitions_assigned.connect(cast(SignalHandlerT, self.assigned))
 
     async def process(self, stream: Any) -> None:
         """Fold each `take_events` batch, or, while the consumer knows of records after it (a
@@ -169,7 +171,7 @@ class FaustSpeed:
                 continue  # fetched before a rebalance gave its partition to another worker
             if part.next_offset is not None and message.offset != part.next_offset:
                 if message.offset > part.next_offset:
-                    await self._rewind(part)
+                    await self._rewind(part, part.next_offset)
                 continue  # a record folded already, or one after records Faust skipped
             taken.setdefault(message.partition, (part, []))[1].append(message)
             part.next_offset = message.offset + 1
@@ -181,18 +183,18 @@ class FaustSpeed:
                 sent += await self._dead_letter(messages[i], reason)
         return [part for part, _ in taken.values()], sent
 
-    async def _rewind(self, part: PartitionState) -> None:
-        """Read again from the first record Faust skipped (it can drop some it had fetched
-        when it seeks or rebalances). Records already queued behind the gap arrive next and
-        are passed over, so a partition is rewound at most once a second."""
+    async def _rewind(self, part: PartitionState, offset: int) -> None:
+        """Read again from `offset`, the first record Faust skipped (it can drop some it had
+        fetched when it seeks or rebalances). Records already queued behind the gap arrive
+        next and are passed over, so a partition is rewound at most once a second."""
         now = time.monotonic()
         if now - self._rewound.get(part.partition, 0.0) < REWIND_AFTER_S:
             return
         self._rewound[part.partition] = now
         log.warning("records skipped by the consumer, reading them again",
-                    extra={"partition": part.partition, "offset": part.next_offset})
+                    extra={"partition": part.partition, "offset": offset})
         tp = TopicPartition(self.settings.topic, part.partition)
-        await self.app.consumer.seek(tp, part.next_offset)
+        await self.app.consumer.seek(tp, offset)
 
     async def _commit(self, parts: list[PartitionState], sent: list[Any]) -> None:
         """End each partition's transaction with the offset after its last folded record,
@@ -204,6 +206,7 @@ class FaustSpeed:
         await asyncio.gather(*(self._commit_one(part) for part in parts))
 
     async def _commit_one(self, part: PartitionState) -> None:
+        assert part.next_offset is not None, "a partition is committed after a record is read"
         tp = TopicPartition(self.settings.topic, part.partition)
         offsets = {self._transaction_id(part.partition): {tp: part.next_offset}}
         try:
@@ -241,7 +244,8 @@ class FaustSpeed:
         event. The partition's transactional producer is taken from Faust's own (Faust has
         no public way to it; routed by topic, Faust would send a record of a topic its
         consumer does not read outside any transaction)."""
-        producer = self.app.producer._transaction_producers[self._transaction_id(partition)]
+        producers = self.app.producer._transaction_producers  # type: ignore[attr-defined]
+        producer = producers[self._transaction_id(partition)]
         name, sent, batch = self.topics[topic], [], producer.create_batch()
         for key, value in records:
             if batch.append(timestamp=None, key=key, value=value, headers=headers) is None:
@@ -254,7 +258,9 @@ class FaustSpeed:
 
     def _transaction_id(self, partition: int) -> str:
         group = self.app.assignor.group_for_topic(self.settings.topic)
-        return self.app.consumer.transactions.transactional_id_format.format(
+        # Faust's transaction manager's format, not in its public type
+        transactions = self.app.consumer.transactions
+        return transactions.transactional_id_format.format(  # type: ignore[attr-defined]
             group_id=self.app.conf.id,
             tpg=TopicPartitionGroup(self.settings.topic, partition, group))
 

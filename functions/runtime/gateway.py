@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -35,6 +35,9 @@ from lambdalake.functions.runtime.function import (
     Throttled,
 )
 
+if TYPE_CHECKING:  # the gateway itself needs no settings
+    from lambdalake.settings import UvicornTls
+
 log = logging.getLogger("lambdalake.functions.gateway")
 PAYLOAD_LIMIT_BYTES = 5 * 1024 * 1024
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -47,7 +50,7 @@ class PayloadTooLarge(Exception):
 class Gateway:
     def __init__(self, functions: Iterable[LocalFunction], host: str, port: int,
                  payload_limit: int = PAYLOAD_LIMIT_BYTES, max_connections: int = 1000,
-                 read_timeout_s: float = 10.0, tls: Mapping[str, str] | None = None,
+                 read_timeout_s: float = 10.0, tls: UvicornTls | None = None,
                  openapi: Mapping[str, Any] | None = None):
         """`tls`: uvicorn's `ssl_certfile` and `ssl_keyfile` to serve HTTPS (Settings.tls).
         `openapi`: the routes' OpenAPI document, served at /openapi.json with Swagger UI at

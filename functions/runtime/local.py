@@ -23,13 +23,12 @@ from typing import Any
 from urllib.parse import urlparse
 
 from lambdalake.bus import embedded_log
-from lambdalake.eventlog import Topic
 from lambdalake.functions import environment
 from lambdalake.functions.runtime.folder_watch import FolderWatch
 from lambdalake.functions.runtime.function import LocalFunction
 from lambdalake.functions.runtime.gateway import Gateway
 from lambdalake.functions.runtime.kinesis_source import KinesisMapping, ShardHooks
-from lambdalake.functions.runtime.mapping import DrainHook, StreamMapping
+from lambdalake.functions.runtime.mapping import DrainHook, StreamMapping, StreamTopic
 from lambdalake.functions.runtime.openapi import ingest_openapi
 from lambdalake.functions.runtime.polling import Polling
 from lambdalake.functions.runtime.queues import (
@@ -165,7 +164,7 @@ class LocalRuntime:
             return None
         return ingest_openapi(load_project(self.settings.project).schemas, version("lambdalake"))
 
-    def _topic(self, source: StreamSource) -> Topic:
+    def _topic(self, source: StreamSource) -> StreamTopic:
         """The bus topic a stream source names: the template's is AWS's, here it's settings'."""
         if self.settings.bus == "kafka":  # kafka-python is the `kafka` extra: imported here
             from lambdalake.functions.runtime.kafka_source import KafkaTopic

@@ -26,11 +26,11 @@ import base64
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
-from lambdalake.eventlog import Partition, Record, Topic, now_ms
+from lambdalake.eventlog import Record, now_ms
 from lambdalake.events import iso
 from lambdalake.functions.runtime.function import FunctionError, LocalFunction, Throttled
 from lambdalake.functions.runtime.polling import MAX_BACKOFF_SECONDS, Polling
@@ -252,12 +252,36 @@ class BatchPolling(Polling, Generic[R]):
         return self.delivery.failures
 
 
+class StreamPartition(Protocol):
+    """One partition of a stream topic: the embedded log's, or Kafka's (kafka_source)."""
+
+    index: int
+
+    @property
+    def end(self) -> int: ...
+
+    def read(self, offset: int, max_records: int) -> list[Record]: ...
+
+    def seal(self) -> tuple[int, int]: ...
+
+
+class StreamTopic(Protocol):
+    """The topic a stream mapping reads, and its consumer groups' committed positions."""
+
+    @property
+    def partitions(self) -> Sequence[StreamPartition]: ...
+
+    def committed(self, group: str) -> dict[int, int]: ...
+
+    def commit(self, group: str, positions: dict[int, int]) -> None: ...
+
+
 class StreamMapping(BatchPolling[Record]):
     def __init__(
         self,
         function: LocalFunction,
         source: StreamSource,
-        topic: Topic,
+        topic: StreamTopic,
         folder: Path,
         on_drained: DrainHook | None = None,
         backoff_seconds: float = 0.5,
@@ -276,7 +300,7 @@ class StreamMapping(BatchPolling[Record]):
         """One pass over the partitions; the number of records delivered."""
         return sum(self._poll(partition) for partition in self.topic.partitions)
 
-    def _poll(self, partition: Partition) -> int:
+    def _poll(self, partition: StreamPartition) -> int:
         index, position = partition.index, self.positions[partition.index]
         waiting = partition.end - position
         if waiting <= 0:
@@ -299,7 +323,7 @@ class StreamMapping(BatchPolling[Record]):
         self.topic.commit(self.group, {partition: next_offset})
         self.positions[partition] = next_offset
 
-    def _drained(self, partition: Partition) -> None:
+    def _drained(self, partition: StreamPartition) -> None:
         now = time.monotonic()
         if self.on_drained is None or now < self._next_drain.get(partition.index, 0.0):
             return
