@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 
-from lambdalake.events import INSTANT_RANGE, EventSchema, epoch_ms, iso
+from lambdalake.events import INSTANT_RANGE, MAX_MS, EventSchema, epoch_ms, iso
 from lambdalake.monoids import DEFAULT_QUANTILES, Monoid
 from lambdalake.views import BUCKET_MS, View
 
@@ -114,7 +114,9 @@ def _utc_label(ms: int) -> str:
 
 
 def _ceil(ms: int | None, width: int) -> int | None:
-    return None if ms is None else -(-ms // width) * width
+    """The first bucket start at or after `ms`; none starts after the last instant, which
+    bounds the range instead (a day rounded up past 9999-12-31 has no ISO form)."""
+    return None if ms is None else min(-(-ms // width) * width, MAX_MS)
 
 
 def parse(
