@@ -147,7 +147,9 @@ def parse(
     if None not in bounds and bounds[0] >= bounds[1]:  # type: ignore[operator]
         raise QueryError("to", "must be after from")
     _within_max_rows(view, granularity, bounds[0], bounds[1])
-    dims = tuple(d for d in (group_by or "").split(",") if d) if group_by is not None else None
+    # a dimension named twice is grouped by once (a CSV or Arrow answer has a column each)
+    dims = (tuple(dict.fromkeys(d for d in group_by.split(",") if d))
+            if group_by is not None else None)
     for dim in dims or ():
         if dim not in view.keys:
             raise QueryError("group_by", f"{dim!r} is not a dimension of {view.name}")

@@ -440,6 +440,13 @@ def test_a_range_ending_at_the_last_instant_is_covered_up_to_it(asked):
     assert last is None or last == MAX_MS
 
 
+def test_a_dimension_named_twice_is_grouped_by_once():
+    """The hostile suite at full size: `group_by=url,url,url` in CSV had a 500 (a column of
+    three times the rows)."""
+    assert parse(PAGES, SCHEMA, group_by="url,url,,url").group_by == ("url",)
+    assert parse(PAGES, SCHEMA, group_by="").group_by == ()
+
+
 def test_in_and_prefix_filters(db):
     rows = run(db, PAGES, bucket="day", filters={"url": ["/docs", "/pricing"]})
     assert rows == expected(EVENTS, bucket="day", filters={"url": ["/docs", "/pricing"]})
