@@ -137,6 +137,10 @@ class SparkEngine:
     def __init__(self, master_url: str = "local[*]", conf: Mapping[str, str] | None = None):
         self.master_url, self.conf = master_url, dict(conf or {})
         self._spark: SparkSession | None = None
+        # each store's and event type's objects and the schemas they were written with: a
+        # master object never changes under its key, so the views of a type read each
+        # footer once
+        self._written: dict[tuple[str, str, str], dict[str, pa.Schema]] = {}
 
     @property
     def spark(self) -> SparkSession:
@@ -153,9 +157,9 @@ class SparkEngine:
         target = table_schema(project, view)
         if not keys:
             return with_rows_read(target.empty_table(), 0)
-        written = read_all(store, keys, written_schema)
-        current = [key for key, columns in zip(keys, written, strict=True) if columns == schema]
-        older = [key for key, columns in zip(keys, written, strict=True) if columns != schema]
+        written = self._written_schemas(store, view.event_type, keys)
+        current = [key for key in keys if written[key] == schema]
+        older = [key for key in keys if written[key] != schema]
         try:
             table, read = self._run(view, store, (current, older), event_schema, cut)
         except (Py4JJavaError, PySparkException):
@@ -163,6 +167,16 @@ class SparkEngine:
             raise
         order = [(name, "ascending") for name in ("bucket", *view.keys)]
         return with_rows_read(table.cast(target).sort_by(order), read)
+
+    def _written_schemas(
+        self, store: ObjectStore, event_type: str, keys: list[str]
+    ) -> dict[str, pa.Schema]:
+        objects = (store.url, getattr(store, "endpoint_url", None) or "", event_type)
+        known = self._written.get(objects, {})
+        unread = [key for key in keys if key not in known]
+        read = dict(zip(unread, read_all(store, unread, written_schema), strict=True))
+        self._written[objects] = {key: known.get(key) or read[key] for key in keys}
+        return self._written[objects]
 
     def _run(
         self,

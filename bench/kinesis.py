@@ -49,6 +49,7 @@ from lambdalake.example import project
 from lambdalake.settings import Settings
 from lambdalake.storage import open_store
 from lambdalake.synthetic import WebAnalyticsStream
+from lambdalake.testing.moto_server import MotoServer
 
 SHARDS = 4
 FRESHNESS_RATE = 2_000
@@ -67,34 +68,6 @@ def _kafka_bench() -> Any:
 common = _kafka_bench()
 say, free_port, spread, rounded, measured = (
     common.say, common.free_port, common.spread, common.rounded, common.measured)
-
-
-class MotoServer:
-    """moto's server in a process of its own (its CPU apart from what is measured). Plain
-    moto loses records put to a shard at once by several requests (the gateway's handlers,
-    the load's senders): a probe so lost was never counted."""
-
-    def __init__(self, home: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "lambdalake.testing.moto_kinesis", "-H", "127.0.0.1",
-             "-p", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=open(home / "moto.log", "wb"))
-
-    def __enter__(self) -> MotoServer:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(f"{self.url}/moto-api/", timeout=2)
-                return self
-            except httpx.TransportError:
-                time.sleep(0.3)
-        raise RuntimeError("moto server did not start in 60 s")
-
-    def __exit__(self, *exc: object) -> None:
-        self.process.terminate()
-        self.process.wait(30)
 
 
 def put_events(kinesis: Any, stream: str, n: int) -> int:

@@ -15,7 +15,19 @@ settings.load_profile("lambdalake")
 
 
 @pytest.fixture(scope="session")
-def s3_server():
+def aws_credentials():
+    """The session's AWS settings: moto's test credentials, never a real profile."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        env.delenv("AWS_SESSION_TOKEN", raising=False)
+        env.delenv("AWS_PROFILE", raising=False)
+        yield
+
+
+@pytest.fixture(scope="session")
+def s3_server(aws_credentials):
     """A real S3 API (moto's server) on 127.0.0.1; yields its endpoint URL. It serves
     Kinesis too, resharding as the service does (`lambdalake.testing.moto_kinesis`)."""
     from moto.server import ThreadedMotoServer
@@ -25,18 +37,12 @@ def s3_server():
     as_on_kinesis()
 
     port = free_port()
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("AWS_ACCESS_KEY_ID", "testing")
-        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        env.delenv("AWS_SESSION_TOKEN", raising=False)
-        env.delenv("AWS_PROFILE", raising=False)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.stop()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,16 @@ import shutil
 import pytest
 from harness import Lake, Traffic
 
+from lambdalake.testing.moto_server import MotoServer
+
+
+@pytest.fixture(scope="session")
+def s3_server(aws_credentials, tmp_path_factory: pytest.TempPathFactory):
+    """moto's server in a process of its own: a Spark run's thousands of object reads are
+    not served under the GIL of the traffic threads and the reconciliations."""
+    with MotoServer(tmp_path_factory.mktemp("moto")) as moto:
+        yield moto.url
+
 
 @pytest.fixture(scope="session")
 def lake(kafka_broker, s3_server: str, tmp_path_factory: pytest.TempPathFactory):

@@ -171,7 +171,12 @@ class Lake:
         error = ""
         for _ in range(attempts):
             process = self.cli(*args)
-            out, error = process.communicate(timeout=600)
+            try:
+                out, error = process.communicate(timeout=600)
+            finally:  # a test timed out meanwhile: the run must not outlive it, lease held
+                if process.poll() is None:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
             if process.returncode == 0:
                 return out
             time.sleep(2)

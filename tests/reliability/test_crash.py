@@ -82,7 +82,7 @@ def kill_on_new_object(lake: Lake, prefix: str, process: subprocess.Popen) -> bo
 
 
 @pytest.mark.long
-@pytest.mark.timeout(900)  # a Spark run on two busy cores takes minutes
+@pytest.mark.timeout(1500)  # two Spark runs over every earlier case's events, on two busy cores
 @pytest.mark.parametrize("engine", ["duckdb", "spark"])
 def test_kill_9_a_batch_run_mid_write(lake: Lake, runs: list[Traffic], engine: str) -> None:
     """The run dies with view files written and nothing published: the previous version
