@@ -7,6 +7,7 @@ them); what they report is checked against the event log and the master dataset 
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import socket
 import threading
@@ -456,6 +457,25 @@ def test_an_environment_runs_its_invocations_in_one_thread_until_it_times_out():
     release.set()
     threads[0].join(5)
     assert not threads[0].is_alive()
+
+
+def test_what_a_cold_start_built_is_frozen_out_of_the_cyclic_gc():
+    """A cold start's state lasts as long as the process: the GC's full collections, which a
+    busy function triggers every few thousand events, skip it. A warm invocation's objects
+    are collected as usual."""
+    kept: list[list[str]] = []
+
+    def keep(event: Any, context: LambdaContext) -> None:
+        kept.append([event])
+
+    function = LocalFunction(spec("Frozen"), keep)
+    try:
+        function.invoke("cold")
+        function.invoke("warm")
+        tracked = {id(obj) for obj in gc.get_objects()}
+        assert id(kept[0]) not in tracked and id(kept[1]) in tracked
+    finally:
+        gc.unfreeze()
 
 
 def test_metrics_count_invocations_errors_cold_starts_and_billed_time():
