@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -456,6 +458,38 @@ def test_an_environment_runs_its_invocations_in_one_thread_until_it_times_out():
     release.set()
     threads[0].join(5)
     assert not threads[0].is_alive()
+
+
+def test_what_the_first_cold_start_built_is_frozen_out_of_the_cyclic_gc():
+    """Full collections skip what a process's first environment built; what a warm
+    invocation leaves is collected as usual; the garbage is not frozen. In a process of its
+    own: freezing is once per process."""
+    script = """
+import gc, weakref
+from lambdalake.functions.runtime.function import LocalFunction
+from lambdalake.functions.runtime.template import FunctionSpec
+
+class Cycle:
+    def __init__(self):
+        self.me = self
+
+kept, garbage = [], []
+def keep(event, context):
+    kept.append([event])
+    garbage.append(weakref.ref(Cycle()))
+
+function = LocalFunction(FunctionSpec(name="Frozen", handler="tests.handler"), keep)
+function.invoke("cold")
+function.invoke("warm")
+tracked = {id(obj) for obj in gc.get_objects()}
+print(id(kept[0]) in tracked, id(kept[1]) in tracked, gc.get_freeze_count() > 0,
+      garbage[0]() is None, garbage[1]() is None)
+gc.collect()
+print(garbage[1]() is None)
+"""
+    ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert ran.stdout.split() == ["False", "True", "True", "True", "False", "True"]
 
 
 def test_metrics_count_invocations_errors_cold_starts_and_billed_time():

@@ -9,6 +9,8 @@ detached, and ends once the handler returns.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import importlib
 import queue
 import random
@@ -16,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, wait
+from functools import cache
 from typing import Any
 
 from lambdalake.functions.runtime.context import LambdaContext
@@ -57,6 +60,19 @@ class _Environment:
     def _serve(self) -> None:
         while (call := self._calls.get()) is not None:
             call()
+
+
+@cache
+def freeze_what_init_built() -> None:
+    """Once a process's first environment has started (modules, clients and validators
+    built, 70,000 objects for Ingest), what is alive is frozen out of the cyclic GC: a busy
+    function's requests keep enough objects alive to trigger a full collection every ~20,000
+    events, which walked all of it each time (2.5 us of CPU an event). The garbage is
+    collected first, and at exit the final collection sees everything again (extensions
+    report the objects it never frees)."""
+    gc.collect()
+    gc.freeze()
+    atexit.register(gc.unfreeze)
 
 
 class LocalFunction:
@@ -120,6 +136,8 @@ class LocalFunction:
     def _finish(self, environment: _Environment, started: float, cold: bool, init_s: float,
                 error: FunctionError | None) -> None:
         self.metrics.invoked(time.perf_counter() - started, cold, error is not None, init_s)
+        if cold:
+            freeze_what_init_built()
         if isinstance(error, FunctionTimeout):
             environment.discard()
             return
