@@ -335,9 +335,10 @@ def _natural_order(query: Query, dimensions: int) -> str:
 
 
 def paged_plan(view: View, query: Query) -> tuple[str, list[Any]] | None:
-    """`plan`'s SQL with the query's order and page taken in DuckDB, each row counting the
-    rows of the whole answer (`PAGE_TOTAL`); None when only `finalize` can order it: by a
-    sketch's answer, by local labels, or when local days are rolled up after the merge."""
+    """`plan`'s SQL with the query's order and page taken in DuckDB, and one row past the
+    page, which says whether another follows (counting every row of the answer in a window
+    cost a top 20 of 1,389 groups ~1 ms of CPU); None when only `finalize` can order it: by
+    a sketch's answer, by local labels, or when local days are rolled up after the merge."""
     if query.tz is not None:
         return None
     dims = view.keys if query.group_by is None else query.group_by
@@ -350,23 +351,21 @@ def paged_plan(view: View, query: Query) -> tuple[str, list[Any]] | None:
             return None
         descending = direction == "desc" or (not direction and metric is not None)
         order = f"{_q(name)} {'DESC' if descending else 'ASC'} NULLS LAST, {positions}"
-    count = min(query.limit or MAX_ROWS, MAX_ROWS)
     sql, params = plan(view, query)
     body = sql[: sql.rindex(" ORDER BY ")]
-    paged = (f"SELECT *, count(*) OVER () AS {PAGE_TOTAL} FROM ({body}) "
-             f"ORDER BY {order} LIMIT ? OFFSET ?")
-    return paged, [*params, count, query.offset]
+    paged = f"{body} ORDER BY {order} LIMIT ? OFFSET ?"
+    return paged, [*params, _page_rows(query) + 1, query.offset]
 
 
-PAGE_TOTAL = "__rows_in_answer"
+def _page_rows(query: Query) -> int:
+    return min(query.limit or MAX_ROWS, MAX_ROWS)
 
 
 def finalize_page(view: View, query: Query, columns: list[str], rows: list[tuple]) -> Page:
     """`paged_plan`'s rows as a page of answers."""
-    total = rows[0][columns.index(PAGE_TOTAL)] if rows else 0
-    answers = finalize(view, query, columns, rows)
-    end = query.offset + min(query.limit or MAX_ROWS, MAX_ROWS)
-    return Page(answers, end if end < total else None)
+    count = _page_rows(query)
+    answers = finalize(view, query, columns, rows[:count])
+    return Page(answers, query.offset + count if len(rows) > count else None)
 
 
 def merged_records(view: View, query: Query, columns: list[str], rows: list[tuple]) -> list[dict]:
@@ -377,12 +376,11 @@ def merged_records(view: View, query: Query, columns: list[str], rows: list[tupl
 def _merged_columns(
     view: View, query: Query, columns: list[str], rows: list[tuple]
 ) -> dict[str, list[Any]]:
-    """`merged_records` column by column (but `PAGE_TOTAL`): a step per column, not per
-    value of each row."""
+    """`merged_records` column by column: a step per column, not per value of each row."""
     if not rows:
-        return {name: [] for name in columns if name != PAGE_TOTAL}
+        return {name: [] for name in columns}
     transposed = zip(columns, zip(*rows, strict=True), strict=True)
-    data = {name: list(values) for name, values in transposed if name != PAGE_TOTAL}
+    data = {name: list(values) for name, values in transposed}
     if None in data["bucket"]:  # `total` over no rows at all
         kept = [i for i, bucket in enumerate(data["bucket"]) if bucket is not None]
         data = {name: [values[i] for i in kept] for name, values in data.items()}
@@ -399,7 +397,18 @@ def _merged_columns(
 
 
 def _records(data: dict[str, list[Any]]) -> list[dict]:
-    return [dict(zip(data, values, strict=True)) for values in zip(*data.values(), strict=True)]
+    record = _record_maker(tuple(data))
+    return [record(*values) for values in zip(*data.values(), strict=True)]
+
+
+@functools.lru_cache(maxsize=1 << 10)
+def _record_maker(names: tuple[str, ...]) -> Callable[..., dict]:
+    """A function of a row's values making its record: a dict display with these names as
+    literals, ~4x less CPU per row than dict(zip(names, values)) (a 30-day series of 720
+    rows: 1.1 -> 0.3 ms). Generated as namedtuple and dataclass generate their __init__."""
+    values = [f"_{index}" for index in range(len(names))]
+    pairs = [f"{name!r}: {value}" for name, value in zip(names, values, strict=True)]
+    return eval(f"lambda {', '.join(values)}: {{{', '.join(pairs)}}}")
 
 
 def finalize(view: View, query: Query, columns: list[str], rows: list[tuple]) -> list[dict]:
@@ -445,7 +454,7 @@ class Page:
 
 def page(query: Query, answers: list[dict]) -> Page:
     """The rows at the query's offset: `limit` of them, at most MAX_ROWS."""
-    end = query.offset + min(query.limit or MAX_ROWS, MAX_ROWS)
+    end = query.offset + _page_rows(query)
     return Page(answers[query.offset : end], end if end < len(answers) else None)
 
 

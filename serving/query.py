@@ -8,6 +8,7 @@ Statements sent to POST /sql never run here: they run in a sandbox worker (sql_s
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -472,18 +473,19 @@ def _is_sketch(field: pa.Field) -> bool:
 def _put_sketches(lists: list[list[bytes | None] | None], sources: dict[int, Sketches],
                   name: str) -> None:
     """Replace each reference (`_REF_TAG`) in `lists` by the sketch `name` it points at, in
-    place: one take per source."""
-    wanted: dict[int, list[tuple[list[bytes | None], int, int]]] = {}
+    place: the references decoded at once, one take per source."""
+    references = [value for values in lists if values for value in values
+                  if value is not None and len(value) == _REFERENCE.itemsize
+                  and value[0] == _REF_TAG]
+    if not references:
+        return
+    decoded = np.frombuffer(b"".join(references), _REFERENCE)
+    numbers = decoded["source"].astype(np.int64) @ np.array([1, 1 << 8, 1 << 16])
+    sketch_of: dict[bytes | None, bytes | None] = {}
+    for source in np.unique(numbers).tolist():
+        chosen = numbers == source
+        taken = sources[source][name].take(pa.array(decoded["row"][chosen])).to_pylist()
+        sketch_of.update(zip(itertools.compress(references, chosen.tolist()), taken, strict=True))
     for values in lists:
-        if not values:
-            continue
-        for position, value in enumerate(values):
-            if value is not None and len(value) == _REFERENCE.itemsize and value[0] == _REF_TAG:
-                source = int.from_bytes(value[1:4], "little")
-                row = int.from_bytes(value[4:], "little")
-                wanted.setdefault(source, []).append((values, position, row))
-    for source, places in wanted.items():
-        rows = pa.array([row for _, _, row in places], pa.int64())
-        for (values, position, _), sketch in zip(
-                places, sources[source][name].take(rows).to_pylist(), strict=True):
-            values[position] = sketch
+        if values:
+            values[:] = [sketch_of.get(value, value) for value in values]

@@ -28,6 +28,7 @@ from lambdalake.query import (
     MAX_ROWS,
     Query,
     QueryError,
+    _records,
     finalize,
     finalize_page,
     page,
@@ -281,6 +282,15 @@ def test_nulls_sort_last_in_either_direction(db, direction):
         db, PAGES, bucket="total", group_by="referrer", order_by=f"referrer{direction}"
     )
     assert by_referrer[-1]["referrer"] is None
+
+
+def test_records_name_each_value_by_its_column_whatever_the_names():
+    """Records are made by a generated dict display: names are literals there, even names
+    like its own parameters' or with quotes, and each row's values stay in order."""
+    data = {"_1": [1, 2], "_0": ["a", "b"], "it's \\ \"x\"": [None, 3.5]}
+    assert _records(data) == [dict(zip(data, row, strict=True)) for row in
+                              [(1, "a", None), (2, "b", 3.5)]]
+    assert _records({"bucket": []}) == []
 
 
 def test_sketch_lists_are_merged_across_partial_rows():
