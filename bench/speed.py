@@ -122,7 +122,8 @@ def raw_confluent(bootstrap: str, topic: str, n: int) -> float:
     """librdkafka in batches, with the Quix driver's fetch settings."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": uuid.uuid4().hex,
                          "auto.offset.reset": "earliest", "enable.auto.commit": False,
-                         "fetch.wait.max.ms": 50, "max.partition.fetch.bytes": 8 << 20})
+                         "fetch.wait.max.ms": 50, "max.partition.fetch.bytes": 8 << 20,
+                         "queued.min.messages": 1_000_000, "fetch.max.bytes": 64 << 20})
     consumer.subscribe([topic])
     read, started = 0, 0.0
     loads = orjson.loads

@@ -32,7 +32,6 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import compress
 from typing import Any
 
 import numpy as np
@@ -375,7 +374,7 @@ class ViewState:
         kinds, ids = named or (events["type"].to_pylist(), events["event_id"].to_pylist())
         arrivals = events[ARRIVAL].to_numpy()
         if self._forgets_nothing(arrivals):
-            counted = self._hold_batch(events["type"], kinds, ids, arrivals)
+            counted = self._hold_batch(kinds, ids, arrivals)
         else:
             cut, duplicate = self.cut, self._duplicate
             counted = np.array([
@@ -402,32 +401,23 @@ class ViewState:
         oldest, least = self._held.oldest, int(arrivals.min())
         return min(least if oldest is None else oldest, least) >= horizon
 
-    def _hold_batch(self, types: pa.ChunkedArray, kinds: list[str], ids: list[str],
-                    arrivals: np.ndarray) -> np.ndarray:
-        """`_duplicate` for each record in order, when it forgets nothing meanwhile, in
-        whole-batch set and dict operations rather than a step per record; which were counted
-        (neither a duplicate nor below the cut)."""
+    def _hold_batch(self, kinds: list[str], ids: list[str], arrivals: np.ndarray) -> np.ndarray:
+        """`_duplicate` for each record in order, when it forgets nothing meanwhile: only the
+        set look-up and insertion per record, the window and cap left alone; which were
+        counted (neither a duplicate nor below the cut)."""
         owners = {kind: self._seen.setdefault(kind, set()) for kind in set(kinds)}
         taken: list[int] = []  # where each id new to its type first is
-        for kind, owner in owners.items():
-            at: Sequence[int] = range(len(ids))
-            of_kind = ids
-            if len(owners) > 1:
-                mask = pc.equal(types, kind).to_numpy().tolist()
-                at, of_kind = list(compress(at, mask)), list(compress(ids, mask))
-            # each id to where it first is (of equal keys, a dict keeps the last given)
-            first = dict(zip(reversed(of_kind), reversed(at), strict=True))
-            for event_id in first.keys() & owner:  # held: a retry
-                del first[event_id]
-            owner.update(first)
-            taken += first.values()
+        for at, kind, event_id in zip(range(len(ids)), kinds, ids, strict=True):
+            owner = owners[kind]
+            if event_id not in owner:
+                owner.add(event_id)
+                taken.append(at)
         if len(taken) == len(ids):  # no retry: every record is held, in order
             counted = arrivals >= self.cut
         else:
             counted = np.zeros(len(ids), bool)
             if not taken:
                 return counted
-            taken.sort()
             kinds, ids, arrivals = [kinds[i] for i in taken], [ids[i] for i in taken], \
                 arrivals[taken]
             counted[taken] = arrivals >= self.cut
