@@ -448,7 +448,7 @@ def run_size(
     folder: Path, n: int, spark: SparkEngine, duck: DuckDBEngine, seed: int, runs: int
 ) -> tuple[Figures, Lake]:
     say(f"{n:,} events:")
-    lake = make_lake(folder / str(n), n, seed)
+    lake = make_lake(folder / f"{n}-{seed}", n, seed)
     if seed == 0:  # warm the JVM up on the first size, untimed
         spark_reference(spark, lake)
     return measure(lake, spark, duck, runs), lake
