@@ -49,6 +49,7 @@ class Lake:
     def __init__(self, root: Path, bootstrap: str, s3_endpoint: str, partitions: int = 2,
                  replication: int = 1, with_keys: bool = False):
         self.root = root
+        self._cli_runs, self.cli_log = 0, root / "cli.log"
         self.keys = {scope: uuid.uuid4().hex for scope in ("ingest", "query", "admin")} \
             if with_keys else {}
         bucket = f"lake-{uuid.uuid4().hex[:8]}"
@@ -160,27 +161,34 @@ class Lake:
                 process.kill()
         self.processes.clear()
 
-    def cli(self, *args: str, timeout: float = 300) -> subprocess.Popen:
-        """A CLI process (`batch run`, `compact`, `rebuild`) on the lake, not waited for."""
-        return subprocess.Popen([str(BIN / "lambdalake"), *args], env=self.env, cwd=self.root,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+    def cli(self, *args: str) -> subprocess.Popen:
+        """A CLI process (`batch run`, `compact`, `rebuild`) on the lake, not waited for. Its
+        output goes to `cli-NN-….out` and its log to `….log` in the lake's folder: a pipe
+        nobody reads while it runs would block it once full, and the log tells where a slow
+        run spent its time."""
+        self._cli_runs += 1
+        self.cli_log = self.root / f"cli-{self._cli_runs:02d}-{'-'.join(args[:2])}.log"
+        with self.cli_log.with_suffix(".out").open("wb") as out, self.cli_log.open("wb") as log:
+            return subprocess.Popen([str(BIN / "lambdalake"), *args], env=self.env, cwd=self.root,
+                                    stdout=out, stderr=log, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
 
     def run(self, *args: str, attempts: int = 10) -> str:
-        """A CLI command run to success: retried while a killed run's lease expires."""
-        error = ""
+        """A CLI command run to success, its output: retried while a killed run's lease
+        expires."""
         for _ in range(attempts):
             process = self.cli(*args)
             try:
-                out, error = process.communicate(timeout=600)
+                process.wait(timeout=600)
             finally:  # a test timed out meanwhile: the run must not outlive it, lease held
                 if process.poll() is None:
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
             if process.returncode == 0:
-                return out
+                return self.cli_log.with_suffix(".out").read_text()
             time.sleep(2)
-        raise AssertionError(f"lambdalake {' '.join(args)} kept failing: {error}")
+        raise AssertionError(f"lambdalake {' '.join(args)} kept failing:\n"
+                             f"{self.cli_log.read_text(errors='replace')[-4000:]}")
 
     def memory_mb(self) -> dict[str, float]:
         """Resident memory of each running process (its children included)."""
