@@ -11,8 +11,12 @@ Each view becomes one DataFrame job translated from its definition: the event ty
 (an S3 store's endpoint and credentials passed as s3a read options), arrival < cut, one copy
 per `event_id` within the type (the minimum of a struct led by arrival, partition, offset), the
 view's conditions, then group by bucket and keys with each metric as `_AGGREGATES` says for
-its kind. Sketches are Spark's own DataSketches aggregates (`hll_sketch_agg`,
-`theta_sketch_agg`, `kll_sketch_agg_double`), in the formats every engine writes.
+its kind. The views of one event type share the read and the dedup: the first view's job
+keeps the copies (the fields every view of the type reads; memory, then disk) for the
+others, and the last one releases them. Read twice, a type's objects cost two passes over
+the store, each with its requests per object. Sketches are Spark's own DataSketches
+aggregates (`hll_sketch_agg`, `theta_sketch_agg`, `kll_sketch_agg_double`), in the formats
+every engine writes.
 The master rows read are counted in the same pass (an `Observation`).
 
 Conditions become Column expressions rather than `view.where_sql()`: Spark SQL reads `\\` in
@@ -46,6 +50,7 @@ from pyspark.errors import PySparkException
 from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema, from_arrow_type
+from pyspark.storagelevel import StorageLevel
 
 from lambdalake import master
 from lambdalake.batch.engine import EXACT_SQL, SUBMITTED, aggregate_of, with_rows_read
@@ -141,6 +146,7 @@ class SparkEngine:
         # master object never changes under its key, so the views of a type read each
         # footer once
         self._written: dict[tuple[str, str, str], dict[str, pa.Schema]] = {}
+        self._shared: _SharedEvents | None = None
 
     @property
     def spark(self) -> SparkSession:
@@ -161,8 +167,9 @@ class SparkEngine:
         current = [key for key in keys if written[key] == schema]
         older = [key for key in keys if written[key] != schema]
         try:
-            table, read = self._run(view, store, (current, older), event_schema, cut)
+            table, read = self._run(project, view, store, (current, older), cut)
         except (Py4JJavaError, PySparkException):
+            self._release()
             read_all(store, keys, lambda part: part.to_table().num_rows)  # which one?
             raise
         order = [(name, "ascending") for name in ("bucket", *view.keys)]
@@ -180,19 +187,56 @@ class SparkEngine:
 
     def _run(
         self,
+        project: Project,
         view: View,
         store: ObjectStore,
         keys: tuple[list[str], list[str]],
-        event_schema: EventSchema,
         cut: int,
     ) -> tuple[pa.Table, int]:
         """The view's table as Spark computes it over the objects in today's schema and
         those written with an older one, and the master rows read below the cut."""
-        schema = master.arrow_schema(event_schema)
+        schema = master.arrow_schema(project.schemas[view.event_type])
+        source = (store.url, getattr(store, "endpoint_url", None), view.event_type,
+                  tuple(map(tuple, keys)), cut)
+        shared = self._shared
+        if shared is None or shared.source != source:
+            self._release()
+            views = [v for v in project.views.values() if v.event_type == view.event_type]
+            events, read = self._first_copies(store, keys, project.schemas[view.event_type],
+                                              views, cut)
+            shared = self._shared = _SharedEvents(source, events, read, len(views))
+        table = view_frame(view, schema, shared.events).toArrow()
+        if shared.rows_read is None:  # the first job over the copies read the master rows
+            shared.rows_read = shared.read.get["rows"]
+        rows_read = shared.rows_read
+        shared.uses_left -= 1
+        if shared.uses_left <= 0:
+            self._release()
+        return table, rows_read
+
+    def _first_copies(
+        self,
+        store: ObjectStore,
+        keys: tuple[list[str], list[str]],
+        event_schema: EventSchema,
+        views: list[View],
+        cut: int,
+    ) -> tuple[DataFrame, Observation]:
+        """The first copy of each event below the cut, with the fields `views` read, and the
+        `Observation` counting the master rows its first job reads; kept (memory, then
+        disk) when more than one view is computed from it."""
         read = observation(self.spark)
         rows = self._read(store, keys, event_schema).where(F.col("arrival") < cut)
         rows = rows.observe(read, F.count(F.lit(1)).alias("rows"))
-        return view_frame(view, schema, rows).toArrow(), read.get["rows"]
+        events = first_copies(rows, set().union(*(v.fields_read() for v in views)))
+        if len(views) > 1:
+            events = events.persist(StorageLevel.MEMORY_AND_DISK)
+        return events, read
+
+    def _release(self) -> None:
+        if self._shared is not None:
+            self._shared.events.unpersist()
+            self._shared = None
 
     def _read(
         self, store: ObjectStore, keys: tuple[list[str], list[str]], event_schema: EventSchema
@@ -219,23 +263,43 @@ def observation(spark: SparkSession) -> Observation:
     return Observation()
 
 
-def view_frame(view: View, schema: pa.Schema, rows: DataFrame) -> DataFrame:
-    """The view's rows over master `rows`: dedup, filter, group, metrics by their kind.
+@dataclass
+class _SharedEvents:
+    """The first copies of a type's events over one read (`source`: the store, the type, the
+    objects, the cut), for the views of the type not yet computed from them."""
+
+    source: tuple[object, ...]
+    events: DataFrame
+    read: Observation
+    uses_left: int
+    rows_read: int | None = None
+
+
+def first_copies(rows: DataFrame, fields: set[str]) -> DataFrame:
+    """One row per `event_id`: its first copy (the smallest arrival, partition, offset) with
+    `ts` and `fields`.
+
+    The minimum of a struct is a sort-based aggregate: grouped straight away, Spark sorts
+    every row twice, for a partial aggregate before the shuffle (which removes next to
+    nothing: copies of an id are rare) and again after it. Shuffled by id first, once.
+    """
+    first = F.min(F.struct(*DEDUP_ORDER, "ts", *sorted(fields))).alias("first")
+    by_id = rows.repartition("event_id").groupBy("event_id")
+    return by_id.agg(first).select("first.*").drop(*DEDUP_ORDER)
+
+
+def view_frame(view: View, schema: pa.Schema, events: DataFrame) -> DataFrame:
+    """The view's rows over the first copies of its type's events (`first_copies`): filter,
+    group, metrics by their kind.
 
     Each metric's input column is projected first, under the metric's name, then aggregated
     (Spark refuses `java_method`, which is not deterministic, inside an aggregate).
     """
-    fields = ["ts", *sorted(view.fields_read())]
-    first = F.min(F.struct(*DEDUP_ORDER, *fields)).alias("first")
-    # The minimum of a struct is a sort-based aggregate: grouped straight away, Spark sorts
-    # every row twice, for a partial aggregate before the shuffle (which removes next to
-    # nothing: copies of an id are rare) and again after it. Shuffled by id first, once.
-    by_id = rows.repartition("event_id").groupBy("event_id")
-    events = by_id.agg(first).select("first.*").where(condition(view))
     bucket = (F.col("ts") - F.col("ts") % view.bucket_ms).alias("bucket")
     inputs = [metric_input(m, schema).alias(name) for name, m in view.metrics.items()]
     metrics = [_aggregate(m).aggregate(m, name).alias(name) for name, m in view.metrics.items()]
-    return events.select(bucket, *view.keys, *inputs).groupBy("bucket", *view.keys).agg(*metrics)
+    matching = events.where(condition(view))
+    return matching.select(bucket, *view.keys, *inputs).groupBy("bucket", *view.keys).agg(*metrics)
 
 
 def condition(view: View) -> Column:

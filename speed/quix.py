@@ -19,9 +19,11 @@ transaction at once.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -53,6 +55,22 @@ BACKLOG_FLUSH_S = 0.5  # real-time views are published at least this often
 IDLE_WAIT_S = 0.1  # for the next record
 CATALOG_EVERY_S = 1.0
 KAFKA_TIMEOUT_S = 60.0
+
+
+def reported(callback: Callable[..., None]) -> Callable[..., None]:
+    """A rebalance callback whose exception is logged, with its traceback, before it ends the
+    worker: raised inside `consume`, confluent-kafka replaces it by a bare `SystemError`
+    ("returned NULL without setting an exception") that names nothing."""
+
+    @functools.wraps(callback)
+    def run(*args: object) -> None:
+        try:
+            callback(*args)
+        except Exception:
+            log.exception("rebalance callback failed", extra={"callback": callback.__name__})
+            raise
+
+    return run
 
 
 def group_id(settings: Settings) -> str:
@@ -240,6 +258,7 @@ class QuixSpeed:
         for key, value in records:
             self.producer.produce(topic, value, key, partition=partition)
 
+    @reported
     def _assign(self, _consumer: object, partitions: list[TopicPartition]) -> None:
         if not partitions:
             return
@@ -250,12 +269,14 @@ class QuixSpeed:
         self.parts.update(restore_partitions(self.settings, self.project, numbers, self.floor))
         log.info("partitions assigned, state restored", extra={"partitions": numbers})
 
+    @reported
     def _revoke(self, _consumer: object, partitions: list[TopicPartition]) -> None:
         self.commit(wait=True)
         for tp in partitions:
             self.parts.pop(tp.partition, None)
         log.info("partitions revoked", extra={"partitions": [tp.partition for tp in partitions]})
 
+    @reported
     def _lost(self, _consumer: object, partitions: list[TopicPartition]) -> None:
         lost = [tp.partition for tp in partitions]
         raise RuntimeError(f"partitions {lost} lost to another worker; restart to recover")

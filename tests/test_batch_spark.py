@@ -23,7 +23,7 @@ from lambdalake.batch.duckdb_engine import DuckDBEngine
 from lambdalake.batch.engine import CorruptObject, Engine, rows_read
 from lambdalake.batch.engine import engine_named as batch_engine
 from lambdalake.batch.run import BatchError, run_batch
-from lambdalake.batch.spark_engine import SparkEngine, view_frame
+from lambdalake.batch.spark_engine import SparkEngine, first_copies, view_frame
 from lambdalake.events import Event
 from lambdalake.functions import environment
 from lambdalake.functions.runtime.function import FunctionError, LocalFunction
@@ -86,7 +86,7 @@ def archive_all(history: History, store: ObjectStore) -> None:
 
 
 @pytest.mark.spark
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(histories(stages=2))
 def test_spark_and_duckdb_agree_on_a_file_store(spark: SparkEngine, history: History) -> None:
     with tempfile.TemporaryDirectory() as folder:
@@ -235,9 +235,32 @@ def test_the_spark_dedup_sorts_the_rows_once(spark, tmp_path, capsys):
     [key] = master.data_keys(store, "pageview")
     rows = spark.spark.read.parquet(f"file://{store.arrow_path(key)}")
     view = PROJECT.views["pageviews_by_url_hour"]
-    view_frame(view, master.arrow_schema(PROJECT.schemas["pageview"]), rows).explain()
+    events = first_copies(rows, view.fields_read())
+    view_frame(view, master.arrow_schema(PROJECT.schemas["pageview"]), events).explain()
     plan = capsys.readouterr().out
     assert "SortAggregate" in plan and plan.count("Sort [event_id") == 1, plan
+
+
+@pytest.mark.spark
+def test_the_views_of_a_type_read_its_objects_once(spark, tmp_path):
+    """The pageview views after the first are computed from its copies, kept by Spark: the
+    objects gone from the store, they still answer; once every one is computed the copies
+    are released, and the next run reads the store again."""
+    store = FileStore(tmp_path)
+    write_pageviews(store, ["a", "b", "a"], [10, 20, 30])
+    keys = master.data_keys(store, "pageview")
+    first, *others = (v for v in PROJECT.views.values() if v.event_type == "pageview")
+    want = {view.name: DUCKDB.compute(PROJECT, view, store, keys, 2_000)
+            for view in (first, *others)}
+    assert_same_view(first, spark.compute(PROJECT, first, store, keys, 2_000), want[first.name])
+    for key in keys:
+        Path(store.arrow_path(key)).unlink()
+    for view in others:
+        got = spark.compute(PROJECT, view, store, keys, 2_000)
+        assert_same_view(view, got, want[view.name])
+        assert rows_read(got) == 3
+    with pytest.raises(Exception, match="(?i)not exist|no such file|FileNotFound"):
+        spark.compute(PROJECT, first, store, keys, 2_000)
 
 
 # -- corrupt objects -----------------------------------------------------------------------

@@ -46,7 +46,7 @@ from lambdalake.serving.realtime_feed import RealtimeFeed  # noqa: E402
 from lambdalake.settings import Settings  # noqa: E402
 from lambdalake.speed import kafka_common  # noqa: E402
 from lambdalake.speed.kafka_common import PartitionState, ids_key, meta_key  # noqa: E402
-from lambdalake.speed.quix import QuixSpeed, group_id  # noqa: E402
+from lambdalake.speed.quix import QuixSpeed, group_id, reported  # noqa: E402
 from lambdalake.storage import open_store  # noqa: E402
 from lambdalake.synthetic import WebAnalyticsStream  # noqa: E402
 from lambdalake.tables import table_schema  # noqa: E402
@@ -489,7 +489,7 @@ def to_events(drawn: list[dict[str, Any]], now: int) -> list[dict[str, Any]]:
 @pytest.mark.kafka
 @needs_java
 @pytest.mark.parametrize("engine", ENGINES)
-@settings(max_examples=3)
+@settings(max_examples=2)
 @given(first=events_strategy, second=events_strategy, cut_first=st.booleans())
 def test_exact_merge_through_kafka(
     broker: KafkaBroker, tmp_path_factory: pytest.TempPathFactory, engine: str,
@@ -714,3 +714,17 @@ def assignments(log: Path) -> list[list[int]]:
     """The partitions a worker was given, in order, from its JSON log lines."""
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     return [line["partitions"] for line in lines if line["msg"].startswith("partitions assigned")]
+
+
+def test_a_failing_rebalance_callback_is_logged_with_its_cause(caplog):
+    """Raised inside `consume`, confluent-kafka reports a callback's exception as a bare
+    SystemError naming nothing: the worker logs the cause before it exits."""
+
+    @reported
+    def _assign(_consumer: object, partitions: list) -> None:
+        raise KafkaException("Failed to get committed offsets: Local: Timed out")
+
+    with pytest.raises(KafkaException):
+        _assign(None, [])
+    [record] = [r for r in caplog.records if r.name == "lambdalake.speed.quix"]
+    assert record.callback == "_assign" and "Timed out" in record.exc_text
