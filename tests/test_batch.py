@@ -257,7 +257,7 @@ def assert_views_equal(store: ObjectStore, manifest: Manifest, records: list[Arc
 # -- the main property ---------------------------------------------------------------------
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(lakes())
 def test_every_view_equals_a_recompute_from_the_raw_events(lake: Lake) -> None:
     with tempfile.TemporaryDirectory(dir=SCRATCH) as folder:

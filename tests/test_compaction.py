@@ -99,7 +99,7 @@ def compact_crashing(store: ObjectStore, partitions: int, crash_at: int | None) 
 # -- the property: answers equal a recompute from the raw events, compacted at any step -------
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(lake=lakes(), crash_at=st.none() | st.integers(1, 40))
 def test_answers_equal_the_recompute_whatever_step_a_compaction_stops_at(
     lake: Lake, crash_at: int | None
@@ -125,7 +125,7 @@ def test_answers_equal_the_recompute_whatever_step_a_compaction_stops_at(
         assert sorted(store.list("master/")) == settled  # idempotent
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(history=histories(stages=3), compact_after=st.lists(st.booleans(), min_size=3,
                                                            max_size=3))
 def test_incremental_runs_between_compactions_equal_a_full_recompute(history, compact_after):

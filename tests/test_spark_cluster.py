@@ -3,8 +3,8 @@ from the pyspark wheel), Spark Connect, and the EMR Serverless job's entry point
 the cluster exactly as the nightly function asks EMR to run it.
 
 Every answer is checked against the DuckDB engine and the independent recompute of
-`test_batch`. Each JVM takes 10-30 s to start on two cores: `make test` runs one smoke
-test on the cluster; the rest is marked `long`.
+`test_batch`. Each JVM takes 10-30 s to start on two cores: every test here is marked `long`
+(`make test-long`; `make test-reliability` also kills a batch job on a cluster mid-write).
 """
 
 from __future__ import annotations
@@ -132,6 +132,7 @@ def assert_equals_duckdb_and_the_recompute(
 # -- the default suite's smoke test ---------------------------------------------------------
 
 
+@pytest.mark.long
 @pytest.mark.spark
 def test_the_batch_job_on_a_standalone_cluster_equals_duckdb(cluster, s3_server, bucket):
     """The EMR entry point, spark-submitted to a master and two workers: its executors (other

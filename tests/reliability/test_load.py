@@ -20,6 +20,7 @@ GROWTH_MB = 150.0  # a process may grow this much past its first half's peak (ca
 BATCH_EVERY_S = 30.0  # (one at a time: under load a run takes longer than that here)
 
 
+@pytest.mark.long
 @pytest.mark.timeout(SECONDS + 600)
 def test_a_steady_load_keeps_memory_bounded_and_the_lag_recovers(
     lake: Lake, runs: list[Traffic]
