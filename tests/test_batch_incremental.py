@@ -57,7 +57,7 @@ def assert_equal_versions(left: tuple[ObjectStore, Manifest], right: tuple[Objec
         assert_same_view(PROJECT.views[name], table, expected[name])
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(histories())
 def test_an_incremental_run_equals_a_full_recompute(history: History) -> None:
     with (

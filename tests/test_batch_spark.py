@@ -86,7 +86,7 @@ def archive_all(history: History, store: ObjectStore) -> None:
 
 
 @pytest.mark.spark
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(histories(stages=2))
 def test_spark_and_duckdb_agree_on_a_file_store(spark: SparkEngine, history: History) -> None:
     with tempfile.TemporaryDirectory() as folder:

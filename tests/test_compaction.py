@@ -199,7 +199,7 @@ def fresh_s3(s3_server: str) -> Any:
     return lambda: S3Store(f"s3://{bucket}/{uuid.uuid4().hex}", s3_server)
 
 
-@pytest.mark.parametrize("backend", ["file", "s3"])
+@pytest.mark.parametrize("backend", ["file", pytest.param("s3", marks=pytest.mark.long)])
 def test_a_compaction_stopped_after_any_step_changes_no_answer(tmp_path, backend, request):
     fresh = (request.getfixturevalue("fresh_s3") if backend == "s3"
              else lambda: FileStore(tmp_path / uuid.uuid4().hex))

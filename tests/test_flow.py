@@ -182,7 +182,7 @@ def test_events_show_up_within_a_second_and_survive_a_batch_run(flow: Flow) -> N
 
 @pytest.mark.kafka
 @pytest.mark.skipif(not shutil.which("java"), reason="needs Java 17+")
-@pytest.mark.parametrize("engine", ["quix", "faust"])
+@pytest.mark.parametrize("engine", ["quix", pytest.param("faust", marks=pytest.mark.long)])
 def test_the_same_flow_runs_on_kafka(flow: Flow, kafka_broker, engine: str) -> None:
     """`lambdalake up --bus kafka --bootstrap HOST:PORT`, with either speed driver: events
     sent to the gateway are answered exactly, before and after a batch run."""
@@ -250,7 +250,8 @@ needs_java = pytest.mark.skipif(not shutil.which("java"), reason="needs Java 17+
 
 
 @pytest.mark.parametrize("bus", ["embedded", pytest.param("quix", marks=[pytest.mark.kafka,
-                                                                          needs_java])])
+                                                                          needs_java,
+                                                                          pytest.mark.long])])
 def test_a_rollback_is_exact_at_once(flow: Flow, request: pytest.FixtureRequest, bus: str) -> None:
     """Two batch runs, more events, then `batch rollback` to the first version: its first
     answer counts every event, those that arrived between the two cuts too."""

@@ -488,7 +488,7 @@ def to_events(drawn: list[dict[str, Any]], now: int) -> list[dict[str, Any]]:
 
 @pytest.mark.kafka
 @needs_java
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", ["quix", pytest.param("faust", marks=pytest.mark.long)])
 @settings(max_examples=2)
 @given(first=events_strategy, second=events_strategy, cut_first=st.booleans())
 def test_exact_merge_through_kafka(
@@ -665,6 +665,7 @@ def test_worker_killed_mid_stream_restarts_without_double_counting(
 
 @pytest.mark.kafka
 @needs_java
+@pytest.mark.long
 @pytest.mark.parametrize(("engine", "n"), [("quix", 200_000), FAUST_LONG])
 def test_a_broker_pause_mid_stream_neither_loses_nor_doubles(
     broker: KafkaBroker, tmp_path: Path, engine: str, n: int

@@ -157,7 +157,7 @@ BUSES = [
     *(pytest.param(engine, id=f"kafka-{engine}", marks=[
         pytest.mark.kafka,
         pytest.mark.skipif(not shutil.which("java"), reason="needs Java 17+"),
-        *([pytest.mark.long] if engine == "faust" else [])])  # Faust: under make test-long
+        pytest.mark.long])  # on Kafka: under make test-long
       for engine in ("quix", "faust")),
 ]
 

@@ -72,6 +72,7 @@ def test_the_installed_wheel_runs_the_whole_flow(installed: Path, user_folder: P
         flow.stop()
 
 
+@pytest.mark.long
 @pytest.mark.spark
 def test_the_installed_wheel_runs_the_spark_engine(
     installed_with_spark: Path, user_folder: Path
