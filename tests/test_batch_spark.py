@@ -263,6 +263,21 @@ def test_the_views_of_a_type_read_its_objects_once(spark, tmp_path):
         spark.compute(PROJECT, first, store, keys, 2_000)
 
 
+@pytest.mark.spark
+def test_views_computed_across_two_lakes_in_turn_each_equal_duckdb(spark, tmp_path):
+    """A view of another lake between two of one lake's views: the kept copies are never
+    those of the wrong lake, and each answer equals DuckDB's."""
+    stores = [FileStore(tmp_path / name) for name in ("one", "two")]
+    write_pageviews(stores[0], ["a", "b", "a"], [10, 20, 30])
+    write_pageviews(stores[1], ["c"], [40])
+    first, second, *_ = (v for v in PROJECT.views.values() if v.event_type == "pageview")
+    for store, view in [(stores[0], first), (stores[1], first), (stores[0], second),
+                        (stores[1], second)]:
+        keys = master.data_keys(store, "pageview")
+        got = spark.compute(PROJECT, view, store, keys, 2_000)
+        assert_same_view(view, got, DUCKDB.compute(PROJECT, view, store, keys, 2_000))
+
+
 # -- corrupt objects -----------------------------------------------------------------------
 
 
