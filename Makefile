@@ -14,6 +14,9 @@ $(VENV)/.run-deps: pyproject.toml | $(BIN)/python
 	touch $@
 
 SCRIPTS := lambdalake/scripts
+CACHE   := $(or $(LAMBDALAKE_CACHE),$(HOME)/.cache/lambdalake)
+SAM_CLI := aws-sam-cli>=1.120,<2
+SAM_VENV := $(CACHE)/venv-sam-$(shell echo '$(SAM_CLI)' | md5sum | cut -c1-8)
 
 $(VENV)/.test-deps: pyproject.toml $(SCRIPTS)/kafka_fetch.sh $(SCRIPTS)/spark_jars.sh | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev,kafka,spark,spark-connect]'
@@ -22,17 +25,22 @@ $(VENV)/.test-deps: pyproject.toml $(SCRIPTS)/kafka_fetch.sh $(SCRIPTS)/spark_ja
 	# the dashboard test drives Debian's chromium; Playwright never downloads a browser
 	test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium)
 	command -v psql >/dev/null || { apt-get update -qq && apt-get install -y -qq postgresql-client >/dev/null; }
-	# SAM CLI in a venv of its own: it pins a click that import-linter refuses
-	test -x .venv-sam/bin/sam || { $(PYTHON) -m venv .venv-sam && .venv-sam/bin/pip install -q 'aws-sam-cli>=1.120,<2'; }
+	# SAM CLI in a venv of its own (it pins a click that import-linter refuses), kept in the
+	# cache beside Kafka's jars: every clone links the same one instead of a 75 s install
+	mkdir -p $(CACHE) && flock $(SAM_VENV).lock sh -c "test -f $(SAM_VENV)/.installed || \
+		{ rm -rf $(SAM_VENV) && $(PYTHON) -m venv $(SAM_VENV) \
+		&& $(SAM_VENV)/bin/pip install -q '$(SAM_CLI)' && touch $(SAM_VENV)/.installed; }"
+	ln -sfn $(SAM_VENV) .venv-sam
 	touch $@
 
 ## run: the whole flow on the embedded default, with a synthetic producer
 run: $(VENV)/.run-deps
 	$(BIN)/lambdalake up --produce 50
 
-## test: lint, then every suite against the real services it starts itself
+## test: lint, then every suite against the real services it starts itself; the service tests
+## run one at a time on one worker, the pure ones beside them (tests/conftest.py)
 test: lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not long"
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not long" -n 2
 
 ## test-long: the cases too long for `make test` (clusters, soak, large loads)
 test-long: $(VENV)/.test-deps

@@ -1,9 +1,14 @@
-"""Shared test settings: hypothesis profiles and the S3-compatible server (moto)."""
+"""Shared test settings: hypothesis profiles, the S3-compatible server (moto), and which
+tests may run beside others under pytest-xdist."""
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
+
 import pytest
 from hypothesis import HealthCheck, settings
+from xdist.remote import Producer
+from xdist.scheduler import LoadScopeScheduling
 
 from lambdalake.testing import free_port
 
@@ -12,6 +17,31 @@ settings.register_profile(
     "lambdalake", deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile("lambdalake")
+
+# Modules that time nothing and share no service with other tests: pure logic, and runs of
+# Spark, pip or moto of their own. Under pytest-xdist (make test: `-n 2`) one worker runs
+# them while the other runs every other test in turn, as a serial run would: a test that
+# times the brokers and the flow never shares the machine with another such test.
+BESIDE_SERVICES = frozenset({
+    "test_auth", "test_batch", "test_batch_incremental", "test_batch_spark", "test_client",
+    "test_compaction", "test_decimals", "test_emr_serverless", "test_erasure",
+    "test_event_columns", "test_eventlog", "test_events", "test_functions", "test_fuzz",
+    "test_id_index", "test_layout", "test_loops", "test_monoids", "test_packaging",
+    "test_query", "test_realtime", "test_rebuild", "test_serving", "test_serving_feed",
+    "test_sketches", "test_storage", "test_supervisor", "test_viewstate", "test_wheel",
+})
+
+
+class ServicesInTurn(LoadScopeScheduling):
+    """xdist's per-module scheduling, with every service test in one scope of its own."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        module = nodeid.split("::", 1)[0]
+        return module if PurePosixPath(module).stem in BESIDE_SERVICES else "services"
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Producer) -> ServicesInTurn:
+    return ServicesInTurn(config, log)
 
 
 @pytest.fixture(scope="session")
