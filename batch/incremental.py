@@ -104,7 +104,7 @@ def delta_object(
     id_index.prune(store, schema.name, keys)
     key = f"{catalog.PREFIX}/{SCRATCH}/v={version}/{schema.name}.parquet"
     sink = pa.BufferOutputStream()
-    pq.write_table(rows, sink, compression="lz4")  # scratch, read once: fast over small
+    pq.write_table(rows, sink, compression="zstd", compression_level=1)  # scratch, read once
     store.put(key, sink.getvalue().to_pybytes())
     try:
         yield key, read
