@@ -16,15 +16,17 @@ $(VENV)/.run-deps: pyproject.toml | $(BIN)/python
 SCRIPTS := lambdalake/scripts
 CACHE   := $(or $(LAMBDALAKE_CACHE),$(HOME)/.cache/lambdalake)
 SAM_CLI := aws-sam-cli>=1.120,<2
+APT     := apt-get -o DPkg::Lock::Timeout=600
 SAM_VENV := $(CACHE)/venv-sam-$(shell echo '$(SAM_CLI)' | md5sum | cut -c1-8)
 
 $(VENV)/.test-deps: pyproject.toml $(SCRIPTS)/kafka_fetch.sh $(SCRIPTS)/spark_jars.sh | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev,kafka,spark,spark-connect]'
 	bash $(SCRIPTS)/kafka_fetch.sh >/dev/null
 	PYTHON=$(BIN)/python bash $(SCRIPTS)/spark_jars.sh >/dev/null
-	# the dashboard test drives Debian's chromium; Playwright never downloads a browser
-	test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium)
-	command -v psql >/dev/null || { apt-get update -qq && apt-get install -y -qq postgresql-client >/dev/null; }
+	# the dashboard test drives Debian's chromium; Playwright never downloads a browser.
+	# Two clones installing at once wait for apt's lock rather than fail on it.
+	test -x /usr/bin/chromium || ($(APT) update -q && $(APT) install -y -q chromium)
+	command -v psql >/dev/null || { $(APT) update -qq && $(APT) install -y -qq postgresql-client >/dev/null; }
 	# SAM CLI in a venv of its own (it pins a click that import-linter refuses), kept in the
 	# cache beside Kafka's jars: every clone links the same one instead of a 75 s install
 	mkdir -p $(CACHE) && flock $(SAM_VENV).lock sh -c "test -f $(SAM_VENV)/.installed || \

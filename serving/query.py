@@ -45,6 +45,8 @@ _MERGED = "merged AS (SELECT * FROM {batch} UNION ALL BY NAME SELECT * FROM cell
 # Real-time cells a query scans from Arrow at most, past those a DuckDB table holds: a scan
 # of Arrow costs each query, a table is built once for every query until the cells change.
 CELLS_IN_ARROW = 4096
+# The delta table of the cells' copy grows to 1 / _DELTA_SHARE of its base at most (`_CellsCopy`)
+_DELTA_SHARE = 4
 # Relations a thread's cursor keeps registered after a query (`_Current`), until a table of
 # another schema takes the name: registering an Arrow table costs about as much as a small
 # query, and the real-time cells change at every publish of the speed layer.
@@ -93,10 +95,10 @@ class _BatchTable:
         return self.by_keys if keyed else self.by_bucket
 
 
-@dataclass
+@dataclass(eq=False)
 class _CellsTable:
-    """A view's real-time cells copied into a DuckDB table, ordered by dimensions then bucket:
-    the slices `parts` (the very objects, which stay the same until a cell of theirs changes)
+    """Real-time cells copied into a DuckDB table, ordered by dimensions then bucket: the
+    slices `parts` (the very objects, which stay the same until a cell of theirs changes)
     put together."""
 
     name: str
@@ -104,7 +106,23 @@ class _CellsTable:
     source: int  # its sketches' (`_REF_TAG`)
     readers: int = 0
     retired: bool = False
+
+
+@dataclass(eq=False)
+class _CellsCopy:
+    """A view's real-time cells in DuckDB: the older slices in a base table, and those settled
+    since in a delta table, or none. A slice settling rebuilds the delta alone, and the base
+    only once the delta would outgrow a quarter of it (`_DELTA_SHARE`): rebuilding every cell
+    at each was a quarter of a serving replica's CPU under ingestion (100k cells, a new slice
+    a second)."""
+
+    tables: tuple[_CellsTable, ...]
+    parts: tuple[pa.Table, ...]  # the tables' slices, in order
     _rest: tuple[Sliced, pa.Table] | None = None
+
+    @classmethod
+    def of(cls, tables: tuple[_CellsTable, ...]) -> _CellsCopy:
+        return cls(tables, tuple(part for table in tables for part in table.parts))
 
     def rest(self, cells: Sliced) -> pa.Table:
         """The slices of `cells` past `parts` as one Arrow table: the very same object for
@@ -121,6 +139,10 @@ class _CellsTable:
         return len(self.parts) <= len(parts) and all(
             mine is theirs for mine, theirs in zip(self.parts, parts, strict=False))
 
+    def hold(self, readers: int) -> None:
+        for table in self.tables:
+            table.readers += readers
+
 
 class DuckDB:
     def __init__(self, cells_in_arrow: int = CELLS_IN_ARROW) -> None:
@@ -135,7 +157,8 @@ class DuckDB:
         self._batch: dict[tuple[str, str], _BatchTable] = {}
         self._tables_made = 0
         self._cells_in_arrow = cells_in_arrow
-        self._cells: dict[str, list[_CellsTable]] = {}  # per view, the newest last
+        self._copies: dict[str, _CellsCopy] = {}  # per view, its cells' newest copy
+        self._cells: dict[str, list[_CellsTable]] = {}  # per view, every table not dropped
         self._building: set[str] = set()  # views whose cells table is being built
         self._cursors = threading.local()
         self._sketches: dict[int, Sketches] = {}  # per source number
@@ -236,59 +259,75 @@ class DuckDB:
     @contextmanager
     def cells_tables(
         self, view: str, cells: Sliced
-    ) -> Iterator[tuple[_CellsTable | None, pa.Table]]:
-        """The view's real-time cells as a DuckDB table holding the older slices (or None)
-        and the Arrow table of the others, while the caller reads them. The table
-        is rebuilt, by one query while the others read the one before, once more than
-        `cells_in_arrow` cells are left to Arrow (cells changed since), of the slices but the
-        newest (`_settled`)."""
+    ) -> Iterator[tuple[tuple[_CellsTable, ...], pa.Table]]:
+        """The view's real-time cells as the DuckDB tables holding the older slices (maybe
+        none) and the Arrow table of the others, while the caller reads them. The copy is
+        rebuilt (`_build_cells`), by one query while the others read the one before, once
+        more than `cells_in_arrow` cells are left to Arrow (cells changed since), of the
+        slices but the newest (`_settled`)."""
         held, build = self._hold_cells(view, cells)
         if build:
-            held = self._build_cells(view, cells)
+            held = self._build_cells(view, cells, held)
         if held is None:
-            yield None, cells.table
+            yield (), cells.table
             return
         try:
-            yield held, held.rest(cells)
+            yield held.tables, held.rest(cells)
         finally:
             with self._lock:
-                held.readers -= 1
+                held.hold(-1)
                 self._drop_unread_cells(view)
 
-    def _hold_cells(self, view: str, cells: Sliced) -> tuple[_CellsTable | None, bool]:
-        """The table holding the most of `cells`' first slices (held for reading), or None;
-        and whether to build a new one."""
+    def _hold_cells(self, view: str, cells: Sliced) -> tuple[_CellsCopy | None, bool]:
+        """The view's copy if it holds the first slices of `cells` unchanged, else None; and
+        whether to build a new one. The copy is held for reading unless a new one is built."""
         with self._lock:
-            tables = [held for held in self._cells.get(view, []) if held.starts(cells.parts)]
-            best = max(tables, key=lambda held: len(held.parts), default=None)
-            copied = _rows(best.parts) if best else 0
+            copy = self._copies.get(view)
+            if copy is not None and not copy.starts(cells.parts):
+                copy = None
+            copied = _rows(copy.parts) if copy else 0
             build = (cells.table.num_rows - copied > self._cells_in_arrow
                      and _rows(_settled(cells)) > copied and view not in self._building)
             if build:
                 self._building.add(view)
-            elif best is not None:
-                best.readers += 1
-            return (None if build else best), build
+            elif copy is not None:
+                copy.hold(1)
+            return copy, build
 
-    def _build_cells(self, view: str, cells: Sliced) -> _CellsTable:
-        parts = _settled(cells)
-        with self._lock:
-            self._tables_made += 1
-            held = _CellsTable(f"cells_{self._tables_made}", parts,
-                               self._tables_made % _SOURCES, readers=1)
+    def _build_cells(self, view: str, cells: Sliced, copy: _CellsCopy | None) -> _CellsCopy:
+        """A new copy of the settled slices, held for reading: the base of `copy` (the view's
+        copy, which holds the first of them) and a new delta of the slices past it, or a new
+        base of them all."""
+        settled = _settled(cells)
+        base = copy.tables[0] if copy else None
         try:
-            # ordered as `by_keys`: a query filtering dimensions reads few of its row groups
-            self._create(held.name, self._referenced(pa.concat_tables(parts), held.source),
-                         by_bucket=False)
+            if base is not None and _DELTA_SHARE * (_rows(settled) - _rows(base.parts)) <= _rows(
+                    base.parts):
+                built = _CellsCopy.of((base, self._copy_cells(settled[len(base.parts):])))
+            else:
+                built = _CellsCopy.of((self._copy_cells(settled),))
+            with self._lock:
+                built.hold(1)
+                self._copies[view] = built
+                kept = self._cells.setdefault(view, [])
+                for table in kept:
+                    table.retired = all(table is not mine for mine in built.tables)
+                kept += [mine for mine in built.tables if all(mine is not table for table in kept)]
+                self._drop_unread_cells(view)
         finally:
             with self._lock:
                 self._building.discard(view)
+        return built
+
+    def _copy_cells(self, parts: tuple[pa.Table, ...]) -> _CellsTable:
         with self._lock:
-            for older in self._cells.setdefault(view, []):
-                older.retired = True
-            self._cells[view].append(held)
-            self._drop_unread_cells(view)
-        return held
+            self._tables_made += 1
+            copied = _CellsTable(f"cells_{self._tables_made}", parts,
+                                 self._tables_made % _SOURCES)
+        # ordered as `by_keys`: a query filtering dimensions reads few of its row groups
+        self._create(copied.name, self._referenced(pa.concat_tables(parts), copied.source),
+                     by_bucket=False)
+        return copied
 
     def _drop_unread_cells(self, view: str) -> None:
         tables = self._cells.get(view, [])
@@ -354,24 +393,23 @@ def _merged_rows(
     with (duck.batch_table(reading.snapshot, view.name, keyed) as (batch, source),
           duck.cells_tables(view.name, reading.realtime[view.name]) as (copied, cells)):
         columns, rows = _rows_of(duck, batch, cells, planned or plan(view, query),
-                                 copied.name if copied else None)
-        sources = [number for number in (source, copied.source if copied else None)
-                   if number is not None]
-        duck.dereference(columns, rows, sources)
+                                 [table.name for table in copied])
+        sources = [table.source for table in copied]
+        duck.dereference(columns, rows, sources if source is None else [source, *sources])
         return columns, rows
 
 
 def _rows_of(
     duck: DuckDB, batch: str | pa.Table, cells: pa.Table, planned: tuple[str, list[Any]],
-    copied: str | None = None,
+    copied: Sequence[str] = (),
 ) -> tuple[list[str], list[tuple]]:
     """Rows of the planned SQL over batch (a cached table's name, or Arrow) ⊕ cells (Arrow,
-    and the cells `copied` into a DuckDB table of that name, if any)."""
+    and the cells `copied` into DuckDB tables of these names)."""
     relations = {"cells": cells} if isinstance(batch, str) else {"batch_rows": batch,
                                                                   "cells": cells}
     batch_sql = f'"{batch}"' if isinstance(batch, str) else "batch_rows"
-    if copied is not None:
-        batch_sql += f' UNION ALL BY NAME SELECT * FROM "{copied}"'
+    for name in copied:
+        batch_sql += f' UNION ALL BY NAME SELECT * FROM "{name}"'
     sql, params = planned
     merged = _MERGED.format(batch=batch_sql)
     sql = f"WITH {merged}, {sql[5:]}" if sql.startswith("WITH ") else f"WITH {merged} {sql}"

@@ -52,9 +52,12 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     what the services leave idle."""
     if "PYTEST_XDIST_WORKER" in os.environ:
         lowered = item.path.stem in BESIDE_SERVICES
-        for thread in os.listdir("/proc/self/task"):  # a Linux priority is per thread
-            with contextlib.suppress(OSError):  # raising it back needs root
-                os.setpriority(os.PRIO_PROCESS, int(thread), 10 if lowered else 0)
+        # A Linux priority is per thread; without /proc (macOS) nothing is lowered. Raising
+        # it back needs root.
+        with contextlib.suppress(OSError):
+            for thread in os.listdir("/proc/self/task"):
+                with contextlib.suppress(OSError):
+                    os.setpriority(os.PRIO_PROCESS, int(thread), 10 if lowered else 0)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from the kernel's ViewState fed the same events with their arrival times.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import random
 import re
 import ssl
@@ -522,9 +523,9 @@ def test_the_cells_copy_outlives_changes_to_the_newest_slice(
     built: list[str] = []
     build = DuckDB._build_cells
 
-    def counted(self: DuckDB, view: str, cells: Sliced) -> Any:
+    def counted(self: DuckDB, view: str, cells: Sliced, copy: Any) -> Any:
         built.append(view)
-        return build(self, view, cells)
+        return build(self, view, cells, copy)
 
     monkeypatch.setattr(DuckDB, "_build_cells", counted)
     arrived = sorted(traffic, key=lambda record: record[1])
@@ -539,6 +540,48 @@ def test_the_cells_copy_outlives_changes_to_the_newest_slice(
                          parse(PAGEVIEWS, schema, bucket="total")).rows
         assert answered(rows, total=True) == expected_pageviews(arrived[:upto], None)
     assert len(newest) > 1 and built == [PAGEVIEWS.name] * 2  # at first, as `newest` began
+    duck.close()
+
+
+def test_settled_slices_are_copied_past_the_base_until_they_outgrow_a_quarter_of_it(
+    tmp_path: Path, traffic: list[Record], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the speed layer's slices settle one after another, serving copies the new ones
+    into a delta table beside its base copy of the cells, and all of them into a new base
+    once the delta would outgrow a quarter of it (it copied every cell at each: a quarter of
+    a replica's CPU under ingestion). Answers stay exact; replaced tables are dropped."""
+    store, realtime = FileStore(tmp_path / "lake"), RealtimeCells(project)
+    publish(store, "v1", CUT_1, traffic)
+    duck = DuckDB(cells_in_arrow=0)
+    views = BatchViews(project, store, realtime, prepare=duck.cache)
+    views.refresh()
+    copies: list[tuple[int, int]] = []  # per table made: (cells copied, cells settled)
+    copy_cells = DuckDB._copy_cells
+
+    def counted(self: DuckDB, parts: tuple[pa.Table, ...]) -> Any:
+        settled = views.read([PAGEVIEWS.name]).realtime[PAGEVIEWS.name].parts[:-1]
+        copies.append((sum(p.num_rows for p in parts), sum(p.num_rows for p in settled)))
+        return copy_cells(self, parts)
+
+    monkeypatch.setattr(DuckDB, "_copy_cells", counted)
+    batch = [record for record in traffic if record[1] < CUT_1]
+    late = sorted((record for record in traffic if record[1] >= CUT_1), key=lambda r: r[1])
+    state, schema = ViewState(project, MINUTE, DAY), project.schemas[PAGEVIEWS.event_type]
+    seen = list(batch)
+    for _, arriving in itertools.groupby(late, key=lambda record: record[1] // MINUTE):
+        seen += (slice_records := list(arriving))
+        state.apply_all(slice_records)
+        realtime.upsert(state.drain())
+        rows = view_page(duck, views.read([PAGEVIEWS.name]), PAGEVIEWS,
+                         parse(PAGEVIEWS, schema)).rows
+        assert answered(rows) == expected_pageviews(seen, HOUR)
+    deltas = [copied for copied, settled in copies if copied < settled]
+    bases = [copied for copied, settled in copies if copied == settled]
+    assert deltas and len(bases) >= 2, copies  # a base, deltas, a new base
+    assert all(5 * delta <= settled for delta, settled in copies if delta < settled)  # <= base / 4
+    tables = duck._connection.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE table_name LIKE 'cells_%'").fetchone()
+    assert tables is not None and tables[0] <= 2
     duck.close()
 
 
