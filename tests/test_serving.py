@@ -585,6 +585,70 @@ def test_settled_slices_are_copied_past_the_base_until_they_outgrow_a_quarter_of
     duck.close()
 
 
+def test_queries_in_flight_while_slices_settle_never_fail_and_leave_no_table_behind(
+    tmp_path: Path, traffic: list[Record]
+) -> None:
+    """Four threads query while the speed layer's slices settle one by one, over and over
+    (each settling makes a new delta or base, and retires the tables before it): no query
+    fails on a table dropped under it, every answer counts at least what was published
+    before it began and never more than everything, and once the queries end only the
+    newest copy's tables are left."""
+    store, realtime = FileStore(tmp_path / "lake"), RealtimeCells(project)
+    publish(store, "v1", CUT_1, traffic)
+    duck = DuckDB(cells_in_arrow=0)
+    views = BatchViews(project, store, realtime, prepare=duck.cache)
+    views.refresh()
+    schema = project.schemas[PAGEVIEWS.event_type]
+    batch = [record for record in traffic if record[1] < CUT_1]
+    late = sorted((record for record in traffic if record[1] >= CUT_1), key=lambda r: r[1])
+    slices = [list(group) for _, group in
+              itertools.groupby(late, key=lambda record: record[1] // MINUTE)]
+
+    def counted(records: list[Record]) -> int:
+        return sum(pageviews for pageviews, _ in expected_pageviews(records, None).values())
+
+    def total() -> int:
+        query = parse(PAGEVIEWS, schema, bucket="total")
+        rows = view_page(duck, views.read([PAGEVIEWS.name]), PAGEVIEWS, query).rows
+        return sum(row["pageviews"] for row in rows)
+
+    everything, floor = counted(batch + late), [counted(batch)]
+    done, failures = threading.Event(), list[BaseException]()
+
+    def query_on() -> None:
+        while not done.is_set():
+            try:
+                least = floor[0]
+                assert least <= total() <= everything
+            except BaseException as error:  # noqa: BLE001 (the test reports it)
+                failures.append(error)
+                return
+
+    threads = [threading.Thread(target=query_on) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    until = time.monotonic() + 2
+    for round_ in itertools.count():  # the same cells again: each slice's table is made anew
+        if round_ and time.monotonic() > until:
+            break
+        state, seen = ViewState(project, MINUTE, DAY), list(batch)
+        for arrived in slices:
+            state.apply_all(arrived)
+            realtime.upsert(state.drain())
+            seen += arrived
+            if round_ == 0:
+                floor[0] = counted(seen)
+    done.set()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures[0]
+    assert total() == everything
+    tables = duck._connection.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE table_name LIKE 'cells_%'").fetchone()
+    assert tables is not None and tables[0] <= 2
+    duck.close()
+
+
 def test_cached_sketches_answer_as_the_sketches_themselves(
     tmp_path: Path, traffic: list[Record]
 ) -> None:
