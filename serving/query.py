@@ -300,9 +300,9 @@ class DuckDB:
         base of them all."""
         settled = _settled(cells)
         base = copy.tables[0] if copy else None
+        base_rows = _rows(base.parts) if base else 0
         try:
-            if base is not None and _DELTA_SHARE * (_rows(settled) - _rows(base.parts)) <= _rows(
-                    base.parts):
+            if base is not None and _DELTA_SHARE * (_rows(settled) - base_rows) <= base_rows:
                 built = _CellsCopy.of((base, self._copy_cells(settled[len(base.parts):])))
             else:
                 built = _CellsCopy.of((self._copy_cells(settled),))
