@@ -543,6 +543,13 @@ def test_the_cells_copy_outlives_changes_to_the_newest_slice(
     duck.close()
 
 
+def cells_tables_left(duck: DuckDB) -> int:
+    """The DuckDB tables holding copies of real-time cells, not dropped yet."""
+    [(count,)] = duck._connection.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE table_name LIKE 'cells_%'").fetchall()
+    return int(count)
+
+
 def test_settled_slices_are_copied_past_the_base_until_they_outgrow_a_quarter_of_it(
     tmp_path: Path, traffic: list[Record], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -579,9 +586,7 @@ def test_settled_slices_are_copied_past_the_base_until_they_outgrow_a_quarter_of
     bases = [copied for copied, settled in copies if copied == settled]
     assert deltas and len(bases) >= 2, copies  # a base, deltas, a new base
     assert all(5 * delta <= settled for delta, settled in copies if delta < settled)  # <= base / 4
-    tables = duck._connection.execute(
-        "SELECT count(*) FROM duckdb_tables() WHERE table_name LIKE 'cells_%'").fetchone()
-    assert tables is not None and tables[0] <= 2
+    assert cells_tables_left(duck) <= 2
     duck.close()
 
 
@@ -643,9 +648,7 @@ def test_queries_in_flight_while_slices_settle_never_fail_and_leave_no_table_beh
         thread.join()
     assert not failures, failures[0]
     assert total() == everything
-    tables = duck._connection.execute(
-        "SELECT count(*) FROM duckdb_tables() WHERE table_name LIKE 'cells_%'").fetchone()
-    assert tables is not None and tables[0] <= 2
+    assert cells_tables_left(duck) <= 2
     duck.close()
 
 
