@@ -15,8 +15,12 @@ process: gateway, embedded log, speed layer, API). Then, in one run:
   the metrics final) by 8 threads: the reference for the overhead ratio (p50 over p50);
 - while the API queries run, one producer process sends 2,000 events/s to the gateway in
   batches of 50: ingestion's p99 under query load.
+Each side is measured warm, as a long-running deployment is: the runs follow `--warmup`
+seconds of the same load, not counted (its figures are printed), and the reference's follow
+as long a run of its own. Cold, the broker's JVM compiles its hot paths during the first
+runs: in one measured run it took 0.7 of the two cores at first and 0.35 by the third.
 
-    .venv/bin/python bench/serving.py [--seconds 15] [--runs 3] [--replicas 2]
+    .venv/bin/python bench/serving.py [--seconds 15] [--runs 3] [--warmup 30] [--replicas 2]
 
 Before the load, the API's answers to both queries are checked against the reference (the
 pageviews of every row): the API serves the batch view and the real-time cells merged. Each
@@ -286,12 +290,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=15.0, help="per run")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--warmup", type=float, default=30.0,
+                        help="seconds of the same load before the runs, not counted")
     parser.add_argument("--replicas", type=int, default=2,
                         help="`lambdalake serve` processes on Kafka answering the queries; 0: "
                              "the API inside `up` on the embedded bus")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="lambdalake-bench-serving-") as home:
-        run(Path(home), args.seconds, args.runs, args.replicas)
+        run(Path(home), args.seconds, args.runs, args.warmup, args.replicas)
 
 
 def check_answers(api: str, reference: duckdb.DuckDBPyConnection, cut: int) -> None:
@@ -308,21 +314,21 @@ def check_answers(api: str, reference: duckdb.DuckDBPyConnection, cut: int) -> N
         assert served == expected, f"{name}: the API answers {served[:5]}..., not {expected[:5]}"
 
 
-def run(home: Path, seconds: float, runs: int, replicas: int) -> None:
+def run(home: Path, seconds: float, runs: int, warmup: float, replicas: int) -> None:
     gateway_port, api_port, metrics_port = free_ports(3)
     os.environ.update({"LAMBDALAKE_HOME": str(home), "LAMBDALAKE_GATEWAY_PORT": str(gateway_port),
                        "LAMBDALAKE_API_PORT": str(api_port), "LAMBDALAKE_PG_PORT": "0",
                        "LAMBDALAKE_SPEED_METRICS_PORT": str(metrics_port),
                        "LAMBDALAKE_BATCH_INTERVAL_SECONDS": "3600"})
     if not replicas:
-        measure(home, seconds, runs, [])
+        measure(home, seconds, runs, warmup, [])
         return
     from lambdalake.testing.kafka import KafkaBroker
 
     with KafkaBroker() as broker:
         os.environ.update({"LAMBDALAKE_BUS": "kafka", "LAMBDALAKE_TOPIC": "bench.serving",
                            "LAMBDALAKE_KAFKA_BOOTSTRAP": broker.bootstrap})
-        measure(home, seconds, runs, free_ports(replicas))
+        measure(home, seconds, runs, warmup, free_ports(replicas))
 
 
 def publish_cells(settings: Any, updates: list[CellUpdate]) -> None:
@@ -367,7 +373,8 @@ def wait_ready(api: str) -> None:
     raise RuntimeError(f"{api} did not become ready")
 
 
-def measure(home: Path, seconds: float, runs: int, replica_ports: list[int]) -> None:
+def measure(home: Path, seconds: float, runs: int, warmup: float,
+            replica_ports: list[int]) -> None:
     from lambdalake.settings import Settings
     from lambdalake.stack.up import Stack
 
@@ -400,11 +407,17 @@ def measure(home: Path, seconds: float, runs: int, replica_ports: list[int]) -> 
                   f"real-time cells (answers checked); {CLIENTS} query clients + ingestion at "
                   f"{INGEST_RATE:,} events/s, {runs} runs of {seconds:.0f} s", flush=True)
             pids = [replica.pid for replica in replicas] or [os.getpid()]
+            if warmup:
+                warm = under_load(apis, pids, gateway, cut, warmup)
+                print(f"warm-up, not counted: {json.dumps(summary(warm.queries, warmup))}",
+                      flush=True)
             loaded = [under_load(apis, pids, gateway, cut, seconds) for _ in range(runs)]
         finally:
             for replica in replicas:
                 replica.terminate()
                 replica.wait(60)
+    if warmup:
+        direct(reference, cut, warmup)
     results = []
     for number, load in enumerate(loaded, 1):
         served, ingested = summary(load.queries, seconds), summary(load.ingest, seconds)
